@@ -1,0 +1,5 @@
+import sys
+
+from raydistill.cli import main
+
+sys.exit(main())

@@ -9,8 +9,8 @@ import platform
 OPS: dict[str, str] = {
     "kd_loss_fwd": "fused distillation loss (full teacher)",
     "kd_loss_topk_fwd": "fused distillation loss (top-k teacher)",
-    "spmm_fwd": "sparse linear forward (CSR SpMM)",
-    "sddmm": "sparse linear weight gradient (SDDMM)",
+    "spmm": "sparse linear forward and input grad (CSR SpMM)",
+    "sddmm": "sparse linear weight-values grad (SDDMM)",
 }
 
 

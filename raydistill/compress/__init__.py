@@ -1,0 +1,22 @@
+"""Compression toolkit: pruning masks, gradual pruning, conversion to SparseLinear, size reports,
+sparse checkpoints.
+
+Public API (a contract for the distillation pipeline):
+
+* masks: :func:`magnitude_mask`, :func:`global_magnitude_masks`, :func:`nm_mask`, :func:`block_mask`
+* schedule: :func:`cubic_sparsity`; training: :class:`GradualPruner`
+* conversion: :func:`compress` -> :class:`CompressionReport`; :func:`model_sparsity_report`
+* checkpoints: :func:`save_sparse`, :func:`load_sparse`
+"""
+
+from raydistill.compress.checkpoint import load_sparse, save_sparse
+from raydistill.compress.convert import CompressionReport, LayerReport, compress, csr_nbytes, model_sparsity_report
+from raydistill.compress.masks import block_mask, global_magnitude_masks, magnitude_mask, nm_mask
+from raydistill.compress.pruner import GradualPruner, compute_masks, normalize_name, select_linear_layers
+from raydistill.compress.schedule import cubic_sparsity
+
+__all__ = [
+    "magnitude_mask", "global_magnitude_masks", "nm_mask", "block_mask", "compute_masks",
+    "cubic_sparsity", "GradualPruner", "compress", "model_sparsity_report", "CompressionReport",
+    "LayerReport", "csr_nbytes", "save_sparse", "load_sparse", "normalize_name", "select_linear_layers",
+]

@@ -1,0 +1,421 @@
+"""Sparse linear layers: y = x W^T + b with a CSR weight W (out x in).
+
+Two compiled ops (schemas in ``csrc/sparse/spmm_cpu.cpp``):
+
+* ``raydistill::spmm(x, crow_indices, col_indices, values, bias, out_features, t_crow_indices,
+  t_col_indices, t_perm) -> y`` -- SpMM forward, ``x`` is 2-D (N, in). The optional ``t_*`` tensors
+  are W^T in CSR plus the permutation from W's nonzero order to W^T's (``values_t = values[t_perm]``);
+  the forward ignores them, the backward uses them for ``dx = dy W`` (built once per mask, see
+  :func:`csr_transpose`). When they are absent the backward builds them on the fly.
+* ``raydistill::sddmm(dy, x, crow_indices, col_indices) -> dvalues`` -- ``(dy^T x)`` sampled at W's
+  nonzeros: the gradient of the weight values.
+
+Both have fake (meta) implementations and ``spmm`` has autograd registered with
+``torch.library.register_autograd``, so they work under ``torch.compile(fullgraph=True)``.
+Math is fp32 (fp64 for fp64 inputs) whatever the I/O dtype. Index tensors are int32 (``nnz < 2**31``).
+
+When the extension is not available every call goes through :func:`sparse_linear_reference`, a pure
+PyTorch path with the same semantics (index_add based), so models keep working (slower).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from raydistill._build import extension_available
+
+__all__ = [
+    "SparseLinear",
+    "sparse_linear",
+    "sparse_linear_reference",
+    "sparse_linear_dense_reference",
+    "csr_from_dense",
+    "csr_transpose",
+    "check_csr",
+]
+
+INDEX_DTYPE = torch.int32
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CSR helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_csr(crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int], *,
+              values: Tensor | None = None) -> None:
+    """Validate a CSR pattern of ``shape`` (rows, cols); raises ValueError/TypeError naming the argument.
+
+    Rules: integer index tensors, 1-D; ``crow_indices`` has rows+1 entries, starts at 0, is
+    non-decreasing and ends at nnz; column indices are in [0, cols) and strictly increasing within
+    each row (sorted, no duplicates).
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if crow_indices.numel() != rows + 1:
+        raise ValueError(f"crow_indices must have rows+1={rows + 1} entries, got {crow_indices.numel()}")
+    crow = crow_indices.detach().to("cpu", torch.int64)
+    col = col_indices.detach().to("cpu", torch.int64)
+    nnz = col.numel()
+    if crow[0].item() != 0 or crow[-1].item() != nnz:
+        raise ValueError(f"crow_indices must start at 0 and end at nnz={nnz}, "
+                         f"got {crow[0].item()}..{crow[-1].item()}")
+    if rows > 0 and bool((crow[1:] < crow[:-1]).any()):
+        raise ValueError("crow_indices must be non-decreasing")
+    if nnz:
+        if int(col.min()) < 0 or int(col.max()) >= cols:
+            raise ValueError(f"col_indices out of range [0, {cols}): min {int(col.min())}, max {int(col.max())}")
+        # strictly increasing inside each row: a decrease/equality is allowed only at a row start
+        row_start = torch.zeros(nnz, dtype=torch.bool)
+        starts = crow[:-1][crow[:-1] < nnz]
+        row_start[starts] = True
+        bad = (col[1:] <= col[:-1]) & ~row_start[1:]
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0, 0]) + 1
+            raise ValueError(f"col_indices must be sorted and unique within each row (position {k})")
+    if nnz >= 2**31:
+        raise ValueError(f"nnz={nnz} does not fit int32 indices")
+    if values is not None:
+        if not isinstance(values, Tensor):
+            raise TypeError(f"values must be a Tensor, got {type(values).__name__}")
+        if values.dim() != 1 or values.numel() != nnz:
+            raise ValueError(f"values must be 1-D with nnz={nnz} entries, got shape {tuple(values.shape)}")
+
+
+def csr_from_dense(weight: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(crow_indices int32, col_indices int32, values) of ``weight`` at ``mask`` (True = keep).
+
+    Without a mask the nonzeros of ``weight`` are kept. Values keep the weight's dtype.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if mask is None:
+        mask = weight != 0
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)}")
+    mask = mask.to(weight.device)
+    counts = mask.sum(dim=1)
+    crow = torch.zeros(weight.shape[0] + 1, dtype=torch.int64, device=weight.device)
+    crow[1:] = torch.cumsum(counts, 0)
+    nz = mask.nonzero()  # row-major order: sorted by row, then column
+    col = nz[:, 1]
+    values = weight.detach()[mask]
+    return crow.to(INDEX_DTYPE), col.to(INDEX_DTYPE), values
+
+
+def csr_transpose(crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int]
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """W^T in CSR for a CSR W of ``shape``: (t_crow_indices, t_col_indices, t_perm).
+
+    ``t_perm`` maps W^T's nonzero order to W's: ``values_t = values[t_perm]`` (a gather, done once per
+    step in the backward; the pattern itself is built once per mask).
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    dev = crow_indices.device
+    crow = crow_indices.to(torch.int64)
+    col = col_indices.to(torch.int64)
+    nnz = col.numel()
+    row = torch.repeat_interleave(torch.arange(rows, device=dev), crow[1:] - crow[:-1], output_size=nnz)
+    # stable sort by column keeps rows ascending within each column of W^T
+    key = col * max(rows, 1) + row
+    perm = torch.argsort(key, stable=True)
+    t_col = row[perm]
+    counts = torch.bincount(col, minlength=cols) if nnz else torch.zeros(cols, dtype=torch.int64, device=dev)
+    t_crow = torch.zeros(cols + 1, dtype=torch.int64, device=dev)
+    t_crow[1:] = torch.cumsum(counts, 0)
+    return t_crow.to(INDEX_DTYPE), t_col.to(INDEX_DTYPE), perm.to(INDEX_DTYPE)
+
+
+def _rows_of(crow_indices: Tensor, nnz: int) -> Tensor:
+    crow = crow_indices.to(torch.int64)
+    rows = crow.numel() - 1
+    return torch.repeat_interleave(torch.arange(rows, device=crow.device), crow[1:] - crow[:-1], output_size=nnz)
+
+
+# ----------------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------------
+
+
+def sparse_linear_dense_reference(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
+                                  bias: Tensor | None, in_features: int) -> Tensor:
+    """float64 dense reference: densify W and compute x W^T + b in float64 (for tests)."""
+    out_features = crow_indices.numel() - 1
+    w = torch.zeros(out_features, in_features, dtype=torch.float64, device=values.device)
+    rows = _rows_of(crow_indices, values.numel())
+    w.index_put_((rows, col_indices.to(torch.int64)), values.to(torch.float64))
+    y = x.to(torch.float64) @ w.t()
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y
+
+
+def sparse_linear_reference(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
+                            bias: Tensor | None = None) -> Tensor:
+    """Pure-PyTorch sparse linear (the fallback): gather + index_add, differentiable in x, values, bias.
+
+    Computes in fp32 (fp64 for fp64 inputs) and returns x's dtype, like the compiled op.
+    """
+    out_features = crow_indices.numel() - 1
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(acc)
+    nnz = values.numel()
+    rows = _rows_of(crow_indices, nnz)
+    col = col_indices.to(torch.int64)
+    # y[:, r] += v * x[:, c] for each nonzero (r, c)
+    contrib = x2.index_select(1, col) * values.to(acc)
+    y = torch.zeros(x2.shape[0], out_features, dtype=acc, device=x.device)
+    y = y.index_add(1, rows, contrib)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype).reshape(*lead, out_features)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The compiled ops: fake impls + autograd
+# ----------------------------------------------------------------------------------------------------
+
+_registered = False
+
+
+def _register() -> bool:
+    """Register fake impls and autograd for the compiled ops once; False if the extension is missing."""
+    global _registered
+    if _registered:
+        return True
+    if not extension_available():
+        return False
+    if not hasattr(torch.ops.raydistill, "spmm"):
+        return False
+
+    @torch.library.register_fake("raydistill::spmm")
+    def _spmm_fake(x, crow_indices, col_indices, values, bias, out_features, t_crow_indices=None,
+                   t_col_indices=None, t_perm=None):
+        torch._check(x.dim() == 2, lambda: "x must be 2-D")
+        return x.new_empty((x.shape[0], out_features))
+
+    @torch.library.register_fake("raydistill::sddmm")
+    def _sddmm_fake(dy, x, crow_indices, col_indices):
+        return dy.new_empty((col_indices.shape[0],))
+
+    def _setup(ctx, inputs, output):
+        x, crow, col, values, bias, out_features, t_crow, t_col, t_perm = inputs
+        ctx.save_for_backward(x, crow, col, values, t_crow, t_col, t_perm)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+
+    def _backward(ctx, dy):
+        x, crow, col, values, t_crow, t_col, t_perm = ctx.saved_tensors
+        dx = dvalues = dbias = None
+        dy = dy.contiguous()
+        if ctx.needs_input_grad[0]:
+            if t_crow is None or t_col is None or t_perm is None:
+                t_crow, t_col, t_perm = csr_transpose(crow, col, (crow.shape[0] - 1, x.shape[1]))
+            values_t = values.index_select(0, t_perm)
+            dx = torch.ops.raydistill.spmm(dy, t_crow, t_col, values_t, None, x.shape[1], None, None, None)
+        if ctx.needs_input_grad[3]:
+            dvalues = torch.ops.raydistill.sddmm(dy, x, crow, col).to(values.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+            dbias = dy.sum(0, dtype=acc).to(ctx.bias_dtype)
+        return dx, None, None, dvalues, dbias, None, None, None, None
+
+    torch.library.register_autograd("raydistill::spmm", _backward, setup_context=_setup)
+    _registered = True
+    return True
+
+
+def _use_compiled(x: Tensor) -> bool:
+    from raydistill._build import op_backend
+
+    return _register() and op_backend("spmm", x.device.type) == "compiled"
+
+
+def sparse_linear(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
+                  bias: Tensor | None = None, *, transpose: tuple[Tensor, Tensor, Tensor] | None = None,
+                  check: bool = False) -> Tensor:
+    """y = x W^T + b for a CSR weight W (rows = out_features) and x of shape (..., in_features).
+
+    ``transpose`` = ``csr_transpose(...)`` of the pattern, built once per mask; without it the
+    backward builds it each step. ``check=True`` validates the CSR pattern first (O(nnz)).
+    Falls back to :func:`sparse_linear_reference` when the compiled op is unavailable.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32/bfloat16/float16/float64, got {x.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values dtype {values.dtype} must match x dtype {x.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
+    out_features = crow_indices.numel() - 1
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., in_features)")
+    if check:
+        check_csr(crow_indices, col_indices, (out_features, x.shape[-1]), values=values)
+    if not _use_compiled(x):
+        return sparse_linear_reference(x, crow_indices, col_indices, values, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    t_crow, t_col, t_perm = transpose if transpose is not None else (None, None, None)
+    y = torch.ops.raydistill.spmm(x2, crow_indices, col_indices, values, bias, out_features,
+                                  t_crow, t_col, t_perm)
+    return y.reshape(*lead, out_features)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Module
+# ----------------------------------------------------------------------------------------------------
+
+
+class SparseLinear(nn.Module):
+    """A linear layer whose weight is a fixed CSR pattern with trainable values.
+
+    Parameters: ``values`` (nnz,) and ``bias`` (out,) -- nothing else, so DDP/optimizers see only
+    these. Buffers (int32, kept by ``.to(dtype)``): ``crow_indices``, ``col_indices`` (W's pattern) and
+    ``t_crow_indices``, ``t_col_indices``, ``t_perm`` (W^T's pattern, for the backward).
+    """
+
+    def __init__(self, in_features: int, out_features: int, nnz: int = 0, bias: bool = True, *,
+                 device=None, dtype=None):
+        super().__init__()
+        if in_features < 0 or out_features < 0:
+            raise ValueError(f"in_features/out_features must be >= 0, got {in_features}, {out_features}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        fk = {"device": device, "dtype": dtype}
+        ik = {"device": device, "dtype": INDEX_DTYPE}
+        self.values = nn.Parameter(torch.zeros(nnz, **fk))
+        self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
+        if not bias:
+            self.register_parameter("bias", None)
+        self.register_buffer("crow_indices", torch.zeros(out_features + 1, **ik))
+        self.register_buffer("col_indices", torch.zeros(nnz, **ik))
+        self.register_buffer("t_crow_indices", torch.zeros(in_features + 1, **ik))
+        self.register_buffer("t_col_indices", torch.zeros(nnz, **ik))
+        self.register_buffer("t_perm", torch.zeros(nnz, **ik))
+
+    # construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: Tensor | None = None) -> "SparseLinear":
+        """Build from an ``nn.Linear``; ``mask`` (bool, weight's shape, True = keep) defaults to the
+        weight's nonzeros. Values, bias, device and dtype are copied from the layer."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+            if tuple(mask.shape) != tuple(w.shape):
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(w.shape)}")
+        return cls.from_csr(*csr_from_dense(w, mask), in_features=linear.in_features,
+                            bias=None if linear.bias is None else linear.bias.detach())
+
+    @classmethod
+    def from_csr(cls, crow_indices: Tensor, col_indices: Tensor, values: Tensor, *, in_features: int,
+                 bias: Tensor | None = None) -> "SparseLinear":
+        """Build from a CSR weight (validated: sorted, in-range column indices)."""
+        out_features = crow_indices.numel() - 1
+        check_csr(crow_indices, col_indices, (out_features, in_features), values=values)
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        m = cls(in_features, out_features, values.numel(), bias is not None,
+                device=values.device, dtype=values.dtype)
+        with torch.no_grad():
+            m.set_pattern(crow_indices, col_indices, values)
+            if bias is not None:
+                m.bias.copy_(bias)
+        return m
+
+    def set_pattern(self, crow_indices: Tensor, col_indices: Tensor, values: Tensor) -> None:
+        """Replace the pattern and values (buffers/parameter are resized); rebuilds the transpose."""
+        dev = self.values.device
+        crow = crow_indices.to(dev, INDEX_DTYPE)
+        col = col_indices.to(dev, INDEX_DTYPE)
+        t_crow, t_col, t_perm = csr_transpose(crow, col, (self.out_features, self.in_features))
+        self.crow_indices = crow.contiguous()
+        self.col_indices = col.contiguous()
+        self.t_crow_indices = t_crow.contiguous()
+        self.t_col_indices = t_col.contiguous()
+        self.t_perm = t_perm.contiguous()
+        self.values = nn.Parameter(values.detach().to(dev, self.values.dtype).clone().contiguous(),
+                                   requires_grad=self.values.requires_grad)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A checkpoint may hold a different pattern (nnz): adopt its sizes before the copy.
+        key = prefix + "col_indices"
+        if key in state_dict and state_dict[key].numel() != self.col_indices.numel():
+            nnz = state_dict[key].numel()
+            dev = self.values.device
+            for name in ("col_indices", "t_col_indices", "t_perm"):
+                setattr(self, name, torch.zeros(nnz, dtype=INDEX_DTYPE, device=dev))
+            self.values = nn.Parameter(torch.zeros(nnz, dtype=self.values.dtype, device=dev),
+                                       requires_grad=self.values.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    # use ------------------------------------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        total = self.in_features * self.out_features
+        return self.nnz / total if total else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density if self.in_features * self.out_features else 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have last dim in_features={self.in_features}, got {tuple(x.shape)}")
+        return sparse_linear(x, self.crow_indices, self.col_indices, self.values, self.bias,
+                             transpose=(self.t_crow_indices, self.t_col_indices, self.t_perm))
+
+    def weight_dense(self) -> Tensor:
+        """The (out, in) dense weight (zeros off the pattern), differentiable in ``values``."""
+        w = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
+        rows = _rows_of(self.crow_indices, self.nnz)
+        return w.index_put((rows, self.col_indices.to(torch.int64)), self.values)
+
+    def mask(self) -> Tensor:
+        m = torch.zeros(self.out_features, self.in_features, dtype=torch.bool, device=self.values.device)
+        rows = _rows_of(self.crow_indices, self.nnz)
+        m[rows, self.col_indices.to(torch.int64)] = True
+        return m
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with the masked weight (same device and dtype)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight_dense())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def csr_bytes(self, index_bytes: int = 4) -> int:
+        """Bytes of the CSR weight: values + column indices + row pointers (int32 accounting)."""
+        return self.nnz * self.values.element_size() + self.nnz * index_bytes + (self.out_features + 1) * index_bytes
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, nnz={self.nnz}, density={self.density:.4f}")

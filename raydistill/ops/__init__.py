@@ -24,4 +24,10 @@ def __getattr__(name: str):
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'raydistill.ops' has no attribute {name!r}")
-    return getattr(importlib.import_module(mod), name)
+    module = importlib.import_module(mod)
+    # Bind every export of that module now: importing ``raydistill.ops.kd_loss`` sets the package attribute
+    # ``kd_loss`` to the submodule, which would otherwise shadow the function of the same name.
+    for export, where in _EXPORTS.items():
+        if where == mod:
+            globals()[export] = getattr(module, export)
+    return globals()[name]

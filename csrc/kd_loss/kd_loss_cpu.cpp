@@ -1,0 +1,550 @@
+// Fused knowledge-distillation loss: schemas (TORCH_LIBRARY_FRAGMENT) and the CPU kernels.
+//
+// Per row: one online-softmax pass over the teacher and student logits (per-lane running max and
+// sum, rescaled once per 4 vectors), then one pass (forward_kl) or two passes (reverse_kl, jsd need a
+// row-wide sum first) that produce the row loss and, when asked, d loss_row / d student. Nothing of
+// size rows x V is allocated except that gradient. Math in float (double for float64 inputs).
+// See kd_loss.h for the formulas.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "kd_loss/kd_loss.h"
+#include "kd_loss/kd_loss_checks.h"
+
+namespace raydistill {
+namespace kd {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename A>
+inline Vectorized<A> vexp(const Vectorized<A>& v) {
+  if constexpr (std::is_same_v<A, float>) {
+    return v.exp_u20();  // ~1e-6 relative, several times faster than Sleef's u10 exp
+  } else {
+    return v.exp();
+  }
+}
+
+template <typename A>
+constexpr A neg_inf() {
+  return -std::numeric_limits<A>::infinity();
+}
+
+// Load n (<= lanes) values as A, filling the remaining lanes with `fill`.
+template <typename A, typename T>
+inline Vectorized<A> load(const T* p, int64_t n, A fill) {
+  using V = Vectorized<A>;
+  if constexpr (std::is_same_v<A, T>) {
+    if (n >= V::size()) return V::loadu(p);
+    return V::set(V(fill), V::loadu(p, n), n);
+  } else {
+    alignas(64) A tmp[V::size()];
+    for (int64_t k = 0; k < V::size(); ++k) tmp[k] = k < n ? static_cast<A>(p[k]) : fill;
+    return V::loadu(tmp);
+  }
+}
+
+template <typename A, typename T>
+inline void store(const Vectorized<A>& v, T* p, int64_t n) {
+  using V = Vectorized<A>;
+  if constexpr (std::is_same_v<A, T>) {
+    v.store(p, n);
+  } else {
+    alignas(64) A tmp[V::size()];
+    v.store(tmp);
+    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<T>(tmp[k]);
+  }
+}
+
+template <typename A>
+inline Vectorized<A> masked(const Vectorized<A>& value, const Vectorized<A>& mask) {
+  return Vectorized<A>::blendv(Vectorized<A>(A(0)), value, mask);
+}
+
+template <typename A>
+inline A hsum(const Vectorized<A>& v) {
+  alignas(64) A tmp[Vectorized<A>::size()];
+  v.store(tmp);
+  A s = 0;
+  for (int64_t k = 0; k < Vectorized<A>::size(); ++k) s += tmp[k];
+  return s;
+}
+
+// Per-lane online softmax statistics (running max m and sum s of exp(v - m)).
+template <typename A>
+struct Online {
+  using V = Vectorized<A>;
+  V m{neg_inf<A>()};
+  V s{A(0)};
+
+  template <int U>
+  inline void add(const V* v) {
+    V cm = v[0];
+    for (int u = 1; u < U; ++u) cm = at::vec::maximum(cm, v[u]);
+    const V nm = at::vec::maximum(m, cm);  // NaN-propagating
+    const V safe = V::blendv(nm, V(A(0)), nm == V(neg_inf<A>()));  // all -inf so far: no NaN
+    V acc = vexp(m - safe) * s;
+    for (int u = 0; u < U; ++u) acc = acc + vexp(v[u] - safe);
+    m = nm;
+    s = acc;
+  }
+
+  // log-sum-exp offset c such that log softmax(v)_i = v_i - c.
+  inline A finish() const {
+    alignas(64) A mm[V::size()];
+    alignas(64) A ss[V::size()];
+    m.store(mm);
+    s.store(ss);
+    A mx = neg_inf<A>();
+    for (int64_t k = 0; k < V::size(); ++k) {
+      if (std::isnan(mm[k])) return std::numeric_limits<A>::quiet_NaN();
+      mx = std::max(mx, mm[k]);
+    }
+    if (mx == neg_inf<A>()) return std::numeric_limits<A>::quiet_NaN();  // no finite logit in the row
+    if (mx == std::numeric_limits<A>::infinity()) return std::numeric_limits<A>::quiet_NaN();
+    A z = 0;
+    for (int64_t k = 0; k < V::size(); ++k)
+      if (mm[k] != neg_inf<A>()) z += ss[k] * std::exp(mm[k] - mx);
+    return mx + std::log(z);
+  }
+};
+
+template <typename A>
+struct RowParams {
+  A inv_t, coef, ce_w, beta, one_m_beta, gcoef;  // gcoef = coef / T
+  bool need_div, need_ce, sep_ce, grad;
+};
+
+template <typename A>
+RowParams<A> row_params(const KDParams& p, bool has_label) {
+  RowParams<A> r;
+  r.inv_t = static_cast<A>(p.inv_temperature);
+  r.coef = static_cast<A>(p.coef);
+  r.ce_w = static_cast<A>(p.ce_weight);
+  r.beta = static_cast<A>(p.beta);
+  r.one_m_beta = static_cast<A>(1.0 - p.beta);
+  r.gcoef = static_cast<A>(p.coef * p.inv_temperature);
+  r.need_div = p.coef != 0;
+  r.need_ce = p.ce_weight != 0 && has_label;
+  r.sep_ce = r.need_ce && !p.temperature_is_one;  // CE needs its own softmax at T = 1
+  r.grad = p.compute_grad;
+  return r;
+}
+
+// Statistics pass over a student row (and the teacher row if T_ is not void).
+template <typename A, typename S, typename T>
+void stats_pass(const S* x, const T* t, int64_t V, const RowParams<A>& rp, A& ct, A& cs, A& c1) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  constexpr int U = 4;
+  const Vec vinv(rp.inv_t);
+  Online<A> ot, os, o1;
+  const bool do_t = t != nullptr;
+  const bool do_s = rp.need_div || (rp.need_ce && !rp.sep_ce);
+  int64_t i = 0;
+  for (; i + U * W <= V; i += U * W) {
+    Vec xv[U], tv[U], sv[U];
+    for (int u = 0; u < U; ++u) {
+      xv[u] = load<A>(x + i + u * W, W, neg_inf<A>());
+      sv[u] = xv[u] * vinv;
+      if (do_t) tv[u] = load<A>(t + i + u * W, W, neg_inf<A>()) * vinv;
+    }
+    if (do_s) os.template add<U>(sv);
+    if (do_t) ot.template add<U>(tv);
+    if (rp.sep_ce) o1.template add<U>(xv);
+  }
+  for (; i < V; i += W) {
+    const int64_t n = std::min<int64_t>(W, V - i);
+    Vec xv = load<A>(x + i, n, neg_inf<A>());
+    Vec sv = xv * vinv;
+    if (do_s) os.template add<1>(&sv);
+    if (do_t) {
+      Vec tv = load<A>(t + i, n, neg_inf<A>()) * vinv;
+      ot.template add<1>(&tv);
+    }
+    if (rp.sep_ce) o1.template add<1>(&xv);
+  }
+  if (do_t) ct = ot.finish();
+  if (do_s) cs = os.finish();
+  c1 = rp.sep_ce ? o1.finish() : cs;
+}
+
+// Adds the cross-entropy gradient (1 - alpha)(softmax(x) - onehot(label)) to g for lanes [i, i+n).
+template <typename A>
+inline Vectorized<A> add_ce_grad(Vectorized<A> g, const Vectorized<A>& xraw, const Vectorized<A>& ps,
+                                 const RowParams<A>& rp, A c1, int64_t i, int64_t n, int64_t label) {
+  using Vec = Vectorized<A>;
+  if (!rp.need_ce) return g;
+  const Vec p1 = rp.sep_ce ? vexp(xraw - Vec(c1)) : ps;
+  g = g + Vec(rp.ce_w) * p1;
+  if (label >= i && label < i + n) {
+    alignas(64) A tmp[Vec::size()];
+    g.store(tmp);
+    tmp[label - i] -= rp.ce_w;
+    g = Vec::loadu(tmp);
+  }
+  return g;
+}
+
+// One full-vocabulary row. Returns the row loss; writes the gradient row if grad != nullptr.
+template <int DIV, typename A, typename S, typename T>
+A kd_row(const S* x, const T* t, int64_t V, int64_t label, const RowParams<A>& rp, S* grad) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  A ct = 0, cs = 0, c1 = 0;
+  stats_pass<A>(x, rp.need_div ? t : static_cast<const T*>(nullptr), V, rp, ct, cs, c1);
+  const Vec vinv(rp.inv_t), vct(ct), vcs(cs), vgc(rp.gcoef), vb(rp.beta), v1mb(rp.one_m_beta);
+  const Vec zero(A(0));
+  const bool grad_on = grad != nullptr;
+
+  A div = 0;
+  A gsum = 0;  // jsd: G = sum_j P_s_j g_j
+  if (rp.need_div) {
+    Vec lossv(A(0)), gv(A(0));
+    const bool fused_grad = grad_on && DIV == kForwardKL;
+    for (int64_t i = 0; i < V; i += W) {
+      const int64_t n = std::min<int64_t>(W, V - i);
+      const Vec xr = load<A>(x + i, n, neg_inf<A>());
+      const Vec lpt = load<A>(t + i, n, neg_inf<A>()) * vinv - vct;
+      const Vec lps = xr * vinv - vcs;
+      if constexpr (DIV == kForwardKL) {
+        const Vec pt = vexp(lpt);
+        lossv = lossv + masked(pt * (lpt - lps), pt != zero);
+        if (fused_grad) {
+          const Vec ps = vexp(lps);
+          Vec g = vgc * (ps - pt);
+          g = add_ce_grad(g, xr, ps, rp, c1, i, n, label);
+          store(g, grad + i, n);
+        }
+      } else if constexpr (DIV == kReverseKL) {
+        const Vec ps = vexp(lps);
+        lossv = lossv + masked(ps * (lps - lpt), ps != zero);
+      } else {
+        const Vec pt = vexp(lpt);
+        const Vec ps = vexp(lps);
+        const Vec lm = (vb * pt + v1mb * ps).log();
+        lossv = lossv + vb * masked(pt * (lpt - lm), pt != zero) + v1mb * masked(ps * (lps - lm), ps != zero);
+        if (grad_on) gv = gv + masked(ps * (v1mb * (lps - lm)), ps != zero);
+      }
+    }
+    div = hsum(lossv);
+    gsum = hsum(gv);
+  }
+
+  A loss = rp.need_div ? rp.coef * div : A(0);
+  if (rp.need_ce) loss += rp.ce_w * (c1 - static_cast<A>(x[label]));
+
+  const bool grad_done = rp.need_div && DIV == kForwardKL;
+  if (grad_on && !grad_done) {
+    const Vec vd(div), vg(gsum);
+    for (int64_t i = 0; i < V; i += W) {
+      const int64_t n = std::min<int64_t>(W, V - i);
+      const Vec xr = load<A>(x + i, n, neg_inf<A>());
+      const Vec lps = xr * vinv - vcs;
+      Vec ps = zero;
+      Vec g = zero;
+      if (rp.need_div) {
+        ps = vexp(lps);
+        const Vec lpt = load<A>(t + i, n, neg_inf<A>()) * vinv - vct;
+        if constexpr (DIV == kReverseKL) {
+          g = vgc * masked(ps * (lps - lpt - vd), ps != zero);
+        } else if constexpr (DIV == kJSD) {
+          const Vec pt = vexp(lpt);
+          const Vec lm = (vb * pt + v1mb * ps).log();
+          g = vgc * masked(ps * (v1mb * (lps - lm) - vg), ps != zero);
+        }
+      } else if (rp.need_ce && !rp.sep_ce) {
+        ps = vexp(lps);
+      }
+      g = add_ce_grad(g, xr, ps, rp, c1, i, n, label);
+      store(g, grad + i, n);
+    }
+  }
+  return loss;
+}
+
+// One top-k row: teacher distribution over k (logit, index) pairs, student over the full vocabulary.
+// Indices are assumed distinct within a row.
+template <int DIV, typename A, typename S, typename T>
+A kd_topk_row(const S* x, const T* tk, const int64_t* idx, int64_t V, int64_t K, int64_t label,
+              const RowParams<A>& rp, S* grad) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  A ct = 0, cs = 0, c1 = 0;
+  stats_pass<A>(x, static_cast<const T*>(nullptr), V, rp, ct, cs, c1);
+  // Teacher log-sum-exp over the k entries.
+  A div = 0, gsum = 0, c_out = 0;
+  if (rp.need_div) {
+    A mx = neg_inf<A>();
+    bool nan = false;
+    for (int64_t j = 0; j < K; ++j) {
+      const A a = static_cast<A>(tk[j]) * rp.inv_t;
+      nan |= std::isnan(a);
+      mx = std::max(mx, a);
+    }
+    if (nan || !std::isfinite(mx)) {
+      ct = std::numeric_limits<A>::quiet_NaN();
+    } else {
+      A z = 0;
+      for (int64_t j = 0; j < K; ++j) z += std::exp(static_cast<A>(tk[j]) * rp.inv_t - mx);
+      ct = mx + std::log(z);
+    }
+    A ps_k = 0;  // student mass on the k entries (jsd)
+    for (int64_t j = 0; j < K; ++j) {
+      const A lpt = static_cast<A>(tk[j]) * rp.inv_t - ct;
+      const A lps = static_cast<A>(x[idx[j]]) * rp.inv_t - cs;
+      const A pt = std::exp(lpt);
+      if constexpr (DIV == kForwardKL) {
+        if (pt != 0) div += pt * (lpt - lps);
+      } else {
+        const A ps = std::exp(lps);
+        const A lm = std::log(rp.beta * pt + rp.one_m_beta * ps);
+        if (pt != 0) div += rp.beta * pt * (lpt - lm);
+        if (ps != 0) {
+          div += rp.one_m_beta * ps * (lps - lm);
+          gsum += ps * rp.one_m_beta * (lps - lm);
+        }
+        ps_k += ps;
+      }
+    }
+    if constexpr (DIV == kJSD) {
+      // Outside the k entries M = (1-beta) P_s: KL(P_s||M) there is -P_s log(1-beta).
+      c_out = -rp.one_m_beta * std::log(rp.one_m_beta);  // g_i outside the k entries
+      const A rest = std::max(A(0), A(1) - ps_k);
+      div += rest * c_out;  // (1-beta) * rest * (-log(1-beta))
+      gsum += rest * c_out;
+    }
+  }
+  A loss = rp.need_div ? rp.coef * div : A(0);
+  if (rp.need_ce) loss += rp.ce_w * (c1 - static_cast<A>(x[label]));
+
+  if (grad != nullptr) {
+    const Vec vinv(rp.inv_t), vcs(cs), vgc(rp.gcoef), zero(A(0));
+    const Vec vbase(DIV == kJSD ? rp.gcoef * (c_out - gsum) : rp.gcoef);
+    for (int64_t i = 0; i < V; i += W) {
+      const int64_t n = std::min<int64_t>(W, V - i);
+      const Vec xr = load<A>(x + i, n, neg_inf<A>());
+      Vec ps = zero, g = zero;
+      if (rp.need_div || (rp.need_ce && !rp.sep_ce)) ps = vexp(xr * vinv - vcs);
+      if (rp.need_div) g = vbase * ps;
+      g = add_ce_grad(g, xr, ps, rp, c1, i, n, label);
+      store(g, grad + i, n);
+    }
+    if (rp.need_div) {
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t v = idx[j];
+        const A xv = static_cast<A>(x[v]);
+        const A lps = xv * rp.inv_t - cs;
+        const A ps = std::exp(lps);
+        const A pt = std::exp(static_cast<A>(tk[j]) * rp.inv_t - ct);
+        A g;
+        if constexpr (DIV == kForwardKL) {
+          g = rp.gcoef * (ps - pt);
+        } else {
+          const A lm = std::log(rp.beta * pt + rp.one_m_beta * ps);
+          g = ps != 0 ? rp.gcoef * ps * (rp.one_m_beta * (lps - lm) - gsum) : A(0);
+        }
+        if (rp.need_ce) {
+          const A p1 = rp.sep_ce ? std::exp(xv - c1) : ps;
+          g += rp.ce_w * (p1 - (v == label ? A(1) : A(0)));
+        }
+        grad[v] = static_cast<S>(g);
+      }
+    }
+  }
+  return loss;
+}
+
+template <typename F>
+void dispatch_reduced(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "kd_loss: unexpected dtype ", st);
+  }
+}
+
+template <typename F>
+void dispatch_div(int64_t div, F&& f) {
+  switch (div) {
+    case kForwardKL: f(std::integral_constant<int, kForwardKL>{}); break;
+    case kReverseKL: f(std::integral_constant<int, kReverseKL>{}); break;
+    default: f(std::integral_constant<int, kJSD>{}); break;
+  }
+}
+
+void check_label_range(const at::Tensor& lab, int64_t V, int64_t ignore_index) {
+  if (!lab.defined()) return;
+  const int64_t* l = lab.data_ptr<int64_t>();
+  for (int64_t r = 0; r < lab.numel(); ++r) {
+    TORCH_CHECK_VALUE(l[r] == ignore_index || (l[r] >= 0 && l[r] < V), "kd_loss: labels must be in [0, ", V,
+                      ") or equal ignore_index=", ignore_index, "; got ", l[r], " at row ", r);
+  }
+}
+
+// Runs `row(r, x_row, t_row, grad_row, label) -> loss` over all rows in parallel.
+template <typename A, typename S, typename Row>
+void for_rows(int64_t rows, int64_t V, const at::Tensor& lab, int64_t ignore_index, A* loss, S* grad,
+              Row&& row) {
+  const int64_t* l = lab.defined() ? lab.data_ptr<int64_t>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(V, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t label = l ? l[r] : -1;
+      S* g = grad ? grad + r * V : nullptr;
+      if (l && label == ignore_index) {
+        loss[r] = 0;
+        if (g) std::fill(g, g + V, static_cast<S>(0));
+        continue;
+      }
+      loss[r] = row(r, label, g);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
+                                                   const std::optional<at::Tensor>& labels, double temperature,
+                                                   double alpha, int64_t divergence, double beta,
+                                                   int64_t ignore_index, bool t2_scaling, bool compute_grad) {
+  check_scalars(temperature, alpha, divergence, beta);
+  check_logits(student_in, "student_logits");
+  check_logits(teacher_in, "teacher_logits");
+  TORCH_CHECK_VALUE(student_in.sizes() == teacher_in.sizes(), "kd_loss: teacher_logits shape ",
+                    teacher_in.sizes(), " must match student_logits shape ", student_in.sizes());
+  const int64_t rows = student_in.size(0), V = student_in.size(1);
+  TORCH_CHECK_VALUE(V >= 1, "kd_loss: the vocabulary dimension must be >= 1");
+  at::Tensor lab = prepare_labels(labels, rows, alpha, student_in.device());
+  check_label_range(lab, V, ignore_index);
+  const bool dbl = student_in.scalar_type() == at::kDouble || teacher_in.scalar_type() == at::kDouble;
+  at::Tensor student = dbl ? student_in.to(at::kDouble) : student_in;
+  at::Tensor teacher = dbl ? teacher_in.to(at::kDouble) : teacher_in;
+  student = unit_last_stride(student);  // rows may be strided (slices), the vocabulary may not
+  teacher = unit_last_stride(teacher);
+  const int64_t sx = row_stride(student), st = row_stride(teacher);
+  const KDParams p = make_params(temperature, alpha, divergence, beta, ignore_index, t2_scaling,
+                                 lab.defined(), compute_grad);
+  at::Tensor loss = at::empty({rows}, student_in.options().dtype(dbl ? at::kDouble : at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty({rows, V}, student.options()) : at::empty({0}, student_in.options());
+  if (rows == 0) return {loss, compute_grad ? grad.to(student_in.scalar_type()) : grad};
+
+  auto run = [&](auto a_tag, auto s_tag, auto t_tag) {
+    using A = decltype(a_tag);
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    const S* xs = student.data_ptr<S>();
+    const T* ts = teacher.data_ptr<T>();
+    A* lp = loss.data_ptr<A>();
+    S* gp = compute_grad ? grad.data_ptr<S>() : nullptr;
+    dispatch_div(divergence, [&](auto div_c) {
+      constexpr int DIV = decltype(div_c)::value;
+      for_rows<A, S>(rows, V, lab, ignore_index, lp, gp, [&](int64_t r, int64_t label, S* g) {
+        const RowParams<A> rp = row_params<A>(p, lab.defined());
+        return kd_row<DIV, A, S, T>(xs + r * sx, ts + r * st, V, label, rp, g);
+      });
+    });
+  };
+  if (dbl) {
+    run(double{}, double{}, double{});
+  } else {
+    dispatch_reduced(student.scalar_type(), [&](auto s_tag) {
+      dispatch_reduced(teacher.scalar_type(), [&](auto t_tag) { run(float{}, s_tag, t_tag); });
+    });
+  }
+  if (compute_grad && grad.scalar_type() != student_in.scalar_type()) grad = grad.to(student_in.scalar_type());
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
+    const at::Tensor& student_in, const at::Tensor& topk_in, const at::Tensor& indices_in,
+    const std::optional<at::Tensor>& labels, double temperature, double alpha, int64_t divergence, double beta,
+    int64_t ignore_index, bool t2_scaling, bool compute_grad) {
+  check_scalars(temperature, alpha, divergence, beta);
+  TORCH_CHECK_VALUE(divergence != kReverseKL,
+                    "kd_loss_topk: divergence reverse_kl is not supported with a top-k teacher");
+  check_logits(student_in, "student_logits");
+  check_logits(topk_in, "teacher_topk_logits");
+  TORCH_CHECK_TYPE(indices_in.scalar_type() == at::kLong || indices_in.scalar_type() == at::kInt,
+                   "kd_loss_topk: teacher_topk_indices must be int64 or int32, got ", indices_in.scalar_type());
+  const int64_t rows = student_in.size(0), V = student_in.size(1);
+  TORCH_CHECK_VALUE(V >= 1, "kd_loss: the vocabulary dimension must be >= 1");
+  TORCH_CHECK_VALUE(topk_in.size(0) == rows && topk_in.size(1) >= 1,
+                    "kd_loss_topk: teacher_topk_logits must have shape (", rows, ", k>=1), got ", topk_in.sizes());
+  TORCH_CHECK_VALUE(indices_in.sizes() == topk_in.sizes(), "kd_loss_topk: teacher_topk_indices shape ",
+                    indices_in.sizes(), " must match teacher_topk_logits shape ", topk_in.sizes());
+  const int64_t K = topk_in.size(1);
+  at::Tensor lab = prepare_labels(labels, rows, alpha, student_in.device());
+  check_label_range(lab, V, ignore_index);
+  at::Tensor idx = indices_in.to(at::kLong).contiguous();
+  {
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    for (int64_t q = 0; q < idx.numel(); ++q)
+      TORCH_CHECK_VALUE(ip[q] >= 0 && ip[q] < V, "kd_loss_topk: teacher_topk_indices must be in [0, ", V,
+                        "), got ", ip[q]);
+  }
+  const bool dbl = student_in.scalar_type() == at::kDouble || topk_in.scalar_type() == at::kDouble;
+  at::Tensor student = unit_last_stride(dbl ? student_in.to(at::kDouble) : student_in);
+  const int64_t sx = row_stride(student);
+  at::Tensor topk = (dbl ? topk_in.to(at::kDouble) : topk_in).contiguous();
+  const KDParams p = make_params(temperature, alpha, divergence, beta, ignore_index, t2_scaling,
+                                 lab.defined(), compute_grad);
+  at::Tensor loss = at::empty({rows}, student_in.options().dtype(dbl ? at::kDouble : at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty({rows, V}, student.options()) : at::empty({0}, student_in.options());
+  if (rows == 0) return {loss, compute_grad ? grad.to(student_in.scalar_type()) : grad};
+  const int64_t* ip = idx.data_ptr<int64_t>();
+
+  auto run = [&](auto a_tag, auto s_tag, auto t_tag) {
+    using A = decltype(a_tag);
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    const S* xs = student.data_ptr<S>();
+    const T* ts = topk.data_ptr<T>();
+    A* lp = loss.data_ptr<A>();
+    S* gp = compute_grad ? grad.data_ptr<S>() : nullptr;
+    dispatch_div(divergence, [&](auto div_c) {
+      constexpr int DIV = decltype(div_c)::value;
+      if constexpr (DIV != kReverseKL) {
+        for_rows<A, S>(rows, V, lab, ignore_index, lp, gp, [&](int64_t r, int64_t label, S* g) {
+          const RowParams<A> rp = row_params<A>(p, lab.defined());
+          return kd_topk_row<DIV, A, S, T>(xs + r * sx, ts + r * K, ip + r * K, V, K, label, rp, g);
+        });
+      }
+    });
+  };
+  if (dbl) {
+    run(double{}, double{}, double{});
+  } else {
+    dispatch_reduced(student.scalar_type(), [&](auto s_tag) {
+      dispatch_reduced(topk.scalar_type(), [&](auto t_tag) { run(float{}, s_tag, t_tag); });
+    });
+  }
+  if (compute_grad && grad.scalar_type() != student_in.scalar_type()) grad = grad.to(student_in.scalar_type());
+  return {loss, grad};
+}
+
+}  // namespace
+}  // namespace kd
+}  // namespace raydistill
+
+TORCH_LIBRARY_FRAGMENT(raydistill, m) {
+  m.def(
+      "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, float temperature, float alpha, "
+      "int divergence, float beta, int ignore_index, bool t2_scaling, bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "kd_loss_topk_fwd(Tensor student, Tensor teacher_topk, Tensor teacher_topk_indices, Tensor? labels, "
+      "float temperature, float alpha, int divergence, float beta, int ignore_index, bool t2_scaling, "
+      "bool compute_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(raydistill, CPU, m) {
+  m.impl("kd_loss_fwd", &raydistill::kd::kd_loss_fwd_cpu);
+  m.impl("kd_loss_topk_fwd", &raydistill::kd::kd_loss_topk_fwd_cpu);
+}

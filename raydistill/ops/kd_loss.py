@@ -1,0 +1,411 @@
+r"""Fused knowledge-distillation loss: ``kd_loss``, ``kd_loss_topk``, ``KDLoss`` and the float64 reference.
+
+For student logits :math:`x` and teacher logits :math:`t` (rows of the vocabulary dimension ``V``),
+temperature :math:`T`, mixing weight :math:`\alpha`:
+
+.. math::
+
+    P_t = \mathrm{softmax}(t / T),\quad P_s = \mathrm{softmax}(x / T),\quad s = T^2 \text{ if t2\_scaling else } 1
+
+    \ell_r = \alpha\, s\, D(P_t, P_s) + (1 - \alpha)\, \mathrm{CE}(x_r, y_r)\qquad(\mathrm{CE} \text{ at } T = 1)
+
+with the divergence ``D``:
+
+* ``forward_kl``: :math:`KL(P_t \| P_s) = \sum_i P_{t,i} (\log P_{t,i} - \log P_{s,i})`
+* ``reverse_kl``: :math:`KL(P_s \| P_t)`
+* ``jsd``: :math:`\beta\, KL(P_t \| M) + (1-\beta)\, KL(P_s \| M)`, :math:`M = \beta P_t + (1-\beta) P_s`,
+  ``0 < beta < 1`` (at 0 or 1 the loss is identically 0, so those are rejected).
+
+Terms with a zero probability factor are 0 (``0 log 0 = 0``), so ``-inf`` logits (a masked vocabulary)
+work; a positive probability against a zero one gives ``+inf`` (e.g. forward KL where the teacher puts
+mass on a token the student masks). NaN logits give a NaN loss.
+
+Rows whose label equals ``ignore_index`` contribute nothing. ``reduction``: ``"mean"`` (alias
+``"batchmean"``) = sum over valid rows / number of valid rows (0, with zero gradient, when no row is
+valid); ``"sum"``; ``"none"`` = per-row losses of the leading shape (ignored rows 0).
+
+Inputs are ``(..., V)`` float32 / bfloat16 / float16 (teacher dtype may differ from the student's);
+the math is float32 and the loss is float32. float64 inputs are computed in float64 and give a
+float64 loss (for ``gradcheck``). The gradient flows to ``student_logits`` only; the teacher is a
+constant.
+
+Top-k teacher (``kd_loss_topk``): :math:`P_t` is the softmax (at temperature T) over the ``k`` given
+teacher logits, placed at ``teacher_topk_indices`` and zero elsewhere; :math:`P_s` is over the full
+student vocabulary. Indices must be distinct within a row (not checked: duplicates give the sum of the
+per-entry terms for ``forward_kl`` and are undefined for ``jsd``). Supported divergences:
+``forward_kl`` and ``jsd`` (well defined: M > 0 wherever P_s > 0). ``reverse_kl`` raises
+``ValueError``: KL(P_s || P_t) is +inf whenever the student puts any mass outside the k entries,
+which with a softmax student is always.
+
+Backends: the fused C++ (CPU, at::vec + at::parallel_for) and CUDA kernels compute the row losses and
+d loss / d student in one call (the gradient only when the student requires grad), so backward only
+scales the stored gradient by the upstream gradient. When the extension is unavailable the same
+semantics run in plain PyTorch (``_reference_impl``, autograd) with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+from raydistill._build import extension_available, op_backend
+
+__all__ = ["kd_loss", "kd_loss_topk", "KDLoss", "kd_loss_reference"]
+
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+REDUCTIONS = ("mean", "batchmean", "sum", "none")
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_INDEX = (torch.int64, torch.int32)
+
+# --------------------------------------------------------------------------------------------------
+# backend selection (decided once at import so that torch.compile sees constants)
+
+_EXT = extension_available()
+_BACKEND = {dev: (op_backend(name, dev) if _EXT else "reference")
+            for dev in ("cpu", "cuda") for name in ("kd_loss_fwd",)}
+_BACKEND_TOPK = {dev: (op_backend("kd_loss_topk_fwd", dev) if _EXT else "reference") for dev in ("cpu", "cuda")}
+
+
+def _compiled(device: torch.device, topk: bool) -> bool:
+    table = _BACKEND_TOPK if topk else _BACKEND
+    return table.get(device.type) == "compiled"
+
+
+# --------------------------------------------------------------------------------------------------
+# validation (one place)
+
+def _check_number(name: str, value, lo: float, hi: float, *, lo_open=False, hi_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ValueError(f"{name} must be a finite number in {lb}{lo}, {hi}{rb}, got {value!r}")
+    return v
+
+
+def _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_index, t2_scaling,
+                      *, topk: bool = False) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    _check_number("alpha", alpha, 0.0, 1.0)
+    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}")
+    if topk and divergence == "reverse_kl":
+        raise ValueError("divergence='reverse_kl' is not supported by kd_loss_topk: KL(P_s || P_t) is +inf "
+                         "when the teacher has zero probability outside its top-k entries; use 'forward_kl' "
+                         "or 'jsd'")
+    if divergence == "jsd":
+        _check_number("beta", beta, 0.0, 1.0, lo_open=True, hi_open=True)
+    else:
+        _check_number("beta", beta, 0.0, 1.0)
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(t2_scaling, bool):
+        raise TypeError(f"t2_scaling must be a bool, got {type(t2_scaling).__name__}")
+
+
+def _check_logits(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), "
+                        f"got {t.dtype}")
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (..., V), got a 0-d tensor")
+
+
+def _validate(student, teacher, labels, alpha, ignore_index, *, topk_indices=None) -> None:
+    _check_logits("student_logits", student)
+    tname = "teacher_logits" if topk_indices is None else "teacher_topk_logits"
+    _check_logits(tname, teacher)
+    V = student.shape[-1]
+    if V < 1:
+        raise ValueError(f"student_logits must have a vocabulary dimension >= 1, got shape {tuple(student.shape)}")
+    if teacher.device != student.device:
+        raise ValueError(f"{tname} must be on the same device as student_logits "
+                         f"({student.device}), got {teacher.device}")
+    if topk_indices is None:
+        if teacher.shape != student.shape:
+            raise ValueError(f"teacher_logits shape {tuple(teacher.shape)} must match student_logits shape "
+                             f"{tuple(student.shape)} (same leading shape and vocabulary size)")
+    else:
+        if teacher.shape[:-1] != student.shape[:-1] or teacher.shape[-1] < 1:
+            raise ValueError(f"teacher_topk_logits shape {tuple(teacher.shape)} must be (*leading, k) with the "
+                             f"student's leading shape {tuple(student.shape[:-1])} and k >= 1")
+        if teacher.shape[-1] > V:
+            raise ValueError(f"teacher_topk_logits has k={teacher.shape[-1]} entries per row, more than the "
+                             f"vocabulary size V={V}")
+        if not isinstance(topk_indices, Tensor):
+            raise TypeError(f"teacher_topk_indices must be a torch.Tensor, got {type(topk_indices).__name__}")
+        if topk_indices.dtype not in _INDEX:
+            raise TypeError(f"teacher_topk_indices must be int64 or int32, got {topk_indices.dtype}")
+        if topk_indices.shape != teacher.shape:
+            raise ValueError(f"teacher_topk_indices shape {tuple(topk_indices.shape)} must match "
+                             f"teacher_topk_logits shape {tuple(teacher.shape)}")
+        if topk_indices.device != student.device:
+            raise ValueError(f"teacher_topk_indices must be on the same device as student_logits "
+                             f"({student.device}), got {topk_indices.device}")
+        if not torch.compiler.is_compiling() and topk_indices.numel() > 0:
+            if bool(((topk_indices < 0) | (topk_indices >= V)).any()):
+                raise ValueError(f"teacher_topk_indices must be in [0, V={V})")
+    if labels is None:
+        if alpha < 1:
+            raise ValueError(f"labels are required when alpha < 1 (got alpha={alpha}); the hard-label "
+                             "cross-entropy term needs them")
+        return
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype not in _INDEX:
+        raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
+    if labels.shape != student.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal the leading shape of student_logits "
+                         f"{tuple(student.shape[:-1])}")
+    if labels.device != student.device:
+        raise ValueError(f"labels must be on the same device as student_logits ({student.device}), "
+                         f"got {labels.device}")
+    if not torch.compiler.is_compiling() and labels.numel() > 0:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            raise ValueError(f"labels must be in [0, V={V}) or equal ignore_index={ignore_index}; "
+                             f"got {int(labels[bad][0])}")
+
+
+# --------------------------------------------------------------------------------------------------
+# pure-PyTorch implementation (the float64 reference and the fallback)
+
+def _xlogy_diff(p: Tensor, lp: Tensor, lq: Tensor) -> Tensor:
+    """sum_i p_i (lp_i - lq_i) with 0 where p_i == 0 (safe gradients through the masked entries)."""
+    nz = p != 0
+    return (p * torch.where(nz, lp - lq, torch.zeros_like(lp))).sum(-1)
+
+
+def _divergence(lpt: Tensor, lps: Tensor, divergence: str, beta: float) -> Tensor:
+    pt, ps = lpt.exp(), lps.exp()
+    if divergence == "forward_kl":
+        return _xlogy_diff(pt, lpt, lps)
+    if divergence == "reverse_kl":
+        return _xlogy_diff(ps, lps, lpt)
+    m = beta * pt + (1 - beta) * ps
+    pos = m > 0
+    lm = torch.where(pos, torch.where(pos, m, torch.ones_like(m)).log(), torch.zeros_like(m))
+    return beta * _xlogy_diff(pt, lpt, lm) + (1 - beta) * _xlogy_diff(ps, lps, lm)
+
+
+def _reference_impl(student, teacher, labels, topk_indices, *, temperature, alpha, divergence, beta,
+                    reduction, ignore_index, t2_scaling, compute_dtype) -> Tensor:
+    V = student.shape[-1]
+    lead = student.shape[:-1]
+    x = student.reshape(-1, V).to(compute_dtype)
+    t = teacher.detach().reshape(-1, teacher.shape[-1]).to(compute_dtype)
+    lps = torch.log_softmax(x / temperature, dim=-1)
+    lpt = torch.log_softmax(t / temperature, dim=-1)
+    if topk_indices is not None:
+        idx = topk_indices.reshape(-1, topk_indices.shape[-1]).long()
+        if divergence == "forward_kl":
+            div = _xlogy_diff(lpt.exp(), lpt, lps.gather(-1, idx))
+        else:  # jsd against the dense teacher distribution (zero outside the k entries)
+            pt_dense = torch.zeros_like(lps).scatter(-1, idx, lpt.exp())
+            lpt_dense = torch.where(pt_dense > 0, pt_dense.log(), torch.full_like(pt_dense, -math.inf))
+            div = _divergence(lpt_dense, lps, divergence, beta)
+    else:
+        div = _divergence(lpt, lps, divergence, beta)
+    scale = temperature * temperature if t2_scaling else 1.0
+    row = alpha * scale * div if alpha != 0 else torch.zeros_like(div)
+    if labels is not None:
+        lab = labels.reshape(-1).long()
+        valid = lab != ignore_index
+        if alpha != 1:
+            ce = torch.nn.functional.cross_entropy(x, torch.where(valid, lab, torch.zeros_like(lab)),
+                                                   reduction="none")
+            row = row + (1 - alpha) * ce
+        row = torch.where(valid, row, torch.zeros_like(row))
+        n_valid = valid.sum()
+    else:
+        n_valid = torch.tensor(row.shape[0], device=row.device)
+    return _reduce(row, n_valid, reduction, lead)
+
+
+def _reduce(row: Tensor, n_valid: Tensor, reduction: str, lead) -> Tensor:
+    if reduction == "none":
+        return row.reshape(lead)
+    total = row.sum()
+    if reduction == "sum":
+        return total
+    return total / n_valid.clamp(min=1).to(total.dtype)
+
+
+def _out_dtype(student: Tensor, teacher: Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+
+
+def kd_loss_reference(student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=1.0,
+                      divergence="forward_kl", beta=0.5, reduction="mean", ignore_index=-100,
+                      t2_scaling=True, teacher_topk_indices=None) -> Tensor:
+    """float64 pure-PyTorch reference of :func:`kd_loss` (and of :func:`kd_loss_topk` when
+    ``teacher_topk_indices`` is given). Same arguments and semantics; the loss is float64."""
+    _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_index, t2_scaling,
+                      topk=teacher_topk_indices is not None)
+    _validate(student_logits, teacher_logits, labels, alpha, ignore_index, topk_indices=teacher_topk_indices)
+    return _reference_impl(student_logits, teacher_logits, labels, teacher_topk_indices,
+                           temperature=float(temperature), alpha=float(alpha), divergence=divergence,
+                           beta=float(beta), reduction=reduction, ignore_index=int(ignore_index),
+                           t2_scaling=t2_scaling, compute_dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# the compiled ops: fake (meta) implementations and autograd
+
+def _fake_fwd(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index, t2_scaling,
+              compute_grad):
+    rows, V = student.shape
+    loss = student.new_empty((rows,), dtype=_out_dtype(student, teacher))
+    grad = student.new_empty((rows, V)) if compute_grad else student.new_empty((0,))
+    return loss, grad
+
+
+def _fake_topk_fwd(student, teacher_topk, teacher_topk_indices, labels, temperature, alpha, divergence, beta,
+                   ignore_index, t2_scaling, compute_grad):
+    return _fake_fwd(student, teacher_topk, labels, temperature, alpha, divergence, beta, ignore_index,
+                     t2_scaling, compute_grad)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_grad):
+    (g,) = ctx.saved_tensors
+    if grad_loss is None:
+        return None
+    if g.numel() == 0 and grad_loss.numel() != 0:
+        raise RuntimeError("kd_loss: backward needs the gradient computed in forward (compute_grad=True); "
+                           "the student did not require grad when the loss was computed")
+    scale = grad_loss.unsqueeze(-1).to(g.dtype)
+    if torch.compiler.is_compiling():
+        gs = g * scale
+    else:
+        # The stored gradient is private to this graph: scale it in place (no second rows x V buffer).
+        # Backward through the same graph twice then fails in autograd's saved-tensor version check.
+        gs = g.mul_(scale)
+    return gs
+
+
+def _backward_full(ctx, grad_loss, grad_grad):
+    return (_backward(ctx, grad_loss, grad_grad),) + (None,) * 9
+
+
+def _backward_topk(ctx, grad_loss, grad_grad):
+    return (_backward(ctx, grad_loss, grad_grad),) + (None,) * 10
+
+
+if _EXT:
+    torch.library.register_fake("raydistill::kd_loss_fwd")(_fake_fwd)
+    torch.library.register_fake("raydistill::kd_loss_topk_fwd")(_fake_topk_fwd)
+    torch.library.register_autograd("raydistill::kd_loss_fwd", _backward_full, setup_context=_setup_context)
+    torch.library.register_autograd("raydistill::kd_loss_topk_fwd", _backward_topk, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+
+def _run(student, teacher, labels, topk_indices, temperature, alpha, divergence, beta, reduction, ignore_index,
+         t2_scaling) -> Tensor:
+    topk = topk_indices is not None
+    _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_index, t2_scaling, topk=topk)
+    _validate(student, teacher, labels, alpha, ignore_index, topk_indices=topk_indices)
+    temperature, alpha, beta, ignore_index = float(temperature), float(alpha), float(beta), int(ignore_index)
+    if not _compiled(student.device, topk):
+        return _reference_impl(student, teacher, labels, topk_indices, temperature=temperature, alpha=alpha,
+                               divergence=divergence, beta=beta, reduction=reduction, ignore_index=ignore_index,
+                               t2_scaling=t2_scaling, compute_dtype=_out_dtype(student, teacher))
+    V = student.shape[-1]
+    lead = student.shape[:-1]
+    x = student.reshape(-1, V)
+    t = teacher.detach().reshape(-1, teacher.shape[-1])
+    lab = labels.reshape(-1) if labels is not None else None
+    compute_grad = bool(torch.is_grad_enabled() and student.requires_grad)
+    div = DIVERGENCES[divergence]
+    if topk:
+        idx = topk_indices.reshape(-1, topk_indices.shape[-1])
+        row, _ = torch.ops.raydistill.kd_loss_topk_fwd(x, t, idx, lab, temperature, alpha, div, beta,
+                                                       ignore_index, t2_scaling, compute_grad)
+    else:
+        row, _ = torch.ops.raydistill.kd_loss_fwd(x, t, lab, temperature, alpha, div, beta, ignore_index,
+                                                  t2_scaling, compute_grad)
+    if reduction in ("mean", "batchmean"):
+        n_valid = (lab != ignore_index).sum() if lab is not None else torch.tensor(row.shape[0], device=row.device)
+    else:
+        n_valid = None
+    return _reduce(row, n_valid, reduction, lead)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
+            temperature: float = 1.0, alpha: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
+            reduction: str = "mean", ignore_index: int = -100, t2_scaling: bool = True) -> Tensor:
+    r"""Knowledge-distillation loss between student and teacher logits (see the module docstring).
+
+    ``loss_r = alpha * s * D(softmax(teacher/T), softmax(student/T)) + (1 - alpha) * CE(student_r, label_r)``
+    with ``s = T**2`` if ``t2_scaling``; ``D`` is ``forward_kl`` (KL(P_t||P_s)), ``reverse_kl``
+    (KL(P_s||P_t)) or ``jsd`` (beta KL(P_t||M) + (1-beta) KL(P_s||M), M = beta P_t + (1-beta) P_s).
+
+    Args:
+        student_logits: ``(..., V)`` float tensor; receives the gradient.
+        teacher_logits: ``(..., V)`` float tensor (any float dtype); treated as a constant.
+        labels: ``(...)`` int64/int32 hard labels in ``[0, V)`` or ``ignore_index``; required if alpha < 1.
+        temperature: T > 0. alpha: in [0, 1]. beta: jsd weight in (0, 1).
+        reduction: ``"mean"``/``"batchmean"`` (over valid rows), ``"sum"`` or ``"none"``.
+        t2_scaling: multiply the divergence by T**2 (keeps gradient magnitudes comparable across T).
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or the leading shape for ``"none"``.
+    """
+    return _run(student_logits, teacher_logits, labels, None, temperature, alpha, divergence, beta, reduction,
+                ignore_index, t2_scaling)
+
+
+def kd_loss_topk(student_logits: Tensor, teacher_topk_logits: Tensor, teacher_topk_indices: Tensor,
+                 labels: Tensor | None = None, *, temperature: float = 1.0, alpha: float = 1.0,
+                 divergence: str = "forward_kl", beta: float = 0.5, reduction: str = "mean",
+                 ignore_index: int = -100, t2_scaling: bool = True) -> Tensor:
+    r""":func:`kd_loss` with a top-k teacher: ``P_t = softmax(teacher_topk_logits / T)`` over the k given
+    entries, at ``teacher_topk_indices`` (``(..., k)`` int64/int32, distinct per row), zero elsewhere;
+    ``P_s`` over the full student vocabulary. ``divergence``: ``forward_kl`` or ``jsd``; ``reverse_kl``
+    raises ``ValueError`` (it is +inf whenever the student has mass outside the k entries)."""
+    return _run(student_logits, teacher_topk_logits, labels, teacher_topk_indices, temperature, alpha, divergence,
+                beta, reduction, ignore_index, t2_scaling)
+
+
+class KDLoss(nn.Module):
+    """Module form of :func:`kd_loss`: ``KDLoss(temperature=2.0, alpha=0.5)(student, teacher, labels)``."""
+
+    def __init__(self, *, temperature: float = 1.0, alpha: float = 1.0, divergence: str = "forward_kl",
+                 beta: float = 0.5, reduction: str = "mean", ignore_index: int = -100, t2_scaling: bool = True):
+        super().__init__()
+        _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_index, t2_scaling)
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.divergence = divergence
+        self.beta = float(beta)
+        self.reduction = reduction
+        self.ignore_index = int(ignore_index)
+        self.t2_scaling = t2_scaling
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
+        return kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature, alpha=self.alpha,
+                       divergence=self.divergence, beta=self.beta, reduction=self.reduction,
+                       ignore_index=self.ignore_index, t2_scaling=self.t2_scaling)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, "
+                f"beta={self.beta}, reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"t2_scaling={self.t2_scaling}")

@@ -1,0 +1,243 @@
+"""What a search leaves behind under ``<storage-path>/<name>/``.
+
+* ``trials.csv``       one row per trial: its searched values (plus temperature/alpha/sparsity always),
+                       final metrics, epochs run, whether the scheduler stopped it early, status.
+* ``pareto.json``      the non-dominated trials in (accuracy, compression_ratio) + reference accuracies.
+* ``pareto.png``       accuracy vs compression ratio for every trial, front highlighted, teacher and
+                       from-scratch baseline as horizontal lines.
+* ``best_config.yaml`` a complete distill config (no ``search`` section) for the best trial, or the best
+                       with ``compression.sparsity >= min_sparsity``.
+
+Rows are plain dicts (see :data:`TRIAL_COLUMNS`), so everything here is testable without Ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from raydistill.tune.pareto import OBJECTIVES, pareto_indices
+
+# Always present, in this order, after the searched parameters.
+CONFIG_COLUMNS = ("temperature", "alpha", "sparsity")
+METRIC_COLUMNS = ("accuracy", "val_accuracy", "compression_ratio", "achieved_sparsity", "train_loss", "lr")
+TRIAL_COLUMNS = (
+    "trial_id", "status", "stopped_early", "epochs_run", "epochs_configured",
+    *CONFIG_COLUMNS,
+    # searched parameters other than the three above are inserted here
+    *METRIC_COLUMNS,
+    "time_s", "checkpoint_path", "error",
+)
+FRONT_FIELDS = (
+    "trial_id", "temperature", "alpha", "sparsity", "accuracy", "compression_ratio", "achieved_sparsity",
+    "val_accuracy", "epochs_run", "stopped_early", "checkpoint_path",
+)
+
+FINISHED = ("TERMINATED",)  # trials whose last report is a real, finished-or-stopped model
+
+
+def csv_columns(rows: Sequence[dict]) -> list[str]:
+    """TRIAL_COLUMNS with any extra searched parameter (e.g. ``lr_searched``) after the config ones."""
+    base = list(TRIAL_COLUMNS)
+    extra: list[str] = []
+    for r in rows:
+        for k in r.get("params", {}):
+            if k not in base and k not in extra:
+                extra.append(k)
+    i = base.index(CONFIG_COLUMNS[-1]) + 1
+    return base[:i] + extra + base[i:]
+
+
+def _flat(row: dict) -> dict:
+    out = {k: v for k, v in row.items() if k not in ("params", "overrides")}
+    out.update(row.get("params", {}))
+    return out
+
+
+def write_trials_csv(rows: Sequence[dict], path: Path) -> Path:
+    cols = csv_columns(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            flat = _flat(r)
+            w.writerow({c: ("" if flat.get(c) is None else flat.get(c)) for c in cols})
+    return path
+
+
+def front_candidates(rows: Sequence[dict]) -> list[dict]:
+    """Trials that may enter the front: finished (run to the end or stopped early by the scheduler)
+    with both objectives reported.  A stopped trial counts with the model of its last epoch, which is
+    a real checkpoint; errored / unfinished trials do not count."""
+    return [r for r in rows if r.get("status") in FINISHED
+            and all(_finite(r.get(k)) for k in OBJECTIVES)]
+
+
+def compute_front(rows: Sequence[dict]) -> list[dict]:
+    cands = front_candidates(rows)
+    return [cands[i] for i in pareto_indices(cands, OBJECTIVES)]
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def write_pareto_json(front: Sequence[dict], path: Path, *, teacher_accuracy: float | None,
+                      baseline_accuracy: float | None, extra: dict | None = None) -> Path:
+    doc = {
+        "objectives": {k: "max" for k in OBJECTIVES},
+        "ties": "equal points are all kept",
+        "teacher_accuracy": teacher_accuracy,
+        "baseline_accuracy": baseline_accuracy,
+        **(extra or {}),
+        "front": [{k: _flat(r).get(k) for k in FRONT_FIELDS} | {"params": r.get("params", {})} for r in front],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return path
+
+
+def plot_pareto(rows: Sequence[dict], front: Sequence[dict], path: Path, *, teacher_accuracy: float | None,
+                baseline_accuracy: float | None, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    cands = front_candidates(rows)
+    front_ids = {r["trial_id"] for r in front}
+    full = [r for r in cands if not r.get("stopped_early") and r["trial_id"] not in front_ids]
+    stopped = [r for r in cands if r.get("stopped_early") and r["trial_id"] not in front_ids]
+
+    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
+    if full:
+        ax.scatter([r["compression_ratio"] for r in full], [r["accuracy"] for r in full], s=28,
+                   color="tab:blue", alpha=0.75, label="trial (all epochs)")
+    if stopped:
+        ax.scatter([r["compression_ratio"] for r in stopped], [r["accuracy"] for r in stopped], s=28,
+                   marker="x", color="tab:gray", alpha=0.8, label="trial (stopped early by ASHA)")
+    if front:
+        xs = [r["compression_ratio"] for r in front]
+        ys = [r["accuracy"] for r in front]
+        ax.step(xs, ys, where="post", color="tab:red", lw=1.2, alpha=0.7)
+        ax.scatter(xs, ys, s=70, facecolors="none", edgecolors="tab:red", lw=1.8, zorder=3,
+                   label="Pareto front")
+        for r in front:
+            ax.annotate(f"T={r.get('temperature', float('nan')):.3g} a={r.get('alpha', float('nan')):.2f} "
+                        f"s={r.get('sparsity', float('nan')):.2f}",
+                        (r["compression_ratio"], r["accuracy"]), textcoords="offset points", xytext=(5, -11),
+                        fontsize=7, color="tab:red")
+    if _finite(teacher_accuracy):
+        ax.axhline(float(teacher_accuracy), color="tab:green", ls="--", lw=1.2,
+                   label=f"teacher ({float(teacher_accuracy):.3f})")
+    if _finite(baseline_accuracy):
+        ax.axhline(float(baseline_accuracy), color="tab:orange", ls=":", lw=1.5,
+                   label=f"student from scratch ({float(baseline_accuracy):.3f})")
+    xs_all = [r["compression_ratio"] for r in cands]
+    if xs_all and max(xs_all) / max(min(xs_all), 1e-9) > 8:
+        ax.set_xscale("log")
+    ax.set_xlabel("compression ratio (dense size / compressed size)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title or "accuracy vs compression")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def select_best(rows: Sequence[dict], metric: str, mode: str, min_sparsity: float | None = None) -> dict | None:
+    """The finished trial with the best ``metric``; with ``min_sparsity``, only among trials whose
+    target ``sparsity`` (the config value they trained for) is >= it.  Ties go to the higher
+    compression ratio, then the lower trial id (deterministic)."""
+    cands = [r for r in rows if r.get("status") in FINISHED and _finite(r.get(metric))]
+    if min_sparsity is not None:
+        cands = [r for r in cands if _finite(r.get("sparsity")) and float(r["sparsity"]) >= min_sparsity - 1e-9]
+    if not cands:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(cands, key=lambda r: (sign * float(r[metric]), float(r.get("compression_ratio") or 0.0),
+                                     _neg_id(r["trial_id"])))
+
+
+def _neg_id(tid: str) -> tuple:
+    return tuple(-ord(c) for c in str(tid))
+
+
+def write_best_config(best: dict, base: dict, path: Path, *, build: Callable[[dict], Any],
+                      dump: Callable[[Any, Path], Any], run_name: str | None = None) -> Path:
+    """Write ``base`` (a full config dict) with the best trial's overrides, no ``search`` section,
+    through the config package's own ``dump`` so ``raydistill distill`` loads it unchanged."""
+    from raydistill.tune.space import apply_trial_config
+
+    data = apply_trial_config(base, best.get("overrides", {}))
+    data.pop("search", None)
+    if run_name is not None and isinstance(data.get("run"), dict) and "name" in data["run"]:
+        data["run"]["name"] = run_name
+    cfg = build(data)
+    if getattr(cfg, "search", None) is not None:  # keep the export free of the search section
+        cfg = cfg.model_copy(update={"search": None})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dump(cfg, path)
+    return path
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return format(float(v), spec) if _finite(v) else "-"
+
+
+def front_table(front: Sequence[dict], *, teacher_accuracy: float | None = None,
+                baseline_accuracy: float | None = None, title: str = "Pareto front"):
+    from rich.table import Table
+
+    caption = []
+    if _finite(teacher_accuracy):
+        caption.append(f"teacher {float(teacher_accuracy):.4f}")
+    if _finite(baseline_accuracy):
+        caption.append(f"student from scratch {float(baseline_accuracy):.4f}")
+    t = Table(title=title, caption=" | ".join(caption) or None)
+    for c, j in (("trial", "left"), ("temperature", "right"), ("alpha", "right"), ("sparsity", "right"),
+                 ("accuracy", "right"), ("compression", "right"), ("epochs", "right"), ("stopped", "center")):
+        t.add_column(c, justify=j)
+    for r in front:
+        t.add_row(str(r["trial_id"]), _fmt(r.get("temperature"), ".3g"), _fmt(r.get("alpha"), ".3f"),
+                  _fmt(r.get("sparsity"), ".3f"), _fmt(r.get("accuracy"), ".4f"),
+                  _fmt(r.get("compression_ratio"), ".2f") + "x", str(r.get("epochs_run", "-")),
+                  "yes" if r.get("stopped_early") else "")
+    return t
+
+
+def front_markdown(front: Sequence[dict]) -> str:
+    """The front as a markdown table (for docs/tune.md)."""
+    lines = ["| trial | temperature | alpha | sparsity | accuracy | compression | epochs | stopped early |",
+             "|---|---:|---:|---:|---:|---:|---:|:---:|"]
+    for r in front:
+        lines.append(
+            f"| {r['trial_id']} | {_fmt(r.get('temperature'), '.3g')} | {_fmt(r.get('alpha'), '.3f')} | "
+            f"{_fmt(r.get('sparsity'), '.3f')} | {_fmt(r.get('accuracy'), '.4f')} | "
+            f"{_fmt(r.get('compression_ratio'), '.2f')}x | {r.get('epochs_run', '-')} | "
+            f"{'yes' if r.get('stopped_early') else ''} |")
+    return "\n".join(lines)
+
+
+def summarize(rows: Iterable[dict]) -> dict:
+    rows = list(rows)
+    finished = [r for r in rows if r.get("status") in FINISHED]
+    stopped = [r for r in finished if r.get("stopped_early")]
+    return {
+        "trials": len(rows),
+        "finished": len(finished),
+        "stopped_early": len(stopped),
+        "errored": sum(1 for r in rows if r.get("status") == "ERROR"),
+        "unfinished": sum(1 for r in rows if r.get("status") not in ("TERMINATED", "ERROR")),
+        "stopped_fraction": (len(stopped) / len(rows)) if rows else 0.0,
+    }

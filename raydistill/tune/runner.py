@@ -1,0 +1,285 @@
+"""Runs a validated search on Ray and writes its report (imported only by ``raydistill tune``)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune import Callback
+
+from raydistill.tune import report as rep
+from raydistill.tune.search import (
+    SearchState,
+    make_scheduler,
+    make_searcher,
+    make_trial_driver,
+    plan_resources,
+    trial_rows,
+)
+from raydistill.tune.space import SearchSpec, grid_size, short_names, to_tune_param_space
+
+EXIT_OK, EXIT_FAIL, EXIT_INTERRUPTED = 0, 1, 130
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+class ProgressPrinter(Callback):
+    """Concise live progress (Ray's own table is off): one line per trial event + running counts.
+
+    Pickled with the Tuner (tuner.pkl), so it holds no console; counters restart on --resume."""
+
+    def __init__(self, epochs: int, names: dict[str, str], total: int | None):
+        self.epochs, self.names, self.total = epochs, names, total
+        self._reset()
+
+    def _reset(self) -> None:
+        self.t0 = time.monotonic()
+        self.running: set[str] = set()
+        self.done = self.stopped = self.errored = 0
+
+    def setup(self, **info):
+        self._reset()
+
+    def __getstate__(self):
+        return {"epochs": self.epochs, "names": self.names, "total": self.total}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def _cfg(self, trial) -> str:
+        parts = []
+        for k, v in (trial.config or {}).items():
+            n = self.names.get(k, k)
+            parts.append(f"{n}={v:.3g}" if isinstance(v, float) else f"{n}={v}")
+        return " ".join(parts)
+
+    def _line(self, msg: str) -> None:
+        el = time.monotonic() - self.t0
+        tot = f"/{self.total}" if self.total else ""
+        _console().print(
+            f"[dim][{el:6.0f}s][/dim] {msg}  [dim](running {len(self.running)}, done {self.done}{tot}, "
+            f"stopped early {self.stopped}, errored {self.errored})[/dim]")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        self._line(f"start   {trial.trial_id} {self._cfg(trial)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        ep = result.get("epoch", result.get("training_iteration"))
+        acc = float(result.get("val_accuracy", math.nan))
+        cr = float(result.get("compression_ratio", math.nan))
+        self._line(f"epoch   {trial.trial_id} {ep}/{self.epochs} val_accuracy={acc:.4f} compression={cr:.2f}x")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.done += 1
+        last = trial.last_result or {}
+        ep = int(last.get("epoch", last.get("training_iteration", 0)) or 0)
+        early = ep < self.epochs
+        self.stopped += int(early)
+        how = f"[yellow]stopped early at epoch {ep}[/yellow]" if early else "finished"
+        self._line(f"{how} {trial.trial_id} accuracy={float(last.get('accuracy', math.nan)):.4f}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.errored += 1
+        self._line(f"[red]error[/red]   {trial.trial_id} (logs: {trial.local_path})")
+
+
+class InterruptAfter(Callback):
+    """Testing aid: once ``n`` trials finished, send this process SIGUSR1, which is Tune's own
+    graceful interrupt (the Ctrl-C path): the experiment state is saved and ``fit`` returns with the
+    other trials unfinished; ``raydistill tune --resume`` continues.  One-shot: a restored copy
+    (tuner.pkl) is disarmed."""
+
+    def __init__(self, n: int):
+        self.n, self.count, self.armed = n, 0, True
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.armed = False
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.count += 1
+        if self.armed and self.count >= self.n:
+            self.armed = False
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _worker_cpus(cfg) -> tuple[float, float]:
+    rpw = dict(cfg.scaling.resources_per_worker or {})
+    cpu = float(rpw.get("CPU", rpw.get("cpu", 1.0)))
+    gpu = float(rpw.get("GPU", rpw.get("gpu", 1.0 if cfg.scaling.use_gpu else 0.0)))
+    return cpu, (gpu if cfg.scaling.use_gpu else 0.0)
+
+
+def _baseline_accuracy(cfg, teacher, *, storage_root: Path, exp_dir: Path, plan, console) -> float | None:
+    """The from-scratch student (no teacher, no pruning), trained once per search for pareto.png."""
+    from raydistill.distill import baseline_accuracy
+
+    t0 = time.monotonic()
+    acc = baseline_accuracy(cfg, storage_path=str(storage_root), num_workers=plan.num_workers,
+                            resources_per_worker=plan.resources_per_worker(cfg.scaling.resources_per_worker))
+    console.print(f"baseline (student from scratch): accuracy {acc:.4f} ({time.monotonic() - t0:.0f}s)")
+    return acc
+
+
+def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, resume: bool, console,
+               interrupt_after: int | None, t_start: float, saved_config_name: str, state_name: str) -> int:
+    import ray
+
+    from raydistill.config import config_from_dict, dump_config
+    from raydistill.distill import ensure_teacher, ray_session
+
+    exp_dir = exp_dir.resolve()
+    storage_root, name = exp_dir.parent, exp_dir.name
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        dump_config(cfg, exp_dir / saved_config_name)
+    state_path = exp_dir / state_name
+    state = SearchState.load(state_path)
+    if not state.started:
+        state.started = time.time()
+
+    base = cfg.model_dump(mode="json")
+    build = config_from_dict
+    epochs = int(cfg.distill.epochs)
+    names = short_names(list(spec.space))
+    total = spec.num_samples * grid_size(spec)
+    # Teachers (and their cache) live at the storage root, shared with `raydistill distill` runs.
+    teacher_root = storage_root
+
+    interrupted = False
+    with ray_session(address=address):
+        res = ray.cluster_resources()
+        cpw, gpw = _worker_cpus(cfg)
+        plan = plan_resources(
+            cluster_cpus=float(res.get("CPU", 0.0)), num_workers=int(cfg.scaling.num_workers),
+            cpu_per_worker=cpw, driver_cpu=spec.trial_driver_cpu, max_concurrent=spec.max_concurrent,
+            cluster_gpus=float(res.get("GPU", 0.0)), gpu_per_worker=gpw,
+        )
+        state.plan = {"max_concurrent": plan.max_concurrent, "num_workers": plan.num_workers,
+                      "cpu_per_worker": plan.cpu_per_worker, "gpu_per_worker": plan.gpu_per_worker,
+                      "driver_cpu": plan.driver_cpu, "cluster_cpus": plan.cluster_cpus}
+        console.print(
+            f"[bold]raydistill tune[/bold] {name}: {total} trials x {epochs} epochs, "
+            f"searcher {spec.searcher.type}"
+            + (f" (objectives {spec.objectives})" if spec.multi_objective else "")
+            + f", scheduler {spec.scheduler.type}, {plan.max_concurrent} at once on {plan.cluster_cpus:g} CPUs "
+              f"({plan.num_workers} worker(s) x {plan.cpu_per_worker:g} CPU + {plan.driver_cpu:g} CPU driver per trial)"
+            + (f"; {plan.note}" if plan.note else ""))
+        console.print(f"results: {exp_dir}")
+
+        t0 = time.monotonic()
+        teacher = ensure_teacher(cfg, str(teacher_root))
+        state.teacher_path = str(teacher.path)
+        state.teacher_accuracy = float(teacher.accuracy)
+        console.print(f"teacher: accuracy {teacher.accuracy:.4f} ({teacher.path}, {time.monotonic() - t0:.0f}s)")
+        if spec.baseline and state.baseline_accuracy is None:
+            state.baseline_accuracy = _baseline_accuracy(cfg, teacher, storage_root=teacher_root,
+                                                         exp_dir=exp_dir, plan=plan, console=console)
+        state.save(state_path)
+
+        rpw = plan.resources_per_worker(cfg.scaling.resources_per_worker)
+        driver = make_trial_driver(base, teacher, train_storage=str(exp_dir / "train"),
+                                   plan_workers=plan.num_workers, resources_per_worker=rpw,
+                                   build_config=build)
+        trainable = tune.with_resources(driver, {"cpu": plan.driver_cpu})
+        callbacks: list[Any] = [ProgressPrinter(epochs, names, total)]
+        if interrupt_after:
+            callbacks.append(InterruptAfter(interrupt_after))
+
+        t_fit = time.monotonic()
+        if resume and tune.Tuner.can_restore(str(exp_dir)):
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+            console.print(f"resuming {exp_dir}")
+        else:
+            if resume:
+                console.print(f"{exp_dir}: no Tune state saved yet; starting the search")
+            tuner = tune.Tuner(
+                trainable,
+                param_space=to_tune_param_space(spec),
+                tune_config=tune.TuneConfig(
+                    scheduler=make_scheduler(spec, epochs),
+                    search_alg=make_searcher(spec),
+                    num_samples=spec.num_samples,
+                    max_concurrent_trials=plan.max_concurrent,
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=str(storage_root),
+                    failure_config=tune.FailureConfig(max_failures=max(int(cfg.run.max_failures), 0)),
+                    verbose=0,
+                    callbacks=callbacks,
+                ),
+            )
+        results = tuner.fit()
+        trials = list(results._experiment_analysis.trials)
+        fit_s = time.monotonic() - t_fit
+        interrupted = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+
+    state.wall_s.append({"fit_s": round(fit_s, 1), "total_s": round(time.monotonic() - t_start, 1),
+                         "interrupted": interrupted})
+    state.save(state_path)
+
+    rows = trial_rows(trials, base, spec, build)
+    return write_report(rows, spec, cfg, exp_dir, state, console=console, interrupted=interrupted,
+                        build=build, dump=dump_config)
+
+
+def write_report(rows, spec: SearchSpec, cfg, exp_dir: Path, state: SearchState, *, console,
+                 interrupted: bool, build, dump) -> int:
+    """trials.csv, pareto.json, pareto.png, best_config.yaml + the rich front table."""
+    summary = rep.summarize(rows)
+    front = rep.compute_front(rows)
+    rep.write_trials_csv(rows, exp_dir / "trials.csv")
+    wall = state.wall_s[-1] if state.wall_s else {}
+    rep.write_pareto_json(front, exp_dir / "pareto.json", teacher_accuracy=state.teacher_accuracy,
+                          baseline_accuracy=state.baseline_accuracy,
+                          extra={"summary": summary, "search": exp_dir.name, "wall": state.wall_s,
+                                 "plan": state.plan})
+    rep.plot_pareto(rows, front, exp_dir / "pareto.png", teacher_accuracy=state.teacher_accuracy,
+                    baseline_accuracy=state.baseline_accuracy,
+                    title=f"{exp_dir.name}: {summary['trials']} trials, {summary['stopped_early']} stopped early")
+    console.print(rep.front_table(front, teacher_accuracy=state.teacher_accuracy,
+                                  baseline_accuracy=state.baseline_accuracy,
+                                  title=f"Pareto front (accuracy vs compression), {len(front)} of "
+                                        f"{summary['trials']} trials"))
+    console.print(
+        f"trials {summary['trials']}: finished {summary['finished']} (stopped early {summary['stopped_early']}, "
+        f"{100 * summary['stopped_fraction']:.0f}%), errored {summary['errored']}, unfinished {summary['unfinished']}"
+        + (f"; search wall time {wall.get('total_s', 0):.0f}s" if wall else ""))
+
+    code = EXIT_OK
+    best = rep.select_best(rows, spec.metric, spec.mode, spec.min_sparsity)
+    best_path = exp_dir / "best_config.yaml"
+    if best is None:
+        what = f" with compression.sparsity >= {spec.min_sparsity}" if spec.min_sparsity is not None else ""
+        console.print(f"[red]no finished trial{what} with metric {spec.metric}; best_config.yaml not written[/red]")
+        if best_path.exists():
+            best_path.unlink()
+        code = EXIT_FAIL
+    else:
+        rep.write_best_config(best, cfg.model_dump(mode="json"), best_path, build=build, dump=dump,
+                              run_name=f"{cfg.run.name}_best")
+        console.print(f"best trial {best['trial_id']} ({spec.metric}={best[spec.metric]:.4f}, "
+                      f"temperature={best['temperature']:.3g}, alpha={best['alpha']:.3f}, "
+                      f"sparsity={best['sparsity']:.3f}) -> {best_path}\n"
+                      f"  reproduce: raydistill distill {best_path}")
+    console.print(f"wrote {exp_dir}/{{trials.csv, pareto.json, pareto.png" + (", best_config.yaml}" if best else "}"))
+    if interrupted:
+        console.print(f"[yellow]search interrupted; continue with: raydistill tune --resume "
+                      f"--storage-path {exp_dir.parent} --name {exp_dir.name}[/yellow]")
+        return EXIT_INTERRUPTED
+    return code

@@ -1,0 +1,261 @@
+"""Ray Tune search over distillation hyper-parameters, one Ray Train run per trial (Train V2 style).
+
+Each trial is a *driver function* that builds the same ``TorchTrainer`` as ``raydistill distill``
+(:func:`raydistill.distill.build_student_trainer`) and forwards the workers' per-epoch reports to
+Tune with ``ray.tune.integration.ray_train.TuneReportCallback``; the deprecated
+``Tuner(TorchTrainer)`` form is not used.  The teacher is trained or loaded once, before the trials,
+and shared by all of them.
+
+Resources, so that a search always finishes (also on a 2-CPU machine):
+
+* a trial's driver function only waits on its Train controller, so it reserves ``trial_driver_cpu``
+  (0.01 CPU by default); the controller itself is a 0-CPU actor (Ray Train's choice);
+* the trial's workers reserve ``num_workers x cpu_per_worker``; ``max_concurrent`` defaults to
+  ``floor(cluster CPUs / (num_workers x cpu_per_worker))`` (>= 1) and the per-worker CPU is then
+  lowered (fractional) just enough that ``max_concurrent`` whole trials, drivers included, fit into
+  the cluster at once.  So no trial ever holds resources another running trial waits for;
+* stopped trials (ASHA) get their placement groups removed by Ray Train's placement-group cleaner,
+  which needs Ray's dashboard / State API; :func:`raydistill.distill.ray_session` keeps it on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from raydistill.tune.space import SearchSpec, apply_trial_config, short_names
+
+# Ray resource quantities are fixed-point with 1e-4 granularity.
+_RES_STEP = 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# resource plan (pure, unit-tested)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    max_concurrent: int
+    num_workers: int
+    cpu_per_worker: float
+    gpu_per_worker: float
+    driver_cpu: float
+    cluster_cpus: float
+    cluster_gpus: float
+    note: str = ""
+
+    @property
+    def cpu_per_trial(self) -> float:
+        return self.num_workers * self.cpu_per_worker + self.driver_cpu
+
+    def resources_per_worker(self, base: dict[str, float] | None) -> dict[str, float]:
+        out = {k: v for k, v in (base or {}).items() if k.upper() not in ("CPU", "GPU")}
+        out["CPU"] = self.cpu_per_worker
+        if self.gpu_per_worker:
+            out["GPU"] = self.gpu_per_worker
+        return out
+
+
+def _floor_res(x: float) -> float:
+    return math.floor(x / _RES_STEP + 1e-6) * _RES_STEP
+
+
+def plan_resources(
+    *,
+    cluster_cpus: float,
+    num_workers: int,
+    cpu_per_worker: float,
+    driver_cpu: float,
+    max_concurrent: int | None = None,
+    cluster_gpus: float = 0.0,
+    gpu_per_worker: float = 0.0,
+) -> ResourcePlan:
+    """How many trials run at once and how many CPUs each worker reserves (see module doc)."""
+    if num_workers < 1:
+        raise ValueError(f"scaling.num_workers must be >= 1, got {num_workers}")
+    if cpu_per_worker <= 0:
+        raise ValueError(f"CPU per worker must be > 0, got {cpu_per_worker}")
+    if cluster_cpus <= driver_cpu:
+        raise ValueError(f"the cluster has {cluster_cpus} CPUs, not enough for one trial driver ({driver_cpu})")
+    notes = []
+    workers_cpu = num_workers * cpu_per_worker
+    if max_concurrent is None:
+        k = max(1, int(math.floor(cluster_cpus / workers_cpu + 1e-9)))
+        if gpu_per_worker > 0:
+            if cluster_gpus < gpu_per_worker * num_workers and cluster_gpus <= 0:
+                raise ValueError("scaling.use_gpu is set but the cluster has no GPU")
+            k = max(1, min(k, int(math.floor(cluster_gpus / (gpu_per_worker * num_workers) + 1e-9))))
+    else:
+        k = int(max_concurrent)
+        if k < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {k}")
+    fit = _floor_res((cluster_cpus / k - driver_cpu) / num_workers)
+    if fit <= 0:
+        raise ValueError(
+            f"max_concurrent={k} trials do not fit into {cluster_cpus} CPUs with {driver_cpu} CPU per trial driver"
+        )
+    cpw = min(cpu_per_worker, fit)
+    if cpw < cpu_per_worker:
+        notes.append(f"CPU per worker lowered {cpu_per_worker:g} -> {cpw:g} so {k} trial(s) fit at once")
+    gpw = gpu_per_worker
+    if gpu_per_worker > 0 and cluster_gpus > 0:
+        gfit = _floor_res(cluster_gpus / (k * num_workers))
+        if gfit < gpu_per_worker:
+            notes.append(f"GPU per worker lowered {gpu_per_worker:g} -> {gfit:g} so {k} trial(s) fit at once")
+            gpw = gfit
+    return ResourcePlan(
+        max_concurrent=k, num_workers=num_workers, cpu_per_worker=cpw, gpu_per_worker=gpw,
+        driver_cpu=driver_cpu, cluster_cpus=cluster_cpus, cluster_gpus=cluster_gpus, note="; ".join(notes),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Tune pieces
+# --------------------------------------------------------------------------------------------
+
+
+def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_workers: int,
+                      resources_per_worker: dict[str, float], build_config: Callable[[dict], Any]):
+    """The Tune trainable: one full distillation (Ray Train) per trial, reports forwarded to Tune."""
+
+    def distill_trial(config: dict) -> None:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from raydistill.distill import build_student_trainer
+
+        trial_id = tune.get_context().get_trial_id()
+        cfg = build_config(apply_trial_config(base, config))
+        trainer = build_student_trainer(
+            cfg, teacher,
+            storage_path=train_storage,
+            name=f"trial_{trial_id}",  # stable across retries -> Ray Train resumes from its checkpoint
+            callbacks=[TuneReportCallback()],
+            num_workers=plan_workers,
+            resources_per_worker=resources_per_worker,
+        )
+        trainer.fit()
+
+    return distill_trial
+
+
+def make_scheduler(spec: SearchSpec, epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.scheduler
+    if s.type == "fifo":
+        return FIFOScheduler()
+    max_t = s.max_t or epochs
+    # One past the last epoch: a trial that reaches its last epoch ends by itself (Ray Train finishes
+    # cleanly) instead of being stopped by the scheduler at the same moment; rungs are unchanged.
+    return ASHAScheduler(time_attr="epoch", metric=spec.metric, mode=spec.mode, max_t=max_t + 1,
+                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+
+
+def make_searcher(spec: SearchSpec):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    s = spec.searcher
+    if s.type in ("random", "grid"):
+        return BasicVariantGenerator(random_state=s.seed)
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401
+    except ImportError as e:  # pragma: no cover - optuna is an optional extra
+        raise RuntimeError("searcher optuna needs the optuna extra: pip install 'raydistill[optuna]'") from e
+    obj = spec.objectives
+    if len(obj) == 1:
+        (metric, mode), = obj.items()
+        return OptunaSearch(metric=metric, mode=mode, seed=s.seed)
+    return OptunaSearch(metric=list(obj), mode=list(obj.values()), seed=s.seed)
+
+
+# --------------------------------------------------------------------------------------------
+# collecting results
+# --------------------------------------------------------------------------------------------
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def trial_rows(trials: list, base: dict, spec: SearchSpec, build_config: Callable[[dict], Any]) -> list[dict]:
+    """One report row per Tune trial (status from Tune; metrics from its last report)."""
+    from raydistill.tune.report import TRIAL_COLUMNS
+
+    reserved = tuple(c for c in TRIAL_COLUMNS if c not in ("temperature", "alpha", "sparsity"))
+    names = short_names(list(spec.space), reserved=reserved)
+    rows = []
+    for t in trials:
+        cfg_over = dict(t.config or {})
+        eff = apply_trial_config(base, cfg_over)
+        last = dict(t.last_result or {})
+        epochs_cfg = int(eff["distill"]["epochs"])
+        ep = last.get("epoch", last.get("training_iteration"))
+        ep = int(ep) if _num(ep) is not None else 0
+        status = str(t.status)
+        err = ""
+        if status == "ERROR":
+            ef = getattr(t, "error_file", None) or ""
+            err = _first_error_line(ef)
+        rows.append({
+            "trial_id": t.trial_id,
+            "status": status,
+            "stopped_early": bool(status == "TERMINATED" and ep < epochs_cfg),
+            "epochs_run": ep,
+            "epochs_configured": epochs_cfg,
+            "temperature": eff["distill"]["temperature"],
+            "alpha": eff["distill"]["alpha"],
+            "sparsity": eff["compression"]["sparsity"],
+            "params": {names[k]: v for k, v in cfg_over.items() if k in names},
+            "overrides": cfg_over,
+            "accuracy": _num(last.get("accuracy")),
+            "val_accuracy": _num(last.get("val_accuracy")),
+            "compression_ratio": _num(last.get("compression_ratio")),
+            "achieved_sparsity": _num(last.get("sparsity")),
+            "train_loss": _num(last.get("train_loss")),
+            "lr": _num(last.get("lr")),
+            "time_s": _num(last.get("time_total_s")),
+            "checkpoint_path": last.get("checkpoint_path"),
+            "error": err,
+        })
+    rows.sort(key=lambda r: r["trial_id"])
+    return rows
+
+
+def _first_error_line(path: str) -> str:
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return "error (no error file)"
+    tail = [ln for ln in lines if "Error" in ln or "Exception" in ln]
+    return (tail[-1] if tail else (lines[-1] if lines else ""))[:300]
+
+
+@dataclass
+class SearchState:
+    """Saved next to the Tune experiment (search_state.json): what the report needs on --resume."""
+
+    teacher_path: str | None = None
+    teacher_accuracy: float | None = None
+    baseline_accuracy: float | None = None
+    plan: dict = field(default_factory=dict)
+    started: float = 0.0
+    wall_s: list = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2, default=str) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "SearchState":
+        if not path.exists():
+            return cls()
+        return cls(**json.loads(path.read_text()))

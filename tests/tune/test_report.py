@@ -1,0 +1,137 @@
+"""Report files from hand-made trial rows (no Ray): trials.csv, pareto.json, pareto.png,
+best_config.yaml (round trip through the distill config loader), resource plan."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from raydistill.config import Config, config_from_dict, dump_config, load_config
+from raydistill.tune import report as rep
+from raydistill.tune.search import plan_resources
+
+
+def row(tid, T, a, s, acc, cr, *, val=None, epochs=4, of=4, status="TERMINATED", extra=None):
+    over = {"distill.temperature": T, "distill.alpha": a, "compression.sparsity": s}
+    return {
+        "trial_id": tid, "status": status, "stopped_early": status == "TERMINATED" and epochs < of,
+        "epochs_run": epochs, "epochs_configured": of, "temperature": T, "alpha": a, "sparsity": s,
+        "params": {"temperature": T, "alpha": a, "sparsity": s, **(extra or {})}, "overrides": over,
+        "accuracy": acc, "val_accuracy": acc if val is None else val, "compression_ratio": cr,
+        "achieved_sparsity": s, "train_loss": 0.1, "lr": 1e-3, "time_s": 5.0,
+        "checkpoint_path": f"/ckpt/{tid}", "error": "",
+    }
+
+
+ROWS = [
+    row("t0", 4.0, 0.5, 0.0, 0.80, 1.0),
+    row("t1", 2.0, 0.9, 0.5, 0.82, 2.0),
+    row("t2", 8.0, 0.7, 0.9, 0.78, 9.0),
+    row("t3", 1.5, 0.1, 0.9, 0.60, 9.0, epochs=1),          # stopped early, dominated by t2
+    row("t4", 3.0, 0.3, 0.95, 0.70, 18.0, epochs=2),        # stopped early but on the front
+    row("t5", 3.0, 0.3, 0.95, None, None, status="ERROR"),  # no metrics
+]
+
+
+def test_front_summary_and_files(tmp_path):
+    front = rep.compute_front(ROWS)
+    assert [r["trial_id"] for r in front] == ["t1", "t2", "t4"]  # t0 dominated by t1
+    s = rep.summarize(ROWS)
+    assert s == {"trials": 6, "finished": 5, "stopped_early": 2, "errored": 1, "unfinished": 0,
+                 "stopped_fraction": pytest.approx(2 / 6)}
+
+    rep.write_trials_csv(ROWS, tmp_path / "trials.csv")
+    with open(tmp_path / "trials.csv") as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 6
+    for col in ("trial_id", "temperature", "alpha", "sparsity", "accuracy", "compression_ratio",
+                "epochs_run", "stopped_early", "status"):
+        assert col in got[0]
+    assert got[3]["stopped_early"] == "True" and got[0]["stopped_early"] == "False"
+    assert got[5]["status"] == "ERROR" and got[5]["accuracy"] == ""
+
+    rep.write_pareto_json(front, tmp_path / "pareto.json", teacher_accuracy=0.95, baseline_accuracy=0.75)
+    doc = json.loads((tmp_path / "pareto.json").read_text())
+    assert doc["teacher_accuracy"] == 0.95 and [p["trial_id"] for p in doc["front"]] == ["t1", "t2", "t4"]
+    for p in doc["front"]:
+        for k in ("temperature", "alpha", "sparsity", "accuracy", "compression_ratio", "trial_id",
+                  "checkpoint_path"):
+            assert k in p
+
+    png = rep.plot_pareto(ROWS, front, tmp_path / "pareto.png", teacher_accuracy=0.95, baseline_accuracy=0.75)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    md = rep.front_markdown(front)
+    assert md.count("\n") == 4 and "| t4 |" in md
+    from rich.console import Console
+
+    c = Console(record=True, width=140)
+    c.print(rep.front_table(front, teacher_accuracy=0.95, baseline_accuracy=0.75))
+    out = c.export_text()
+    assert "t2" in out and "teacher 0.9500" in out
+
+
+def test_extra_searched_param_gets_a_column(tmp_path):
+    from raydistill.tune.space import short_names
+
+    # a searched key whose leaf is a metric column keeps its full path (no clash with the lr metric)
+    name = short_names(["distill.optimizer.lr"], reserved=rep.TRIAL_COLUMNS[5:])["distill.optimizer.lr"]
+    assert name == "distill.optimizer.lr"
+    rows = [row("t0", 4.0, 0.5, 0.0, 0.8, 1.0, extra={name: 0.003, "divergence": "js"})]
+    cols = rep.csv_columns(rows)
+    assert cols.index("sparsity") < cols.index(name) < cols.index("divergence") < cols.index("accuracy")
+    rep.write_trials_csv(rows, tmp_path / "t.csv")
+    assert "0.003" in (tmp_path / "t.csv").read_text()
+
+
+def test_select_best_and_min_sparsity():
+    assert rep.select_best(ROWS, "val_accuracy", "max")["trial_id"] == "t1"
+    assert rep.select_best(ROWS, "val_accuracy", "max", min_sparsity=0.9)["trial_id"] == "t2"
+    assert rep.select_best(ROWS, "val_accuracy", "max", min_sparsity=0.95)["trial_id"] == "t4"
+    assert rep.select_best(ROWS, "val_accuracy", "max", min_sparsity=0.99) is None
+    assert rep.select_best(ROWS, "val_accuracy", "min")["trial_id"] == "t3"
+    assert rep.select_best([], "val_accuracy", "max") is None
+
+
+def test_best_config_round_trips_through_distill_loader(tmp_path):
+    base = Config().model_dump(mode="json")
+    base["search"] = {"space": {"distill.alpha": {"dist": "uniform", "low": 0, "high": 1}}}
+    best = rep.select_best(ROWS, "val_accuracy", "max", min_sparsity=0.9)
+    p = rep.write_best_config(best, base, tmp_path / "best_config.yaml", build=config_from_dict,
+                              dump=dump_config, run_name="mnist1d_best")
+    cfg = load_config(p)
+    assert cfg.search is None
+    assert cfg.distill.temperature == 8.0 and cfg.distill.alpha == 0.7 and cfg.compression.sparsity == 0.9
+    assert cfg.run.name == "mnist1d_best"
+    # everything else is the base config, unchanged
+    assert cfg.student == Config().student and cfg.data == Config().data
+
+
+@pytest.mark.parametrize(
+    "kw, k, cpw",
+    [
+        (dict(cluster_cpus=2, num_workers=1, cpu_per_worker=1, driver_cpu=0.01), 2, 0.99),
+        (dict(cluster_cpus=2, num_workers=1, cpu_per_worker=0.5, driver_cpu=0.01), 4, 0.49),
+        (dict(cluster_cpus=2, num_workers=4, cpu_per_worker=1, driver_cpu=0.01), 1, 0.4975),
+        (dict(cluster_cpus=16, num_workers=2, cpu_per_worker=1, driver_cpu=0.01), 8, 0.995),
+        (dict(cluster_cpus=2, num_workers=1, cpu_per_worker=1, driver_cpu=0.01, max_concurrent=1), 1, 1.0),
+        (dict(cluster_cpus=2, num_workers=1, cpu_per_worker=1, driver_cpu=0.0), 2, 1.0),
+        (dict(cluster_cpus=2, num_workers=1, cpu_per_worker=1, driver_cpu=0.01, max_concurrent=5), 5, 0.39),
+    ],
+)
+def test_resource_plan_always_fits(kw, k, cpw):
+    plan = plan_resources(**kw)
+    assert plan.max_concurrent == k
+    assert plan.cpu_per_worker == pytest.approx(cpw)
+    # the planned concurrent trials (drivers + workers) never exceed the cluster
+    assert plan.max_concurrent * plan.cpu_per_trial <= kw["cluster_cpus"] + 1e-9
+    assert plan.resources_per_worker({"CPU": 7, "memory": 1})["CPU"] == plan.cpu_per_worker
+
+
+def test_resource_plan_errors():
+    with pytest.raises(ValueError, match="trial driver"):
+        plan_resources(cluster_cpus=0, num_workers=1, cpu_per_worker=1, driver_cpu=0.01)
+    with pytest.raises(ValueError, match="num_workers"):
+        plan_resources(cluster_cpus=2, num_workers=0, cpu_per_worker=1, driver_cpu=0.01)

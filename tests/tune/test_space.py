@@ -1,0 +1,151 @@
+"""The search section: schema errors and config-key checks name the key, before Ray starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from raydistill.config import Config, config_from_dict
+from raydistill.tune.space import (
+    SearchSpaceError,
+    apply_trial_config,
+    check_space_against_config,
+    grid_size,
+    parse_search,
+    short_names,
+    to_tune_param_space,
+)
+
+GOOD = {
+    "space": {
+        "distill.temperature": {"dist": "loguniform", "low": 1.0, "high": 20.0},
+        "distill.alpha": {"dist": "uniform", "low": 0.0, "high": 1.0},
+        "compression.sparsity": {"dist": "choice", "values": [0.0, 0.5, 0.9]},
+    },
+    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+}
+
+
+def _base() -> dict:
+    return Config().model_dump(mode="json")
+
+
+def _check(raw: dict) -> None:
+    check_space_against_config(parse_search(raw), _base(), config_from_dict)
+
+
+def _space(key: str, dim: dict, **extra) -> dict:
+    return {"space": {key: dim}, **extra}
+
+
+def test_good_space_parses_and_converts():
+    spec = parse_search(GOOD)
+    check_space_against_config(spec, _base(), config_from_dict)
+    ps = to_tune_param_space(spec)
+    assert set(ps) == set(GOOD["space"])
+    from ray.tune.search.sample import Categorical, Float
+
+    assert isinstance(ps["distill.temperature"], Float)
+    assert isinstance(ps["compression.sparsity"], Categorical)
+    assert spec.metric == "val_accuracy" and spec.mode == "max" and not spec.multi_objective
+    # sampled values stay inside their ranges
+    t = ps["distill.temperature"].sample(size=200)
+    assert min(t) >= 1.0 and max(t) <= 20.0
+
+
+@pytest.mark.parametrize(
+    "raw, key, words",
+    [
+        (_space("distill.temprature", {"dist": "uniform", "low": 1, "high": 2}), "search.space.distill.temprature",
+         "not a config key"),
+        (_space("distil.temperature", {"dist": "uniform", "low": 1, "high": 2}), "search.space.distil.temperature",
+         "not a config key"),
+        (_space("distill", {"dist": "uniform", "low": 1, "high": 2}), "search.space.distill", "section"),
+        (_space("distill.alpha", {"dist": "uniform", "low": 0.5, "high": 0.5}), "search.space.distill.alpha",
+         "empty range"),
+        (_space("distill.alpha", {"dist": "uniform", "low": 0.9, "high": 0.1}), "search.space.distill.alpha",
+         "empty range"),
+        (_space("distill.temperature", {"dist": "loguniform", "low": 0.0, "high": 5}),
+         "search.space.distill.temperature", "low > 0"),
+        (_space("distill.temperature", {"dist": "loguniform", "low": -1.0, "high": 5}),
+         "search.space.distill.temperature", "low > 0"),
+        (_space("distill.temperature", {"dist": "gaussian", "low": 1, "high": 5}),
+         "search.space.distill.temperature", "unknown distribution"),
+        (_space("distill.temperature", {"low": 1, "high": 5}), "search.space.distill.temperature", "dist"),
+        (_space("compression.sparsity", {"dist": "choice", "values": []}), "search.space.compression.sparsity",
+         "non-empty"),
+        (_space("distill.divergence", {"dist": "choice", "values": ["forward_kl", "l2"]}),
+         "search.space.distill.divergence", "'l2'"),
+        (_space("compression.sparsity", {"dist": "uniform", "low": 0.0, "high": 1.5}),
+         "search.space.compression.sparsity", "1.5"),
+        (_space("distill.epochs", {"dist": "uniform", "low": 1, "high": 3}), "search.space.distill.epochs", "epochs"),
+        (_space("distill.alpha", {"dist": "quniform", "low": 0, "high": 1}), "search.space.distill.alpha", "q"),
+        (_space("distill.alpha", {"dist": "uniform", "low": 0, "high": 1, "step": 3}),
+         "search.space.distill.alpha.step", "Extra"),
+        (_space("search.metric", {"dist": "choice", "values": ["a"]}), "search.space.search.metric", "search"),
+        (_space("distill.alpha", {"dist": "uniform", "low": 0, "high": 1}, searcher={"type": "grid"}),
+         "distill.alpha", "grid"),
+        (_space("distill.alpha", {"dist": "grid", "values": [0.1]}, searcher={"type": "optuna"}),
+         "distill.alpha", "optuna"),
+        (_space("distill.alpha", {"dist": "uniform", "low": 0, "high": 1}, scheduler={"type": "hyperband"}),
+         "search.scheduler.type", "asha"),
+        (_space("distill.alpha", {"dist": "uniform", "low": 0, "high": 1}, num_samples=0),
+         "search.num_samples", "greater than or equal to 1"),
+        (_space("distill.alpha", {"dist": "uniform", "low": 0, "high": 1}, searcher={"type": "random",
+                                                                                   "objectives": {"accuracy": "max"}}),
+         "search.searcher", "optuna"),
+        ({"space": {}}, "search", "at least one"),
+        ({"metric": "val_accuracy"}, "search.space", "missing"),
+        ({"space": {"distill.alpha": [0.1, 0.2]}}, "search.space.distill.alpha", "mapping"),
+    ],
+)
+def test_bad_space_names_the_key(raw, key, words):
+    with pytest.raises(SearchSpaceError) as ei:
+        _check(raw)
+    msg = str(ei.value)
+    assert key in msg, msg
+    assert words.lower() in msg.lower(), msg
+
+
+def test_missing_search_section():
+    with pytest.raises(SearchSpaceError, match="no 'search' section"):
+        parse_search(None)
+
+
+def test_randint_and_choice_types_checked_against_config():
+    # an int key accepts a randint range; a float range would be rejected for it
+    _check(_space("distill.epochs", {"dist": "randint", "low": 1, "high": 4}))
+    _check(_space("distill.divergence", {"dist": "choice", "values": ["forward_kl", "reverse_kl", "js"]}))
+    _check(_space("distill.optimizer.lr", {"dist": "loguniform", "low": 1e-4, "high": 1e-2}))
+
+
+def test_grid_searcher_enumerates_choices():
+    spec = parse_search({"space": {"distill.alpha": {"dist": "choice", "values": [0.1, 0.5]},
+                                   "compression.sparsity": {"dist": "grid", "values": [0.0, 0.5, 0.9]}},
+                         "searcher": {"type": "grid"}})
+    ps = to_tune_param_space(spec)
+    assert ps["distill.alpha"] == {"grid_search": [0.1, 0.5]}
+    assert grid_size(spec) == 6
+
+
+def test_optuna_multi_objective_spec():
+    spec = parse_search({**GOOD, "searcher": {"type": "optuna", "objectives": {"accuracy": "max",
+                                                                              "sparsity": "max"}}})
+    assert spec.multi_objective and spec.objectives == {"accuracy": "max", "sparsity": "max"}
+    from raydistill.tune.search import make_searcher
+
+    s = make_searcher(spec)
+    assert s.metric == ["accuracy", "sparsity"] and s.mode == ["max", "max"]
+
+
+def test_apply_trial_config_and_short_names():
+    base = _base()
+    out = apply_trial_config(base, {"distill.temperature": 7.5, "compression.sparsity": 0.9})
+    assert out["distill"]["temperature"] == 7.5 and out["compression"]["sparsity"] == 0.9
+    assert base["distill"]["temperature"] != 7.5 or base is not out  # base untouched (deep copy)
+    assert config_from_dict(out).distill.temperature == 7.5
+    assert short_names(["distill.temperature", "distill.optimizer.lr"]) == {
+        "distill.temperature": "temperature", "distill.optimizer.lr": "lr"}
+    assert short_names(["distill.epochs", "teacher.training.epochs"]) == {
+        "distill.epochs": "distill.epochs", "teacher.training.epochs": "teacher.training.epochs"}
+    with pytest.raises(SearchSpaceError, match="nope"):
+        apply_trial_config(base, {"distill.nope": 1})

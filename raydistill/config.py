@@ -1,0 +1,308 @@
+"""The experiment config: a pydantic schema over one YAML file, plus ``--set key.path=value`` overrides.
+
+Every model is ``extra="forbid"``, so a misspelt key is an error that names its path. All pydantic
+errors are folded into one :class:`ConfigError` whose message lists each bad key path with what is
+allowed there.
+
+Public API (used by ``raydistill distill`` and ``raydistill tune``)::
+
+    load_config(path=None, overrides=()) -> Config    # None: the embedded mnist1d_default.yaml
+    apply_overrides(data, overrides) -> dict           # "a.b.c=value", value parsed as YAML
+    dump_config(cfg, path)                             # YAML that load_config accepts unchanged
+    ConfigError(ValueError)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "AssistantConfig", "CompressionConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
+    "ModelSpec", "OptimizerConfig", "RunConfigModel", "ScalingConfigModel", "ScheduleConfig",
+    "TeacherConfig", "TrainingBudget", "TransferSetConfig", "apply_overrides", "config_hash",
+    "default_config_path", "dump_config", "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is not valid; the message names the key path and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ModelSpec(_Strict):
+    """A network: a built-in registry name (see ``raydistill.models.MODELS``) or ``package.module:factory``."""
+
+    model: str = Field(description="built-in name (cnn1d, mlp, gru, logistic) or 'package.module:factory'")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from raydistill.models import MODELS
+
+        if v in MODELS or _IMPORT_PATH.match(v):
+            return v
+        raise ValueError(f"unknown model {v!r}; use one of {sorted(MODELS)} or 'package.module:factory'")
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+
+
+class ScheduleConfig(_Strict):
+    """Learning-rate schedule, stepped once per optimizer step."""
+
+    name: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_fraction: float = Field(0.3, ge=0, lt=1, description="onecycle: fraction of steps rising to lr")
+
+
+class TrainingBudget(_Strict):
+    """How a network is trained with plain cross-entropy (the teacher; the baseline student)."""
+
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+
+class TeacherConfig(ModelSpec):
+    checkpoint: str | None = Field(None, description="trained weights (.safetensors or a checkpoint dir); "
+                                                     "skips teacher training")
+    training: TrainingBudget = Field(default_factory=TrainingBudget)
+
+
+class TransferSetConfig(_Strict):
+    """Extra unlabelled inputs the teacher labels with soft targets (Hinton et al., 2015)."""
+
+    size: int = Field(20000, ge=0, description="number of extra unlabelled samples (0: labelled data only)")
+    seed: int = Field(1234, description="generator seed; must differ from data.seed")
+    hard_labels: Literal["teacher_argmax", "none"] = Field(
+        "teacher_argmax",
+        description="hard-label term for unlabelled rows: the teacher's argmax, or none (soft term only)")
+
+
+class DistillConfig(_Strict):
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (teacher) term; 1-alpha on hard labels")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, gt=0, lt=1, description="mixing weight of the jsd divergence")
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    transfer_set: TransferSetConfig = Field(default_factory=TransferSetConfig)
+    teacher_outputs: str | None = Field(
+        None, description="parquet written by `raydistill teacher-logits`: distil from its top-k logits "
+                          "(kd_loss_topk) instead of running the teacher online")
+    topk: int = Field(10, ge=1, description="logits kept per row by `raydistill teacher-logits`")
+
+
+class CompressionConfig(_Strict):
+    """Gradual pruning while distilling (GradualPruner), then conversion to SparseLinear."""
+
+    sparsity: float = Field(0.8, ge=0, lt=1, description="final fraction of zero weights in pruned layers")
+    method: Literal["magnitude", "nm", "block"] = "magnitude"
+    scope: Literal["layer", "global"] = "layer"
+    n: int = Field(2, ge=1)
+    m: int = Field(4, ge=2)
+    block: int = Field(4, ge=1)
+    include: list[str] | None = Field(None, description="glob patterns of Linear layers to prune (default all)")
+    exclude: list[str] | None = None
+    begin_fraction: float = Field(0.1, ge=0, le=1, description="pruning starts at this fraction of steps")
+    end_fraction: float = Field(0.7, ge=0, le=1, description="final sparsity reached at this fraction")
+    frequency: int = Field(10, ge=1, description="update masks every N optimizer steps")
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.end_fraction < self.begin_fraction:
+            raise ValueError(f"end_fraction ({self.end_fraction}) must be >= begin_fraction ({self.begin_fraction})")
+        if self.method == "nm" and self.n >= self.m:
+            raise ValueError(f"n ({self.n}) must be < m ({self.m}) for method 'nm'")
+        return self
+
+
+class DataConfig(_Strict):
+    name: Literal["mnist1d"] = "mnist1d"
+    num_train: int = Field(4000, ge=20, description="labelled training samples (val split comes out of these)")
+    num_test: int = Field(1000, ge=10)
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="held-out part of train for val_accuracy")
+    seed: int = Field(42, description="MNIST-1D generator seed (42 = the paper's dataset)")
+    materialize: bool = Field(True, description="workers hold their shard in memory after the first pass")
+
+
+class ScalingConfigModel(_Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = Field(None, description='e.g. {"CPU": 1}')
+
+
+class RunConfigModel(_Strict):
+    storage_path: str | None = Field(None, description="default ./runs")
+    name: str = Field("mnist1d_default", pattern=r"^[\w.-]+$")
+    num_to_keep: int = Field(2, ge=1, description="checkpoints kept per Ray Train run")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts allowed (-1: unlimited)")
+    seed: int = 0
+    concurrent_stages: bool = Field(True, description="run baseline / dense / sparse students at once")
+    debug_crash_at_epoch: int | None = Field(
+        None, ge=1, description="testing: a worker exits mid-way through this epoch (first attempt only)")
+
+
+class AssistantConfig(ModelSpec):
+    epochs: int | None = Field(None, ge=1, description="default distill.epochs")
+
+
+class Config(_Strict):
+    teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(model="cnn1d"))
+    student: ModelSpec = Field(default_factory=lambda: ModelSpec(model="mlp"))
+    assistants: list[AssistantConfig] = Field(default_factory=list, description="teacher -> a1 -> ... -> student")
+    data: DataConfig = Field(default_factory=DataConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    scaling: ScalingConfigModel = Field(default_factory=ScalingConfigModel)
+    run: RunConfigModel = Field(default_factory=RunConfigModel)
+    search: dict[str, Any] | None = Field(None, description="raw; validated by raydistill.tune")
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.distill.transfer_set.size and self.distill.transfer_set.seed == self.data.seed:
+            raise ValueError("distill.transfer_set.seed must differ from data.seed (else the transfer set "
+                             "repeats the labelled data)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading, overrides, dumping
+
+
+def default_config_path() -> Path:
+    """tune_configs/mnist1d_default.yaml next to the package (repo checkout / editable install)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "tune_configs" / "mnist1d_default.yaml",
+                 here / "tune_configs" / "mnist1d_default.yaml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError("the embedded default config tune_configs/mnist1d_default.yaml was not found next to "
+                      f"the package ({here.parent}); pass a config path")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(e["loc"][:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else "unknown key"
+        elif e["type"] == "literal_error":
+            msg = msg.replace("Input should be", "must be one of")
+        inp = e.get("input")
+        got = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(inp, dict) else f" (got {inp!r})"
+        lines.append(f"  {loc or '<root>'}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def _model_at(loc) -> type[BaseModel] | None:
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+            for sub in getattr(cand, "__args__", ()):  # list[AssistantConfig]
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    model = sub
+                    break
+        else:
+            return None
+    return model if isinstance(model, type) else None
+
+
+def _parse_value(text: str, key: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({exc.__class__.__name__})") from None
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Return a copy of ``data`` with each ``key.path=value`` applied (value parsed as YAML)."""
+    out = copy.deepcopy(dict(data or {}))
+    for item in overrides or ():
+        key, sep, raw = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"bad override {item!r}: expected key.path=value, e.g. distill.temperature=2")
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"bad override {item!r}: {'.'.join(parts[:i + 1])} is not a mapping")
+            node = nxt
+        node[parts[-1]] = _parse_value(raw, key)
+    return out
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load and validate a YAML config (None: the embedded default), applying ``--set`` overrides."""
+    p = Path(path) if path is not None else default_config_path()
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {p}: the top level must be a mapping, got {type(data).__name__}")
+    return config_from_dict(apply_overrides(data, overrides), str(p))
+
+
+def dump_config(cfg: Config, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML that :func:`load_config` accepts unchanged."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return p
+
+
+def config_hash(obj: Any, n: int = 12) -> str:
+    """Stable short hash of a (pydantic or plain) config fragment."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]

@@ -1,0 +1,53 @@
+"""Ray Data helpers: NumPy arrays <-> Arrow tables (tensor columns) <-> ``ray.data.Dataset``.
+
+Rows carry ``x`` (float32 vector), ``y`` (int64 label, -1 for unlabelled transfer rows) and, for offline
+teacher outputs, ``topk_values`` / ``topk_indices``. The same column layout is what
+``raydistill teacher-logits`` writes to parquet, so a distillation reads either source the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+UNLABELLED = -1
+
+
+def arrays_to_table(**columns: np.ndarray):
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    cols = {}
+    for name, arr in columns.items():
+        arr = np.ascontiguousarray(arr)
+        cols[name] = ArrowTensorArray.from_numpy(arr) if arr.ndim > 1 else pa.array(arr)
+    return pa.table(cols)
+
+
+def table_to_arrays(table) -> dict[str, np.ndarray]:
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if hasattr(col, "to_numpy_ndarray"):
+            out[name] = col.to_numpy_ndarray()
+        else:
+            try:
+                out[name] = col.to_numpy(zero_copy_only=False)
+            except TypeError:
+                out[name] = col.to_numpy()
+            if out[name].dtype == object:
+                out[name] = np.stack(out[name])
+    return out
+
+
+def to_ray_dataset(**columns: np.ndarray):
+    """A small in-memory (materialised) Ray dataset from equal-length NumPy columns."""
+    import ray.data
+
+    return ray.data.from_arrow(arrays_to_table(**columns))
+
+
+def read_teacher_outputs(path: str):
+    """The parquet written by ``raydistill teacher-logits`` as a Ray dataset (works on shared storage)."""
+    import ray.data
+
+    return ray.data.read_parquet(str(path))

@@ -1,0 +1,37 @@
+"""Orchestration: config -> Ray Train trainers (teacher, assistants, students), evaluation, report.
+
+Public API (imports are lazy: ``import raydistill.distill`` does not import Ray or torch)::
+
+    ray_session(address=None, num_cpus=None)                 # context manager: start/join + shut down Ray
+    ensure_teacher(cfg, storage_path) -> TeacherArtifact     # train through Ray Train or load the cache
+    build_student_trainer(cfg, teacher, *, storage_path, name, callbacks=None, num_workers=None,
+                          resources_per_worker=None) -> ray.train.torch.TorchTrainer
+    evaluate_checkpoint(cfg, checkpoint_path) -> dict
+    run_distill(cfg, *, storage_path=None, name=None, address=None) -> dict   # the whole job
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ray_session": "raydistill.distill.session",
+    "TeacherArtifact": "raydistill.distill.trainer",
+    "ensure_teacher": "raydistill.distill.trainer",
+    "build_student_trainer": "raydistill.distill.trainer",
+    "build_baseline_trainer": "raydistill.distill.trainer",
+    "build_teacher_trainer": "raydistill.distill.trainer",
+    "evaluate_checkpoint": "raydistill.distill.trainer",
+    "run_distill": "raydistill.distill.pipeline",
+    "train_fn_per_worker": "raydistill.distill.worker",
+    "write_teacher_outputs": "raydistill.distill.teacher_logits",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'raydistill.distill' has no attribute {name!r}")
+    return getattr(importlib.import_module(mod), name)

@@ -1,0 +1,154 @@
+"""``raydistill distill`` and ``raydistill teacher-logits``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with one clear line (no traceback, no usage wall)."""
+
+    def error(self, message):  # noqa: D401
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML config (default: the embedded tune_configs/mnist1d_default.yaml)")
+    p.add_argument("--storage-path", default=None, help="where runs, checkpoints and caches go (default ./runs)")
+    p.add_argument("--name", default=None, help="run name (default: run.name from the config)")
+    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers per stage")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (default: $RAY_ADDRESS or "
+                                                   "a local instance sized to this machine)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (YAML), e.g. --set distill.temperature=2; repeatable")
+
+
+def _load(args) -> "object":
+    from raydistill.config import load_config
+
+    overrides = list(args.overrides)
+    if args.num_workers is not None:
+        if args.num_workers < 1:
+            raise _UsageError(f"--num-workers must be >= 1, got {args.num_workers}")
+        overrides.append(f"scaling.num_workers={args.num_workers}")
+    if args.use_gpu:
+        overrides.append("scaling.use_gpu=true")
+    return load_config(args.config, overrides)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _fail(prog: str, msg: str, code: int) -> int:
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    prog = "raydistill distill"
+    p = _Parser(prog=prog, description="Distil (and prune) a student from a teacher with Ray Train; writes "
+                                       "<storage-path>/<name>/report.json, report.md and curves.png.")
+    _common(p)
+    p.add_argument("--no-progress", action="store_true", help="no live progress display")
+    args = p.parse_args(argv)
+    from raydistill.config import ConfigError
+
+    try:
+        cfg = _load(args)
+    except (ConfigError, _UsageError) as exc:
+        return _fail(prog, str(exc), 2)
+    from raydistill.distill.pipeline import StageFailed, run_distill
+    from raydistill.distill.trainer import resolve_storage
+
+    storage = resolve_storage(args.storage_path, cfg)
+    name = args.name or cfg.run.name
+    log_path = storage / name / "distill.log"
+    try:
+        report = run_distill(cfg, storage_path=storage, name=name, address=args.address,
+                             progress=not args.no_progress and sys.stderr.isatty() or bool(
+                                 os.environ.get("RAYDISTILL_PROGRESS")))
+    except ConfigError as exc:
+        return _fail(prog, str(exc), 2)
+    except StageFailed as exc:
+        return _fail(prog, f"{exc}\nfull log: {log_path}", 1)
+    except KeyboardInterrupt:
+        return _fail(prog, f"interrupted; checkpoints are kept: run the same command again to resume "
+                           f"(log: {log_path})", 130)
+    except Exception as exc:  # noqa: BLE001 - one clear line, the traceback goes to the log
+        import logging
+        import traceback
+
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as fh:
+            fh.write("".join(traceback.format_exception(exc)))
+        logging.getLogger("raydistill").debug("failed", exc_info=True)
+        return _fail(prog, f"{type(exc).__name__}: {exc}\nfull log: {log_path}", 1)
+    _print_summary(report)
+    print(Path(report["run_dir"]) / "report.json")
+    return 0
+
+
+def _print_summary(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
+    for col in ("stage", "test accuracy", "macro F1", "sparsity", "compression", "nonzero params"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    t.add_row("teacher" + (" (cached)" if r["teacher"].get("cached") else ""), f"{r['teacher']['accuracy']:.2%}",
+              "", "", "", "")
+    for a in r.get("assistants", []):
+        t.add_row(a["stage"], f"{a['accuracy']:.2%}", f"{a['macro_f1']:.3f}", f"{a['sparsity']:.1%}",
+                  f"{a['compression_ratio']:.2f}x", f"{a['nonzero_params']:,}")
+    for key in ("baseline", "dense_student", "student"):
+        if key in r:
+            e = r[key]
+            t.add_row(key, f"{e['accuracy']:.2%}", f"{e['macro_f1']:.3f}", f"{e['sparsity']:.1%}",
+                      f"{e['compression_ratio']:.2f}x", f"{e['nonzero_params']:,}")
+    Console(stderr=True).print(t)
+
+
+def teacher_logits_main(argv: list[str] | None = None) -> int:
+    prog = "raydistill teacher-logits"
+    p = _Parser(prog=prog, description="Run the (cached) teacher once over the labelled train rows and the "
+                                       "transfer set with Ray Data map_batches on a pool of actors; write "
+                                       "top-k logits + indices to parquet (use with distill.teacher_outputs).")
+    _common(p)
+    p.add_argument("--output", "-o", default=None, help="parquet directory (default <storage>/teacher_outputs/"
+                                                        "<teacher-hash>-k<topk>)")
+    p.add_argument("--topk", type=int, default=None, help="logits kept per row (default distill.topk)")
+    p.add_argument("--concurrency", type=int, default=None, help="teacher actors (default: CPUs, max 4)")
+    args = p.parse_args(argv)
+    from raydistill.config import ConfigError
+
+    try:
+        cfg = _load(args)
+        if args.topk is not None and not 1 <= args.topk <= 10:
+            raise _UsageError(f"--topk must be in 1..10 (MNIST-1D has 10 classes), got {args.topk}")
+        if args.concurrency is not None and args.concurrency < 1:
+            raise _UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
+    except (ConfigError, _UsageError) as exc:
+        return _fail(prog, str(exc), 2)
+    from raydistill.distill.teacher_logits import write_teacher_outputs
+    from raydistill.distill.trainer import resolve_storage
+
+    storage = resolve_storage(args.storage_path, cfg)
+    try:
+        out = write_teacher_outputs(cfg, storage_path=storage, output=args.output, topk=args.topk,
+                                    concurrency=args.concurrency, address=args.address)
+    except ConfigError as exc:
+        return _fail(prog, str(exc), 2)
+    except KeyboardInterrupt:
+        return _fail(prog, "interrupted", 130)
+    except Exception as exc:  # noqa: BLE001
+        return _fail(prog, f"{type(exc).__name__}: {exc}", 1)
+    print(out)
+    return 0

@@ -1,0 +1,378 @@
+"""The whole ``raydistill distill`` job: teacher (cached) -> assistants -> baseline / dense / sparse students
+-> evaluation -> ``report.json``, ``report.md`` and ``curves.png`` under ``<storage>/<name>/``.
+
+Stages (each its own Ray Train run under ``<storage>/<name>/<stage>``)::
+
+    teacher        cross-entropy, cached under <storage>/teachers/<hash> and reused by later runs
+    assistant_i    distilled from the previous link of the chain (Mirzadeh et al., 2020), dense
+    baseline       the student from scratch, cross-entropy on labelled rows, same budget
+    dense_student  distilled, sparsity 0 (only when compression.sparsity > 0)
+    student        distilled while pruned to compression.sparsity, then converted to SparseLinear
+
+Baseline, dense_student and student are independent, so by default they run as concurrent trainers
+(``run.concurrent_stages``), each worker getting a share of the CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from raydistill.config import Config, ConfigError, config_hash, dump_config
+from raydistill.distill.trainer import (
+    TeacherArtifact, artifact_from_checkpoint, build_baseline_trainer, build_student_trainer, ensure_teacher,
+    evaluate_checkpoint, final_checkpoint_dir, resolve_storage, teacher_hash,
+)
+
+log = logging.getLogger("raydistill")
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(f"stage {stage!r} failed: {_short_error(error)}")
+        self.stage, self.error = stage, error
+
+
+def _short_error(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    # Ray wraps worker errors; the last non-empty line is usually the real one
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "Exception" in ln:
+            return ln[:400]
+    return lines[-1][:400] if lines else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------------------------------
+# progress: poll each stage's epochs.jsonl (written by the rank-0 worker after each report)
+
+
+class Progress:
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._stages: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        self._progress = None
+
+    def add(self, stage: str, log_path: Path, epochs: int):
+        with self._lock:
+            self._stages[stage] = {"path": Path(log_path), "epochs": epochs, "offset": 0, "task": None,
+                                   "last": None, "t0": time.time()}
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, \
+                TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = RP(TextColumn("[bold]{task.description:<14}"), BarColumn(bar_width=24),
+                                MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
+                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                transient=False, refresh_per_second=4)
+            self._progress.__enter__()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.poll()
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+        return False
+
+    def _loop(self):
+        while not self._stop.wait(0.5):
+            try:
+                self.poll()
+            except Exception:  # never let the display kill the job
+                log.debug("progress poll failed", exc_info=True)
+
+    def poll(self):
+        with self._lock:
+            for stage, st in self._stages.items():
+                if st["task"] is None and self._progress is not None:
+                    st["task"] = self._progress.add_task(stage, total=st["epochs"], metrics="starting ...")
+                p = st["path"]
+                if not p.is_file():
+                    continue
+                with open(p) as fh:
+                    fh.seek(st["offset"])
+                    chunk = fh.read()
+                    if not chunk.endswith("\n"):
+                        chunk = chunk[: chunk.rfind("\n") + 1]
+                    st["offset"] += len(chunk)
+                for line in chunk.splitlines():
+                    try:
+                        m = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    st["last"] = m
+                    log.info("%s epoch %s/%s: %s", stage, m.get("epoch"), st["epochs"],
+                             {k: m.get(k) for k in ("train_loss", "val_accuracy", "accuracy", "sparsity", "lr")})
+                    if self._progress is not None and st["task"] is not None:
+                        txt = (f"loss {m['train_loss']:.3f}  val {m['val_accuracy']:.3f}  "
+                               f"test {m['accuracy']:.3f}  sparsity {m['sparsity']:.2f}")
+                        self._progress.update(st["task"], completed=int(m["epoch"]), metrics=txt)
+
+    def done(self, stage: str, note: str = ""):
+        with self._lock:
+            st = self._stages.get(stage)
+            if st and self._progress is not None and st["task"] is not None:
+                self._progress.update(st["task"], completed=st["epochs"],
+                                      metrics=note or self._progress.tasks[st["task"]].fields["metrics"])
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _comparable(cfg: Config) -> dict:
+    d = cfg.model_dump(mode="json")
+    for k in ("storage_path", "name", "num_to_keep", "max_failures", "concurrent_stages", "debug_crash_at_epoch"):
+        d["run"].pop(k, None)
+    d.pop("search", None)
+    d.pop("scaling", None)
+    return d
+
+
+def _check_run_dir(cfg: Config, run_dir: Path) -> None:
+    """A run name belongs to one config: re-running it resumes; a different config must use a new name."""
+    stamp = run_dir / "config.yaml"
+    if stamp.is_file():
+        from raydistill.config import load_config
+
+        try:
+            old = load_config(stamp)
+        except ConfigError:
+            return
+        if config_hash(_comparable(old)) != config_hash(_comparable(cfg)):
+            raise ConfigError(f"run directory {run_dir} holds a run with a different config; pass a new "
+                              f"--name (or delete the directory) to start another run")
+
+
+def _fit(trainer, stage: str):
+    try:
+        return trainer.fit()
+    except BaseException as exc:  # noqa: BLE001 - re-raised with the stage name
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        log.error("stage %s failed:\n%s", stage, "".join(traceback.format_exception(exc)))
+        raise StageFailed(stage, exc) from exc
+
+
+def _resources(cfg: Config, concurrent: int) -> dict | None:
+    """Per-worker CPUs so that ``concurrent`` trainers fit on the cluster at once (unless configured)."""
+    if cfg.scaling.resources_per_worker:
+        return cfg.scaling.resources_per_worker
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    share = cpus / max(1, concurrent * cfg.scaling.num_workers)
+    return {"CPU": max(0.01, min(1.0, round(share - 0.005, 2)))} if share < 1 else None
+
+
+def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, address: str | None = None,
+                progress: bool = True) -> dict:
+    """Run the whole job (see module doc) and return the report dict (also written to report.json)."""
+    from raydistill.distill.session import ray_session
+
+    t0 = time.time()
+    storage = resolve_storage(storage_path, cfg)
+    name = name or cfg.run.name
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": str(storage), "name": name})})
+    run_dir = storage / name
+    _check_run_dir(cfg, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    log_path = run_dir / "distill.log"
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.info("run %s: storage %s", name, storage)
+    timings: dict[str, float] = {}
+    try:
+        with ray_session(address=address) as ray:
+            log.info("ray resources: %s", ray.cluster_resources())
+            with Progress(enabled=progress) as prog:
+                # ---- teacher --------------------------------------------------------------------------
+                ts = time.time()
+                th = teacher_hash(cfg)
+                if not cfg.teacher.checkpoint:
+                    prog.add("teacher", storage / "teachers" / th / "epochs.jsonl",
+                             cfg.teacher.training.epochs)
+                try:
+                    teacher = ensure_teacher(cfg, storage)
+                except (ConfigError, KeyboardInterrupt):
+                    raise
+                except StageFailed:
+                    raise
+                except BaseException as exc:
+                    log.error("teacher failed:\n%s", "".join(traceback.format_exception(exc)))
+                    raise StageFailed("teacher", exc) from exc
+                prog.done("teacher", f"test {teacher.accuracy:.3f}" + ("  (cached)" if teacher.cached else ""))
+                timings["teacher"] = time.time() - ts
+
+                # ---- assistants (sequential chain) -----------------------------------------------------
+                current: TeacherArtifact = teacher
+                assistants = []
+                for i, a in enumerate(cfg.assistants, 1):
+                    stage = f"assistant_{i}"
+                    ts = time.time()
+                    prog.add(stage, run_dir / stage / "epochs.jsonl", a.epochs or cfg.distill.epochs)
+                    spec = {"model": a.model, "kwargs": dict(a.kwargs)}
+                    tr = build_student_trainer(cfg, current, storage_path=run_dir, name=stage, stage=stage,
+                                               model=spec, sparsity=0.0, epochs=a.epochs)
+                    res = _fit(tr, stage)
+                    ck = final_checkpoint_dir(res, run_dir, stage)
+                    current = artifact_from_checkpoint(ck, model=spec, stage=stage)
+                    ev = evaluate_checkpoint(cfg, ck, model=spec)
+                    assistants.append({"stage": stage, **spec, **ev})
+                    prog.done(stage)
+                    timings[stage] = time.time() - ts
+
+                # ---- baseline, dense student, sparse student ---------------------------------------------
+                sparse = cfg.compression.sparsity > 0
+                stages = ["baseline"] + (["dense_student"] if sparse else []) + ["student"]
+                concurrent = len(stages) if cfg.run.concurrent_stages else 1
+                res_per_worker = _resources(cfg, concurrent)
+                trainers = {}
+                for stage in stages:
+                    prog.add(stage, run_dir / stage / "epochs.jsonl", cfg.distill.epochs)
+                    if stage == "baseline":
+                        trainers[stage] = build_baseline_trainer(cfg, storage_path=run_dir, name=stage,
+                                                                 resources_per_worker=res_per_worker)
+                    else:
+                        trainers[stage] = build_student_trainer(
+                            cfg, current, storage_path=run_dir, name=stage, stage=stage,
+                            sparsity=None if stage == "student" else 0.0, resources_per_worker=res_per_worker)
+                results: dict[str, Any] = {}
+                ts = time.time()
+                if concurrent > 1:
+                    with ThreadPoolExecutor(len(stages)) as pool:
+                        futs = {s: pool.submit(_fit, trainers[s], s) for s in stages}
+                        errors = []
+                        for s, f in futs.items():
+                            try:
+                                results[s] = f.result()
+                                prog.done(s)
+                            except StageFailed as exc:
+                                errors.append(exc)
+                        if errors:
+                            raise errors[0]
+                else:
+                    for s in stages:
+                        results[s] = _fit(trainers[s], s)
+                        prog.done(s)
+                timings["students"] = time.time() - ts
+
+        # ---- evaluation + report (Ray is down; evaluation is local and cheap) -----------------------------
+        evals = {s: evaluate_checkpoint(cfg, final_checkpoint_dir(results[s], run_dir, s)) for s in stages}
+        report = {
+            "name": name, "run_dir": str(run_dir),
+            "teacher": {**teacher.to_dict(), "accuracy": teacher.accuracy},
+            "assistants": assistants,
+            "baseline": evals["baseline"],
+            "student": evals["student"],
+            **({"dense_student": evals["dense_student"]} if sparse else {}),
+            "gain_over_baseline": evals["student"]["accuracy"] - evals["baseline"]["accuracy"],
+            "config": cfg.model_dump(mode="json"),
+            "timings": timings,
+            "wall_seconds": time.time() - t0,
+        }
+        if sparse:
+            report["sparse_vs_dense"] = evals["student"]["accuracy"] - evals["dense_student"]["accuracy"]
+        curves = {s: _read_log(run_dir / s / "epochs.jsonl") for s in stages}
+        curves.update({a["stage"]: _read_log(run_dir / a["stage"] / "epochs.jsonl") for a in assistants})
+        if not cfg.teacher.checkpoint:
+            curves["teacher"] = _read_log(storage / "teachers" / teacher_hash(cfg) / "epochs.jsonl")
+        report["curves_png"] = str(_plot(curves, run_dir / "curves.png"))
+        _write_json(run_dir / "report.json", report)
+        (run_dir / "report.md").write_text(report_markdown(report))
+        log.info("report: %s", run_dir / "report.json")
+        return report
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _read_log(path: Path) -> list[dict]:
+    """Per-epoch metrics of a stage; after a resume the latest line for each epoch wins."""
+    if not path.is_file():
+        return []
+    by_epoch: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        by_epoch[int(m["epoch"])] = m
+    return [by_epoch[k] for k in sorted(by_epoch)]
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _plot(curves: dict[str, list[dict]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for stage, rows in curves.items():
+        if not rows:
+            continue
+        ep = [r["epoch"] for r in rows]
+        axes[0].plot(ep, [r["train_loss"] for r in rows], label=stage)
+        axes[1].plot(ep, [r["val_accuracy"] for r in rows], label=stage)
+        axes[2].plot(ep, [r["accuracy"] for r in rows], label=stage)
+    for ax, title in zip(axes, ("train loss", "val accuracy", "test accuracy")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_markdown(r: dict) -> str:
+    rows = [("teacher", r["teacher"]["model"].get("model", "?"), r["teacher"]["accuracy"], None, None, None)]
+    for a in r.get("assistants", []):
+        rows.append((a["stage"], a["model"], a["accuracy"], a["macro_f1"], a["sparsity"], a["compression_ratio"]))
+    cfg = r["config"]
+    smodel = cfg["student"]["model"]
+    for key in ("baseline", "dense_student", "student"):
+        if key in r:
+            e = r[key]
+            rows.append((key, smodel, e["accuracy"], e["macro_f1"], e["sparsity"], e["compression_ratio"]))
+    lines = [f"# raydistill run `{r['name']}`", "",
+             "| stage | model | test accuracy | macro F1 | sparsity | compression |",
+             "|---|---|---:|---:|---:|---:|"]
+    for st, m, acc, f1, sp, cr in rows:
+        fmt = (lambda v, f: "" if v is None else f.format(v))
+        lines.append(f"| {st} | {m} | {acc:.2%} | {fmt(f1, '{:.3f}')} | {fmt(sp, '{:.1%}')} | {fmt(cr, '{:.2f}x')} |")
+    lines += ["", f"- distilled student vs baseline: {r['gain_over_baseline'] * 100:+.1f} points"]
+    if "sparse_vs_dense" in r:
+        lines.append(f"- sparse vs dense distilled student: {r['sparse_vs_dense'] * 100:+.1f} points")
+    s = r["student"]
+    lines += [f"- student parameters: {s['nonzero_params']:,} nonzero of {s['params']:,}",
+              f"- wall time: {r['wall_seconds']:.0f} s", "", "![curves](curves.png)", ""]
+    return "\n".join(lines)

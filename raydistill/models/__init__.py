@@ -1,0 +1,65 @@
+"""Built-in teacher/student families and the registry for user models.
+
+A model is named in the config either by a built-in key (``MODELS``) or by ``package.module:factory``;
+the factory is called with the config's ``kwargs`` plus ``in_features`` (input length) and
+``num_classes`` when it accepts them, and must return an ``nn.Module`` mapping ``(B, L)`` float inputs to
+``(B, num_classes)`` logits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+# name -> "module:factory" (imported lazily so config validation never imports torch)
+MODELS: dict[str, str] = {
+    "cnn1d": "raydistill.models.mnist1d:CNN1D",
+    "mlp": "raydistill.models.mnist1d:MLP",
+    "gru": "raydistill.models.mnist1d:GRUClassifier",
+    "logistic": "raydistill.models.mnist1d:Logistic",
+}
+
+
+def resolve_factory(name: str):
+    target = MODELS.get(name, name)
+    mod, sep, attr = target.partition(":")
+    if not sep:
+        raise ValueError(f"unknown model {name!r}; use one of {sorted(MODELS)} or 'package.module:factory'")
+    try:
+        module = importlib.import_module(mod)
+    except ImportError as exc:
+        raise ValueError(f"model {name!r}: cannot import module {mod!r} ({exc})") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"model {name!r}: module {mod!r} has no attribute {attr!r}") from None
+
+
+def build_model(spec: Any, *, in_features: int = 40, num_classes: int = 10):
+    """Build a model from a ``ModelSpec`` (or a dict with ``model`` and ``kwargs``)."""
+    if hasattr(spec, "model_dump"):
+        spec = spec.model_dump()
+    name, kwargs = spec["model"], dict(spec.get("kwargs") or {})
+    factory = resolve_factory(name)
+    try:
+        params = inspect.signature(factory).parameters
+        accepts_var = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):
+        params, accepts_var = {}, False
+    for key, val in (("in_features", in_features), ("num_classes", num_classes)):
+        if key not in kwargs and (accepts_var or key in params):
+            kwargs[key] = val
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model {name!r}: bad kwargs {sorted(kwargs)} ({exc})") from None
+    import torch.nn as nn
+
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r}: factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -236,10 +236,22 @@ def _register() -> bool:
     return True
 
 
-def _use_compiled(x: Tensor) -> bool:
-    from raydistill._build import op_backend
+_BACKEND: dict[str, bool] = {}
 
-    return _register() and op_backend("spmm", x.device.type) == "compiled"
+
+@torch.compiler.assume_constant_result
+def _compiled_for(device_type: str) -> bool:
+    """Whether the compiled op serves ``device_type`` (cached; a constant for torch.compile)."""
+    r = _BACKEND.get(device_type)
+    if r is None:
+        from raydistill._build import op_backend
+
+        r = _BACKEND[device_type] = _register() and op_backend("spmm", device_type) == "compiled"
+    return r
+
+
+def _use_compiled(x: Tensor) -> bool:
+    return _compiled_for(x.device.type)
 
 
 def sparse_linear(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from raydistill.compress.masks import (block_mask, check_sparsity, global_magnitude_masks, magnitude_mask,
-                                       nm_mask, _block_shape)
+                                       nm_mask, num_pruned, _block_shape, _prune_lowest)
 from raydistill.compress.schedule import cubic_sparsity
 
 __all__ = ["GradualPruner", "normalize_name", "select_linear_layers", "unwrap_model", "METHODS", "SCOPES"]
@@ -146,18 +146,27 @@ class GradualPruner:
     @torch.no_grad()
     def update_masks(self, sparsity: float) -> None:
         """Recompute the masks at ``sparsity`` from current magnitudes (pruned entries stay pruned)."""
-        weights = {}
-        for k, mod in self.layers.items():
-            w = mod.weight.detach().float().abs()
-            # already-pruned entries score -1: with a non-decreasing target they stay pruned
-            weights[k] = torch.where(self.masks[k].to(w.device), w, torch.full_like(w, -1.0))
         if self.method == "nm":
-            new = compute_masks(weights, 0.0, "nm", n=self.n, m=self.m)
-        elif self.method == "block":
-            new = compute_masks({k: w.clamp_min(0.0) for k, w in weights.items()}, sparsity, "block",
-                                block=self.block)
+            new = compute_masks({k: mod.weight for k, mod in self.layers.items()}, 0.0, "nm", n=self.n, m=self.m)
         else:
-            new = compute_masks(weights, sparsity, "magnitude", scope=self.scope)
+            # already-pruned entries score -1: with a non-decreasing target they stay pruned
+            scores = {}
+            for k, mod in self.layers.items():
+                w = mod.weight.detach().float().abs()
+                scores[k] = torch.where(self.masks[k].to(w.device), w, torch.full_like(w, -1.0))
+            if self.method == "block":
+                new = compute_masks({k: w.clamp_min(0.0) for k, w in scores.items()}, sparsity, "block",
+                                    block=self.block)
+            elif self.scope == "global":
+                flat = torch.cat([w.cpu().reshape(-1) for w in scores.values()])
+                keep = _prune_lowest(flat, num_pruned(flat.numel(), sparsity))
+                new, i = {}, 0
+                for k, w in scores.items():
+                    new[k] = keep[i:i + w.numel()].reshape(w.shape)
+                    i += w.numel()
+            else:
+                new = {k: _prune_lowest(w, num_pruned(w.numel(), sparsity)).reshape(w.shape)
+                       for k, w in scores.items()}
         self.masks = {k: v.to(self.layers[k].weight.device) for k, v in new.items()}
 
     def step(self, step: int) -> float:

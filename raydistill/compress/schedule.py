@@ -37,5 +37,7 @@ def cubic_sparsity(step: int, *, initial_sparsity: float = 0.0, final_sparsity: 
     if step >= end_step:
         return s_f
     t = begin_step + ((step - begin_step) // frequency) * frequency
+    if t == begin_step:
+        return s_i
     frac = (t - begin_step) / (end_step - begin_step)
     return s_f + (s_i - s_f) * (1.0 - frac) ** 3

@@ -1,0 +1,226 @@
+"""``raydistill bench spmm``: SparseLinear (raydistill::spmm/sddmm) vs dense F.linear vs torch.sparse.mm (CSR).
+
+For each shape (out x in), batch and sparsity (random unstructured masks) it measures, side by side in
+one run, median wall times of the forward and of forward+backward, prints a table with the speedups and
+the crossover sparsity (the lowest swept sparsity from which SparseLinear's forward beats dense), and
+writes JSON with machine details to ``benchmarks/results/spmm_<device>[_quick].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+SPARSITIES = (0.5, 0.7, 0.9, 0.95, 0.99)
+BATCHES = (1, 16, 64, 256)
+SHAPES = ((1024, 1024), (4096, 4096), (11008, 4096))  # (out_features, in_features)
+QUICK = dict(sparsities=(0.7, 0.9), batches=(1, 64), shapes=((1024, 1024), (4096, 4096)))
+
+
+def _machine(device: str, threads: int) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        commit = None
+    d = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads,
+         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+         "python": platform.python_version(), "git_commit": commit,
+         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        d["gpu"] = f"{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB"
+        d["cuda"] = torch.version.cuda
+    return d
+
+
+def _timer(device: str):
+    import torch
+
+    def run(fn, repeats: int, budget_s: float) -> float | None:
+        """Median seconds of fn(); repeats capped so one config takes about budget_s."""
+        try:
+            fn()  # warm-up (and: does it work at all?)
+        except (RuntimeError, NotImplementedError, TypeError):
+            return None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times = []
+        t_end = time.perf_counter() + budget_s
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            if i >= 2 and time.perf_counter() > t_end:
+                break
+        return statistics.median(times)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="raydistill bench spmm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sweep (< 60 s)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (cpu; default: all)")
+    p.add_argument("--repeats", type=int, default=None, help="max timed repeats per config")
+    p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/spmm_<device>[_quick].json)")
+    a = p.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+    from rich.console import Console
+    from rich.table import Table
+
+    from raydistill._build import load_extension, op_backend
+    from raydistill.ops.sparse import SparseLinear
+
+    con = Console(width=max(Console().width, 160))
+    if a.device == "cuda" and not torch.cuda.is_available():
+        con.print("[red]--device cuda: no CUDA device available[/red]")
+        return 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    threads = torch.get_num_threads()
+    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
+    st = load_extension()
+    backend = op_backend("spmm", a.device)
+    if backend != "compiled":
+        con.print(f"[yellow]warning: raydistill::spmm is not compiled for {a.device} ({st.reason}); "
+                  "timing the PyTorch reference path[/yellow]")
+    sweep = QUICK if a.quick else dict(sparsities=SPARSITIES, batches=BATCHES, shapes=SHAPES)
+    dev = torch.device(a.device)
+    timer = _timer(a.device)
+    t_start = time.perf_counter()
+    rows = []
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for out_f, in_f in sweep["shapes"]:
+        big = out_f * in_f > 20e6
+        reps = a.repeats or (5 if a.quick else (7 if big else 15))
+        budget = 0.4 if a.quick else (1.0 if big else 0.6)
+        lin = torch.nn.Linear(in_f, out_f, device=dev, dtype=dtype)
+        for s in sweep["sparsities"]:
+            mask = (torch.rand(out_f, in_f, generator=g) >= s).to(dev)
+            sl = SparseLinear.from_dense(lin, mask)
+            w_dense = (lin.weight.detach() * mask).requires_grad_()
+            b_dense = lin.bias.detach().clone().requires_grad_()
+            w_csr = w_dense.detach().to_sparse_csr()
+            for n in sweep["batches"]:
+                x = torch.randn(n, in_f, device=dev, dtype=dtype, generator=None)
+                xg = x.clone().requires_grad_()
+                with torch.no_grad():
+                    t_dense = timer(lambda: F.linear(x, w_dense, b_dense), reps, budget)
+                    t_ours = timer(lambda: sl(x), reps, budget)
+                    t_tsp = timer(lambda: torch.sparse.mm(w_csr, x.t()).t() + b_dense, reps, budget)
+                row = {"shape": [out_f, in_f], "out_features": out_f, "in_features": in_f, "batch": n,
+                       "sparsity": s, "nnz": sl.nnz, "dtype": str(dtype).removeprefix("torch."),
+                       "dense_fwd_ms": _ms(t_dense), "sparse_linear_fwd_ms": _ms(t_ours),
+                       "torch_sparse_fwd_ms": _ms(t_tsp)}
+                if not a.no_backward:
+                    def dense_fb():
+                        F.linear(xg, w_dense, b_dense).sum().backward()
+
+                    def ours_fb():
+                        sl(xg).sum().backward()
+
+                    row["dense_fwd_bwd_ms"] = _ms(timer(dense_fb, reps, budget))
+                    row["sparse_linear_fwd_bwd_ms"] = _ms(timer(ours_fb, reps, budget))
+                    sl.zero_grad(set_to_none=True)
+                    w_dense.grad = b_dense.grad = xg.grad = None
+                row["speedup_vs_dense"] = _ratio(row["dense_fwd_ms"], row["sparse_linear_fwd_ms"])
+                row["speedup_vs_torch_sparse"] = _ratio(row["torch_sparse_fwd_ms"], row["sparse_linear_fwd_ms"])
+                if not a.no_backward:
+                    row["fwd_bwd_speedup_vs_dense"] = _ratio(row["dense_fwd_bwd_ms"], row["sparse_linear_fwd_bwd_ms"])
+                rows.append(row)
+                con.print(f"  {out_f}x{in_f} s={s:<4} N={n:<4} dense {row['dense_fwd_ms']} ms | SparseLinear "
+                          f"{row['sparse_linear_fwd_ms']} ms | torch.sparse {row['torch_sparse_fwd_ms']} ms",
+                          highlight=False)
+            del sl, w_dense, w_csr, mask
+    elapsed = time.perf_counter() - t_start
+
+    # crossover: lowest swept sparsity from which SparseLinear's forward beats dense (for all higher ones)
+    crossover = []
+    for out_f, in_f in sweep["shapes"]:
+        for n in sweep["batches"]:
+            rs = sorted((r for r in rows if r["shape"] == [out_f, in_f] and r["batch"] == n),
+                        key=lambda r: r["sparsity"])
+            wins = [(r["speedup_vs_dense"] or 0) > 1.0 for r in rs]
+            cross = None
+            for i in range(len(rs)):
+                if all(wins[i:]):
+                    cross = rs[i]["sparsity"]
+                    break
+            crossover.append({"shape": [out_f, in_f], "batch": n, "beats_dense_from_sparsity": cross})
+
+    t = Table(title=f"SparseLinear vs dense vs torch.sparse ({a.device}, {str(dtype).removeprefix('torch.')}, "
+                    f"{threads} threads; median ms)")
+    for c in ("shape", "batch", "sparsity", "dense", "SparseLinear", "torch.sparse", "x dense", "x t.sparse",
+              "fwd+bwd dense", "fwd+bwd SL", "x dense (f+b)"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(f"{r['out_features']}x{r['in_features']}", str(r["batch"]), f"{r['sparsity']:.2f}",
+                  _f(r["dense_fwd_ms"]), _f(r["sparse_linear_fwd_ms"]), _f(r["torch_sparse_fwd_ms"]),
+                  _f(r["speedup_vs_dense"], "x"), _f(r["speedup_vs_torch_sparse"], "x"),
+                  _f(r.get("dense_fwd_bwd_ms")), _f(r.get("sparse_linear_fwd_bwd_ms")),
+                  _f(r.get("fwd_bwd_speedup_vs_dense"), "x"))
+    con.print(t)
+    ct = Table(title="crossover: SparseLinear forward beats dense from sparsity")
+    ct.add_column("shape")
+    ct.add_column("batch", justify="right")
+    ct.add_column("from sparsity", justify="right")
+    for c in crossover:
+        ct.add_row(f"{c['shape'][0]}x{c['shape'][1]}", str(c["batch"]),
+                   "never (in sweep)" if c["beats_dense_from_sparsity"] is None else f"{c['beats_dense_from_sparsity']:.2f}")
+    con.print(ct)
+
+    out = Path(a.out) if a.out else (Path(__file__).resolve().parents[2] / "benchmarks" / "results" /
+                                     f"spmm_{a.device}{'_quick' if a.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": "spmm", "argv": argv if argv is not None else [], "device": a.device,
+           "dtype": str(dtype).removeprefix("torch."), "backend": backend, "machine": _machine(a.device, threads),
+           "elapsed_s": round(elapsed, 1), "results": rows, "crossover": crossover}
+    out.write_text(json.dumps(doc, indent=1))
+    con.print(f"wrote {out} ({elapsed:.0f} s)")
+    return 0
+
+
+def _ms(t: float | None) -> float | None:
+    return None if t is None else round(t * 1e3, 4)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return round(a / b, 3)
+
+
+def _f(v, suffix: str = "") -> str:
+    return "n/a" if v is None else f"{v:.2f}{suffix}" if suffix else f"{v:.3f}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -111,7 +111,15 @@ class DistillConfig(_Strict):
     teacher_outputs: str | None = Field(
         None, description="parquet written by `raydistill teacher-logits`: distil from its top-k logits "
                           "(kd_loss_topk) instead of running the teacher online")
-    topk: int = Field(10, ge=1, description="logits kept per row by `raydistill teacher-logits`")
+    topk: int = Field(10, ge=1, le=10, description="logits kept per row by `raydistill teacher-logits`")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this (None: off)")
+
+    @model_validator(mode="after")
+    def _topk_divergence(self):
+        if self.teacher_outputs and self.divergence == "reverse_kl":
+            raise ValueError("divergence 'reverse_kl' cannot be used with top-k teacher_outputs "
+                             "(the teacher has zero probability outside its top-k); use forward_kl or jsd")
+        return self
 
 
 class CompressionConfig(_Strict):

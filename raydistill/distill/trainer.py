@@ -71,8 +71,10 @@ def load_arrays(cfg: Config, storage: Path):
 def _eval_datasets(split) -> dict:
     from raydistill.data import to_ray_dataset
 
-    return {"val": to_ray_dataset(x=split.x_val, y=split.y_val),
-            "test": to_ray_dataset(x=split.x_test, y=split.y_test)}
+    # one small dataset (split column: 0 = val, 1 = test) -> one Ray Data execution per worker start
+    return {"eval": to_ray_dataset(
+        x=np.concatenate([split.x_val, split.x_test]), y=np.concatenate([split.y_val, split.y_test]),
+        split=np.concatenate([np.zeros(len(split.y_val), np.int64), np.ones(len(split.y_test), np.int64)]))}
 
 
 def labelled_datasets(cfg: Config, storage: Path) -> tuple[dict, int]:
@@ -112,7 +114,7 @@ def _threads(resources: dict | None) -> int:
 def _result_hash(cfg: Config, stage: dict) -> str:
     """Hash of everything that changes what a stage learns (not where it runs)."""
     keys = ("kind", "model", "epochs", "batch_size", "optimizer", "lr_schedule", "sparsity", "compression",
-            "distill", "teacher_hash", "offline", "steps_per_epoch", "seed", "stage")
+            "distill", "teacher_hash", "offline", "steps_per_epoch", "seed", "stage", "grad_clip")
     payload = {k: stage.get(k) for k in keys}
     payload["data"] = cfg.data.model_dump(mode="json")
     payload["transfer_set"] = cfg.distill.transfer_set.model_dump(mode="json") if stage["kind"] == "kd" else None
@@ -138,6 +140,7 @@ def stage_config(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int
         "materialize": cfg.data.materialize, "rows_per_worker": int(rows // max(1, num_workers)),
         "progress_dir": str(progress_dir), "threads": int(threads),
         "debug_crash_at_epoch": cfg.run.debug_crash_at_epoch,
+        "grad_clip": cfg.distill.grad_clip if kind == "kd" else None,
     }
     spec["config_hash"] = _result_hash(cfg, spec)
     return spec
@@ -260,7 +263,8 @@ def final_checkpoint_dir(result, storage_path: Path, name: str) -> Path:
     ck = getattr(result, "checkpoint", None) if result is not None else None
     if ck is not None and Path(ck.path).is_dir():
         return Path(ck.path)
-    cands = sorted((Path(storage_path) / name).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    cands = sorted((p for p in (Path(storage_path) / name).glob("checkpoint_*") if p.is_dir()),
+                   key=lambda p: p.stat().st_mtime)
     if not cands:
         raise RuntimeError(f"run {Path(storage_path) / name} finished without a checkpoint")
     return cands[-1]

@@ -203,8 +203,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 (one read
     materialize = bool(spec.get("materialize", True))
     t_data = time.time()
     shard = ray.train.get_dataset_shard("train")
-    val = _to_tensors(_shard_arrays(ray.train.get_dataset_shard("val"), ["x", "y"]), device)
-    test = _to_tensors(_shard_arrays(ray.train.get_dataset_shard("test"), ["x", "y"]), device)
+    ev = _to_tensors(_shard_arrays(ray.train.get_dataset_shard("eval"), ["x", "y", "split"]), device)
+    val = {k: v[ev["split"] == 0] for k, v in ev.items()}
+    test = {k: v[ev["split"] == 1] for k, v in ev.items()}
 
     teacher = None
     if spec["kind"] == "kd" and not spec.get("offline"):
@@ -327,6 +328,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 (one read
                 count += 1
                 yield b
 
+    grad_clip = spec.get("grad_clip")
     crash_epoch = spec.get("debug_crash_at_epoch")
     crash_marker = progress_dir / CRASH_MARKER
     attempt = os.getpid()
@@ -347,6 +349,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 (one read
             loss = loss_fn(logits, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
             sched.step()
             global_step += 1

@@ -78,42 +78,84 @@ inline A hsum(const Vectorized<A>& v) {
   return s;
 }
 
+// Row sum of vectors: float lanes for up to 16 vectors, then flushed into a double (rows of ~1e5 terms
+// would otherwise lose ~1e-5 relative, which the reverse-KL/JSD gradients amplify by cancellation).
+template <typename A>
+struct RowSum {
+  Vectorized<A> part{A(0)};
+  int cnt = 0;
+  double total = 0;
+  inline void add(const Vectorized<A>& v) {
+    part = part + v;
+    if (++cnt == 16) flush();
+  }
+  inline void flush() {
+    total += static_cast<double>(hsum(part));
+    part = Vectorized<A>(A(0));
+    cnt = 0;
+  }
+  inline A get() {
+    flush();
+    return static_cast<A>(total);
+  }
+};
+
+template <typename A>
+struct LSE {
+  A m = 0, l = 0;  // raw row max and log(sum(exp((v - m) * scale)))
+};
+
 // Per-lane online softmax statistics (running max m and sum s of exp(v - m)).
 template <typename A>
 struct Online {
   using V = Vectorized<A>;
   V m{neg_inf<A>()};
   V s{A(0)};
+  V c{A(0)};  // Kahan compensation of s
 
+  // v: raw logits; the statistics are of softmax(v * scale) with the max kept in raw units, so that
+  // (v - m) is exact for nearby values and only then scaled.
   template <int U>
-  inline void add(const V* v) {
+  inline void add(const V* v, const V& scale) {
     V cm = v[0];
     for (int u = 1; u < U; ++u) cm = at::vec::maximum(cm, v[u]);
     const V nm = at::vec::maximum(m, cm);  // NaN-propagating
     const V safe = V::blendv(nm, V(A(0)), nm == V(neg_inf<A>()));  // all -inf so far: no NaN
-    V acc = vexp(m - safe) * s;
-    for (int u = 0; u < U; ++u) acc = acc + vexp(v[u] - safe);
+    const V r = vexp((m - safe) * scale);
+    V chunk = vexp((v[0] - safe) * scale);
+    for (int u = 1; u < U; ++u) chunk = chunk + vexp((v[u] - safe) * scale);
+    // Kahan-compensated running sum: a float lane sums ~V/8 terms, whose rounding (~1e-5 relative for
+    // V ~ 1e5) would shift every log-probability of the row by as much.
+    const V sr = s * r;
+    const V y = chunk - c * r;
+    const V tt = sr + y;
+    c = (tt - sr) - y;
+    s = tt;
     m = nm;
-    s = acc;
   }
 
-  // log-sum-exp offset c such that log softmax(v)_i = v_i - c.
-  inline A finish() const {
+  // log softmax(v)_i = (v_i - c.m) - c.l. The max and the log-sum are kept apart: folding them into one
+  // float would round log(sum) to the spacing of floats near the max (1e-3 for logits ~1e4).
+  inline LSE<A> finish(A scale) const {
     alignas(64) A mm[V::size()];
     alignas(64) A ss[V::size()];
     m.store(mm);
     s.store(ss);
     A mx = neg_inf<A>();
+    const A nan_v = std::numeric_limits<A>::quiet_NaN();
     for (int64_t k = 0; k < V::size(); ++k) {
-      if (std::isnan(mm[k])) return std::numeric_limits<A>::quiet_NaN();
+      if (std::isnan(mm[k])) return {nan_v, nan_v};
       mx = std::max(mx, mm[k]);
     }
-    if (mx == neg_inf<A>()) return std::numeric_limits<A>::quiet_NaN();  // no finite logit in the row
-    if (mx == std::numeric_limits<A>::infinity()) return std::numeric_limits<A>::quiet_NaN();
-    A z = 0;
+    if (mx == neg_inf<A>()) return {nan_v, nan_v};  // no finite logit in the row
+    if (mx == std::numeric_limits<A>::infinity()) return {nan_v, nan_v};
+    alignas(64) A cc[V::size()];
+    c.store(cc);
+    double z = 0;
     for (int64_t k = 0; k < V::size(); ++k)
-      if (mm[k] != neg_inf<A>()) z += ss[k] * std::exp(mm[k] - mx);
-    return mx + std::log(z);
+      if (mm[k] != neg_inf<A>())
+        z += (static_cast<double>(ss[k]) - cc[k]) * std::exp(static_cast<double>(mm[k] - mx) * scale);
+    return {mx, static_cast<A>(std::log(z))};
   }
 };
 
@@ -141,49 +183,49 @@ RowParams<A> row_params(const KDParams& p, bool has_label) {
 
 // Statistics pass over a student row (and the teacher row if T_ is not void).
 template <typename A, typename S, typename T>
-void stats_pass(const S* x, const T* t, int64_t V, const RowParams<A>& rp, A& ct, A& cs, A& c1) {
+void stats_pass(const S* x, const T* t, int64_t V, const RowParams<A>& rp, LSE<A>& ct, LSE<A>& cs,
+                LSE<A>& c1) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
   constexpr int U = 4;
-  const Vec vinv(rp.inv_t);
+  const Vec vinv(rp.inv_t), one(A(1));
   Online<A> ot, os, o1;
   const bool do_t = t != nullptr;
   const bool do_s = rp.need_div || (rp.need_ce && !rp.sep_ce);
   int64_t i = 0;
   for (; i + U * W <= V; i += U * W) {
-    Vec xv[U], tv[U], sv[U];
+    Vec xv[U], tv[U];
     for (int u = 0; u < U; ++u) {
       xv[u] = load<A>(x + i + u * W, W, neg_inf<A>());
-      sv[u] = xv[u] * vinv;
-      if (do_t) tv[u] = load<A>(t + i + u * W, W, neg_inf<A>()) * vinv;
+      if (do_t) tv[u] = load<A>(t + i + u * W, W, neg_inf<A>());
     }
-    if (do_s) os.template add<U>(sv);
-    if (do_t) ot.template add<U>(tv);
-    if (rp.sep_ce) o1.template add<U>(xv);
+    if (do_s) os.template add<U>(xv, vinv);
+    if (do_t) ot.template add<U>(tv, vinv);
+    if (rp.sep_ce) o1.template add<U>(xv, one);
   }
   for (; i < V; i += W) {
     const int64_t n = std::min<int64_t>(W, V - i);
     Vec xv = load<A>(x + i, n, neg_inf<A>());
-    Vec sv = xv * vinv;
-    if (do_s) os.template add<1>(&sv);
+    if (do_s) os.template add<1>(&xv, vinv);
     if (do_t) {
-      Vec tv = load<A>(t + i, n, neg_inf<A>()) * vinv;
-      ot.template add<1>(&tv);
+      Vec tv = load<A>(t + i, n, neg_inf<A>());
+      ot.template add<1>(&tv, vinv);
     }
-    if (rp.sep_ce) o1.template add<1>(&xv);
+    if (rp.sep_ce) o1.template add<1>(&xv, one);
   }
-  if (do_t) ct = ot.finish();
-  if (do_s) cs = os.finish();
-  c1 = rp.sep_ce ? o1.finish() : cs;
+  if (do_t) ct = ot.finish(rp.inv_t);
+  if (do_s) cs = os.finish(rp.inv_t);
+  c1 = rp.sep_ce ? o1.finish(A(1)) : cs;
 }
 
 // Adds the cross-entropy gradient (1 - alpha)(softmax(x) - onehot(label)) to g for lanes [i, i+n).
 template <typename A>
 inline Vectorized<A> add_ce_grad(Vectorized<A> g, const Vectorized<A>& xraw, const Vectorized<A>& ps,
-                                 const RowParams<A>& rp, A c1, int64_t i, int64_t n, int64_t label) {
+                                 const RowParams<A>& rp, const LSE<A>& c1, int64_t i, int64_t n,
+                                 int64_t label) {
   using Vec = Vectorized<A>;
   if (!rp.need_ce) return g;
-  const Vec p1 = rp.sep_ce ? vexp(xraw - Vec(c1)) : ps;
+  const Vec p1 = rp.sep_ce ? vexp((xraw - Vec(c1.m)) - Vec(c1.l)) : ps;
   g = g + Vec(rp.ce_w) * p1;
   if (label >= i && label < i + n) {
     alignas(64) A tmp[Vec::size()];
@@ -199,25 +241,26 @@ template <int DIV, typename A, typename S, typename T>
 A kd_row(const S* x, const T* t, int64_t V, int64_t label, const RowParams<A>& rp, S* grad) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
-  A ct = 0, cs = 0, c1 = 0;
+  LSE<A> ct, cs, c1;
   stats_pass<A>(x, rp.need_div ? t : static_cast<const T*>(nullptr), V, rp, ct, cs, c1);
-  const Vec vinv(rp.inv_t), vct(ct), vcs(cs), vgc(rp.gcoef), vb(rp.beta), v1mb(rp.one_m_beta);
+  const Vec vinv(rp.inv_t), vtm(ct.m), vtl(ct.l), vsm(cs.m), vsl(cs.l), vgc(rp.gcoef), vb(rp.beta),
+      v1mb(rp.one_m_beta);
   const Vec zero(A(0));
   const bool grad_on = grad != nullptr;
 
   A div = 0;
   A gsum = 0;  // jsd: G = sum_j P_s_j g_j
   if (rp.need_div) {
-    Vec lossv(A(0)), gv(A(0));
+    RowSum<A> lossv, gv;
     const bool fused_grad = grad_on && DIV == kForwardKL;
     for (int64_t i = 0; i < V; i += W) {
       const int64_t n = std::min<int64_t>(W, V - i);
       const Vec xr = load<A>(x + i, n, neg_inf<A>());
-      const Vec lpt = load<A>(t + i, n, neg_inf<A>()) * vinv - vct;
-      const Vec lps = xr * vinv - vcs;
+      const Vec lpt = (load<A>(t + i, n, neg_inf<A>()) - vtm) * vinv - vtl;
+      const Vec lps = (xr - vsm) * vinv - vsl;
       if constexpr (DIV == kForwardKL) {
         const Vec pt = vexp(lpt);
-        lossv = lossv + masked(pt * (lpt - lps), pt != zero);
+        lossv.add(masked(pt * (lpt - lps), pt != zero));
         if (fused_grad) {
           const Vec ps = vexp(lps);
           Vec g = vgc * (ps - pt);
@@ -226,21 +269,21 @@ A kd_row(const S* x, const T* t, int64_t V, int64_t label, const RowParams<A>& r
         }
       } else if constexpr (DIV == kReverseKL) {
         const Vec ps = vexp(lps);
-        lossv = lossv + masked(ps * (lps - lpt), ps != zero);
+        lossv.add(masked(ps * (lps - lpt), ps != zero));
       } else {
         const Vec pt = vexp(lpt);
         const Vec ps = vexp(lps);
         const Vec lm = (vb * pt + v1mb * ps).log();
-        lossv = lossv + vb * masked(pt * (lpt - lm), pt != zero) + v1mb * masked(ps * (lps - lm), ps != zero);
-        if (grad_on) gv = gv + masked(ps * (v1mb * (lps - lm)), ps != zero);
+        lossv.add(vb * masked(pt * (lpt - lm), pt != zero) + v1mb * masked(ps * (lps - lm), ps != zero));
+        if (grad_on) gv.add(masked(ps * (v1mb * (lps - lm)), ps != zero));
       }
     }
-    div = hsum(lossv);
-    gsum = hsum(gv);
+    div = lossv.get();
+    gsum = gv.get();
   }
 
   A loss = rp.need_div ? rp.coef * div : A(0);
-  if (rp.need_ce) loss += rp.ce_w * (c1 - static_cast<A>(x[label]));
+  if (rp.need_ce) loss += rp.ce_w * ((c1.m - static_cast<A>(x[label])) + c1.l);
 
   const bool grad_done = rp.need_div && DIV == kForwardKL;
   if (grad_on && !grad_done) {
@@ -248,12 +291,12 @@ A kd_row(const S* x, const T* t, int64_t V, int64_t label, const RowParams<A>& r
     for (int64_t i = 0; i < V; i += W) {
       const int64_t n = std::min<int64_t>(W, V - i);
       const Vec xr = load<A>(x + i, n, neg_inf<A>());
-      const Vec lps = xr * vinv - vcs;
+      const Vec lps = (xr - vsm) * vinv - vsl;
       Vec ps = zero;
       Vec g = zero;
       if (rp.need_div) {
         ps = vexp(lps);
-        const Vec lpt = load<A>(t + i, n, neg_inf<A>()) * vinv - vct;
+        const Vec lpt = (load<A>(t + i, n, neg_inf<A>()) - vtm) * vinv - vtl;
         if constexpr (DIV == kReverseKL) {
           g = vgc * masked(ps * (lps - lpt - vd), ps != zero);
         } else if constexpr (DIV == kJSD) {
@@ -278,7 +321,7 @@ A kd_topk_row(const S* x, const T* tk, const int64_t* idx, int64_t V, int64_t K,
               const RowParams<A>& rp, S* grad) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
-  A ct = 0, cs = 0, c1 = 0;
+  LSE<A> ct, cs, c1;
   stats_pass<A>(x, static_cast<const T*>(nullptr), V, rp, ct, cs, c1);
   // Teacher log-sum-exp over the k entries.
   A div = 0, gsum = 0, c_out = 0;
@@ -286,21 +329,22 @@ A kd_topk_row(const S* x, const T* tk, const int64_t* idx, int64_t V, int64_t K,
     A mx = neg_inf<A>();
     bool nan = false;
     for (int64_t j = 0; j < K; ++j) {
-      const A a = static_cast<A>(tk[j]) * rp.inv_t;
+      const A a = static_cast<A>(tk[j]);
       nan |= std::isnan(a);
       mx = std::max(mx, a);
     }
     if (nan || !std::isfinite(mx)) {
-      ct = std::numeric_limits<A>::quiet_NaN();
+      ct.m = ct.l = std::numeric_limits<A>::quiet_NaN();
     } else {
       A z = 0;
-      for (int64_t j = 0; j < K; ++j) z += std::exp(static_cast<A>(tk[j]) * rp.inv_t - mx);
-      ct = mx + std::log(z);
+      for (int64_t j = 0; j < K; ++j) z += std::exp((static_cast<A>(tk[j]) - mx) * rp.inv_t);
+      ct.m = mx;
+      ct.l = std::log(z);
     }
     A ps_k = 0;  // student mass on the k entries (jsd)
     for (int64_t j = 0; j < K; ++j) {
-      const A lpt = static_cast<A>(tk[j]) * rp.inv_t - ct;
-      const A lps = static_cast<A>(x[idx[j]]) * rp.inv_t - cs;
+      const A lpt = (static_cast<A>(tk[j]) - ct.m) * rp.inv_t - ct.l;
+      const A lps = (static_cast<A>(x[idx[j]]) - cs.m) * rp.inv_t - cs.l;
       const A pt = std::exp(lpt);
       if constexpr (DIV == kForwardKL) {
         if (pt != 0) div += pt * (lpt - lps);
@@ -324,16 +368,16 @@ A kd_topk_row(const S* x, const T* tk, const int64_t* idx, int64_t V, int64_t K,
     }
   }
   A loss = rp.need_div ? rp.coef * div : A(0);
-  if (rp.need_ce) loss += rp.ce_w * (c1 - static_cast<A>(x[label]));
+  if (rp.need_ce) loss += rp.ce_w * ((c1.m - static_cast<A>(x[label])) + c1.l);
 
   if (grad != nullptr) {
-    const Vec vinv(rp.inv_t), vcs(cs), vgc(rp.gcoef), zero(A(0));
+    const Vec vinv(rp.inv_t), vsm(cs.m), vsl(cs.l), zero(A(0));
     const Vec vbase(DIV == kJSD ? rp.gcoef * (c_out - gsum) : rp.gcoef);
     for (int64_t i = 0; i < V; i += W) {
       const int64_t n = std::min<int64_t>(W, V - i);
       const Vec xr = load<A>(x + i, n, neg_inf<A>());
       Vec ps = zero, g = zero;
-      if (rp.need_div || (rp.need_ce && !rp.sep_ce)) ps = vexp(xr * vinv - vcs);
+      if (rp.need_div || (rp.need_ce && !rp.sep_ce)) ps = vexp((xr - vsm) * vinv - vsl);
       if (rp.need_div) g = vbase * ps;
       g = add_ce_grad(g, xr, ps, rp, c1, i, n, label);
       store(g, grad + i, n);
@@ -342,9 +386,9 @@ A kd_topk_row(const S* x, const T* tk, const int64_t* idx, int64_t V, int64_t K,
       for (int64_t j = 0; j < K; ++j) {
         const int64_t v = idx[j];
         const A xv = static_cast<A>(x[v]);
-        const A lps = xv * rp.inv_t - cs;
+        const A lps = (xv - cs.m) * rp.inv_t - cs.l;
         const A ps = std::exp(lps);
-        const A pt = std::exp(static_cast<A>(tk[j]) * rp.inv_t - ct);
+        const A pt = std::exp((static_cast<A>(tk[j]) - ct.m) * rp.inv_t - ct.l);
         A g;
         if constexpr (DIV == kForwardKL) {
           g = rp.gcoef * (ps - pt);
@@ -353,7 +397,7 @@ A kd_topk_row(const S* x, const T* tk, const int64_t* idx, int64_t V, int64_t K,
           g = ps != 0 ? rp.gcoef * ps * (rp.one_m_beta * (lps - lm) - gsum) : A(0);
         }
         if (rp.need_ce) {
-          const A p1 = rp.sep_ce ? std::exp(xv - c1) : ps;
+          const A p1 = rp.sep_ce ? std::exp((xv - c1.m) - c1.l) : ps;
           g += rp.ce_w * (p1 - (v == label ? A(1) : A(0)));
         }
         grad[v] = static_cast<S>(g);

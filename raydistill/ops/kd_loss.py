@@ -291,13 +291,13 @@ def _backward(ctx, grad_loss, _grad_grad):
         raise RuntimeError("kd_loss: backward needs the gradient computed in forward (compute_grad=True); "
                            "the student did not require grad when the loss was computed")
     scale = grad_loss.unsqueeze(-1).to(g.dtype)
-    if torch.compiler.is_compiling():
-        gs = g * scale
-    else:
-        # The stored gradient is private to this graph: scale it in place (no second rows x V buffer).
-        # Backward through the same graph twice then fails in autograd's saved-tensor version check.
-        gs = g.mul_(scale)
-    return gs
+    if torch.compiler.is_compiling() or g.dtype == torch.float64:
+        return g * scale
+    # The stored gradient is private to this graph: scale it in place, so forward + backward allocate one
+    # rows x V buffer in all. Backward through the same graph twice (retain_graph) then fails in autograd's
+    # saved-tensor version check instead of returning a wrong gradient. float64 (gradcheck, debugging)
+    # scales out of place, so there retain_graph works.
+    return g.mul_(scale)
 
 
 def _backward_full(ctx, grad_loss, grad_grad):

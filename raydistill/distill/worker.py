@@ -133,11 +133,13 @@ def classification_metrics(pred: np.ndarray, y: np.ndarray, num_classes: int = 1
     acc = float((pred == y).mean()) if len(y) else 0.0
     f1s = []
     for c in range(num_classes):
+        if not ((pred == c).any() or (y == c).any()):
+            continue  # a class absent from labels and predictions does not count (as in sklearn)
         tp = int(((pred == c) & (y == c)).sum())
         fp = int(((pred == c) & (y != c)).sum())
         fn = int(((pred != c) & (y == c)).sum())
         f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": acc, "macro_f1": float(np.mean(f1s))}
+    return {"accuracy": acc, "macro_f1": float(np.mean(f1s)) if f1s else 0.0}
 
 
 def _shard_arrays(shard, columns) -> dict[str, np.ndarray]:
@@ -382,7 +384,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 (one read
             state = {"epoch": epoch, "global_step": global_step, "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "pruner": pruner.state_dict() if pruner else None}
             meta = {"epoch": epoch, "stage": spec["stage"], "config_hash": spec["config_hash"],
-                    "model": spec["model"], "sparsity": metrics["sparsity"], "metrics": metrics}
+                    "model": spec["model"], "sparsity": metrics["sparsity"], "metrics": metrics,
+                    "teacher": spec.get("teacher"), "offline": bool(spec.get("offline"))}
             tmp_root = Path(tempfile.mkdtemp(prefix="raydistill-ckpt-"))
             ckdir = save_checkpoint_dir(tmp_root / f"epoch_{epoch:04d}", model=base, meta=meta, state=state,
                                         masks=pruner.masks if pruner else None)

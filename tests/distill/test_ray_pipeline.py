@@ -1,0 +1,127 @@
+"""Real Ray (one session-scoped local instance, tiny config): end-to-end distill, worker crash + resume,
+re-run resumes, offline top-k teacher outputs, teacher-assistant chain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.ray
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_end_to_end_distill_report(ray_local, storage, tiny):
+    from raydistill.distill import run_distill
+
+    cfg = tiny()
+    r = run_distill(cfg, storage_path=storage, name="e2e", progress=False)
+    run_dir = storage / "e2e"
+    assert json.loads((run_dir / "report.json").read_text())["student"] == r["student"]
+    assert (run_dir / "report.md").read_text().startswith("# raydistill run")
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    assert r["teacher"]["accuracy"] > 0.4
+    assert r["baseline"]["accuracy"] > 0.2
+    s = r["student"]
+    assert {"accuracy", "macro_f1", "sparsity", "compression_ratio", "params", "nonzero_params"} <= set(s)
+    assert s["accuracy"] > 0.25, s  # chance is 0.1
+    assert s["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert s["nonzero_params"] < s["params"] and s["sparse_layers"] == 2  # converted to SparseLinear
+    assert r["dense_student"]["sparsity"] == 0.0 and r["dense_student"]["accuracy"] > 0.25
+    assert r["config"]["distill"]["epochs"] == 4 and r["wall_seconds"] > 0
+    # every stage reported every epoch (1-based) with the metrics the Tune search uses
+    for stage in ("baseline", "dense_student", "student"):
+        rows = _log(run_dir / stage / "epochs.jsonl")
+        assert [m["epoch"] for m in rows] == [1, 2, 3, 4]
+        for key in ("train_loss", "val_accuracy", "accuracy", "sparsity", "compression_ratio", "lr"):
+            assert np.isfinite(rows[-1][key])
+
+
+def _student_trainer(cfg, storage, name):
+    from raydistill.distill import build_student_trainer, ensure_teacher
+
+    teacher = ensure_teacher(cfg, storage)
+    return build_student_trainer(cfg, teacher, storage_path=storage / "ft", name=name)
+
+
+def test_worker_crash_is_replaced_and_resumes_from_checkpoint(ray_local, storage, tiny):
+    cfg = tiny("distill.epochs=4", "run.debug_crash_at_epoch=3", "run.max_failures=1")
+    result = _student_trainer(cfg, storage, "crash").fit()
+    run = storage / "ft" / "crash"
+    assert (run / ".debug_crash_done").is_file()  # the worker process really exited mid-epoch 3
+    rows = _log(run / "epochs.jsonl")
+    assert [m["epoch"] for m in rows] == [1, 2, 3, 4]  # no epoch before the checkpoint repeated
+    assert rows[0]["attempt"] == rows[1]["attempt"] != rows[2]["attempt"] == rows[3]["attempt"]
+    assert rows[2]["global_step"] == 3 * rows[0]["global_step"]  # optimizer/scheduler state resumed
+    assert json.loads((Path(result.checkpoint.path) / "meta.json").read_text())["epoch"] == 4
+
+
+def test_rerun_with_same_name_resumes_interrupted_run(ray_local, storage, tiny):
+    from ray.train import TrainingFailedError
+
+    cfg = tiny("distill.epochs=3", "run.debug_crash_at_epoch=2", "run.max_failures=0")
+    with pytest.raises(TrainingFailedError):
+        _student_trainer(cfg, storage, "rerun").fit()
+    run = storage / "ft" / "rerun"
+    assert [m["epoch"] for m in _log(run / "epochs.jsonl")] == [1]
+    _student_trainer(cfg, storage, "rerun").fit()  # same command again
+    rows = _log(run / "epochs.jsonl")
+    assert [m["epoch"] for m in rows] == [1, 2, 3]
+    assert rows[0]["attempt"] != rows[1]["attempt"]
+
+
+def test_offline_topk_teacher_outputs_round_trip(ray_local, storage, tiny):
+    import pyarrow.parquet as pq
+
+    from raydistill import ops
+    from raydistill.distill import build_student_trainer, ensure_teacher
+    from raydistill.distill.teacher_logits import write_teacher_outputs
+    from raydistill.distill.worker import load_weights, predict
+    from raydistill.models import build_model
+
+    cfg = tiny()
+    out = write_teacher_outputs(cfg, storage_path=storage, topk=4, concurrency=2)
+    tab = pq.read_table(out).to_pandas()
+    n_rows = 900 + cfg.distill.transfer_set.size  # train (val held out) + transfer
+    assert len(tab) == n_rows and (tab["y"] == -1).sum() == cfg.distill.transfer_set.size
+    x = torch.tensor(np.stack(tab["x"].to_numpy()), dtype=torch.float32)
+    vals = torch.tensor(np.stack(tab["topk_values"].to_numpy()))
+    idx = torch.tensor(np.stack(tab["topk_indices"].to_numpy()))
+    y = torch.tensor(tab["y"].to_numpy())
+    teacher = ensure_teacher(cfg, storage)
+    net = build_model(teacher.model)
+    load_weights(net, teacher.path)
+    online_vals, online_idx = predict(net, x).topk(4, dim=1)
+    assert torch.equal(idx, online_idx)
+    torch.testing.assert_close(vals, online_vals, rtol=1e-5, atol=1e-5)
+    student = torch.randn(len(x), 10)
+    labels = torch.where(y < 0, torch.full_like(y, -100), y)
+    kw = dict(temperature=2.0, alpha=0.7)
+    assert float(ops.kd_loss_topk(student, vals, idx, labels, **kw)) == pytest.approx(
+        float(ops.kd_loss_topk(student, online_vals, online_idx, labels, **kw)), rel=1e-5)
+    # and a distillation reads them (kd_loss_topk path) instead of running the teacher
+    cfg2 = tiny(f"distill.teacher_outputs={out}", "distill.epochs=1")
+    res = build_student_trainer(cfg2, teacher, storage_path=storage / "ft", name="offline").fit()
+    meta = json.loads((Path(res.checkpoint.path) / "meta.json").read_text())
+    assert meta["metrics"]["accuracy"] > 0.2 and meta["offline"] is True
+
+
+def test_teacher_assistant_chain(ray_local, storage, tiny):
+    from raydistill.distill import run_distill
+
+    cfg = tiny("assistants=[{model: mlp, kwargs: {hidden: 96, depth: 2}, epochs: 2}]",
+               "compression.sparsity=0.0")
+    r = run_distill(cfg, storage_path=storage, name="chain", progress=False)
+    (a,) = r["assistants"]
+    assert a["stage"] == "assistant_1" and a["model"] == "mlp" and a["accuracy"] > 0.2
+    assert [m["epoch"] for m in _log(storage / "chain" / "assistant_1" / "epochs.jsonl")] == [1, 2]
+    assert "dense_student" not in r
+    # the student was distilled from the assistant's checkpoint, not from the teacher
+    st = json.loads((Path(r["student"]["checkpoint"]) / "meta.json").read_text())
+    assert "assistant_1" in st["teacher"]["path"] and st["teacher"]["model"]["kwargs"]["hidden"] == 96

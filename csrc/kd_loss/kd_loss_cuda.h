@@ -1,0 +1,31 @@
+// Launcher interface of the kd_loss CUDA kernels (plain C++ + CUDA runtime; no torch headers).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kd_loss/kd_loss.h"
+
+namespace raydistill {
+namespace kd {
+
+struct KDLaunchArgs {
+  const void* student;          // (rows, V) rows at student_row_stride elements, unit stride in V
+  const void* teacher;          // (rows, V) full teacher, or (rows, k) top-k teacher logits (contiguous)
+  const int64_t* labels;        // (rows,) or nullptr
+  const int64_t* topk_indices;  // (rows, k) contiguous, or nullptr for the full-teacher op
+  void* loss;                   // (rows,) float (double when the inputs are float64)
+  void* grad;                   // (rows, V) contiguous, student dtype, or nullptr (no gradient)
+  int64_t rows, V, k;
+  int64_t student_row_stride, teacher_row_stride;
+  int student_dtype, teacher_dtype;  // IODType; float64 only as (kF64, kF64)
+  bool student_aligned, teacher_aligned, grad_aligned;  // row starts 16-byte aligned: vector loads/stores
+  KDParams p;
+};
+
+// Enqueues the fused forward (loss rows + optional gradient) on `stream`; returns the launch status.
+cudaError_t kd_loss_cuda_launch(const KDLaunchArgs& args, cudaStream_t stream);
+
+}  // namespace kd
+}  // namespace raydistill

@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     args = build_parser().parse_args(argv)
-    console = Console(stderr=False, highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:  # piped / CI: rich would assume 80 columns and truncate the table
+        console = Console(highlight=False, soft_wrap=True, width=int(os.environ.get("COLUMNS", 140)))
     t_start = time.monotonic()
 
     from raydistill.config import ConfigError, load_config

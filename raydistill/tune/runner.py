@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -29,7 +30,10 @@ EXIT_OK, EXIT_FAIL, EXIT_INTERRUPTED = 0, 1, 130
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False)
+    c = Console(highlight=False, soft_wrap=True)
+    if not c.is_terminal:
+        c = Console(highlight=False, soft_wrap=True, width=int(os.environ.get("COLUMNS", 140)))
+    return c
 
 
 class ProgressPrinter(Callback):
@@ -116,6 +120,64 @@ class InterruptAfter(Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+        sk.bind(("127.0.0.1", 0))
+        return int(sk.getsockname()[1])
+
+
+def start_local_ray(num_cpus: int | None = None) -> str:
+    """Start a local Ray for a search, its State API pinned to this instance; returns the API URL.
+
+    Ray Train's placement-group cleaner (what frees the CPUs of a trial that ASHA stopped) asks the
+    State API whether the trial's Train controller is still alive, and the State API finds its cluster
+    through ``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS`` or, failing those, by scanning the machine.  With a
+    second Ray instance on the same machine (another job, a parallel test run) that scan fails ("Found
+    multiple active Ray instances"), the cleaner's monitor thread dies, the stopped trial's placement
+    group is never removed and the search starves.  So: pick the dashboard port first and export
+    ``RAY_API_SERVER_ADDRESS`` before ``ray.init``; the raylet and every worker it starts inherit it.
+    The dashboard stays on (``include_dashboard=True``): the State API is served by it."""
+    import logging
+
+    import ray
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    os.environ["RAY_API_SERVER_ADDRESS"] = url
+    from raydistill.distill.session import quiet_ray_env
+
+    quiet_ray_env()
+    ray.init(num_cpus=int(num_cpus or os.cpu_count() or 1), include_dashboard=True, dashboard_port=port,
+             log_to_driver=False, logging_level=logging.WARNING)
+    return url
+
+
+@contextlib.contextmanager
+def search_ray_session(address: str | None = None):
+    """Ray for one search: join ``address`` (or an already initialised Ray), else start a local one
+    with :func:`start_local_ray`; shut down on exit what was started here."""
+    import ray
+
+    d = _distill_api()
+    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        with search_ray_session(address):
+            yield
+        return
+    prev = os.environ.get("RAY_API_SERVER_ADDRESS")
+    start_local_ray()
+    try:
+        with d.ray_session():  # reuses the instance started above; quiet logging as distill runs
+            yield
+    finally:
+        ray.shutdown()
+        if prev is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = prev
+
+
 def _worker_cpus(cfg) -> tuple[float, float]:
     rpw = dict(cfg.scaling.resources_per_worker or {})
     cpu = float(rpw.get("CPU", rpw.get("cpu", 1.0)))
@@ -123,15 +185,67 @@ def _worker_cpus(cfg) -> tuple[float, float]:
     return cpu, (gpu if cfg.scaling.use_gpu else 0.0)
 
 
-def _baseline_accuracy(cfg, teacher, *, storage_root: Path, exp_dir: Path, plan, console) -> float | None:
-    """The from-scratch student (no teacher, no pruning), trained once per search for pareto.png."""
-    from raydistill.distill import baseline_accuracy
+def _distill_api():
+    from raydistill.tune.search import distill_api
 
+    return distill_api()
+
+
+def baseline_hash(cfg) -> str:
+    """What the from-scratch student learns depends on (not where it runs)."""
+    from raydistill.config import config_hash
+
+    d = cfg.distill
+    return config_hash({
+        "student": cfg.student.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json", exclude={"materialize"}),
+        "epochs": d.epochs, "batch_size": d.batch_size, "optimizer": d.optimizer.model_dump(mode="json"),
+        "lr_schedule": d.lr_schedule.model_dump(mode="json"), "transfer_size": d.transfer_set.size,
+        "teacher_outputs": d.teacher_outputs, "seed": cfg.run.seed, "num_workers": cfg.scaling.num_workers,
+    })
+
+
+def baseline_accuracy(cfg, *, storage_root: Path, plan, console) -> float | None:
+    """Test accuracy of the student trained from scratch (cross-entropy, no teacher, no pruning) with the
+    same budget, for pareto.png's reference line: trained once through the pipeline's baseline trainer
+    and cached under ``<storage>/baselines/<hash>.json`` (later searches with the same student reuse it)."""
+    import json
+
+    h = baseline_hash(cfg)
+    root = storage_root / "baselines"
+    cache = root / f"{h}.json"
+    if cache.is_file():
+        acc = float(json.loads(cache.read_text())["accuracy"])
+        console.print(f"baseline (student from scratch): accuracy {acc:.4f} (cached {cache})")
+        return acc
+    d = _distill_api()
     t0 = time.monotonic()
-    acc = baseline_accuracy(cfg, storage_path=str(storage_root), num_workers=plan.num_workers,
-                            resources_per_worker=plan.resources_per_worker(cfg.scaling.resources_per_worker))
+    trainer = d.build_baseline_trainer(
+        cfg, storage_path=str(root), name=h, num_workers=plan.num_workers,
+        resources_per_worker=plan.resources_per_worker(cfg.scaling.resources_per_worker))
+    result = trainer.fit()
+    metrics = dict(getattr(result, "metrics", None) or {})
+    if "accuracy" not in metrics:  # resumed a finished run: nothing new reported; read its last checkpoint
+        ck = getattr(result, "checkpoint", None)
+        metrics = d.evaluate_checkpoint(cfg, ck.path) if ck is not None else {}
+    if "accuracy" not in metrics:
+        console.print("[yellow]baseline: no accuracy reported; pareto.png gets no baseline line[/yellow]")
+        return None
+    acc = float(metrics["accuracy"])
+    cache.write_text(json.dumps({"accuracy": acc, "epoch": metrics.get("epoch"), "hash": h}) + "\n")
     console.print(f"baseline (student from scratch): accuracy {acc:.4f} ({time.monotonic() - t0:.0f}s)")
     return acc
+
+
+def _saved_trials(exp_dir: Path, results) -> list:
+    """The trials as Tune saved them. After an interrupt, the in-memory trials of ``results`` read
+    TERMINATED (Tune stops them while shutting down) although they did not finish; the saved state has
+    them unfinished (PENDING/PAUSED), which is what --resume continues."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return list(ExperimentAnalysis(str(exp_dir)).trials)
+    except Exception:  # pragma: no cover - unreadable state: fall back to the live objects
+        return list(results._experiment_analysis.trials)
 
 
 def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, resume: bool, console,
@@ -139,7 +253,8 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
     import ray
 
     from raydistill.config import config_from_dict, dump_config
-    from raydistill.distill import ensure_teacher, ray_session
+
+    d = _distill_api()
 
     exp_dir = exp_dir.resolve()
     storage_root, name = exp_dir.parent, exp_dir.name
@@ -159,8 +274,14 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
     # Teachers (and their cache) live at the storage root, shared with `raydistill distill` runs.
     teacher_root = storage_root
 
+    # Per-trial result.json / progress.csv: Tune's ExperimentAnalysis (and --resume) read them.
+    # raydistill's quiet Ray env would turn them off (setdefault), so say it explicitly.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
+    # Ray's own progress output off (verbose=0 silences only the legacy reporter; the new one prints
+    # its experiment table regardless): ProgressPrinter prints concise lines instead.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     interrupted = False
-    with ray_session(address=address):
+    with search_ray_session(address):
         res = ray.cluster_resources()
         cpw, gpw = _worker_cpus(cfg)
         plan = plan_resources(
@@ -181,13 +302,13 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
         console.print(f"results: {exp_dir}")
 
         t0 = time.monotonic()
-        teacher = ensure_teacher(cfg, str(teacher_root))
+        teacher = d.ensure_teacher(cfg, str(teacher_root))
         state.teacher_path = str(teacher.path)
         state.teacher_accuracy = float(teacher.accuracy)
         console.print(f"teacher: accuracy {teacher.accuracy:.4f} ({teacher.path}, {time.monotonic() - t0:.0f}s)")
         if spec.baseline and state.baseline_accuracy is None:
-            state.baseline_accuracy = _baseline_accuracy(cfg, teacher, storage_root=teacher_root,
-                                                         exp_dir=exp_dir, plan=plan, console=console)
+            state.baseline_accuracy = baseline_accuracy(cfg, storage_root=teacher_root, plan=plan,
+                                                        console=console)
         state.save(state_path)
 
         rpw = plan.resources_per_worker(cfg.scaling.resources_per_worker)
@@ -212,9 +333,10 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
                 param_space=to_tune_param_space(spec),
                 tune_config=tune.TuneConfig(
                     scheduler=make_scheduler(spec, epochs),
-                    search_alg=make_searcher(spec),
+                    search_alg=make_searcher(spec, plan.max_concurrent),
                     num_samples=spec.num_samples,
-                    max_concurrent_trials=plan.max_concurrent,
+                    # random/grid: the generator carries the cap itself (Tune ignores this for it)
+                    max_concurrent_trials=plan.max_concurrent if spec.searcher.type == "optuna" else None,
                 ),
                 run_config=tune.RunConfig(
                     name=name,
@@ -225,9 +347,9 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
                 ),
             )
         results = tuner.fit()
-        trials = list(results._experiment_analysis.trials)
         fit_s = time.monotonic() - t_fit
-        interrupted = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+        trials = _saved_trials(exp_dir, results)
+        interrupted = len(trials) < total or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
     state.wall_s.append({"fit_s": round(fit_s, 1), "total_s": round(time.monotonic() - t_start, 1),
                          "interrupted": interrupted})

@@ -118,6 +118,14 @@ def plan_resources(
 # --------------------------------------------------------------------------------------------
 
 
+def distill_api():
+    """The pipeline's public API, ``raydistill.distill`` (ray_session, ensure_teacher,
+    build_student_trainer, build_baseline_trainer, evaluate_checkpoint; lazily imported)."""
+    import raydistill.distill as d
+
+    return d
+
+
 def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_workers: int,
                       resources_per_worker: dict[str, float], build_config: Callable[[dict], Any]):
     """The Tune trainable: one full distillation (Ray Train) per trial, reports forwarded to Tune."""
@@ -126,11 +134,9 @@ def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_work
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from raydistill.distill import build_student_trainer
-
         trial_id = tune.get_context().get_trial_id()
         cfg = build_config(apply_trial_config(base, config))
-        trainer = build_student_trainer(
+        trainer = distill_api().build_student_trainer(
             cfg, teacher,
             storage_path=train_storage,
             name=f"trial_{trial_id}",  # stable across retries -> Ray Train resumes from its checkpoint
@@ -156,12 +162,15 @@ def make_scheduler(spec: SearchSpec, epochs: int):
                          grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
-def make_searcher(spec: SearchSpec):
+def make_searcher(spec: SearchSpec, max_concurrent: int | None = None):
+    """Random / grid: Tune's BasicVariantGenerator (it takes the concurrency cap itself: Tune ignores
+    ``TuneConfig.max_concurrent_trials`` for a generator passed in); Optuna: OptunaSearch, capped by
+    ``max_concurrent_trials`` (a ConcurrencyLimiter)."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     s = spec.searcher
     if s.type in ("random", "grid"):
-        return BasicVariantGenerator(random_state=s.seed)
+        return BasicVariantGenerator(random_state=s.seed, max_concurrent=int(max_concurrent or 0))
     try:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401

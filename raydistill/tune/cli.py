@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- resolve the config (before Ray starts: every config / space error surfaces here) ----
     def _root(cfg_) -> Path:
-        return Path(os.path.expanduser(args.storage_path or str(cfg_.run.storage_path))).resolve()
+        return Path(os.path.expanduser(args.storage_path or cfg_.run.storage_path or "runs")).resolve()
 
     exp_dir: Path | None = None
     config_path = Path(args.config) if args.config else DEFAULT_SEARCH_CONFIG

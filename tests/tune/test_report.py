@@ -79,7 +79,7 @@ def test_extra_searched_param_gets_a_column(tmp_path):
     # a searched key whose leaf is a metric column keeps its full path (no clash with the lr metric)
     name = short_names(["distill.optimizer.lr"], reserved=rep.TRIAL_COLUMNS[5:])["distill.optimizer.lr"]
     assert name == "distill.optimizer.lr"
-    rows = [row("t0", 4.0, 0.5, 0.0, 0.8, 1.0, extra={name: 0.003, "divergence": "js"})]
+    rows = [row("t0", 4.0, 0.5, 0.0, 0.8, 1.0, extra={name: 0.003, "divergence": "reverse_kl"})]
     cols = rep.csv_columns(rows)
     assert cols.index("sparsity") < cols.index(name) < cols.index("divergence") < cols.index("accuracy")
     rep.write_trials_csv(rows, tmp_path / "t.csv")

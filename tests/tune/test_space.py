@@ -114,7 +114,7 @@ def test_missing_search_section():
 def test_randint_and_choice_types_checked_against_config():
     # an int key accepts a randint range; a float range would be rejected for it
     _check(_space("distill.epochs", {"dist": "randint", "low": 1, "high": 4}))
-    _check(_space("distill.divergence", {"dist": "choice", "values": ["forward_kl", "reverse_kl", "js"]}))
+    _check(_space("distill.divergence", {"dist": "choice", "values": ["forward_kl", "reverse_kl"]}))
     _check(_space("distill.optimizer.lr", {"dist": "loguniform", "low": 1e-4, "high": 1e-2}))
 
 

@@ -162,7 +162,7 @@ def search_ray_session(address: str | None = None):
 
     d = _distill_api()
     if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
-        with search_ray_session(address):
+        with d.ray_session(address=address):
             yield
         return
     prev = os.environ.get("RAY_API_SERVER_ADDRESS")

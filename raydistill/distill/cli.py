@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -73,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     log_path = storage / name / "distill.log"
     try:
         report = run_distill(cfg, storage_path=storage, name=name, address=args.address,
-                             progress=not args.no_progress and sys.stderr.isatty() or bool(
-                                 os.environ.get("RAYDISTILL_PROGRESS")))
+                             progress=not args.no_progress)
     except ConfigError as exc:
         return _fail(prog, str(exc), 2)
     except StageFailed as exc:

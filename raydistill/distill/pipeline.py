@@ -62,6 +62,7 @@ class Progress:
         self._stop = threading.Event()
         self._thread = None
         self._progress = None
+        self._lines = False
 
     def add(self, stage: str, log_path: Path, epochs: int):
         with self._lock:
@@ -69,7 +70,10 @@ class Progress:
                                    "last": None, "t0": time.time()}
 
     def __enter__(self):
-        if self.enabled:
+        import sys
+
+        self._lines = self.enabled and not sys.stderr.isatty()  # logs/CI: one plain line per epoch
+        if self.enabled and not self._lines:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, \
                 TimeElapsedColumn, TimeRemainingColumn
 
@@ -120,6 +124,14 @@ class Progress:
                     st["last"] = m
                     log.info("%s epoch %s/%s: %s", stage, m.get("epoch"), st["epochs"],
                              {k: m.get(k) for k in ("train_loss", "val_accuracy", "accuracy", "sparsity", "lr")})
+                    if self._lines:
+                        import sys
+
+                        el = time.time() - st["t0"]
+                        eta = el / max(1, int(m["epoch"])) * (st["epochs"] - int(m["epoch"]))
+                        print(f"[{stage}] epoch {m['epoch']}/{st['epochs']}  loss {m['train_loss']:.3f}  "
+                              f"val {m['val_accuracy']:.3f}  test {m['accuracy']:.3f}  sparsity "
+                              f"{m['sparsity']:.2f}  eta {eta:.0f}s", file=sys.stderr, flush=True)
                     if self._progress is not None and st["task"] is not None:
                         txt = (f"loss {m['train_loss']:.3f}  val {m['val_accuracy']:.3f}  "
                                f"test {m['accuracy']:.3f}  sparsity {m['sparsity']:.2f}")

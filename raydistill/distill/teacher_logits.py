@@ -68,12 +68,15 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
         out = Path(output).expanduser().resolve() if output else default_output(storage, teacher.config_hash, k)
         datasets, _ = distill_datasets(cfg, storage)
         gpus = ray.cluster_resources().get("GPU", 0)
-        n = int(concurrency or max(1, min(4, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))))
+        cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        n = int(concurrency or max(1, min(4, int(cpus // 2))))
         ds = datasets["train"].repartition(max(n, 2)).map_batches(
             TeacherTopK, fn_constructor_kwargs={"model": teacher.model, "path": teacher.path, "topk": k,
                                                 "use_gpu": gpus > 0},
             batch_size=2048, batch_format="numpy", concurrency=n,
-            num_gpus=1 if gpus > 0 else None, num_cpus=None if gpus > 0 else min(1.0, 1.0))
+            # fractional CPUs: the actors must leave room for the read/repartition tasks of the same
+            # pipeline, or on a small node the pool takes every CPU and the pipeline stalls
+            num_gpus=1 if gpus > 0 else None, num_cpus=None if gpus > 0 else 0.5)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         ds.write_parquet(str(tmp))

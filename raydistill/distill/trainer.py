@@ -179,9 +179,9 @@ def teacher_hash(cfg: Config) -> str:
 
 
 def build_teacher_trainer(cfg: Config, *, storage_path, name: str, callbacks=None, num_workers=None,
-                          resources_per_worker=None):
+                          resources_per_worker=None, data_root=None):
     storage = resolve_storage(storage_path)
-    datasets, rows = labelled_datasets(cfg, storage)
+    datasets, rows = labelled_datasets(cfg, resolve_storage(data_root) if data_root else storage)
     nw, res, threads = _workers_and_threads(cfg, num_workers, resources_per_worker)
     t = cfg.teacher.training
     spec = stage_config(cfg, stage="teacher", kind="ce", model=_spec(cfg.teacher), epochs=t.epochs,
@@ -302,7 +302,8 @@ def ensure_teacher(cfg: Config, storage_path, *, callbacks=None, num_workers=Non
 
         with ray_session():
             trainer = build_teacher_trainer(cfg, storage_path=root, name=h, callbacks=callbacks,
-                                            num_workers=num_workers, resources_per_worker=resources_per_worker)
+                                            num_workers=num_workers, resources_per_worker=resources_per_worker,
+                                            data_root=storage)
             result = trainer.fit()
         ck = final_checkpoint_dir(result, root, h)
         final = tdir / "final"

@@ -161,6 +161,22 @@ def _to_tensors(arrays: dict, device) -> dict[str, torch.Tensor]:
     return out
 
 
+def _wait_for_committed(run_dir: Path, epoch: int, timeout: float = 60.0) -> None:
+    """Block until Ray Train's checkpoint-manager snapshot in ``run_dir`` lists ``epoch`` (debug only)."""
+    if epoch < 1:
+        return
+    snap = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+            if int((latest.get("metrics") or {}).get("epoch", 0)) >= epoch:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the loop
 
@@ -345,6 +361,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 (one read
         for i, batch in enumerate(batches(epoch)):
             if crash_epoch and epoch == int(crash_epoch) and i == steps // 2 and rank == 0 \
                     and not crash_marker.exists():
+                # report() returns before the controller commits the checkpoint (it polls): crash only once
+                # the previous epoch's checkpoint is committed, so the test of "resume from the last
+                # checkpoint" is deterministic
+                _wait_for_committed(progress_dir, epoch - 1)
                 crash_marker.write_text(f"worker pid {os.getpid()} exited on purpose at epoch {epoch} step {i}\n")
                 os._exit(17)  # a real process death, not an exception
             logits = model(batch["x"])

@@ -86,7 +86,7 @@ def test_offline_topk_teacher_outputs_round_trip(ray_local, storage, tiny):
     from raydistill.models import build_model
 
     cfg = tiny()
-    out = write_teacher_outputs(cfg, storage_path=storage, topk=4, concurrency=2)
+    out = write_teacher_outputs(cfg, storage_path=storage, topk=4, concurrency=1)
     tab = pq.read_table(out).to_pandas()
     n_rows = 900 + cfg.distill.transfer_set.size  # train (val held out) + transfer
     assert len(tab) == n_rows and (tab["y"] == -1).sum() == cfg.distill.transfer_set.size

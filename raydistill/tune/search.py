@@ -136,6 +136,10 @@ def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_work
 
         trial_id = tune.get_context().get_trial_id()
         cfg = build_config(apply_trial_config(base, config))
+        # Keep >= 2 checkpoints: when ASHA stops a trial, its worker may already have reported (and
+        # checkpointed) the next epoch, which with num_to_keep=1 deletes the one Tune last saw.
+        if cfg.run.num_to_keep < 2:
+            cfg.run.num_to_keep = 2
         trainer = distill_api().build_student_trainer(
             cfg, teacher,
             storage_path=train_storage,
@@ -236,8 +240,39 @@ def trial_rows(trials: list, base: dict, spec: SearchSpec, build_config: Callabl
             "checkpoint_path": last.get("checkpoint_path"),
             "error": err,
         })
+        _reconcile_checkpoint(rows[-1], epochs_cfg)
     rows.sort(key=lambda r: r["trial_id"])
     return rows
+
+
+def _reconcile_checkpoint(row: dict, epochs_cfg: int) -> None:
+    """If the checkpoint Tune last saw is gone (the worker checkpointed a later epoch before the stop
+    reached it, and Ray Train rotated the old one out), describe the trial by its newest checkpoint:
+    its metrics come from that checkpoint's meta.json, so a front point and its checkpoint agree."""
+    ck = row.get("checkpoint_path")
+    if not ck or Path(ck).is_dir():
+        return
+    run_dir = Path(ck).parent
+    cands = sorted((p for p in run_dir.glob("checkpoint_*") if (p / "meta.json").is_file()),
+                   key=lambda p: p.name)
+    if not cands:
+        return
+    newest = cands[-1]
+    try:
+        meta = json.loads((newest / "meta.json").read_text())
+    except (OSError, ValueError):
+        return
+    m = meta.get("metrics", {})
+    row["checkpoint_path"] = str(newest)
+    for k, src in (("accuracy", "accuracy"), ("val_accuracy", "val_accuracy"),
+                   ("compression_ratio", "compression_ratio"), ("achieved_sparsity", "sparsity"),
+                   ("train_loss", "train_loss"), ("lr", "lr")):
+        if _num(m.get(src)) is not None:
+            row[k] = _num(m.get(src))
+    ep = meta.get("epoch", m.get("epoch"))
+    if _num(ep) is not None:
+        row["epochs_run"] = int(ep)
+        row["stopped_early"] = bool(row["status"] == "TERMINATED" and int(ep) < epochs_cfg)
 
 
 def _first_error_line(path: str) -> str:

@@ -1,0 +1,73 @@
+"""`raydistill tune` argument / config errors: exit code 2, the key named, and Ray never started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+TINY = Path(__file__).parent / "configs" / "tiny_search.yaml"
+
+
+def _write(tmp_path, mutate) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    mutate(data)
+    p = tmp_path / "search.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.parametrize(
+    "mutate, words",
+    [
+        (lambda d: d["search"]["space"].update({"distill.temprature": {"dist": "uniform", "low": 1, "high": 2}}),
+         "search.space.distill.temprature: not a config key"),
+        (lambda d: d["search"]["space"].update({"distill.alpha": {"dist": "uniform", "low": 1, "high": 0}}),
+         "search.space.distill.alpha: empty range"),
+        (lambda d: d["search"]["space"].update({"distill.temperature": {"dist": "loguniform", "low": 0, "high": 2}}),
+         "search.space.distill.temperature: loguniform needs low > 0"),
+        (lambda d: d["search"]["space"].update({"compression.sparsity": {"dist": "choice", "values": []}}),
+         "search.space.compression.sparsity: choice needs a non-empty list"),
+        (lambda d: d["search"]["space"].update({"distill.alpha": {"dist": "beta", "low": 0, "high": 1}}),
+         "search.space.distill.alpha: unknown distribution 'beta'"),
+        (lambda d: d.pop("search"), "no 'search' section"),
+        (lambda d: d["distill"].update({"temprature": 3}), "distill.temprature"),
+    ],
+)
+def test_bad_config_fails_before_ray(tmp_path, capsys, mutate, words):
+    import ray
+
+    from raydistill.tune.cli import main
+
+    rc = main([str(_write(tmp_path, mutate)), "--storage-path", str(tmp_path / "runs")])
+    out = capsys.readouterr()
+    assert rc == 2
+    assert words in (out.out + out.err), out.out + out.err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_arguments(tmp_path, capsys):
+    from raydistill.tune.cli import main
+
+    assert main([str(TINY), "--num-samples", "0", "--storage-path", str(tmp_path)]) == 2
+    assert main([str(TINY), "--min-sparsity", "1.5", "--storage-path", str(tmp_path)]) == 2
+    assert main([str(tmp_path / "missing.yaml")]) == 2
+    assert main(["--resume", str(TINY), "--storage-path", str(tmp_path), "--name", "nope"]) == 2
+    assert main(["--resume", str(TINY), "--storage-path", str(tmp_path), "--set", "distill.epochs=2"]) == 2
+    out = capsys.readouterr().out
+    assert "--num-samples must be >= 1" in out and "--min-sparsity must be in [0, 1]" in out
+    assert "config file not found" in out and "no search to resume" in out and "--set cannot change" in out
+
+
+def test_help_and_dispatch(capsys):
+    from raydistill.cli import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(["tune", "--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--num-samples", "--max-concurrent", "--storage-path", "--name", "--address", "--set",
+                 "--resume", "--min-sparsity"):
+        assert flag in out

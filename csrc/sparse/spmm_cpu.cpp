@@ -3,8 +3,10 @@
 // Layout: x (N, in) is packed once per call into batch tiles of T columns, xp[t][i][0..T) in fp32
 // (fp64 for fp64 inputs), zero-padded past N. Then y^T = W x^T: every nonzero (r, c, v) of W does
 // acc[0..T) += v * xp[t][c][0..T), an axpy over a contiguous batch vector held in registers
-// (T/8 AVX2 accumulators, unrolled over several nonzeros so that >= 8 FMA chains are in flight).
-// Rows are split between threads by work (nnz prefix sums + a per-row cost), not by row count.
+// (T/8 AVX2 or, on AVX512 hosts (runtime check), T/16 zmm accumulators, unrolled over several nonzeros
+// so that >= 8 FMA chains are in flight; the x rows of upcoming nonzeros are prefetched).
+// Rows are split into parts by work (nnz prefix sums + a per-row cost), not by row count; the parts are
+// handed out dynamically to the calling thread and helper tasks on torch's inter-op pool (run_parts).
 // Results of a group of rows are transposed through a small buffer so y is written contiguously.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -16,6 +18,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -32,6 +36,61 @@ namespace {
 
 constexpr int64_t kRowCost = 4;   // per-row overhead in "nonzeros" for the work split
 constexpr int kRowGroup = 16;     // rows per transposed write-back group
+
+// ---- threading ------------------------------------------------------------------------------------
+// The extension is compiled without -fopenmp, so at::parallel_for (an inline template) would run serially
+// here; run_parts below spreads parts over torch's inter-op pool instead. Parts are handed out
+// dynamically (atomic counter), which keeps both threads busy when the machine is shared.
+bool parallel_enabled() {
+  const char* e = std::getenv("RAYDISTILL_SPMM_SERIAL");
+  return !(e && e[0] == '1');
+}
+
+// fn(p) for every p in [0, parts), on up to at::get_num_threads() threads. fn must not throw.
+template <class F>
+void run_parts(int64_t parts, const F& fn) {
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), parts);
+  if (nt <= 1 || at::in_parallel_region() || !parallel_enabled()) {
+    for (int64_t p = 0; p < parts; ++p) fn(p);
+    return;
+  }
+  // The calling thread works through the parts and nt-1 helper tasks on torch's inter-op pool join in
+  // when they get scheduled. There is no barrier: the caller waits only for parts a helper has claimed,
+  // so a helper that starts late (busy machine) costs nothing; the shared state outlives the call.
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t parts = 0;
+    const void* fn = nullptr;
+    void (*call)(const void*, int64_t) = nullptr;
+    void work() {
+      for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
+        call(fn, p);
+        done.fetch_add(1, std::memory_order_acq_rel);
+      }
+    }
+  };
+  auto sh = std::make_shared<Shared>();
+  sh->parts = parts;
+  sh->fn = &fn;
+  sh->call = [](const void* f, int64_t p) { (*static_cast<const F*>(f))(p); };
+  for (int64_t i = 1; i < nt; ++i) at::launch([sh] { sh->work(); });
+  sh->work();
+  while (sh->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+}
+
+bool use_avx512() {
+  static const bool v = [] {
+    if (const char* e = std::getenv("RAYDISTILL_SPMM_ISA"); e && std::strcmp(e, "avx2") == 0) return false;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+    return false;
+#endif
+  }();
+  return v;
+}
 
 template <typename T>
 inline float to_acc(T v) { return static_cast<float>(v); }
@@ -54,9 +113,11 @@ std::vector<int64_t> balanced_rows(const int32_t* crow, int64_t rows, int64_t pa
   return b;
 }
 
-int64_t num_parts(int64_t rows) {
+// Parts for the row split; a single part (no helper threads) when the whole call is small.
+int64_t num_parts(int64_t rows, int64_t fmas) {
   const int64_t nt = at::get_num_threads();
-  return std::max<int64_t>(1, std::min<int64_t>(rows, nt == 1 ? 1 : nt * 4));
+  if (fmas < (int64_t(1) << 18)) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(rows, nt == 1 ? 1 : nt * 8));
 }
 
 int pick_tile(int64_t n) {
@@ -76,20 +137,28 @@ void pack_tiles(const scalar_t* x, int64_t n, int64_t k, int T, acc_t* xp) {
   const int64_t ntiles = (n + T - 1) / T;
   constexpr int64_t kBlk = 64;
   const int64_t kblocks = (k + kBlk - 1) / kBlk;
-  at::parallel_for(0, ntiles * kblocks, 1, [&](int64_t w0, int64_t w1) {
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t t = w / kblocks, i0 = (w % kblocks) * kBlk, i1 = std::min(k, i0 + kBlk);
-      acc_t* dst = xp + t * k * T;
-      for (int b = 0; b < T; ++b) {
-        const int64_t nb = t * T + b;
-        if (nb < n) {
-          const scalar_t* src = x + nb * k;
-          for (int64_t i = i0; i < i1; ++i) dst[i * T + b] = to_acc(src[i]);
-        } else {
-          for (int64_t i = i0; i < i1; ++i) dst[i * T + b] = acc_t(0);
-        }
+  auto work = [&](int64_t w) {
+    const int64_t t = w / kblocks, i0 = (w % kblocks) * kBlk, i1 = std::min(k, i0 + kBlk);
+    acc_t* dst = xp + t * k * T;
+    for (int b = 0; b < T; ++b) {
+      const int64_t nb = t * T + b;
+      if (nb < n) {
+        const scalar_t* src = x + nb * k;
+        for (int64_t i = i0; i < i1; ++i) dst[i * T + b] = to_acc(src[i]);
+      } else {
+        for (int64_t i = i0; i < i1; ++i) dst[i * T + b] = acc_t(0);
       }
     }
+  };
+  // a few pieces per thread (each piece: several 64-column blocks)
+  const int64_t nw = ntiles * kblocks;
+  const int64_t pieces = std::min<int64_t>(nw, 8 * std::max<int64_t>(1, at::get_num_threads()));
+  if (nw * T * kBlk < (1 << 16)) {
+    for (int64_t w = 0; w < nw; ++w) work(w);
+    return;
+  }
+  run_parts(pieces, [&](int64_t p) {
+    for (int64_t w = nw * p / pieces; w < nw * (p + 1) / pieces; ++w) work(w);
   });
 }
 
@@ -181,7 +250,134 @@ int64_t panel_bytes() {
     const int64_t kb = std::atoll(e);
     if (kb > 0) return kb * 1024;
   }
-  return 512 * 1024;  // the packed x panel stays in L2 while the rows sweep over it (wide inputs)
+  // One panel while a packed tile (in x T) fits in L2 (1 MiB: 4096 x 64 fp32): a row then runs through all
+  // its nonzeros with the accumulators in registers. Wider inputs are split so that a panel stays in L2.
+  return 1024 * 1024;
+}
+
+// One column panel [ptr[i*S + q], ptr[i*S + q + 1]) of each of R rows: yacc[i][0..T) += W_row_i x^T.
+template <typename acc_t, typename val_t, int T>
+using rows_fn = bool (*)(const acc_t* xpt, const int32_t* col, const val_t* vals, const int64_t* ptr, int64_t R,
+                         int64_t S, int64_t q, uint32_t in_f, acc_t* yacc);
+
+template <typename acc_t, typename val_t, int T>
+bool rows_axpy(const acc_t* xpt, const int32_t* col, const val_t* vals, const int64_t* ptr, int64_t R, int64_t S,
+               int64_t q, uint32_t in_f, acc_t* yacc) {
+  bool ok = true;
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t* pr = ptr + i * S;
+    if (pr[q + 1] > pr[q]) ok &= row_axpy<acc_t, val_t, T>(xpt, col, vals, pr[q], pr[q + 1], in_f, yacc + i * T);
+  }
+  return ok;
+}
+
+// ---- AVX512 (compiled for the avx512 target only here; chosen at runtime by use_avx512()) ----------
+#if defined(RAYDISTILL_SPMM_AVX2) && defined(__GNUC__)
+#define RAYDISTILL_SPMM_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+
+// Software prefetch distance (nonzeros) of the AVX512 row kernel: the packed x rows of upcoming
+// nonzeros come from L2 at random; 0 = off. RAYDISTILL_SPMM_PF overrides (read once).
+int prefetch_distance() {
+  static const int d = [] {
+    const char* e = std::getenv("RAYDISTILL_SPMM_PF");
+    return e ? std::max(0, std::atoi(e)) : 16;
+  }();
+  return d;
+}
+
+template <typename val_t>
+inline __m512 bcast512(const val_t* v) {
+  if constexpr (std::is_same_v<val_t, float>) return _mm512_set1_ps(*v);
+  else return _mm512_set1_ps(static_cast<float>(*v));
+}
+
+// T = 16*V batch columns in V zmm accumulators; U independent accumulator sets (nonzero k goes to set
+// k % U) so that U*V >= 8 FMA chains are in flight. The next row's first x rows are prefetched.
+template <typename val_t, int T>
+bool rows_axpy512(const float* xpt, const int32_t* col, const val_t* vals, const int64_t* ptr, int64_t R, int64_t S,
+                  int64_t q, uint32_t in_f, float* yacc) {
+  static_assert(T % 16 == 0, "T must be a multiple of 16");
+  constexpr int V = T / 16;
+  constexpr int U = (V >= 4) ? 2 : 8 / V;
+  const int64_t D = prefetch_distance();
+  bool ok = true;
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t k0 = ptr[i * S + q], k1 = ptr[i * S + q + 1];
+    if (k1 <= k0) continue;
+    float* acc = yacc + i * T;
+    __m512 a[U][V];
+#pragma GCC unroll 8
+    for (int j = 0; j < V; ++j) a[0][j] = _mm512_loadu_ps(acc + 16 * j);
+#pragma GCC unroll 8
+    for (int u = 1; u < U; ++u)
+#pragma GCC unroll 8
+      for (int j = 0; j < V; ++j) a[u][j] = _mm512_setzero_ps();
+    int64_t k = k0;
+    if (D > 0) {
+      for (; k + U + D <= k1; k += U) {
+        uint32_t cs[U];
+        uint32_t cmax = 0;
+#pragma GCC unroll 8
+        for (int u = 0; u < U; ++u) { cs[u] = static_cast<uint32_t>(col[k + u]); cmax = std::max(cmax, cs[u]); }
+        if (__builtin_expect(cmax >= in_f, 0)) { ok = false; continue; }
+#pragma GCC unroll 8
+        for (int u = 0; u < U; ++u) {
+          const uint32_t cp = std::min(static_cast<uint32_t>(col[k + u + D]), in_f - 1);
+          const char* pp = reinterpret_cast<const char*>(xpt + static_cast<int64_t>(cp) * T);
+#pragma GCC unroll 8
+          for (int j = 0; j < V; ++j) _mm_prefetch(pp + 64 * j, _MM_HINT_T0);
+          const float* xr = xpt + static_cast<int64_t>(cs[u]) * T;
+          const __m512 v = bcast512(vals + k + u);
+#pragma GCC unroll 8
+          for (int j = 0; j < V; ++j) a[u][j] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + 16 * j), a[u][j]);
+        }
+      }
+    }
+    for (; k + U <= k1; k += U) {
+      uint32_t cs[U];
+      uint32_t cmax = 0;
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) { cs[u] = static_cast<uint32_t>(col[k + u]); cmax = std::max(cmax, cs[u]); }
+      if (__builtin_expect(cmax >= in_f, 0)) { ok = false; continue; }
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        const float* xr = xpt + static_cast<int64_t>(cs[u]) * T;
+        const __m512 v = bcast512(vals + k + u);
+#pragma GCC unroll 8
+        for (int j = 0; j < V; ++j) a[u][j] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + 16 * j), a[u][j]);
+      }
+    }
+    for (; k < k1; ++k) {
+      const uint32_t c = static_cast<uint32_t>(col[k]);
+      if (__builtin_expect(c >= in_f, 0)) { ok = false; continue; }
+      const float* xr = xpt + static_cast<int64_t>(c) * T;
+      const __m512 v = bcast512(vals + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < V; ++j) a[0][j] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + 16 * j), a[0][j]);
+    }
+#pragma GCC unroll 8
+    for (int u = 1; u < U; ++u)
+#pragma GCC unroll 8
+      for (int j = 0; j < V; ++j) a[0][j] = _mm512_add_ps(a[0][j], a[u][j]);
+#pragma GCC unroll 8
+    for (int j = 0; j < V; ++j) _mm512_storeu_ps(acc + 16 * j, a[0][j]);
+  }
+  return ok;
+}
+
+#pragma GCC pop_options
+#endif
+
+template <typename scalar_t, typename acc_t, int T>
+rows_fn<acc_t, scalar_t, T> pick_rows_fn() {
+#ifdef RAYDISTILL_SPMM_AVX512
+  if constexpr (std::is_same_v<acc_t, float> && T >= 16) {
+    if (use_avx512()) return &rows_axpy512<scalar_t, T>;
+  }
+#endif
+  return &rows_axpy<acc_t, scalar_t, T>;
 }
 
 // y = x W^T + b via y^T = W x^T on packed batch tiles. The input dim is split into panels whose packed
@@ -194,48 +390,41 @@ void spmm_tiled(const scalar_t* x, const int32_t* crow, const int32_t* col, cons
   pack_tiles<scalar_t, acc_t>(x, n, in_f, T, xp.data());
   const int64_t P = std::max<int64_t>(64, panel_bytes() / (T * static_cast<int64_t>(sizeof(acc_t))));
   const int64_t Q = std::max<int64_t>(1, (in_f + P - 1) / P);
-  const int64_t parts = num_parts(out_f);
+  const int64_t parts = num_parts(out_f, static_cast<int64_t>(crow[out_f]) * n);
   const std::vector<int64_t> bounds = balanced_rows(crow, out_f, parts);
+  const rows_fn<acc_t, scalar_t, T> kernel = pick_rows_fn<scalar_t, acc_t, T>();
   std::atomic<bool> bad{false};
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+  run_parts(parts, [&](int64_t p) {
     bool ok = true;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t rb = bounds[p], re = bounds[p + 1], R = re - rb;
-      if (R <= 0) continue;
-      // per-row nonzero ranges of each panel (columns are sorted within a row)
-      std::vector<int64_t> ptr(static_cast<size_t>(R * (Q + 1)));
-      for (int64_t r = rb; r < re; ++r) {
-        int64_t* pr = ptr.data() + (r - rb) * (Q + 1);
-        pr[0] = crow[r];
-        pr[Q] = crow[r + 1];
-        for (int64_t q = 1; q < Q; ++q) {
-          const int32_t* lo = col + std::max<int64_t>(pr[q - 1], crow[r]);
-          pr[q] = std::lower_bound(lo, col + crow[r + 1], static_cast<int32_t>(q * P)) - col;
-        }
+    const int64_t rb = bounds[p], re = bounds[p + 1], R = re - rb;
+    if (R <= 0) return;
+    // per-row nonzero ranges of each panel (columns are sorted within a row)
+    std::vector<int64_t> ptr(static_cast<size_t>(R * (Q + 1)));
+    for (int64_t r = rb; r < re; ++r) {
+      int64_t* pr = ptr.data() + (r - rb) * (Q + 1);
+      pr[0] = crow[r];
+      pr[Q] = crow[r + 1];
+      for (int64_t q = 1; q < Q; ++q) {
+        const int32_t* lo = col + std::max<int64_t>(pr[q - 1], crow[r]);
+        pr[q] = std::lower_bound(lo, col + crow[r + 1], static_cast<int32_t>(q * P)) - col;
       }
-      std::vector<acc_t> yacc(static_cast<size_t>(R * T));
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const acc_t* xpt = xp.data() + t * in_f * T;
-        std::fill(yacc.begin(), yacc.end(), acc_t(0));
-        for (int64_t q = 0; q < Q; ++q) {
-          for (int64_t i = 0; i < R; ++i) {
-            const int64_t* pr = ptr.data() + i * (Q + 1);
-            if (pr[q + 1] > pr[q])
-              ok &= row_axpy<acc_t, scalar_t, T>(xpt, col, vals, pr[q], pr[q + 1], static_cast<uint32_t>(in_f),
-                                                 yacc.data() + i * T);
-          }
-        }
-        const int nb = static_cast<int>(std::min<int64_t>(T, n - t * T));
-        for (int64_t g0 = 0; g0 < R; g0 += kRowGroup) {
-          const int gr = static_cast<int>(std::min<int64_t>(kRowGroup, R - g0));
-          for (int b = 0; b < nb; ++b) {
-            scalar_t* yr = y + (t * T + b) * out_f + rb + g0;
-            const acc_t* src = yacc.data() + g0 * T + b;
-            if (bias) {
-              for (int i = 0; i < gr; ++i) yr[i] = static_cast<scalar_t>(src[i * T] + to_acc(bias[rb + g0 + i]));
-            } else {
-              for (int i = 0; i < gr; ++i) yr[i] = static_cast<scalar_t>(src[i * T]);
-            }
+    }
+    std::vector<acc_t> yacc(static_cast<size_t>(R * T));
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const acc_t* xpt = xp.data() + t * in_f * T;
+      std::fill(yacc.begin(), yacc.end(), acc_t(0));
+      for (int64_t q = 0; q < Q; ++q)
+        ok &= kernel(xpt, col, vals, ptr.data(), R, Q + 1, q, static_cast<uint32_t>(in_f), yacc.data());
+      const int nb = static_cast<int>(std::min<int64_t>(T, n - t * T));
+      for (int64_t g0 = 0; g0 < R; g0 += kRowGroup) {
+        const int gr = static_cast<int>(std::min<int64_t>(kRowGroup, R - g0));
+        for (int b = 0; b < nb; ++b) {
+          scalar_t* yr = y + (t * T + b) * out_f + rb + g0;
+          const acc_t* src = yacc.data() + g0 * T + b;
+          if (bias) {
+            for (int i = 0; i < gr; ++i) yr[i] = static_cast<scalar_t>(src[i * T] + to_acc(bias[rb + g0 + i]));
+          } else {
+            for (int i = 0; i < gr; ++i) yr[i] = static_cast<scalar_t>(src[i * T]);
           }
         }
       }
@@ -250,13 +439,13 @@ void spmm_tiled(const scalar_t* x, const int32_t* crow, const int32_t* col, cons
 template <typename scalar_t, int NB>
 void spmm_gather(const float* xf, const int32_t* crow, const int32_t* col, const scalar_t* vals,
                  const scalar_t* bias, scalar_t* y, int64_t in_f, int64_t out_f) {
-  const int64_t parts = num_parts(out_f);
+  const int64_t parts = num_parts(out_f, static_cast<int64_t>(crow[out_f]) * NB);
   const std::vector<int64_t> bounds = balanced_rows(crow, out_f, parts);
   std::atomic<bool> bad{false};
   const __m256i lim = _mm256_set1_epi32(static_cast<int32_t>(in_f));
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+  run_parts(parts, [&](int64_t p) {
     bool ok = true;
-    for (int64_t p = p0; p < p1; ++p) {
+    {
       for (int64_t r = bounds[p]; r < bounds[p + 1]; ++r) {
         const int64_t k0 = crow[r], k1 = crow[r + 1];
         __m256 a[NB], a2[NB];
@@ -377,12 +566,12 @@ void sddmm_tiled(const scalar_t* dy, const scalar_t* x, const int32_t* crow, con
   std::vector<acc_t> dyp(static_cast<size_t>(ntiles * out_f * T));
   pack_tiles<scalar_t, acc_t>(x, n, in_f, T, xp.data());
   pack_tiles<scalar_t, acc_t>(dy, n, out_f, T, dyp.data());
-  const int64_t parts = num_parts(out_f);
+  const int64_t parts = num_parts(out_f, static_cast<int64_t>(crow[out_f]) * n);
   const std::vector<int64_t> bounds = balanced_rows(crow, out_f, parts);
   std::atomic<bool> bad{false};
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+  run_parts(parts, [&](int64_t p) {
     bool ok = true;
-    for (int64_t p = p0; p < p1; ++p) {
+    {
       for (int64_t t = 0; t < ntiles; ++t) {
         sddmm_rows<acc_t, T>(dyp.data() + t * out_f * T, xp.data() + t * in_f * T, crow, col, bounds[p],
                              bounds[p + 1], static_cast<uint32_t>(in_f), out, ok);

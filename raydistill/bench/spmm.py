@@ -1,7 +1,8 @@
 """``raydistill bench spmm``: SparseLinear (raydistill::spmm/sddmm) vs dense F.linear vs torch.sparse.mm (CSR).
 
 For each shape (out x in), batch and sparsity (random unstructured masks) it measures, side by side in
-one run, median wall times of the forward and of forward+backward, prints a table with the speedups and
+one run and interleaved (round-robin repeats, so load on a shared machine hits all alike), median wall
+times of the forward and of forward+backward, prints a table with the speedups and
 the crossover sparsity (the lowest swept sparsity from which SparseLinear's forward beats dense), and
 writes JSON with machine details to ``benchmarks/results/spmm_<device>[_quick].json``.
 """
@@ -76,6 +77,32 @@ def _timer(device: str):
                 break
         return statistics.median(times)
 
+    def interleaved(fns: dict, repeats: int, budget_s: float) -> dict:
+        """Median seconds of each fn, timed round-robin (A, B, C, A, B, C, ...) so that load changes on a
+        shared machine hit all of them alike; a fn that fails its warm-up gets None."""
+        ok = {}
+        for k, fn in fns.items():
+            try:
+                fn()
+                ok[k] = fn
+            except (RuntimeError, NotImplementedError, TypeError):
+                pass
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times = {k: [] for k in ok}
+        t_end = time.perf_counter() + budget_s * max(1, len(ok))
+        for i in range(repeats):
+            for k, fn in ok.items():
+                t0 = time.perf_counter()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[k].append(time.perf_counter() - t0)
+            if i >= 2 and time.perf_counter() > t_end:
+                break
+        return {k: (statistics.median(times[k]) if k in times else None) for k in fns}
+
+    run.interleaved = interleaved
     return run
 
 
@@ -88,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (cpu; default: all)")
     p.add_argument("--repeats", type=int, default=None, help="max timed repeats per config")
     p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument("--shapes", default=None, help="focused sweep: comma list of OUTxIN, e.g. 4096x4096")
+    p.add_argument("--batches", default=None, help="focused sweep: comma list of batch sizes, e.g. 16,64")
+    p.add_argument("--sparsities", default=None, help="focused sweep: comma list, e.g. 0.7,0.9")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/spmm_<device>[_quick].json)")
     a = p.parse_args(argv)
 
@@ -112,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     if backend != "compiled":
         con.print(f"[yellow]warning: raydistill::spmm is not compiled for {a.device} ({st.reason}); "
                   "timing the PyTorch reference path[/yellow]")
-    sweep = QUICK if a.quick else dict(sparsities=SPARSITIES, batches=BATCHES, shapes=SHAPES)
+    sweep = dict(QUICK if a.quick else dict(sparsities=SPARSITIES, batches=BATCHES, shapes=SHAPES))
+    if a.shapes:
+        sweep["shapes"] = tuple(tuple(int(v) for v in sh.lower().split("x")) for sh in a.shapes.split(","))
+    if a.batches:
+        sweep["batches"] = tuple(int(v) for v in a.batches.split(","))
+    if a.sparsities:
+        sweep["sparsities"] = tuple(float(v) for v in a.sparsities.split(","))
     dev = torch.device(a.device)
     timer = _timer(a.device)
     t_start = time.perf_counter()
@@ -133,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                 x = torch.randn(n, in_f, device=dev, dtype=dtype, generator=None)
                 xg = x.clone().requires_grad_()
                 with torch.no_grad():
-                    t_dense = timer(lambda: F.linear(x, w_dense, b_dense), reps, budget)
-                    t_ours = timer(lambda: sl(x), reps, budget)
-                    t_tsp = timer(lambda: torch.sparse.mm(w_csr, x.t()).t() + b_dense, reps, budget)
+                    tm = timer.interleaved({"dense": lambda: F.linear(x, w_dense, b_dense), "ours": lambda: sl(x),
+                                            "tsp": lambda: torch.sparse.mm(w_csr, x.t()).t() + b_dense},
+                                           reps, budget)
+                    t_dense, t_ours, t_tsp = tm["dense"], tm["ours"], tm["tsp"]
                 row = {"shape": [out_f, in_f], "out_features": out_f, "in_features": in_f, "batch": n,
                        "sparsity": s, "nnz": sl.nnz, "dtype": str(dtype).removeprefix("torch."),
                        "dense_fwd_ms": _ms(t_dense), "sparse_linear_fwd_ms": _ms(t_ours),
@@ -147,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                     def ours_fb():
                         sl(xg).sum().backward()
 
-                    row["dense_fwd_bwd_ms"] = _ms(timer(dense_fb, reps, budget))
-                    row["sparse_linear_fwd_bwd_ms"] = _ms(timer(ours_fb, reps, budget))
+                    tb = timer.interleaved({"dense": dense_fb, "ours": ours_fb}, reps, budget)
+                    row["dense_fwd_bwd_ms"] = _ms(tb["dense"])
+                    row["sparse_linear_fwd_bwd_ms"] = _ms(tb["ours"])
                     sl.zero_grad(set_to_none=True)
                     w_dense.grad = b_dense.grad = xg.grad = None
                 row["speedup_vs_dense"] = _ratio(row["dense_fwd_ms"], row["sparse_linear_fwd_ms"])

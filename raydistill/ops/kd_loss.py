@@ -280,6 +280,10 @@ def _fake_topk_fwd(student, teacher_topk, teacher_topk_indices, labels, temperat
 
 
 def _setup_context(ctx, inputs, output):
+    # The gradient output is not differentiable, and autograd must not materialize a rows x V zero
+    # "gradient" for it in backward (that would double the peak memory).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 

@@ -162,8 +162,57 @@ def make_scheduler(spec: SearchSpec, epochs: int):
     max_t = s.max_t or epochs
     # One past the last epoch: a trial that reaches its last epoch ends by itself (Ray Train finishes
     # cleanly) instead of being stopped by the scheduler at the same moment; rungs are unchanged.
-    return ASHAScheduler(time_attr="epoch", metric=spec.metric, mode=spec.mode, max_t=max_t + 1,
-                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    kw = dict(time_attr="epoch", metric=spec.metric, mode=spec.mode, max_t=max_t + 1,
+              grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    if s.group_by:
+        return make_grouped_asha(s.group_by, **kw)
+    return ASHAScheduler(**kw)
+
+
+def make_grouped_asha(group_by: str, **asha_kwargs):
+    """ASHA run separately per value of ``group_by`` (one AsyncHyperBandScheduler per value).
+
+    Plain ASHA on accuracy stops pruned trials because pruning costs accuracy in the early epochs it
+    compares them at, so the sparse end of the front is never trained to completion. Grouped by the
+    target sparsity, a trial is only compared with trials pruned to the same sparsity."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    class GroupedASHA(FIFOScheduler):
+        def __init__(self):
+            super().__init__()
+            self._metric, self._mode = asha_kwargs.get("metric"), asha_kwargs.get("mode")
+            self._groups: dict[str, AsyncHyperBandScheduler] = {}
+
+        def _asha(self, trial) -> AsyncHyperBandScheduler:
+            key = repr((trial.config or {}).get(group_by))
+            if key not in self._groups:
+                self._groups[key] = AsyncHyperBandScheduler(**asha_kwargs)
+            return self._groups[key]
+
+        def set_search_properties(self, metric, mode, **spec) -> bool:
+            return not (metric or mode) or (metric in (None, self._metric) and mode in (None, self._mode))
+
+        def on_trial_add(self, tune_controller, trial):
+            self._asha(trial).on_trial_add(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return self._asha(trial).on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            asha = self._asha(trial)
+            if trial.trial_id in asha._trial_info:
+                asha.on_trial_complete(tune_controller, trial, result)
+
+        def on_trial_remove(self, tune_controller, trial):
+            asha = self._asha(trial)
+            if trial.trial_id in asha._trial_info:
+                asha.on_trial_remove(tune_controller, trial)
+
+        def debug_string(self) -> str:
+            return f"GroupedASHA by {group_by}: " + "; ".join(
+                f"{k}: {v.debug_string()}" for k, v in self._groups.items())
+
+    return GroupedASHA()
 
 
 def make_searcher(spec: SearchSpec, max_concurrent: int | None = None):

@@ -109,6 +109,10 @@ class SchedulerSpec(_Strict):
     grace_period: int = Field(default=1, ge=1, description="epochs every trial runs before ASHA may stop it")
     reduction_factor: float = Field(default=2.0, gt=1.0)
     max_t: int | None = Field(default=None, ge=1, description="default: distill.epochs")
+    group_by: str | None = Field(
+        default=None,
+        description="a searched choice/grid key (e.g. compression.sparsity): ASHA compares a trial only with "
+                    "trials sharing its value, so pruned trials are not stopped for losing to dense ones")
 
 
 class SearcherSpec(_Strict):
@@ -153,6 +157,14 @@ class SearchSpec(_Strict):
                 raise ValueError(
                     f"searcher grid enumerates finite sets only; use dist choice or grid for: {', '.join(bad)}"
                 )
+        g = self.scheduler.group_by
+        if g is not None:
+            if self.scheduler.type != "asha":
+                raise ValueError("scheduler.group_by only applies to scheduler asha")
+            if g not in self.space:
+                raise ValueError(f"scheduler.group_by {g!r} is not a searched key ({', '.join(self.space)})")
+            if self.space[g].dist not in ("choice", "grid"):
+                raise ValueError(f"scheduler.group_by {g!r} must be a choice/grid key, not {self.space[g].dist}")
         if self.searcher.type == "optuna":
             bad = [k for k, d in self.space.items() if d.dist == "grid"]
             if bad:

@@ -149,3 +149,43 @@ def test_apply_trial_config_and_short_names():
         "distill.epochs": "distill.epochs", "teacher.training.epochs": "teacher.training.epochs"}
     with pytest.raises(SearchSpaceError, match="nope"):
         apply_trial_config(base, {"distill.nope": 1})
+
+
+def test_grouped_asha_compares_trials_only_within_their_group():
+    from types import SimpleNamespace
+
+    from raydistill.tune.search import make_scheduler
+
+    spec = parse_search({**GOOD, "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2,
+                                               "group_by": "compression.sparsity"}})
+    sched = make_scheduler(spec, epochs=4)
+
+    def trial(i, s):
+        return SimpleNamespace(trial_id=f"t{i}", config={"compression.sparsity": s})
+
+    dense = [trial(i, 0.0) for i in range(3)]
+    sparse = [trial(10 + i, 0.9) for i in range(3)]
+    for t in dense + sparse:
+        sched.on_trial_add(None, t)
+    # dense trials set a high bar at epoch 1; sparse ones are worse than every dense one
+    acts = [sched.on_trial_result(None, t, {"epoch": 1, "val_accuracy": a}) for t, a in zip(dense, (0.8, 0.9, 0.5))]
+    assert acts[-1] == "STOP"  # worse than its own group's median
+    acts = [sched.on_trial_result(None, t, {"epoch": 1, "val_accuracy": a}) for t, a in zip(sparse, (0.4, 0.45, 0.3))]
+    assert acts[:2] == ["CONTINUE", "CONTINUE"] and acts[2] == "STOP"  # judged against sparse trials only
+    # plain ASHA would have stopped the sparse ones for losing to the dense ones
+    plain = make_scheduler(parse_search(GOOD), epochs=4)
+    for t in dense + sparse:
+        plain.on_trial_add(None, t)
+    for t, a in zip(dense, (0.8, 0.9, 0.5)):
+        plain.on_trial_result(None, t, {"epoch": 1, "val_accuracy": a})
+    assert plain.on_trial_result(None, sparse[1], {"epoch": 1, "val_accuracy": 0.45}) == "STOP"
+
+
+@pytest.mark.parametrize("sched, words", [
+    ({"type": "asha", "group_by": "distill.alpha"}, "choice/grid"),
+    ({"type": "asha", "group_by": "distill.epochs"}, "not a searched key"),
+    ({"type": "fifo", "group_by": "compression.sparsity"}, "only applies to scheduler asha"),
+])
+def test_group_by_validation(sched, words):
+    with pytest.raises(SearchSpaceError, match=words):
+        parse_search({**GOOD, "scheduler": sched})

@@ -147,7 +147,7 @@ def plot_pareto(rows: Sequence[dict], front: Sequence[dict], path: Path, *, teac
     ax.set_ylabel("test accuracy")
     ax.set_title(title or "accuracy vs compression")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

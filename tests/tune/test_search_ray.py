@@ -31,14 +31,15 @@ TINY = Path(__file__).parent / "configs" / "tiny_search.yaml"
 SOFT_TIMEOUT_S = float(os.environ.get("RAYDISTILL_TUNE_TEST_TIMEOUT_S", "420"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ray_2cpu():
     import ray
 
     from raydistill.tune.runner import start_local_ray
 
     prev = os.environ.get("RAY_API_SERVER_ADDRESS")
-    assert not ray.is_initialized()
+    if ray.is_initialized():
+        ray.shutdown()
     start_local_ray(num_cpus=2)
     yield ray
     ray.shutdown()
@@ -157,7 +158,19 @@ def test_search_more_trials_than_cpus_asha_stops_some_and_finishes(ray_2cpu, sto
     assert best.compression.sparsity == pytest.approx(float(best_row["sparsity"]))
 
 
-def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_2cpu, storage):
+@pytest.fixture
+def no_ray():
+    """As on the command line: each `raydistill tune` call starts (and shuts down) its own Ray; an
+    interrupted search's process, and its Ray, are gone when --resume runs."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    assert not ray.is_initialized()
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(no_ray, storage):
     name = "resume"
     exp = storage / name
     rc, _ = run_tune(str(TINY), "--storage-path", str(storage), "--name", name, "--num-samples", "4",

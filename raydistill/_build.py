@@ -108,6 +108,11 @@ def _headers() -> list[Path]:
 
 def _cpu_flags() -> list[str]:
     flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+    if platform.system() == "Linux":
+        # at::parallel_for is an inline template over OpenMP (torch's AT_PARALLEL_OPENMP build): without
+        # -fopenmp it silently runs on one thread. Linking with -fopenmp records libgomp.so.1, which the
+        # loader resolves to the copy torch already loaded, so there is one OpenMP runtime per process.
+        flags.append("-fopenmp")
     if platform.machine() in ("x86_64", "AMD64"):
         # at::vec picks its widest implementation from CPU_CAPABILITY_*; the extension is built for the
         # host it first runs on (the capability is part of the cache key).
@@ -162,6 +167,7 @@ def _build(with_cuda: bool, verbose: bool) -> ExtState:
                     sources=[str(p) for p in _sources(with_cuda)],
                     extra_cflags=_cpu_flags() + (["-DRAYDISTILL_WITH_CUDA"] if with_cuda else []),
                     extra_cuda_cflags=_cuda_flags() if with_cuda else None,
+                    extra_ldflags=["-fopenmp"] if platform.system() == "Linux" else None,
                     extra_include_paths=[str(csrc_dir())],
                     build_directory=str(build_dir),
                     verbose=verbose,

@@ -313,6 +313,28 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     t_start = time.perf_counter()
+    machine = machine_info(device)
+    out = Path(a.out) if a.out else (Path(__file__).resolve().parents[2] / "benchmarks" / "results" /
+                                     f"kd_loss_{device.type}{'_quick' if a.quick else ''}.json")
+
+    def write_json(complete: bool) -> Path:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        machine["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        payload = {
+            "benchmark": "kd_loss", "quick": a.quick, "complete": complete, "temperature": T_DEFAULT,
+            "alpha": ALPHA_DEFAULT, "reps": reps, "warmup": a.warmup, "kd_loss_backend": backend,
+            "machine": machine,
+            "memory_method": ("cuda: torch.cuda.max_memory_allocated - memory_allocated before the fwd+bwd call"
+                              if device.type == "cuda" else
+                              "cpu: peak RSS (VmHWM, reset via /proc/self/clear_refs=5) minus RSS before the "
+                              "fwd+bwd call; includes the kept student.grad"),
+            "timing_method": "median of reps after warmup; fwd = no-grad forward, fwd_bwd = loss + backward",
+            "results": results, "targets": check_targets(results) if device.type == "cpu" else [],
+            "elapsed_s": time.perf_counter() - t_start,
+        }
+        out.write_text(json.dumps(payload, indent=2))
+        return out
+
     for N, V, dt in cases:
         dtype = DTYPES[dt]
         case_res = []
@@ -332,28 +354,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warning: fused loss {fused['loss']} differs from eager {ref['loss']} (rel {rel:.2e})",
                       file=sys.stderr)
         results += case_res
+        write_json(False)  # partial results survive an interrupted sweep
 
     print_table(results, device)
     targets = check_targets(results) if device.type == "cpu" else []
     for tg in targets:
         print(f"[{'PASS' if tg['pass'] else 'FAIL'}] {tg['case']}: {tg['target']} (measured {tg['value']:.2f})")
-
-    out = Path(a.out) if a.out else (Path(__file__).resolve().parents[2] / "benchmarks" / "results" /
-                                     f"kd_loss_{device.type}{'_quick' if a.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "benchmark": "kd_loss", "quick": a.quick, "temperature": T_DEFAULT, "alpha": ALPHA_DEFAULT,
-        "reps": reps, "warmup": a.warmup, "kd_loss_backend": backend, "machine": machine_info(device),
-        "memory_method": ("cuda: torch.cuda.max_memory_allocated - memory_allocated before the fwd+bwd call"
-                          if device.type == "cuda" else
-                          "cpu: peak RSS (VmHWM, reset via /proc/self/clear_refs=5) minus RSS before the fwd+bwd "
-                          "call; includes the kept student.grad"),
-        "timing_method": "median of reps after warmup; fwd = no-grad forward, fwd_bwd = loss + backward",
-        "results": results, "targets": targets,
-        "elapsed_s": time.perf_counter() - t_start,
-    }
-    payload["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    out.write_text(json.dumps(payload, indent=2))
+    out = write_json(True)
     print(f"wrote {out}")
     return 0
 

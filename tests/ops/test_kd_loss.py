@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from raydistill.ops import KDLoss, kd_loss, kd_loss_reference, kd_loss_topk
 
@@ -131,6 +133,7 @@ def test_leading_shape_and_labels_none(seeded):
     _assert_close(F32, *out)
     labels = _labels(seeded, (B, S), V, ignore_every=4)
     _assert_close(F32, *_run_both(student, teacher, labels, alpha=0.2, reduction="mean"))
+    _assert_close(F32, *_run_both(student, teacher, labels.int(), alpha=0.2, reduction="sum"))  # int32 labels
 
 
 def test_non_contiguous_inputs(seeded):
@@ -480,3 +483,18 @@ print("FALLBACK_OK")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "FALLBACK_OK" in r.stdout
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(0, 5), V=st.integers(1, 70), divergence=st.sampled_from(DIVS),
+       reduction=st.sampled_from(REDS), dtype=st.sampled_from([F32, BF16, F16]),
+       temperature=st.floats(0.25, 8.0), alpha=st.floats(0.0, 1.0), beta=st.floats(0.05, 0.95),
+       t2=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_property_matches_reference(ext, rows, V, divergence, reduction, dtype, temperature, alpha, beta, t2, seed):
+    g = torch.Generator().manual_seed(seed)
+    student, teacher = _logits(g, (rows, V), dtype), _logits(g, (rows, V), F32)
+    labels = _labels(g, (rows,), V, ignore_every=3)
+    out = _run_both(student, teacher, labels, temperature=temperature, alpha=alpha, divergence=divergence,
+                    beta=beta, reduction=reduction, t2_scaling=t2)
+    # fp16 loses range for the T^2-scaled gradient at small T; compare in the dtype's own precision
+    _assert_close(dtype, *out, grad_atol=_tol(dtype)[1] * (temperature if t2 else 1.0) * 10)

@@ -260,6 +260,8 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
     storage_root, name = exp_dir.parent, exp_dir.name
     exp_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
+        # saved with the effective search spec (--num-samples etc. applied): --resume reads it back
+        cfg = cfg.model_copy(update={"search": spec.model_dump(mode="json", exclude_none=True)})
         dump_config(cfg, exp_dir / saved_config_name)
     state_path = exp_dir / state_name
     state = SearchState.load(state_path)

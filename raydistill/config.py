@@ -133,6 +133,9 @@ class CompressionConfig(_Strict):
     block: int = Field(4, ge=1)
     include: list[str] | None = Field(None, description="glob patterns of Linear layers to prune (default all)")
     exclude: list[str] | None = None
+    keep_output_dense: bool = Field(
+        True, description="never prune the model's last nn.Linear (the classifier head: few weights, and "
+                          "pruning it costs the most accuracy per weight)")
     begin_fraction: float = Field(0.1, ge=0, le=1, description="pruning starts at this fraction of steps")
     end_fraction: float = Field(0.7, ge=0, le=1, description="final sparsity reached at this fraction")
     frequency: int = Field(10, ge=1, description="update masks every N optimizer steps")

@@ -84,7 +84,7 @@ def test_unknown_top_level_key(tmp_path):
     ("student.model=nosuchnet", "student.model", "unknown model 'nosuchnet'"),
     ("run.name=has space", "run.name", "pattern"),
     ("assistants=[{model: mlp, bogus: 1}]", "assistants.0.bogus", "unknown key"),
-    ("compression.end_fraction=0.05", "compression", "end_fraction"),
+    ("compression.end_fraction=0.01", "compression", "end_fraction"),  # < begin_fraction (0.05)
 ])
 def test_bad_values_name_the_key(override, key, words):
     with pytest.raises(ConfigError) as ei:

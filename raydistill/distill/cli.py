@@ -123,7 +123,7 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", "-o", default=None, help="parquet directory (default <storage>/teacher_outputs/"
                                                         "<teacher-hash>-k<topk>)")
     p.add_argument("--topk", type=int, default=None, help="logits kept per row (default distill.topk)")
-    p.add_argument("--concurrency", type=int, default=None, help="teacher actors (default: CPUs, max 4)")
+    p.add_argument("--concurrency", type=int, default=None, help="teacher actors (default: 1 on < 4 CPUs, else CPUs/2, max 4)")
     args = p.parse_args(argv)
     from raydistill.config import ConfigError
 

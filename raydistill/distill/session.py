@@ -61,7 +61,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, quie
     if quiet:
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    ray.init(address=address, **kwargs)
+    _init_with_retry(ray, address, kwargs)
     if quiet:
         try:
             from ray.data import DataContext
@@ -75,6 +75,20 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, quie
         yield ray
     finally:
         ray.shutdown()
+
+
+def _init_with_retry(ray, address, kwargs, attempts: int = 3) -> None:
+    """``ray.init``; a local start that times out (Ray waits a fixed 30 s for the raylet to register,
+    which a heavily loaded machine can miss) is shut down and retried."""
+    for i in range(attempts):
+        try:
+            ray.init(address=address, **kwargs)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if address is not None or "timed out during startup" not in str(exc) or i == attempts - 1:
+                raise
+            log.warning("Ray start timed out (attempt %d of %d, busy machine?); retrying", i + 1, attempts)
+            ray.shutdown()
 
 
 def ray_log_dir() -> str | None:

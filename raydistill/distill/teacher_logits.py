@@ -3,7 +3,9 @@ top-k logits per row in parquet, so distillation (``distill.teacher_outputs``) r
 ``kd_loss_topk`` instead of running the teacher in every step of every run.
 
 The teacher is held by a pool of stateful actors (``map_batches`` with a callable class and
-``concurrency=N``; one GPU each when the cluster has GPUs), loaded once per actor.
+``concurrency=N``; one GPU each when the cluster has GPUs, else a fractional CPU each, sized from the
+cluster's resources), loaded once per actor. The whole pipeline runs under a deadline (``timeout_s``) and
+Ray Data's wait for the actor pool is bounded, so a starved pipeline fails with a clear error.
 Output columns: ``x``, ``y`` (-1 for unlabelled transfer rows), ``topk_values`` (float32, k),
 ``topk_indices`` (int64, k), sorted by value, descending.
 """
@@ -50,10 +52,9 @@ def default_output(storage: Path, teacher_hash: str, topk: int) -> Path:
 
 
 def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: int | None = None,
-                          concurrency: int | None = None, address: str | None = None) -> Path:
+                          concurrency: int | None = None, address: str | None = None,
+                          timeout_s: float = 900.0) -> Path:
     """Train/load the teacher, then write its top-k logits over train + transfer rows to parquet."""
-    import os
-
     from raydistill.distill.session import ray_session
     from raydistill.distill.trainer import distill_datasets, ensure_teacher, resolve_storage
 
@@ -66,21 +67,72 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
     with ray_session(address=address) as ray:
         teacher = ensure_teacher(cfg, storage)
         out = Path(output).expanduser().resolve() if output else default_output(storage, teacher.config_hash, k)
-        datasets, _ = distill_datasets(cfg, storage)
         gpus = ray.cluster_resources().get("GPU", 0)
-        cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        n = int(concurrency or max(1, min(4, int(cpus // 2))))
-        ds = datasets["train"].repartition(max(n, 2)).map_batches(
+        n, actor_cpus = _pool_size(ray, concurrency, gpus)
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        old_wait = ctx.wait_for_min_actors_s
+        # never wait forever for the actor pool (Ray Data's default): if the actors cannot be scheduled
+        # (the cluster's CPUs are held by other work) fail with a clear error instead of hanging
+        ctx.wait_for_min_actors_s = int(min(timeout_s, 300))
+        try:
+            datasets, _ = distill_datasets(cfg, storage)  # the datasets copy the context at creation
+        finally:
+            ctx.wait_for_min_actors_s = old_wait
+        ds = datasets["train"]
+        if n > 1:
+            ds = ds.repartition(n)
+        ds = ds.map_batches(
             TeacherTopK, fn_constructor_kwargs={"model": teacher.model, "path": teacher.path, "topk": k,
                                                 "use_gpu": gpus > 0},
             batch_size=2048, batch_format="numpy", concurrency=n,
-            # fractional CPUs: the actors must leave room for the read/repartition tasks of the same
-            # pipeline, or on a small node the pool takes every CPU and the pipeline stalls
-            num_gpus=1 if gpus > 0 else None, num_cpus=None if gpus > 0 else 0.5)
+            # fractional CPUs: the actors leave room for the read / write tasks of the same pipeline (and
+            # for whatever else runs on the cluster), or on a small node the pool can starve the pipeline
+            num_gpus=1 if gpus > 0 else None, num_cpus=None if gpus > 0 else actor_cpus)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        ds.write_parquet(str(tmp))
+        _run_with_deadline(lambda: ds.write_parquet(str(tmp)), timeout_s, ray)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     return out
+
+
+def _pool_size(ray, concurrency: int | None, gpus: float) -> tuple[int, float]:
+    """Teacher actors and CPUs per actor, from the cluster's resources: on a small CPU node one or two
+    actors with a fractional CPU each, so the pool can never take every CPU the pipeline's tasks need."""
+    if concurrency is not None and int(concurrency) < 1:
+        raise ConfigError(f"--concurrency must be >= 1, got {concurrency}")
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    free = float(ray.available_resources().get("CPU", 0.0))
+    if gpus > 0:
+        return int(concurrency or max(1, int(gpus))), 0.0
+    n = int(concurrency or (1 if cpus < 4 else min(4, int(cpus // 2))))
+    # each actor gets at most half a CPU, and together at most half of what is free now (>= 0.1 each)
+    per = max(0.1, min(0.5, round(max(free, 0.2) / (2 * n), 2)))
+    return n, per
+
+
+def _run_with_deadline(fn, timeout_s: float, ray) -> None:
+    """Run the Ray Data pipeline in a thread and fail (instead of hanging) after ``timeout_s``."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+
+    th = threading.Thread(target=target, name="teacher-logits", daemon=True)
+    th.start()
+    th.join(timeout_s)
+    if th.is_alive():
+        raise TimeoutError(
+            f"teacher-logits: the Ray Data pipeline did not finish within {timeout_s:.0f} s (cluster CPUs "
+            f"{ray.cluster_resources().get('CPU')}, free now {ray.available_resources().get('CPU', 0)}); "
+            "other work may hold the cluster's resources. Re-run with a larger timeout or on an idle cluster.")
+    if "error" in box:
+        raise box["error"]

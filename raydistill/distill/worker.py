@@ -271,12 +271,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 (one read
     comp = spec.get("compression") or {}
     if float(spec.get("sparsity") or 0.0) > 0.0:
         from raydistill.compress import GradualPruner
+        from raydistill.compress.pruner import select_linear_layers
 
+        exclude = list(comp.get("exclude") or [])
+        if comp.get("keep_output_dense"):
+            linears = list(select_linear_layers(base))
+            if len(linears) > 1:  # a single-layer model keeps its only layer prunable
+                exclude.append(linears[-1])
         pruner = GradualPruner(
             base, float(spec["sparsity"]), method=comp["method"],
             begin_step=int(comp["begin_fraction"] * total_steps),
             end_step=max(int(comp["begin_fraction"] * total_steps), int(comp["end_fraction"] * total_steps)),
-            frequency=int(comp["frequency"]), include=comp.get("include"), exclude=comp.get("exclude"),
+            frequency=int(comp["frequency"]), include=comp.get("include"), exclude=exclude or None,
             scope=comp["scope"], n=comp["n"], m=comp["m"], block=comp["block"])
     global_step = 0
     if resume_state is not None:

@@ -26,14 +26,16 @@ def test_end_to_end_distill_report(ray_local, storage, tiny):
     assert json.loads((run_dir / "report.json").read_text())["student"] == r["student"]
     assert (run_dir / "report.md").read_text().startswith("# raydistill run")
     assert (run_dir / "curves.png").stat().st_size > 1000
-    assert r["teacher"]["accuracy"] > 0.4
-    assert r["baseline"]["accuracy"] > 0.2
+    assert r["teacher"]["accuracy"] > 0.6  # ~0.78 measured
+    assert r["baseline"]["accuracy"] > 0.3
     s = r["student"]
     assert {"accuracy", "macro_f1", "sparsity", "compression_ratio", "params", "nonzero_params"} <= set(s)
-    assert s["accuracy"] > 0.25, s  # chance is 0.1
+    # chance is 0.1; the tiny config's students reach ~0.46 (50% sparse) / ~0.49 (dense)
+    assert s["accuracy"] >= 0.4, s
     assert s["sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert s["nonzero_params"] < s["params"] and s["sparse_layers"] == 2  # converted to SparseLinear
-    assert r["dense_student"]["sparsity"] == 0.0 and r["dense_student"]["accuracy"] > 0.25
+    # both hidden layers converted to SparseLinear; the output layer stays dense (keep_output_dense)
+    assert s["nonzero_params"] < s["params"] and s["sparse_layers"] == 2
+    assert r["dense_student"]["sparsity"] == 0.0 and r["dense_student"]["accuracy"] >= 0.4
     assert r["config"]["distill"]["epochs"] == 4 and r["wall_seconds"] > 0
     # every stage reported every epoch (1-based) with the metrics the Tune search uses
     for stage in ("baseline", "dense_student", "student"):
@@ -88,7 +90,7 @@ def test_offline_topk_teacher_outputs_round_trip(ray_local, storage, tiny):
     cfg = tiny()
     out = write_teacher_outputs(cfg, storage_path=storage, topk=4, concurrency=1)
     tab = pq.read_table(out).to_pandas()
-    n_rows = 900 + cfg.distill.transfer_set.size  # train (val held out) + transfer
+    n_rows = 900 + cfg.distill.transfer_set.size  # train (1000 minus 10% val) + transfer
     assert len(tab) == n_rows and (tab["y"] == -1).sum() == cfg.distill.transfer_set.size
     x = torch.tensor(np.stack(tab["x"].to_numpy()), dtype=torch.float32)
     vals = torch.tensor(np.stack(tab["topk_values"].to_numpy()))
@@ -109,7 +111,7 @@ def test_offline_topk_teacher_outputs_round_trip(ray_local, storage, tiny):
     cfg2 = tiny(f"distill.teacher_outputs={out}", "distill.epochs=1")
     res = build_student_trainer(cfg2, teacher, storage_path=storage / "ft", name="offline").fit()
     meta = json.loads((Path(res.checkpoint.path) / "meta.json").read_text())
-    assert meta["metrics"]["accuracy"] > 0.2 and meta["offline"] is True
+    assert meta["metrics"]["accuracy"] > 0.3 and meta["offline"] is True
 
 
 def test_teacher_assistant_chain(ray_local, storage, tiny):

@@ -142,7 +142,12 @@ def plot_pareto(rows: Sequence[dict], front: Sequence[dict], path: Path, *, teac
                    label=f"student from scratch ({float(baseline_accuracy):.3f})")
     xs_all = [r["compression_ratio"] for r in cands]
     if xs_all and max(xs_all) / max(min(xs_all), 1e-9) > 8:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted({round(x, 1) for x in xs_all if x >= 0.95}))
     ax.set_xlabel("compression ratio (dense size / compressed size)")
     ax.set_ylabel("test accuracy")
     ax.set_title(title or "accuracy vs compression")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -31,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distill_targets.json"))
     args = ap.parse_args(argv)
     rows = []
+    load_before = os.getloadavg()
+    t_all = time.time()
     for seed in args.seeds:
         cfg = load_config(args.config, [*args.overrides, f"run.seed={seed}"])
         t0 = time.time()
@@ -39,19 +42,29 @@ def main(argv=None) -> int:
                "baseline": r["baseline"]["accuracy"], "dense_student": r["dense_student"]["accuracy"],
                "student": r["student"]["accuracy"], "student_sparsity": r["student"]["sparsity"],
                "compression_ratio": r["student"]["compression_ratio"], "wall_seconds": time.time() - t0,
-               "timings": r["timings"]}
+               "timings": r["timings"], "loadavg_after": os.getloadavg()}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    summ = {k: statistics.mean(r[k] for r in rows) for k in ("teacher", "baseline", "dense_student", "student")}
+    cols = ("teacher", "baseline", "dense_student", "student", "wall_seconds")
+    for r in rows:
+        r["gain"] = r["student"] - r["baseline"]
+        r["sparse_minus_dense"] = r["student"] - r["dense_student"]
+    cols = cols + ("gain", "sparse_minus_dense")
+    summ = {k: statistics.mean(r[k] for r in rows) for k in cols}
+    spread = {k: (max(r[k] for r in rows) - min(r[k] for r in rows)) / 2 for k in cols}
     checks = {
         "teacher_ge_90": all(r["teacher"] >= 0.90 for r in rows),
         "student_ge_baseline_plus_10": all(r["student"] - r["baseline"] >= 0.10 for r in rows),
         "sparse_within_2_of_dense": all(r["dense_student"] - r["student"] <= 0.02 for r in rows),
     }
-    out = {"machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),
-                       "python": sys.version.split()[0]},
+    out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                       "python": sys.version.split()[0], "loadavg_before": load_before,
+                       "loadavg_after": os.getloadavg()},
+           "command": " ".join([".venv/bin/python", "benchmarks/bench_distill_targets.py", *(argv or sys.argv[1:])]),
+           "total_wall_seconds": time.time() - t_all, "spread_is": "half the min-max range",
            "config": args.config or "tune_configs/mnist1d_default.yaml", "overrides": args.overrides,
-           "rows": rows, "mean": summ, "targets_met": checks}
+           "rows": rows, "mean": summ, "spread": spread,
+           "targets_met": checks}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print("| seed | teacher | baseline | dense student | 80%-sparse student | gain | sparse-dense | wall s |")
@@ -60,6 +73,10 @@ def main(argv=None) -> int:
         print(f"| {r['seed']} | {r['teacher']:.1%} | {r['baseline']:.1%} | {r['dense_student']:.1%} | "
               f"{r['student']:.1%} | {100 * (r['student'] - r['baseline']):+.1f} | "
               f"{100 * (r['student'] - r['dense_student']):+.1f} | {r['wall_seconds']:.0f} |")
+    pct = lambda k: f"{100 * summ[k]:.1f} ± {100 * spread[k]:.1f}"  # noqa: E731
+    print(f"| mean ± spread | {pct('teacher')} | {pct('baseline')} | {pct('dense_student')} | {pct('student')} | "
+          f"{100 * summ['gain']:+.1f} ± {100 * spread['gain']:.1f} | {100 * summ['sparse_minus_dense']:+.1f} ± "
+          f"{100 * spread['sparse_minus_dense']:.1f} | {summ['wall_seconds']:.0f} ± {spread['wall_seconds']:.0f} |")
     print(json.dumps(checks))
     return 0 if all(checks.values()) else 1
 

@@ -196,7 +196,7 @@ def machine_info(device) -> dict:
         info["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                                             text=True, timeout=10).stdout.strip() or None
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "csrc/kd_loss",
-                                "raydistill/ops/kd_loss.py", "raydistill/bench/kd_loss.py"],
+                                "raydistill/ops/_kd_loss.py", "raydistill/bench/kd_loss.py"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         info["git_dirty_kd_loss_files"] = bool(dirty)
     except (OSError, subprocess.SubprocessError):

@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "kd_loss": "raydistill.ops.kd_loss",
-    "kd_loss_topk": "raydistill.ops.kd_loss",
-    "KDLoss": "raydistill.ops.kd_loss",
-    "kd_loss_reference": "raydistill.ops.kd_loss",
+    "kd_loss": "raydistill.ops._kd_loss",
+    "kd_loss_topk": "raydistill.ops._kd_loss",
+    "KDLoss": "raydistill.ops._kd_loss",
+    "kd_loss_reference": "raydistill.ops._kd_loss",
     "SparseLinear": "raydistill.ops.sparse",
     "sparse_linear": "raydistill.ops.sparse",
 }
@@ -24,10 +24,6 @@ def __getattr__(name: str):
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'raydistill.ops' has no attribute {name!r}")
-    module = importlib.import_module(mod)
-    # Bind every export of that module now: importing ``raydistill.ops.kd_loss`` sets the package attribute
-    # ``kd_loss`` to the submodule, which would otherwise shadow the function of the same name.
-    for export, where in _EXPORTS.items():
-        if where == mod:
-            globals()[export] = getattr(module, export)
-    return globals()[name]
+    # The implementation modules are private and named unlike their exports (``_kd_loss`` holds
+    # ``kd_loss``), so importing a submodule can never shadow a function on the package.
+    return getattr(importlib.import_module(mod), name)

@@ -42,8 +42,16 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, quie
     join ``address`` / ``$RAY_ADDRESS``; shut it down on exit, including on Ctrl-C and errors.
 
     If Ray is already initialised (e.g. inside a Tune trial or a test fixture) the session is reused and
-    left running. The dashboard stays enabled (the State API needs it); worker output is not forwarded
-    to the driver (``log_to_driver=False``) and lives in the Ray session's log directory.
+    left running. Worker output is not forwarded to the driver (``log_to_driver=False``) and lives in the
+    Ray session's log directory.
+
+    A local instance keeps its dashboard on and has its State API pinned to it: Ray Train's
+    placement-group cleaner (what frees the CPUs of a trial that Tune stopped, or of a controller killed
+    on Ctrl-C) asks the State API whether the controller is alive, and the State API finds its cluster
+    through ``RAY_API_SERVER_ADDRESS`` or, failing that, by scanning the machine; with a second Ray
+    instance on the machine the scan fails ("Found multiple active Ray instances"), the cleaner dies and
+    the placement group leaks (see Ray issue #54305). So the dashboard port is chosen first and
+    ``RAY_API_SERVER_ADDRESS`` exported before ``ray.init``; the raylet and every worker inherit it.
     """
     import ray
 
@@ -54,8 +62,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, quie
         quiet_ray_env()
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = {"log_to_driver": not quiet, "logging_level": logging.WARNING if quiet else logging.INFO}
+    prev_api = os.environ.get("RAY_API_SERVER_ADDRESS")
     if address is None:
-        kwargs["num_cpus"] = int(num_cpus or os.cpu_count() or 1)
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        kwargs.update(num_cpus=int(num_cpus or os.cpu_count() or 1), include_dashboard=True, dashboard_port=port)
     elif num_cpus is not None:
         raise ValueError("num_cpus applies to a local Ray instance only, not when joining address=" + address)
     if quiet:
@@ -75,6 +86,19 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, quie
         yield ray
     finally:
         ray.shutdown()
+        if address is None:
+            if prev_api is None:
+                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+            else:
+                os.environ["RAY_API_SERVER_ADDRESS"] = prev_api
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+        sk.bind(("127.0.0.1", 0))
+        return int(sk.getsockname()[1])
 
 
 def _init_with_retry(ray, address, kwargs, attempts: int = 3) -> None:

@@ -120,62 +120,12 @@ class InterruptAfter(Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
-        sk.bind(("127.0.0.1", 0))
-        return int(sk.getsockname()[1])
-
-
-def start_local_ray(num_cpus: int | None = None) -> str:
-    """Start a local Ray for a search, its State API pinned to this instance; returns the API URL.
-
-    Ray Train's placement-group cleaner (what frees the CPUs of a trial that ASHA stopped) asks the
-    State API whether the trial's Train controller is still alive, and the State API finds its cluster
-    through ``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS`` or, failing those, by scanning the machine.  With a
-    second Ray instance on the same machine (another job, a parallel test run) that scan fails ("Found
-    multiple active Ray instances"), the cleaner's monitor thread dies, the stopped trial's placement
-    group is never removed and the search starves.  So: pick the dashboard port first and export
-    ``RAY_API_SERVER_ADDRESS`` before ``ray.init``; the raylet and every worker it starts inherit it.
-    The dashboard stays on (``include_dashboard=True``): the State API is served by it."""
-    import logging
-
-    import ray
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    os.environ["RAY_API_SERVER_ADDRESS"] = url
-    from raydistill.distill.session import quiet_ray_env
-
-    quiet_ray_env()
-    ray.init(num_cpus=int(num_cpus or os.cpu_count() or 1), include_dashboard=True, dashboard_port=port,
-             log_to_driver=False, logging_level=logging.WARNING)
-    return url
-
-
 @contextlib.contextmanager
 def search_ray_session(address: str | None = None):
-    """Ray for one search: join ``address`` (or an already initialised Ray), else start a local one
-    with :func:`start_local_ray`; shut down on exit what was started here."""
-    import ray
-
-    d = _distill_api()
-    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
-        with d.ray_session(address=address):
-            yield
-        return
-    prev = os.environ.get("RAY_API_SERVER_ADDRESS")
-    start_local_ray()
-    try:
-        with d.ray_session():  # reuses the instance started above; quiet logging as distill runs
-            yield
-    finally:
-        ray.shutdown()
-        if prev is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = prev
+    """Ray for one search: :func:`raydistill.distill.ray_session` (joins ``address`` or an initialised
+    Ray; a local instance has its State API pinned, which stopped trials need to give their CPUs back)."""
+    with _distill_api().ray_session(address=address):
+        yield
 
 
 def _worker_cpus(cfg) -> tuple[float, float]:

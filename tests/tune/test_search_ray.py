@@ -35,18 +35,13 @@ SOFT_TIMEOUT_S = float(os.environ.get("RAYDISTILL_TUNE_TEST_TIMEOUT_S", "420"))
 def ray_2cpu():
     import ray
 
-    from raydistill.tune.runner import start_local_ray
+    from raydistill.distill import ray_session
 
-    prev = os.environ.get("RAY_API_SERVER_ADDRESS")
     if ray.is_initialized():
         ray.shutdown()
-    start_local_ray(num_cpus=2)
-    yield ray
-    ray.shutdown()
-    if prev is None:
-        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-    else:
-        os.environ["RAY_API_SERVER_ADDRESS"] = prev
+    with ray_session(num_cpus=2):
+        assert os.environ["RAY_API_SERVER_ADDRESS"].startswith("http://127.0.0.1:")
+        yield ray
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -407,6 +412,250 @@ A kd_topk_row(const S* x, const T* tk, const int64_t* idx, int64_t V, int64_t K,
   return loss;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// AVX512 (16 lanes) kernel for float32 rows, forward_kl: selected at run time on hosts with AVX512F
+// (RAYDISTILL_KD_ISA=avx2 forces the at::vec path above). Same algorithm as kd_row; at T = 2 with CE
+// the softmax at T = 1 is derived by squaring exp((x - m) / 2), which saves one exp per element and pass.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RAYDISTILL_KD_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,fma,avx2")
+
+namespace z16 {
+
+constexpr int64_t W = 16;
+
+// exp(x) to ~2e-7 relative: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r, scaled by 2^n
+// with vscalefps (exact, saturates to 0 / inf). NaN propagates; -inf -> 0.
+static inline __attribute__((always_inline)) __m512 vexp(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // second operand NaN -> NaN
+  x = _mm512_min_ps(_mm512_set1_ps(100.f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline __attribute__((always_inline)) __m512 load(const float* p, int64_t n) {
+  if (n >= W) return _mm512_loadu_ps(p);
+  const __mmask16 k = static_cast<__mmask16>((1u << n) - 1u);
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), k, p);
+}
+
+static inline __attribute__((always_inline)) void store(float* p, __m512 v, int64_t n) {
+  if (n >= W) {
+    _mm512_storeu_ps(p, v);
+  } else {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), v);
+  }
+}
+
+// Per-lane online softmax of v * scale (max in raw units), Kahan-compensated sums. With SQ, a second
+// sum s2 of exp(v - m) (scale 1) is kept from the squares of exp((v - m) / 2) (scale must be 0.5).
+template <bool SQ>
+struct Online {
+  __m512 m, s, c, s2, c2;
+  Online() {
+    m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    s = c = s2 = c2 = _mm512_setzero_ps();
+  }
+
+  static inline __attribute__((always_inline)) void kahan(__m512& s, __m512& c, __m512 r, __m512 chunk) {
+    const __m512 sr = _mm512_mul_ps(s, r);
+    const __m512 y = _mm512_sub_ps(chunk, _mm512_mul_ps(c, r));
+    const __m512 tt = _mm512_add_ps(sr, y);
+    c = _mm512_sub_ps(_mm512_sub_ps(tt, sr), y);
+    s = tt;
+  }
+
+  template <int U>
+  inline __attribute__((always_inline)) void add(const __m512* v, __m512 scale) {
+    __m512 cm = v[0];
+    for (int u = 1; u < U; ++u) cm = _mm512_max_ps(cm, v[u]);  // NaN: caught by the sums below
+    const __m512 nm = _mm512_max_ps(m, cm);
+    const __mmask16 allneg = _mm512_cmp_ps_mask(nm, _mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                                                _CMP_EQ_OQ);
+    const __m512 safe = _mm512_mask_mov_ps(nm, allneg, _mm512_setzero_ps());
+    const __m512 r = vexp(_mm512_mul_ps(_mm512_sub_ps(m, safe), scale));
+    __m512 e = vexp(_mm512_mul_ps(_mm512_sub_ps(v[0], safe), scale));
+    __m512 chunk = e;
+    __m512 chunk2 = _mm512_mul_ps(e, e);
+    for (int u = 1; u < U; ++u) {
+      e = vexp(_mm512_mul_ps(_mm512_sub_ps(v[u], safe), scale));
+      chunk = _mm512_add_ps(chunk, e);
+      if (SQ) chunk2 = _mm512_fmadd_ps(e, e, chunk2);
+    }
+    kahan(s, c, r, chunk);
+    if (SQ) kahan(s2, c2, _mm512_mul_ps(r, r), chunk2);
+    m = nm;
+  }
+
+  static LSE<float> finish_one(const float* mm, const float* ss, const float* cc, float scale) {
+    const float nan_v = std::numeric_limits<float>::quiet_NaN();
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t k = 0; k < W; ++k) {
+      if (std::isnan(mm[k]) || std::isnan(ss[k])) return {nan_v, nan_v};
+      mx = std::max(mx, mm[k]);
+    }
+    if (mx == -std::numeric_limits<float>::infinity()) return {nan_v, nan_v};
+    if (mx == std::numeric_limits<float>::infinity()) return {nan_v, nan_v};
+    double z = 0;
+    for (int64_t k = 0; k < W; ++k)
+      if (mm[k] != -std::numeric_limits<float>::infinity())
+        z += (static_cast<double>(ss[k]) - cc[k]) * std::exp(static_cast<double>(mm[k] - mx) * scale);
+    return {mx, static_cast<float>(std::log(z))};
+  }
+
+  inline void finish(float scale, LSE<float>& out, LSE<float>& out2) const {
+    alignas(64) float mm[W], ss[W], cc[W];
+    _mm512_store_ps(mm, m);
+    _mm512_store_ps(ss, s);
+    _mm512_store_ps(cc, c);
+    out = finish_one(mm, ss, cc, scale);
+    if (SQ) {
+      _mm512_store_ps(ss, s2);
+      _mm512_store_ps(cc, c2);
+      out2 = finish_one(mm, ss, cc, 1.f);
+    }
+  }
+};
+
+static inline float hsum(__m512 v) {
+  alignas(64) float tmp[W];
+  _mm512_store_ps(tmp, v);
+  float s = 0;
+  for (int64_t k = 0; k < W; ++k) s += tmp[k];
+  return s;
+}
+
+// SEP: CE needs its own softmax at T = 1; SQ: that softmax comes from squaring (inv_t == 0.5).
+template <bool SEP, bool SQ>
+float fkl_row(const float* x, const float* t, int64_t V, int64_t label, const RowParams<float>& rp,
+              float* grad) {
+  constexpr int U = 4;
+  const __m512 vinv = _mm512_set1_ps(rp.inv_t), one = _mm512_set1_ps(1.f);
+  Online<false> ot;
+  Online<SQ> os;
+  Online<false> o1;
+  int64_t i = 0;
+  for (; i + U * W <= V; i += U * W) {
+    __m512 xv[U], tv[U];
+    for (int u = 0; u < U; ++u) {
+      xv[u] = _mm512_loadu_ps(x + i + u * W);
+      tv[u] = _mm512_loadu_ps(t + i + u * W);
+    }
+    os.template add<U>(xv, vinv);
+    ot.template add<U>(tv, vinv);
+    if (SEP && !SQ) o1.template add<U>(xv, one);
+  }
+  for (; i < V; i += W) {
+    const int64_t n = std::min<int64_t>(W, V - i);
+    __m512 xv = load(x + i, n), tv = load(t + i, n);
+    os.template add<1>(&xv, vinv);
+    ot.template add<1>(&tv, vinv);
+    if (SEP && !SQ) o1.template add<1>(&xv, one);
+  }
+  LSE<float> ct, cs, c1, dummy;
+  ot.finish(rp.inv_t, ct, dummy);
+  os.finish(rp.inv_t, cs, c1);
+  if (SEP && !SQ) o1.finish(1.f, c1, dummy);
+  if (!SEP) c1 = cs;
+
+  const __m512 vtm = _mm512_set1_ps(ct.m), vtl = _mm512_set1_ps(ct.l), vsm = _mm512_set1_ps(cs.m),
+               vsl = _mm512_set1_ps(cs.l), vgc = _mm512_set1_ps(rp.gcoef), vcw = _mm512_set1_ps(rp.ce_w),
+               vc1m = _mm512_set1_ps(c1.m), vc1l = _mm512_set1_ps(c1.l),
+               // SQ: ps = e * exp(-cs.l), p1 = e^2 * exp(-c1.l), e = exp((x - m) / 2)
+               vels = _mm512_set1_ps(std::exp(-cs.l)), vel1 = _mm512_set1_ps(std::exp(-c1.l));
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 part = zero;
+  int cnt = 0;
+  double total = 0;
+  for (int64_t i = 0; i < V; i += W) {
+    const int64_t n = std::min<int64_t>(W, V - i);
+    const __m512 xr = load(x + i, n);
+    const __m512 lpt = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(load(t + i, n), vtm), vinv), vtl);
+    const __m512 xs = _mm512_mul_ps(_mm512_sub_ps(xr, vsm), vinv);
+    const __m512 lps = _mm512_sub_ps(xs, vsl);
+    const __m512 pt = vexp(lpt);
+    const __mmask16 nz = _mm512_cmp_ps_mask(pt, zero, _CMP_NEQ_UQ);
+    part = _mm512_add_ps(part, _mm512_maskz_mul_ps(nz, pt, _mm512_sub_ps(lpt, lps)));
+    if (++cnt == 16) {
+      total += static_cast<double>(hsum(part));
+      part = zero;
+      cnt = 0;
+    }
+    if (grad != nullptr) {
+      __m512 ps, p1;
+      if (SQ) {
+        const __m512 e = vexp(xs);
+        ps = _mm512_mul_ps(e, vels);
+        p1 = _mm512_mul_ps(_mm512_mul_ps(e, e), vel1);
+      } else {
+        ps = vexp(lps);
+        p1 = SEP ? vexp(_mm512_sub_ps(_mm512_sub_ps(xr, vc1m), vc1l)) : ps;
+      }
+      __m512 g = _mm512_mul_ps(vgc, _mm512_sub_ps(ps, pt));
+      if (rp.need_ce) g = _mm512_add_ps(g, _mm512_mul_ps(vcw, p1));
+      store(grad + i, g, n);
+    }
+  }
+  total += static_cast<double>(hsum(part));
+  const float div = static_cast<float>(total);
+  float loss = rp.coef * div;
+  if (rp.need_ce) {
+    loss += rp.ce_w * ((c1.m - x[label]) + c1.l);
+    if (grad != nullptr) grad[label] -= rp.ce_w;
+  }
+  return loss;
+}
+
+}  // namespace z16
+
+#pragma GCC pop_options
+#endif
+
+bool use_avx512() {
+#ifdef RAYDISTILL_KD_AVX512
+  static const bool ok = [] {
+    const char* isa = std::getenv("RAYDISTILL_KD_ISA");
+    if (isa != nullptr && std::string(isa) == "avx2") return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// float32 forward_kl rows on the AVX512 kernel; false if this call is not one of those.
+bool fkl_row_avx512(const float* x, const float* t, int64_t V, int64_t label, const RowParams<float>& rp,
+                    float* grad, float& loss) {
+#ifdef RAYDISTILL_KD_AVX512
+  if (!rp.need_div) return false;
+  if (!rp.need_ce) {
+    loss = z16::fkl_row<false, false>(x, t, V, label, rp, grad);
+  } else if (!rp.sep_ce) {
+    loss = z16::fkl_row<false, false>(x, t, V, label, rp, grad);
+  } else if (rp.inv_t == 0.5f) {
+    loss = z16::fkl_row<true, true>(x, t, V, label, rp, grad);
+  } else {
+    loss = z16::fkl_row<true, false>(x, t, V, label, rp, grad);
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
 template <typename F>
 void dispatch_reduced(at::ScalarType st, F&& f) {
   switch (st) {
@@ -490,6 +739,18 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in,
     S* gp = compute_grad ? grad.data_ptr<S>() : nullptr;
     dispatch_div(divergence, [&](auto div_c) {
       constexpr int DIV = decltype(div_c)::value;
+      if constexpr (DIV == kForwardKL && std::is_same_v<A, float> && std::is_same_v<S, float> &&
+                    std::is_same_v<T, float>) {
+        if (use_avx512() && p.coef != 0) {
+          for_rows<A, S>(rows, V, lab, ignore_index, lp, gp, [&](int64_t r, int64_t label, S* g) {
+            const RowParams<A> rp = row_params<A>(p, lab.defined());
+            float out = 0;
+            if (fkl_row_avx512(xs + r * sx, ts + r * st, V, label, rp, g, out)) return out;
+            return kd_row<DIV, A, S, T>(xs + r * sx, ts + r * st, V, label, rp, g);
+          });
+          return;
+        }
+      }
       for_rows<A, S>(rows, V, lab, ignore_index, lp, gp, [&](int64_t r, int64_t label, S* g) {
         const RowParams<A> rp = row_params<A>(p, lab.defined());
         return kd_row<DIV, A, S, T>(xs + r * sx, ts + r * st, V, label, rp, g);

@@ -101,7 +101,8 @@ def publish(exp: Path, wall: float | None, command: str) -> int:
         f"* wall time {summary['wall_s']:.0f} s incl. Ray start, teacher and baseline "
         f"(Tune loop {summary['fit_s']:.0f} s) -- target <= 15 min: {ok(t['wall_le_15min'])}"
         if summary["wall_s"] else "* wall time: not recorded",
-        f"* {summary['trials']} trials x 6 epochs, 2 at once; ASHA stopped {summary['stopped_early']} "
+        f"* {summary['trials']} trials x {max(int(r['epochs_configured']) for r in rows)} epochs, "
+        f"{state.get('plan', {}).get('max_concurrent', '?')} at once; ASHA stopped {summary['stopped_early']} "
         f"({100 * summary['stopped_fraction']:.0f}%) before their last epoch -- target >= 40%: "
         f"{ok(t['asha_stopped_ge_40pct'])}",
         f"* front: {summary['front_size']} points -- target >= 3: {ok(t['front_ge_3'])}",

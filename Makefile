@@ -8,7 +8,7 @@ NVCC      ?= nvcc
 CUDA_ARCHS ?= 80 90
 CUDA_SRCS := $(shell find csrc -name '*.cu' 2>/dev/null)
 
-.PHONY: setup run test test-fast build-ext check-cuda bench clean
+.PHONY: setup run tune test build-ext check-cuda bench clean
 
 $(BIN)/raydistill: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ setup: $(BIN)/raydistill
 run: setup
 	$(BIN)/raydistill build-ext
 	$(BIN)/raydistill distill
+
+# The default Ray Tune search (tune_configs/mnist1d_search.yaml): Pareto front under ./runs.
+tune: setup
+	$(BIN)/raydistill build-ext
+	$(BIN)/raydistill tune
 
 # The test suite: build the extension once, then pytest.
 test: setup
@@ -43,6 +48,7 @@ check-cuda:
 bench: setup
 	$(BIN)/python benchmarks/bench_kd_loss.py
 	$(BIN)/python benchmarks/bench_spmm.py
+	$(BIN)/python benchmarks/bench_distill_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

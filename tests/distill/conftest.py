@@ -71,7 +71,7 @@ def _ray_test_watchdog(request):
         signal.signal(signal.SIGALRM, old)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
     from raydistill.distill.session import ray_session
 

@@ -35,16 +35,20 @@ def _write(tmp_path, mutate) -> Path:
         (lambda d: d["distill"].update({"temprature": 3}), "distill.temprature"),
     ],
 )
-def test_bad_config_fails_before_ray(tmp_path, capsys, mutate, words):
+def test_bad_config_fails_before_ray(tmp_path, capsys, monkeypatch, mutate, words):
     import ray
 
     from raydistill.tune.cli import main
 
+    # Whatever other tests left running, the CLI must not get as far as starting (or joining) Ray.
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append((a, k)))
     rc = main([str(_write(tmp_path, mutate)), "--storage-path", str(tmp_path / "runs")])
     out = capsys.readouterr()
     assert rc == 2
     assert words in (out.out + out.err), out.out + out.err
-    assert not ray.is_initialized()
+    assert not started
     assert not (tmp_path / "runs").exists()
 
 

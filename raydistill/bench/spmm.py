@@ -1,7 +1,7 @@
 """``raydistill bench spmm``: SparseLinear (raydistill::spmm/sddmm) vs dense F.linear vs torch.sparse.mm (CSR).
 
 For each shape (out x in), batch and sparsity (random unstructured masks) it measures, side by side in
-one run and interleaved (round-robin repeats, so load on a shared machine hits all alike), median wall
+one run and interleaved (round-robin blocks of repeats, so load on a shared machine hits all alike), median wall
 times of the forward and of forward+backward, prints a table with the speedups and
 the crossover sparsity (the lowest swept sparsity from which SparseLinear's forward beats dense), and
 writes JSON with machine details to ``benchmarks/results/spmm_<device>[_quick].json``.
@@ -77,9 +77,15 @@ def _timer(device: str):
                 break
         return statistics.median(times)
 
-    def interleaved(fns: dict, repeats: int, budget_s: float) -> dict:
-        """Median seconds of each fn, timed round-robin (A, B, C, A, B, C, ...) so that load changes on a
-        shared machine hit all of them alike; a fn that fails its warm-up gets None."""
+    def interleaved(fns: dict, repeats: int, budget_s: float, block: int = 5) -> dict:
+        """Median seconds of each fn, timed in interleaved blocks (A x block, B x block, ..., A x block, ...).
+
+        Rounds go round-robin so load changes on a shared machine hit every fn alike; within a round each
+        fn first makes one untimed call, then ``block`` timed ones. The untimed call absorbs the switch
+        from the previous fn: MKL / oneDNN (dense, torch.sparse) leave OpenMP threads spinning after a
+        call, which steal a core from whatever runs next (measured here: single-call round-robin made
+        SparseLinear's forward 1.5-2x slower than when it runs alone, and its ratio vs torch.sparse
+        varied 1.5x-2.4x between identical runs). A fn that fails its warm-up gets None."""
         ok = {}
         for k, fn in fns.items():
             try:
@@ -91,14 +97,16 @@ def _timer(device: str):
             torch.cuda.synchronize()
         times = {k: [] for k in ok}
         t_end = time.perf_counter() + budget_s * max(1, len(ok))
-        for i in range(repeats):
+        for i in range(max(1, -(-repeats // block))):
             for k, fn in ok.items():
-                t0 = time.perf_counter()
-                fn()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times[k].append(time.perf_counter() - t0)
-            if i >= 2 and time.perf_counter() > t_end:
+                fn()  # untimed: the switch from the previous fn
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    fn()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    times[k].append(time.perf_counter() - t0)
+            if i >= 1 and time.perf_counter() > t_end:
                 break
         return {k: (statistics.median(times[k]) if k in times else None) for k in fns}
 

@@ -54,7 +54,9 @@ def csrc_dir() -> Path:
     env = os.environ.get("RAYDISTILL_CSRC")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "csrc"
+    pkg = Path(__file__).resolve().parent
+    bundled = pkg / "csrc"  # a wheel install (setup.py copies csrc/ into the package)
+    return bundled if bundled.is_dir() else pkg.parent / "csrc"  # a checkout / editable install
 
 
 def cache_root() -> Path:

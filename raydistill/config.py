@@ -202,15 +202,20 @@ class Config(_Strict):
 # loading, overrides, dumping
 
 
-def default_config_path() -> Path:
-    """tune_configs/mnist1d_default.yaml next to the package (repo checkout / editable install)."""
+def shipped_config_path(name: str) -> Path:
+    """A config shipped with raydistill: ``tune_configs/<name>`` inside the package (wheel install) or at
+    the repository root (checkout / editable install)."""
     here = Path(__file__).resolve().parent
-    for cand in (here.parent / "tune_configs" / "mnist1d_default.yaml",
-                 here / "tune_configs" / "mnist1d_default.yaml"):
+    for cand in (here / "tune_configs" / name, here.parent / "tune_configs" / name):
         if cand.is_file():
             return cand
-    raise ConfigError("the embedded default config tune_configs/mnist1d_default.yaml was not found next to "
-                      f"the package ({here.parent}); pass a config path")
+    raise ConfigError(f"the shipped config tune_configs/{name} was not found in the package ({here}) or next "
+                      f"to it ({here.parent}); pass a config path")
+
+
+def default_config_path() -> Path:
+    """The embedded default of ``raydistill distill``: tune_configs/mnist1d_default.yaml."""
+    return shipped_config_path("mnist1d_default.yaml")
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_SEARCH_CONFIG = Path(__file__).resolve().parents[2] / "tune_configs" / "mnist1d_search.yaml"
+DEFAULT_SEARCH_CONFIG_NAME = "mnist1d_search.yaml"  # shipped in tune_configs/ (config.shipped_config_path)
 SAVED_CONFIG = "search_config.yaml"  # the resolved config of a search, inside its experiment dir
 STATE_FILE = "search_state.json"
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "under <storage-path>/<name>/.",
     )
     p.add_argument("config", nargs="?", default=None,
-                   help=f"search config: a distill config + a 'search' section (default: {DEFAULT_SEARCH_CONFIG.name}; "
+                   help=f"search config: a distill config + a 'search' section (default: {DEFAULT_SEARCH_CONFIG_NAME}; "
                         "with --resume: the config saved with the search)")
     p.add_argument("--num-samples", type=int, default=None, help="trials to sample (overrides search.num_samples)")
     p.add_argument("--max-concurrent", type=int, default=None,
@@ -72,7 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         return Path(os.path.expanduser(args.storage_path or cfg_.run.storage_path or "runs")).resolve()
 
     exp_dir: Path | None = None
-    config_path = Path(args.config) if args.config else DEFAULT_SEARCH_CONFIG
+    if args.config:
+        config_path = Path(args.config)
+    else:
+        from raydistill.config import shipped_config_path
+
+        try:
+            config_path = shipped_config_path(DEFAULT_SEARCH_CONFIG_NAME)
+        except ConfigError as exc:
+            _err(console, str(exc))
+            return EXIT_USAGE
     if not config_path.exists():
         _err(console, f"config file not found: {config_path}")
         return EXIT_USAGE

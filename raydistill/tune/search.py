@@ -140,6 +140,13 @@ def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_work
         # checkpointed) the next epoch, which with num_to_keep=1 deletes the one Tune last saw.
         if cfg.run.num_to_keep < 2:
             cfg.run.num_to_keep = 2
+        # Retries belong to Tune (tune.FailureConfig, run.max_failures): a retried trial reruns this driver,
+        # and Ray Train resumes from the run's last checkpoint (same name). Inside a trial, Train must not
+        # retry: when ASHA stops a trial its worker dies first, and a controller allowed to retry starts a
+        # new worker group (a new placement group) before it is killed itself. Nobody removes that group
+        # (the trial's placement-group cleaner has exited), its CPUs stay reserved, and the search hangs.
+        # Measured here: 2 such groups leaked in a 24-trial search, which then waited forever.
+        cfg.run.max_failures = 0
         trainer = distill_api().build_student_trainer(
             cfg, teacher,
             storage_path=train_storage,

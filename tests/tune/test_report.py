@@ -135,3 +135,45 @@ def test_resource_plan_errors():
         plan_resources(cluster_cpus=0, num_workers=1, cpu_per_worker=1, driver_cpu=0.01)
     with pytest.raises(ValueError, match="num_workers"):
         plan_resources(cluster_cpus=2, num_workers=0, cpu_per_worker=1, driver_cpu=0.01)
+
+
+def test_trial_driver_leaves_retries_to_tune(monkeypatch):
+    """Each trial's Ray Train run gets max_failures 0 (Tune retries the trial; a Train controller that
+    retries after ASHA killed its worker leaks a placement group) and keeps >= 2 checkpoints; the
+    searched values reach the trainer, and the base config is not modified."""
+    import ray.tune
+
+    from raydistill.tune import search
+
+    base = load_config(None).model_dump(mode="json")
+    base["run"]["max_failures"] = 3
+    base["run"]["num_to_keep"] = 1
+    seen = {}
+
+    class FakeTrainer:
+        def fit(self):
+            seen["fit"] = True
+
+    class FakeApi:
+        def build_student_trainer(self, cfg, teacher, **kw):
+            seen.update(cfg=cfg, teacher=teacher, **kw)
+            return FakeTrainer()
+
+    class Ctx:
+        def get_trial_id(self):
+            return "abc_00001"
+
+    monkeypatch.setattr(search, "distill_api", lambda: FakeApi())
+    monkeypatch.setattr(ray.tune, "get_context", lambda: Ctx())
+    import ray.tune.integration.ray_train as rt
+
+    monkeypatch.setattr(rt, "TuneReportCallback", lambda: "CALLBACK")
+    driver = search.make_trial_driver(base, "TEACHER", train_storage="/tmp/x", plan_workers=1,
+                                      resources_per_worker={"CPU": 0.99}, build_config=config_from_dict)
+    driver({"distill.temperature": 7.5, "compression.sparsity": 0.9})
+    cfg = seen["cfg"]
+    assert seen["fit"] and seen["teacher"] == "TEACHER" and seen["name"] == "trial_abc_00001"
+    assert seen["callbacks"] == ["CALLBACK"]
+    assert cfg.run.max_failures == 0 and cfg.run.num_to_keep == 2
+    assert cfg.distill.temperature == 7.5 and cfg.compression.sparsity == 0.9
+    assert base["run"]["max_failures"] == 3 and base["run"]["num_to_keep"] == 1

@@ -197,7 +197,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(no_ray, st
 
 def test_optuna_multi_objective_search_survives_a_worker_crash(ray_2cpu, storage, tmp_path):
     """Optuna multi-objective (accuracy max, sparsity max) through Tune; every trial's worker dies once
-    mid-epoch 2 (run.debug_crash_at_epoch) and Ray Train restarts it from the epoch-1 checkpoint."""
+    mid-epoch 2 (run.debug_crash_at_epoch), Tune retries the trial (run.max_failures) and its Ray Train
+    run resumes from the epoch-1 checkpoint."""
     import yaml
 
     from raydistill.distill.worker import CRASH_MARKER

@@ -12,7 +12,7 @@ Public API (imports are lazy: ``import raydistill.distill`` does not import Ray 
 
 from __future__ import annotations
 
-import importlib
+from raydistill._lazy import lazy_getattr
 
 _EXPORTS = {
     "ray_session": "raydistill.distill.session",
@@ -30,8 +30,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'raydistill.distill' has no attribute {name!r}")
-    return getattr(importlib.import_module(mod), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -6,7 +6,7 @@ call of an op does (see ``raydistill._build``).
 
 from __future__ import annotations
 
-import importlib
+from raydistill._lazy import lazy_getattr
 
 _EXPORTS = {
     "kd_loss": "raydistill.ops._kd_loss",
@@ -20,10 +20,6 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'raydistill.ops' has no attribute {name!r}")
-    # The implementation modules are private and named unlike their exports (``_kd_loss`` holds
-    # ``kd_loss``), so importing a submodule can never shadow a function on the package.
-    return getattr(importlib.import_module(mod), name)
+# The implementation modules are private and named unlike their exports (``_kd_loss`` holds
+# ``kd_loss``), so importing a submodule can never shadow a function on the package.
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
-    "AssistantConfig", "CompressionConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
+    "AssistantConfig", "CompressionConfig", "QuantizeConfig", "StructuredPruneConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
     "ModelSpec", "OptimizerConfig", "RunConfigModel", "ScalingConfigModel", "ScheduleConfig",
     "TeacherConfig", "TrainingBudget", "TransferSetConfig", "apply_overrides", "config_hash",
     "default_config_path", "dump_config", "load_config",
@@ -122,8 +122,51 @@ class DistillConfig(_Strict):
         return self
 
 
+STEP_TYPES = ("prune_structured", "prune", "quantize")
+_PRUNE_KEYS = ("sparsity", "method", "scope", "n", "m", "block", "include", "exclude", "keep_output_dense",
+               "begin_fraction", "end_fraction", "frequency")
+
+
+class StructuredPruneConfig(_Strict):
+    """``prune_structured`` step: remove whole hidden units of the (dense-distilled) student before the
+    student stage distils it to recover (Minitron); the result is a smaller dense model."""
+
+    ratio: float = Field(0.5, ge=0, lt=1, description="fraction of hidden units removed per layer (0: off)")
+    ranking: Literal["weight_norm", "activation"] = Field(
+        "activation", description="rank units by incoming weight norm, or by activation on a calibration batch")
+    calibration_size: int = Field(1024, ge=1, description="training rows in the calibration batch (activation)")
+    include: list[str] | None = Field(None, description="glob patterns of first layers of unit pairs (default all)")
+    exclude: list[str] | None = None
+
+
+class QuantizeConfig(_Strict):
+    """``quantize`` step: int8/int4 weights (and int8 dynamic activations), post-training after distillation
+    (``ptq``) or fake-quantized while distilling (``qat``) and converted at the end."""
+
+    bits: Literal[4, 8, 32] = Field(8, description="weight bits (32: no quantization)")
+    group_size: int | None = Field(None, ge=1, description="input columns per scale (None: one per output channel)")
+    activations: Literal["int8"] | None = Field(None, description="int8 dynamic activations, or None (fp32)")
+    mode: Literal["ptq", "qat"] = "qat"
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+
 class CompressionConfig(_Strict):
-    """Gradual pruning while distilling (GradualPruner), then conversion to SparseLinear."""
+    """The student's compression recipe: an ordered list of steps (``order``), each configured by its key.
+
+    ``prune`` (gradual masks while distilling, then SparseLinear) is configured by the top-level keys
+    (``sparsity``, ``method``, ...: today's single-key form, which means ``[prune]``), ``prune_structured``
+    by ``structured`` and ``quantize`` by ``quantize``. YAML may also give the list itself::
+
+        compression:
+          - prune_structured: {ratio: 0.5}
+          - prune: {sparsity: 0.8}
+          - quantize: {bits: 8, mode: qat}
+
+    which is read as the keyed form (``order`` = the list's order). Rules: ``prune_structured`` comes
+    before ``prune`` (it changes the shapes the masks are for), ``quantize`` last (the others need float
+    weights); each step at most once.
+    """
 
     sparsity: float = Field(0.8, ge=0, lt=1, description="final fraction of zero weights in pruned layers")
     method: Literal["magnitude", "nm", "block"] = "magnitude"
@@ -139,6 +182,20 @@ class CompressionConfig(_Strict):
     begin_fraction: float = Field(0.1, ge=0, le=1, description="pruning starts at this fraction of steps")
     end_fraction: float = Field(0.7, ge=0, le=1, description="final sparsity reached at this fraction")
     frequency: int = Field(10, ge=1, description="update masks every N optimizer steps")
+    structured: StructuredPruneConfig | None = Field(None, description="the prune_structured step")
+    quantize: QuantizeConfig | None = Field(None, description="the quantize step")
+    order: list[Literal["prune_structured", "prune", "quantize"]] | None = Field(
+        None, description="step order (None: prune_structured, prune, quantize for those configured)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_form(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("steps"), list):
+            rest = {k: v for k, v in data.items() if k != "steps"}
+            return {**rest, **_steps_to_keyed(data["steps"], "compression.steps")}
+        if isinstance(data, list):
+            return _steps_to_keyed(data, "compression")
+        return data
 
     @model_validator(mode="after")
     def _window(self):
@@ -146,7 +203,70 @@ class CompressionConfig(_Strict):
             raise ValueError(f"end_fraction ({self.end_fraction}) must be >= begin_fraction ({self.begin_fraction})")
         if self.method == "nm" and self.n >= self.m:
             raise ValueError(f"n ({self.n}) must be < m ({self.m}) for method 'nm'")
+        if self.order is not None:
+            check_step_order(self.order, "compression.order")
+            for st, key in (("prune_structured", "structured"), ("quantize", "quantize")):
+                if st in self.order and getattr(self, key) is None:
+                    object.__setattr__(self, key, StructuredPruneConfig() if key == "structured" else QuantizeConfig())
         return self
+
+    def steps(self) -> list[tuple[str, Any]]:
+        """The resolved ordered steps that do something: [(type, config)], prune's config being self."""
+        cfgs = {"prune": self if self.sparsity > 0 else None,
+                "prune_structured": self.structured if self.structured and self.structured.ratio > 0 else None,
+                "quantize": self.quantize if self.quantize and self.quantize.bits != 32 else None}
+        order = self.order if self.order is not None else list(STEP_TYPES)
+        out = [(t, cfgs[t]) for t in order if cfgs.get(t) is not None]
+        check_step_order([t for t, _ in out], "compression.order")
+        return out
+
+
+def check_step_order(order: list[str], key: str = "compression") -> None:
+    """Raise ValueError naming ``key`` when steps repeat or come in an order that cannot work."""
+    seen: list[str] = []
+    for i, t in enumerate(order):
+        if t not in STEP_TYPES:
+            raise ValueError(f"{key}[{i}]: unknown step {t!r}; use one of {list(STEP_TYPES)}")
+        if t in seen:
+            raise ValueError(f"{key}[{i}]: step {t!r} appears twice (each step at most once)")
+        if "quantize" in seen:
+            raise ValueError(f"{key}[{i}]: {t!r} after 'quantize' cannot work: {t} needs float weights, so "
+                             "quantize must be the last step")
+        if t == "prune_structured" and "prune" in seen:
+            raise ValueError(f"{key}[{i}]: 'prune_structured' after 'prune' cannot work: it changes the layer "
+                             "shapes the prune masks are for; put prune_structured first")
+        seen.append(t)
+
+
+def _steps_to_keyed(steps: list, key: str) -> dict:
+    """The list form [{type: {...}}, ...] (or [{type: name, ...}]) -> the keyed CompressionConfig dict."""
+    out: dict[str, Any] = {"order": []}
+    for i, item in enumerate(steps):
+        if isinstance(item, str):
+            name, params = item, {}
+        elif isinstance(item, dict) and len(item) == 1 and "type" not in item:
+            name, params = next(iter(item.items()))
+            params = params or {}
+        elif isinstance(item, dict) and "type" in item:
+            name, params = item["type"], {k: v for k, v in item.items() if k != "type"}
+        else:
+            raise ValueError(f"{key}[{i}]: a step is {{prune|prune_structured|quantize: {{...}}}}, got {item!r}")
+        if name not in STEP_TYPES:
+            raise ValueError(f"{key}[{i}]: unknown step {name!r}; use one of {list(STEP_TYPES)}")
+        if not isinstance(params, dict):
+            raise ValueError(f"{key}[{i}].{name}: the step's settings must be a mapping, got {params!r}")
+        out["order"].append(name)
+        if name == "prune":
+            bad = sorted(set(params) - set(_PRUNE_KEYS))
+            if bad:
+                raise ValueError(f"{key}[{i}].prune: unknown keys {bad}; allowed: {list(_PRUNE_KEYS)}")
+            out.update(params)
+        else:
+            out["structured" if name == "prune_structured" else "quantize"] = params
+    if "prune" not in out["order"]:
+        out["sparsity"] = 0.0
+    check_step_order(out["order"], key)
+    return out
 
 
 class DataConfig(_Strict):

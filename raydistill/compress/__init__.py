@@ -6,7 +6,11 @@ Public API (a contract for the distillation pipeline):
 * masks: :func:`magnitude_mask`, :func:`global_magnitude_masks`, :func:`nm_mask`, :func:`block_mask`
 * schedule: :func:`cubic_sparsity`; training: :class:`GradualPruner`
 * conversion: :func:`compress` -> :class:`CompressionReport`; :func:`model_sparsity_report`
-* checkpoints: :func:`save_sparse`, :func:`load_sparse`
+* checkpoints: :func:`save_sparse`, :func:`load_sparse`; compressed (quantized / structured / sparse):
+  :func:`save_compressed`, :func:`load_compressed`
+* quantization: :func:`quantize` (PTQ, and the conversion after QAT), :func:`prepare_qat`,
+  :class:`QuantizedLinear`, :class:`FakeQuantLinear`
+* structured pruning: :func:`prune_structured`, :func:`resize_structured`
 """
 
 from raydistill.compress.checkpoint import load_sparse, save_sparse
@@ -14,9 +18,15 @@ from raydistill.compress.convert import CompressionReport, LayerReport, compress
 from raydistill.compress.masks import block_mask, global_magnitude_masks, magnitude_mask, nm_mask
 from raydistill.compress.pruner import GradualPruner, compute_masks, normalize_name, select_linear_layers
 from raydistill.compress.schedule import cubic_sparsity
+from raydistill.compress.export import load_compressed, save_compressed
+from raydistill.compress.quantize import (FakeQuantLinear, QuantizationReport, QuantizedLinear, prepare_qat,
+                                          quantize)
+from raydistill.compress.structured import StructuredReport, prune_structured, resize_structured
 
 __all__ = [
     "magnitude_mask", "global_magnitude_masks", "nm_mask", "block_mask", "compute_masks",
     "cubic_sparsity", "GradualPruner", "compress", "model_sparsity_report", "CompressionReport",
     "LayerReport", "csr_nbytes", "save_sparse", "load_sparse", "normalize_name", "select_linear_layers",
+    "quantize", "prepare_qat", "QuantizedLinear", "FakeQuantLinear", "QuantizationReport", "prune_structured",
+    "resize_structured", "StructuredReport", "save_compressed", "load_compressed",
 ]

@@ -99,18 +99,23 @@ def _print_summary(r: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
-    for col in ("stage", "test accuracy", "macro F1", "sparsity", "compression", "nonzero params"):
+    cols = ("stage", "test accuracy", "macro recall", "macro F1", "sparsity", "compression", "bytes",
+            "ms/b1", "ms/b256")
+    for col in cols:
         t.add_column(col, justify="left" if col == "stage" else "right")
     t.add_row("teacher" + (" (cached)" if r["teacher"].get("cached") else ""), f"{r['teacher']['accuracy']:.2%}",
-              "", "", "", "")
-    for a in r.get("assistants", []):
-        t.add_row(a["stage"], f"{a['accuracy']:.2%}", f"{a['macro_f1']:.3f}", f"{a['sparsity']:.1%}",
-                  f"{a['compression_ratio']:.2f}x", f"{a['nonzero_params']:,}")
-    for key in ("baseline", "dense_student", "student"):
-        if key in r:
-            e = r[key]
-            t.add_row(key, f"{e['accuracy']:.2%}", f"{e['macro_f1']:.3f}", f"{e['sparsity']:.1%}",
-                      f"{e['compression_ratio']:.2f}x", f"{e['nonzero_params']:,}")
+              *[""] * (len(cols) - 2))
+
+    def fmt(v, f):
+        return "" if v is None else format(v, f)
+
+    rows = [(a["stage"], a) for a in r.get("assistants", [])]
+    rows += [(k, r[k]) for k in ("baseline", "dense_student", "dense_student_ptq", "student") if k in r]
+    for key, e in rows:
+        t.add_row(key, f"{e['accuracy']:.2%}", fmt(e.get("macro_recall"), ".3f"), fmt(e.get("macro_f1"), ".3f"),
+                  fmt(e.get("sparsity"), ".1%"), fmt(e.get("compression_ratio"), ".2f") + "x",
+                  fmt(e.get("model_bytes"), ","), fmt(e.get("latency_ms_b1"), ".3f"),
+                  fmt(e.get("latency_ms_b256"), ".3f"))
     Console(stderr=True).print(t)
 
 

@@ -254,26 +254,41 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
                     prog.done(stage)
                     timings[stage] = time.time() - ts
 
-                # ---- baseline, dense student, sparse student ---------------------------------------------
-                sparse = cfg.compression.sparsity > 0
+                # ---- baseline, dense student, compressed student ----------------------------------------
+                from raydistill.compress.steps import check_recipe, structured_init, student_extras
+
+                recipe = dict(cfg.compression.steps())
+                try:
+                    check_recipe(cfg)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+                sparse = bool(recipe)
                 stages = ["baseline"] + (["dense_student"] if sparse else []) + ["student"]
-                concurrent = len(stages) if cfg.run.concurrent_stages else 1
+                # prune_structured: the student starts from the pruned dense student, so it runs after it
+                after_dense = "prune_structured" in recipe
+                first = [s for s in stages if not (after_dense and s == "student")]
+                concurrent = len(first) if cfg.run.concurrent_stages else 1
                 res_per_worker = _resources(cfg, concurrent)
+
+                def build(stage, extras=None, resources=res_per_worker):
+                    if stage == "baseline":
+                        return build_baseline_trainer(cfg, storage_path=run_dir, name=stage,
+                                                      resources_per_worker=resources)
+                    return build_student_trainer(
+                        cfg, current, storage_path=run_dir, name=stage, stage=stage,
+                        sparsity=None if stage == "student" else 0.0, resources_per_worker=resources,
+                        extras=extras)
+
                 trainers = {}
                 for stage in stages:
                     prog.add(stage, run_dir / stage / "epochs.jsonl", cfg.distill.epochs)
-                    if stage == "baseline":
-                        trainers[stage] = build_baseline_trainer(cfg, storage_path=run_dir, name=stage,
-                                                                 resources_per_worker=res_per_worker)
-                    else:
-                        trainers[stage] = build_student_trainer(
-                            cfg, current, storage_path=run_dir, name=stage, stage=stage,
-                            sparsity=None if stage == "student" else 0.0, resources_per_worker=res_per_worker)
+                for stage in first:
+                    trainers[stage] = build(stage, student_extras(cfg) if stage == "student" else None)
                 results: dict[str, Any] = {}
                 ts = time.time()
                 if concurrent > 1:
-                    with ThreadPoolExecutor(len(stages)) as pool:
-                        futs = {s: pool.submit(_fit, trainers[s], s) for s in stages}
+                    with ThreadPoolExecutor(len(first)) as pool:
+                        futs = {s: pool.submit(_fit, trainers[s], s) for s in first}
                         errors = []
                         for s, f in futs.items():
                             try:
@@ -284,13 +299,34 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
                         if errors:
                             raise errors[0]
                 else:
-                    for s in stages:
+                    for s in first:
                         results[s] = _fit(trainers[s], s)
                         prog.done(s)
+                structured_report = None
+                if after_dense:
+                    from raydistill.distill.trainer import load_arrays
+
+                    split, _ = load_arrays(cfg, storage)
+                    import torch
+
+                    init_path, widths, structured_report = structured_init(
+                        cfg, final_checkpoint_dir(results["dense_student"], run_dir, "dense_student"),
+                        run_dir / "structured_init", torch.from_numpy(split.x_train))
+                    log.info("prune_structured: widths %s", widths)
+                    trainers["student"] = build("student", student_extras(cfg, structure=widths, init_from=init_path),
+                                                resources=_resources(cfg, 1))
+                    results["student"] = _fit(trainers["student"], "student")
+                    prog.done("student")
                 timings["students"] = time.time() - ts
 
         # ---- evaluation + report (Ray is down; evaluation is local and cheap) -----------------------------
-        evals = {s: evaluate_checkpoint(cfg, final_checkpoint_dir(results[s], run_dir, s)) for s in stages}
+        qcfg = recipe["quantize"].model_dump(mode="json") if "quantize" in recipe else None
+        evals = {s: evaluate_checkpoint(cfg, final_checkpoint_dir(results[s], run_dir, s),
+                                        quantize=qcfg if s == "student" else None) for s in stages}
+        if qcfg is not None:  # post-training quantization of the dense distilled student, for comparison
+            evals["dense_student_ptq"] = evaluate_checkpoint(
+                cfg, final_checkpoint_dir(results["dense_student"], run_dir, "dense_student"),
+                quantize=qcfg | {"mode": "ptq"})
         report = {
             "name": name, "run_dir": str(run_dir),
             "teacher": {**teacher.to_dict(), "accuracy": teacher.accuracy},
@@ -298,6 +334,9 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
             "baseline": evals["baseline"],
             "student": evals["student"],
             **({"dense_student": evals["dense_student"]} if sparse else {}),
+            **({"dense_student_ptq": evals["dense_student_ptq"]} if "dense_student_ptq" in evals else {}),
+            "compression_steps": [t for t, _ in cfg.compression.steps()],
+            **({"prune_structured": structured_report} if structured_report else {}),
             "gain_over_baseline": evals["student"]["accuracy"] - evals["baseline"]["accuracy"],
             "config": cfg.model_dump(mode="json"),
             "timings": timings,
@@ -366,25 +405,32 @@ def _plot(curves: dict[str, list[dict]], path: Path) -> Path:
 
 
 def report_markdown(r: dict) -> str:
-    rows = [("teacher", r["teacher"]["model"].get("model", "?"), r["teacher"]["accuracy"], None, None, None)]
+    fmt = (lambda v, f: "" if v is None else f.format(v))
+    rows = [("teacher", r["teacher"]["model"].get("model", "?"), {"accuracy": r["teacher"]["accuracy"]})]
     for a in r.get("assistants", []):
-        rows.append((a["stage"], a["model"], a["accuracy"], a["macro_f1"], a["sparsity"], a["compression_ratio"]))
+        rows.append((a["stage"], a["model"], a))
     cfg = r["config"]
     smodel = cfg["student"]["model"]
-    for key in ("baseline", "dense_student", "student"):
+    for key in ("baseline", "dense_student", "dense_student_ptq", "student"):
         if key in r:
-            e = r[key]
-            rows.append((key, smodel, e["accuracy"], e["macro_f1"], e["sparsity"], e["compression_ratio"]))
+            rows.append((key, smodel, r[key]))
     lines = [f"# raydistill run `{r['name']}`", "",
-             "| stage | model | test accuracy | macro F1 | sparsity | compression |",
-             "|---|---|---:|---:|---:|---:|"]
-    for st, m, acc, f1, sp, cr in rows:
-        fmt = (lambda v, f: "" if v is None else f.format(v))
-        lines.append(f"| {st} | {m} | {acc:.2%} | {fmt(f1, '{:.3f}')} | {fmt(sp, '{:.1%}')} | {fmt(cr, '{:.2f}x')} |")
-    lines += ["", f"- distilled student vs baseline: {r['gain_over_baseline'] * 100:+.1f} points"]
+             "| stage | model | test accuracy | macro recall | macro F1 | sparsity | compression | bytes | "
+             "ms/batch 1 | ms/batch 256 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for st, m, e in rows:
+        lines.append(f"| {st} | {m} | {e['accuracy']:.2%} | {fmt(e.get('macro_recall'), '{:.3f}')} | "
+                     f"{fmt(e.get('macro_f1'), '{:.3f}')} | {fmt(e.get('sparsity'), '{:.1%}')} | "
+                     f"{fmt(e.get('compression_ratio'), '{:.2f}x')} | {fmt(e.get('model_bytes'), '{:,}')} | "
+                     f"{fmt(e.get('latency_ms_b1'), '{:.3f}')} | {fmt(e.get('latency_ms_b256'), '{:.3f}')} |")
+    lines += ["", f"- compression steps: {', '.join(r.get('compression_steps') or []) or 'none'}",
+              f"- distilled student vs baseline: {r['gain_over_baseline'] * 100:+.1f} points"]
     if "sparse_vs_dense" in r:
-        lines.append(f"- sparse vs dense distilled student: {r['sparse_vs_dense'] * 100:+.1f} points")
+        lines.append(f"- compressed vs dense distilled student: {r['sparse_vs_dense'] * 100:+.1f} points")
     s = r["student"]
+    if "projected_sparse_int8_bytes" in s:
+        lines.append(f"- student bytes as int8 SparseLinear (projected, int16 indices): "
+                     f"{s['projected_sparse_int8_bytes']:,}")
     lines += [f"- student parameters: {s['nonzero_params']:,} nonzero of {s['params']:,}",
               f"- wall time: {r['wall_seconds']:.0f} s", "", "![curves](curves.png)", ""]
     return "\n".join(lines)

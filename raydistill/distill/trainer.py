@@ -114,7 +114,8 @@ def _threads(resources: dict | None) -> int:
 def _result_hash(cfg: Config, stage: dict) -> str:
     """Hash of everything that changes what a stage learns (not where it runs)."""
     keys = ("kind", "model", "epochs", "batch_size", "optimizer", "lr_schedule", "sparsity", "compression",
-            "distill", "teacher_hash", "offline", "steps_per_epoch", "seed", "stage", "grad_clip")
+            "distill", "teacher_hash", "offline", "steps_per_epoch", "seed", "stage", "grad_clip", "structure",
+            "init_from", "qat", "quantize")
     payload = {k: stage.get(k) for k in keys}
     payload["data"] = cfg.data.model_dump(mode="json")
     payload["transfer_set"] = cfg.distill.transfer_set.model_dump(mode="json") if stage["kind"] == "kd" else None
@@ -125,12 +126,14 @@ def _result_hash(cfg: Config, stage: dict) -> str:
 def stage_config(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int, batch_size: int,
                  optimizer: dict, lr_schedule: dict, sparsity: float = 0.0,
                  teacher: TeacherArtifact | None = None, steps_per_epoch: int | None = None,
-                 rows: int = 0, num_workers: int = 1, progress_dir: Path, threads: int = 1) -> dict:
+                 rows: int = 0, num_workers: int = 1, progress_dir: Path, threads: int = 1,
+                 extras: dict | None = None) -> dict:
     offline = kind == "kd" and bool(cfg.distill.teacher_outputs)
     spec: dict[str, Any] = {
         "stage": stage, "kind": kind, "model": model, "epochs": int(epochs), "batch_size": int(batch_size),
         "optimizer": optimizer, "lr_schedule": lr_schedule, "sparsity": float(sparsity),
-        "compression": cfg.compression.model_dump(mode="json") if sparsity > 0 else None,
+        "compression": cfg.compression.model_dump(mode="json", exclude={"structured", "quantize", "order"})
+        if sparsity > 0 else None,
         "distill": cfg.distill.model_dump(mode="json", include={"temperature", "alpha", "divergence", "beta"})
         | {"hard_labels": cfg.distill.transfer_set.hard_labels} if kind == "kd" else
         {"hard_labels": "none"},
@@ -142,6 +145,7 @@ def stage_config(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int
         "debug_crash_at_epoch": cfg.run.debug_crash_at_epoch,
         "grad_clip": cfg.distill.grad_clip if kind == "kd" else None,
     }
+    spec.update({k: v for k, v in (extras or {}).items() if v is not None})  # compression steps (issue 12)
     spec["config_hash"] = _result_hash(cfg, spec)
     return spec
 
@@ -203,11 +207,12 @@ def student_steps_per_epoch(cfg: Config, rows: int, num_workers: int) -> int:
 def build_student_trainer(cfg: Config, teacher: TeacherArtifact, *, storage_path, name: str, callbacks=None,
                           num_workers: int | None = None, resources_per_worker: dict | None = None,
                           stage: str = "student", model: dict | None = None, sparsity: float | None = None,
-                          epochs: int | None = None):
+                          epochs: int | None = None, extras: dict | None = None):
     """A ``TorchTrainer`` distilling ``teacher`` into the config's student (pruned to
     ``compression.sparsity`` unless ``sparsity`` is given). Workers report per-epoch ``epoch,
     train_loss, val_accuracy, accuracy, sparsity, compression_ratio, lr`` (+ macro_f1, params, ...) and
-    a checkpoint every epoch."""
+    a checkpoint every epoch. ``extras``: compression-step entries of the spec
+    (:func:`raydistill.compress.steps.student_extras`)."""
     storage = resolve_storage(storage_path)
     datasets, rows = distill_datasets(cfg, storage)
     nw, res, threads = _workers_and_threads(cfg, num_workers, resources_per_worker)
@@ -216,7 +221,7 @@ def build_student_trainer(cfg: Config, teacher: TeacherArtifact, *, storage_path
     spec = stage_config(cfg, stage=stage, kind="kd", model=model or _spec(cfg.student), epochs=epochs or d.epochs,
                         batch_size=d.batch_size, optimizer=d.optimizer.model_dump(),
                         lr_schedule=d.lr_schedule.model_dump(), sparsity=sp, teacher=teacher, rows=rows,
-                        num_workers=nw, progress_dir=storage / name, threads=threads)
+                        num_workers=nw, progress_dir=storage / name, threads=threads, extras=extras)
     return make_trainer(cfg, spec, datasets, storage_path=storage, name=name, callbacks=callbacks,
                         num_workers=nw, resources_per_worker=res)
 
@@ -345,9 +350,13 @@ def artifact_from_checkpoint(ck_dir: Path, *, model: dict, stage: str) -> Teache
                            config_hash=meta["config_hash"], model=model)
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None) -> dict:
-    """Test-set accuracy, macro-F1 and size of a checkpoint, with its pruned layers converted to
-    ``SparseLinear`` (``raydistill.compress.compress`` with the checkpoint's masks)."""
+def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None, *,
+                        quantize: dict | None = None, latency: bool = True) -> dict:
+    """Test-set accuracy, macro recall, macro-F1, size and CPU latency of a checkpoint, with its pruned
+    layers converted to ``SparseLinear`` (``raydistill.compress.compress`` with the checkpoint's masks)
+    and, with ``quantize`` (a ``compression.quantize`` dict), its Linear layers quantized
+    (:func:`raydistill.compress.steps.finalize_student`). ``model_bytes`` counts real bit widths
+    (codes, scales, CSR indices); ``latency_ms_b1`` / ``latency_ms_b256``: median eval forward time."""
     import torch
 
     from raydistill.compress import compress, model_sparsity_report
@@ -359,9 +368,19 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None)
     meta = checkpoint_meta(ck) if (ck / "meta.json").is_file() else {}
     spec = model or meta.get("model") or _spec(cfg.student)
     net = build_model(spec)
+    if meta.get("structure"):
+        from raydistill.compress.structured import resize_structured
+
+        resize_structured(net, meta["structure"])
     load_weights(net, ck)
     masks = load_masks(ck) if ck.is_dir() else None
-    if masks:
+    steps: dict = {}
+    if quantize:
+        from raydistill.compress.steps import finalize_student
+
+        rep = model_sparsity_report(net, masks=masks)  # params, sparsity, fp32 dense bytes of the float model
+        steps = finalize_student(net, masks, quantize)
+    elif masks:
         rep = compress(net, masks=masks)
     else:
         rep = model_sparsity_report(net)
@@ -375,4 +394,21 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None)
                dense_bytes=int(rep.dense_bytes), compressed_bytes=int(rep.compressed_bytes),
                sparse_layers=sum(1 for m in net.modules() if type(m).__name__ == "SparseLinear"),
                epoch=meta.get("epoch"), checkpoint=str(ck))
+    from raydistill.compress.steps import latency_ms, storage_nbytes
+
+    out["model_bytes"] = storage_nbytes(net)
+    if quantize:  # bytes at real widths (codes + scales) instead of the float CSR accounting
+        out["compressed_bytes"] = out["model_bytes"]
+        out["compression_ratio"] = rep.dense_bytes / out["model_bytes"]
+    if "projected_sparse_int8_bytes" in steps:
+        out["projected_sparse_int8_bytes"] = steps["projected_sparse_int8_bytes"]
+    if steps:
+        out["steps"] = steps
+    if meta.get("structure"):
+        out["structure"] = meta["structure"]
+    if latency:
+        in_f = int(split.x_test.shape[1])
+        out["latency_ms_b1"] = latency_ms(net, in_f, 1)
+        out["latency_ms_b256"] = latency_ms(net, in_f, 256)
+        out["latency_threads"] = torch.get_num_threads()
     return out

@@ -131,7 +131,7 @@ def predict(model, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
 def classification_metrics(pred: np.ndarray, y: np.ndarray, num_classes: int = 10) -> dict[str, float]:
     pred, y = np.asarray(pred), np.asarray(y)
     acc = float((pred == y).mean()) if len(y) else 0.0
-    f1s = []
+    f1s, recalls = [], []
     for c in range(num_classes):
         if not ((pred == c).any() or (y == c).any()):
             continue  # a class absent from labels and predictions does not count (as in sklearn)
@@ -139,7 +139,10 @@ def classification_metrics(pred: np.ndarray, y: np.ndarray, num_classes: int = 1
         fp = int(((pred == c) & (y != c)).sum())
         fn = int(((pred != c) & (y == c)).sum())
         f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": acc, "macro_f1": float(np.mean(f1s)) if f1s else 0.0}
+        if (y == c).any():
+            recalls.append(tp / int((y == c).sum()))
+    return {"accuracy": acc, "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
+            "macro_recall": float(np.mean(recalls)) if recalls else 0.0}
 
 
 def _shard_arrays(shard, columns) -> dict[str, np.ndarray]:
@@ -203,6 +206,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 (one read
     model = build_model(spec["model"])
     resume_state, resume_masks, start_epoch = None, None, 0
     ckpt = ray.train.get_checkpoint()
+    if spec.get("structure") or spec.get("init_from") or spec.get("qat"):  # compression steps (issue 12)
+        from raydistill.compress.steps import prepare_student
+
+        prepare_student(model, spec, resuming=ckpt is not None)
     if ckpt is not None:
         with ckpt.as_directory() as d:
             meta = load_weights(model, d)
@@ -406,12 +413,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 (one read
                 compression_ratio=float(rep.compression_ratio), params=int(rep.params),
                 nonzero_params=int(rep.nonzero_params), lr=float(opt.param_groups[0]["lr"]),
                 epochs=epochs, samples_per_s=n_rows * world / max(train_time, 1e-9),
-                epoch_seconds=train_time, global_step=global_step)
+                epoch_seconds=train_time, global_step=global_step, macro_recall=te["macro_recall"])
+            if spec.get("quantize") is not None or spec.get("structure"):
+                from raydistill.compress.steps import size_metrics
+
+                metrics.update(size_metrics(base, spec, pruner.masks if pruner is not None else None))
             state = {"epoch": epoch, "global_step": global_step, "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "pruner": pruner.state_dict() if pruner else None}
             meta = {"epoch": epoch, "stage": spec["stage"], "config_hash": spec["config_hash"],
                     "model": spec["model"], "sparsity": metrics["sparsity"], "metrics": metrics,
-                    "teacher": spec.get("teacher"), "offline": bool(spec.get("offline"))}
+                    "teacher": spec.get("teacher"), "offline": bool(spec.get("offline")),
+                    "structure": spec.get("structure")}
             tmp_root = Path(tempfile.mkdtemp(prefix="raydistill-ckpt-"))
             ckdir = save_checkpoint_dir(tmp_root / f"epoch_{epoch:04d}", model=base, meta=meta, state=state,
                                         masks=pruner.masks if pruner else None)

@@ -1,0 +1,217 @@
+"""The compression recipe in the distillation pipeline: what each step does where.
+
+``prune_structured``  driver, before the student stage: the dense distilled student is pruned to
+                      ``structured.ratio`` of its hidden units (:func:`structured_init`), saved, and the
+                      student stage starts from it (``spec["init_from"]``, shapes ``spec["structure"]``)
+                      to distil it back (Minitron).
+``prune``             worker: today's GradualPruner while distilling; evaluation converts to SparseLinear.
+``quantize``          ``mode: qat``: worker swaps Linear for FakeQuantLinear (``spec["qat"]``) and the
+                      evaluation converts to QuantizedLinear (the same numbers); ``mode: ptq``: the
+                      evaluation quantizes the distilled float student.
+
+Worker entry points: :func:`prepare_student` (shapes, init weights, QAT) and :func:`size_metrics`.
+Driver entry points: :func:`student_extras`, :func:`structured_init`, :func:`finalize_student`,
+:func:`latency_ms`, :func:`check_recipe`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["prepare_student", "student_extras", "structured_init", "finalize_student", "latency_ms",
+           "size_metrics", "projected_nbytes", "check_recipe", "storage_nbytes"]
+
+
+def _qat_spec(q) -> dict | None:
+    if q is None or q.mode != "qat" or q.bits == 32:
+        return None
+    return {"bits": q.bits, "group_size": q.group_size, "activations": q.activations, "include": q.include,
+            "exclude": q.exclude}
+
+
+def student_extras(cfg, *, structure: dict | None = None, init_from: str | None = None) -> dict:
+    """Stage-spec entries of the student stage for the config's recipe (JSON-able; part of its hash)."""
+    steps = dict(cfg.compression.steps())
+    q = steps.get("quantize")
+    return {"qat": _qat_spec(q), "quantize": None if q is None else q.model_dump(mode="json"),
+            "structure": structure, "init_from": init_from}
+
+
+def prepare_student(model: nn.Module, spec: dict, *, resuming: bool) -> nn.Module:
+    """Worker side, right after ``build_model``: pruned shapes, the pruned init weights (fresh start
+    only; a resume loads its checkpoint afterwards), fake quantization for QAT."""
+    from raydistill.compress.quantize import prepare_qat
+    from raydistill.compress.structured import resize_structured
+
+    if spec.get("structure"):
+        resize_structured(model, spec["structure"])
+    if spec.get("init_from") and not resuming:
+        from raydistill.distill.worker import load_weights
+
+        load_weights(model, spec["init_from"])
+    if spec.get("qat"):
+        q = spec["qat"]
+        prepare_qat(model, q["bits"], q["group_size"], q["activations"], include=q.get("include"),
+                    exclude=q.get("exclude"))
+    return model
+
+
+def structured_init(cfg, dense_checkpoint, out_dir, calibration: torch.Tensor | None) -> tuple[str, dict, dict]:
+    """Prune the dense distilled student (``dense_checkpoint``) to ``compression.structured``; write its
+    weights to ``out_dir``. Returns (path, widths, report dict)."""
+    from raydistill.compress.structured import prune_structured
+    from raydistill.distill.worker import load_weights, save_checkpoint_dir
+    from raydistill.models import build_model
+
+    s = dict(cfg.compression.steps())["prune_structured"]
+    net = build_model(cfg.student)
+    load_weights(net, dense_checkpoint)
+    cal = None
+    if s.ranking == "activation":
+        if calibration is None:
+            raise ValueError("compression.structured.ranking 'activation' needs a calibration batch")
+        cal = calibration[: s.calibration_size]
+    rep = prune_structured(net, s.ratio, cal, include=s.include, exclude=s.exclude)
+    path = save_checkpoint_dir(Path(out_dir), model=net, meta={"structure": rep.widths, "source": str(dense_checkpoint),
+                                                              "report": rep.to_dict()})
+    return str(path), rep.widths, rep.to_dict()
+
+
+@torch.no_grad()
+def finalize_student(model: nn.Module, masks: dict | None, quantize_cfg: dict | None) -> dict:
+    """Driver side, on a loaded float checkpoint: masks -> SparseLinear, then quantize (PTQ, or the
+    conversion after QAT: the same function). Returns {step: report dict} and sets ``bytes`` entries.
+
+    INTEGRATION POINT (issue 12 point 3, int8 SparseLinear): when ``SparseLinear.quantize`` exists, pruned
+    layers become int8 SparseLinear; until then the pruned layers are quantized densely (the same int8
+    values and per-row scales an int8 SparseLinear holds, so the accuracy is that of the sparse int8
+    model) and ``projected_sparse_int8_bytes`` gives its size with int8 values, int16 column indices
+    (in_features <= 65536), int32 row pointers and fp32 row scales."""
+    from raydistill.compress.convert import compress
+    from raydistill.compress.quantize import quantize
+    from raydistill.ops.sparse import SparseLinear
+
+    out: dict[str, Any] = {}
+    q = quantize_cfg if quantize_cfg and quantize_cfg.get("bits", 32) != 32 else None
+    sparse_int8 = hasattr(SparseLinear, "quantize")
+    if masks and (q is None or sparse_int8):
+        out["prune"] = compress(model, masks=masks).to_dict()
+    if q is not None:
+        if masks and not sparse_int8:
+            out["projected_sparse_int8_bytes"] = projected_nbytes(model, masks, q["bits"], q.get("group_size"))
+        rep = quantize(model, q["bits"], q.get("group_size"), q.get("activations"), include=q.get("include"),
+                       exclude=q.get("exclude"))
+        out["quantize"] = rep.to_dict() | {"mode": q.get("mode", "ptq")}
+    return out
+
+
+def storage_nbytes(model: nn.Module) -> int:
+    """Bytes to store the model for inference at real widths: parameters and buffers, QuantizedLinear
+    codes + scales, SparseLinear as CSR (values, int32 column indices, row pointers; the transposed
+    copy it keeps for the backward pass is not counted)."""
+    from raydistill.compress.pruner import unwrap_model
+    from raydistill.ops.sparse import SparseLinear
+
+    base = unwrap_model(model)
+    total = 0
+    skip: set[int] = set()
+    for mod in base.modules():
+        if type(mod) is SparseLinear:
+            total += mod.csr_bytes() + (mod.bias.numel() * mod.bias.element_size() if mod.bias is not None else 0)
+            skip.update(id(t) for t in mod.state_dict(keep_vars=True).values())
+    for t in base.state_dict(keep_vars=True).values():
+        if t is not None and id(t) not in skip:
+            skip.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def projected_nbytes(model: nn.Module, masks: dict | None, bits: int, group_size: int | None = None) -> int:
+    """Bytes of the model after the recipe, from a float (possibly masked, fake-quantized) model: masked
+    layers as CSR (values at ``bits``, int16 column indices when in_features <= 65536 for bits < 32, else
+    int32; int32 row pointers; one fp32 scale per row), other Linear layers dense at ``bits`` with
+    their scales; everything else at its dtype."""
+    from raydistill.compress.pruner import normalize_name, unwrap_model
+
+    base = unwrap_model(model)
+    masks = {normalize_name(k): v for k, v in (masks or {}).items()}
+    total = 0
+    counted: set[int] = set()
+    for name, mod in base.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        n = normalize_name(name)
+        out_f, in_f = mod.weight.shape
+        counted.add(id(mod.weight))
+        if n in masks:
+            nnz = int(masks[n].sum())
+            idx = 2 if (bits < 32 and in_f <= 65536) else 4
+            total += (nnz * bits + 7) // 8 + nnz * idx + (out_f + 1) * 4 + (out_f * 4 if bits < 32 else 0)
+        else:
+            groups = 1 if group_size is None else in_f // group_size
+            total += (out_f * in_f * bits + 7) // 8 + (out_f * groups * 4 if bits < 32 else 0)
+    for p in base.parameters():
+        if id(p) not in counted:
+            counted.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def size_metrics(model: nn.Module, spec: dict, masks: dict | None) -> dict:
+    """Per-epoch size figures of a training student (worker): projected bytes after the recipe."""
+    q = spec.get("quantize") or {}
+    bits = int(q.get("bits") or 32)
+    return {"model_bytes": projected_nbytes(model, masks, bits, q.get("group_size")), "bits": bits}
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, in_features: int, batch: int, *, repeats: int = 30, warmup: int = 5) -> float:
+    """Median wall time (ms) of one eval forward of a ``(batch, in_features)`` fp32 batch on CPU."""
+    was = model.training
+    model.eval()
+    x = torch.randn(batch, in_features)
+    try:
+        for _ in range(warmup):
+            model(x)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            ts.append(time.perf_counter() - t0)
+    finally:
+        model.train(was)
+    ts.sort()
+    return 1e3 * ts[len(ts) // 2]
+
+
+def check_recipe(cfg) -> None:
+    """Check the recipe against the student model before any training (ValueError naming the key):
+    a group size that does not divide a layer's in_features, a structured ratio that removes every unit."""
+    from raydistill.compress.quantize import check_scheme
+    from raydistill.compress.structured import prune_structured
+    from raydistill.models import build_model
+
+    steps = dict(cfg.compression.steps())
+    if not steps:
+        return
+    net = build_model(cfg.student)
+    s = steps.get("prune_structured")
+    if s is not None:
+        try:
+            prune_structured(net, s.ratio, None, include=s.include, exclude=s.exclude)
+        except ValueError as exc:
+            raise ValueError(f"compression.structured: {exc}") from None
+    q = steps.get("quantize")
+    if q is not None:
+        from raydistill.compress.pruner import select_linear_layers
+
+        for name, mod in select_linear_layers(net, q.include, q.exclude).items():
+            try:
+                check_scheme(q.bits, q.group_size, q.activations, mod.in_features, name)
+            except ValueError as exc:
+                raise ValueError(f"compression.quantize.group_size: {exc}") from None

@@ -1,0 +1,96 @@
+"""compression as an ordered list of steps: parsing (list, steps:, old single-key form), order rules,
+dump round trip, searchable keys, recipe checks against the student model, projected bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from raydistill.config import ConfigError, config_from_dict, dump_config, load_config
+
+
+def _steps(cfg):
+    return [t for t, _ in cfg.compression.steps()]
+
+
+def test_old_single_key_form_is_one_prune_step():
+    cfg = config_from_dict({"compression": {"sparsity": 0.7, "method": "block"}})
+    assert _steps(cfg) == ["prune"]
+    assert cfg.compression.sparsity == 0.7 and cfg.compression.quantize is None
+    assert _steps(config_from_dict({"compression": {"sparsity": 0.0}})) == []
+
+
+@pytest.mark.parametrize("form", ["list", "steps"])
+def test_list_form(form):
+    steps = [{"prune_structured": {"ratio": 0.5, "ranking": "weight_norm"}}, {"prune": {"sparsity": 0.6}},
+             {"quantize": {"bits": 4, "group_size": 8, "mode": "ptq"}}]
+    cfg = config_from_dict({"compression": steps if form == "list" else {"steps": steps}})
+    assert _steps(cfg) == ["prune_structured", "prune", "quantize"]
+    c = cfg.compression
+    assert c.sparsity == 0.6 and c.structured.ratio == 0.5 and c.structured.ranking == "weight_norm"
+    assert (c.quantize.bits, c.quantize.group_size, c.quantize.mode) == (4, 8, "ptq")
+
+
+def test_list_without_prune_turns_pruning_off_and_round_trips(tmp_path):
+    cfg = config_from_dict({"compression": [{"quantize": {"bits": 8}}]})
+    assert _steps(cfg) == ["quantize"] and cfg.compression.sparsity == 0.0
+    again = load_config(dump_config(cfg, tmp_path / "c.yaml"))
+    assert again.model_dump() == cfg.model_dump()
+
+
+def test_searchable_keys_add_steps():
+    cfg = load_config(None, ["compression.quantize.bits=4", "compression.quantize.group_size=8",
+                             "compression.structured.ratio=0.25"])
+    assert _steps(cfg) == ["prune_structured", "prune", "quantize"]
+    assert _steps(load_config(None, ["compression.quantize.bits=32", "compression.structured.ratio=0"])) == ["prune"]
+
+
+@pytest.mark.parametrize("comp,match", [
+    ([{"quantize": {}}, {"prune": {}}], r"compression\[1\]: 'prune' after 'quantize' cannot work"),
+    ([{"quantize": {}}, {"prune_structured": {}}], "after 'quantize' cannot work"),
+    ([{"prune": {}}, {"prune_structured": {}}], "'prune_structured' after 'prune' cannot work"),
+    ([{"prune": {}}, {"prune": {}}], "appears twice"),
+    ([{"distil": {}}], "unknown step 'distil'"),
+    ([{"prune": {"sparsty": 0.5}}], r"prune: unknown keys \['sparsty'\]"),
+    ([{"quantize": {"bits": 16}}], "compression.quantize.bits: must be one of 4, 8 or 32"),
+    ([{"quantize": {"activations": "int4"}}], "compression.quantize.activations"),
+    ([{"prune_structured": {"ratio": 1.0}}], "compression.structured.ratio"),
+    ({"order": ["quantize", "prune"], "quantize": {"bits": 8}}, r"compression.order\[1\]"),
+])
+def test_bad_recipes_name_the_key(comp, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({"compression": comp})
+
+
+def test_check_recipe_against_the_student():
+    from raydistill.compress.steps import check_recipe
+
+    cfg = config_from_dict({"student": {"model": "mlp", "kwargs": {"hidden": 64}},
+                            "compression": [{"quantize": {"bits": 4, "group_size": 32}}]})
+    with pytest.raises(ValueError, match=r"compression.quantize.group_size: .*does not divide in_features 40 "
+                                         r"\(layer 'net.0'\)"):
+        check_recipe(cfg)
+    cfg = config_from_dict({"student": {"model": "mlp", "kwargs": {"hidden": 2}},
+                            "compression": [{"prune_structured": {"ratio": 0.9}}]})
+    with pytest.raises(ValueError, match="compression.structured: .*would remove every unit of layer 'net.0'"):
+        check_recipe(cfg)
+    check_recipe(config_from_dict({"compression": [{"prune_structured": {"ratio": 0.5}},
+                                                   {"quantize": {"bits": 4, "group_size": 8}}]}))
+
+
+def test_projected_bytes_and_finalize_match(seeded):
+    """The worker's projected bytes equal the bytes of the model finalize_student stores (no masks)."""
+    from raydistill.compress.steps import finalize_student, projected_nbytes, storage_nbytes
+
+    m = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
+    for bits, group in ((8, None), (4, 8)):
+        net = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
+        net.load_state_dict(m.state_dict())
+        proj = projected_nbytes(net, None, bits, group)
+        rep = finalize_student(net, None, {"bits": bits, "group_size": group, "activations": None})
+        assert storage_nbytes(net) == proj == rep["quantize"]["bytes_after"]
+    masks = {"0": torch.rand(64, 40, generator=seeded) > 0.8}
+    nnz = int(masks["0"].sum())
+    want = nnz * 1 + nnz * 2 + 65 * 4 + 64 * 4 + 64 * 4 + (10 * 64 + 10 * 4) + 10 * 4
+    assert projected_nbytes(m, masks, 8) == want

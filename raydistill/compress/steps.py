@@ -16,6 +16,7 @@ Driver entry points: :func:`student_extras`, :func:`structured_init`, :func:`fin
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["prepare_student", "student_extras", "structured_init", "finalize_student", "latency_ms",
+__all__ = ["prepare_student", "student_extras", "search_extras", "final_metrics", "structured_init", "finalize_student", "latency_ms",
            "size_metrics", "projected_nbytes", "check_recipe", "storage_nbytes"]
 
 
@@ -40,6 +41,20 @@ def student_extras(cfg, *, structure: dict | None = None, init_from: str | None 
     q = steps.get("quantize")
     return {"qat": _qat_spec(q), "quantize": None if q is None else q.model_dump(mode="json"),
             "structure": structure, "init_from": init_from}
+
+
+def search_extras(cfg) -> dict:
+    """Stage-spec entries of a Tune trial's student. A trial has no distilled dense student to prune, so
+    ``compression.structured.ratio`` there sets the student's hidden widths (those prune_structured would
+    leave) and the trial distils that smaller student from its initialisation: a width search."""
+    structure = None
+    s = dict(cfg.compression.steps()).get("prune_structured")
+    if s is not None:
+        from raydistill.compress.structured import prune_structured
+        from raydistill.models import build_model
+
+        structure = prune_structured(build_model(cfg.student), s.ratio, include=s.include, exclude=s.exclude).widths
+    return student_extras(cfg, structure=structure)
 
 
 def prepare_student(model: nn.Module, spec: dict, *, resuming: bool) -> nn.Module:
@@ -167,6 +182,18 @@ def size_metrics(model: nn.Module, spec: dict, masks: dict | None) -> dict:
     q = spec.get("quantize") or {}
     bits = int(q.get("bits") or 32)
     return {"model_bytes": projected_nbytes(model, masks, bits, q.get("group_size")), "bits": bits}
+
+
+def final_metrics(model: nn.Module, spec: dict, masks: dict | None, in_features: int) -> dict:
+    """Worker, last epoch: CPU latency (batch 1 and 256) of a converted copy of the student (masks ->
+    SparseLinear, quantize) -- the model that the evaluation stores."""
+    from raydistill.compress.pruner import unwrap_model
+
+    net = copy.deepcopy(unwrap_model(model)).cpu()
+    q = spec.get("quantize")  # FakeQuantLinear layers (QAT) are converted by quantize like nn.Linear
+    finalize_student(net, {k: v.cpu() for k, v in (masks or {}).items()} or None, q)
+    return {"latency_ms_b1": latency_ms(net, in_features, 1, repeats=15),
+            "latency_ms_b256": latency_ms(net, in_features, 256, repeats=15)}
 
 
 @torch.no_grad()

@@ -414,10 +414,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 (one read
                 nonzero_params=int(rep.nonzero_params), lr=float(opt.param_groups[0]["lr"]),
                 epochs=epochs, samples_per_s=n_rows * world / max(train_time, 1e-9),
                 epoch_seconds=train_time, global_step=global_step, macro_recall=te["macro_recall"])
-            if spec.get("quantize") is not None or spec.get("structure"):
-                from raydistill.compress.steps import size_metrics
+            if spec["stage"] != "teacher":  # compression steps (issue 12): bytes, final latency
+                from raydistill.compress.steps import final_metrics, size_metrics
 
-                metrics.update(size_metrics(base, spec, pruner.masks if pruner is not None else None))
+                masks = pruner.masks if pruner is not None else None
+                metrics.update(size_metrics(base, spec, masks))
+                if epoch == epochs:
+                    metrics.update(final_metrics(base, spec, masks, int(val["x"].shape[1])))
             state = {"epoch": epoch, "global_step": global_step, "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "pruner": pruner.state_dict() if pruner else None}
             meta = {"epoch": epoch, "stage": spec["stage"], "config_hash": spec["config_hash"],

@@ -17,9 +17,16 @@ import math
 from typing import Any, Mapping, Sequence
 
 OBJECTIVES = ("accuracy", "compression_ratio")  # both maximised
+# the fronts over size and speed (issue 12): "-key" means key is minimised
+SIZE_OBJECTIVES = ("accuracy", "-model_bytes")
+LATENCY_OBJECTIVES = ("accuracy", "-latency_ms_b256")
 
 
 def _value(p: Any, key: str) -> float | None:
+    """The objective's value, maximised; a ``-key`` objective is ``key`` minimised (its value negated)."""
+    if key.startswith("-"):
+        v = _value(p, key[1:])
+        return None if v is None else -v
     v = p.get(key) if isinstance(p, Mapping) else getattr(p, key, None)
     if v is None:
         return None

@@ -19,11 +19,12 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from raydistill.tune.pareto import OBJECTIVES, pareto_indices
+from raydistill.tune.pareto import LATENCY_OBJECTIVES, OBJECTIVES, SIZE_OBJECTIVES, pareto_indices
 
 # Always present, in this order, after the searched parameters.
 CONFIG_COLUMNS = ("temperature", "alpha", "sparsity")
-METRIC_COLUMNS = ("accuracy", "val_accuracy", "compression_ratio", "achieved_sparsity", "train_loss", "lr")
+METRIC_COLUMNS = ("accuracy", "val_accuracy", "compression_ratio", "achieved_sparsity", "train_loss", "lr",
+                  "bits", "model_bytes", "latency_ms_b1", "latency_ms_b256")
 TRIAL_COLUMNS = (
     "trial_id", "status", "stopped_early", "epochs_run", "epochs_configured",
     *CONFIG_COLUMNS,
@@ -33,7 +34,7 @@ TRIAL_COLUMNS = (
 )
 FRONT_FIELDS = (
     "trial_id", "temperature", "alpha", "sparsity", "accuracy", "compression_ratio", "achieved_sparsity",
-    "val_accuracy", "epochs_run", "stopped_early", "checkpoint_path",
+    "val_accuracy", "epochs_run", "stopped_early", "checkpoint_path", "bits", "model_bytes", "latency_ms_b256",
 )
 
 FINISHED = ("TERMINATED",)  # trials whose last report is a real, finished-or-stopped model
@@ -77,9 +78,16 @@ def front_candidates(rows: Sequence[dict]) -> list[dict]:
             and all(_finite(r.get(k)) for k in OBJECTIVES)]
 
 
-def compute_front(rows: Sequence[dict]) -> list[dict]:
+def compute_front(rows: Sequence[dict], objectives: Sequence[str] = OBJECTIVES) -> list[dict]:
     cands = front_candidates(rows)
-    return [cands[i] for i in pareto_indices(cands, OBJECTIVES)]
+    return [cands[i] for i in pareto_indices(cands, objectives)]
+
+
+def compute_fronts(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """The fronts over (accuracy, bytes at real bit widths) and (accuracy, CPU latency at batch 256);
+    trials without those metrics take no part."""
+    return {"accuracy_bytes": compute_front(rows, SIZE_OBJECTIVES),
+            "accuracy_latency": compute_front(rows, LATENCY_OBJECTIVES)}
 
 
 def _finite(v: Any) -> bool:
@@ -87,6 +95,10 @@ def _finite(v: Any) -> bool:
         return v is not None and math.isfinite(float(v))
     except (TypeError, ValueError):
         return False
+
+
+def _front_row(r: dict) -> dict:
+    return {k: _flat(r).get(k) for k in FRONT_FIELDS} | {"params": r.get("params", {})}
 
 
 def write_pareto_json(front: Sequence[dict], path: Path, *, teacher_accuracy: float | None,
@@ -97,7 +109,7 @@ def write_pareto_json(front: Sequence[dict], path: Path, *, teacher_accuracy: fl
         "teacher_accuracy": teacher_accuracy,
         "baseline_accuracy": baseline_accuracy,
         **(extra or {}),
-        "front": [{k: _flat(r).get(k) for k in FRONT_FIELDS} | {"params": r.get("params", {})} for r in front],
+        "front": [_front_row(r) for r in front],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")

@@ -322,7 +322,9 @@ def write_report(rows, spec: SearchSpec, cfg, exp_dir: Path, state: SearchState,
     rep.write_pareto_json(front, exp_dir / "pareto.json", teacher_accuracy=state.teacher_accuracy,
                           baseline_accuracy=state.baseline_accuracy,
                           extra={"summary": summary, "search": exp_dir.name, "wall": state.wall_s,
-                                 "plan": state.plan})
+                                 "plan": state.plan,
+                                 "fronts": {k: [rep._front_row(r) for r in v]
+                                            for k, v in rep.compute_fronts(rows).items()}})
     rep.plot_pareto(rows, front, exp_dir / "pareto.png", teacher_accuracy=state.teacher_accuracy,
                     baseline_accuracy=state.baseline_accuracy,
                     title=f"{exp_dir.name}: {summary['trials']} trials, {summary['stopped_early']} stopped early")

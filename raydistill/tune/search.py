@@ -126,6 +126,12 @@ def distill_api():
     return d
 
 
+def search_extras(cfg) -> dict:
+    from raydistill.compress.steps import search_extras as extras
+
+    return extras(cfg)
+
+
 def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_workers: int,
                       resources_per_worker: dict[str, float], build_config: Callable[[dict], Any]):
     """The Tune trainable: one full distillation (Ray Train) per trial, reports forwarded to Tune."""
@@ -154,6 +160,7 @@ def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_work
             callbacks=[TuneReportCallback()],
             num_workers=plan_workers,
             resources_per_worker=resources_per_worker,
+            extras=search_extras(cfg),  # bits (QAT) and structured width of the trial's student
         )
         trainer.fit()
 
@@ -289,6 +296,10 @@ def trial_rows(trials: list, base: dict, spec: SearchSpec, build_config: Callabl
             "accuracy": _num(last.get("accuracy")),
             "val_accuracy": _num(last.get("val_accuracy")),
             "compression_ratio": _num(last.get("compression_ratio")),
+            "bits": _num(last.get("bits")),
+            "model_bytes": _num(last.get("model_bytes")),
+            "latency_ms_b1": _num(last.get("latency_ms_b1")),
+            "latency_ms_b256": _num(last.get("latency_ms_b256")),
             "achieved_sparsity": _num(last.get("sparsity")),
             "train_loss": _num(last.get("train_loss")),
             "lr": _num(last.get("lr")),

@@ -7,7 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from pathlib import Path
+
 from raydistill.config import ConfigError, config_from_dict, dump_config, load_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _steps(cfg):
@@ -94,3 +98,39 @@ def test_projected_bytes_and_finalize_match(seeded):
     nnz = int(masks["0"].sum())
     want = nnz * 1 + nnz * 2 + 65 * 4 + 64 * 4 + 64 * 4 + (10 * 64 + 10 * 4) + 10 * 4
     assert projected_nbytes(m, masks, 8) == want
+
+
+def test_evaluate_checkpoint_applies_structure_masks_and_quantize(tmp_path):
+    """No Ray: a pruned-shape checkpoint with masks, evaluated as 80%-sparse int8 (the recipe's end)."""
+    from raydistill.compress import GradualPruner, prune_structured
+    from raydistill.distill.trainer import evaluate_checkpoint
+    from raydistill.distill.worker import save_checkpoint_dir
+    from raydistill.models import build_model
+
+    cfg = load_config(REPO / "tune_configs" / "mnist1d_tiny.yaml",
+                      [f"run.storage_path={tmp_path}", "data.num_train=200", "data.num_test=100"])
+    torch.manual_seed(0)
+    net = build_model(cfg.student)
+    widths = prune_structured(net, 0.5).widths
+    pr = GradualPruner(net, 0.8, begin_step=0, end_step=1, exclude=["net.4"])
+    pr.step(1)
+    spec = {"model": "mlp", "kwargs": dict(cfg.student.kwargs)}
+    ck = save_checkpoint_dir(tmp_path / "ck", model=net, meta={"model": spec, "structure": widths},
+                             masks=pr.masks)
+    ev = evaluate_checkpoint(cfg, ck, quantize={"bits": 8, "group_size": None, "activations": None, "mode": "qat"})
+    assert ev["structure"] == widths == {"net.0": 64, "net.2": 64}
+    assert ev["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert 0 <= ev["accuracy"] <= 1 and 0 <= ev["macro_recall"] <= 1 and ev["latency_ms_b256"] > 0
+    from raydistill.ops.sparse import SparseLinear
+
+    if hasattr(SparseLinear, "quantize"):
+        assert ev["steps"]["quantize"]["layers"]
+    else:  # dense int8 storage now, the int8-sparse size projected
+        dense_int8 = sum(o * i + 4 * o + 4 * o for o, i in ((64, 40), (64, 64), (10, 64)))
+        assert ev["model_bytes"] == dense_int8
+        nnz = [int(pr.masks[k].sum()) for k in ("net.0", "net.2")]
+        # CSR: int8 values + int16 columns + int32 row pointers + fp32 row scales; fp32 biases; int8 head
+        want = sum(3 * z + 65 * 4 + 64 * 4 + 64 * 4 for z in nnz) + (10 * 64 + 10 * 4 + 10 * 4)
+        assert ev["projected_sparse_int8_bytes"] == want
+    plain = evaluate_checkpoint(cfg, ck, latency=False)
+    assert plain["sparse_layers"] == 2 and "latency_ms_b1" not in plain

@@ -1,0 +1,55 @@
+"""One small Ray run of the student stage of a whole recipe: prune_structured (of a dense student) ->
+prune -> int8 QAT, then the evaluation's conversion. The teacher and the dense student are local
+untrained checkpoints (this checks the wiring, not accuracy; the pipeline's ordering is the same code
+path that `raydistill distill` and benchmarks/bench_compress_targets.py run)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.ray
+
+
+def test_student_stage_runs_the_recipe(ray_local, storage, tiny):
+    from raydistill.compress import QuantizedLinear
+    from raydistill.compress.steps import structured_init, student_extras
+    from raydistill.distill import build_student_trainer, ensure_teacher
+    from raydistill.distill.trainer import evaluate_checkpoint, final_checkpoint_dir
+    from raydistill.distill.worker import save_checkpoint_dir
+    from raydistill.models import build_model
+
+    root = storage / "recipe"
+    torch.manual_seed(0)
+    teacher_dir = save_checkpoint_dir(root / "teacher", model=build_model({"model": "cnn1d", "kwargs": {"channels": 32}}),
+                                      meta={})
+    dense_dir = save_checkpoint_dir(root / "dense", model=build_model({"model": "mlp", "kwargs": {"hidden": 128}}),
+                                    meta={})
+    cfg = tiny("distill.epochs=2", f"teacher.checkpoint={teacher_dir}",
+               "compression=[{prune_structured: {ratio: 0.5}}, "
+               "{prune: {sparsity: 0.5, begin_fraction: 0.0, end_fraction: 0.5, frequency: 5}}, "
+               "{quantize: {bits: 8, mode: qat}}]")
+    teacher = ensure_teacher(cfg, storage)
+    init, widths, rep = structured_init(cfg, dense_dir, root / "init", torch.randn(256, 40))
+    assert widths == {"net.0": 64, "net.2": 64} and rep["ranking"] == "activation"
+    tr = build_student_trainer(cfg, teacher, storage_path=root, name="student",
+                               extras=student_extras(cfg, structure=widths, init_from=init))
+    result = tr.fit()
+    rows = [json.loads(x) for x in (root / "student" / "epochs.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["bits"] == 8 and rows[-1]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert 0 < rows[-1]["macro_recall"] <= 1
+    ck = final_checkpoint_dir(result, root, "student")
+    ev = evaluate_checkpoint(cfg, ck, quantize=cfg.compression.quantize.model_dump(mode="json"))
+    assert ev["structure"] == widths
+    assert [x["name"] for x in ev["steps"]["quantize"]["layers"]] == ["net.0", "net.2", "net.4"]
+    # int8 codes + fp32 row scales of the 40-64-64-10 student, fp32 biases
+    expect = sum(o * i + o * 4 + o * 4 for o, i in ((64, 40), (64, 64), (10, 64)))
+    assert ev["model_bytes"] == expect
+    assert 0 <= ev["accuracy"] <= 1 and ev["latency_ms_b1"] > 0 and ev["latency_ms_b256"] > 0
+    # the weights trained under fake quantization reload and convert: first layer has half the units
+    fresh = evaluate_checkpoint(cfg, ck, latency=False)
+    assert fresh["params"] == sum(o * i + o for o, i in ((64, 40), (64, 64), (10, 64)))
+    assert QuantizedLinear  # imported name used by the conversion above

@@ -109,10 +109,18 @@ def _init_with_retry(ray, address, kwargs, attempts: int = 3) -> None:
             ray.init(address=address, **kwargs)
             return
         except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
-            if address is not None or "timed out during startup" not in str(exc) or i == attempts - 1:
+            # a timed-out start, or a dashboard port taken between _free_port() and Ray's bind (other Ray
+            # instances start on this machine too): shut down and retry on a fresh port
+            retry = "timed out during startup" in str(exc) or "already occupied" in str(exc)
+            if address is not None or not retry or i == attempts - 1:
                 raise
-            log.warning("Ray start timed out (attempt %d of %d, busy machine?); retrying", i + 1, attempts)
+            log.warning("Ray start failed (attempt %d of %d, busy machine?): %s; retrying", i + 1, attempts,
+                        str(exc).splitlines()[0][:200])
             ray.shutdown()
+            if "dashboard_port" in kwargs:
+                port = _free_port()
+                kwargs["dashboard_port"] = port
+                os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
 
 
 def ray_log_dir() -> str | None:

@@ -58,3 +58,26 @@ def test_objects_and_custom_objectives():
 
     pts = [T(0.9, 0.0), T(0.8, 0.9), T(0.7, 0.5)]
     assert pareto_indices(pts, ("accuracy", "sparsity")) == [0, 1]
+
+
+def test_minimised_objectives_and_the_size_and_latency_fronts():
+    from raydistill.tune.pareto import LATENCY_OBJECTIVES, SIZE_OBJECTIVES, pareto_front
+    from raydistill.tune.report import compute_fronts
+
+    pts = [
+        {"trial_id": "a", "status": "TERMINATED", "accuracy": 0.90, "compression_ratio": 1.0, "model_bytes": 4000,
+         "latency_ms_b256": 1.0},
+        {"trial_id": "b", "status": "TERMINATED", "accuracy": 0.89, "compression_ratio": 4.0, "model_bytes": 1000,
+         "latency_ms_b256": 2.0},
+        {"trial_id": "c", "status": "TERMINATED", "accuracy": 0.88, "compression_ratio": 4.0, "model_bytes": 1500,
+         "latency_ms_b256": 0.5},
+        {"trial_id": "d", "status": "TERMINATED", "accuracy": 0.85, "compression_ratio": 8.0, "model_bytes": None,
+         "latency_ms_b256": 3.0},
+    ]
+    # fewer bytes is better: c (more bytes and less accurate than b) is dominated; d has no bytes
+    assert [p["trial_id"] for p in pareto_front(pts, SIZE_OBJECTIVES)] == ["a", "b"]
+    # lower latency is better: b and d are dominated by a / c
+    assert [p["trial_id"] for p in pareto_front(pts, LATENCY_OBJECTIVES)] == ["a", "c"]
+    fronts = compute_fronts(pts)
+    assert {k: [r["trial_id"] for r in v] for k, v in fronts.items()} == {
+        "accuracy_bytes": ["a", "b"], "accuracy_latency": ["a", "c"]}

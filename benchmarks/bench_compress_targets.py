@@ -5,8 +5,9 @@
 
 Recipes (each one `raydistill distill` run of the default config with `compression` replaced):
 
-* ``qat8``:       [quantize: {bits: 8, mode: qat}]  -> student (int8 QAT), dense_student (fp32) and
-                  dense_student_ptq (post-training int8 of the fp32 student)
+* ``qat8``:       [quantize: {bits: 8, activations: int8, mode: qat}]  -> student (int8 weights and
+                  dynamic int8 activations, QAT; runs on torch.ao's fbgemm kernel), dense_student (fp32)
+                  and dense_student_ptq (post-training int8 of the fp32 student)
 * ``qat4``:       [quantize: {bits: 4, mode: qat}]  (per-channel scales: 32/64/128 do not divide the
                   first layer's 40 inputs)
 * ``structured``: [prune_structured: {ratio: 0.5}]  -> half-width dense student, distilled from the pruned
@@ -39,7 +40,7 @@ from raydistill.distill import run_distill
 ROOT = Path(__file__).resolve().parents[1]
 
 RECIPES = {
-    "qat8": "compression=[{quantize: {bits: 8, mode: qat}}]",
+    "qat8": "compression=[{quantize: {bits: 8, activations: int8, mode: qat}}]",
     "qat4": "compression=[{quantize: {bits: 4, mode: qat}}]",
     "structured": "compression=[{prune_structured: {ratio: 0.5}}]",
     "sparse_int8": "compression=[{prune: {sparsity: 0.8, begin_fraction: 0.05, end_fraction: 0.5, frequency: 10}}, "

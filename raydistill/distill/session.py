@@ -109,10 +109,10 @@ def _init_with_retry(ray, address, kwargs, attempts: int = 3) -> None:
             ray.init(address=address, **kwargs)
             return
         except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
-            # a timed-out start, or a dashboard port taken between _free_port() and Ray's bind (other Ray
-            # instances start on this machine too): shut down and retry on a fresh port
-            retry = "timed out during startup" in str(exc) or "already occupied" in str(exc)
-            if address is not None or not retry or i == attempts - 1:
+            # a timed-out start, a dashboard that did not come up in time, or a dashboard port taken between
+            # _free_port() and Ray's bind (other Ray instances start on this machine too): a local start is
+            # shut down and retried on a fresh port
+            if address is not None or i == attempts - 1:
                 raise
             log.warning("Ray start failed (attempt %d of %d, busy machine?): %s; retrying", i + 1, attempts,
                         str(exc).splitlines()[0][:200])

@@ -134,3 +134,29 @@ def test_evaluate_checkpoint_applies_structure_masks_and_quantize(tmp_path):
         assert ev["projected_sparse_int8_bytes"] == want
     plain = evaluate_checkpoint(cfg, ck, latency=False)
     assert plain["sparse_layers"] == 2 and "latency_ms_b1" not in plain
+
+
+def test_search_extras_and_worker_side_steps(seeded):
+    """Tune trial: bits -> QAT spec, structured ratio -> widths; prepare_student builds those shapes
+    with FakeQuantLinear; final_metrics times a converted copy and leaves the training model alone."""
+    from raydistill.compress import FakeQuantLinear
+    from raydistill.compress.steps import final_metrics, prepare_student, search_extras, size_metrics
+    from raydistill.models import build_model
+
+    cfg = load_config(REPO / "tune_configs" / "mnist1d_compress_search.yaml",
+                      ["compression.quantize.bits=4", "compression.structured.ratio=0.75"])
+    ex = search_extras(cfg)
+    assert ex["structure"] == {"net.0": 128, "net.2": 128} and ex["qat"]["bits"] == 4 and ex["init_from"] is None
+    spec = {"model": {"model": "mlp", "kwargs": dict(cfg.student.kwargs)}, **ex}
+    net = prepare_student(build_model(spec["model"]), spec, resuming=False)
+    assert [type(m).__name__ for m in net.net] == ["FakeQuantLinear", "ReLU"] * 2 + ["FakeQuantLinear"]
+    assert net.net[0].weight.shape == (128, 40) and net.net[2].weight.shape == (128, 128)
+    assert isinstance(net.net[4], FakeQuantLinear) and net.net[4].bits == 4
+    sm = size_metrics(net, spec, None)
+    assert sm["bits"] == 4 and sm["model_bytes"] == sum(
+        (o * i) // 2 + 4 * o + 4 * o for o, i in ((128, 40), (128, 128), (10, 128)))
+    fm = final_metrics(net, spec, None, 40)
+    assert fm["latency_ms_b1"] > 0 and fm["latency_ms_b256"] > 0
+    assert isinstance(net.net[0], FakeQuantLinear)  # the training model is untouched
+    off = search_extras(load_config(REPO / "tune_configs" / "mnist1d_compress_search.yaml"))
+    assert off["structure"] is None and off["qat"] is None  # bits 32 and ratio 0: no steps

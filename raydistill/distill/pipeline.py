@@ -322,7 +322,9 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
         # ---- evaluation + report (Ray is down; evaluation is local and cheap) -----------------------------
         qcfg = recipe["quantize"].model_dump(mode="json") if "quantize" in recipe else None
         evals = {s: evaluate_checkpoint(cfg, final_checkpoint_dir(results[s], run_dir, s),
-                                        quantize=qcfg if s == "student" else None) for s in stages}
+                                        quantize=qcfg if s == "student" else None,
+                                        export=str(run_dir / "student.safetensors") if s == "student" else None)
+                 for s in stages}
         if qcfg is not None:  # post-training quantization of the dense distilled student, for comparison
             evals["dense_student_ptq"] = evaluate_checkpoint(
                 cfg, final_checkpoint_dir(results["dense_student"], run_dir, "dense_student"),

@@ -351,12 +351,13 @@ def artifact_from_checkpoint(ck_dir: Path, *, model: dict, stage: str) -> Teache
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None, *,
-                        quantize: dict | None = None, latency: bool = True) -> dict:
+                        quantize: dict | None = None, latency: bool = True, export: str | None = None) -> dict:
     """Test-set accuracy, macro recall, macro-F1, size and CPU latency of a checkpoint, with its pruned
     layers converted to ``SparseLinear`` (``raydistill.compress.compress`` with the checkpoint's masks)
     and, with ``quantize`` (a ``compression.quantize`` dict), its Linear layers quantized
     (:func:`raydistill.compress.steps.finalize_student`). ``model_bytes`` counts real bit widths
-    (codes, scales, CSR indices); ``latency_ms_b1`` / ``latency_ms_b256``: median eval forward time."""
+    (codes, scales, CSR indices); ``latency_ms_b1`` / ``latency_ms_b256``: median eval forward time.
+    ``export``: also write the compressed model there (:func:`raydistill.compress.save_compressed`)."""
     import torch
 
     from raydistill.compress import compress, model_sparsity_report
@@ -406,6 +407,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
         out["steps"] = steps
     if meta.get("structure"):
         out["structure"] = meta["structure"]
+    if export:
+        from raydistill.compress.export import save_compressed
+
+        save_compressed(net, export, structure=meta.get("structure"))
+        out["export"] = str(export)
     if latency:
         in_f = int(split.x_test.shape[1])
         out["latency_ms_b1"] = latency_ms(net, in_f, 1)

@@ -117,7 +117,12 @@ def test_evaluate_checkpoint_applies_structure_masks_and_quantize(tmp_path):
     spec = {"model": "mlp", "kwargs": dict(cfg.student.kwargs)}
     ck = save_checkpoint_dir(tmp_path / "ck", model=net, meta={"model": spec, "structure": widths},
                              masks=pr.masks)
-    ev = evaluate_checkpoint(cfg, ck, quantize={"bits": 8, "group_size": None, "activations": None, "mode": "qat"})
+    ev = evaluate_checkpoint(cfg, ck, quantize={"bits": 8, "group_size": None, "activations": None, "mode": "qat"},
+                             export=str(tmp_path / "student.safetensors"))
+    from raydistill.compress import load_compressed
+
+    again = load_compressed(lambda: build_model(cfg.student), ev["export"])
+    assert again.net[0].out_features == 64 and type(again.net[0]).__name__ in ("QuantizedLinear", "SparseLinear")
     assert ev["structure"] == widths == {"net.0": 64, "net.2": 64}
     assert ev["sparsity"] == pytest.approx(0.8, abs=0.01)
     assert 0 <= ev["accuracy"] <= 1 and 0 <= ev["macro_recall"] <= 1 and ev["latency_ms_b256"] > 0

@@ -219,7 +219,7 @@ class QuantizedLinear(nn.Module):
         return dequantize_weight(self.codes(), self.scale, self.group_size)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._fbgemm = None
+        object.__setattr__(self, "_fbgemm", None)
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _fbgemm_linear(self):
@@ -231,7 +231,7 @@ class QuantizedLinear(nn.Module):
                 self.qweight.cpu(), self.scale[:, 0].double().cpu(),
                 torch.zeros(self.out_features, dtype=torch.int64), 0)
             m.set_weight_bias(wq, None if self.bias is None else self.bias.cpu())
-            self._fbgemm = m
+            object.__setattr__(self, "_fbgemm", m)  # a cache: not a submodule, not in the state dict
         return self._fbgemm
 
     def uses_fbgemm(self, x: Tensor | None = None) -> bool:

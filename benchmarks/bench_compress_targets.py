@@ -82,6 +82,37 @@ def interleaved_latency(models: dict, in_features: int, batch: int, blocks: int 
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
+def latency_only(args, argv) -> int:
+    torch.set_num_threads(args.latency_only)
+    load_before = os.getloadavg()
+    rows = []
+    from raydistill.compress import quantize
+
+    for seed in args.seeds:
+        for recipe, other in (("structured", "structured"), ("qat8", "int8"), ("qat4", "int4")):
+            run = Path(args.storage_path) / f"{recipe}_seed{seed}"
+            if not (run / "report.json").is_file():
+                continue
+            cfg = load_config(run / "config.yaml")
+            rep = json.loads((run / "report.json").read_text())
+            student = _load_float(cfg, Path(rep["student"]["checkpoint"]))
+            if recipe != "structured":
+                q = cfg.compression.quantize
+                quantize(student, q.bits, q.group_size, q.activations)
+            models = {"dense": _load_float(cfg, Path(rep["dense_student"]["checkpoint"])), other: student}
+            for batch in (1, 256):
+                lat = interleaved_latency(models, 40, batch, blocks=9, reps=30)
+                rows.append({"seed": seed, "recipe": recipe, "batch": batch, "ms": lat,
+                             "speedup": lat["dense"] / lat[other]})
+                print(json.dumps(rows[-1]), flush=True)
+    out = {"threads": args.latency_only, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+           "torch": torch.__version__, "cpus": os.cpu_count(),
+           "command": " ".join(["benchmarks/bench_compress_targets.py", *(argv or sys.argv[1:])]), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
 def _row(e: dict) -> dict:
     return {k: e[k] for k in KEYS if k in e}
 
@@ -93,7 +124,12 @@ def main(argv=None) -> int:
     ap.add_argument("--storage-path", default=str(ROOT / "runs" / "compress_targets"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compress_targets.json"))
+    ap.add_argument("--latency-only", type=int, metavar="THREADS", default=None,
+                    help="no training: re-time the finished runs' dense vs structured / int8 / int4 students "
+                         "(interleaved, batch 1 and 256) with THREADS torch threads; writes --out")
     args = ap.parse_args(argv)
+    if args.latency_only is not None:
+        return latency_only(args, argv)
     load_before = os.getloadavg()
     rows = []
     for seed in args.seeds:

@@ -418,12 +418,15 @@ def report_markdown(r: dict) -> str:
             rows.append((key, smodel, r[key]))
     lines = [f"# raydistill run `{r['name']}`", "",
              "| stage | model | test accuracy | macro recall | macro F1 | sparsity | compression | bytes | "
-             "ms/batch 1 | ms/batch 256 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "bytes vs dense student | ms/batch 1 | ms/batch 256 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ref = (r.get("dense_student") or {}).get("model_bytes")
     for st, m, e in rows:
+        rel = e.get("model_bytes") / ref if ref and e.get("model_bytes") else None
         lines.append(f"| {st} | {m} | {e['accuracy']:.2%} | {fmt(e.get('macro_recall'), '{:.3f}')} | "
                      f"{fmt(e.get('macro_f1'), '{:.3f}')} | {fmt(e.get('sparsity'), '{:.1%}')} | "
                      f"{fmt(e.get('compression_ratio'), '{:.2f}x')} | {fmt(e.get('model_bytes'), '{:,}')} | "
+                     f"{fmt(rel, '{:.1%}')} | "
                      f"{fmt(e.get('latency_ms_b1'), '{:.3f}')} | {fmt(e.get('latency_ms_b256'), '{:.3f}')} |")
     lines += ["", f"- compression steps: {', '.join(r.get('compression_steps') or []) or 'none'}",
               f"- distilled student vs baseline: {r['gain_over_baseline'] * 100:+.1f} points"]

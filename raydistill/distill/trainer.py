@@ -151,10 +151,14 @@ def make_trainer(cfg: Config, spec: dict, datasets: dict, *, storage_path: Path,
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raydistill.distill.checkpointing import prepare_run_dir
     from raydistill.distill.session import train_env
     from raydistill.distill.worker import train_fn_per_worker
 
     train_env()
+    # a damaged checkpoint, a deleted checkpoint directory or a truncated Ray snapshot: resume from what
+    # is intact on disk instead of failing (see raydistill.distill.checkpointing)
+    prepare_run_dir(Path(storage_path) / name)
     scaling = ScalingConfig(num_workers=int(num_workers or cfg.scaling.num_workers),
                             use_gpu=bool(cfg.scaling.use_gpu),
                             resources_per_worker=resources_per_worker or cfg.scaling.resources_per_worker)

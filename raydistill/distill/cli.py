@@ -46,6 +46,15 @@ class _UsageError(Exception):
     pass
 
 
+def _check_name_and_storage(args, name: str, storage) -> None:
+    """--name / run.name is a name, not a path; the storage path is a writable directory (ConfigError)."""
+    from raydistill.config import validate_run_name
+    from raydistill.distill.preflight import check_storage
+
+    validate_run_name(name, "--name" if args.name else "run.name")
+    check_storage(storage, "--storage-path" if args.storage_path else "run.storage_path")
+
+
 def _fail(prog: str, msg: str, code: int) -> int:
     print(f"{prog}: error: {msg}", file=sys.stderr)
     return code
@@ -69,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
     storage = resolve_storage(args.storage_path, cfg)
     name = args.name or cfg.run.name
+    try:
+        _check_name_and_storage(args, name, storage)
+    except ConfigError as exc:
+        return _fail(prog, str(exc), 2)
     log_path = storage / name / "distill.log"
     try:
         report = run_distill(cfg, storage_path=storage, name=name, address=args.address,
@@ -139,6 +152,13 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
     from raydistill.distill.trainer import resolve_storage
 
     storage = resolve_storage(args.storage_path, cfg)
+    try:
+        from raydistill.distill.preflight import check_models, check_storage
+
+        check_storage(storage, "--storage-path" if args.storage_path else "run.storage_path")
+        check_models(cfg)
+    except ConfigError as exc:
+        return _fail(prog, str(exc), 2)
     try:
         out = write_teacher_outputs(cfg, storage_path=storage, output=args.output, topk=args.topk,
                                     concurrency=args.concurrency, address=args.address)

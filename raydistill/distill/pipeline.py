@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from raydistill.config import Config, ConfigError, config_hash, dump_config
+from raydistill.distill.preflight import preflight
+from raydistill.distill.runlock import run_lock
 from raydistill.distill.trainer import (
     TeacherArtifact, artifact_from_checkpoint, build_baseline_trainer, build_student_trainer, ensure_teacher,
     evaluate_checkpoint, final_checkpoint_dir, resolve_storage, teacher_hash,
@@ -196,13 +198,19 @@ def _resources(cfg: Config, concurrent: int) -> dict | None:
 def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, address: str | None = None,
                 progress: bool = True) -> dict:
     """Run the whole job (see module doc) and return the report dict (also written to report.json)."""
-    from raydistill.distill.session import ray_session
-
     t0 = time.time()
     storage = resolve_storage(storage_path, cfg)
     name = name or cfg.run.name
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": str(storage), "name": name})})
     run_dir = storage / name
+    preflight(cfg, storage, name)  # name, storage, models: a ConfigError before Ray starts
+    with run_lock(run_dir):  # a second run with the same name fails here, at once
+        return _run_locked(cfg, storage, name, run_dir, address, progress, t0)
+
+
+def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, progress: bool, t0: float) -> dict:
+    from raydistill.distill.session import ray_session
+
     _check_run_dir(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")

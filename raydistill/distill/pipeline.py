@@ -21,11 +21,11 @@ import os
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from raydistill.config import Config, ConfigError, config_hash, dump_config
+from raydistill.distill import interrupts
 from raydistill.distill.preflight import preflight
 from raydistill.distill.runlock import run_lock
 from raydistill.distill.trainer import (
@@ -176,10 +176,10 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> None:
 
 def _fit(trainer, stage: str):
     try:
-        return trainer.fit()
+        return interrupts.fit(trainer)  # off the main thread: Ctrl-C stays ours (see distill/interrupts.py)
     except BaseException as exc:  # noqa: BLE001 - re-raised with the stage name
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+        if isinstance(exc, KeyboardInterrupt) or interrupts.interrupted():
+            raise KeyboardInterrupt from exc
         log.error("stage %s failed:\n%s", stage, "".join(traceback.format_exception(exc)))
         raise StageFailed(stage, exc) from exc
 
@@ -236,9 +236,11 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
                     teacher = ensure_teacher(cfg, storage)
                 except (ConfigError, KeyboardInterrupt):
                     raise
-                except StageFailed:
-                    raise
                 except BaseException as exc:
+                    if interrupts.interrupted():
+                        raise KeyboardInterrupt from exc
+                    if isinstance(exc, StageFailed):
+                        raise
                     log.error("teacher failed:\n%s", "".join(traceback.format_exception(exc)))
                     raise StageFailed("teacher", exc) from exc
                 prog.done("teacher", f"test {teacher.accuracy:.3f}" + ("  (cached)" if teacher.cached else ""))
@@ -280,17 +282,17 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
                 results: dict[str, Any] = {}
                 ts = time.time()
                 if concurrent > 1:
-                    with ThreadPoolExecutor(len(stages)) as pool:
-                        futs = {s: pool.submit(_fit, trainers[s], s) for s in stages}
-                        errors = []
-                        for s, f in futs.items():
-                            try:
-                                results[s] = f.result()
-                                prog.done(s)
-                            except StageFailed as exc:
-                                errors.append(exc)
-                        if errors:
-                            raise errors[0]
+                    # daemon threads, waited for in short slices: Ctrl-C interrupts the wait at once
+                    futs = {s: interrupts.submit(_fit, trainers[s], s, name=f"raydistill-{s}") for s in stages}
+                    errors = []
+                    for s, f in futs.items():
+                        try:
+                            results[s] = interrupts.result(f)
+                            prog.done(s)
+                        except StageFailed as exc:
+                            errors.append(exc)
+                    if errors:
+                        raise errors[0]
                 else:
                     for s in stages:
                         results[s] = _fit(trainers[s], s)

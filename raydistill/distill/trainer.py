@@ -308,7 +308,9 @@ def ensure_teacher(cfg: Config, storage_path, *, callbacks=None, num_workers=Non
             trainer = build_teacher_trainer(cfg, storage_path=root, name=h, callbacks=callbacks,
                                             num_workers=num_workers, resources_per_worker=resources_per_worker,
                                             data_root=storage)
-            result = trainer.fit()
+            from raydistill.distill.interrupts import fit
+
+            result = fit(trainer)  # off the main thread, so Ctrl-C stays the job's (distill/interrupts.py)
         ck = final_checkpoint_dir(result, root, h)
         final = tdir / "final"
         if final.exists():

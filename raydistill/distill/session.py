@@ -128,6 +128,10 @@ def _init_with_retry(ray, address, kwargs, attempts: int = 3) -> None:
                 raise
             log.warning("Ray start timed out (attempt %d of %d, busy machine?); retrying", i + 1, attempts)
             ray.shutdown()
+            if "dashboard_port" in kwargs:  # the timed-out attempt's dashboard may still hold its port
+                port = _free_port()
+                kwargs["dashboard_port"] = port
+                os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
 
 
 def ray_log_dir() -> str | None:

@@ -24,11 +24,11 @@ print({op: op_backend(op, 'cuda') for op in ('kd_loss_fwd', 'kd_loss_topk_fwd', 
     test) timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_devices.py -k cuda 2>&1 | tail -25 | tee "$OUT/tests.log"
           ls tests/ops/test_kd_loss_linear.py >/dev/null 2>&1 && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/ops/test_kd_loss_linear.py -k cuda 2>&1 | tail -8 | tee -a "$OUT/tests.log" ;;
     sweep) timeout 150 python3 benchmarks/gpu/kd_cluster_sweep.py --out "$OUT/kd_cluster_sweep.json" 2>&1 | tail -40 ;;
-    kd) timeout 180 python3 -m raydistill.cli bench kd-loss --device cuda --reps 10 --quick --out "$OUT/kd_loss_cuda.json" 2>&1 | tail -30 ;;
+    kd) RAYDISTILL_KD_KERNEL=cluster timeout 180 python3 -m raydistill.cli bench kd-loss --device cuda --reps 10 --quick --out "$OUT/kd_loss_cuda.json" 2>&1 | tail -30 ;;
     spmm) timeout 240 python3 -m raydistill.cli bench spmm --device cuda --out "$OUT/spmm_cuda.json" 2>&1 | tail -45 ;;
     linear) python3 -m raydistill.cli bench --help 2>&1 | grep -q kd-loss-linear && \
             timeout 150 python3 -m raydistill.cli bench kd-loss-linear --device cuda --out "$OUT/kd_loss_linear_cuda.json" 2>&1 | tail -20 ;;
-    ncu) command -v ncu >/dev/null && timeout 120 ncu --clock-control none -k regex:kd_ -c 2 \
+    ncu) command -v ncu >/dev/null && RAYDISTILL_KD_KERNEL=cluster timeout 120 ncu --clock-control none -k regex:kd_ -c 2 \
            --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
            python3 benchmarks/gpu/kd_ncu_case.py 2>&1 | grep -E "kd_|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers|Block Size|Grid Size|Cluster|Theoretical Occ" | head -40 | tee "$OUT/ncu.log" ;;
   esac

@@ -1,8 +1,8 @@
 """Time the fused kd_loss CUDA kernels per launch configuration (one GPU run; JSON + table).
 
 Runs fwd+bwd and fwd-only of ``raydistill.ops.kd_loss`` (T=2, alpha=0.5, forward KL + CE, mean) at the
-issue-13 cases for the generic kernel (``RAYDISTILL_KD_GENERIC=1``) and each compiled cluster
-configuration (``RAYDISTILL_KD_CLUSTER=threads:vectors``), with CUDA events (median of --reps), next to
+issue-13 cases for the generic kernel and each compiled cluster configuration
+(``RAYDISTILL_KD_KERNEL=cluster RAYDISTILL_KD_CLUSTER=threads:vectors``), with CUDA events (median of --reps), next to
 the device-to-device copy bandwidth. Used to pick the default configuration in kd_loss_cuda_cluster.cu.
 
     python benchmarks/gpu/kd_cluster_sweep.py --out benchmarks/results/kd_cluster_sweep.json
@@ -61,11 +61,9 @@ def main() -> int:
         floor_f = N * V * 2 * esz / bw * 1e3
         ref_loss = None
         for cfg in CONFIGS:
-            os.environ.pop("RAYDISTILL_KD_GENERIC", None)
             os.environ.pop("RAYDISTILL_KD_CLUSTER", None)
-            if cfg == "generic":
-                os.environ["RAYDISTILL_KD_GENERIC"] = "1"
-            elif cfg != "default":
+            os.environ["RAYDISTILL_KD_KERNEL"] = "generic" if cfg == "generic" else "cluster"
+            if cfg not in ("generic", "default"):
                 os.environ["RAYDISTILL_KD_CLUSTER"] = cfg
 
             def fb():
@@ -94,7 +92,7 @@ def main() -> int:
                   f"floor {floor_fb:.3f}), fwd {tf:.3f} ms ({100 * r['fwd_frac']:.0f}%), loss {loss:.6f}", flush=True)
         del s, t, y
         torch.cuda.empty_cache()
-    os.environ.pop("RAYDISTILL_KD_GENERIC", None)
+    os.environ.pop("RAYDISTILL_KD_KERNEL", None)
     os.environ.pop("RAYDISTILL_KD_CLUSTER", None)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"machine": machine_info(dev), "copy_bandwidth_GBps": bw / 1e9,

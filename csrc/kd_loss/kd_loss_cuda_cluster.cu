@@ -19,6 +19,10 @@
 // multiple of the vector width, all three divergences with a full teacher, forward_kl and jsd with a
 // top-k teacher. Anything else (fp64, mixed dtypes, unaligned rows, V beyond the largest cluster, a
 // pre-Hopper GPU) runs the generic kernel; the launcher decides (kd_loss_cuda.cu).
+//
+// STATUS: compile-checked (sm_80, sm_90; <= 64 registers, no spills) but not yet run on a GPU, so it is
+// opt-in: RAYDISTILL_KD_KERNEL=cluster. benchmarks/gpu/h200_check.sh checks it against float64 and the
+// generic kernel and sweeps its launch configurations; make it the default once that passes.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -27,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "kd_loss/kd_loss_cuda.h"
 
@@ -564,10 +569,17 @@ cudaError_t launch_typed(const KDLaunchArgs& a, cudaStream_t stream) {
   return a.topk_indices ? launch_cfg<S, true>(a, c, csize, stream) : launch_cfg<S, false>(a, c, csize, stream);
 }
 
+// Opt-in until it has run on a GPU: RAYDISTILL_KD_KERNEL=cluster selects it (the generic kernel, checked
+// against float64 on an H200, stays the default; RAYDISTILL_KD_KERNEL=generic or unset).
+bool cluster_enabled() {
+  const char* k = std::getenv("RAYDISTILL_KD_KERNEL");
+  return k != nullptr && std::strcmp(k, "cluster") == 0;
+}
+
 }  // namespace
 
 cudaError_t kd_loss_cuda_launch_cluster(const KDLaunchArgs& a, cudaStream_t stream) {
-  if (std::getenv("RAYDISTILL_KD_GENERIC")) return cudaErrorNotSupported;
+  if (!cluster_enabled()) return cudaErrorNotSupported;
   if (a.rows == 0 || a.V < 1) return cudaErrorNotSupported;
   if (a.student_dtype != a.teacher_dtype || a.student_dtype == kF64) return cudaErrorNotSupported;
   if (!a.student_aligned || (a.grad && !a.grad_aligned)) return cudaErrorNotSupported;

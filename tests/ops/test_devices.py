@@ -102,8 +102,8 @@ def test_sparse_linear_on_device(ext, device, batch, sparsity):
     torch.testing.assert_close(sl.bias.grad.cpu().to(F64), b64.grad, rtol=1e-5, atol=1e-5)
 
 
-# ---- the one-pass cluster kernel (sm_90): shapes it takes (V a multiple of 8, same dtypes), checked
-# against float64 and against the generic kernel (RAYDISTILL_KD_GENERIC=1 forces it) on every device.
+# ---- the one-pass cluster kernel (sm_90, opt-in with RAYDISTILL_KD_KERNEL=cluster): shapes it takes (V a
+# multiple of 8, same dtypes), checked against float64 and against the generic kernel on every device.
 
 def _kd_case(g, n, V, dtype, mask_frac=0.0):
     s = (torch.randn(n, V, generator=g) * 3).to(dtype)
@@ -125,12 +125,13 @@ def _kd_case(g, n, V, dtype, mask_frac=0.0):
                                      (torch.bfloat16, 4096)])
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_kd_loss_large_vocab(ext, device, divergence, dtype, V, temperature, reduction):
+def test_kd_loss_large_vocab(ext, device, divergence, dtype, V, temperature, reduction, monkeypatch):
     if device == "cpu":
         V = min(V, 8192)  # the CPU kernel's share of this grid stays quick (test_kd_loss.py covers it)
     g, n = _gen(), 6
     s, t, y = _kd_case(g, n, V, dtype, mask_frac=0.02 if divergence == "forward_kl" else 0.0)
     kw = dict(temperature=temperature, alpha=0.5, divergence=divergence, reduction=reduction)
+    monkeypatch.setenv("RAYDISTILL_KD_KERNEL", "cluster")  # the one-pass kernel where it applies (sm_90)
     sd = s.clone().to(device).requires_grad_(True)
     loss = kd_loss(sd, t.to(device), y.to(device), **kw)
     loss.backward()
@@ -143,13 +144,10 @@ def test_kd_loss_large_vocab(ext, device, divergence, dtype, V, temperature, red
     torch.testing.assert_close(sd.grad.cpu().to(F64), s64.grad, rtol=rtol, atol=rtol * scale + 1e-7)
     assert sd.grad[0].abs().max().item() == 0.0
     if device == "cuda":  # the generic kernel agrees (same inputs)
-        os.environ["RAYDISTILL_KD_GENERIC"] = "1"
-        try:
-            sg = s.clone().to(device).requires_grad_(True)
-            lg = kd_loss(sg, t.to(device), y.to(device), **kw)
-            lg.backward()
-        finally:
-            del os.environ["RAYDISTILL_KD_GENERIC"]
+        monkeypatch.setenv("RAYDISTILL_KD_KERNEL", "generic")
+        sg = s.clone().to(device).requires_grad_(True)
+        lg = kd_loss(sg, t.to(device), y.to(device), **kw)
+        lg.backward()
         torch.testing.assert_close(loss.detach(), lg.detach(), rtol=rtol, atol=1e-4)
         torch.testing.assert_close(sd.grad.float(), sg.grad.float(), rtol=rtol, atol=rtol * scale + 1e-7)
 
@@ -157,7 +155,8 @@ def test_kd_loss_large_vocab(ext, device, divergence, dtype, V, temperature, red
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kd_loss_topk_large_vocab(ext, device, divergence, dtype):
+def test_kd_loss_topk_large_vocab(ext, device, divergence, dtype, monkeypatch):
+    monkeypatch.setenv("RAYDISTILL_KD_KERNEL", "cluster")
     g, n, V, k = _gen(), 5, 32000, 128
     s = (torch.randn(n, V, generator=g) * 2).to(dtype)
     t = torch.randn(n, V, generator=g) * 2

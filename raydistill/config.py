@@ -28,7 +28,7 @@ __all__ = [
     "AssistantConfig", "CompressionConfig", "QuantizeConfig", "StructuredPruneConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
     "ModelSpec", "OptimizerConfig", "RunConfigModel", "ScalingConfigModel", "ScheduleConfig",
     "TeacherConfig", "TrainingBudget", "TransferSetConfig", "apply_overrides", "config_hash",
-    "default_config_path", "dump_config", "load_config",
+    "default_config_path", "dump_config", "load_config", "validate_run_name", "MAX_TEMPERATURE",
 ]
 
 
@@ -37,7 +37,37 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an inf / nan float (``--set distill.temperature=.inf``) is an error at load time
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v, info):
+        """``epochs: true`` is a mistake, not 1: pydantic's lax mode would accept a bool for an int/float."""
+        if isinstance(v, bool):
+            field = cls.model_fields.get(info.field_name)
+            ann = field.annotation if field is not None else None
+            kinds = set(getattr(ann, "__args__", ())) | {ann}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"must be a number, not the boolean {v}")
+        return v
+
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*$")
+# kd_loss computes in float32; above this temperature its result drifts from the float64 reference
+# (relative error ~ eps * T^2 / logit scale^2): raydistill.ops.MAX_TEMPERATURE, repeated here so that
+# config validation never imports torch (tests/test_config.py checks they agree)
+MAX_TEMPERATURE = 100.0
+
+
+def validate_run_name(name, key: str = "run.name") -> str:
+    """A run name is one directory name under the storage path, never a path: letters, digits, ``_``,
+    ``.`` and ``-``, not starting with ``.`` or ``-`` (so no ``..``, ``/``, hidden or option-like names)."""
+    if not isinstance(name, str) or not _RUN_NAME.match(name) or len(name) > 200:
+        raise ConfigError(f"{key}: {name!r} is not a valid run name: use letters, digits, '_', '.' and '-' "
+                          f"(not starting with '.' or '-', no '/', at most 200 characters); it names a "
+                          f"directory under the storage path, it is not a path")
+    return name
 
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -99,7 +129,8 @@ class TransferSetConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    temperature: float = Field(4.0, gt=0)
+    temperature: float = Field(4.0, gt=0, le=MAX_TEMPERATURE,
+                               description="softmax temperature; at most 100 (kd_loss's float32 accuracy bound)")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (teacher) term; 1-alpha on hard labels")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = Field(0.5, gt=0, lt=1, description="mixing weight of the jsd divergence")
@@ -286,13 +317,22 @@ class ScalingConfigModel(_Strict):
 
 class RunConfigModel(_Strict):
     storage_path: str | None = Field(None, description="default ./runs")
-    name: str = Field("mnist1d_default", pattern=r"^[\w.-]+$")
+    name: str = Field("mnist1d_default", description="run directory under storage_path (a name, not a path)")
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept per Ray Train run")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts allowed (-1: unlimited)")
     seed: int = 0
     concurrent_stages: bool = Field(True, description="run baseline / dense / sparse students at once")
     debug_crash_at_epoch: int | None = Field(
         None, ge=1, description="testing: a worker exits mid-way through this epoch (first attempt only)")
+
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            return validate_run_name(v, "name")
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("name: ")) from None
 
 
 class AssistantConfig(ModelSpec):
@@ -420,9 +460,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"config file {p} is empty; give at least one key (e.g. `student: {{model: mlp}}`), "
+                          f"or omit the config argument to run the default job")
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {p}: the top level must be a mapping, got {type(data).__name__}")
     return config_from_dict(apply_overrides(data, overrides), str(p))

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from raydistill.compress.pruner import (METHODS, SCOPES, compute_masks, normalize_name, select_linear_layers,
-                                        unwrap_model)
+from raydistill.compress.pruner import (METHODS, SCOPES, check_patterns_match, compute_masks, normalize_name,
+                                        select_linear_layers, unwrap_model)
 from raydistill.ops.sparse import SparseLinear
 
 __all__ = ["LayerReport", "CompressionReport", "compress", "model_sparsity_report", "csr_nbytes"]
@@ -200,6 +200,7 @@ def compress(model: nn.Module, sparsity: float | None = None, method: str = "mag
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     masks = _norm_masks(masks)
     base = unwrap_model(model)
+    check_patterns_match(base, include=include, exclude=exclude)
     if masks is not None and include is None:
         linear = select_linear_layers(base, None, exclude)
         excluded = set(select_linear_layers(base, None, None)) - set(linear)

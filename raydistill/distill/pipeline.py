@@ -21,11 +21,13 @@ import os
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from raydistill.config import Config, ConfigError, config_hash, dump_config
+from raydistill.distill import interrupts
+from raydistill.distill.preflight import preflight
+from raydistill.distill.runlock import run_lock
 from raydistill.distill.trainer import (
     TeacherArtifact, artifact_from_checkpoint, build_baseline_trainer, build_student_trainer, ensure_teacher,
     evaluate_checkpoint, final_checkpoint_dir, resolve_storage, teacher_hash,
@@ -174,10 +176,10 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> None:
 
 def _fit(trainer, stage: str):
     try:
-        return trainer.fit()
+        return interrupts.fit(trainer)  # off the main thread: Ctrl-C stays ours (see distill/interrupts.py)
     except BaseException as exc:  # noqa: BLE001 - re-raised with the stage name
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+        if isinstance(exc, KeyboardInterrupt) or interrupts.interrupted():
+            raise KeyboardInterrupt from exc
         log.error("stage %s failed:\n%s", stage, "".join(traceback.format_exception(exc)))
         raise StageFailed(stage, exc) from exc
 
@@ -196,13 +198,19 @@ def _resources(cfg: Config, concurrent: int) -> dict | None:
 def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, address: str | None = None,
                 progress: bool = True) -> dict:
     """Run the whole job (see module doc) and return the report dict (also written to report.json)."""
-    from raydistill.distill.session import ray_session
-
     t0 = time.time()
     storage = resolve_storage(storage_path, cfg)
     name = name or cfg.run.name
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": str(storage), "name": name})})
     run_dir = storage / name
+    preflight(cfg, storage, name)  # name, storage, models: a ConfigError before Ray starts
+    with run_lock(run_dir):  # a second run with the same name fails here, at once
+        return _run_locked(cfg, storage, name, run_dir, address, progress, t0)
+
+
+def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, progress: bool, t0: float) -> dict:
+    from raydistill.distill.session import ray_session
+
     _check_run_dir(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
@@ -228,9 +236,11 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
                     teacher = ensure_teacher(cfg, storage)
                 except (ConfigError, KeyboardInterrupt):
                     raise
-                except StageFailed:
-                    raise
                 except BaseException as exc:
+                    if interrupts.interrupted():
+                        raise KeyboardInterrupt from exc
+                    if isinstance(exc, StageFailed):
+                        raise
                     log.error("teacher failed:\n%s", "".join(traceback.format_exception(exc)))
                     raise StageFailed("teacher", exc) from exc
                 prog.done("teacher", f"test {teacher.accuracy:.3f}" + ("  (cached)" if teacher.cached else ""))
@@ -255,13 +265,9 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
                     timings[stage] = time.time() - ts
 
                 # ---- baseline, dense student, compressed student ----------------------------------------
-                from raydistill.compress.steps import check_recipe, structured_init, student_extras
+                from raydistill.compress.steps import structured_init, student_extras
 
-                recipe = dict(cfg.compression.steps())
-                try:
-                    check_recipe(cfg)
-                except ValueError as exc:
-                    raise ConfigError(str(exc)) from None
+                recipe = dict(cfg.compression.steps())  # checked against the student by preflight
                 sparse = bool(recipe)
                 stages = ["baseline"] + (["dense_student"] if sparse else []) + ["student"]
                 # prune_structured: the student starts from the pruned dense student, so it runs after it
@@ -287,17 +293,17 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
                 results: dict[str, Any] = {}
                 ts = time.time()
                 if concurrent > 1:
-                    with ThreadPoolExecutor(len(first)) as pool:
-                        futs = {s: pool.submit(_fit, trainers[s], s) for s in first}
-                        errors = []
-                        for s, f in futs.items():
-                            try:
-                                results[s] = f.result()
-                                prog.done(s)
-                            except StageFailed as exc:
-                                errors.append(exc)
-                        if errors:
-                            raise errors[0]
+                    # daemon threads, waited for in short slices: Ctrl-C interrupts the wait at once
+                    futs = {s: interrupts.submit(_fit, trainers[s], s, name=f"raydistill-{s}") for s in first}
+                    errors = []
+                    for s, f in futs.items():
+                        try:
+                            results[s] = interrupts.result(f)
+                            prog.done(s)
+                        except StageFailed as exc:
+                            errors.append(exc)
+                    if errors:
+                        raise errors[0]
                 else:
                     for s in first:
                         results[s] = _fit(trainers[s], s)

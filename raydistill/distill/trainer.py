@@ -155,10 +155,14 @@ def make_trainer(cfg: Config, spec: dict, datasets: dict, *, storage_path: Path,
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raydistill.distill.checkpointing import prepare_run_dir
     from raydistill.distill.session import train_env
     from raydistill.distill.worker import train_fn_per_worker
 
     train_env()
+    # a damaged checkpoint, a deleted checkpoint directory or a truncated Ray snapshot: resume from what
+    # is intact on disk instead of failing (see raydistill.distill.checkpointing)
+    prepare_run_dir(Path(storage_path) / name)
     scaling = ScalingConfig(num_workers=int(num_workers or cfg.scaling.num_workers),
                             use_gpu=bool(cfg.scaling.use_gpu),
                             resources_per_worker=resources_per_worker or cfg.scaling.resources_per_worker)
@@ -309,7 +313,9 @@ def ensure_teacher(cfg: Config, storage_path, *, callbacks=None, num_workers=Non
             trainer = build_teacher_trainer(cfg, storage_path=root, name=h, callbacks=callbacks,
                                             num_workers=num_workers, resources_per_worker=resources_per_worker,
                                             data_root=storage)
-            result = trainer.fit()
+            from raydistill.distill.interrupts import fit
+
+            result = fit(trainer)  # off the main thread, so Ctrl-C stays the job's (distill/interrupts.py)
         ck = final_checkpoint_dir(result, root, h)
         final = tdir / "final"
         if final.exists():

@@ -30,9 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raydistill.distill import checkpointing
+
 CKPT_MODEL = "model.safetensors"
 CKPT_MASKS = "masks.safetensors"
-CKPT_STATE = "train_state.pt"
+CKPT_STATE = checkpointing.STATE_JSON
 CKPT_META = "meta.json"
 CRASH_MARKER = ".debug_crash_done"
 IGNORE_INDEX = -100
@@ -57,7 +59,7 @@ def save_checkpoint_dir(dest: Path, *, model, meta: dict, state: dict | None = N
             save_file({k: v.detach().cpu().to(torch.uint8).contiguous() for k, v in masks.items()},
                       str(tmp / CKPT_MASKS))
         if state is not None:
-            torch.save(state, tmp / CKPT_STATE)
+            checkpointing.save_train_state(tmp, state)  # safetensors + JSON: loading never runs code
         (tmp / CKPT_META).write_text(json.dumps(meta, indent=1, default=str))
         if dest.exists():
             shutil.rmtree(dest)
@@ -210,11 +212,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 (one read
         from raydistill.compress.steps import prepare_student
 
         prepare_student(model, spec, resuming=ckpt is not None)
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            meta = load_weights(model, d)
-            resume_state = torch.load(Path(d) / CKPT_STATE, map_location="cpu", weights_only=False)
-            resume_masks = load_masks(d)
+    restored = checkpointing.restore(ckpt.path if ckpt is not None else None, progress_dir)
+    if restored is not None:
+        meta = restored["meta"]
+        _unwrap(model).load_state_dict(restored["weights"])
+        resume_state = restored["state"]
+        resume_masks = {k: v.to(torch.bool) for k, v in restored["masks"].items()} if restored["masks"] else None
         if meta.get("config_hash") != spec["config_hash"]:
             raise RuntimeError(
                 f"stage {spec['stage']!r}: the checkpoint in this run directory was written by a different "

@@ -13,6 +13,7 @@ _EXPORTS = {
     "kd_loss_topk": "raydistill.ops._kd_loss",
     "KDLoss": "raydistill.ops._kd_loss",
     "kd_loss_reference": "raydistill.ops._kd_loss",
+    "MAX_TEMPERATURE": "raydistill.ops._kd_loss",
     "SparseLinear": "raydistill.ops.sparse",
     "sparse_linear": "raydistill.ops.sparse",
 }

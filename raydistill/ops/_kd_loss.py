@@ -31,8 +31,8 @@ constant.
 
 Top-k teacher (``kd_loss_topk``): :math:`P_t` is the softmax (at temperature T) over the ``k`` given
 teacher logits, placed at ``teacher_topk_indices`` and zero elsewhere; :math:`P_s` is over the full
-student vocabulary. Indices must be distinct within a row (not checked: duplicates give the sum of the
-per-entry terms for ``forward_kl`` and are undefined for ``jsd``). Supported divergences:
+student vocabulary. Indices must be distinct within a row (checked: a duplicate raises ``ValueError``, except
+under ``torch.compile`` where data-dependent checks are skipped). Supported divergences:
 ``forward_kl`` and ``jsd`` (well defined: M > 0 wherever P_s > 0). ``reverse_kl`` raises
 ``ValueError``: KL(P_s || P_t) is +inf whenever the student puts any mass outside the k entries,
 which with a softmax student is always.
@@ -53,7 +53,13 @@ from torch import Tensor, nn
 
 from raydistill._build import extension_available, op_backend
 
-__all__ = ["kd_loss", "kd_loss_topk", "KDLoss", "kd_loss_reference"]
+__all__ = ["kd_loss", "kd_loss_topk", "KDLoss", "kd_loss_reference", "MAX_TEMPERATURE"]
+
+# The kernels compute in float32: log P_t - log P_s loses about eps * |logsumexp| per entry, and the
+# T^2 scaling multiplies that loss of accuracy by T^2 while the true value stays O(1) (measured against the
+# float64 reference, unit-scale logits, V=1000: relative error 2e-6 at T=10, 4e-4 at T=100, 2e-2 at
+# T=1e3, a wrong sign at T=1e4). Temperatures above this bound are rejected rather than answered wrongly.
+MAX_TEMPERATURE = 100.0
 
 DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 REDUCTIONS = ("mean", "batchmean", "sum", "none")
@@ -93,8 +99,9 @@ def _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_in
                       *, topk: bool = False) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (math.isfinite(float(temperature)) and 0 < float(temperature) <= MAX_TEMPERATURE):
+        raise ValueError(f"temperature must be a finite number in (0, {MAX_TEMPERATURE:g}], got {temperature!r} "
+                         f"(above {MAX_TEMPERATURE:g} the float32 kernels lose accuracy: see MAX_TEMPERATURE)")
     _check_number("alpha", alpha, 0.0, 1.0)
     if not isinstance(divergence, str) or divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}")
@@ -158,6 +165,15 @@ def _validate(student, teacher, labels, alpha, ignore_index, *, topk_indices=Non
         if not torch.compiler.is_compiling() and topk_indices.numel() > 0:
             if bool(((topk_indices < 0) | (topk_indices >= V)).any()):
                 raise ValueError(f"teacher_topk_indices must be in [0, V={V})")
+            if topk_indices.shape[-1] > 1:
+                # one sort over k per row (k << V): a duplicate would be counted twice in the loss but
+                # the kernels' gradient does not match that sum, so duplicates are an error
+                s = topk_indices.reshape(-1, topk_indices.shape[-1]).sort(dim=-1).values
+                dup = s[:, 1:] == s[:, :-1]
+                if bool(dup.any()):
+                    row = int(dup.any(dim=1).nonzero()[0, 0])
+                    raise ValueError(f"teacher_topk_indices must be distinct within a row; row {row} (flattened) "
+                                     f"repeats index {int(s[row, 1:][dup[row]][0])}")
     if labels is None:
         if alpha < 1:
             raise ValueError(f"labels are required when alpha < 1 (got alpha={alpha}); the hard-label "
@@ -266,7 +282,7 @@ def kd_loss_reference(student_logits, teacher_logits, labels=None, *, temperatur
 # the compiled ops: fake (meta) implementations and autograd
 
 def _fake_fwd(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index, t2_scaling,
-              compute_grad):
+              compute_grad, scale=None):
     rows, V = student.shape
     loss = student.new_empty((rows,), dtype=_out_dtype(student, teacher))
     grad = student.new_empty((rows, V)) if compute_grad else student.new_empty((0,))
@@ -274,7 +290,7 @@ def _fake_fwd(student, teacher, labels, temperature, alpha, divergence, beta, ig
 
 
 def _fake_topk_fwd(student, teacher_topk, teacher_topk_indices, labels, temperature, alpha, divergence, beta,
-                   ignore_index, t2_scaling, compute_grad):
+                   ignore_index, t2_scaling, compute_grad, scale=None):
     return _fake_fwd(student, teacher_topk, labels, temperature, alpha, divergence, beta, ignore_index,
                      t2_scaling, compute_grad)
 
@@ -305,14 +321,74 @@ def _backward(ctx, grad_loss, _grad_grad):
 
 
 def _backward_full(ctx, grad_loss, grad_grad):
-    return (_backward(ctx, grad_loss, grad_grad),) + (None,) * 9
-
-
-def _backward_topk(ctx, grad_loss, grad_grad):
     return (_backward(ctx, grad_loss, grad_grad),) + (None,) * 10
 
 
+def _backward_topk(ctx, grad_loss, grad_grad):
+    return (_backward(ctx, grad_loss, grad_grad),) + (None,) * 11
+
+
+# Reductions "mean"/"sum" (the usual training call) run through one more op that returns the reduced
+# loss, with the kernel scaling every row by 1 / (valid rows) for "mean" (the ``scale`` argument of the
+# C++ ops). Its gradient is then final: backward returns it untouched when the upstream gradient is
+# exactly 1 (the loss is the last op, the common case; Liger-Kernel does the same), instead of re-reading
+# and re-writing the rows x V gradient. Checking "exactly 1" reads one number from the device (a sync on
+# CUDA). Under torch.compile the scaling stays (out of place, fusable).
+
+def _reduced_impl(student: Tensor, teacher: Tensor, topk_indices: Tensor | None, labels: Tensor | None,
+                  temperature: float, alpha: float, divergence: int, beta: float, ignore_index: int,
+                  t2_scaling: bool, compute_grad: bool, mean: bool) -> tuple[Tensor, Tensor]:
+    scale = None
+    if mean:
+        if labels is not None:
+            n_valid = (labels != ignore_index).sum()
+        else:
+            n_valid = torch.full((), student.shape[0], device=student.device)
+        scale = n_valid.clamp(min=1).to(torch.float32).reciprocal().reshape(1)
+    if topk_indices is None:
+        row, grad = torch.ops.raydistill.kd_loss_fwd(student, teacher, labels, temperature, alpha, divergence,
+                                                     beta, ignore_index, t2_scaling, compute_grad, scale)
+    else:
+        row, grad = torch.ops.raydistill.kd_loss_topk_fwd(student, teacher, topk_indices, labels, temperature,
+                                                          alpha, divergence, beta, ignore_index, t2_scaling,
+                                                          compute_grad, scale)
+    return row.sum(), grad
+
+
+def _reduced_fake(student, teacher, topk_indices, labels, temperature, alpha, divergence, beta, ignore_index,
+                  t2_scaling, compute_grad, mean):
+    loss = student.new_empty((), dtype=_out_dtype(student, teacher))
+    grad = student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
+    return loss, grad
+
+
+def _reduced_backward(ctx, grad_loss, _grad_grad):
+    (g,) = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 12
+    if g.numel() == 0 and ctx.student_numel != 0:
+        raise RuntimeError("kd_loss: backward needs the gradient computed in forward (compute_grad=True); "
+                           "the student did not require grad when the loss was computed")
+    if torch.compiler.is_compiling():
+        out = g * grad_loss.to(g.dtype)
+    elif bool(grad_loss == 1):
+        out = g  # already d loss / d student: nothing to scale
+    else:
+        out = g.mul_(grad_loss.to(g.dtype))  # private to this graph (see _backward)
+    return (out,) + (None,) * 11
+
+
+def _reduced_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.student_numel = inputs[0].numel()
+    ctx.save_for_backward(output[1])
+
+
 if _EXT:
+    _kd_loss_reduced = torch.library.custom_op("raydistill::kd_loss_reduced", mutates_args=())(_reduced_impl)
+    _kd_loss_reduced.register_fake(_reduced_fake)
+    _kd_loss_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup)
     torch.library.register_fake("raydistill::kd_loss_fwd")(_fake_fwd)
     torch.library.register_fake("raydistill::kd_loss_topk_fwd")(_fake_topk_fwd)
     torch.library.register_autograd("raydistill::kd_loss_fwd", _backward_full, setup_context=_setup_context)
@@ -339,6 +415,11 @@ def _run(student, teacher, labels, topk_indices, temperature, alpha, divergence,
     lab = labels.reshape(-1) if labels is not None else None
     compute_grad = bool(torch.is_grad_enabled() and student.requires_grad)
     div = DIVERGENCES[divergence]
+    if reduction != "none" and _out_dtype(student, teacher) != torch.float64:
+        loss, _ = _kd_loss_reduced(x, t, topk_indices.reshape(-1, topk_indices.shape[-1]) if topk else None, lab,
+                                   temperature, alpha, div, beta, ignore_index, t2_scaling, compute_grad,
+                                   reduction in ("mean", "batchmean"))
+        return loss
     if topk:
         idx = topk_indices.reshape(-1, topk_indices.shape[-1])
         row, _ = torch.ops.raydistill.kd_loss_topk_fwd(x, t, idx, lab, temperature, alpha, div, beta,
@@ -366,7 +447,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
         student_logits: ``(..., V)`` float tensor; receives the gradient.
         teacher_logits: ``(..., V)`` float tensor (any float dtype); treated as a constant.
         labels: ``(...)`` int64/int32 hard labels in ``[0, V)`` or ``ignore_index``; required if alpha < 1.
-        temperature: T > 0. alpha: in [0, 1]. beta: jsd weight in (0, 1).
+        temperature: 0 < T <= MAX_TEMPERATURE (100). alpha: in [0, 1]. beta: jsd weight in (0, 1).
         reduction: ``"mean"``/``"batchmean"`` (over valid rows), ``"sum"`` or ``"none"``.
         t2_scaling: multiply the divergence by T**2 (keeps gradient magnitudes comparable across T).
 

@@ -313,8 +313,9 @@ class SparseLinear(nn.Module):
         fk = {"device": device, "dtype": dtype}
         ik = {"device": device, "dtype": INDEX_DTYPE}
         self.values = nn.Parameter(torch.zeros(nnz, **fk))
-        self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, **fk))
+        else:  # registered as None (an attribute set first would make register_parameter raise KeyError)
             self.register_parameter("bias", None)
         self.register_buffer("crow_indices", torch.zeros(out_features + 1, **ik))
         self.register_buffer("col_indices", torch.zeros(nnz, **ik))

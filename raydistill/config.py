@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator,
+)
 
 __all__ = [
     "AssistantConfig", "CompressionConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
@@ -222,7 +224,14 @@ class TextDataConfig(_Strict):
         return "causal_lm"
 
 
-AnyData = Annotated[Union[DataConfig, TextDataConfig], Field(discriminator="name")]
+def _data_tag(v: Any) -> str:
+    """The ``data`` union's member: ``data.name`` (default ``mnist1d``)."""
+    name = v.get("name", "mnist1d") if isinstance(v, dict) else getattr(v, "name", "mnist1d")
+    return str(name)
+
+
+AnyData = Annotated[Union[Annotated[DataConfig, Tag("mnist1d")], Annotated[TextDataConfig, Tag("text")]],
+                    Discriminator(_data_tag)]
 
 
 class ScalingConfigModel(_Strict):
@@ -303,6 +312,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
             parent = _model_at(raw_loc[:-1])
             allowed = sorted(parent.model_fields) if parent else []
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else "unknown key"
+        elif e["type"] == "union_tag_invalid":  # data.name of the tagged union
+            loc, msg = f"{loc}.name", f"must be one of {e['ctx']['expected_tags']} (got {e['ctx']['tag']!r})"
+            lines.append(f"  {loc}: {msg}")
+            continue
         elif e["type"] == "literal_error":
             msg = msg.replace("Input should be", "must be one of")
         inp = e.get("input")

@@ -61,3 +61,13 @@ def machine_info(device: str = "cpu", *, repo: str | os.PathLike | None = None) 
         info["gpu"] = f"{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB"
         info["cuda"] = torch.version.cuda
     return info
+
+
+def results_dir() -> Path:
+    """Where benchmarks write JSON: ``benchmarks/results`` of the repository checkout this package runs
+    from (editable install), else ``./benchmarks/results`` under the current directory -- never inside an
+    installed package's tree (site-packages)."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "benchmarks").is_dir():
+        return root / "benchmarks" / "results"
+    return Path.cwd() / "benchmarks" / "results"

@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from raydistill.utils import results_dir
+
 T_DEFAULT = 2.0
 ALPHA_DEFAULT = 0.5
 
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     t_start = time.perf_counter()
     machine = machine_info(device)
-    out = Path(a.out) if a.out else (Path(__file__).resolve().parents[2] / "benchmarks" / "results" /
+    out = Path(a.out) if a.out else (results_dir() /
                                      f"kd_loss_{device.type}{'_quick' if a.quick else ''}.json")
 
     def write_json(complete: bool) -> Path:

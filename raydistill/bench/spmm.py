@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from raydistill.utils import results_dir
+
 SPARSITIES = (0.5, 0.7, 0.9, 0.95, 0.99)
 BATCHES = (1, 16, 64, 256)
 SHAPES = ((1024, 1024), (4096, 4096), (11008, 4096))  # (out_features, in_features)
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                    "never (in sweep)" if c["beats_dense_from_sparsity"] is None else f"{c['beats_dense_from_sparsity']:.2f}")
     con.print(ct)
 
-    out = Path(a.out) if a.out else (Path(__file__).resolve().parents[2] / "benchmarks" / "results" /
+    out = Path(a.out) if a.out else (results_dir() /
                                      f"spmm_{a.device}{'_quick' if a.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "spmm", "argv": argv if argv is not None else [], "device": a.device,

@@ -110,7 +110,9 @@ def text_data(cfg: Config, storage: Path):
     from raydistill.data.text import prepare_text
     from raydistill.models.hf import check_vocab, hf_config_dict
 
-    td = prepare_text(cfg.data, _data_cache(storage).parent)
+    # one tokenizer and one packed corpus per storage root, shared by the teacher cache and every run
+    root = resolve_storage(cfg.run.storage_path) if cfg.run.storage_path else storage
+    td = prepare_text(cfg.data, root)
     for key, spec in (("teacher", cfg.teacher), ("student", cfg.student)):
         if spec.model == "hf":  # a trained BPE may be smaller than data.vocab_size: check again
             conf = hf_config_dict(spec.kwargs)

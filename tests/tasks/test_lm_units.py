@@ -118,7 +118,7 @@ def test_config_union_and_lm_input_errors(tmp_path):
         (["student.kwargs={pretrained: " + str(tmp_path) + "}"], "student: kwargs.pretrained: .* has no config.json"),
         (["student.kwargs.config.vocab_size=100"], "student.kwargs.config: vocab_size 100 is smaller"),
         (["data.nosuch=1"], "data.nosuch: unknown key; allowed keys here: .*seq_len"),
-        (["data.name=csv"], "data"),
+        (["data.name=csv"], r"data.name: must be one of .mnist1d., .text. \(got .csv.\)"),
     ]
     for overrides, pattern in cases:
         with pytest.raises(ConfigError, match=pattern):

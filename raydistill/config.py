@@ -236,6 +236,9 @@ AnyData = Annotated[Union[Annotated[DataConfig, Tag("mnist1d")], Annotated[TextD
 
 class ScalingConfigModel(_Strict):
     num_workers: int = Field(1, ge=1)
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: replicated model (prepare_model); fsdp: FSDP2 fully_shard (parameters, gradients "
+                           "and optimizer state sharded over the workers; each transformer layer its own unit)")
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = Field(None, description='e.g. {"CPU": 1}')
 
@@ -269,6 +272,9 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _cross(self):
+        if self.scaling.strategy == "fsdp" and self.compression.sparsity > 0:
+            raise ValueError("scaling.strategy: fsdp shards the weights that gradual pruning scores; use "
+                             "strategy ddp with compression.sparsity > 0 (or set compression.sparsity: 0)")
         if self.data.name == "text":
             from raydistill.models.hf import check_lm_models
 

@@ -49,6 +49,8 @@ class Stage:
     pruner: Any = None
     global_step: int = 0
     start_epoch: int = 0
+    unsharded: torch.nn.Module | None = None   # FSDP: rank 0's full copy of the student, for eval + checkpoint
+    optim_state: dict | None = None            # FSDP: the gathered optimizer state
     attempt: int = field(default_factory=os.getpid)
     t_fn: float = field(default_factory=time.time)
     timings: dict = field(default_factory=dict)
@@ -109,7 +111,13 @@ def setup(spec: StageSpec) -> Stage:
                teacher=teacher, train=train, eval=ev, shard=shard, steps=steps, opt=opt, sched=sched,
                pruner=pruner)
     if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
+        if _sharded(st):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, opt, optim_state_dict=resume["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         st.global_step, st.start_epoch = int(resume["global_step"]), int(resume["epoch"])
         if pruner is not None and resume.get("pruner") is not None:
@@ -138,10 +146,36 @@ def restore(spec: StageSpec, model) -> dict | None:
 
 
 def wrap_model(base, spec: StageSpec):
-    """DDP when there are several workers (``ray.train.torch.prepare_model``)."""
+    """Several workers: DDP (``ray.train.torch.prepare_model``), or FSDP2 (``fully_shard`` on every block of
+    the model's layer lists -- a transformer's decoder layers -- then on the whole model)."""
+    import ray.train
     import ray.train.torch
 
+    if spec.strategy == "fsdp" and ray.train.get_context().get_world_size() > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for mod in list(base.modules()):
+            if isinstance(mod, torch.nn.ModuleList) and len(mod) > 1:
+                for block in mod:
+                    if any(True for _ in block.parameters()):
+                        fully_shard(block)
+        return fully_shard(base)
     return ray.train.torch.prepare_model(base)
+
+
+def _sharded(st: "Stage") -> bool:
+    return st.spec.strategy == "fsdp" and st.world > 1
+
+
+def full_state(st: "Stage"):
+    """FSDP: gather the full model and optimizer state dicts (a collective: every rank calls it); rank 0
+    gets them (on CPU), the other ranks empty dicts."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(st.model, options=opts), get_optimizer_state_dict(st.model, st.opt, options=opts)
 
 
 def build_pruner(base, spec: StageSpec, total_steps: int):
@@ -255,13 +289,21 @@ def _wait_for_committed(run_dir: Path, epoch: int, timeout: float = 60.0) -> Non
 def evaluate(st: Stage, epoch: int, train: dict) -> dict:
     """The epoch's metrics (rank 0 evaluates; the other ranks report only epoch and stage)."""
     metrics: dict[str, Any] = {"epoch": epoch, "stage": st.spec.stage}
+    net = st.base
+    if _sharded(st):  # every rank takes part in the gather; rank 0 evaluates an unsharded copy
+        model_state, st.optim_state = full_state(st)
+        if st.rank == 0:
+            if st.unsharded is None:
+                st.unsharded = st.task.build_model(st.spec.model, st.spec.task_info)
+            st.unsharded.load_state_dict(model_state)
+            net = st.unsharded
     if st.rank != 0:
         return metrics
     from raydistill.compress import model_sparsity_report
 
-    rep = model_sparsity_report(st.base, masks=st.pruner.masks if st.pruner is not None else None)
+    rep = model_sparsity_report(net, masks=st.pruner.masks if st.pruner is not None else None)
     metrics.update(train)
-    metrics.update(st.task.evaluate(st.base, st.eval, teacher=st.teacher, task_info=st.spec.task_info))
+    metrics.update(st.task.evaluate(net, st.eval, teacher=st.teacher, task_info=st.spec.task_info))
     metrics.update(sparsity=float(st.pruner.sparsity()) if st.pruner is not None else 0.0,
                    compression_ratio=float(rep.compression_ratio), params=int(rep.params),
                    nonzero_params=int(rep.nonzero_params), lr=float(st.opt.param_groups[0]["lr"]),
@@ -278,14 +320,17 @@ def report(st: Stage, epoch: int, metrics: dict) -> None:
     spec = st.spec
     ckpt, tmp_root = None, None
     if st.rank == 0:
-        state = {"epoch": epoch, "global_step": st.global_step, "optimizer": st.opt.state_dict(),
+        sharded = _sharded(st)
+        state = {"epoch": epoch, "global_step": st.global_step,
+                 "optimizer": st.optim_state if sharded else st.opt.state_dict(),
                  "scheduler": st.sched.state_dict(), "pruner": st.pruner.state_dict() if st.pruner else None}
         meta = {"epoch": epoch, "stage": spec.stage, "task": spec.task, "config_hash": spec.config_hash,
                 "model": spec.model, "sparsity": metrics["sparsity"], "metrics": metrics,
                 "teacher": {"path": spec.teacher.path, "model": spec.teacher.model} if spec.teacher else None,
                 "offline": spec.offline, "task_info": spec.task_info}
         tmp_root = Path(tempfile.mkdtemp(prefix="raydistill-ckpt-"))
-        ckdir = save_checkpoint_dir(tmp_root / f"epoch_{epoch:04d}", model=st.base, meta=meta, state=state,
+        ckdir = save_checkpoint_dir(tmp_root / f"epoch_{epoch:04d}", model=st.unsharded if sharded else st.base,
+                                    meta=meta, state=state,
                                     masks=st.pruner.masks if st.pruner else None)
         ckpt = ray.train.Checkpoint.from_directory(str(ckdir))
     t_rep = time.time()

@@ -55,12 +55,13 @@ class StageSpec:
     threads: int = 1
     grad_clip: float | None = None
     debug_crash_at_epoch: int | None = None
+    strategy: Literal["ddp", "fsdp"] = "ddp"                   # how several workers hold the model
     task_info: dict[str, Any] = field(default_factory=dict)   # causal_lm: vocab_size, pad_id, eos_id, ...
     config_hash: str = ""
 
     # fields that do not change what the stage learns
     _RUN_ONLY = ("progress_dir", "threads", "materialize", "rows_per_worker", "debug_crash_at_epoch",
-                 "config_hash")
+                 "config_hash", "strategy")
 
     def learning_fields(self) -> dict:
         d = dataclasses.asdict(self)

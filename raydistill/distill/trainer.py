@@ -197,7 +197,7 @@ def stage_spec(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int, 
         steps_per_epoch=steps_per_epoch, materialize=cfg.data.materialize,
         rows_per_worker=int(rows // max(1, num_workers)), threads=int(threads),
         grad_clip=d.grad_clip if kind == "kd" else None, debug_crash_at_epoch=cfg.run.debug_crash_at_epoch,
-        task_info=dict(info or {}))
+        strategy=cfg.scaling.strategy, task_info=dict(info or {}))
     return spec.replace(config_hash=_result_hash(cfg, spec))
 
 

@@ -60,7 +60,8 @@ def save_checkpoint_dir(dest: Path, *, model, meta: dict, state: dict | None = N
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
+        # clone: tied weights (a transformer's embedding and lm_head) share storage, which safetensors refuses
+        weights = {k: v.detach().cpu().contiguous().clone() for k, v in _unwrap(model).state_dict().items()}
         save_file(weights, str(tmp / CKPT_MODEL))
         if masks:
             save_file({k: v.detach().cpu().to(torch.uint8).contiguous() for k, v in masks.items()},

@@ -154,3 +154,20 @@ def test_corpus_files_default_is_stdlib_and_formats(tmp_path):
     (tmp_path / "b.txt").write_text("y")
     with pytest.raises(ValueError, match="mixes file kinds"):
         corpus_files(tmp_path)
+
+
+def test_tied_embeddings_checkpoint_roundtrip(tmp_path):
+    from raydistill.distill.worker import load_weights, save_checkpoint_dir
+    from raydistill.models import build_model
+
+    spec = {"model": "hf", "kwargs": {"config": {"model_type": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2,
+                                                 "n_positions": 16, "tie_word_embeddings": True}}}
+    torch.manual_seed(0)
+    m = build_model(spec, vocab_size=50)
+    assert m.lm_head.weight.data_ptr() == m.transformer.wte.weight.data_ptr()
+    d = save_checkpoint_dir(tmp_path / "ck", model=m, meta={"epoch": 1})
+    torch.manual_seed(1)
+    m2 = build_model(spec, vocab_size=50)
+    load_weights(m2, d)
+    ids = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(m2.eval()(input_ids=ids).logits, m.eval()(input_ids=ids).logits)  # no dropout

@@ -10,15 +10,13 @@ writes JSON with machine details to ``benchmarks/results/spmm_<device>[_quick].j
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
+
+from raydistill.utils import machine_info, results_dir
 
 SPARSITIES = (0.5, 0.7, 0.9, 0.95, 0.99)
 BATCHES = (1, 16, 64, 256)
@@ -27,31 +25,7 @@ QUICK = dict(sparsities=(0.7, 0.9), batches=(1, 64), shapes=((1024, 1024), (4096
 
 
 def _machine(device: str, threads: int) -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        commit = None
-    d = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads,
-         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-         "python": platform.python_version(), "git_commit": commit,
-         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        d["gpu"] = f"{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB"
-        d["cuda"] = torch.version.cuda
-    return d
+    return dict(machine_info(device), threads=threads)
 
 
 def _timer(device: str):
@@ -248,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                    "never (in sweep)" if c["beats_dense_from_sparsity"] is None else f"{c['beats_dense_from_sparsity']:.2f}")
     con.print(ct)
 
-    out = Path(a.out) if a.out else (Path(__file__).resolve().parents[2] / "benchmarks" / "results" /
+    out = Path(a.out) if a.out else (results_dir() /
                                      f"spmm_{a.device}{'_quick' if a.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "spmm", "argv": argv if argv is not None else [], "device": a.device,

@@ -498,8 +498,13 @@ class SparseLinear(nn.Module):
 
     def csr_bytes(self, index_bytes: int = 4) -> int:
         """Bytes of the CSR weight: values + column indices + row pointers (int32 accounting)."""
-        return self.nnz * self.values.element_size() + self.nnz * index_bytes + (self.out_features + 1) * index_bytes
+        return csr_nbytes(self.out_features, self.nnz, self.values.element_size(), index_bytes)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, nnz={self.nnz}, density={self.density:.4f}")
+
+
+def csr_nbytes(rows: int, nnz: int, value_bytes: int, index_bytes: int = 4) -> int:
+    """Bytes of a CSR matrix: values + column indices + (rows + 1) row pointers (int32 by default)."""
+    return nnz * value_bytes + nnz * index_bytes + (rows + 1) * index_bytes

@@ -110,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t = Table(title=f"int8 SparseLinear vs fp32 SparseLinear vs torch.ao dynamic int8 dense (cpu, fp32 activations, "
                     f"{threads} threads; median ms)")
-    extra = sorted({k[:-3] for r in rows for mode in modes for k in r[mode] if k.startswith("torchao")})
-    for c in ["shape", "batch", "sparsity", "timing", "int8 SL", "fp32 SL", "ao dyn int8", "dense fp32", *extra,
+    extra = [k for k in ("torchao_int8_weight_only", "torchao_int8_dyn_act")
+             if any(f"{k}_ms" in r[mode] for r in rows for mode in modes)]
+    short = {"torchao_int8_weight_only": "torchao w8", "torchao_int8_dyn_act": "torchao w8a8"}
+    for c in ["shape", "batch", "sparsity", "timing", "int8 SL", "fp32 SL", "ao dyn int8", "dense fp32",
+              *(short[k] for k in extra),
               "x ao int8", "x fp32 SL", "int8 SL bytes"]:
         t.add_column(c, justify="right")
     for r in rows:

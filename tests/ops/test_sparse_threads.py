@@ -46,7 +46,7 @@ _SCRIPT = textwrap.dedent("""
     t0 = ticks()
     res = {"ok": True}
     with torch.no_grad():
-        end = time.time() + 1.5
+        end = time.time() + 1.0
         while time.time() < end:
             for m in (sl, q):
                 y = m(x)

@@ -218,6 +218,7 @@ void spmm_int8_gather(const float* xf, const int32_t* crow, const idx_t* col, co
   const int64_t parts = num_parts(out_f, static_cast<int64_t>(crow[out_f]) * NB);
   const std::vector<int64_t> bounds = balanced_rows(crow, out_f, parts);
   std::atomic<bool> bad{false};
+  const __m256i lim = _mm256_set1_epi32(static_cast<int32_t>(in_f - 1));
   run_parts(parts, [&](int64_t p) {
     bool ok = true;
     for (int64_t r = bounds[p]; r < bounds[p + 1] && ok; ++r) {
@@ -232,11 +233,9 @@ void spmm_int8_gather(const float* xf, const int32_t* crow, const idx_t* col, co
         } else {
           c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + k));
         }
-        alignas(32) uint32_t cs[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(cs), c);
-        uint32_t cmax = 0;
-        for (int u = 0; u < 8; ++u) cmax = std::max(cmax, cs[u]);  // uint32: negative int32 columns are huge
-        if (__builtin_expect(cmax >= static_cast<uint32_t>(in_f), 0)) { ok = false; break; }
+        // out of range (negative int32 columns included): not (0 <= c < in_f)
+        const __m256i bad = _mm256_or_si256(_mm256_cmpgt_epi32(_mm256_setzero_si256(), c), _mm256_cmpgt_epi32(c, lim));
+        if (__builtin_expect(!_mm256_testz_si256(bad, bad), 0)) { ok = false; break; }
         const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k))));
         for (int b = 0; b < NB; ++b) a[b] = _mm256_fmadd_ps(v, _mm256_i32gather_ps(xf + b * in_f, c, 4), a[b]);
       }

@@ -164,9 +164,12 @@ def test_kernel_rejects_out_of_range_columns(ext, seeded):
     q = _layer(6, 8, 0.0, seeded).quantize(bits=8)
     col = q.col_indices.clone()
     col[5] = 9  # >= in_features
+    col32 = q.col_indices.to(torch.int32)
+    col32[5] = -3  # negative (int32 indices)
     for n in (2, 16):
-        with pytest.raises(ValueError, match="out of range"):
-            torch.ops.raydistill.spmm_int8(torch.randn(n, 8), q.crow_indices, col, q.values, q.scales, q.bias, 6)
+        for c in (col, col32):
+            with pytest.raises(ValueError, match="out of range"):
+                torch.ops.raydistill.spmm_int8(torch.randn(n, 8), q.crow_indices, c, q.values, q.scales, q.bias, 6)
 
 
 def test_state_dict_round_trip_dequantize_and_grad_to_x(ext, seeded):

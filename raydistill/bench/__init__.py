@@ -8,6 +8,7 @@ import sys
 BENCHES = {
     "kd-loss": "raydistill.bench.kd_loss",
     "spmm": "raydistill.bench.spmm",
+    "spmm-int8": "raydistill.bench.spmm_int8",
     "distill-throughput": "raydistill.bench.distill_throughput",
 }
 

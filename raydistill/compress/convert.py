@@ -9,16 +9,11 @@ from torch import Tensor, nn
 
 from raydistill.compress.pruner import (METHODS, SCOPES, check_patterns_match, compute_masks, normalize_name,
                                         select_linear_layers, unwrap_model)
-from raydistill.ops.sparse import SparseLinear
+from raydistill.ops.sparse import SparseLinear, csr_nbytes
 
 __all__ = ["LayerReport", "CompressionReport", "compress", "model_sparsity_report", "csr_nbytes"]
 
 INDEX_BYTES = 4  # int32 row pointers and column indices
-
-
-def csr_nbytes(rows: int, nnz: int, value_bytes: int, index_bytes: int = INDEX_BYTES) -> int:
-    """Bytes of a CSR matrix: values + column indices + (rows + 1) row pointers."""
-    return nnz * value_bytes + nnz * index_bytes + (rows + 1) * index_bytes
 
 
 @dataclass

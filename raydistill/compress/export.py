@@ -4,7 +4,8 @@ codes + fp32 scales), SparseLinear layers (CSR) and structurally pruned widths.
 The file holds the model's state dict (QuantizedLinear: ``qweight``, ``scale``, ``bias``) and JSON
 metadata (format ``raydistill-compressed-v1``): ``structure`` ({first layer of a unit pair: width}),
 ``quantized_layers`` ({name: in/out features, bits, group_size, activations, bias}) and ``sparse_layers``
-(as :func:`raydistill.compress.save_sparse`). :func:`load_compressed` rebuilds those layers in a freshly
+(as :func:`raydistill.compress.save_sparse`), ``sparse_int8_layers`` (``SparseLinearInt8``: int8 CSR values,
+per-row scales, 16- or 32-bit column indices). :func:`load_compressed` rebuilds those layers in a freshly
 built float model (or a factory's) and loads the tensors unchanged.
 
 Public API::
@@ -29,18 +30,18 @@ FORMAT = "raydistill-compressed-v1"
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, structure: dict | None = None) -> None:
-    """Save a compressed model (QuantizedLinear, SparseLinear, nn.Linear layers) to safetensors.
+    """Save a compressed model (QuantizedLinear, SparseLinear, SparseLinearInt8, nn.Linear layers) to safetensors.
     ``structure``: the widths of a structurally pruned model (``StructuredReport.widths``) so that the
     loader can shrink a freshly built model first."""
     from safetensors.torch import save_file
 
     from raydistill.compress.quantize import QuantizedLinear
-    from raydistill.ops.sparse import SparseLinear
+    from raydistill.ops.sparse import SparseLinear, SparseLinearInt8
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     base = unwrap_model(model)
-    qlayers, slayers = {}, {}
+    qlayers, slayers, s8layers = {}, {}, {}
     for name, mod in base.named_modules():
         n = normalize_name(name)
         if isinstance(mod, QuantizedLinear):
@@ -50,10 +51,14 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, structure: dict |
         elif type(mod) is SparseLinear:
             slayers[n] = {"in_features": mod.in_features, "out_features": mod.out_features, "nnz": mod.nnz,
                           "bias": mod.bias is not None}
+        elif type(mod) is SparseLinearInt8:
+            s8layers[n] = {"in_features": mod.in_features, "out_features": mod.out_features, "nnz": mod.nnz,
+                           "bias": mod.bias is not None}
         elif not isinstance(mod, nn.Linear) and "quantize" in type(mod).__name__.lower():
             raise TypeError(f"save_compressed: layer {n!r} of type {type(mod).__name__} is not supported")
     tensors = {normalize_name(k): v.detach().cpu().contiguous().clone() for k, v in base.state_dict().items()}
     meta = {"format": FORMAT, "quantized_layers": json.dumps(qlayers), "sparse_layers": json.dumps(slayers),
+            "sparse_int8_layers": json.dumps(s8layers),
             "structure": json.dumps(structure or {})}
     save_file(tensors, str(path), metadata=meta)
 
@@ -68,7 +73,7 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
     from raydistill.compress.convert import _set_submodule
     from raydistill.compress.quantize import QuantizedLinear
     from raydistill.compress.structured import resize_structured
-    from raydistill.ops.sparse import SparseLinear
+    from raydistill.ops.sparse import SparseLinear, SparseLinearInt8
 
     model = model_or_factory() if not isinstance(model_or_factory, nn.Module) and callable(model_or_factory) \
         else model_or_factory
@@ -84,7 +89,8 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
         resize_structured(base, structure)
     by_name = {normalize_name(n): (n, m) for n, m in base.named_modules()}
     for kind, layers in (("quantized", json.loads(meta["quantized_layers"])),
-                         ("sparse", json.loads(meta["sparse_layers"]))):
+                         ("sparse", json.loads(meta["sparse_layers"])),
+                         ("sparse int8", json.loads(meta.get("sparse_int8_layers") or "{}"))):
         for name, info in layers.items():
             if name not in by_name:
                 raise ValueError(f"checkpoint {kind} layer {name!r} not found in the model")
@@ -97,6 +103,9 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
             if kind == "quantized":
                 new = QuantizedLinear(mod.in_features, mod.out_features, info["bias"], bits=info["bits"],
                                       group_size=info["group_size"], activations=info["activations"])
+            elif kind == "sparse int8":  # nnz and index dtype are adopted from the tensors on load
+                new = SparseLinearInt8(mod.in_features, mod.out_features, info["nnz"], bias=info["bias"],
+                                       device=mod.weight.device)
             else:
                 new = SparseLinear(mod.in_features, mod.out_features, info["nnz"], bias=info["bias"],
                                    device=mod.weight.device, dtype=mod.weight.dtype)

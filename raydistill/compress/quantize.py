@@ -385,6 +385,8 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, act
         if isinstance(old, SparseLinear):
             rep.layers.append(QuantLayerReport(name, (old.out_features, old.in_features), 8, None, None,
                                                model_nbytes(old), model_nbytes(new), "int8 SparseLinear"))
+    order = {name: i for i, name in enumerate(layers)}
+    rep.layers.sort(key=lambda r: order[r.name])  # the model's layer order, dense and sparse alike
     rep.bytes_after = model_nbytes(base)
     return rep
 

@@ -2,10 +2,10 @@
 
 ``prune_structured``  driver, before the student stage: the dense distilled student is pruned to
                       ``structured.ratio`` of its hidden units (:func:`structured_init`), saved, and the
-                      student stage starts from it (``spec["init_from"]``, shapes ``spec["structure"]``)
+                      student stage starts from it (``StageSpec.init_from``, shapes ``StageSpec.structure``)
                       to distil it back (Minitron).
 ``prune``             worker: today's GradualPruner while distilling; evaluation converts to SparseLinear.
-``quantize``          ``mode: qat``: worker swaps Linear for FakeQuantLinear (``spec["qat"]``) and the
+``quantize``          ``mode: qat``: worker swaps Linear for FakeQuantLinear (``StageSpec.qat``) and the
                       evaluation converts to QuantizedLinear (the same numbers); ``mode: ptq``: the
                       evaluation quantizes the distilled float student.
 
@@ -36,7 +36,7 @@ def _qat_spec(q) -> dict | None:
 
 
 def student_extras(cfg, *, structure: dict | None = None, init_from: str | None = None) -> dict:
-    """Stage-spec entries of the student stage for the config's recipe (JSON-able; part of its hash)."""
+    """``StageSpec`` fields of the student stage for the config's recipe (JSON-able; part of its hash)."""
     steps = dict(cfg.compression.steps())
     q = steps.get("quantize")
     return {"qat": _qat_spec(q), "quantize": None if q is None else q.model_dump(mode="json"),
@@ -44,7 +44,7 @@ def student_extras(cfg, *, structure: dict | None = None, init_from: str | None 
 
 
 def search_extras(cfg) -> dict:
-    """Stage-spec entries of a Tune trial's student. A trial has no distilled dense student to prune, so
+    """``StageSpec`` fields of a Tune trial's student. A trial has no distilled dense student to prune, so
     ``compression.structured.ratio`` there sets the student's hidden widths (those prune_structured would
     leave) and the trial distils that smaller student from its initialisation: a width search."""
     structure = None
@@ -57,20 +57,21 @@ def search_extras(cfg) -> dict:
     return student_extras(cfg, structure=structure)
 
 
-def prepare_student(model: nn.Module, spec: dict, *, resuming: bool) -> nn.Module:
-    """Worker side, right after ``build_model``: pruned shapes, the pruned init weights (fresh start
-    only; a resume loads its checkpoint afterwards), fake quantization for QAT."""
+def prepare_student(model: nn.Module, spec, *, resuming: bool) -> nn.Module:
+    """Worker side (``loop.setup``), right after building the model from the ``StageSpec`` ``spec``:
+    pruned shapes, the pruned init weights (fresh start only; a resume loads its checkpoint afterwards),
+    fake quantization for QAT."""
     from raydistill.compress.quantize import prepare_qat
     from raydistill.compress.structured import resize_structured
 
-    if spec.get("structure"):
-        resize_structured(model, spec["structure"])
-    if spec.get("init_from") and not resuming:
+    if spec.structure:
+        resize_structured(model, spec.structure)
+    if spec.init_from and not resuming:
         from raydistill.distill.worker import load_weights
 
-        load_weights(model, spec["init_from"])
-    if spec.get("qat"):
-        q = spec["qat"]
+        load_weights(model, spec.init_from)
+    if spec.qat:
+        q = spec.qat
         prepare_qat(model, q["bits"], q["group_size"], q["activations"], include=q.get("include"),
                     exclude=q.get("exclude"))
     return model
@@ -102,18 +103,20 @@ def finalize_student(model: nn.Module, masks: dict | None, quantize_cfg: dict | 
     """Driver side, on a loaded float checkpoint: masks -> SparseLinear, then quantize (PTQ, or the
     conversion after QAT: the same function). Returns {step: report dict} and sets ``bytes`` entries.
 
-    INTEGRATION POINT (issue 12 point 3, int8 SparseLinear): when ``SparseLinear.quantize`` exists, pruned
-    layers become int8 SparseLinear; until then the pruned layers are quantized densely (the same int8
-    values and per-row scales an int8 SparseLinear holds, so the accuracy is that of the sparse int8
-    model) and ``projected_sparse_int8_bytes`` gives its size with int8 values, int16 column indices
-    (in_features <= 65536), int32 row pointers and fp32 row scales."""
+    Pruned layers with an int8 per-row weight-only scheme (bits 8, no group_size, fp32 activations)
+    become int8 ``SparseLinearInt8`` (``SparseLinear.quantize(bits=8)``: int8 values, per-row scales,
+    16-bit column indices). Other schemes (int4, groups, int8 activations) have no sparse kernel: pruned
+    layers are then quantized densely (zeros stay zeros) and ``projected_sparse_int8_bytes`` gives the
+    size of their CSR form at ``bits`` (values, int16 column indices when in_features <= 65536, int32
+    row pointers, fp32 row scales)."""
     from raydistill.compress.convert import compress
     from raydistill.compress.quantize import quantize
     from raydistill.ops.sparse import SparseLinear
 
     out: dict[str, Any] = {}
     q = quantize_cfg if quantize_cfg and quantize_cfg.get("bits", 32) != 32 else None
-    sparse_int8 = hasattr(SparseLinear, "quantize")
+    sparse_int8 = q is not None and hasattr(SparseLinear, "quantize") and q["bits"] == 8 \
+        and q.get("group_size") is None and q.get("activations") is None
     if masks and (q is None or sparse_int8):
         out["prune"] = compress(model, masks=masks).to_dict()
     if q is not None:
@@ -177,20 +180,21 @@ def projected_nbytes(model: nn.Module, masks: dict | None, bits: int, group_size
     return total
 
 
-def size_metrics(model: nn.Module, spec: dict, masks: dict | None) -> dict:
-    """Per-epoch size figures of a training student (worker): projected bytes after the recipe."""
-    q = spec.get("quantize") or {}
+def size_metrics(model: nn.Module, spec, masks: dict | None) -> dict:
+    """Per-epoch size figures of a training student (worker; ``spec`` its ``StageSpec``): projected bytes
+    after the recipe."""
+    q = spec.quantize or {}
     bits = int(q.get("bits") or 32)
     return {"model_bytes": projected_nbytes(model, masks, bits, q.get("group_size")), "bits": bits}
 
 
-def final_metrics(model: nn.Module, spec: dict, masks: dict | None, in_features: int) -> dict:
+def final_metrics(model: nn.Module, spec, masks: dict | None, in_features: int) -> dict:
     """Worker, last epoch: CPU latency (batch 1 and 256) of a converted copy of the student (masks ->
     SparseLinear, quantize) -- the model that the evaluation stores."""
     from raydistill.compress.pruner import unwrap_model
 
     net = copy.deepcopy(unwrap_model(model)).cpu()
-    q = spec.get("quantize")  # FakeQuantLinear layers (QAT) are converted by quantize like nn.Linear
+    q = spec.quantize  # FakeQuantLinear layers (QAT) are converted by quantize like nn.Linear
     finalize_student(net, {k: v.cpu() for k, v in (masks or {}).items()} or None, q)
     return {"latency_ms_b1": latency_ms(net, in_features, 1, repeats=15),
             "latency_ms_b256": latency_ms(net, in_features, 256, repeats=15)}
@@ -226,6 +230,11 @@ def check_recipe(cfg) -> None:
     steps = dict(cfg.compression.steps())
     if not steps:
         return
+    task = getattr(cfg.data, "task", "classification")
+    for st, key in (("prune_structured", "compression.structured"), ("quantize", "compression.quantize")):
+        if st in steps and task != "classification":
+            raise ValueError(f"{key}: the {st!r} step is implemented for data.task 'classification' only, "
+                             f"not {task!r}; remove it (prune works for every task)")
     net = build_model(cfg.student)
     s = steps.get("prune_structured")
     if s is not None:

@@ -130,6 +130,22 @@ def _print_summary(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if r.get("task") == "causal_lm":
+        t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
+        for col in ("stage", "test perplexity", "next-token acc", "teacher agreement", "sparsity", "nonzero params"):
+            t.add_column(col, justify="left" if col == "stage" else "right")
+        tm = r["teacher"].get("metrics") or {}
+        t.add_row("teacher" + (" (cached)" if r["teacher"].get("cached") else ""),
+                  f"{tm.get('perplexity', float('nan')):.2f}", f"{r['teacher']['accuracy']:.2%}", "", "", "")
+        for key in ("baseline", "dense_student", "student"):
+            if key in r:
+                e = r[key]
+                t.add_row(key, f"{e['perplexity']:.2f}", f"{e['next_token_accuracy']:.2%}",
+                          f"{e.get('teacher_agreement', float('nan')):.2%}", f"{e['sparsity']:.1%}",
+                          f"{e['nonzero_params']:,}")
+        Console(stderr=True).print(t)
+        return
+
     t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
     cols = ("stage", "test accuracy", "macro recall", "macro F1", "sparsity", "compression", "bytes",
             "ms/b1", "ms/b256")
@@ -166,8 +182,10 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = _load(args)
-        if args.topk is not None and not 1 <= args.topk <= 10:
+        if args.topk is not None and cfg.data.task == "classification" and not 1 <= args.topk <= 10:
             raise _UsageError(f"--topk must be in 1..10 (MNIST-1D has 10 classes), got {args.topk}")
+        if args.topk is not None and args.topk < 1:
+            raise _UsageError(f"--topk must be >= 1, got {args.topk}")
         if args.concurrency is not None and args.concurrency < 1:
             raise _UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
     except (ConfigError, _UsageError) as exc:

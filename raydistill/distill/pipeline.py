@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 import traceback
@@ -28,6 +27,7 @@ from raydistill.config import Config, ConfigError, config_hash, dump_config
 from raydistill.distill import interrupts
 from raydistill.distill.preflight import preflight
 from raydistill.distill.runlock import run_lock
+from raydistill.utils import write_json_atomic
 from raydistill.distill.trainer import (
     TeacherArtifact, artifact_from_checkpoint, build_baseline_trainer, build_student_trainer, ensure_teacher,
     evaluate_checkpoint, final_checkpoint_dir, resolve_storage, teacher_hash,
@@ -125,18 +125,17 @@ class Progress:
                         continue
                     st["last"] = m
                     log.info("%s epoch %s/%s: %s", stage, m.get("epoch"), st["epochs"],
-                             {k: m.get(k) for k in ("train_loss", "val_accuracy", "accuracy", "sparsity", "lr")})
+                             {k: m.get(k) for k in ("train_loss", "val_accuracy", "accuracy", "val_perplexity",
+                                                    "perplexity", "sparsity", "lr")})
+                    txt = _epoch_text(m)
                     if self._lines:
                         import sys
 
                         el = time.time() - st["t0"]
                         eta = el / max(1, int(m["epoch"])) * (st["epochs"] - int(m["epoch"]))
-                        print(f"[{stage}] epoch {m['epoch']}/{st['epochs']}  loss {m['train_loss']:.3f}  "
-                              f"val {m['val_accuracy']:.3f}  test {m['accuracy']:.3f}  sparsity "
-                              f"{m['sparsity']:.2f}  eta {eta:.0f}s", file=sys.stderr, flush=True)
+                        print(f"[{stage}] epoch {m['epoch']}/{st['epochs']}  {txt}  eta {eta:.0f}s",
+                              file=sys.stderr, flush=True)
                     if self._progress is not None and st["task"] is not None:
-                        txt = (f"loss {m['train_loss']:.3f}  val {m['val_accuracy']:.3f}  "
-                               f"test {m['accuracy']:.3f}  sparsity {m['sparsity']:.2f}")
                         self._progress.update(st["task"], completed=int(m["epoch"]), metrics=txt)
 
     def done(self, stage: str, note: str = ""):
@@ -145,6 +144,14 @@ class Progress:
             if st and self._progress is not None and st["task"] is not None:
                 self._progress.update(st["task"], completed=st["epochs"],
                                       metrics=note or self._progress.tasks[st["task"]].fields["metrics"])
+
+
+def _epoch_text(m: dict) -> str:
+    if "perplexity" in m:
+        return (f"loss {m['train_loss']:.3f}  val ppl {m['val_perplexity']:.2f}  test ppl {m['perplexity']:.2f}  "
+                f"sparsity {m['sparsity']:.2f}")
+    return (f"loss {m['train_loss']:.3f}  val {m['val_accuracy']:.3f}  test {m['accuracy']:.3f}  "
+            f"sparsity {m['sparsity']:.2f}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,7 +250,9 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
                         raise
                     log.error("teacher failed:\n%s", "".join(traceback.format_exception(exc)))
                     raise StageFailed("teacher", exc) from exc
-                prog.done("teacher", f"test {teacher.accuracy:.3f}" + ("  (cached)" if teacher.cached else ""))
+                note = f"test ppl {teacher.metrics['perplexity']:.2f}" if "perplexity" in teacher.metrics else \
+                    f"test {teacher.accuracy:.3f}"
+                prog.done("teacher", note + ("  (cached)" if teacher.cached else ""))
                 timings["teacher"] = time.time() - ts
 
                 # ---- assistants (sequential chain) -----------------------------------------------------
@@ -327,16 +336,17 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
 
         # ---- evaluation + report (Ray is down; evaluation is local and cheap) -----------------------------
         qcfg = recipe["quantize"].model_dump(mode="json") if "quantize" in recipe else None
-        evals = {s: evaluate_checkpoint(cfg, final_checkpoint_dir(results[s], run_dir, s),
+        evals = {s: evaluate_checkpoint(cfg, final_checkpoint_dir(results[s], run_dir, s), teacher=current,
                                         quantize=qcfg if s == "student" else None,
                                         export=str(run_dir / "student.safetensors") if s == "student" else None)
                  for s in stages}
         if qcfg is not None:  # post-training quantization of the dense distilled student, for comparison
             evals["dense_student_ptq"] = evaluate_checkpoint(
-                cfg, final_checkpoint_dir(results["dense_student"], run_dir, "dense_student"),
+                cfg, final_checkpoint_dir(results["dense_student"], run_dir, "dense_student"), teacher=current,
                 quantize=qcfg | {"mode": "ptq"})
+        lm = cfg.data.task == "causal_lm"
         report = {
-            "name": name, "run_dir": str(run_dir),
+            "name": name, "run_dir": str(run_dir), "task": cfg.data.task,
             "teacher": {**teacher.to_dict(), "accuracy": teacher.accuracy},
             "assistants": assistants,
             "baseline": evals["baseline"],
@@ -345,19 +355,28 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
             **({"dense_student_ptq": evals["dense_student_ptq"]} if "dense_student_ptq" in evals else {}),
             "compression_steps": [t for t, _ in cfg.compression.steps()],
             **({"prune_structured": structured_report} if structured_report else {}),
-            "gain_over_baseline": evals["student"]["accuracy"] - evals["baseline"]["accuracy"],
             "config": cfg.model_dump(mode="json"),
             "timings": timings,
-            "wall_seconds": time.time() - t0,
         }
-        if sparse:
-            report["sparse_vs_dense"] = evals["student"]["accuracy"] - evals["dense_student"]["accuracy"]
+        if lm:
+            report["perplexity_vs_baseline"] = evals["student"]["perplexity"] / evals["baseline"]["perplexity"] - 1
+            if sparse:
+                report["sparse_vs_dense"] = evals["student"]["perplexity"] / evals["dense_student"]["perplexity"] - 1
+            from raydistill.distill.export import export_student
+
+            report["export"] = str(export_student(cfg, final_checkpoint_dir(results["student"], run_dir, "student"),
+                                                  run_dir / "export" / "student"))
+        else:
+            report["gain_over_baseline"] = evals["student"]["accuracy"] - evals["baseline"]["accuracy"]
+            if sparse:
+                report["sparse_vs_dense"] = evals["student"]["accuracy"] - evals["dense_student"]["accuracy"]
+        report["wall_seconds"] = time.time() - t0
         curves = {s: _read_log(run_dir / s / "epochs.jsonl") for s in stages}
         curves.update({a["stage"]: _read_log(run_dir / a["stage"] / "epochs.jsonl") for a in assistants})
         if not cfg.teacher.checkpoint:
             curves["teacher"] = _read_log(storage / "teachers" / teacher_hash(cfg) / "epochs.jsonl")
         report["curves_png"] = str(_plot(curves, run_dir / "curves.png"))
-        _write_json(run_dir / "report.json", report)
+        write_json_atomic(run_dir / "report.json", report)
         (run_dir / "report.md").write_text(report_markdown(report))
         log.info("report: %s", run_dir / "report.json")
         return report
@@ -380,12 +399,6 @@ def _read_log(path: Path) -> list[dict]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def _plot(curves: dict[str, list[dict]], path: Path) -> Path:
     import matplotlib
 
@@ -393,14 +406,21 @@ def _plot(curves: dict[str, list[dict]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    lm = any("perplexity" in r for rows in curves.values() for r in rows)
+    keys = ("val_perplexity", "perplexity") if lm else ("val_accuracy", "accuracy")
     for stage, rows in curves.items():
         if not rows:
             continue
         ep = [r["epoch"] for r in rows]
         axes[0].plot(ep, [r["train_loss"] for r in rows], label=stage)
-        axes[1].plot(ep, [r["val_accuracy"] for r in rows], label=stage)
-        axes[2].plot(ep, [r["accuracy"] for r in rows], label=stage)
-    for ax, title in zip(axes, ("train loss", "val accuracy", "test accuracy")):
+        axes[1].plot(ep, [r.get(keys[0]) for r in rows], label=stage)
+        axes[2].plot(ep, [r.get(keys[1]) for r in rows], label=stage)
+    titles = ("train loss", "val perplexity", "test perplexity") if lm else \
+        ("train loss", "val accuracy", "test accuracy")
+    if lm:
+        axes[1].set_yscale("log")
+        axes[2].set_yscale("log")
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -413,6 +433,8 @@ def _plot(curves: dict[str, list[dict]], path: Path) -> Path:
 
 
 def report_markdown(r: dict) -> str:
+    if r.get("task") == "causal_lm":
+        return _report_markdown_lm(r)
     fmt = (lambda v, f: "" if v is None else f.format(v))
     rows = [("teacher", r["teacher"]["model"].get("model", "?"), {"accuracy": r["teacher"]["accuracy"]})]
     for a in r.get("assistants", []):
@@ -423,16 +445,16 @@ def report_markdown(r: dict) -> str:
         if key in r:
             rows.append((key, smodel, r[key]))
     lines = [f"# raydistill run `{r['name']}`", "",
-             "| stage | model | test accuracy | macro recall | macro F1 | sparsity | compression | bytes | "
-             "bytes vs dense student | ms/batch 1 | ms/batch 256 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| stage | model | test accuracy | macro F1 | macro precision | macro recall | sparsity | compression "
+             "| bytes | bytes vs dense student | ms/batch 1 | ms/batch 256 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ref = (r.get("dense_student") or {}).get("model_bytes")
     for st, m, e in rows:
         rel = e.get("model_bytes") / ref if ref and e.get("model_bytes") else None
-        lines.append(f"| {st} | {m} | {e['accuracy']:.2%} | {fmt(e.get('macro_recall'), '{:.3f}')} | "
-                     f"{fmt(e.get('macro_f1'), '{:.3f}')} | {fmt(e.get('sparsity'), '{:.1%}')} | "
-                     f"{fmt(e.get('compression_ratio'), '{:.2f}x')} | {fmt(e.get('model_bytes'), '{:,}')} | "
-                     f"{fmt(rel, '{:.1%}')} | "
+        lines.append(f"| {st} | {m} | {e['accuracy']:.2%} | {fmt(e.get('macro_f1'), '{:.3f}')} | "
+                     f"{fmt(e.get('macro_precision'), '{:.3f}')} | {fmt(e.get('macro_recall'), '{:.3f}')} | "
+                     f"{fmt(e.get('sparsity'), '{:.1%}')} | {fmt(e.get('compression_ratio'), '{:.2f}x')} | "
+                     f"{fmt(e.get('model_bytes'), '{:,}')} | {fmt(rel, '{:.1%}')} | "
                      f"{fmt(e.get('latency_ms_b1'), '{:.3f}')} | {fmt(e.get('latency_ms_b256'), '{:.3f}')} |")
     lines += ["", f"- compression steps: {', '.join(r.get('compression_steps') or []) or 'none'}",
               f"- distilled student vs baseline: {r['gain_over_baseline'] * 100:+.1f} points"]
@@ -444,4 +466,30 @@ def report_markdown(r: dict) -> str:
                      f"{s['projected_sparse_int8_bytes']:,}")
     lines += [f"- student parameters: {s['nonzero_params']:,} nonzero of {s['params']:,}",
               f"- wall time: {r['wall_seconds']:.0f} s", "", "![curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _report_markdown_lm(r: dict) -> str:
+    fmt = (lambda v, f: "" if v is None else f.format(v))
+    lines = [f"# raydistill run `{r['name']}` (causal LM)", "",
+             "| stage | test perplexity | next-token accuracy | teacher agreement | tokens/s | sparsity | compression |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    t = r["teacher"].get("metrics") or {}
+    lines.append(f"| teacher | {fmt(t.get('perplexity'), '{:.2f}')} | {fmt(t.get('next_token_accuracy'), '{:.2%}')} "
+                 "| | | | |")
+    for key in ("baseline", "dense_student", "student"):
+        if key in r:
+            e = r[key]
+            lines.append(f"| {key} | {e['perplexity']:.2f} | {e['next_token_accuracy']:.2%} | "
+                         f"{fmt(e.get('teacher_agreement'), '{:.2%}')} | {fmt(e.get('tokens_per_s'), '{:,.0f}')} | "
+                         f"{e['sparsity']:.1%} | {e['compression_ratio']:.2f}x |")
+    lines += ["", f"- distilled student vs baseline: perplexity {r['perplexity_vs_baseline'] * 100:+.1f}%"]
+    if "sparse_vs_dense" in r:
+        lines.append(f"- sparse vs dense distilled student: perplexity {r['sparse_vs_dense'] * 100:+.1f}%")
+    if r.get("export"):
+        lines.append(f"- exported student (save_pretrained + tokenizer): `{r['export']}`")
+    lines += [f"- wall time: {r['wall_seconds']:.0f} s", "", "## greedy samples (student)", ""]
+    for smp in r["student"].get("samples", []):
+        lines += ["```", smp["prompt"] + "→" + smp["continuation"], "```"]
+    lines += ["", "![curves](curves.png)", ""]
     return "\n".join(lines)

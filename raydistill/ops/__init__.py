@@ -16,6 +16,8 @@ _EXPORTS = {
     "MAX_TEMPERATURE": "raydistill.ops._kd_loss",
     "SparseLinear": "raydistill.ops.sparse",
     "sparse_linear": "raydistill.ops.sparse",
+    "SparseLinearInt8": "raydistill.ops.sparse",
+    "sparse_linear_int8": "raydistill.ops.sparse",
 }
 
 __all__ = sorted(_EXPORTS)

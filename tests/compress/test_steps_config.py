@@ -122,21 +122,29 @@ def test_evaluate_checkpoint_applies_structure_masks_and_quantize(tmp_path):
     from raydistill.compress import load_compressed
 
     again = load_compressed(lambda: build_model(cfg.student), ev["export"])
-    assert again.net[0].out_features == 64 and type(again.net[0]).__name__ in ("QuantizedLinear", "SparseLinear")
+    assert again.net[0].out_features == 64 and type(again.net[0]).__name__ == "SparseLinearInt8"
+    assert type(again.net[4]).__name__ == "QuantizedLinear"  # the dense head: int8 dense
     assert ev["structure"] == widths == {"net.0": 64, "net.2": 64}
     assert ev["sparsity"] == pytest.approx(0.8, abs=0.01)
     assert 0 <= ev["accuracy"] <= 1 and 0 <= ev["macro_recall"] <= 1 and ev["latency_ms_b256"] > 0
-    from raydistill.ops.sparse import SparseLinear
+    x = torch.randn(5, 40)
+    from raydistill.distill.trainer import load_checkpoint_model
 
-    if hasattr(SparseLinear, "quantize"):
-        assert ev["steps"]["quantize"]["layers"]
-    else:  # dense int8 storage now, the int8-sparse size projected
-        dense_int8 = sum(o * i + 4 * o + 4 * o for o, i in ((64, 40), (64, 64), (10, 64)))
-        assert ev["model_bytes"] == dense_int8
-        nnz = [int(pr.masks[k].sum()) for k in ("net.0", "net.2")]
-        # CSR: int8 values + int16 columns + int32 row pointers + fp32 row scales; fp32 biases; int8 head
-        want = sum(3 * z + 65 * 4 + 64 * 4 + 64 * 4 for z in nnz) + (10 * 64 + 10 * 4 + 10 * 4)
-        assert ev["projected_sparse_int8_bytes"] == want
+    net_float, *_ = load_checkpoint_model(cfg, ck, convert=False)
+    with torch.no_grad():
+        got, ref = again(x), net_float(x)
+    assert torch.allclose(got, ref, atol=0.05 * float(ref.abs().max()))  # the int8 rounding error only
+    nnz = [int(pr.masks[k].sum()) for k in ("net.0", "net.2")]
+    # int8 SparseLinear: int8 values + uint16 columns + int32 row pointers + fp32 row scales + fp32 biases;
+    # the dense head int8 with fp32 scales and bias
+    want = sum(3 * z + 65 * 4 + 64 * 4 + 64 * 4 for z in nnz) + (10 * 64 + 10 * 4 + 10 * 4)
+    assert ev["model_bytes"] == want and "projected_sparse_int8_bytes" not in ev
+    assert ev["sparse_layers"] == 2
+    assert [r["name"] for r in ev["steps"]["quantize"]["layers"]] == ["net.0", "net.2", "net.4"]
+    assert [r["backend"] for r in ev["steps"]["quantize"]["layers"]][:2] == ["int8 SparseLinear"] * 2
+    # a scheme without a sparse kernel (int4 groups): pruned layers quantized densely, the CSR size projected
+    ev4 = evaluate_checkpoint(cfg, ck, quantize={"bits": 4, "group_size": 8, "activations": None}, latency=False)
+    assert ev4["projected_sparse_int8_bytes"] < ev4["model_bytes"] and ev4["sparse_layers"] == 0
     plain = evaluate_checkpoint(cfg, ck, latency=False)
     assert plain["sparse_layers"] == 2 and "latency_ms_b1" not in plain
 
@@ -146,14 +154,17 @@ def test_search_extras_and_worker_side_steps(seeded):
     with FakeQuantLinear; final_metrics times a converted copy and leaves the training model alone."""
     from raydistill.compress import FakeQuantLinear
     from raydistill.compress.steps import final_metrics, prepare_student, search_extras, size_metrics
+    from raydistill.distill.spec import StageSpec
     from raydistill.models import build_model
 
     cfg = load_config(REPO / "tune_configs" / "mnist1d_compress_search.yaml",
                       ["compression.quantize.bits=4", "compression.structured.ratio=0.75"])
     ex = search_extras(cfg)
     assert ex["structure"] == {"net.0": 128, "net.2": 128} and ex["qat"]["bits"] == 4 and ex["init_from"] is None
-    spec = {"model": {"model": "mlp", "kwargs": dict(cfg.student.kwargs)}, **ex}
-    net = prepare_student(build_model(spec["model"]), spec, resuming=False)
+    spec = StageSpec(stage="student", task="classification", kind="kd",
+                     model={"model": "mlp", "kwargs": dict(cfg.student.kwargs)}, epochs=1, batch_size=8,
+                     optimizer={}, lr_schedule={}, seed=0, progress_dir="unused", **ex)
+    net = prepare_student(build_model(spec.model), spec, resuming=False)
     assert [type(m).__name__ for m in net.net] == ["FakeQuantLinear", "ReLU"] * 2 + ["FakeQuantLinear"]
     assert net.net[0].weight.shape == (128, 40) and net.net[2].weight.shape == (128, 128)
     assert isinstance(net.net[4], FakeQuantLinear) and net.net[4].bits == 4
@@ -165,3 +176,16 @@ def test_search_extras_and_worker_side_steps(seeded):
     assert isinstance(net.net[0], FakeQuantLinear)  # the training model is untouched
     off = search_extras(load_config(REPO / "tune_configs" / "mnist1d_compress_search.yaml"))
     assert off["structure"] is None and off["qat"] is None  # bits 32 and ratio 0: no steps
+
+
+def test_recipe_steps_other_than_prune_are_classification_only():
+    """A causal-LM config with quantize / prune_structured fails before Ray, naming the key; prune passes."""
+    from raydistill.compress.steps import check_recipe
+
+    cfg = load_config(REPO / "tune_configs" / "lm_tiny.yaml", ["compression=[{quantize: {bits: 8}}]"])
+    with pytest.raises(ValueError, match=r"compression\.quantize: .*classification"):
+        check_recipe(cfg)
+    cfg = load_config(REPO / "tune_configs" / "lm_tiny.yaml", ["compression=[{prune_structured: {ratio: 0.5}}]"])
+    with pytest.raises(ValueError, match=r"compression\.structured: .*classification"):
+        check_recipe(cfg)
+    check_recipe(load_config(REPO / "tune_configs" / "lm_tiny.yaml"))  # prune only: fine

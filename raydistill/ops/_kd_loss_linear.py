@@ -60,10 +60,10 @@ __all__ = ["kd_loss_linear", "kd_loss_linear_topk", "KDLossLinear", "kd_loss_lin
            "auto_chunk_size", "CHUNK_BUDGET_BYTES"]
 
 #: Memory budget of one chunk's temporaries (student logits + teacher logits + d loss / d logits), by
-#: device type. CPU: 96 MiB keeps a few chunks' worth in the last-level cache neighbourhood while the
-#: ``g^T @ h`` update of ``grad_weight`` stays a large matmul; CUDA: 1 GiB (chunks of ~1400 rows at
-#: V=128256 bf16, the size at which the matmuls reach full speed).
-CHUNK_BUDGET_BYTES = {"cpu": 96 << 20, "cuda": 1 << 30}
+#: device type. CPU: 192 MiB (512 rows at V=32000 fp32): each chunk re-reads and re-writes the
+#: ``grad_weight`` accumulator (V x H) once, so chunks much smaller than that spend the time there;
+#: larger ones only add memory. CUDA: 1 GiB (~1400 rows at V=128256 bf16; Liger uses 1024).
+CHUNK_BUDGET_BYTES = {"cpu": 192 << 20, "cuda": 1 << 30}
 _LOW = (torch.bfloat16, torch.float16)
 _RED = {"none": 0, "mean": 1, "batchmean": 1, "sum": 2}
 _NONE, _MEAN, _SUM = 0, 1, 2
@@ -145,12 +145,22 @@ def _check_chunk_size(chunk_size) -> None:
 # --------------------------------------------------------------------------------------------------
 # the chunked computation (runs inside the custom op: no autograd here)
 
+_ADDMM_OUT_DTYPE = {"cuda": True}  # cleared if this torch lacks addmm(out_dtype=float32) for the device
+
+
 def _acc_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b``; ``acc`` may be float32 while ``a``/``b`` are bf16/fp16: then in row blocks of at
-    most 64 MiB of low-precision product, each added to the float32 accumulator."""
+    """``acc += a @ b``. ``acc`` may be float32 while ``a``/``b`` are bf16/fp16: on CUDA one cuBLAS call
+    with a float32 output (``addmm(out_dtype=float32)``, torch >= 2.8); elsewhere in row blocks of at most
+    64 MiB of low-precision product, each added to the float32 accumulator."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
         return
+    if _ADDMM_OUT_DTYPE.get(acc.device.type):
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE[acc.device.type] = False
     step = max(1, (64 << 20) // max(1, b.shape[1] * a.element_size()))
     for r0 in range(0, a.shape[0], step):
         acc[r0:r0 + step].add_(torch.mm(a[r0:r0 + step], b))
@@ -294,7 +304,8 @@ def _backward(ctx, grad_loss, *_unused):
         if (gh.numel() + gw.numel() + gb.numel()) == 0 and mask:
             raise RuntimeError("kd_loss_linear: backward needs the gradients computed in forward; the inputs "
                                "did not require grad when the loss was computed")
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or gh.dtype == torch.float64 or gw.dtype == torch.float64:
+            # (float64: out of place, so gradcheck / retain_graph work)
             gh, gw, gb = (t * grad_loss.to(t.dtype) for t in (gh, gw, gb))
         elif not bool(grad_loss == 1):  # CPU: free; CUDA: a one-element compare
             # the stored gradients are private to this graph: scale in place (backward twice through the same

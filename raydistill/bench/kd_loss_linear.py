@@ -114,11 +114,19 @@ def run_case(impls, N, H, V, dtype, device, warmup, reps) -> list[dict]:
             loss.backward()
         return loss
 
-    values, times = {}, {name: [] for name in impls}
-    for name, fn in impls.items():  # first call: warm-up and, for compile, compilation
-        values[name] = float(step(fn).detach())
+    values = {}
+    for name, fn in list(impls.items()):  # first call: warm-up and, for compile, compilation
+        try:
+            values[name] = float(step(fn).detach())
+        except Exception as e:  # noqa: BLE001 - an optional third-party row must not sink the run
+            if name != "liger":
+                raise
+            print(f"note: dropping {name}: {type(e).__name__}: {e}", file=sys.stderr)
+            impls = {k: v for k, v in impls.items() if k != name}
+            continue
         for _ in range(warmup - 1):
             step(fn)
+    times = {name: [] for name in impls}
     for _ in range(reps):  # round-robin
         for name, fn in impls.items():
             _sync(device)

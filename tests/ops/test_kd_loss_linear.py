@@ -362,3 +362,24 @@ print("FALLBACK_OK")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "FALLBACK_OK" in r.stdout
+
+
+def test_bf16_teacher_fp32_student_and_empty_input(seeded):
+    """A bf16 teacher (typical for a frozen teacher) with an fp32 student; and zero rows."""
+    p = _problem(seeded, lead=(11,))
+    th, tw, tb = p["th"].to(BF16), p["tw"].to(BF16), p["tb"].to(BF16)
+    sh, sw, sb = _leaves(p, "cpu")
+    loss = kd_loss_linear(sh, sw, th, tw, p["y"], student_bias=sb, teacher_bias=tb, temperature=2.0, alpha=0.5,
+                          divergence="jsd", chunk_size=4)
+    loss.backward()
+    r = _leaves(p, "cpu", F64)
+    ref = kd_loss_linear_reference(r[0], r[1], th, tw, p["y"], student_bias=r[2], teacher_bias=tb, temperature=2.0,
+                                   alpha=0.5, divergence="jsd")
+    ref.backward()
+    # the teacher logits are bf16-rounded by the bf16 matmul in the op, exactly in float64 in the reference
+    _check(loss, ref, (sh, sw, sb), r, rtol=2e-2, atol=1e-3)
+    sh0 = torch.randn(0, 24, generator=seeded).requires_grad_(True)
+    sw0 = p["sw"].clone().requires_grad_(True)
+    loss0 = kd_loss_linear(sh0, sw0, torch.randn(0, 20), p["tw"], torch.zeros(0, dtype=torch.long), alpha=0.5)
+    loss0.backward()
+    assert loss0.item() == 0.0 and sh0.grad.shape == (0, 24) and sw0.grad.abs().max().item() == 0.0

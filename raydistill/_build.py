@@ -162,6 +162,9 @@ def _build(with_cuda: bool, verbose: bool) -> ExtState:
         build_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(build_dir) + ".lock"):
             if not lib.exists():  # another process may have built it while we waited
+                # torch's own build baton: a build killed mid-way (Ctrl-C, a timeout) leaves it behind and
+                # every later build would wait on it forever. We hold the lock, so nobody else is building.
+                (build_dir / "lock").unlink(missing_ok=True)
                 if with_cuda:
                     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_archs())
                 cpp_extension.load(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 
 # Every compiled op: (schema name, what it is). Each op family adds its ops here.
@@ -62,6 +63,19 @@ def main(argv: list[str]) -> int:
         pr = torch.cuda.get_device_properties(i)
         dev.add_row(f"cuda:{i}", f"{pr.name}, {pr.total_memory / 2**30:.0f} GiB, sm_{pr.major}{pr.minor}")
     con.print(dev)
+
+    from raydistill.ops.sparse_dispatch import PATH_ENV, cache_file, cached_decisions
+
+    decisions = cached_decisions()
+    sp = Table(title=f"SparseLinear CUDA path per (GPU, dtype, shape, sparsity, batch): measured crossover "
+                     f"({cache_file()}; {PATH_ENV}={os.environ.get(PATH_ENV, 'auto')})")
+    sp.add_column("key")
+    sp.add_column("path")
+    for k, v in sorted(decisions.items()):
+        sp.add_row(k, v)
+    if not decisions:
+        sp.add_row("(none measured yet: the first CUDA call of each combination measures it)", "")
+    con.print(sp)
     return 0
 
 

@@ -52,6 +52,26 @@ inline at::Tensor prepare_labels(const std::optional<at::Tensor>& labels, int64_
   return l.to(at::kLong).contiguous();
 }
 
+// Optional one-element tensor multiplying every row loss and gradient: the Python wrapper passes
+// 1 / (number of valid rows) for reduction="mean", so the gradient comes out final and backward has
+// nothing to scale when the upstream gradient is 1. Returns a float32 contiguous tensor or undefined.
+inline at::Tensor prepare_scale(const std::optional<at::Tensor>& scale, const at::Device& dev) {
+  if (!scale.has_value() || !scale->defined()) return at::Tensor();
+  TORCH_CHECK_VALUE(scale->numel() == 1, "kd_loss: scale must have exactly one element, got ", scale->numel());
+  TORCH_CHECK_VALUE(scale->device() == dev, "kd_loss: scale must be on ", dev, ", got ", scale->device());
+  TORCH_CHECK_TYPE(scale->is_floating_point(), "kd_loss: scale must be a floating-point tensor, got ",
+                   scale->scalar_type());
+  return scale->to(at::kFloat).contiguous();
+}
+
+// Folds a host-side scale into the parameters (the CPU kernels: the scale tensor lives on the host).
+inline void fold_scale(KDParams& p, const at::Tensor& scale) {
+  if (!scale.defined()) return;
+  const double s = scale.item<double>();
+  p.coef *= s;
+  p.ce_weight *= s;
+}
+
 // A (rows, V) view with unit stride in V, copying only when the last dimension is strided.
 inline at::Tensor unit_last_stride(const at::Tensor& t) {
   // Any row stride (even 0, an expanded teacher) is fine for reading.

@@ -707,7 +707,8 @@ void for_rows(int64_t rows, int64_t V, const at::Tensor& lab, int64_t ignore_ind
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                    const std::optional<at::Tensor>& labels, double temperature,
                                                    double alpha, int64_t divergence, double beta,
-                                                   int64_t ignore_index, bool t2_scaling, bool compute_grad) {
+                                                   int64_t ignore_index, bool t2_scaling, bool compute_grad,
+                                                   const std::optional<at::Tensor>& scale) {
   check_scalars(temperature, alpha, divergence, beta);
   check_logits(student_in, "student_logits");
   check_logits(teacher_in, "teacher_logits");
@@ -723,8 +724,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in,
   student = unit_last_stride(student);  // rows may be strided (slices), the vocabulary may not
   teacher = unit_last_stride(teacher);
   const int64_t sx = row_stride(student), st = row_stride(teacher);
-  const KDParams p = make_params(temperature, alpha, divergence, beta, ignore_index, t2_scaling,
-                                 lab.defined(), compute_grad);
+  KDParams p = make_params(temperature, alpha, divergence, beta, ignore_index, t2_scaling,
+                           lab.defined(), compute_grad);
+  fold_scale(p, prepare_scale(scale, student_in.device()));
   at::Tensor loss = at::empty({rows}, student_in.options().dtype(dbl ? at::kDouble : at::kFloat));
   at::Tensor grad = compute_grad ? at::empty({rows, V}, student.options()) : at::empty({0}, student_in.options());
   if (rows == 0) return {loss, compute_grad ? grad.to(student_in.scalar_type()) : grad};
@@ -771,7 +773,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in,
 std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
     const at::Tensor& student_in, const at::Tensor& topk_in, const at::Tensor& indices_in,
     const std::optional<at::Tensor>& labels, double temperature, double alpha, int64_t divergence, double beta,
-    int64_t ignore_index, bool t2_scaling, bool compute_grad) {
+    int64_t ignore_index, bool t2_scaling, bool compute_grad, const std::optional<at::Tensor>& scale) {
   check_scalars(temperature, alpha, divergence, beta);
   TORCH_CHECK_VALUE(divergence != kReverseKL,
                     "kd_loss_topk: divergence reverse_kl is not supported with a top-k teacher");
@@ -799,8 +801,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
   at::Tensor student = unit_last_stride(dbl ? student_in.to(at::kDouble) : student_in);
   const int64_t sx = row_stride(student);
   at::Tensor topk = (dbl ? topk_in.to(at::kDouble) : topk_in).contiguous();
-  const KDParams p = make_params(temperature, alpha, divergence, beta, ignore_index, t2_scaling,
-                                 lab.defined(), compute_grad);
+  KDParams p = make_params(temperature, alpha, divergence, beta, ignore_index, t2_scaling,
+                           lab.defined(), compute_grad);
+  fold_scale(p, prepare_scale(scale, student_in.device()));
   at::Tensor loss = at::empty({rows}, student_in.options().dtype(dbl ? at::kDouble : at::kFloat));
   at::Tensor grad = compute_grad ? at::empty({rows, V}, student.options()) : at::empty({0}, student_in.options());
   if (rows == 0) return {loss, compute_grad ? grad.to(student_in.scalar_type()) : grad};
@@ -842,11 +845,12 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
 TORCH_LIBRARY_FRAGMENT(raydistill, m) {
   m.def(
       "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, float temperature, float alpha, "
-      "int divergence, float beta, int ignore_index, bool t2_scaling, bool compute_grad) -> (Tensor, Tensor)");
+      "int divergence, float beta, int ignore_index, bool t2_scaling, bool compute_grad, Tensor? scale=None) "
+      "-> (Tensor, Tensor)");
   m.def(
       "kd_loss_topk_fwd(Tensor student, Tensor teacher_topk, Tensor teacher_topk_indices, Tensor? labels, "
       "float temperature, float alpha, int divergence, float beta, int ignore_index, bool t2_scaling, "
-      "bool compute_grad) -> (Tensor, Tensor)");
+      "bool compute_grad, Tensor? scale=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(raydistill, CPU, m) {

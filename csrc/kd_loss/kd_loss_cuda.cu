@@ -206,10 +206,11 @@ struct Coefs {
 template <typename A>
 __device__ __forceinline__ Coefs<A> coefs(const KDLaunchArgs& a, bool has_label) {
   Coefs<A> c;
+  const A sc = a.scale ? static_cast<A>(*a.scale) : A(1);
   c.inv_t = static_cast<A>(a.p.inv_temperature);
-  c.coef = static_cast<A>(a.p.coef);
-  c.gcoef = static_cast<A>(a.p.coef * a.p.inv_temperature);
-  c.ce_w = static_cast<A>(a.p.ce_weight);
+  c.coef = static_cast<A>(a.p.coef) * sc;
+  c.gcoef = static_cast<A>(a.p.coef * a.p.inv_temperature) * sc;
+  c.ce_w = static_cast<A>(a.p.ce_weight) * sc;
   c.beta = static_cast<A>(a.p.beta);
   c.omb = static_cast<A>(1.0 - a.p.beta);
   c.need_div = a.p.coef != 0;
@@ -461,6 +462,8 @@ cudaError_t launch_all(const KDLaunchArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t kd_loss_cuda_launch(const KDLaunchArgs& args, cudaStream_t stream) {
+  const cudaError_t fast = kd_loss_cuda_launch_cluster(args, stream);
+  if (fast != cudaErrorNotSupported) return fast;
   return args.topk_indices ? launch_all<true>(args, stream) : launch_all<false>(args, stream);
 }
 

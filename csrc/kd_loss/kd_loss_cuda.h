@@ -21,11 +21,17 @@ struct KDLaunchArgs {
   int64_t student_row_stride, teacher_row_stride;
   int student_dtype, teacher_dtype;  // IODType; float64 only as (kF64, kF64)
   bool student_aligned, teacher_aligned, grad_aligned;  // row starts 16-byte aligned: vector loads/stores
+  const float* scale;  // device scalar multiplying every row loss and gradient (e.g. 1 / valid rows), or null
   KDParams p;
 };
 
 // Enqueues the fused forward (loss rows + optional gradient) on `stream`; returns the launch status.
+// Uses the one-pass cluster kernel (kd_loss_cuda_cluster.cu) where it applies, the generic one otherwise.
 cudaError_t kd_loss_cuda_launch(const KDLaunchArgs& args, cudaStream_t stream);
+
+// The one-pass thread-block-cluster kernel (sm_90+). cudaErrorNotSupported (nothing enqueued) when the
+// call is outside what it handles; the caller then runs the generic kernel.
+cudaError_t kd_loss_cuda_launch_cluster(const KDLaunchArgs& args, cudaStream_t stream);
 
 }  // namespace kd
 }  // namespace raydistill

@@ -35,7 +35,8 @@ bool aligned16(const at::Tensor& t, int64_t row_stride) {
 std::tuple<at::Tensor, at::Tensor> run_cuda(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                             const at::Tensor* indices_in, const std::optional<at::Tensor>& labels,
                                             double temperature, double alpha, int64_t divergence, double beta,
-                                            int64_t ignore_index, bool t2_scaling, bool compute_grad) {
+                                            int64_t ignore_index, bool t2_scaling, bool compute_grad,
+                                            const std::optional<at::Tensor>& scale_in) {
   check_scalars(temperature, alpha, divergence, beta);
   const bool topk = indices_in != nullptr;
   TORCH_CHECK_VALUE(!topk || divergence != kReverseKL,
@@ -62,6 +63,7 @@ std::tuple<at::Tensor, at::Tensor> run_cuda(const at::Tensor& student_in, const 
   }
   const c10::cuda::CUDAGuard guard(student_in.device());
   at::Tensor lab = prepare_labels(labels, rows, alpha, student_in.device());
+  const at::Tensor scale = prepare_scale(scale_in, student_in.device());
 
   const bool dbl = student_in.scalar_type() == at::kDouble || teacher_in.scalar_type() == at::kDouble;
   at::Tensor student = unit_last_stride(dbl ? student_in.to(at::kDouble) : student_in);
@@ -89,6 +91,7 @@ std::tuple<at::Tensor, at::Tensor> run_cuda(const at::Tensor& student_in, const 
     a.student_aligned = aligned16(student, a.student_row_stride);
     a.teacher_aligned = !topk && aligned16(teacher, a.teacher_row_stride);
     a.grad_aligned = compute_grad && aligned16(grad, V);
+    a.scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
     a.p = make_params(temperature, alpha, divergence, beta, ignore_index, t2_scaling, lab.defined(), compute_grad);
     const cudaError_t err = kd_loss_cuda_launch(a, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess, "kd_loss: CUDA kernel launch failed: ", cudaGetErrorString(err));
@@ -100,9 +103,10 @@ std::tuple<at::Tensor, at::Tensor> run_cuda(const at::Tensor& student_in, const 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                     const std::optional<at::Tensor>& labels, double temperature,
                                                     double alpha, int64_t divergence, double beta,
-                                                    int64_t ignore_index, bool t2_scaling, bool compute_grad) {
+                                                    int64_t ignore_index, bool t2_scaling, bool compute_grad,
+                                                    const std::optional<at::Tensor>& scale) {
   return run_cuda(student, teacher, nullptr, labels, temperature, alpha, divergence, beta, ignore_index,
-                  t2_scaling, compute_grad);
+                  t2_scaling, compute_grad, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher_topk,
@@ -110,9 +114,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cuda(const at::Tensor& stude
                                                          const std::optional<at::Tensor>& labels,
                                                          double temperature, double alpha, int64_t divergence,
                                                          double beta, int64_t ignore_index, bool t2_scaling,
-                                                         bool compute_grad) {
+                                                         bool compute_grad, const std::optional<at::Tensor>& scale) {
   return run_cuda(student, teacher_topk, &indices, labels, temperature, alpha, divergence, beta, ignore_index,
-                  t2_scaling, compute_grad);
+                  t2_scaling, compute_grad, scale);
 }
 
 }  // namespace

@@ -1,8 +1,9 @@
-// Torch-facing CUDA glue of the sparse linear ops: checks, layout (x^T padded to a multiple of 8 batch
-// columns, rows ordered by length), stream, and the launchers in spmm_cuda.cu.
+// Torch-facing CUDA glue of the sparse linear ops: checks (metadata only: no device sync), layout (x^T
+// padded to a multiple of 8 batch columns, one kernel), stream, and the launchers in spmm_cuda.cu.
+// Per call: one allocation for x^T, one transpose kernel, one SpMM kernel.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "sparse/spmm.h"
@@ -29,18 +30,15 @@ DType to_dtype(at::ScalarType st) {
 }
 
 // (N, F) -> (F, round_up(N, 8)) zero-padded, contiguous
-at::Tensor transpose_pad(const at::Tensor& a) {
+at::Tensor transpose_pad(const at::Tensor& a_) {
+  const at::Tensor a = a_.contiguous();
   const int64_t n = a.size(0), np = (n + 7) / 8 * 8;
-  at::Tensor t = at::zeros({a.size(1), np}, a.options());
-  t.narrow(1, 0, n).copy_(a.t());
+  at::Tensor t = at::empty({a.size(1), np}, a.options());
+  const int err = transpose_pad_cuda_launch(to_dtype(a.scalar_type()), a.data_ptr(), t.data_ptr(), n, a.size(1),
+                                            c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == 0, "raydistill sparse ops: transpose launch failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
   return t;
-}
-
-// rows ordered by decreasing nnz (load balance across warps)
-at::Tensor row_order(const at::Tensor& crow) {
-  const int64_t rows = crow.numel() - 1;
-  const at::Tensor len = crow.narrow(0, 1, rows) - crow.narrow(0, 0, rows);
-  return std::get<1>(len.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).to(at::kInt);
 }
 
 at::Tensor spmm_cuda(const at::Tensor& x_, const at::Tensor& crow_, const at::Tensor& col_, const at::Tensor& values_,
@@ -55,11 +53,10 @@ at::Tensor spmm_cuda(const at::Tensor& x_, const at::Tensor& crow_, const at::Te
   at::Tensor y = at::empty({n, out_features}, x_.options());
   if (n == 0 || out_features == 0) return y;
   const at::Tensor xT = transpose_pad(x_);
-  const at::Tensor order = row_order(crow);
   const int err = spmm_cuda_launch(to_dtype(x_.scalar_type()), xT.data_ptr(), crow.data_ptr<int32_t>(),
                                    col.data_ptr<int32_t>(), values.data_ptr(), bias ? bias->data_ptr() : nullptr,
-                                   order.data_ptr<int32_t>(), y.data_ptr(), n, in_f, out_features,
-                                   at::cuda::getCurrentCUDAStream().stream());
+                                   nullptr, y.data_ptr(), n, in_f, out_features,
+                                   c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "raydistill::spmm CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
   return y;
 }
@@ -69,13 +66,12 @@ at::Tensor sddmm_cuda(const at::Tensor& dy_, const at::Tensor& x_, const at::Ten
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor crow = crow_.contiguous(), col = col_.contiguous();
   const int64_t n = x_.size(0), in_f = x_.size(1), out_f = dy_.size(1);
-  at::Tensor out = at::zeros({col.numel()}, x_.options());
+  at::Tensor out = at::empty({col.numel()}, x_.options());
   if (col.numel() == 0 || out_f == 0) return out;
   const at::Tensor xT = transpose_pad(x_), dyT = transpose_pad(dy_);
-  const at::Tensor order = row_order(crow);
   const int err = sddmm_cuda_launch(to_dtype(x_.scalar_type()), dyT.data_ptr(), xT.data_ptr(),
-                                    crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), order.data_ptr<int32_t>(),
-                                    out.data_ptr(), n, in_f, out_f, at::cuda::getCurrentCUDAStream().stream());
+                                    crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nullptr, out.data_ptr(), n,
+                                    in_f, out_f, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "raydistill::sddmm CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
   return out;
 }

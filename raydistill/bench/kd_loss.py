@@ -44,9 +44,9 @@ ALPHA_DEFAULT = 0.5
 CPU_QUICK = [(2048, 32000, "float32")]
 CPU_FULL = [(2048, 32000, "float32"), (4096, 32000, "float32"), (2048, 32000, "bfloat16"),
             (1024, 50257, "float32"), (8192, 4096, "float32")]
-CUDA_QUICK = [(8192, 128256, "bfloat16")]
-CUDA_FULL = [(8192, 128256, "bfloat16"), (4096, 128256, "float32"), (16384, 32000, "bfloat16"),
-             (8192, 50257, "bfloat16")]
+CUDA_QUICK = [(8192, 128256, "bfloat16"), (4096, 32000, "float32")]
+CUDA_FULL = [(8192, 128256, "bfloat16"), (4096, 32000, "float32"), (4096, 128256, "float32"),
+             (16384, 32000, "bfloat16"), (8192, 50257, "bfloat16")]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -112,6 +112,16 @@ def _time(fn, device, warmup, reps) -> float:
     for _ in range(warmup):
         fn()
     _sync(device)
+    if device.type == "cuda":  # CUDA events around each call (host launch gaps inside a call count)
+        ts = []
+        for _ in range(reps):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            ts.append(e0.elapsed_time(e1))
+        return statistics.median(ts)
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -165,14 +175,47 @@ def bench_case(name, fn, N, V, dtype, device, warmup, reps, seed=0):
            "fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms, "extra_peak_bytes": peak,
            "extra_peak_over_nv_fp32": None if peak is None else peak / (N * V * 4)}
     if device.type == "cuda":
-        # minimum traffic of a fused loss: read student + teacher once, write the gradient once
+        # minimum traffic of a fused loss: read student + teacher once, write the gradient once (fwd+bwd);
+        # read both once (forward only). The floor is that over the copy bandwidth measured in this run.
         esz = student.element_size()
         min_bytes = N * V * (esz + teacher.element_size() + esz)
+        min_fwd = N * V * (esz + teacher.element_size())
         res["min_bytes_moved"] = min_bytes
         res["fwd_bwd_eff_GBps"] = min_bytes / (fb_ms * 1e-3) / 1e9
+        res["fwd_eff_GBps"] = min_fwd / (fwd_ms * 1e-3) / 1e9
+        if COPY_BW.get(device.index or 0):
+            bw = COPY_BW[device.index or 0]
+            res["fwd_bwd_floor_ms"] = min_bytes / bw * 1e3
+            res["fwd_floor_ms"] = min_fwd / bw * 1e3
+            res["fwd_bwd_frac_of_floor"] = res["fwd_bwd_floor_ms"] / fb_ms
+            res["fwd_frac_of_floor"] = res["fwd_floor_ms"] / fwd_ms
     del student, student0, teacher
     gc.collect()
     return res
+
+
+COPY_BW: dict[int, float] = {}
+
+
+def measure_copy_bandwidth(device, nbytes: int = 2**31, reps: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), median of reps."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e-3)
+    del a, b
+    torch.cuda.empty_cache()
+    bw = 2 * nbytes / statistics.median(times)
+    COPY_BW[device.index or 0] = bw
+    return bw
 
 
 # ------------------------------------------------------------------------------------------- reporting
@@ -222,6 +265,8 @@ def print_table(results, device):
         t.add_column(col, justify="right" if col not in ("impl", "dtype") else "left")
     if device.type == "cuda":
         t.add_column("eff GB/s", justify="right")
+        t.add_column("floor ms (f+b)", justify="right")
+        t.add_column("% of floor (f+b / fwd)", justify="right")
     by_case = {}
     for r in results:
         by_case.setdefault((r["N"], r["V"], r["dtype"]), []).append(r)
@@ -234,6 +279,9 @@ def print_table(results, device):
                    _fmt_mib(r["extra_peak_bytes"]), "n/a" if ratio is None else f"{ratio:.2f}"]
             if device.type == "cuda":
                 row.append(f"{r.get('fwd_bwd_eff_GBps', 0):.0f}")
+                row.append(f"{r.get('fwd_bwd_floor_ms', float('nan')):.2f}")
+                row.append(f"{100 * r.get('fwd_bwd_frac_of_floor', float('nan')):.0f}% / "
+                           f"{100 * r.get('fwd_frac_of_floor', float('nan')):.0f}%")
             t.add_row(*row)
         t.add_section()
     Console().print(t)
@@ -257,6 +305,35 @@ def check_targets(results) -> list[dict]:
         if r["extra_peak_over_nv_fp32"] is not None:
             out.append({"case": f"{N}x{V} fp32", "target": "fused extra peak <= 1.25 x (N x V fp32)",
                         "value": r["extra_peak_over_nv_fp32"], "pass": r["extra_peak_over_nv_fp32"] <= 1.25})
+    return out
+
+
+def check_targets_cuda(results) -> list[dict]:
+    """Issue 13's GPU targets (H100/H200): 8192 x 128256 bf16 fwd+bwd <= 2.2 ms, >= 67% of the floor and
+    >= 3x torch.compile; 4096 x 32000 fp32 >= 2x torch.compile; forward >= 80% of its floor."""
+    out = []
+    by = {(r["N"], r["V"], r["dtype"], r["impl"]): r for r in results}
+    for (N, V, dt, impl), r in by.items():
+        if impl != "fused":
+            continue
+        comp = by.get((N, V, dt, "compile"))
+        case = f"{N}x{V} {dt}"
+        if (N, V, dt) == (8192, 128256, "bfloat16"):
+            out.append({"case": case, "target": "fwd+bwd <= 2.2 ms", "value": r["fwd_bwd_ms"],
+                        "pass": r["fwd_bwd_ms"] <= 2.2})
+            if "fwd_bwd_frac_of_floor" in r:
+                out.append({"case": case, "target": "fwd+bwd >= 67% of the copy-bandwidth floor",
+                            "value": r["fwd_bwd_frac_of_floor"], "pass": r["fwd_bwd_frac_of_floor"] >= 0.67})
+            if comp:
+                out.append({"case": case, "target": "fwd+bwd >= 3x torch.compile",
+                            "value": comp["fwd_bwd_ms"] / r["fwd_bwd_ms"],
+                            "pass": comp["fwd_bwd_ms"] >= 3 * r["fwd_bwd_ms"]})
+        if (N, V, dt) == (4096, 32000, "float32") and comp:
+            out.append({"case": case, "target": "fwd+bwd >= 2x torch.compile",
+                        "value": comp["fwd_bwd_ms"] / r["fwd_bwd_ms"], "pass": comp["fwd_bwd_ms"] >= 2 * r["fwd_bwd_ms"]})
+        if "fwd_frac_of_floor" in r:
+            out.append({"case": case, "target": "fwd (no grad) >= 80% of its floor",
+                        "value": r["fwd_frac_of_floor"], "pass": r["fwd_frac_of_floor"] >= 0.8})
     return out
 
 
@@ -314,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     t_start = time.perf_counter()
     machine = machine_info(device)
+    if device.type == "cuda":
+        bw = measure_copy_bandwidth(device)
+        machine["copy_bandwidth_GBps"] = bw / 1e9
+        print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write), the ceiling for the floors below")
     out = Path(a.out) if a.out else (Path(__file__).resolve().parents[2] / "benchmarks" / "results" /
                                      f"kd_loss_{device.type}{'_quick' if a.quick else ''}.json")
 
@@ -329,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                               "cpu: peak RSS (VmHWM, reset via /proc/self/clear_refs=5) minus RSS before the "
                               "fwd+bwd call; includes the kept student.grad"),
             "timing_method": "median of reps after warmup; fwd = no-grad forward, fwd_bwd = loss + backward",
-            "results": results, "targets": check_targets(results) if device.type == "cpu" else [],
+            "results": results,
+            "targets": check_targets(results) if device.type == "cpu" else check_targets_cuda(results),
             "elapsed_s": time.perf_counter() - t_start,
         }
         out.write_text(json.dumps(payload, indent=2))
@@ -357,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(False)  # partial results survive an interrupted sweep
 
     print_table(results, device)
-    targets = check_targets(results) if device.type == "cpu" else []
+    targets = check_targets(results) if device.type == "cpu" else check_targets_cuda(results)
     for tg in targets:
         print(f"[{'PASS' if tg['pass'] else 'FAIL'}] {tg['case']}: {tg['target']} (measured {tg['value']:.2f})")
     out = write_json(True)

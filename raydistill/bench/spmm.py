@@ -115,6 +115,11 @@ def _timer(device: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = list(argv or [])
+    if "--device=cuda" in args or any(x == "--device" and y == "cuda" for x, y in zip(args, args[1:])):
+        from raydistill.bench.spmm_cuda import main as cuda_main  # GPU: call vs kernel time, chosen path
+
+        return cuda_main(args)
     p = argparse.ArgumentParser(prog="raydistill bench spmm", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sweep (< 60 s)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -278,7 +278,7 @@ def kd_loss_reference(student_logits, teacher_logits, labels=None, *, temperatur
 # the compiled ops: fake (meta) implementations and autograd
 
 def _fake_fwd(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index, t2_scaling,
-              compute_grad):
+              compute_grad, scale=None):
     rows, V = student.shape
     loss = student.new_empty((rows,), dtype=_out_dtype(student, teacher))
     grad = student.new_empty((rows, V)) if compute_grad else student.new_empty((0,))
@@ -286,7 +286,7 @@ def _fake_fwd(student, teacher, labels, temperature, alpha, divergence, beta, ig
 
 
 def _fake_topk_fwd(student, teacher_topk, teacher_topk_indices, labels, temperature, alpha, divergence, beta,
-                   ignore_index, t2_scaling, compute_grad):
+                   ignore_index, t2_scaling, compute_grad, scale=None):
     return _fake_fwd(student, teacher_topk, labels, temperature, alpha, divergence, beta, ignore_index,
                      t2_scaling, compute_grad)
 
@@ -317,14 +317,74 @@ def _backward(ctx, grad_loss, _grad_grad):
 
 
 def _backward_full(ctx, grad_loss, grad_grad):
-    return (_backward(ctx, grad_loss, grad_grad),) + (None,) * 9
-
-
-def _backward_topk(ctx, grad_loss, grad_grad):
     return (_backward(ctx, grad_loss, grad_grad),) + (None,) * 10
 
 
+def _backward_topk(ctx, grad_loss, grad_grad):
+    return (_backward(ctx, grad_loss, grad_grad),) + (None,) * 11
+
+
+# Reductions "mean"/"sum" (the usual training call) run through one more op that returns the reduced
+# loss, with the kernel scaling every row by 1 / (valid rows) for "mean" (the ``scale`` argument of the
+# C++ ops). Its gradient is then final: backward returns it untouched when the upstream gradient is
+# exactly 1 (the loss is the last op, the common case; Liger-Kernel does the same), instead of re-reading
+# and re-writing the rows x V gradient. Checking "exactly 1" reads one number from the device (a sync on
+# CUDA). Under torch.compile the scaling stays (out of place, fusable).
+
+def _reduced_impl(student: Tensor, teacher: Tensor, topk_indices: Tensor | None, labels: Tensor | None,
+                  temperature: float, alpha: float, divergence: int, beta: float, ignore_index: int,
+                  t2_scaling: bool, compute_grad: bool, mean: bool) -> tuple[Tensor, Tensor]:
+    scale = None
+    if mean:
+        if labels is not None:
+            n_valid = (labels != ignore_index).sum()
+        else:
+            n_valid = torch.full((), student.shape[0], device=student.device)
+        scale = n_valid.clamp(min=1).to(torch.float32).reciprocal().reshape(1)
+    if topk_indices is None:
+        row, grad = torch.ops.raydistill.kd_loss_fwd(student, teacher, labels, temperature, alpha, divergence,
+                                                     beta, ignore_index, t2_scaling, compute_grad, scale)
+    else:
+        row, grad = torch.ops.raydistill.kd_loss_topk_fwd(student, teacher, topk_indices, labels, temperature,
+                                                          alpha, divergence, beta, ignore_index, t2_scaling,
+                                                          compute_grad, scale)
+    return row.sum(), grad
+
+
+def _reduced_fake(student, teacher, topk_indices, labels, temperature, alpha, divergence, beta, ignore_index,
+                  t2_scaling, compute_grad, mean):
+    loss = student.new_empty((), dtype=_out_dtype(student, teacher))
+    grad = student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
+    return loss, grad
+
+
+def _reduced_backward(ctx, grad_loss, _grad_grad):
+    (g,) = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 12
+    if g.numel() == 0 and ctx.student_numel != 0:
+        raise RuntimeError("kd_loss: backward needs the gradient computed in forward (compute_grad=True); "
+                           "the student did not require grad when the loss was computed")
+    if torch.compiler.is_compiling():
+        out = g * grad_loss.to(g.dtype)
+    elif bool(grad_loss == 1):
+        out = g  # already d loss / d student: nothing to scale
+    else:
+        out = g.mul_(grad_loss.to(g.dtype))  # private to this graph (see _backward)
+    return (out,) + (None,) * 11
+
+
+def _reduced_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.student_numel = inputs[0].numel()
+    ctx.save_for_backward(output[1])
+
+
 if _EXT:
+    _kd_loss_reduced = torch.library.custom_op("raydistill::kd_loss_reduced", mutates_args=())(_reduced_impl)
+    _kd_loss_reduced.register_fake(_reduced_fake)
+    _kd_loss_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup)
     torch.library.register_fake("raydistill::kd_loss_fwd")(_fake_fwd)
     torch.library.register_fake("raydistill::kd_loss_topk_fwd")(_fake_topk_fwd)
     torch.library.register_autograd("raydistill::kd_loss_fwd", _backward_full, setup_context=_setup_context)
@@ -351,6 +411,11 @@ def _run(student, teacher, labels, topk_indices, temperature, alpha, divergence,
     lab = labels.reshape(-1) if labels is not None else None
     compute_grad = bool(torch.is_grad_enabled() and student.requires_grad)
     div = DIVERGENCES[divergence]
+    if reduction != "none" and _out_dtype(student, teacher) != torch.float64:
+        loss, _ = _kd_loss_reduced(x, t, topk_indices.reshape(-1, topk_indices.shape[-1]) if topk else None, lab,
+                                   temperature, alpha, div, beta, ignore_index, t2_scaling, compute_grad,
+                                   reduction in ("mean", "batchmean"))
+        return loss
     if topk:
         idx = topk_indices.reshape(-1, topk_indices.shape[-1])
         row, _ = torch.ops.raydistill.kd_loss_topk_fwd(x, t, idx, lab, temperature, alpha, div, beta,

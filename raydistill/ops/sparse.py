@@ -295,6 +295,22 @@ def sparse_linear(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: 
 # ----------------------------------------------------------------------------------------------------
 
 
+class _DenseView(torch.autograd.Function):
+    """values -> the layer's dense weight (already holding them); backward gathers d values from the dense
+    weight gradient. The returned view shares the cache's version counter, so refreshing the cache before
+    this graph's backward raises autograd's in-place error instead of giving a wrong gradient."""
+
+    @staticmethod
+    def forward(ctx, values, dense, flat_index):
+        ctx.save_for_backward(flat_index)
+        return dense.view_as(dense)
+
+    @staticmethod
+    def backward(ctx, grad_dense):
+        (flat,) = ctx.saved_tensors
+        return grad_dense.reshape(-1).index_select(0, flat), None, None
+
+
 class SparseLinear(nn.Module):
     """A linear layer whose weight is a fixed CSR pattern with trainable values.
 
@@ -313,9 +329,10 @@ class SparseLinear(nn.Module):
         fk = {"device": device, "dtype": dtype}
         ik = {"device": device, "dtype": INDEX_DTYPE}
         self.values = nn.Parameter(torch.zeros(nnz, **fk))
-        self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
-        if not bias:
-            self.register_parameter("bias", None)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, **fk))
+        else:
+            self.register_parameter("bias", None)  # (assigning None first would make register_* raise)
         self.register_buffer("crow_indices", torch.zeros(out_features + 1, **ik))
         self.register_buffer("col_indices", torch.zeros(nnz, **ik))
         self.register_buffer("t_crow_indices", torch.zeros(in_features + 1, **ik))
@@ -399,8 +416,63 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dim in_features={self.in_features}, got {tuple(x.shape)}")
+        if x.is_cuda and x.dtype == self.values.dtype and not torch.compiler.is_compiling() \
+                and _compiled_for("cuda"):
+            # The layer's own buffers were validated when the pattern was set: no per-call checks here.
+            from raydistill.ops.sparse_dispatch import choose_path
+
+            if choose_path(self, x) == "dense":
+                return nn.functional.linear(x, self._dense_weight_for_call(), self.bias)
+            return self._spmm(x)
         return sparse_linear(x, self.crow_indices, self.col_indices, self.values, self.bias,
                              transpose=(self.t_crow_indices, self.t_col_indices, self.t_perm))
+
+    def _spmm(self, x: Tensor) -> Tensor:
+        """The compiled CSR op on ``x`` with no argument checks (the layer's fast path)."""
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.ops.raydistill.spmm(x2, self.crow_indices, self.col_indices, self.values, self.bias,
+                                      self.out_features, self.t_crow_indices, self.t_col_indices, self.t_perm)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    # the masked-dense path (CUDA dispatch, see raydistill/ops/sparse_dispatch.py) ---------------------
+    def _flat_index(self) -> Tensor:
+        key = (self.crow_indices.data_ptr(), self.col_indices.data_ptr(), self.col_indices.device)
+        cache = getattr(self, "_flat_idx_cache", None)
+        if cache is None or cache[0] != key:
+            rows = _rows_of(self.crow_indices, self.nnz)
+            flat = rows * self.in_features + self.col_indices.to(torch.int64)
+            cache = (key, flat)
+            object.__setattr__(self, "_flat_idx_cache", cache)
+        return cache[1]
+
+    def dense_weight_cache(self) -> Tensor:
+        """A dense (out, in) copy of the weight kept on the values' device, refreshed by one scatter when
+        the values changed since the last call. Not differentiable; see ``release_dense_cache``."""
+        v = self.values
+        flat = self._flat_index()
+        state = (v.data_ptr(), v._version, flat.data_ptr())
+        cache = getattr(self, "_dense_cache", None)
+        if cache is None or cache[1].device != v.device or cache[1].dtype != v.dtype:
+            buf = torch.zeros(self.out_features, self.in_features, dtype=v.dtype, device=v.device)
+            cache = [None, buf]
+            object.__setattr__(self, "_dense_cache", cache)
+        if cache[0] != state:
+            with torch.no_grad():
+                if cache[0] is not None and cache[0][2] != state[2]:
+                    cache[1].zero_()  # the pattern changed: clear the old positions
+                cache[1].view(-1).index_copy_(0, flat, v.detach())
+            cache[0] = state
+        return cache[1]
+
+    def release_dense_cache(self) -> None:
+        """Free the dense copy of the weight used by the CUDA masked-dense path."""
+        object.__setattr__(self, "_dense_cache", None)
+
+    def _dense_weight_for_call(self) -> Tensor:
+        w = self.dense_weight_cache()
+        if torch.is_grad_enabled() and self.values.requires_grad:
+            return _DenseView.apply(self.values, w, self._flat_index())
+        return w
 
     def weight_dense(self) -> Tensor:
         """The (out, in) dense weight (zeros off the pattern), differentiable in ``values``."""

@@ -326,12 +326,21 @@ def test_teacher_gets_no_gradient_and_no_grad_allocates_no_gradient(seeded):
 
 
 def test_backward_twice_through_same_graph_raises(seeded):
-    # the stored gradient is scaled in place by backward; a second pass must fail loudly, not be wrong
+    # an upstream gradient other than 1 scales the stored gradient in place: a second pass must fail
+    # loudly, not be wrong
     s = _logits(seeded, (3, 20)).requires_grad_(True)
-    loss = kd_loss(s, _logits(seeded, (3, 20)))
+    loss = kd_loss(s, _logits(seeded, (3, 20))) * 2.0
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    # an upstream gradient of exactly 1 (the loss is the last op) returns the stored gradient untouched:
+    # no scaling pass, and a second backward accumulates the same gradient again
+    s = s.detach().requires_grad_(True)
+    loss = kd_loss(s, _logits(seeded, (3, 20)))
+    loss.backward(retain_graph=True)
+    g1 = s.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(s.grad, 2 * g1)
     # float64 scales out of place: backward twice accumulates twice the gradient
     s64 = s.detach().double().requires_grad_(True)
     loss = kd_loss(s64, _logits(seeded, (3, 20), F64), reduction="sum")

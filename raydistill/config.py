@@ -19,16 +19,19 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator,
+)
 
 __all__ = [
     "AssistantConfig", "CompressionConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
+    "MnistDataConfig", "TextDataConfig",
     "ModelSpec", "OptimizerConfig", "RunConfigModel", "ScalingConfigModel", "ScheduleConfig",
     "TeacherConfig", "TrainingBudget", "TransferSetConfig", "apply_overrides", "config_hash",
-    "default_config_path", "dump_config", "load_config",
+    "default_config_path", "dump_config", "load_config", "validate_run_name", "MAX_TEMPERATURE",
 ]
 
 
@@ -37,16 +40,48 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an inf / nan float (``--set distill.temperature=.inf``) is an error at load time
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v, info):
+        """``epochs: true`` is a mistake, not 1: pydantic's lax mode would accept a bool for an int/float."""
+        if isinstance(v, bool):
+            field = cls.model_fields.get(info.field_name)
+            ann = field.annotation if field is not None else None
+            kinds = set(getattr(ann, "__args__", ())) | {ann}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"must be a number, not the boolean {v}")
+        return v
+
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*$")
+# kd_loss computes in float32; above this temperature its result drifts from the float64 reference
+# (relative error ~ eps * T^2 / logit scale^2): raydistill.ops.MAX_TEMPERATURE, repeated here so that
+# config validation never imports torch (tests/test_config.py checks they agree)
+MAX_TEMPERATURE = 100.0
+
+
+def validate_run_name(name, key: str = "run.name") -> str:
+    """A run name is one directory name under the storage path, never a path: letters, digits, ``_``,
+    ``.`` and ``-``, not starting with ``.`` or ``-`` (so no ``..``, ``/``, hidden or option-like names)."""
+    if not isinstance(name, str) or not _RUN_NAME.match(name) or len(name) > 200:
+        raise ConfigError(f"{key}: {name!r} is not a valid run name: use letters, digits, '_', '.' and '-' "
+                          f"(not starting with '.' or '-', no '/', at most 200 characters); it names a "
+                          f"directory under the storage path, it is not a path")
+    return name
 
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class ModelSpec(_Strict):
-    """A network: a built-in registry name (see ``raydistill.models.MODELS``) or ``package.module:factory``."""
+    """A network: a built-in registry name (see ``raydistill.models.MODELS``), ``package.module:factory``,
+    or ``hf`` (a transformers causal LM: ``kwargs: {config: {...} | file.json}`` builds it from a config,
+    ``kwargs: {pretrained: DIR}`` loads a local ``from_pretrained`` directory; never the hub)."""
 
-    model: str = Field(description="built-in name (cnn1d, mlp, gru, logistic) or 'package.module:factory'")
+    model: str = Field(description="built-in name (cnn1d, mlp, gru, logistic), 'hf', or 'package.module:factory'")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
 
     @field_validator("model")
@@ -54,9 +89,17 @@ class ModelSpec(_Strict):
     def _known(cls, v: str) -> str:
         from raydistill.models import MODELS
 
-        if v in MODELS or _IMPORT_PATH.match(v):
+        if v in MODELS or v == "hf" or _IMPORT_PATH.match(v):
             return v
-        raise ValueError(f"unknown model {v!r}; use one of {sorted(MODELS)} or 'package.module:factory'")
+        raise ValueError(f"unknown model {v!r}; use one of {sorted(MODELS)}, 'hf' or 'package.module:factory'")
+
+    @model_validator(mode="after")
+    def _hf(self):
+        if self.model == "hf":
+            from raydistill.models.hf import check_hf_kwargs
+
+            check_hf_kwargs(self.kwargs)  # ValueError naming kwargs.config / kwargs.pretrained
+        return self
 
 
 class OptimizerConfig(_Strict):
@@ -99,7 +142,8 @@ class TransferSetConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    temperature: float = Field(4.0, gt=0)
+    temperature: float = Field(4.0, gt=0, le=MAX_TEMPERATURE,
+                               description="softmax temperature; at most 100 (kd_loss's float32 accuracy bound)")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (teacher) term; 1-alpha on hard labels")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = Field(0.5, gt=0, lt=1, description="mixing weight of the jsd divergence")
@@ -111,7 +155,9 @@ class DistillConfig(_Strict):
     teacher_outputs: str | None = Field(
         None, description="parquet written by `raydistill teacher-logits`: distil from its top-k logits "
                           "(kd_loss_topk) instead of running the teacher online")
-    topk: int = Field(10, ge=1, le=10, description="logits kept per row by `raydistill teacher-logits`")
+    topk: int = Field(10, ge=1, description="logits kept per row (per token) by `raydistill teacher-logits`")
+    fused_linear: bool = Field(True, description="causal LM: fuse lm_head and kd_loss (raydistill.ops."
+                                                 "kd_loss_linear) when that op is available")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this (None: off)")
 
     @model_validator(mode="after")
@@ -150,6 +196,8 @@ class CompressionConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    """MNIST-1D (generated locally): the classification task."""
+
     name: Literal["mnist1d"] = "mnist1d"
     num_train: int = Field(4000, ge=20, description="labelled training samples (val split comes out of these)")
     num_test: int = Field(1000, ge=10)
@@ -157,22 +205,93 @@ class DataConfig(_Strict):
     seed: int = Field(42, description="MNIST-1D generator seed (42 = the paper's dataset)")
     materialize: bool = Field(True, description="workers hold their shard in memory after the first pass")
 
+    @property
+    def task(self) -> str:
+        return "classification"
+
+
+MnistDataConfig = DataConfig
+
+
+class TextDataConfig(_Strict):
+    """A text corpus for causal-LM distillation, read with Ray Data, tokenized and packed into blocks."""
+
+    name: Literal["text"] = "text"
+    path: str | None = Field(None, description="a .txt/.py/.md/.jsonl/.parquet file or a folder of them; None: "
+                                               "the Python standard library's own .py sources (on every machine)")
+    text_column: str = Field("text", description="jsonl/parquet: the column holding the documents")
+    max_bytes: int | None = Field(2_000_000, ge=1000, description="read files (sorted) until this many bytes")
+    tokenizer: str | None = Field(None, description="a local tokenizer directory (tokenizer.json); None: train "
+                                                    "a byte-level BPE on the corpus, saved with the run")
+    vocab_size: int = Field(2048, ge=300, description="BPE vocabulary when the tokenizer is trained here")
+    seq_len: int = Field(128, ge=8, description="tokens per packed block")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="held-out blocks (half val, half test)")
+    seed: int = Field(0, description="shuffles documents before the split")
+    materialize: bool = Field(True, description="workers hold their shard in memory after the first pass")
+    samples: int = Field(3, ge=0, description="greedy samples in the report")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v):
+        if v is None:
+            return v
+        from raydistill.data.text import corpus_files
+
+        try:
+            corpus_files(v)
+        except ValueError as exc:  # missing or empty; pydantic prefixes the key
+            raise ValueError(str(exc).removeprefix("data.path: ")) from None
+        return v
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tok(cls, v):
+        if v is not None and not (Path(v).expanduser() / "tokenizer.json").is_file():
+            raise ValueError(f"{v} has no tokenizer.json (a tokenizers / transformers tokenizer directory)")
+        return v
+
+    @property
+    def task(self) -> str:
+        return "causal_lm"
+
+
+def _data_tag(v: Any) -> str:
+    """The ``data`` union's member: ``data.name`` (default ``mnist1d``)."""
+    name = v.get("name", "mnist1d") if isinstance(v, dict) else getattr(v, "name", "mnist1d")
+    return str(name)
+
+
+AnyData = Annotated[Union[Annotated[DataConfig, Tag("mnist1d")], Annotated[TextDataConfig, Tag("text")]],
+                    Discriminator(_data_tag)]
+
 
 class ScalingConfigModel(_Strict):
     num_workers: int = Field(1, ge=1)
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: replicated model (prepare_model); fsdp: FSDP2 fully_shard (parameters, gradients "
+                           "and optimizer state sharded over the workers; each transformer layer its own unit)")
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = Field(None, description='e.g. {"CPU": 1}')
 
 
 class RunConfigModel(_Strict):
     storage_path: str | None = Field(None, description="default ./runs")
-    name: str = Field("mnist1d_default", pattern=r"^[\w.-]+$")
+    name: str = Field("mnist1d_default", description="run directory under storage_path (a name, not a path)")
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept per Ray Train run")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts allowed (-1: unlimited)")
     seed: int = 0
     concurrent_stages: bool = Field(True, description="run baseline / dense / sparse students at once")
     debug_crash_at_epoch: int | None = Field(
         None, ge=1, description="testing: a worker exits mid-way through this epoch (first attempt only)")
+
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            return validate_run_name(v, "name")
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("name: ")) from None
 
 
 class AssistantConfig(ModelSpec):
@@ -183,7 +302,8 @@ class Config(_Strict):
     teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(model="cnn1d"))
     student: ModelSpec = Field(default_factory=lambda: ModelSpec(model="mlp"))
     assistants: list[AssistantConfig] = Field(default_factory=list, description="teacher -> a1 -> ... -> student")
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: AnyData = Field(default_factory=DataConfig, description="mnist1d (classification) or text "
+                                                                 "(causal LM): the task follows")
     distill: DistillConfig = Field(default_factory=DistillConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     scaling: ScalingConfigModel = Field(default_factory=ScalingConfigModel)
@@ -192,6 +312,16 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _cross(self):
+        if self.scaling.strategy == "fsdp" and self.compression.sparsity > 0:
+            raise ValueError("scaling.strategy: fsdp shards the weights that gradual pruning scores; use "
+                             "strategy ddp with compression.sparsity > 0 (or set compression.sparsity: 0)")
+        if self.data.name == "text":
+            from raydistill.models.hf import check_lm_models
+
+            check_lm_models(self)  # seq_len vs max positions, tokenizer vs vocab (ValueError naming the key)
+            return self
+        if self.distill.topk > 10:
+            raise ValueError(f"distill.topk ({self.distill.topk}) must be <= 10 (MNIST-1D has 10 classes)")
         if self.distill.transfer_set.size and self.distill.transfer_set.seed == self.data.seed:
             raise ValueError("distill.transfer_set.seed must differ from data.seed (else the transfer set "
                              "repeats the labelled data)")
@@ -221,12 +351,17 @@ def default_config_path() -> Path:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
+        raw_loc, e["loc"] = e["loc"], _drop_tags(e["loc"])
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            parent = _model_at(e["loc"][:-1])
+            parent = _model_at(raw_loc[:-1])
             allowed = sorted(parent.model_fields) if parent else []
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else "unknown key"
+        elif e["type"] == "union_tag_invalid":  # data.name of the tagged union
+            loc, msg = f"{loc}.name", f"must be one of {e['ctx']['expected_tags']} (got {e['ctx']['tag']!r})"
+            lines.append(f"  {loc}: {msg}")
+            continue
         elif e["type"] == "literal_error":
             msg = msg.replace("Input should be", "must be one of")
         inp = e.get("input")
@@ -235,7 +370,21 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+_TAGS = {"data": {"mnist1d": DataConfig, "text": TextDataConfig}}
+
+
+def _drop_tags(loc) -> tuple:
+    """``data.text.path`` -> ``data.path``: the union's tag is not a key the user wrote."""
+    loc = tuple(loc)
+    if len(loc) > 1 and loc[0] in _TAGS and loc[1] in _TAGS[loc[0]]:
+        return (loc[0],) + loc[2:]
+    return loc
+
+
 def _model_at(loc) -> type[BaseModel] | None:
+    loc = tuple(loc)
+    if len(loc) > 1 and loc[0] in _TAGS and loc[1] in _TAGS[loc[0]]:  # a tagged union's member
+        return _TAGS[loc[0]][loc[1]] if len(loc) == 2 else None
     model: Any = Config
     for part in loc:
         if isinstance(part, int):
@@ -297,12 +446,21 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load and validate a YAML config (None: the embedded default), applying ``--set`` overrides."""
     p = Path(path) if path is not None else default_config_path()
+    if not p.is_file() and path is not None and re.fullmatch(r"[\w.-]+", str(path)):
+        name = str(path) if str(path).endswith((".yaml", ".yml")) else f"{path}.yaml"
+        try:  # a shipped config by name: `raydistill distill lm_default`
+            p = shipped_config_path(name)
+        except ConfigError:
+            pass
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        raise ConfigError(f"config file not found: {p} (a path, or the name of a shipped config in tune_configs/)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"config file {p} is empty; give at least one key (e.g. `student: {{model: mlp}}`), "
+                          f"or omit the config argument to run the default job")
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {p}: the top level must be a mapping, got {type(data).__name__}")
     return config_from_dict(apply_overrides(data, overrides), str(p))

@@ -82,7 +82,7 @@ def test_unknown_top_level_key(tmp_path):
     ("scaling.num_workers=0", "scaling.num_workers", "greater than or equal to 1"),
     ("distill.epochs=abc", "distill.epochs", "integer"),
     ("student.model=nosuchnet", "student.model", "unknown model 'nosuchnet'"),
-    ("run.name=has space", "run.name", "pattern"),
+    ("run.name=has space", "run.name", "not a valid run name"),
     ("assistants=[{model: mlp, bogus: 1}]", "assistants.0.bogus", "unknown key"),
     ("compression.end_fraction=0.01", "compression", "end_fraction"),  # < begin_fraction (0.05)
 ])

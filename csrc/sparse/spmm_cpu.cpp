@@ -6,7 +6,8 @@
 // (T/8 AVX2 or, on AVX512 hosts (runtime check), T/16 zmm accumulators, unrolled over several nonzeros
 // so that >= 8 FMA chains are in flight; the x rows of upcoming nonzeros are prefetched).
 // Rows are split into parts by work (nnz prefix sums + a per-row cost), not by row count; the parts are
-// handed out dynamically to the calling thread and helper tasks on torch's inter-op pool (run_parts).
+// handed out dynamically to the threads of torch's OpenMP team (the one MKL uses; see run_parts in
+// spmm_cpu_common.h for why, and the inter-op alternative kept for measurement).
 // Results of a group of rows are transposed through a small buffer so y is written contiguously.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -29,138 +30,14 @@
 #endif
 
 #include "sparse/spmm.h"
+#include "sparse/spmm_cpu_common.h"
 
 namespace raydistill {
 namespace sparse {
 namespace {
 
-constexpr int64_t kRowCost = 4;   // per-row overhead in "nonzeros" for the work split
-constexpr int kRowGroup = 16;     // rows per transposed write-back group
+using namespace cpu;  // run_parts, balanced_rows, num_parts, pick_tile, pack_tiles, panel_bytes, ...
 
-// ---- threading ------------------------------------------------------------------------------------
-// run_parts spreads parts over torch's inter-op pool rather than at::parallel_for's OpenMP team: parts are
-// handed out dynamically (atomic counter) and there is no team barrier, so a thread descheduled on a shared
-// machine does not stall the call (measured: an OpenMP barrier version was ~2.6x slower under load).
-bool parallel_enabled() {
-  const char* e = std::getenv("RAYDISTILL_SPMM_SERIAL");
-  return !(e && e[0] == '1');
-}
-
-// fn(p) for every p in [0, parts), on up to at::get_num_threads() threads. fn must not throw.
-template <class F>
-void run_parts(int64_t parts, const F& fn) {
-  const int64_t nt = std::min<int64_t>(at::get_num_threads(), parts);
-  if (nt <= 1 || at::in_parallel_region() || !parallel_enabled()) {
-    for (int64_t p = 0; p < parts; ++p) fn(p);
-    return;
-  }
-  // The calling thread works through the parts and nt-1 helper tasks on torch's inter-op pool join in
-  // when they get scheduled. There is no barrier: the caller waits only for parts a helper has claimed,
-  // so a helper that starts late (busy machine) costs nothing; the shared state outlives the call.
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t parts = 0;
-    const void* fn = nullptr;
-    void (*call)(const void*, int64_t) = nullptr;
-    void work() {
-      for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
-        call(fn, p);
-        done.fetch_add(1, std::memory_order_acq_rel);
-      }
-    }
-  };
-  auto sh = std::make_shared<Shared>();
-  sh->parts = parts;
-  sh->fn = &fn;
-  sh->call = [](const void* f, int64_t p) { (*static_cast<const F*>(f))(p); };
-  for (int64_t i = 1; i < nt; ++i) at::launch([sh] { sh->work(); });
-  sh->work();
-  while (sh->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
-}
-
-bool use_avx512() {
-  static const bool v = [] {
-    if (const char* e = std::getenv("RAYDISTILL_SPMM_ISA"); e && std::strcmp(e, "avx2") == 0) return false;
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-#else
-    return false;
-#endif
-  }();
-  return v;
-}
-
-template <typename T>
-inline float to_acc(T v) { return static_cast<float>(v); }
-inline double to_acc(double v) { return v; }
-
-// Row boundaries of `parts` chunks of roughly equal work sum(nnz_r + kRowCost).
-std::vector<int64_t> balanced_rows(const int32_t* crow, int64_t rows, int64_t parts) {
-  std::vector<int64_t> b(parts + 1, rows);
-  b[0] = 0;
-  const int64_t total = static_cast<int64_t>(crow[rows]) + kRowCost * rows;
-  for (int64_t p = 1; p < parts; ++p) {
-    const int64_t target = total * p / parts;
-    int64_t lo = b[p - 1], hi = rows;  // first r with cost(r) >= target
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (static_cast<int64_t>(crow[mid]) + kRowCost * mid < target) lo = mid + 1; else hi = mid;
-    }
-    b[p] = lo;
-  }
-  return b;
-}
-
-// Parts for the row split; a single part (no helper threads) when the whole call is small.
-int64_t num_parts(int64_t rows, int64_t fmas) {
-  const int64_t nt = at::get_num_threads();
-  if (fmas < (int64_t(1) << 18)) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>(rows, nt == 1 ? 1 : nt * 8));
-}
-
-int pick_tile(int64_t n) {
-  if (const char* e = std::getenv("RAYDISTILL_SPMM_TILE")) {
-    const int t = std::atoi(e);
-    if (t == 8 || t == 16 || t == 32 || t == 64) return t;
-  }
-  if (n <= 8) return 8;
-  if (n <= 16) return 16;
-  if (n <= 32) return 32;
-  return 64;
-}
-
-// xp[t][i][b] = x[t*T + b][i] (zero past n), for a (n, k) row-major x.
-template <typename scalar_t, typename acc_t>
-void pack_tiles(const scalar_t* x, int64_t n, int64_t k, int T, acc_t* xp) {
-  const int64_t ntiles = (n + T - 1) / T;
-  constexpr int64_t kBlk = 64;
-  const int64_t kblocks = (k + kBlk - 1) / kBlk;
-  auto work = [&](int64_t w) {
-    const int64_t t = w / kblocks, i0 = (w % kblocks) * kBlk, i1 = std::min(k, i0 + kBlk);
-    acc_t* dst = xp + t * k * T;
-    for (int b = 0; b < T; ++b) {
-      const int64_t nb = t * T + b;
-      if (nb < n) {
-        const scalar_t* src = x + nb * k;
-        for (int64_t i = i0; i < i1; ++i) dst[i * T + b] = to_acc(src[i]);
-      } else {
-        for (int64_t i = i0; i < i1; ++i) dst[i * T + b] = acc_t(0);
-      }
-    }
-  };
-  // a few pieces per thread (each piece: several 64-column blocks)
-  const int64_t nw = ntiles * kblocks;
-  const int64_t pieces = std::min<int64_t>(nw, 8 * std::max<int64_t>(1, at::get_num_threads()));
-  if (nw * T * kBlk < (1 << 16)) {
-    for (int64_t w = 0; w < nw; ++w) work(w);
-    return;
-  }
-  run_parts(pieces, [&](int64_t p) {
-    for (int64_t w = nw * p / pieces; w < nw * (p + 1) / pieces; ++w) work(w);
-  });
-}
 
 // acc[0..T) = sum_{k in [k0,k1)} v_k * xp[col_k][0..T). Returns false on an out-of-range column.
 #ifdef RAYDISTILL_SPMM_AVX2
@@ -243,16 +120,6 @@ inline bool row_axpy(const acc_t* xp, const int32_t* col, const val_t* vals, int
   }
 #endif
   return row_axpy_generic<acc_t, val_t, T>(xp, col, vals, k0, k1, in_f, acc);
-}
-
-int64_t panel_bytes() {
-  if (const char* e = std::getenv("RAYDISTILL_SPMM_PANEL_KB")) {
-    const int64_t kb = std::atoll(e);
-    if (kb > 0) return kb * 1024;
-  }
-  // One panel while a packed tile (in x T) fits in L2 (1 MiB: 4096 x 64 fp32): a row then runs through all
-  // its nonzeros with the accumulators in registers. Wider inputs are split so that a panel stays in L2.
-  return 1024 * 1024;
 }
 
 // One column panel [ptr[i*S + q], ptr[i*S + q + 1]) of each of R rows: yacc[i][0..T) += W_row_i x^T.
@@ -386,8 +253,9 @@ template <typename scalar_t, typename acc_t, int T>
 void spmm_tiled(const scalar_t* x, const int32_t* crow, const int32_t* col, const scalar_t* vals,
                 const scalar_t* bias, scalar_t* y, int64_t n, int64_t in_f, int64_t out_f) {
   const int64_t ntiles = (n + T - 1) / T;
-  std::vector<acc_t> xp(static_cast<size_t>(ntiles * in_f * T));
-  pack_tiles<scalar_t, acc_t>(x, n, in_f, T, xp.data());
+  const at::Tensor xp_buf = scratch<acc_t>(ntiles * in_f * T);
+  const acc_t* xp = xp_buf.data_ptr<acc_t>();
+  pack_tiles<scalar_t, acc_t>(x, n, in_f, T, xp_buf.data_ptr<acc_t>());
   const int64_t P = std::max<int64_t>(64, panel_bytes() / (T * static_cast<int64_t>(sizeof(acc_t))));
   const int64_t Q = std::max<int64_t>(1, (in_f + P - 1) / P);
   const int64_t parts = num_parts(out_f, static_cast<int64_t>(crow[out_f]) * n);
@@ -411,7 +279,7 @@ void spmm_tiled(const scalar_t* x, const int32_t* crow, const int32_t* col, cons
     }
     std::vector<acc_t> yacc(static_cast<size_t>(R * T));
     for (int64_t t = 0; t < ntiles; ++t) {
-      const acc_t* xpt = xp.data() + t * in_f * T;
+      const acc_t* xpt = xp + t * in_f * T;
       std::fill(yacc.begin(), yacc.end(), acc_t(0));
       for (int64_t q = 0; q < Q; ++q)
         ok &= kernel(xpt, col, vals, ptr.data(), R, Q + 1, q, static_cast<uint32_t>(in_f), yacc.data());
@@ -562,10 +430,11 @@ template <typename scalar_t, typename acc_t, int T>
 void sddmm_tiled(const scalar_t* dy, const scalar_t* x, const int32_t* crow, const int32_t* col, acc_t* out,
                  int64_t n, int64_t in_f, int64_t out_f) {
   const int64_t ntiles = (n + T - 1) / T;
-  std::vector<acc_t> xp(static_cast<size_t>(ntiles * in_f * T));
-  std::vector<acc_t> dyp(static_cast<size_t>(ntiles * out_f * T));
-  pack_tiles<scalar_t, acc_t>(x, n, in_f, T, xp.data());
-  pack_tiles<scalar_t, acc_t>(dy, n, out_f, T, dyp.data());
+  const at::Tensor xp_buf = scratch<acc_t>(ntiles * in_f * T), dyp_buf = scratch<acc_t>(ntiles * out_f * T);
+  acc_t* xp = xp_buf.data_ptr<acc_t>();
+  acc_t* dyp = dyp_buf.data_ptr<acc_t>();
+  pack_tiles<scalar_t, acc_t>(x, n, in_f, T, xp);
+  pack_tiles<scalar_t, acc_t>(dy, n, out_f, T, dyp);
   const int64_t parts = num_parts(out_f, static_cast<int64_t>(crow[out_f]) * n);
   const std::vector<int64_t> bounds = balanced_rows(crow, out_f, parts);
   std::atomic<bool> bad{false};
@@ -573,7 +442,7 @@ void sddmm_tiled(const scalar_t* dy, const scalar_t* x, const int32_t* crow, con
     bool ok = true;
     {
       for (int64_t t = 0; t < ntiles; ++t) {
-        sddmm_rows<acc_t, T>(dyp.data() + t * out_f * T, xp.data() + t * in_f * T, crow, col, bounds[p],
+        sddmm_rows<acc_t, T>(dyp + t * out_f * T, xp + t * in_f * T, crow, col, bounds[p],
                              bounds[p + 1], static_cast<uint32_t>(in_f), out, ok);
       }
     }

@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from raydistill.utils import results_dir
+
 
 
 def _plain_loop(cfg, storage: Path, teacher, epochs: int) -> dict:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--storage-path", default=None, help="default: a temp dir (the teacher is trained there)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distill_throughput.json"))
+    ap.add_argument("--out", default=str(results_dir() / "distill_throughput.json"))
     args = ap.parse_args(argv)
     if args.epochs < 2:
         print("raydistill bench distill-throughput: error: --epochs must be >= 2 (one warm-up)", file=sys.stderr)

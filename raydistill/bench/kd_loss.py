@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from raydistill.utils import machine_info as _machine_info, results_dir
 
 T_DEFAULT = 2.0
 ALPHA_DEFAULT = 0.5
@@ -221,33 +222,16 @@ def measure_copy_bandwidth(device, nbytes: int = 2**31, reps: int = 10) -> float
 # ------------------------------------------------------------------------------------------- reporting
 
 def machine_info(device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_model": None, "cpu_count": os.cpu_count(), "loadavg_at_start": None, "git_commit": None,
-            "device": str(device), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-        info["loadavg_at_start"] = os.getloadavg()
-    except OSError:
-        pass
+    """``raydistill.utils.machine_info`` plus whether the kd_loss sources differ from the commit."""
+    info = _machine_info(str(device))
     try:
         root = Path(__file__).resolve().parents[2]
-        info["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                            text=True, timeout=10).stdout.strip() or None
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "csrc/kd_loss",
                                 "raydistill/ops/_kd_loss.py", "raydistill/bench/kd_loss.py"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         info["git_dirty_kd_loss_files"] = bool(dirty)
     except (OSError, subprocess.SubprocessError):
         pass
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info["gpu"] = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}"
-        info["cuda"] = torch.version.cuda
     return info
 
 
@@ -395,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         bw = measure_copy_bandwidth(device)
         machine["copy_bandwidth_GBps"] = bw / 1e9
         print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write), the ceiling for the floors below")
-    out = Path(a.out) if a.out else (Path(__file__).resolve().parents[2] / "benchmarks" / "results" /
+    out = Path(a.out) if a.out else (results_dir() /
                                      f"kd_loss_{device.type}{'_quick' if a.quick else ''}.json")
 
     def write_json(complete: bool) -> Path:

@@ -1,24 +1,30 @@
 """``raydistill bench spmm``: SparseLinear (raydistill::spmm/sddmm) vs dense F.linear vs torch.sparse.mm (CSR).
 
 For each shape (out x in), batch and sparsity (random unstructured masks) it measures, side by side in
-one run and interleaved (round-robin blocks of repeats, so load on a shared machine hits all alike), median wall
-times of the forward and of forward+backward, prints a table with the speedups and
-the crossover sparsity (the lowest swept sparsity from which SparseLinear's forward beats dense), and
-writes JSON with machine details to ``benchmarks/results/spmm_<device>[_quick].json``.
+one run, median wall times of the forward (and of forward+backward), in two timing modes
+(``--timing``, default both):
+
+* ``turn``: single calls in turn (dense, SparseLinear, torch.sparse, dense, ...), each timed. This is how
+  a model calls the layer: right after a dense (MKL) op, whose OpenMP threads are still spinning.
+* ``blocks``: interleaved blocks (one untimed call, then ``block`` timed calls of each method, round
+  robin): each method mostly follows itself, so the switch cost is hidden.
+
+``--pools`` adds a row timed with the previous threading design (helpers on torch's inter-op pool,
+``RAYDISTILL_SPMM_POOL=interop``). Prints a table with the speedups and the crossover sparsity (the
+lowest swept sparsity from which SparseLinear's forward beats dense), and writes JSON with machine details
+to ``benchmarks/results/spmm_<device>[_quick].json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
+
+from raydistill.utils import machine_info, results_dir
 
 SPARSITIES = (0.5, 0.7, 0.9, 0.95, 0.99)
 BATCHES = (1, 16, 64, 256)
@@ -27,31 +33,7 @@ QUICK = dict(sparsities=(0.7, 0.9), batches=(1, 64), shapes=((1024, 1024), (4096
 
 
 def _machine(device: str, threads: int) -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        commit = None
-    d = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads,
-         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-         "python": platform.python_version(), "git_commit": commit,
-         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        d["gpu"] = f"{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB"
-        d["cuda"] = torch.version.cuda
-    return d
+    return dict(machine_info(device), threads=threads)
 
 
 def _timer(device: str):
@@ -110,8 +92,49 @@ def _timer(device: str):
                 break
         return {k: (statistics.median(times[k]) if k in times else None) for k in fns}
 
+    def turn(fns: dict, repeats: int, budget_s: float) -> dict:
+        """Median seconds of each fn, one call of each in turn (A, B, C, A, B, C, ...), every call timed:
+        each fn runs right after the previous one, as layers do in a model. A fn failing its warm-up: None."""
+        ok = {}
+        for k, fn in fns.items():
+            try:
+                fn()
+                ok[k] = fn
+            except (RuntimeError, NotImplementedError, TypeError):
+                pass
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times = {k: [] for k in ok}
+        t_end = time.perf_counter() + budget_s * max(1, len(ok))
+        for i in range(max(3, repeats * 3)):
+            for k, fn in ok.items():
+                t0 = time.perf_counter()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[k].append(time.perf_counter() - t0)
+            if i >= 4 and time.perf_counter() > t_end:
+                break
+        return {k: (statistics.median(times[k]) if k in times else None) for k in fns}
+
     run.interleaved = interleaved
+    run.turn = turn
     return run
+
+
+def with_pool(fn, pool: str):
+    """fn run with RAYDISTILL_SPMM_POOL=pool (read per call by the CPU kernels), restored afterwards."""
+    def wrapped():
+        old = os.environ.get("RAYDISTILL_SPMM_POOL")
+        os.environ["RAYDISTILL_SPMM_POOL"] = pool
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["RAYDISTILL_SPMM_POOL"]
+            else:
+                os.environ["RAYDISTILL_SPMM_POOL"] = old
+    return wrapped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=None, help="focused sweep: comma list of OUTxIN, e.g. 4096x4096")
     p.add_argument("--batches", default=None, help="focused sweep: comma list of batch sizes, e.g. 16,64")
     p.add_argument("--sparsities", default=None, help="focused sweep: comma list, e.g. 0.7,0.9")
+    p.add_argument("--timing", choices=("both", "turn", "blocks"), default="both",
+                   help="turn: single calls in turn; blocks: interleaved blocks; both (default)")
+    p.add_argument("--pools", action="store_true",
+                   help="also time SparseLinear on the previous inter-op pool design (RAYDISTILL_SPMM_POOL=interop)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/spmm_<device>[_quick].json)")
     a = p.parse_args(argv)
 
@@ -162,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep["batches"] = tuple(int(v) for v in a.batches.split(","))
     if a.sparsities:
         sweep["sparsities"] = tuple(float(v) for v in a.sparsities.split(","))
+    modes = ("turn", "blocks") if a.timing == "both" else (a.timing,)
     dev = torch.device(a.device)
     timer = _timer(a.device)
     t_start = time.perf_counter()
@@ -181,15 +209,25 @@ def main(argv: list[str] | None = None) -> int:
             for n in sweep["batches"]:
                 x = torch.randn(n, in_f, device=dev, dtype=dtype, generator=None)
                 xg = x.clone().requires_grad_()
-                with torch.no_grad():
-                    tm = timer.interleaved({"dense": lambda: F.linear(x, w_dense, b_dense), "ours": lambda: sl(x),
-                                            "tsp": lambda: torch.sparse.mm(w_csr, x.t()).t() + b_dense},
-                                           reps, budget)
-                    t_dense, t_ours, t_tsp = tm["dense"], tm["ours"], tm["tsp"]
+                fwd = {"dense": lambda: F.linear(x, w_dense, b_dense), "ours": lambda: sl(x),
+                       "tsp": lambda: torch.sparse.mm(w_csr, x.t()).t() + b_dense}
+                if a.pools and a.device == "cpu":
+                    fwd["ours_interop"] = with_pool(lambda: sl(x), "interop")
                 row = {"shape": [out_f, in_f], "out_features": out_f, "in_features": in_f, "batch": n,
-                       "sparsity": s, "nnz": sl.nnz, "dtype": str(dtype).removeprefix("torch."),
-                       "dense_fwd_ms": _ms(t_dense), "sparse_linear_fwd_ms": _ms(t_ours),
-                       "torch_sparse_fwd_ms": _ms(t_tsp)}
+                       "sparsity": s, "nnz": sl.nnz, "dtype": str(dtype).removeprefix("torch.")}
+                for mode in modes:
+                    with torch.no_grad():
+                        tm = (timer.turn if mode == "turn" else timer.interleaved)(fwd, reps, budget)
+                    row[mode] = {"dense_fwd_ms": _ms(tm["dense"]), "sparse_linear_fwd_ms": _ms(tm["ours"]),
+                                 "torch_sparse_fwd_ms": _ms(tm["tsp"])}
+                    if "ours_interop" in tm:
+                        row[mode]["sparse_linear_interop_fwd_ms"] = _ms(tm["ours_interop"])
+                    m = row[mode]
+                    m["speedup_vs_dense"] = _ratio(m["dense_fwd_ms"], m["sparse_linear_fwd_ms"])
+                    m["speedup_vs_torch_sparse"] = _ratio(m["torch_sparse_fwd_ms"], m["sparse_linear_fwd_ms"])
+                # the headline columns: the first mode run ("turn" unless --timing blocks)
+                row.update({k: row[modes[0]][k] for k in ("dense_fwd_ms", "sparse_linear_fwd_ms",
+                                                          "torch_sparse_fwd_ms")})
                 if not a.no_backward:
                     def dense_fb():
                         F.linear(xg, w_dense, b_dense).sum().backward()
@@ -202,14 +240,17 @@ def main(argv: list[str] | None = None) -> int:
                     row["sparse_linear_fwd_bwd_ms"] = _ms(tb["ours"])
                     sl.zero_grad(set_to_none=True)
                     w_dense.grad = b_dense.grad = xg.grad = None
-                row["speedup_vs_dense"] = _ratio(row["dense_fwd_ms"], row["sparse_linear_fwd_ms"])
-                row["speedup_vs_torch_sparse"] = _ratio(row["torch_sparse_fwd_ms"], row["sparse_linear_fwd_ms"])
+                row["speedup_vs_dense"] = row[modes[0]]["speedup_vs_dense"]
+                row["speedup_vs_torch_sparse"] = row[modes[0]]["speedup_vs_torch_sparse"]
                 if not a.no_backward:
                     row["fwd_bwd_speedup_vs_dense"] = _ratio(row["dense_fwd_bwd_ms"], row["sparse_linear_fwd_bwd_ms"])
                 rows.append(row)
-                con.print(f"  {out_f}x{in_f} s={s:<4} N={n:<4} dense {row['dense_fwd_ms']} ms | SparseLinear "
-                          f"{row['sparse_linear_fwd_ms']} ms | torch.sparse {row['torch_sparse_fwd_ms']} ms",
-                          highlight=False)
+                for mode in modes:
+                    m = row[mode]
+                    con.print(f"  {out_f}x{in_f} s={s:<4} N={n:<4} [{mode:>6}] dense {m['dense_fwd_ms']} ms | "
+                              f"SparseLinear {m['sparse_linear_fwd_ms']} ms | torch.sparse {m['torch_sparse_fwd_ms']} ms"
+                              + (f" | SparseLinear (inter-op pool) {m['sparse_linear_interop_fwd_ms']} ms"
+                                 if "sparse_linear_interop_fwd_ms" in m else ""), highlight=False)
             del sl, w_dense, w_csr, mask
     elapsed = time.perf_counter() - t_start
 
@@ -228,16 +269,25 @@ def main(argv: list[str] | None = None) -> int:
             crossover.append({"shape": [out_f, in_f], "batch": n, "beats_dense_from_sparsity": cross})
 
     t = Table(title=f"SparseLinear vs dense vs torch.sparse ({a.device}, {str(dtype).removeprefix('torch.')}, "
-                    f"{threads} threads; median ms)")
-    for c in ("shape", "batch", "sparsity", "dense", "SparseLinear", "torch.sparse", "x dense", "x t.sparse",
-              "fwd+bwd dense", "fwd+bwd SL", "x dense (f+b)"):
+                    f"{threads} threads; median ms; turn = single calls in turn, blocks = interleaved blocks)")
+    cols = ["shape", "batch", "sparsity", "timing", "dense", "SparseLinear", "torch.sparse", "x dense", "x t.sparse"]
+    if a.pools:
+        cols += ["SL inter-op pool"]
+    cols += ["fwd+bwd dense", "fwd+bwd SL", "x dense (f+b)"]
+    for c in cols:
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(f"{r['out_features']}x{r['in_features']}", str(r["batch"]), f"{r['sparsity']:.2f}",
-                  _f(r["dense_fwd_ms"]), _f(r["sparse_linear_fwd_ms"]), _f(r["torch_sparse_fwd_ms"]),
-                  _f(r["speedup_vs_dense"], "x"), _f(r["speedup_vs_torch_sparse"], "x"),
-                  _f(r.get("dense_fwd_bwd_ms")), _f(r.get("sparse_linear_fwd_bwd_ms")),
-                  _f(r.get("fwd_bwd_speedup_vs_dense"), "x"))
+        for i, mode in enumerate(modes):
+            m = r[mode]
+            cells = [f"{r['out_features']}x{r['in_features']}", str(r["batch"]), f"{r['sparsity']:.2f}", mode,
+                     _f(m["dense_fwd_ms"]), _f(m["sparse_linear_fwd_ms"]), _f(m["torch_sparse_fwd_ms"]),
+                     _f(m["speedup_vs_dense"], "x"), _f(m["speedup_vs_torch_sparse"], "x")]
+            if a.pools:
+                cells.append(_f(m.get("sparse_linear_interop_fwd_ms")))
+            first = i == 0
+            cells += [_f(r.get("dense_fwd_bwd_ms")) if first else "", _f(r.get("sparse_linear_fwd_bwd_ms")) if first
+                      else "", _f(r.get("fwd_bwd_speedup_vs_dense"), "x") if first else ""]
+            t.add_row(*cells)
     con.print(t)
     ct = Table(title="crossover: SparseLinear forward beats dense from sparsity")
     ct.add_column("shape")
@@ -248,12 +298,12 @@ def main(argv: list[str] | None = None) -> int:
                    "never (in sweep)" if c["beats_dense_from_sparsity"] is None else f"{c['beats_dense_from_sparsity']:.2f}")
     con.print(ct)
 
-    out = Path(a.out) if a.out else (Path(__file__).resolve().parents[2] / "benchmarks" / "results" /
+    out = Path(a.out) if a.out else (results_dir() /
                                      f"spmm_{a.device}{'_quick' if a.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "spmm", "argv": argv if argv is not None else [], "device": a.device,
            "dtype": str(dtype).removeprefix("torch."), "backend": backend, "machine": _machine(a.device, threads),
-           "elapsed_s": round(elapsed, 1), "results": rows, "crossover": crossover}
+           "timing_modes": list(modes), "elapsed_s": round(elapsed, 1), "results": rows, "crossover": crossover}
     out.write_text(json.dumps(doc, indent=1))
     con.print(f"wrote {out} ({elapsed:.0f} s)")
     return 0

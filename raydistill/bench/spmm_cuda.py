@@ -25,6 +25,8 @@ import statistics
 import time
 from pathlib import Path
 
+from raydistill.utils import results_dir
+
 SHAPES = ((4096, 4096), (11008, 4096))
 SPARSITIES = (0.5, 0.7, 0.9, 0.95)
 BATCHES = (1, 16, 64, 256)
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                         "value": statistics.median(ho), "pass": statistics.median(ho) <= 20})
     for tg in targets:
         con.print(f"[{'PASS' if tg['pass'] else 'FAIL'}] {tg['target']}: {tg['value']}")
-    out = Path(a.out) if a.out else Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "spmm_cuda.json"
+    out = Path(a.out) if a.out else results_dir() / "spmm_cuda.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "spmm_cuda", "machine": machine, "dtype": a.dtype, "backend": backend,
                                "calls_per_loop": a.calls, "reps": a.reps, "elapsed_s": elapsed,

@@ -38,6 +38,49 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
+_LAYER_KEYS = {"in_features": int, "out_features": int, "nnz": int, "bias": bool}
+
+
+def _read_sparse_metadata(path) -> dict:
+    """The checked ``sparse_layers`` metadata of a :func:`save_sparse` file; ``ValueError`` naming the file
+    and the problem for a directory, a missing file, a non-safetensors file or crafted metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        raise ValueError(f"load_sparse: {p} is a directory; pass the .safetensors file written by save_sparse")
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"load_sparse: no such file {p}")
+    try:
+        with safe_open(p, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"load_sparse: {p} is not a readable safetensors file ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{p} is not a raydistill sparse checkpoint (format={meta.get('format')!r})")
+    try:
+        layers = json.loads(meta.get("sparse_layers", ""))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: metadata 'sparse_layers' is not valid JSON ({exc})") from None
+    if not isinstance(layers, dict):
+        raise ValueError(f"{p}: metadata 'sparse_layers' must be a JSON object, got {type(layers).__name__}")
+    for name, info in layers.items():
+        if not isinstance(info, dict) or set(info) < set(_LAYER_KEYS):
+            raise ValueError(f"{p}: metadata 'sparse_layers' entry {name!r} must be an object with keys "
+                             f"{sorted(_LAYER_KEYS)}, got {info!r}")
+        for key, typ in _LAYER_KEYS.items():
+            v = info[key]
+            if typ is int and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{p}: metadata 'sparse_layers' entry {name!r}: {key} must be an int >= 0, got {v!r}")
+            if typ is bool and not isinstance(v, bool):
+                raise ValueError(f"{p}: metadata 'sparse_layers' entry {name!r}: {key} must be true or false, "
+                                 f"got {v!r}")
+        if info["nnz"] > info["in_features"] * info["out_features"]:
+            raise ValueError(f"{p}: metadata 'sparse_layers' entry {name!r}: nnz {info['nnz']} exceeds "
+                             f"{info['out_features']}x{info['in_features']}")
+    return layers
+
+
 def load_sparse(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | os.PathLike, *,
                 strict: bool = True) -> nn.Module:
     """Load a :func:`save_sparse` checkpoint into a model (or ``factory()``'s fresh dense model).
@@ -46,7 +89,6 @@ def load_sparse(model_or_factory: nn.Module | Callable[[], nn.Module], path: str
     pattern (same device/dtype as the layer they replace), then the state dict is loaded. Returns the
     model (the unwrapped one if a DDP-wrapped model was given, which is modified in place).
     """
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if isinstance(model_or_factory, nn.Module):
@@ -57,11 +99,7 @@ def load_sparse(model_or_factory: nn.Module | Callable[[], nn.Module], path: str
             raise TypeError(f"model_or_factory() must return an nn.Module, got {type(model).__name__}")
     else:
         raise TypeError(f"model_or_factory must be an nn.Module or a callable, got {type(model_or_factory).__name__}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a raydistill sparse checkpoint (format={meta.get('format')!r})")
-    layers = json.loads(meta["sparse_layers"])
+    layers = _read_sparse_metadata(path)
     base = unwrap_model(model)
     by_name = {normalize_name(n): (n, m) for n, m in base.named_modules()}
     for name, info in layers.items():
@@ -79,7 +117,10 @@ def load_sparse(model_or_factory: nn.Module | Callable[[], nn.Module], path: str
                           device=mod.weight.device, dtype=mod.weight.dtype)
         parent_name, _, attr = raw.rpartition(".")
         setattr(base.get_submodule(parent_name) if parent_name else base, attr, sl)
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError / OSError on a damaged file
+        raise ValueError(f"load_sparse: cannot read the tensors of {path} ({exc})") from None
     own = {normalize_name(k): k for k in base.state_dict()}
     state = {own.get(k, k): v for k, v in state.items()}
     base.load_state_dict(state, strict=strict)

@@ -7,18 +7,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from raydistill.compress.pruner import (METHODS, SCOPES, compute_masks, normalize_name, select_linear_layers,
-                                        unwrap_model)
-from raydistill.ops.sparse import SparseLinear
+from raydistill.compress.pruner import (METHODS, SCOPES, check_patterns_match, compute_masks, normalize_name,
+                                        select_linear_layers, unwrap_model)
+from raydistill.ops.sparse import SparseLinear, csr_nbytes
 
 __all__ = ["LayerReport", "CompressionReport", "compress", "model_sparsity_report", "csr_nbytes"]
 
 INDEX_BYTES = 4  # int32 row pointers and column indices
-
-
-def csr_nbytes(rows: int, nnz: int, value_bytes: int, index_bytes: int = INDEX_BYTES) -> int:
-    """Bytes of a CSR matrix: values + column indices + (rows + 1) row pointers."""
-    return nnz * value_bytes + nnz * index_bytes + (rows + 1) * index_bytes
 
 
 @dataclass
@@ -200,6 +195,7 @@ def compress(model: nn.Module, sparsity: float | None = None, method: str = "mag
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     masks = _norm_masks(masks)
     base = unwrap_model(model)
+    check_patterns_match(base, include=include, exclude=exclude)
     if masks is not None and include is None:
         linear = select_linear_layers(base, None, exclude)
         excluded = set(select_linear_layers(base, None, None)) - set(linear)

@@ -65,6 +65,17 @@ def select_linear_layers(model: nn.Module, include=None, exclude=None, types=(nn
     return out
 
 
+def check_patterns_match(model: nn.Module, *, include=None, exclude=None, types=(nn.Linear,)) -> None:
+    """Raise ``ValueError`` if an ``include`` or ``exclude`` pattern matches no layer of ``types`` (a typo
+    such as ``exclude=['haed']`` would otherwise silently prune the layer it meant to keep)."""
+    names = [normalize_name(n) for n, m in unwrap_model(model).named_modules() if isinstance(m, types)]
+    for arg, pats in (("include", _patterns(include, "include")), ("exclude", _patterns(exclude, "exclude"))):
+        for p in pats or ():
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                raise ValueError(f"{arg} pattern {p!r} matches no {'/'.join('nn.' + t.__name__ for t in types)} layer; "
+                                 f"the model's layers are {names}")
+
+
 def compute_masks(weights: dict[str, Tensor], sparsity: float, method: str = "magnitude", *,
                   scope: str = "layer", n: int = 2, m: int = 4, block=4) -> dict[str, Tensor]:
     """Masks for the given weights (True = keep) with one of the METHODS."""
@@ -124,6 +135,7 @@ class GradualPruner:
         self.method, self.scope = method, scope
         self.begin_step, self.end_step, self.frequency = int(begin_step), int(end_step), int(frequency)
         self.n, self.m, self.block = n, m, block
+        check_patterns_match(model, include=include, exclude=exclude)
         self.layers = select_linear_layers(model, include, exclude)
         if not self.layers:
             raise ValueError(f"no nn.Linear layer matches include={include!r} exclude={exclude!r}")

@@ -8,6 +8,8 @@ Public API (imports are lazy: ``import raydistill.distill`` does not import Ray 
                           resources_per_worker=None) -> ray.train.torch.TorchTrainer
     evaluate_checkpoint(cfg, checkpoint_path) -> dict
     run_distill(cfg, *, storage_path=None, name=None, address=None) -> dict   # the whole job
+    export_student(cfg, checkpoint_dir, out_dir) -> Path     # causal LM: save_pretrained + tokenizer
+    StageSpec                                                # what train_fn_per_worker gets (typed, frozen)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ _EXPORTS = {
     "run_distill": "raydistill.distill.pipeline",
     "train_fn_per_worker": "raydistill.distill.worker",
     "write_teacher_outputs": "raydistill.distill.teacher_logits",
+    "StageSpec": "raydistill.distill.spec",
+    "export_student": "raydistill.distill.export",
 }
 
 __all__ = sorted(_EXPORTS)

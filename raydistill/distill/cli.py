@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -46,6 +47,15 @@ class _UsageError(Exception):
     pass
 
 
+def _check_name_and_storage(args, name: str, storage) -> None:
+    """--name / run.name is a name, not a path; the storage path is a writable directory (ConfigError)."""
+    from raydistill.config import validate_run_name
+    from raydistill.distill.preflight import check_storage
+
+    validate_run_name(name, "--name" if args.name else "run.name")
+    check_storage(storage, "--storage-path" if args.storage_path else "run.storage_path")
+
+
 def _fail(prog: str, msg: str, code: int) -> int:
     print(f"{prog}: error: {msg}", file=sys.stderr)
     return code
@@ -64,39 +74,77 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _load(args)
     except (ConfigError, _UsageError) as exc:
         return _fail(prog, str(exc), 2)
-    from raydistill.distill.pipeline import StageFailed, run_distill
+    from raydistill.distill.pipeline import run_distill
     from raydistill.distill.trainer import resolve_storage
 
     storage = resolve_storage(args.storage_path, cfg)
     name = args.name or cfg.run.name
-    log_path = storage / name / "distill.log"
     try:
-        report = run_distill(cfg, storage_path=storage, name=name, address=args.address,
-                             progress=not args.no_progress)
+        _check_name_and_storage(args, name, storage)
     except ConfigError as exc:
         return _fail(prog, str(exc), 2)
-    except StageFailed as exc:
-        return _fail(prog, f"{exc}\nfull log: {log_path}", 1)
-    except KeyboardInterrupt:
-        return _fail(prog, f"interrupted; checkpoints are kept: run the same command again to resume "
-                           f"(log: {log_path})", 130)
-    except Exception as exc:  # noqa: BLE001 - one clear line, the traceback goes to the log
-        import logging
-        import traceback
+    log_path = storage / name / "distill.log"
+    from raydistill.distill import interrupts
 
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as fh:
-            fh.write("".join(traceback.format_exception(exc)))
-        logging.getLogger("raydistill").debug("failed", exc_info=True)
-        return _fail(prog, f"{type(exc).__name__}: {exc}\nfull log: {log_path}", 1)
+    resume = shlex.join(["raydistill", "distill", *(sys.argv[1:] if argv is None else argv)])
+    stopped = (f"interrupted; the checkpoints of finished epochs are kept. To resume, run the same command "
+               f"again:\n  {resume}\n(log: {log_path})")
+    try:
+        with interrupts.handle_interrupts(on_force=f"{prog}: {stopped}\n(forced exit: killed the run's "
+                                                   f"processes after a second Ctrl-C or a 20 s grace period)"):
+            report = run_distill(cfg, storage_path=storage, name=name, address=args.address,
+                                 progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return _fail(prog, stopped, interrupts.EXIT_INTERRUPTED)
+    except BaseException as exc:  # noqa: BLE001 - an interrupted run may surface as any error
+        if interrupts.interrupted():
+            return _fail(prog, stopped, interrupts.EXIT_INTERRUPTED)
+        return _error(prog, exc, log_path)
     _print_summary(report)
     print(Path(report["run_dir"]) / "report.json")
     return 0
 
 
+def _error(prog: str, exc: BaseException, log_path: Path) -> int:
+    from raydistill.config import ConfigError
+    from raydistill.distill.pipeline import StageFailed
+
+    if isinstance(exc, ConfigError):
+        return _fail(prog, str(exc), 2)
+    if isinstance(exc, StageFailed):
+        return _fail(prog, f"{exc}\nfull log: {log_path}", 1)
+    if not isinstance(exc, Exception):
+        raise exc
+    # one clear line; the traceback goes to the log
+    import logging
+    import traceback
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as fh:
+        fh.write("".join(traceback.format_exception(exc)))
+    logging.getLogger("raydistill").debug("failed", exc_info=True)
+    return _fail(prog, f"{type(exc).__name__}: {exc}\nfull log: {log_path}", 1)
+
+
 def _print_summary(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    if r.get("task") == "causal_lm":
+        t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
+        for col in ("stage", "test perplexity", "next-token acc", "teacher agreement", "sparsity", "nonzero params"):
+            t.add_column(col, justify="left" if col == "stage" else "right")
+        tm = r["teacher"].get("metrics") or {}
+        t.add_row("teacher" + (" (cached)" if r["teacher"].get("cached") else ""),
+                  f"{tm.get('perplexity', float('nan')):.2f}", f"{r['teacher']['accuracy']:.2%}", "", "", "")
+        for key in ("baseline", "dense_student", "student"):
+            if key in r:
+                e = r[key]
+                t.add_row(key, f"{e['perplexity']:.2f}", f"{e['next_token_accuracy']:.2%}",
+                          f"{e.get('teacher_agreement', float('nan')):.2%}", f"{e['sparsity']:.1%}",
+                          f"{e['nonzero_params']:,}")
+        Console(stderr=True).print(t)
+        return
 
     t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
     for col in ("stage", "test accuracy", "macro F1", "sparsity", "compression", "nonzero params"):
@@ -129,8 +177,10 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = _load(args)
-        if args.topk is not None and not 1 <= args.topk <= 10:
+        if args.topk is not None and cfg.data.task == "classification" and not 1 <= args.topk <= 10:
             raise _UsageError(f"--topk must be in 1..10 (MNIST-1D has 10 classes), got {args.topk}")
+        if args.topk is not None and args.topk < 1:
+            raise _UsageError(f"--topk must be >= 1, got {args.topk}")
         if args.concurrency is not None and args.concurrency < 1:
             raise _UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
     except (ConfigError, _UsageError) as exc:
@@ -139,6 +189,13 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
     from raydistill.distill.trainer import resolve_storage
 
     storage = resolve_storage(args.storage_path, cfg)
+    try:
+        from raydistill.distill.preflight import check_models, check_storage
+
+        check_storage(storage, "--storage-path" if args.storage_path else "run.storage_path")
+        check_models(cfg)
+    except ConfigError as exc:
+        return _fail(prog, str(exc), 2)
     try:
         out = write_teacher_outputs(cfg, storage_path=storage, output=args.output, topk=args.topk,
                                     concurrency=args.concurrency, address=args.address)

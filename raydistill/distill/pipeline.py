@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from raydistill.config import Config, ConfigError, config_hash, dump_config
+from raydistill.distill import interrupts
+from raydistill.distill.preflight import preflight
+from raydistill.distill.runlock import run_lock
+from raydistill.utils import write_json_atomic
 from raydistill.distill.trainer import (
     TeacherArtifact, artifact_from_checkpoint, build_baseline_trainer, build_student_trainer, ensure_teacher,
     evaluate_checkpoint, final_checkpoint_dir, resolve_storage, teacher_hash,
@@ -123,18 +125,17 @@ class Progress:
                         continue
                     st["last"] = m
                     log.info("%s epoch %s/%s: %s", stage, m.get("epoch"), st["epochs"],
-                             {k: m.get(k) for k in ("train_loss", "val_accuracy", "accuracy", "sparsity", "lr")})
+                             {k: m.get(k) for k in ("train_loss", "val_accuracy", "accuracy", "val_perplexity",
+                                                    "perplexity", "sparsity", "lr")})
+                    txt = _epoch_text(m)
                     if self._lines:
                         import sys
 
                         el = time.time() - st["t0"]
                         eta = el / max(1, int(m["epoch"])) * (st["epochs"] - int(m["epoch"]))
-                        print(f"[{stage}] epoch {m['epoch']}/{st['epochs']}  loss {m['train_loss']:.3f}  "
-                              f"val {m['val_accuracy']:.3f}  test {m['accuracy']:.3f}  sparsity "
-                              f"{m['sparsity']:.2f}  eta {eta:.0f}s", file=sys.stderr, flush=True)
+                        print(f"[{stage}] epoch {m['epoch']}/{st['epochs']}  {txt}  eta {eta:.0f}s",
+                              file=sys.stderr, flush=True)
                     if self._progress is not None and st["task"] is not None:
-                        txt = (f"loss {m['train_loss']:.3f}  val {m['val_accuracy']:.3f}  "
-                               f"test {m['accuracy']:.3f}  sparsity {m['sparsity']:.2f}")
                         self._progress.update(st["task"], completed=int(m["epoch"]), metrics=txt)
 
     def done(self, stage: str, note: str = ""):
@@ -143,6 +144,14 @@ class Progress:
             if st and self._progress is not None and st["task"] is not None:
                 self._progress.update(st["task"], completed=st["epochs"],
                                       metrics=note or self._progress.tasks[st["task"]].fields["metrics"])
+
+
+def _epoch_text(m: dict) -> str:
+    if "perplexity" in m:
+        return (f"loss {m['train_loss']:.3f}  val ppl {m['val_perplexity']:.2f}  test ppl {m['perplexity']:.2f}  "
+                f"sparsity {m['sparsity']:.2f}")
+    return (f"loss {m['train_loss']:.3f}  val {m['val_accuracy']:.3f}  test {m['accuracy']:.3f}  "
+            f"sparsity {m['sparsity']:.2f}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -174,10 +183,10 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> None:
 
 def _fit(trainer, stage: str):
     try:
-        return trainer.fit()
+        return interrupts.fit(trainer)  # off the main thread: Ctrl-C stays ours (see distill/interrupts.py)
     except BaseException as exc:  # noqa: BLE001 - re-raised with the stage name
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+        if isinstance(exc, KeyboardInterrupt) or interrupts.interrupted():
+            raise KeyboardInterrupt from exc
         log.error("stage %s failed:\n%s", stage, "".join(traceback.format_exception(exc)))
         raise StageFailed(stage, exc) from exc
 
@@ -196,13 +205,19 @@ def _resources(cfg: Config, concurrent: int) -> dict | None:
 def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, address: str | None = None,
                 progress: bool = True) -> dict:
     """Run the whole job (see module doc) and return the report dict (also written to report.json)."""
-    from raydistill.distill.session import ray_session
-
     t0 = time.time()
     storage = resolve_storage(storage_path, cfg)
     name = name or cfg.run.name
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": str(storage), "name": name})})
     run_dir = storage / name
+    preflight(cfg, storage, name)  # name, storage, models: a ConfigError before Ray starts
+    with run_lock(run_dir):  # a second run with the same name fails here, at once
+        return _run_locked(cfg, storage, name, run_dir, address, progress, t0)
+
+
+def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, progress: bool, t0: float) -> dict:
+    from raydistill.distill.session import ray_session
+
     _check_run_dir(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
@@ -228,12 +243,16 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
                     teacher = ensure_teacher(cfg, storage)
                 except (ConfigError, KeyboardInterrupt):
                     raise
-                except StageFailed:
-                    raise
                 except BaseException as exc:
+                    if interrupts.interrupted():
+                        raise KeyboardInterrupt from exc
+                    if isinstance(exc, StageFailed):
+                        raise
                     log.error("teacher failed:\n%s", "".join(traceback.format_exception(exc)))
                     raise StageFailed("teacher", exc) from exc
-                prog.done("teacher", f"test {teacher.accuracy:.3f}" + ("  (cached)" if teacher.cached else ""))
+                note = f"test ppl {teacher.metrics['perplexity']:.2f}" if "perplexity" in teacher.metrics else \
+                    f"test {teacher.accuracy:.3f}"
+                prog.done("teacher", note + ("  (cached)" if teacher.cached else ""))
                 timings["teacher"] = time.time() - ts
 
                 # ---- assistants (sequential chain) -----------------------------------------------------
@@ -272,17 +291,17 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
                 results: dict[str, Any] = {}
                 ts = time.time()
                 if concurrent > 1:
-                    with ThreadPoolExecutor(len(stages)) as pool:
-                        futs = {s: pool.submit(_fit, trainers[s], s) for s in stages}
-                        errors = []
-                        for s, f in futs.items():
-                            try:
-                                results[s] = f.result()
-                                prog.done(s)
-                            except StageFailed as exc:
-                                errors.append(exc)
-                        if errors:
-                            raise errors[0]
+                    # daemon threads, waited for in short slices: Ctrl-C interrupts the wait at once
+                    futs = {s: interrupts.submit(_fit, trainers[s], s, name=f"raydistill-{s}") for s in stages}
+                    errors = []
+                    for s, f in futs.items():
+                        try:
+                            results[s] = interrupts.result(f)
+                            prog.done(s)
+                        except StageFailed as exc:
+                            errors.append(exc)
+                    if errors:
+                        raise errors[0]
                 else:
                     for s in stages:
                         results[s] = _fit(trainers[s], s)
@@ -290,27 +309,38 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
                 timings["students"] = time.time() - ts
 
         # ---- evaluation + report (Ray is down; evaluation is local and cheap) -----------------------------
-        evals = {s: evaluate_checkpoint(cfg, final_checkpoint_dir(results[s], run_dir, s)) for s in stages}
+        evals = {s: evaluate_checkpoint(cfg, final_checkpoint_dir(results[s], run_dir, s), teacher=current)
+                 for s in stages}
+        lm = cfg.data.task == "causal_lm"
         report = {
-            "name": name, "run_dir": str(run_dir),
+            "name": name, "run_dir": str(run_dir), "task": cfg.data.task,
             "teacher": {**teacher.to_dict(), "accuracy": teacher.accuracy},
             "assistants": assistants,
             "baseline": evals["baseline"],
             "student": evals["student"],
             **({"dense_student": evals["dense_student"]} if sparse else {}),
-            "gain_over_baseline": evals["student"]["accuracy"] - evals["baseline"]["accuracy"],
             "config": cfg.model_dump(mode="json"),
             "timings": timings,
-            "wall_seconds": time.time() - t0,
         }
-        if sparse:
-            report["sparse_vs_dense"] = evals["student"]["accuracy"] - evals["dense_student"]["accuracy"]
+        if lm:
+            report["perplexity_vs_baseline"] = evals["student"]["perplexity"] / evals["baseline"]["perplexity"] - 1
+            if sparse:
+                report["sparse_vs_dense"] = evals["student"]["perplexity"] / evals["dense_student"]["perplexity"] - 1
+            from raydistill.distill.export import export_student
+
+            report["export"] = str(export_student(cfg, final_checkpoint_dir(results["student"], run_dir, "student"),
+                                                  run_dir / "export" / "student"))
+        else:
+            report["gain_over_baseline"] = evals["student"]["accuracy"] - evals["baseline"]["accuracy"]
+            if sparse:
+                report["sparse_vs_dense"] = evals["student"]["accuracy"] - evals["dense_student"]["accuracy"]
+        report["wall_seconds"] = time.time() - t0
         curves = {s: _read_log(run_dir / s / "epochs.jsonl") for s in stages}
         curves.update({a["stage"]: _read_log(run_dir / a["stage"] / "epochs.jsonl") for a in assistants})
         if not cfg.teacher.checkpoint:
             curves["teacher"] = _read_log(storage / "teachers" / teacher_hash(cfg) / "epochs.jsonl")
         report["curves_png"] = str(_plot(curves, run_dir / "curves.png"))
-        _write_json(run_dir / "report.json", report)
+        write_json_atomic(run_dir / "report.json", report)
         (run_dir / "report.md").write_text(report_markdown(report))
         log.info("report: %s", run_dir / "report.json")
         return report
@@ -333,12 +363,6 @@ def _read_log(path: Path) -> list[dict]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def _plot(curves: dict[str, list[dict]], path: Path) -> Path:
     import matplotlib
 
@@ -346,14 +370,21 @@ def _plot(curves: dict[str, list[dict]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    lm = any("perplexity" in r for rows in curves.values() for r in rows)
+    keys = ("val_perplexity", "perplexity") if lm else ("val_accuracy", "accuracy")
     for stage, rows in curves.items():
         if not rows:
             continue
         ep = [r["epoch"] for r in rows]
         axes[0].plot(ep, [r["train_loss"] for r in rows], label=stage)
-        axes[1].plot(ep, [r["val_accuracy"] for r in rows], label=stage)
-        axes[2].plot(ep, [r["accuracy"] for r in rows], label=stage)
-    for ax, title in zip(axes, ("train loss", "val accuracy", "test accuracy")):
+        axes[1].plot(ep, [r.get(keys[0]) for r in rows], label=stage)
+        axes[2].plot(ep, [r.get(keys[1]) for r in rows], label=stage)
+    titles = ("train loss", "val perplexity", "test perplexity") if lm else \
+        ("train loss", "val accuracy", "test accuracy")
+    if lm:
+        axes[1].set_yscale("log")
+        axes[2].set_yscale("log")
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -366,25 +397,56 @@ def _plot(curves: dict[str, list[dict]], path: Path) -> Path:
 
 
 def report_markdown(r: dict) -> str:
-    rows = [("teacher", r["teacher"]["model"].get("model", "?"), r["teacher"]["accuracy"], None, None, None)]
+    if r.get("task") == "causal_lm":
+        return _report_markdown_lm(r)
+    rows = [("teacher", r["teacher"]["model"].get("model", "?"), r["teacher"]["accuracy"], None, None, None, None, None)]
     for a in r.get("assistants", []):
-        rows.append((a["stage"], a["model"], a["accuracy"], a["macro_f1"], a["sparsity"], a["compression_ratio"]))
+        rows.append((a["stage"], a["model"], a["accuracy"], a["macro_f1"], a.get("macro_precision"),
+                     a.get("macro_recall"), a["sparsity"], a["compression_ratio"]))
     cfg = r["config"]
     smodel = cfg["student"]["model"]
     for key in ("baseline", "dense_student", "student"):
         if key in r:
             e = r[key]
-            rows.append((key, smodel, e["accuracy"], e["macro_f1"], e["sparsity"], e["compression_ratio"]))
+            rows.append((key, smodel, e["accuracy"], e["macro_f1"], e.get("macro_precision"), e.get("macro_recall"),
+                         e["sparsity"], e["compression_ratio"]))
     lines = [f"# raydistill run `{r['name']}`", "",
-             "| stage | model | test accuracy | macro F1 | sparsity | compression |",
-             "|---|---|---:|---:|---:|---:|"]
-    for st, m, acc, f1, sp, cr in rows:
-        fmt = (lambda v, f: "" if v is None else f.format(v))
-        lines.append(f"| {st} | {m} | {acc:.2%} | {fmt(f1, '{:.3f}')} | {fmt(sp, '{:.1%}')} | {fmt(cr, '{:.2f}x')} |")
+             "| stage | model | test accuracy | macro F1 | macro precision | macro recall | sparsity | compression |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    fmt = (lambda v, f: "" if v is None else f.format(v))
+    for st, m, acc, f1, pr, rc, sp, cr in rows:
+        lines.append(f"| {st} | {m} | {acc:.2%} | {fmt(f1, '{:.3f}')} | {fmt(pr, '{:.3f}')} | {fmt(rc, '{:.3f}')} "
+                     f"| {fmt(sp, '{:.1%}')} | {fmt(cr, '{:.2f}x')} |")
     lines += ["", f"- distilled student vs baseline: {r['gain_over_baseline'] * 100:+.1f} points"]
     if "sparse_vs_dense" in r:
         lines.append(f"- sparse vs dense distilled student: {r['sparse_vs_dense'] * 100:+.1f} points")
     s = r["student"]
     lines += [f"- student parameters: {s['nonzero_params']:,} nonzero of {s['params']:,}",
               f"- wall time: {r['wall_seconds']:.0f} s", "", "![curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _report_markdown_lm(r: dict) -> str:
+    fmt = (lambda v, f: "" if v is None else f.format(v))
+    lines = [f"# raydistill run `{r['name']}` (causal LM)", "",
+             "| stage | test perplexity | next-token accuracy | teacher agreement | tokens/s | sparsity | compression |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    t = r["teacher"].get("metrics") or {}
+    lines.append(f"| teacher | {fmt(t.get('perplexity'), '{:.2f}')} | {fmt(t.get('next_token_accuracy'), '{:.2%}')} "
+                 "| | | | |")
+    for key in ("baseline", "dense_student", "student"):
+        if key in r:
+            e = r[key]
+            lines.append(f"| {key} | {e['perplexity']:.2f} | {e['next_token_accuracy']:.2%} | "
+                         f"{fmt(e.get('teacher_agreement'), '{:.2%}')} | {fmt(e.get('tokens_per_s'), '{:,.0f}')} | "
+                         f"{e['sparsity']:.1%} | {e['compression_ratio']:.2f}x |")
+    lines += ["", f"- distilled student vs baseline: perplexity {r['perplexity_vs_baseline'] * 100:+.1f}%"]
+    if "sparse_vs_dense" in r:
+        lines.append(f"- sparse vs dense distilled student: perplexity {r['sparse_vs_dense'] * 100:+.1f}%")
+    if r.get("export"):
+        lines.append(f"- exported student (save_pretrained + tokenizer): `{r['export']}`")
+    lines += [f"- wall time: {r['wall_seconds']:.0f} s", "", "## greedy samples (student)", ""]
+    for smp in r["student"].get("samples", []):
+        lines += ["```", smp["prompt"] + "→" + smp["continuation"], "```"]
+    lines += ["", "![curves](curves.png)", ""]
     return "\n".join(lines)

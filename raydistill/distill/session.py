@@ -45,6 +45,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, quie
     left running. Worker output is not forwarded to the driver (``log_to_driver=False``) and lives in the
     Ray session's log directory.
 
+    A local instance is watched by ``raydistill.distill.watchdog``: if this process dies without shutting
+    Ray down (SIGKILL), the watchdog kills the processes this Ray session started.
+
     A local instance keeps its dashboard on and has its State API pinned to it: Ray Train's
     placement-group cleaner (what frees the CPUs of a trial that Tune stopped, or of a controller killed
     on Ctrl-C) asks the State API whether the controller is alive, and the State API finds its cluster
@@ -72,7 +75,17 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, quie
     if quiet:
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    _init_with_retry(ray, address, kwargs)
+    dog = None
+    if address is None:
+        from raydistill.distill import watchdog
+
+        dog = watchdog.start()  # kills this Ray's processes if the driver dies without shutting it down
+    try:
+        _init_with_retry(ray, address, kwargs)
+    except BaseException:
+        if dog is not None:
+            dog.stop()
+        raise
     if quiet:
         try:
             from ray.data import DataContext
@@ -86,6 +99,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, quie
         yield ray
     finally:
         ray.shutdown()
+        if dog is not None:
+            dog.stop()
         if address is None:
             if prev_api is None:
                 os.environ.pop("RAY_API_SERVER_ADDRESS", None)
@@ -113,6 +128,10 @@ def _init_with_retry(ray, address, kwargs, attempts: int = 3) -> None:
                 raise
             log.warning("Ray start timed out (attempt %d of %d, busy machine?); retrying", i + 1, attempts)
             ray.shutdown()
+            if "dashboard_port" in kwargs:  # the timed-out attempt's dashboard may still hold its port
+                port = _free_port()
+                kwargs["dashboard_port"] = port
+                os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
 
 
 def ray_log_dir() -> str | None:

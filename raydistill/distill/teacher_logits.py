@@ -6,8 +6,9 @@ The teacher is held by a pool of stateful actors (``map_batches`` with a callabl
 ``concurrency=N``; one GPU each when the cluster has GPUs, else a fractional CPU each, sized from the
 cluster's resources), loaded once per actor. The whole pipeline runs under a deadline (``timeout_s``) and
 Ray Data's wait for the actor pool is bounded, so a starved pipeline fails with a clear error.
-Output columns: ``x``, ``y`` (-1 for unlabelled transfer rows), ``topk_values`` (float32, k),
-``topk_indices`` (int64, k), sorted by value, descending.
+Output columns: classification ``x``, ``y`` (-1 for unlabelled transfer rows), ``topk_values`` (float32,
+k), ``topk_indices`` (int64, k); causal LM ``input_ids`` (S,), ``topk_values`` / ``topk_indices`` (S, k)
+per packed block (raw logits over the tokenizer's ids). Sorted by value, descending.
 """
 
 from __future__ import annotations
@@ -21,17 +22,22 @@ from raydistill.config import Config, ConfigError
 
 
 class TeacherTopK:
-    """Ray Data callable class: one teacher per actor, applied to numpy batches."""
+    """Ray Data callable class: one teacher per actor, applied to numpy batches. Classification rows
+    (``x``) get ``(k,)`` logits per row; causal-LM blocks (``input_ids``) get ``(S, k)`` per block (top-k
+    over the tokenizer's ids at every position)."""
 
-    def __init__(self, model: dict, path: str, topk: int, use_gpu: bool = False):
+    def __init__(self, model: dict, path: str, topk: int, use_gpu: bool = False, task: str = "classification",
+                 task_info: dict | None = None):
         import torch
 
         from raydistill.distill.worker import load_weights
-        from raydistill.models import build_model
+        from raydistill.tasks import get_task
 
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = build_model(model)
+        self.task = task
+        self.info = dict(task_info or {})
+        self.model = get_task(task).build_model(model, self.info)
         load_weights(self.model, path)
         self.model.to(self.device).eval()
         self.topk = int(topk)
@@ -40,8 +46,15 @@ class TeacherTopK:
         import torch
 
         with torch.no_grad():
-            x = torch.as_tensor(np.ascontiguousarray(batch["x"]), dtype=torch.float32, device=self.device)
-            vals, idx = self.model(x).float().topk(self.topk, dim=1)
+            if self.task == "causal_lm":
+                from raydistill.tasks.causal_lm import lm_logits, shared_vocab
+
+                ids = torch.as_tensor(np.ascontiguousarray(batch["input_ids"]), dtype=torch.int64, device=self.device)
+                logits = shared_vocab(lm_logits(self.model, ids), int(self.info["vocab_size"]))
+            else:
+                x = torch.as_tensor(np.ascontiguousarray(batch["x"]), dtype=torch.float32, device=self.device)
+                logits = self.model(x)
+            vals, idx = logits.float().topk(self.topk, dim=-1)
         batch["topk_values"] = vals.cpu().numpy().astype(np.float32)
         batch["topk_indices"] = idx.cpu().numpy().astype(np.int64)
         return batch
@@ -56,14 +69,16 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
                           timeout_s: float = 900.0) -> Path:
     """Train/load the teacher, then write its top-k logits over train + transfer rows to parquet."""
     from raydistill.distill.session import ray_session
-    from raydistill.distill.trainer import distill_datasets, ensure_teacher, resolve_storage
+    from raydistill.distill.trainer import ensure_teacher, resolve_storage, stage_datasets, task_info
 
     if cfg.distill.teacher_outputs:
         raise ConfigError("distill.teacher_outputs is set: teacher-logits writes those outputs; unset it")
     k = int(topk or cfg.distill.topk)
-    if not 1 <= k <= 10:
+    lm = cfg.data.task == "causal_lm"
+    if not 1 <= k <= (10 if not lm else 1 << 20):
         raise ConfigError(f"distill.topk must be in 1..10 (10 classes), got {k}")
     storage = resolve_storage(storage_path, cfg)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": str(storage)})})
     with ray_session(address=address) as ray:
         teacher = ensure_teacher(cfg, storage)
         out = Path(output).expanduser().resolve() if output else default_output(storage, teacher.config_hash, k)
@@ -77,7 +92,10 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
         # (the cluster's CPUs are held by other work) fail with a clear error instead of hanging
         ctx.wait_for_min_actors_s = int(min(timeout_s, 300))
         try:
-            datasets, _ = distill_datasets(cfg, storage)  # the datasets copy the context at creation
+            datasets, _ = stage_datasets(cfg, storage, "kd")  # the datasets copy the context at creation
+            info = task_info(cfg, storage)
+            if lm and k > info["vocab_size"]:
+                raise ConfigError(f"distill.topk ({k}) exceeds the tokenizer's vocabulary ({info['vocab_size']})")
         finally:
             ctx.wait_for_min_actors_s = old_wait
         ds = datasets["train"]
@@ -85,8 +103,8 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
             ds = ds.repartition(n)
         ds = ds.map_batches(
             TeacherTopK, fn_constructor_kwargs={"model": teacher.model, "path": teacher.path, "topk": k,
-                                                "use_gpu": gpus > 0},
-            batch_size=2048, batch_format="numpy", concurrency=n,
+                                                "use_gpu": gpus > 0, "task": cfg.data.task, "task_info": info},
+            batch_size=64 if lm else 2048, batch_format="numpy", concurrency=n,
             # fractional CPUs: the actors leave room for the read / write tasks of the same pipeline (and
             # for whatever else runs on the cluster), or on a small node the pool can starve the pipeline
             num_gpus=1 if gpus > 0 else None, num_cpus=None if gpus > 0 else actor_cpus)

@@ -22,11 +22,12 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from raydistill.config import Config, ConfigError, config_hash
+from raydistill.distill.spec import KDTerms, StageSpec, TeacherRef
+from raydistill.utils import write_json_atomic
 
 log = logging.getLogger("raydistill")
 
@@ -42,6 +43,7 @@ class TeacherArtifact:
     config_hash: str
     model: dict = field(default_factory=dict)  # {"model": name, "kwargs": {...}}
     cached: bool = False
+    metrics: dict = field(default_factory=dict)  # the task's test metrics (causal LM: perplexity, ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +104,60 @@ def distill_datasets(cfg: Config, storage: Path) -> tuple[dict, int]:
     return {"train": to_ray_dataset(x=x, y=y), **_eval_datasets(split)}, len(y)
 
 
+def text_data(cfg: Config, storage: Path):
+    """Causal LM: the tokenized, packed corpus (Ray Data; cached) -- see ``raydistill.data.text``."""
+    from raydistill.data.text import prepare_text
+    from raydistill.models.hf import check_vocab, hf_config_dict
+
+    # one tokenizer and one packed corpus per storage root, shared by the teacher cache and every run
+    root = resolve_storage(cfg.run.storage_path) if cfg.run.storage_path else storage
+    td = prepare_text(cfg.data, root)
+    for key, spec in (("teacher", cfg.teacher), ("student", cfg.student)):
+        if spec.model == "hf":  # a trained BPE may be smaller than data.vocab_size: check again
+            conf = hf_config_dict(spec.kwargs)
+            try:
+                check_vocab(f"{key}.kwargs", conf.get("vocab_size"), td.vocab_size)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+    return td
+
+
+def task_info(cfg: Config, storage: Path) -> dict:
+    if cfg.data.task != "causal_lm":
+        return {}
+    td = text_data(cfg, storage)
+    return {**td.info(), "seq_len": cfg.data.seq_len}
+
+
+def lm_datasets(cfg: Config, storage: Path) -> tuple[dict, int]:
+    """Packed ``input_ids`` blocks: train, and one eval dataset (split column: 0 = val, 1 = test)."""
+    from raydistill.data import to_ray_dataset
+
+    td = text_data(cfg, storage)
+    ev = np.concatenate([td.val, td.test])
+    split = np.concatenate([np.zeros(len(td.val), np.int64), np.ones(len(td.test), np.int64)])
+    eval_ds = {"eval": to_ray_dataset(input_ids=ev.astype(np.int64), split=split)}
+    if cfg.distill.teacher_outputs:
+        path = Path(cfg.distill.teacher_outputs).expanduser()
+        if not path.exists():
+            raise ConfigError(f"distill.teacher_outputs: {path} does not exist (write it with "
+                              "`raydistill teacher-logits CONFIG`)")
+        from raydistill.data import read_teacher_outputs
+
+        ds = read_teacher_outputs(str(path.resolve())).materialize()
+        return {"train": ds, **eval_ds}, ds.count()
+    return {"train": to_ray_dataset(input_ids=td.train.astype(np.int64)), **eval_ds}, len(td.train)
+
+
+def stage_datasets(cfg: Config, storage: Path, kind: str) -> tuple[dict, int]:
+    if cfg.data.task == "causal_lm":
+        if kind == "ce":
+            return lm_datasets(cfg.model_copy(update={"distill": cfg.distill.model_copy(
+                update={"teacher_outputs": None})}), storage)
+        return lm_datasets(cfg, storage)
+    return labelled_datasets(cfg, storage) if kind == "ce" else distill_datasets(cfg, storage)
+
+
 # ----------------------------------------------------------------------------------------------------
 # stage specs -> TorchTrainer
 
@@ -111,50 +167,53 @@ def _threads(resources: dict | None) -> int:
     return max(1, int(math.floor(float(cpu) + 1e-9)))
 
 
-def _result_hash(cfg: Config, stage: dict) -> str:
+def _result_hash(cfg: Config, spec: StageSpec) -> str:
     """Hash of everything that changes what a stage learns (not where it runs)."""
-    keys = ("kind", "model", "epochs", "batch_size", "optimizer", "lr_schedule", "sparsity", "compression",
-            "distill", "teacher_hash", "offline", "steps_per_epoch", "seed", "stage", "grad_clip")
-    payload = {k: stage.get(k) for k in keys}
-    payload["data"] = cfg.data.model_dump(mode="json")
-    payload["transfer_set"] = cfg.distill.transfer_set.model_dump(mode="json") if stage["kind"] == "kd" else None
-    payload["teacher_outputs"] = cfg.distill.teacher_outputs if stage.get("offline") else None
+    payload = spec.learning_fields()
+    payload["task_info"] = {k: v for k, v in payload["task_info"].items() if k != "tokenizer_dir"}
+    payload["data"] = cfg.data.model_dump(mode="json", exclude={"materialize"})
+    payload["transfer_set"] = cfg.distill.transfer_set.model_dump(mode="json") \
+        if spec.kind == "kd" and cfg.data.task == "classification" else None
+    payload["teacher_outputs"] = cfg.distill.teacher_outputs if spec.offline else None
     return config_hash(payload)
 
 
-def stage_config(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int, batch_size: int,
-                 optimizer: dict, lr_schedule: dict, sparsity: float = 0.0,
-                 teacher: TeacherArtifact | None = None, steps_per_epoch: int | None = None,
-                 rows: int = 0, num_workers: int = 1, progress_dir: Path, threads: int = 1) -> dict:
+def stage_spec(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int, batch_size: int,
+               optimizer: dict, lr_schedule: dict, sparsity: float = 0.0,
+               teacher: TeacherArtifact | None = None, steps_per_epoch: int | None = None,
+               rows: int = 0, num_workers: int = 1, progress_dir: Path, threads: int = 1,
+               info: dict | None = None) -> StageSpec:
     offline = kind == "kd" and bool(cfg.distill.teacher_outputs)
-    spec: dict[str, Any] = {
-        "stage": stage, "kind": kind, "model": model, "epochs": int(epochs), "batch_size": int(batch_size),
-        "optimizer": optimizer, "lr_schedule": lr_schedule, "sparsity": float(sparsity),
-        "compression": cfg.compression.model_dump(mode="json") if sparsity > 0 else None,
-        "distill": cfg.distill.model_dump(mode="json", include={"temperature", "alpha", "divergence", "beta"})
-        | {"hard_labels": cfg.distill.transfer_set.hard_labels} if kind == "kd" else
-        {"hard_labels": "none"},
-        "teacher": {"path": teacher.path, "model": teacher.model} if (teacher and not offline) else None,
-        "teacher_hash": teacher.config_hash if teacher else None,
-        "offline": offline, "steps_per_epoch": steps_per_epoch, "seed": int(cfg.run.seed),
-        "materialize": cfg.data.materialize, "rows_per_worker": int(rows // max(1, num_workers)),
-        "progress_dir": str(progress_dir), "threads": int(threads),
-        "debug_crash_at_epoch": cfg.run.debug_crash_at_epoch,
-        "grad_clip": cfg.distill.grad_clip if kind == "kd" else None,
-    }
-    spec["config_hash"] = _result_hash(cfg, spec)
-    return spec
+    d = cfg.distill
+    spec = StageSpec(
+        stage=stage, task=cfg.data.task, kind=kind, model=model, epochs=int(epochs), batch_size=int(batch_size),
+        optimizer=optimizer, lr_schedule=lr_schedule, seed=int(cfg.run.seed), progress_dir=str(progress_dir),
+        sparsity=float(sparsity),
+        compression=cfg.compression.model_dump(mode="json") if sparsity > 0 else None,
+        kd=KDTerms(d.temperature, d.alpha, d.divergence, d.beta, d.transfer_set.hard_labels)
+        if kind == "kd" else None,
+        teacher=TeacherRef(teacher.path, teacher.model) if (kind == "kd" and teacher and not offline) else None,
+        teacher_hash=teacher.config_hash if teacher else None, offline=offline,
+        steps_per_epoch=steps_per_epoch, materialize=cfg.data.materialize,
+        rows_per_worker=int(rows // max(1, num_workers)), threads=int(threads),
+        grad_clip=d.grad_clip if kind == "kd" else None, debug_crash_at_epoch=cfg.run.debug_crash_at_epoch,
+        strategy=cfg.scaling.strategy, task_info=dict(info or {}))
+    return spec.replace(config_hash=_result_hash(cfg, spec))
 
 
-def make_trainer(cfg: Config, spec: dict, datasets: dict, *, storage_path: Path, name: str,
+def make_trainer(cfg: Config, spec: StageSpec, datasets: dict, *, storage_path: Path, name: str,
                  callbacks=None, num_workers: int | None = None, resources_per_worker: dict | None = None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raydistill.distill.checkpointing import prepare_run_dir
     from raydistill.distill.session import train_env
     from raydistill.distill.worker import train_fn_per_worker
 
     train_env()
+    # a damaged checkpoint, a deleted checkpoint directory or a truncated Ray snapshot: resume from what
+    # is intact on disk instead of failing (see raydistill.distill.checkpointing)
+    prepare_run_dir(Path(storage_path) / name)
     scaling = ScalingConfig(num_workers=int(num_workers or cfg.scaling.num_workers),
                             use_gpu=bool(cfg.scaling.use_gpu),
                             resources_per_worker=resources_per_worker or cfg.scaling.resources_per_worker)
@@ -162,7 +221,7 @@ def make_trainer(cfg: Config, spec: dict, datasets: dict, *, storage_path: Path,
                     failure_config=FailureConfig(max_failures=int(cfg.run.max_failures)),
                     checkpoint_config=CheckpointConfig(num_to_keep=int(cfg.run.num_to_keep)),
                     callbacks=list(callbacks or []))
-    return TorchTrainer(train_fn_per_worker, train_loop_config=spec, scaling_config=scaling, run_config=run,
+    return TorchTrainer(train_fn_per_worker, train_loop_config={"spec": spec}, scaling_config=scaling, run_config=run,
                         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]))
 
 
@@ -181,13 +240,14 @@ def teacher_hash(cfg: Config) -> str:
 def build_teacher_trainer(cfg: Config, *, storage_path, name: str, callbacks=None, num_workers=None,
                           resources_per_worker=None, data_root=None):
     storage = resolve_storage(storage_path)
-    datasets, rows = labelled_datasets(cfg, resolve_storage(data_root) if data_root else storage)
+    data_storage = resolve_storage(data_root) if data_root else storage
+    datasets, rows = stage_datasets(cfg, data_storage, "ce")
     nw, res, threads = _workers_and_threads(cfg, num_workers, resources_per_worker)
     t = cfg.teacher.training
-    spec = stage_config(cfg, stage="teacher", kind="ce", model=_spec(cfg.teacher), epochs=t.epochs,
-                        batch_size=t.batch_size, optimizer=t.optimizer.model_dump(),
-                        lr_schedule=t.lr_schedule.model_dump(), rows=rows, num_workers=nw,
-                        progress_dir=storage / name, threads=threads)
+    spec = stage_spec(cfg, stage="teacher", kind="ce", model=_spec(cfg.teacher), epochs=t.epochs,
+                      batch_size=t.batch_size, optimizer=t.optimizer.model_dump(),
+                      lr_schedule=t.lr_schedule.model_dump(), rows=rows, num_workers=nw,
+                      progress_dir=storage / name, threads=threads, info=task_info(cfg, data_storage))
     return make_trainer(cfg, spec, datasets, storage_path=storage, name=name, callbacks=callbacks,
                         num_workers=nw, resources_per_worker=res)
 
@@ -209,14 +269,14 @@ def build_student_trainer(cfg: Config, teacher: TeacherArtifact, *, storage_path
     train_loss, val_accuracy, accuracy, sparsity, compression_ratio, lr`` (+ macro_f1, params, ...) and
     a checkpoint every epoch."""
     storage = resolve_storage(storage_path)
-    datasets, rows = distill_datasets(cfg, storage)
+    datasets, rows = stage_datasets(cfg, storage, "kd")
     nw, res, threads = _workers_and_threads(cfg, num_workers, resources_per_worker)
     d = cfg.distill
     sp = cfg.compression.sparsity if sparsity is None else float(sparsity)
-    spec = stage_config(cfg, stage=stage, kind="kd", model=model or _spec(cfg.student), epochs=epochs or d.epochs,
-                        batch_size=d.batch_size, optimizer=d.optimizer.model_dump(),
-                        lr_schedule=d.lr_schedule.model_dump(), sparsity=sp, teacher=teacher, rows=rows,
-                        num_workers=nw, progress_dir=storage / name, threads=threads)
+    spec = stage_spec(cfg, stage=stage, kind="kd", model=model or _spec(cfg.student), epochs=epochs or d.epochs,
+                      batch_size=d.batch_size, optimizer=d.optimizer.model_dump(),
+                      lr_schedule=d.lr_schedule.model_dump(), sparsity=sp, teacher=teacher, rows=rows,
+                      num_workers=nw, progress_dir=storage / name, threads=threads, info=task_info(cfg, storage))
     return make_trainer(cfg, spec, datasets, storage_path=storage, name=name, callbacks=callbacks,
                         num_workers=nw, resources_per_worker=res)
 
@@ -227,20 +287,22 @@ def build_baseline_trainer(cfg: Config, *, storage_path, name: str, callbacks=No
     budget as the distilled student: same epochs, optimizer, schedule and optimizer steps per epoch (the
     labelled rows are cycled to fill an epoch of the student's length)."""
     storage = resolve_storage(storage_path)
-    datasets, rows = labelled_datasets(cfg, storage)
-    _, distill_rows = (None, _distill_rows(cfg, storage))
+    datasets, rows = stage_datasets(cfg, storage, "ce")
+    distill_rows = _distill_rows(cfg, storage)
     nw, res, threads = _workers_and_threads(cfg, num_workers, resources_per_worker)
     d = cfg.distill
-    spec = stage_config(cfg, stage="baseline", kind="ce", model=_spec(cfg.student), epochs=d.epochs,
-                        batch_size=d.batch_size, optimizer=d.optimizer.model_dump(),
-                        lr_schedule=d.lr_schedule.model_dump(),
-                        steps_per_epoch=student_steps_per_epoch(cfg, distill_rows, nw), rows=rows,
-                        num_workers=nw, progress_dir=storage / name, threads=threads)
+    spec = stage_spec(cfg, stage="baseline", kind="ce", model=_spec(cfg.student), epochs=d.epochs,
+                      batch_size=d.batch_size, optimizer=d.optimizer.model_dump(),
+                      lr_schedule=d.lr_schedule.model_dump(),
+                      steps_per_epoch=student_steps_per_epoch(cfg, distill_rows, nw), rows=rows,
+                      num_workers=nw, progress_dir=storage / name, threads=threads, info=task_info(cfg, storage))
     return make_trainer(cfg, spec, datasets, storage_path=storage, name=name, callbacks=callbacks,
                         num_workers=nw, resources_per_worker=res)
 
 
 def _distill_rows(cfg: Config, storage: Path) -> int:
+    if cfg.data.task == "causal_lm" and not cfg.distill.teacher_outputs:
+        return len(text_data(cfg, storage).train)
     if cfg.distill.teacher_outputs:
         import pyarrow.parquet as pq
 
@@ -304,75 +366,123 @@ def ensure_teacher(cfg: Config, storage_path, *, callbacks=None, num_workers=Non
             trainer = build_teacher_trainer(cfg, storage_path=root, name=h, callbacks=callbacks,
                                             num_workers=num_workers, resources_per_worker=resources_per_worker,
                                             data_root=storage)
-            result = trainer.fit()
+            from raydistill.distill.interrupts import fit
+
+            result = fit(trainer)  # off the main thread, so Ctrl-C stays the job's (distill/interrupts.py)
         ck = final_checkpoint_dir(result, root, h)
         final = tdir / "final"
         if final.exists():
             shutil.rmtree(final)
         shutil.copytree(ck, final)
         meta = checkpoint_meta(final)
-        art = TeacherArtifact(path=str(final), accuracy=float(meta["metrics"]["accuracy"]), config_hash=h,
-                              model=_spec(cfg.teacher))
-        tmp = info.with_suffix(".tmp")
-        tmp.write_text(json.dumps(art.to_dict(), indent=1))
-        os.replace(tmp, info)
+        art = TeacherArtifact(path=str(final), accuracy=_accuracy(meta["metrics"]), config_hash=h,
+                              model=_spec(cfg.teacher), metrics=_test_metrics(meta["metrics"]))
+        write_json_atomic(info, art.to_dict())
         return art
 
 
+def _accuracy(metrics: dict) -> float:
+    """Classification accuracy, or a causal LM's next-token accuracy."""
+    return float(metrics.get("accuracy", metrics.get("next_token_accuracy", 0.0)))
+
+
+_TEST_KEYS = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "perplexity", "next_token_accuracy",
+              "val_accuracy", "val_perplexity")
+
+
+def _test_metrics(metrics: dict) -> dict:
+    return {k: metrics[k] for k in _TEST_KEYS if k in metrics}
+
+
 def _external_teacher(cfg: Config, storage: Path) -> TeacherArtifact:
-    import torch
-
-    from raydistill.distill.worker import load_weights, predict
-    from raydistill.models import build_model
-
     path = Path(cfg.teacher.checkpoint).expanduser().resolve()
-    model = build_model(cfg.teacher)
     try:
-        load_weights(model, path)
+        ev = evaluate_checkpoint(cfg, path, model=_spec(cfg.teacher), teacher=False, samples=False)
     except (FileNotFoundError, RuntimeError) as exc:
         raise ConfigError(f"teacher.checkpoint: cannot load {path} into {cfg.teacher.model!r}: {exc}") from None
-    split, _ = load_arrays(cfg, storage)
-    acc = float((predict(model, torch.from_numpy(split.x_test)).argmax(1).numpy() == split.y_test).mean())
-    if path.is_file():  # workers load a checkpoint dir or a .safetensors file alike
-        pass
-    return TeacherArtifact(path=str(path), accuracy=acc, config_hash=config_hash(
-        {"checkpoint": str(path), "mtime": path.stat().st_mtime}), model=_spec(cfg.teacher))
+    return TeacherArtifact(path=str(path), accuracy=_accuracy(ev), config_hash=config_hash(
+        {"checkpoint": str(path), "mtime": path.stat().st_mtime}), model=_spec(cfg.teacher),
+        metrics=_test_metrics(ev))
 
 
 def artifact_from_checkpoint(ck_dir: Path, *, model: dict, stage: str) -> TeacherArtifact:
     meta = checkpoint_meta(ck_dir)
-    return TeacherArtifact(path=str(ck_dir), accuracy=float(meta["metrics"]["accuracy"]),
-                           config_hash=meta["config_hash"], model=model)
+    return TeacherArtifact(path=str(ck_dir), accuracy=_accuracy(meta["metrics"]),
+                           config_hash=meta["config_hash"], model=model, metrics=_test_metrics(meta["metrics"]))
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None) -> dict:
-    """Test-set accuracy, macro-F1 and size of a checkpoint, with its pruned layers converted to
-    ``SparseLinear`` (``raydistill.compress.compress`` with the checkpoint's masks)."""
-    import torch
-
+def load_checkpoint_model(cfg: Config, checkpoint_path, model: dict | None = None, *, convert: bool = True):
+    """The model of a checkpoint (its pruned layers converted to ``SparseLinear`` when ``convert``), its
+    size report, its meta and the task."""
     from raydistill.compress import compress, model_sparsity_report
-    from raydistill.data import load_mnist1d
-    from raydistill.distill.worker import classification_metrics, load_masks, load_weights, predict
-    from raydistill.models import build_model
+    from raydistill.distill.worker import load_masks, load_weights
+    from raydistill.tasks import get_task
 
     ck = Path(checkpoint_path)
     meta = checkpoint_meta(ck) if (ck / "meta.json").is_file() else {}
     spec = model or meta.get("model") or _spec(cfg.student)
-    net = build_model(spec)
+    task = get_task(cfg.data.task)
+    storage = resolve_storage(cfg.run.storage_path)
+    info = meta.get("task_info") or task_info(cfg, storage)
+    net = task.build_model(spec, info)
     load_weights(net, ck)
     masks = load_masks(ck) if ck.is_dir() else None
-    if masks:
-        rep = compress(net, masks=masks)
-    else:
-        rep = model_sparsity_report(net)
+    rep = compress(net, masks=masks) if masks and convert else model_sparsity_report(net, masks=masks)
+    return net, rep, meta, task, info
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None, *, teacher=True,
+                        samples: bool = True) -> dict:
+    """Test metrics and size of a checkpoint, with its pruned layers converted to ``SparseLinear``
+    (``raydistill.compress.compress`` with the checkpoint's masks). Classification: accuracy, macro F1 /
+    precision / recall. Causal LM: perplexity, next_token_accuracy, teacher_agreement (against the
+    checkpoint's teacher when ``teacher`` is True, against ``teacher`` when it is a ``TeacherArtifact``) and a
+    few greedy ``samples``."""
+    import torch
+
+    net, rep, meta, task, info = load_checkpoint_model(cfg, checkpoint_path, model)
     storage = resolve_storage(cfg.run.storage_path)
-    split = load_mnist1d(cfg.data, _data_cache(storage))
-    with torch.no_grad():
-        pred = predict(net, torch.from_numpy(split.x_test)).argmax(1).numpy()
-    out = classification_metrics(pred, split.y_test)
+    if task.name == "causal_lm":
+        out = _evaluate_lm(cfg, net, meta, info, storage, teacher=teacher, samples=samples)
+        out["tokens_per_s"] = (meta.get("metrics") or {}).get("tokens_per_s")
+    else:
+        from raydistill.data import load_mnist1d
+        from raydistill.tasks.classification import classification_metrics, predict
+
+        split = load_mnist1d(cfg.data, _data_cache(storage))
+        with torch.no_grad():
+            pred = predict(net, torch.from_numpy(split.x_test)).argmax(1).numpy()
+        out = classification_metrics(pred, split.y_test)
     out.update(sparsity=float(rep.total_sparsity), compression_ratio=float(rep.compression_ratio),
                params=int(rep.params), nonzero_params=int(rep.nonzero_params),
                dense_bytes=int(rep.dense_bytes), compressed_bytes=int(rep.compressed_bytes),
                sparse_layers=sum(1 for m in net.modules() if type(m).__name__ == "SparseLinear"),
-               epoch=meta.get("epoch"), checkpoint=str(ck))
+               epoch=meta.get("epoch"), checkpoint=str(checkpoint_path))
+    return out
+
+
+def _evaluate_lm(cfg: Config, net, meta: dict, info: dict, storage: Path, *, teacher: bool, samples: bool) -> dict:
+    import torch
+    from tokenizers import Tokenizer
+
+    from raydistill.tasks.causal_lm import greedy_samples, lm_metrics
+
+    td = text_data(cfg, storage)
+    t_net = None
+    tref = teacher.to_dict() if isinstance(teacher, TeacherArtifact) else meta.get("teacher") if teacher else None
+    if tref:
+        from raydistill.distill.worker import load_weights
+        from raydistill.tasks import get_task
+
+        t_net = get_task("causal_lm").build_model(tref["model"], info)
+        load_weights(t_net, tref["path"])
+        t_net.eval()
+    test = torch.as_tensor(td.test.astype(np.int64))
+    out = lm_metrics(net, test, td.pad_id, td.vocab_size, teacher=t_net)
+    if samples and cfg.data.samples:
+        tok = Tokenizer.from_file(str(Path(td.tokenizer_dir) / "tokenizer.json"))
+        prompts = [row[: 16].tolist() for row in td.test[: cfg.data.samples]]
+        conts = greedy_samples(net, prompts, new_tokens=32, vocab=td.vocab_size, eos_id=td.eos_id,
+                               max_len=cfg.data.seq_len)
+        out["samples"] = [{"prompt": tok.decode(p), "continuation": tok.decode(c)} for p, c in zip(prompts, conts)]
     return out

@@ -1,6 +1,7 @@
 """Built-in teacher/student families and the registry for user models.
 
-A model is named in the config either by a built-in key (``MODELS``) or by ``package.module:factory``;
+A model is named in the config by a built-in key (``MODELS``), by ``hf`` (a transformers causal LM, see
+``raydistill.models.hf``) or by ``package.module:factory``;
 the factory is called with the config's ``kwargs`` plus ``in_features`` (input length) and
 ``num_classes`` when it accepts them, and must return an ``nn.Module`` mapping ``(B, L)`` float inputs to
 ``(B, num_classes)`` logits.
@@ -36,18 +37,26 @@ def resolve_factory(name: str):
         raise ValueError(f"model {name!r}: module {mod!r} has no attribute {attr!r}") from None
 
 
-def build_model(spec: Any, *, in_features: int = 40, num_classes: int = 10):
-    """Build a model from a ``ModelSpec`` (or a dict with ``model`` and ``kwargs``)."""
+def build_model(spec: Any, *, in_features: int = 40, num_classes: int = 10, vocab_size: int | None = None):
+    """Build a model from a ``ModelSpec`` (or a dict with ``model`` and ``kwargs``). ``vocab_size`` (causal
+    LM: the tokenizer's vocabulary) fills an ``hf`` config without one, and a factory that accepts it;
+    otherwise ``in_features`` / ``num_classes`` are passed to a factory that accepts them."""
     if hasattr(spec, "model_dump"):
         spec = spec.model_dump()
     name, kwargs = spec["model"], dict(spec.get("kwargs") or {})
+    if name == "hf":
+        from raydistill.models.hf import build_hf
+
+        return build_hf(kwargs, vocab_size=vocab_size)
     factory = resolve_factory(name)
     try:
         params = inspect.signature(factory).parameters
         accepts_var = any(p.kind is p.VAR_KEYWORD for p in params.values())
     except (TypeError, ValueError):
         params, accepts_var = {}, False
-    for key, val in (("in_features", in_features), ("num_classes", num_classes)):
+    extra = (("vocab_size", vocab_size),) if vocab_size is not None else \
+        (("in_features", in_features), ("num_classes", num_classes))
+    for key, val in extra:
         if key not in kwargs and (accepts_var or key in params):
             kwargs[key] = val
     try:

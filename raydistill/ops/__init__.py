@@ -17,8 +17,11 @@ _EXPORTS = {
     "kd_loss_linear_topk": "raydistill.ops._kd_loss_linear",
     "KDLossLinear": "raydistill.ops._kd_loss_linear",
     "kd_loss_linear_reference": "raydistill.ops._kd_loss_linear",
+    "MAX_TEMPERATURE": "raydistill.ops._kd_loss",
     "SparseLinear": "raydistill.ops.sparse",
     "sparse_linear": "raydistill.ops.sparse",
+    "SparseLinearInt8": "raydistill.ops.sparse",
+    "sparse_linear_int8": "raydistill.ops.sparse",
 }
 
 __all__ = sorted(_EXPORTS)

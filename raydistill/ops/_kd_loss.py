@@ -31,8 +31,8 @@ constant.
 
 Top-k teacher (``kd_loss_topk``): :math:`P_t` is the softmax (at temperature T) over the ``k`` given
 teacher logits, placed at ``teacher_topk_indices`` and zero elsewhere; :math:`P_s` is over the full
-student vocabulary. Indices must be distinct within a row (not checked: duplicates give the sum of the
-per-entry terms for ``forward_kl`` and are undefined for ``jsd``). Supported divergences:
+student vocabulary. Indices must be distinct within a row (checked: a duplicate raises ``ValueError``, except
+under ``torch.compile`` where data-dependent checks are skipped). Supported divergences:
 ``forward_kl`` and ``jsd`` (well defined: M > 0 wherever P_s > 0). ``reverse_kl`` raises
 ``ValueError``: KL(P_s || P_t) is +inf whenever the student puts any mass outside the k entries,
 which with a softmax student is always.
@@ -53,7 +53,13 @@ from torch import Tensor, nn
 
 from raydistill._build import extension_available, op_backend
 
-__all__ = ["kd_loss", "kd_loss_topk", "KDLoss", "kd_loss_reference"]
+__all__ = ["kd_loss", "kd_loss_topk", "KDLoss", "kd_loss_reference", "MAX_TEMPERATURE"]
+
+# The kernels compute in float32: log P_t - log P_s loses about eps * |logsumexp| per entry, and the
+# T^2 scaling multiplies that loss of accuracy by T^2 while the true value stays O(1) (measured against the
+# float64 reference, unit-scale logits, V=1000: relative error 2e-6 at T=10, 4e-4 at T=100, 2e-2 at
+# T=1e3, a wrong sign at T=1e4). Temperatures above this bound are rejected rather than answered wrongly.
+MAX_TEMPERATURE = 100.0
 
 DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 REDUCTIONS = ("mean", "batchmean", "sum", "none")
@@ -93,8 +99,9 @@ def _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_in
                       *, topk: bool = False) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (math.isfinite(float(temperature)) and 0 < float(temperature) <= MAX_TEMPERATURE):
+        raise ValueError(f"temperature must be a finite number in (0, {MAX_TEMPERATURE:g}], got {temperature!r} "
+                         f"(above {MAX_TEMPERATURE:g} the float32 kernels lose accuracy: see MAX_TEMPERATURE)")
     _check_number("alpha", alpha, 0.0, 1.0)
     if not isinstance(divergence, str) or divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}")
@@ -165,6 +172,15 @@ def _check_topk(teacher, topk_indices, lead, V, device, lead_name="student_logit
     if not torch.compiler.is_compiling() and topk_indices.numel() > 0:
         if bool(((topk_indices < 0) | (topk_indices >= V)).any()):
             raise ValueError(f"teacher_topk_indices must be in [0, V={V})")
+        if topk_indices.shape[-1] > 1:
+            # one sort over k per row (k << V): a duplicate would be counted twice in the loss but
+            # the kernels' gradient does not match that sum, so duplicates are an error
+            s_ = topk_indices.reshape(-1, topk_indices.shape[-1]).sort(dim=-1).values
+            dup = s_[:, 1:] == s_[:, :-1]
+            if bool(dup.any()):
+                row = int(dup.any(dim=1).nonzero()[0, 0])
+                raise ValueError(f"teacher_topk_indices must be distinct within a row; row {row} (flattened) "
+                                 f"repeats index {int(s_[row, 1:][dup[row]][0])}")
 
 
 def _check_labels(labels, lead, V, alpha, ignore_index, device, lead_name="student_logits") -> None:
@@ -443,7 +459,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
         student_logits: ``(..., V)`` float tensor; receives the gradient.
         teacher_logits: ``(..., V)`` float tensor (any float dtype); treated as a constant.
         labels: ``(...)`` int64/int32 hard labels in ``[0, V)`` or ``ignore_index``; required if alpha < 1.
-        temperature: T > 0. alpha: in [0, 1]. beta: jsd weight in (0, 1).
+        temperature: 0 < T <= MAX_TEMPERATURE (100). alpha: in [0, 1]. beta: jsd weight in (0, 1).
         reduction: ``"mean"``/``"batchmean"`` (over valid rows), ``"sum"`` or ``"none"``.
         t2_scaling: multiply the divergence by T**2 (keeps gradient magnitudes comparable across T).
 

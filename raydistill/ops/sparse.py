@@ -33,6 +33,11 @@ __all__ = [
     "csr_from_dense",
     "csr_transpose",
     "check_csr",
+    "SparseLinearInt8",
+    "sparse_linear_int8",
+    "sparse_linear_int8_reference",
+    "sparse_linear_int8_dense_reference",
+    "quantize_rows_int8",
 ]
 
 INDEX_DTYPE = torch.int32
@@ -496,10 +501,268 @@ class SparseLinear(nn.Module):
                 lin.bias.copy_(self.bias)
         return lin
 
+    def quantize(self, bits: int = 8) -> "SparseLinearInt8":
+        """An inference copy of this layer with int8 values and one fp32 scale per output row
+        (symmetric, per output channel), column indices in 16 bits when ``in_features <= 65536``.
+        See :class:`SparseLinearInt8`. This layer is left unchanged."""
+        return SparseLinearInt8.from_sparse(self, bits=bits)
+
     def csr_bytes(self, index_bytes: int = 4) -> int:
         """Bytes of the CSR weight: values + column indices + row pointers (int32 accounting)."""
-        return self.nnz * self.values.element_size() + self.nnz * index_bytes + (self.out_features + 1) * index_bytes
+        return csr_nbytes(self.out_features, self.nnz, self.values.element_size(), index_bytes)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, nnz={self.nnz}, density={self.density:.4f}")
+
+
+def csr_nbytes(rows: int, nnz: int, value_bytes: int, index_bytes: int = 4) -> int:
+    """Bytes of a CSR matrix: values + column indices + (rows + 1) row pointers (int32 by default)."""
+    return nnz * value_bytes + nnz * index_bytes + (rows + 1) * index_bytes
+
+
+# ----------------------------------------------------------------------------------------------------
+# int8 values with per-row scales (inference)
+# ----------------------------------------------------------------------------------------------------
+#
+# Compiled op (schema in csrc/sparse/spmm_int8_cpu.cpp; CUDA in spmm_int8_cuda.cu + its glue):
+#   raydistill::spmm_int8(x, crow_indices, col_indices, values, scales, bias, out_features) -> y
+#   y[n, r] = scales[r] * sum_{k in row r} values[k] * x[n, col[k]] + bias[r]
+# with int8 values, fp32 scales and bias, int32 row pointers and uint16 (in_features <= 65536) or int32
+# column indices. x keeps its float dtype (weight-only int8); math is fp32 (fp64 for fp64 x).
+
+INT8_QMAX = 127
+_int8_registered = False
+
+
+def _register_int8() -> bool:
+    global _int8_registered
+    if _int8_registered:
+        return True
+    if not extension_available() or not hasattr(torch.ops.raydistill, "spmm_int8"):
+        return False
+
+    @torch.library.register_fake("raydistill::spmm_int8")
+    def _spmm_int8_fake(x, crow_indices, col_indices, values, scales, bias, out_features):
+        torch._check(x.dim() == 2, lambda: "x must be 2-D")
+        return x.new_empty((x.shape[0], out_features))
+
+    _int8_registered = True
+    return True
+
+
+_INT8_BACKEND: dict[str, bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _int8_compiled_for(device_type: str) -> bool:
+    r = _INT8_BACKEND.get(device_type)
+    if r is None:
+        from raydistill._build import op_backend
+
+        r = _INT8_BACKEND[device_type] = _register_int8() and op_backend("spmm_int8", device_type) == "compiled"
+    return r
+
+
+def column_index_dtype(in_features: int) -> torch.dtype:
+    """uint16 column indices when every column fits 16 bits (``in_features <= 65536``), else int32."""
+    return torch.uint16 if in_features <= 65536 else torch.int32
+
+
+def quantize_rows_int8(values: Tensor, crow_indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8 quantization of CSR values: (q int8 (nnz,), scales fp32 (rows,)).
+
+    ``scale_r = max_k |v_k| / 127`` over row r (1.0 for an empty or all-zero row) and
+    ``q_k = round(v_k / scale_r)`` in [-127, 127]; computed in float64 against the fp32 scale.
+    """
+    rows = crow_indices.numel() - 1
+    nnz = values.numel()
+    row = _rows_of(crow_indices, nnz)
+    v = values.detach().to(torch.float64)
+    amax = torch.zeros(rows, dtype=torch.float64, device=v.device)
+    if nnz:
+        amax = amax.scatter_reduce(0, row, v.abs(), reduce="amax", include_self=True)
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError("values must be finite to quantize (found inf/nan)")
+    scales = torch.where(amax > 0, amax / INT8_QMAX, torch.ones_like(amax)).to(torch.float32)
+    q = torch.round(v / scales.to(torch.float64)[row]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    return q, scales
+
+
+def _dequantized(crow_indices: Tensor, values: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    row = _rows_of(crow_indices, values.numel())
+    return values.to(dtype) * scales.to(dtype)[row]
+
+
+def sparse_linear_int8_dense_reference(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
+                                       scales: Tensor, bias: Tensor | None, in_features: int) -> Tensor:
+    """float64 dense reference of :func:`sparse_linear_int8` (for tests)."""
+    w = _dequantized(crow_indices, values, scales, torch.float64)
+    return sparse_linear_dense_reference(x, crow_indices, col_indices.to(torch.int64), w, bias, in_features)
+
+
+def sparse_linear_int8_reference(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
+                                 scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Pure-PyTorch int8 sparse linear (the fallback): dequantize, then :func:`sparse_linear_reference`.
+
+    Differentiable in x (the int8 weights are constants)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = _dequantized(crow_indices, values, scales, acc)
+    y = sparse_linear_reference(x.to(acc), crow_indices, col_indices.to(torch.int64), w,
+                                None if bias is None else bias.to(acc))
+    return y.to(x.dtype)
+
+
+def sparse_linear_int8(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, scales: Tensor,
+                       bias: Tensor | None = None, *, check: bool = False) -> Tensor:
+    """y = x W^T + b for a CSR W with int8 ``values`` and fp32 per-row ``scales`` (W = values * scales[row]).
+
+    ``x`` (..., in_features) float32/bfloat16/float16/float64, returned in its dtype; ``bias`` fp32.
+    Uses the compiled op; the PyTorch reference when the extension is unavailable or when x needs a
+    gradient (the compiled op has no backward; the weights are constants either way).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32/bfloat16/float16/float64, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., in_features)")
+    if values.dtype != torch.int8:
+        raise TypeError(f"values must be int8, got {values.dtype}")
+    if scales.dtype != torch.float32:
+        raise TypeError(f"scales must be float32, got {scales.dtype}")
+    if col_indices.dtype not in (torch.uint16, torch.int32):
+        raise TypeError(f"col_indices must be uint16 or int32, got {col_indices.dtype}")
+    out_features = crow_indices.numel() - 1
+    if scales.shape != (out_features,):
+        raise ValueError(f"scales must have shape ({out_features},), got {tuple(scales.shape)}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
+        raise ValueError(f"bias must be float32 of shape ({out_features},), got {bias.dtype} {tuple(bias.shape)}")
+    if check:
+        check_csr(crow_indices, col_indices.to(torch.int64), (out_features, x.shape[-1]), values=values)
+    if (x.requires_grad and torch.is_grad_enabled()) or not _int8_compiled_for(x.device.type):
+        return sparse_linear_int8_reference(x, crow_indices, col_indices, values, scales, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = torch.ops.raydistill.spmm_int8(x2, crow_indices, col_indices, values, scales, bias, out_features)
+    return y.reshape(*lead, out_features)
+
+
+class SparseLinearInt8(nn.Module):
+    """Inference-only sparse linear layer with int8 values and one fp32 scale per output row.
+
+    W[r, c] = ``values[k] * scales[r]`` at the CSR pattern (``crow_indices`` int32,
+    ``col_indices`` uint16 when ``in_features <= 65536``, else int32). Activations stay in their float
+    dtype (weight-only int8). Everything is a buffer: nothing trains here (an input that needs a
+    gradient still gets one, through the PyTorch reference path). Build it with
+    ``SparseLinear.from_dense(linear, mask).quantize(bits=8)``; :meth:`dequantize` gives a float
+    :class:`SparseLinear` back (with the quantized weights).
+    """
+
+    bits = 8
+
+    def __init__(self, in_features: int, out_features: int, nnz: int = 0, bias: bool = True, *, device=None,
+                 index_dtype: torch.dtype | None = None):
+        super().__init__()
+        if in_features < 0 or out_features < 0:
+            raise ValueError(f"in_features/out_features must be >= 0, got {in_features}, {out_features}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        idx = index_dtype or column_index_dtype(self.in_features)
+        if idx == torch.uint16 and self.in_features > 65536:
+            raise ValueError(f"index_dtype uint16 needs in_features <= 65536, got {self.in_features}")
+        self.register_buffer("crow_indices", torch.zeros(out_features + 1, dtype=torch.int32, device=device))
+        self.register_buffer("col_indices", torch.zeros(nnz, dtype=idx, device=device))
+        self.register_buffer("values", torch.zeros(nnz, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
+
+    @classmethod
+    def from_sparse(cls, layer: "SparseLinear", bits: int = 8) -> "SparseLinearInt8":
+        """Quantize a float :class:`SparseLinear` (see :meth:`SparseLinear.quantize`)."""
+        if isinstance(layer, SparseLinearInt8):
+            raise ValueError("layer is already quantized (SparseLinearInt8, bits=8); quantize the float "
+                             "SparseLinear instead (SparseLinearInt8.dequantize() gives one back)")
+        if not isinstance(layer, SparseLinear):
+            raise TypeError(f"layer must be a SparseLinear, got {type(layer).__name__}")
+        if isinstance(bits, bool) or bits != 8:
+            raise ValueError(f"bits must be 8 (int8 values with per-row scales), got {bits!r}")
+        q, scales = quantize_rows_int8(layer.values, layer.crow_indices)
+        dev = layer.values.device
+        m = cls(layer.in_features, layer.out_features, layer.nnz, layer.bias is not None, device=dev)
+        m.crow_indices = layer.crow_indices.detach().to(torch.int32).contiguous()
+        m.col_indices = layer.col_indices.detach().to(torch.int64).to(m.col_indices.dtype).contiguous()
+        m.values = q.contiguous()
+        m.scales = scales.contiguous()
+        if layer.bias is not None:
+            m.bias = layer.bias.detach().to(torch.float32).clone()
+        return m
+
+    def quantize(self, bits: int = 8) -> "SparseLinearInt8":
+        raise ValueError(f"quantize(bits={bits!r}): this layer is already quantized (SparseLinearInt8, int8 values "
+                         "with per-row scales); quantize the float SparseLinear instead")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a checkpoint may hold another pattern (nnz) or index width: adopt its sizes and dtypes first
+        for name in ("col_indices", "values"):
+            t = state_dict.get(prefix + name)
+            cur = getattr(self, name)
+            if isinstance(t, Tensor) and (t.shape != cur.shape or t.dtype != cur.dtype):
+                setattr(self, name, torch.zeros(t.shape, dtype=t.dtype, device=cur.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        total = self.in_features * self.out_features
+        return self.nnz / total if total else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density if self.in_features * self.out_features else 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have last dim in_features={self.in_features}, got {tuple(x.shape)}")
+        return sparse_linear_int8(x, self.crow_indices, self.col_indices, self.values, self.scales, self.bias)
+
+    def weight_dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The (out, in) dequantized dense weight (zeros off the pattern)."""
+        w = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.values.device)
+        rows = _rows_of(self.crow_indices, self.nnz)
+        w[rows, self.col_indices.to(torch.int64)] = _dequantized(self.crow_indices, self.values, self.scales, dtype)
+        return w
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> "SparseLinear":
+        """A float :class:`SparseLinear` with the dequantized weights (same pattern, trainable again)."""
+        return SparseLinear.from_csr(self.crow_indices, self.col_indices.to(torch.int64).to(INDEX_DTYPE),
+                                     _dequantized(self.crow_indices, self.values, self.scales, dtype),
+                                     in_features=self.in_features,
+                                     bias=None if self.bias is None else self.bias.to(dtype))
+
+    def storage_bytes(self) -> dict[str, int]:
+        """Bytes per stored tensor at their real bit widths (int8 values, 16- or 32-bit column indices,
+        int32 row pointers, fp32 scales and bias) and their ``total``."""
+        d = {name: t.numel() * t.element_size() for name, t in
+             (("values", self.values), ("col_indices", self.col_indices), ("crow_indices", self.crow_indices),
+              ("scales", self.scales))}
+        d["bias"] = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        d["total"] = sum(d.values())
+        return d
+
+    def csr_bytes(self) -> int:
+        """Bytes of the weight (values + column indices + row pointers + scales), bias excluded as in
+        :meth:`SparseLinear.csr_bytes`."""
+        b = self.storage_bytes()
+        return b["total"] - b["bias"]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"nnz={self.nnz}, density={self.density:.4f}, bits=8, col_indices={self.col_indices.dtype}")

@@ -67,6 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     from raydistill.config import ConfigError, load_config
     from raydistill.tune.space import SearchSpaceError, check_space_against_config, parse_search
 
+    if args.name is not None:
+        from raydistill.config import validate_run_name
+
+        try:
+            validate_run_name(args.name, "--name")  # a name, not a path (same rule as run.name)
+        except ConfigError as exc:
+            _err(console, str(exc))
+            return EXIT_USAGE
+
     # ---- resolve the config (before Ray starts: every config / space error surfaces here) ----
     def _root(cfg_) -> Path:
         return Path(os.path.expanduser(args.storage_path or cfg_.run.storage_path or "runs")).resolve()

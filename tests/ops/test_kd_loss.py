@@ -221,11 +221,11 @@ def test_extreme_logits(seeded, divergence):
     student[:, :5] = 1e4
     student[:, 5:10] = -1e4
     labels = _labels(seeded, (4,), V)
-    for temperature in (1.0, 3000.0):
+    for temperature in (1.0, 100.0):  # 100 = MAX_TEMPERATURE, the largest accepted
         out = _run_both(student, teacher, labels, temperature=temperature, alpha=0.5, divergence=divergence)
         assert torch.isfinite(out[0]) and torch.isfinite(out[1]).all()
-        # d/dx = alpha*T*(P_s - P_t): at T=3000 the factor 1500 amplifies the fp32 rounding (~1e-6) of
-        # probabilities ~0.02 to ~3e-5 absolute (the gradient itself is ~0.1).
+        # d/dx = alpha*T*(P_s - P_t): at T=100 the factor 50 amplifies the fp32 rounding of the
+        # probabilities (the gradient itself is ~0.1).
         _assert_close(F32, *out, grad_atol=1e-4 if temperature > 1 else None)
 
 

@@ -1,0 +1,76 @@
+"""The causal-LM targets: the shipped ``lm_default`` job (`raydistill distill lm_default`) for 3 seeds.
+
+    .venv/bin/python benchmarks/bench_lm_targets.py [--seeds 0 1 2] [--storage-path runs/lm_targets]
+                                                    [--config lm_default] [--set key=value ...]
+
+Per seed (the teacher is trained once, with the first seed, and shared): test perplexity of the student
+trained from scratch (``baseline``, same tokens and steps), the dense distilled student and the 50%-sparse
+distilled student. Targets: distilled perplexity >= 5% lower than the baseline's; the sparse student's
+within 5% of the dense one's. Prints a table, writes benchmarks/results/lm_targets.json (machine info,
+load average, git commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from raydistill.config import load_config
+from raydistill.distill import run_distill
+from raydistill.utils import machine_info, results_dir, write_json_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--storage-path", default=str(ROOT / "runs" / "lm_targets"))
+    ap.add_argument("--config", default="lm_default")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--out", default=str(results_dir() / "lm_targets.json"))
+    args = ap.parse_args(argv)
+    machine = machine_info("cpu")
+    rows, t_all, teacher_ck = [], time.time(), None
+    for seed in args.seeds:
+        extra = [f"teacher.checkpoint={teacher_ck}"] if teacher_ck else []
+        cfg = load_config(args.config, [*args.overrides, f"run.seed={seed}", *extra])
+        t0 = time.time()
+        r = run_distill(cfg, storage_path=args.storage_path, name=f"{cfg.run.name}_seed{seed}", progress=False)
+        teacher_ck = teacher_ck or r["teacher"]["path"]
+        row = {"seed": seed, "teacher": r["teacher"]["metrics"].get("perplexity"),
+               "teacher_cached": r["teacher"]["cached"], "baseline": r["baseline"]["perplexity"],
+               "dense_student": r["dense_student"]["perplexity"], "student": r["student"]["perplexity"],
+               "student_sparsity": r["student"]["sparsity"],
+               "teacher_agreement": r["student"].get("teacher_agreement"), "wall_seconds": time.time() - t0,
+               "timings": r["timings"], "loadavg_after": os.getloadavg()}
+        row["distilled_vs_baseline"] = row["dense_student"] / row["baseline"] - 1
+        row["sparse_vs_dense"] = row["student"] / row["dense_student"] - 1
+        rows.append(row)
+        print(row, flush=True)
+    cols = ("baseline", "dense_student", "student", "distilled_vs_baseline", "sparse_vs_dense", "wall_seconds")
+    out = {"machine": machine, "loadavg_at_end": os.getloadavg(),
+           "command": " ".join(["python", "benchmarks/bench_lm_targets.py", *(argv or sys.argv[1:])]),
+           "config": args.config, "overrides": args.overrides, "total_wall_seconds": time.time() - t_all,
+           "rows": rows, "median": {k: statistics.median(r[k] for r in rows) for k in cols},
+           "targets_met": {
+               "distilled_ppl_5pct_below_baseline": all(r["distilled_vs_baseline"] <= -0.05 for r in rows),
+               "sparse_within_5pct_of_dense": all(r["sparse_vs_dense"] <= 0.05 for r in rows)}}
+    write_json_atomic(args.out, out)
+    print("| seed | teacher ppl | baseline ppl | dense distilled ppl | 50%-sparse ppl | distilled vs baseline "
+          "| sparse vs dense | wall s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['seed']} | {r['teacher']:.2f} | {r['baseline']:.2f} | {r['dense_student']:.2f} | "
+              f"{r['student']:.2f} | {r['distilled_vs_baseline']:+.1%} | {r['sparse_vs_dense']:+.1%} | "
+              f"{r['wall_seconds']:.0f} |")
+    print(f"targets met: {out['targets_met']}\nresults: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

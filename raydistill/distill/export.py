@@ -1,0 +1,52 @@
+"""Export a causal-LM student for transformers users.
+
+``export_student(cfg, checkpoint_dir, out_dir)`` writes ``save_pretrained`` (safetensors) of the student --
+for a pruned student its masked weights, so ``AutoModelForCausalLM.from_pretrained(out_dir)`` gives the
+same logits as the trained model -- plus its tokenizer (``PreTrainedTokenizerFast``), and, for a pruned
+student, ``sparse_model.safetensors`` beside it: the same model with its pruned layers as ``SparseLinear``
+(``raydistill.compress.load_sparse`` reads it).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+SPARSE_FILE = "sparse_model.safetensors"
+
+
+def export_student(cfg, checkpoint_dir, out_dir) -> Path:
+    from transformers import PreTrainedTokenizerFast
+
+    from raydistill.compress import compress, save_sparse
+    from raydistill.data.text import EOS, PAD
+    from raydistill.distill.trainer import load_checkpoint_model
+
+    net, _, meta, _, info = load_checkpoint_model(cfg, checkpoint_dir, convert=False)
+    if not hasattr(net, "save_pretrained"):
+        raise ValueError(f"{cfg.student.model!r} is not a transformers model: only model 'hf' students export "
+                         "with save_pretrained")
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    net.save_pretrained(str(tmp), safe_serialization=True)
+    tok_file = Path(info["tokenizer_dir"]) / "tokenizer.json"
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_file))
+    vocab = tok.get_vocab()
+    if EOS in vocab:
+        tok.eos_token = EOS
+        tok.bos_token = EOS
+    if PAD in vocab:
+        tok.pad_token = PAD
+    tok.save_pretrained(str(tmp))
+    from raydistill.distill.worker import load_masks
+
+    masks = load_masks(checkpoint_dir)
+    if masks:
+        compress(net, masks=masks)
+        save_sparse(net, tmp / SPARSE_FILE)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,74 @@
+"""``StageSpec``: everything one Ray Train stage needs, typed and frozen (what ``train_fn_per_worker`` gets).
+
+The driver builds it from the validated ``Config`` (``trainer.stage_spec``); the worker reads only this.
+``config_hash`` covers what changes what the stage learns (not where it runs), so a checkpoint written
+by another config is refused on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class KDTerms:
+    """The distillation loss: ``alpha * T^2 * D(teacher, student) + (1 - alpha) * CE`` (see ``ops.kd_loss``)."""
+
+    temperature: float
+    alpha: float
+    divergence: str
+    beta: float
+    hard_labels: Literal["teacher_argmax", "none"] = "teacher_argmax"
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    """A frozen teacher: a checkpoint directory (or .safetensors file) and the model that loads it."""
+
+    path: str
+    model: dict
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    stage: str                              # teacher | baseline | dense_student | student | assistant_i
+    task: Literal["classification", "causal_lm"]
+    kind: Literal["ce", "kd"]               # ce: labels only (teacher, baseline); kd: distillation
+    model: dict                             # {"model": name, "kwargs": {...}}
+    epochs: int
+    batch_size: int
+    optimizer: dict                         # OptimizerConfig dump
+    lr_schedule: dict                       # ScheduleConfig dump
+    seed: int
+    progress_dir: str                       # rank 0 appends epochs.jsonl here
+    sparsity: float = 0.0
+    compression: dict | None = None         # CompressionConfig dump when sparsity > 0
+    kd: KDTerms | None = None
+    teacher: TeacherRef | None = None       # online teacher (None: ce, or offline top-k outputs)
+    teacher_hash: str | None = None
+    offline: bool = False                   # kd from top-k teacher outputs (parquet)
+    steps_per_epoch: int | None = None      # None: this worker's rows // batch_size
+    materialize: bool = True
+    rows_per_worker: int = 0
+    threads: int = 1
+    grad_clip: float | None = None
+    debug_crash_at_epoch: int | None = None
+    strategy: Literal["ddp", "fsdp"] = "ddp"                   # how several workers hold the model
+    task_info: dict[str, Any] = field(default_factory=dict)   # causal_lm: vocab_size, pad_id, eos_id, ...
+    config_hash: str = ""
+
+    # fields that do not change what the stage learns
+    _RUN_ONLY = ("progress_dir", "threads", "materialize", "rows_per_worker", "debug_crash_at_epoch",
+                 "config_hash", "strategy")
+
+    def learning_fields(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in self._RUN_ONLY:
+            d.pop(k, None)
+        d.pop("teacher", None)  # its path moves with the storage; teacher_hash identifies it
+        return d
+
+    def replace(self, **changes) -> "StageSpec":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,149 @@
+"""Causal LM: packed ``input_ids`` blocks ``(B, S)`` -> ``(B, S, V)`` logits; every position predicts the
+next token (the last position and ``<pad>`` targets are ``ignore_index``).
+
+Distillation is per token: ``kd_loss`` over ``(B, S, V)`` (online teacher) or ``kd_loss_topk`` over the
+teacher's top-k logits per token (offline, parquet), alpha-mixed with next-token cross-entropy.
+
+Padded vocabularies: teacher and student may have more output ids than the tokenizer (padding, e.g.
+32000 -> 32064); both are sliced to the tokenizer's ids (the ids no token maps to are left out, which is
+what masking them with -inf does to a softmax). ``raydistill.models.hf.check_vocab`` rejects anything
+beyond padding before Ray starts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from raydistill.tasks.base import IGNORE_INDEX, Task
+
+
+def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """``(B, S, V)`` logits of a transformers model (``.logits``) or of a plain module returning a tensor."""
+    out = model(input_ids=input_ids) if _is_hf(model) else model(input_ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _is_hf(model) -> bool:
+    from raydistill.compress.pruner import unwrap_model
+
+    return hasattr(unwrap_model(model), "config") and hasattr(unwrap_model(model), "generation_config")
+
+
+def next_token_labels(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """``labels[b, s] = input_ids[b, s + 1]``; the last position and pad targets are ``IGNORE_INDEX``."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    nxt = input_ids[:, 1:]
+    labels[:, :-1] = torch.where(nxt == pad_id, torch.full_like(nxt, IGNORE_INDEX), nxt)
+    return labels
+
+
+def shared_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The first ``vocab`` (tokenizer) ids of a possibly padded ``(..., V)`` output."""
+    if logits.shape[-1] < vocab:
+        raise ValueError(f"the model has {logits.shape[-1]} output ids, fewer than the tokenizer's {vocab}")
+    return logits if logits.shape[-1] == vocab else logits[..., :vocab]
+
+
+class CausalLMTask(Task):
+    name = "causal_lm"
+    metric = "perplexity"
+    higher_is_better = False
+    float_columns = ("topk_values",)
+
+    def train_columns(self, offline: bool) -> list[str]:
+        return ["input_ids"] + (["topk_values", "topk_indices"] if offline else [])
+
+    def eval_columns(self) -> list[str]:
+        return ["input_ids", "split"]
+
+    def build_model(self, model: dict, task_info: dict):
+        from raydistill.models import build_model
+
+        return build_model(model, vocab_size=int(task_info["vocab_size"]))
+
+    def loss(self, model, batch: dict, spec, teacher) -> tuple[torch.Tensor, int]:
+        info = spec.task_info
+        ids = batch["input_ids"]
+        labels = next_token_labels(ids, int(info["pad_id"]))
+        n_tok = int((labels != IGNORE_INDEX).sum())
+        vocab = int(info["vocab_size"])
+        logits = shared_vocab(lm_logits(model, ids), vocab)
+        if spec.kind == "ce":
+            return F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX), n_tok
+        from raydistill import ops
+
+        kd = spec.kd
+        kw = dict(temperature=kd.temperature, alpha=kd.alpha, divergence=kd.divergence, beta=kd.beta,
+                  ignore_index=IGNORE_INDEX)
+        # switch point for the fused lm_head + kd_loss (ops.kd_loss_linear, issue 11): not used yet, the
+        # student's logits are materialised (see docs/lm.md)
+        if spec.offline:
+            return ops.kd_loss_topk(logits, batch["topk_values"], batch["topk_indices"], labels, **kw), n_tok
+        with torch.no_grad():
+            t = shared_vocab(lm_logits(teacher, ids), vocab)
+        return ops.kd_loss(logits, t, labels, **kw), n_tok
+
+    @torch.no_grad()
+    def evaluate(self, model, data: dict, teacher=None, task_info: dict | None = None,
+                 batch_size: int = 32) -> dict[str, Any]:
+        """Validation perplexity (``val_perplexity``) and, on the test blocks, ``perplexity``,
+        ``next_token_accuracy`` and ``teacher_agreement`` (top-1 agreement with the teacher, when given)."""
+        info = task_info or {}
+        out: dict[str, Any] = {}
+        split = data["split"]
+        for name, sel in (("val", split == 0), ("test", split == 1)):
+            m = lm_metrics(model, data["input_ids"][sel], int(info["pad_id"]), int(info["vocab_size"]),
+                           teacher=teacher if name == "test" else None, batch_size=batch_size)
+            if name == "val":
+                out["val_perplexity"] = m["perplexity"]
+            else:
+                out.update(m)
+        return out
+
+
+@torch.no_grad()
+def lm_metrics(model, blocks: torch.Tensor, pad_id: int, vocab: int, *, teacher=None,
+               batch_size: int = 32) -> dict[str, float]:
+    was = model.training
+    model.eval()
+    nll, n, correct, agree = 0.0, 0, 0, 0
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i:i + batch_size]
+        labels = next_token_labels(ids, pad_id)
+        valid = labels != IGNORE_INDEX
+        logits = shared_vocab(lm_logits(model, ids), vocab).float()
+        nll += float(F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                     reduction="sum"))
+        pred = logits.argmax(-1)
+        correct += int((pred == labels)[valid].sum())
+        n += int(valid.sum())
+        if teacher is not None:
+            tp = shared_vocab(lm_logits(teacher, ids), vocab).argmax(-1)
+            agree += int((pred == tp)[valid].sum())
+    model.train(was)
+    out = {"perplexity": math.exp(min(nll / max(n, 1), 50.0)), "next_token_accuracy": correct / max(n, 1),
+           "eval_tokens": n}
+    if teacher is not None:
+        out["teacher_agreement"] = agree / max(n, 1)
+    return out
+
+
+@torch.no_grad()
+def greedy_samples(model, prompts: list[list[int]], *, new_tokens: int, vocab: int, eos_id: int,
+                   max_len: int) -> list[list[int]]:
+    """Greedy continuation of each prompt (no KV cache: short samples for the report)."""
+    model.eval()
+    outs = []
+    for p in prompts:
+        ids = torch.tensor([p], dtype=torch.int64)
+        for _ in range(new_tokens):
+            nxt = int(shared_vocab(lm_logits(model, ids[:, -max_len:]), vocab)[0, -1].argmax())
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+            if nxt == eos_id:
+                break
+        outs.append(ids[0, len(p):].tolist())
+    return outs

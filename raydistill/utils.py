@@ -1,0 +1,73 @@
+"""Small helpers with one home: atomic JSON writes, machine info for benchmark JSON, model unwrapping."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["machine_info", "unwrap_model", "write_json_atomic"]
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> Path:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=indent, default=str))
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
+
+
+def unwrap_model(model):
+    """The model inside DDP / DataParallel / torch.compile wrappers (see ``compress.pruner``)."""
+    from raydistill.compress.pruner import unwrap_model as _unwrap
+
+    return _unwrap(model)
+
+
+def machine_info(device: str = "cpu", *, repo: str | os.PathLike | None = None) -> dict:
+    """What a benchmark JSON records about where it ran: CPU, threads, torch, load average, git commit."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    root = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    info = {"platform": platform.platform(), "cpu_model": cpu, "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "python": platform.python_version(), "git_commit": commit,
+            "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "device": str(device), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB"
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def results_dir() -> Path:
+    """Where benchmarks write JSON: ``benchmarks/results`` of the repository checkout this package runs
+    from (editable install), else ``./benchmarks/results`` under the current directory -- never inside an
+    installed package's tree (site-packages)."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "benchmarks").is_dir():
+        return root / "benchmarks" / "results"
+    return Path.cwd() / "benchmarks" / "results"

@@ -1,0 +1,208 @@
+"""raydistill::spmm_int8 and SparseLinearInt8 (int8 values, per-row fp32 scales) against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from raydistill.ops.sparse import (SparseLinear, SparseLinearInt8, csr_from_dense, quantize_rows_int8,
+                                   sparse_linear_int8, sparse_linear_int8_dense_reference,
+                                   sparse_linear_int8_reference)
+
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def _rel(a, b):
+    b = b.double()
+    if b.numel() == 0:
+        return 0.0
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+
+
+def _layer(out_f, in_f, sparsity, g, bias=True, empty_rows=True):
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(out_f, generator=g))
+    mask = torch.rand(out_f, in_f, generator=g) >= sparsity
+    if empty_rows and out_f > 2:
+        mask[1] = False
+    return SparseLinear.from_dense(lin, mask)
+
+
+def _check(ext, out_f, in_f, lead, sparsity, dtype, g, bias=True):
+    from raydistill._build import op_backend
+
+    if ext.loaded:
+        assert op_backend("spmm_int8", "cpu") == "compiled"
+    sl = _layer(out_f, in_f, sparsity, g, bias)
+    q = sl.quantize(bits=8)
+    assert isinstance(q, SparseLinearInt8) and q.values.dtype == torch.int8
+    x = torch.randn(*lead, in_f, generator=g).to(dtype)
+    with torch.no_grad():
+        y = q(x)
+    assert y.shape == (*lead, out_f) and y.dtype == dtype
+    ref = sparse_linear_int8_dense_reference(x.reshape(-1, in_f), q.crow_indices, q.col_indices, q.values,
+                                             q.scales, q.bias, in_f).reshape(*lead, out_f)
+    assert _rel(y, ref) < TOL[dtype]
+    return sl, q
+
+
+@pytest.mark.parametrize("out_f,in_f", [(1, 1), (7, 13), (64, 100), (33, 257), (130, 70)])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 16, 17, 33, 64])
+def test_matches_float64_reference_shapes_and_batches(ext, seeded, out_f, in_f, n):
+    _check(ext, out_f, in_f, (n,), 0.7, torch.float32, seeded)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparsities_bias_and_empty_rows(ext, seeded, sparsity, bias):
+    _check(ext, 45, 96, (20,), sparsity, torch.float32, seeded, bias=bias)
+    _check(ext, 45, 96, (3,), sparsity, torch.float32, seeded, bias=bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead", [(2,), (2, 19)])
+def test_other_activation_dtypes(ext, seeded, dtype, lead):
+    _check(ext, 24, 40, lead, 0.6, dtype, seeded)
+
+
+def test_wide_input_panels(ext, seeded, monkeypatch):
+    monkeypatch.setenv("RAYDISTILL_SPMM_PANEL_KB", "1")  # many column panels of the input dim
+    _check(ext, 17, 1000, (20,), 0.5, torch.float32, seeded)
+    _check(ext, 17, 1000, (70,), 0.5, torch.float64, seeded)
+
+
+def test_threads_1_and_2_give_the_reference(ext, seeded):
+    before = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            _check(ext, 300, 512, (16,), 0.5, torch.float32, seeded)
+            _check(ext, 300, 512, (2,), 0.5, torch.float32, seeded)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_quantization_is_per_row_symmetric(seeded):
+    sl = _layer(20, 30, 0.5, seeded)
+    q, scales = quantize_rows_int8(sl.values, sl.crow_indices)
+    w = sl.weight_dense().detach().double()
+    amax = w.abs().amax(dim=1)
+    want = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    assert torch.allclose(scales.double(), want, rtol=1e-6)
+    assert int(q.abs().max()) == 127  # every nonempty row uses the full range
+    deq = SparseLinearInt8.from_sparse(sl).weight_dense(torch.float64)
+    assert ((deq - w).abs() <= scales.double()[:, None] / 2 + 1e-12).all()  # rounding error <= half a step
+
+
+def test_uint16_and_int32_indices_agree(ext, seeded):
+    sl = _layer(50, 300, 0.8, seeded)
+    q16 = sl.quantize(bits=8)
+    assert q16.col_indices.dtype == torch.uint16
+    q32 = SparseLinearInt8(300, 50, q16.nnz, True, index_dtype=torch.int32)
+    q32.load_state_dict({**q16.state_dict(), "col_indices": q16.col_indices.to(torch.int32)})
+    assert q32.col_indices.dtype == torch.int32
+    for n in (1, 3, 16, 40):
+        x = torch.randn(n, 300, generator=seeded)
+        with torch.no_grad():
+            assert torch.equal(q16(x), q32(x))  # same sums in the same order
+    assert q16.storage_bytes()["col_indices"] * 2 == q32.storage_bytes()["col_indices"]
+
+
+def test_int32_indices_above_65536_columns(ext, seeded):
+    lin = nn.Linear(70000, 3)
+    mask = torch.rand(3, 70000, generator=seeded) < 0.01
+    mask[0, 69999] = True  # a column past 65535
+    q = SparseLinear.from_dense(lin, mask).quantize(bits=8)
+    assert q.col_indices.dtype == torch.int32
+    x = torch.randn(5, 70000, generator=seeded)
+    ref = sparse_linear_int8_dense_reference(x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias, 70000)
+    with torch.no_grad():
+        assert _rel(q(x), ref) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="uint16"):
+        SparseLinearInt8(70000, 3, index_dtype=torch.uint16)
+
+
+def test_bytes_with_real_bit_widths(seeded):
+    out_f = in_f = 1024
+    sl = _layer(out_f, in_f, 0.9, seeded, empty_rows=False)
+    q = sl.quantize(bits=8)
+    b = q.storage_bytes()
+    nnz = sl.nnz
+    assert b == {"values": nnz, "col_indices": 2 * nnz, "crow_indices": 4 * (out_f + 1), "scales": 4 * out_f,
+                 "bias": 4 * out_f, "total": 3 * nnz + 4 * (out_f + 1) + 8 * out_f}
+    assert q.csr_bytes() == b["total"] - b["bias"]
+    dense_fp32 = 4 * out_f * in_f
+    # 1 byte value + 2 byte column per nonzero at 10% density: 7.5% of fp32 dense, plus row pointers/scales
+    assert 0.070 < q.csr_bytes() / dense_fp32 < 0.080
+    assert q.csr_bytes() < sl.csr_bytes() / 2.5  # fp32 CSR: 4 + 4 bytes per nonzero
+
+
+def test_bad_input():
+    sl = _layer(6, 8, 0.5, torch.Generator().manual_seed(1))
+    for bits in (4, 16, 32, True, 8.5):
+        with pytest.raises(ValueError, match="bits"):
+            sl.quantize(bits=bits)
+    q = sl.quantize(bits=8)
+    with pytest.raises(ValueError, match="already quantized"):
+        q.quantize(bits=8)
+    with pytest.raises(ValueError, match="already quantized"):
+        SparseLinearInt8.from_sparse(q)
+    x = torch.randn(2, 8)
+    with pytest.raises(TypeError, match="values"):
+        sparse_linear_int8(x, q.crow_indices, q.col_indices, q.values.to(torch.int16), q.scales)
+    with pytest.raises(TypeError, match="scales"):
+        sparse_linear_int8(x, q.crow_indices, q.col_indices, q.values, q.scales.double())
+    with pytest.raises(ValueError, match="in_features"):
+        q(torch.randn(2, 9))
+
+
+def test_kernel_rejects_out_of_range_columns(ext, seeded):
+    q = _layer(6, 8, 0.0, seeded).quantize(bits=8)
+    col = q.col_indices.clone()
+    col[5] = 9  # >= in_features
+    col32 = q.col_indices.to(torch.int32)
+    col32[5] = -3  # negative (int32 indices)
+    for n in (2, 16):
+        for c in (col, col32):
+            with pytest.raises(ValueError, match="out of range"):
+                torch.ops.raydistill.spmm_int8(torch.randn(n, 8), q.crow_indices, c, q.values, q.scales, q.bias, 6)
+
+
+def test_state_dict_round_trip_dequantize_and_grad_to_x(ext, seeded):
+    sl = _layer(30, 50, 0.7, seeded)
+    q = sl.quantize(bits=8)
+    fresh = SparseLinearInt8(50, 30)  # nnz 0: adopts the checkpoint's sizes
+    fresh.load_state_dict(q.state_dict())
+    x = torch.randn(7, 50, generator=seeded)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), q(x))
+    back = q.dequantize()
+    assert isinstance(back, SparseLinear) and torch.equal(back.weight_dense(), q.weight_dense())
+    with torch.no_grad():
+        assert _rel(back(x), q(x).double()) < TOL[torch.float32]
+    # int8 weights are constants; an input that needs a gradient still gets one
+    xg = x.clone().requires_grad_()
+    q(xg).sum().backward()
+    assert _rel(xg.grad, q.weight_dense(torch.float64).sum(0).expand(7, 50)) < 1e-5
+    assert not any(True for _ in q.parameters())
+
+
+def test_reference_and_compiled_paths_agree(ext, seeded):
+    q = _layer(40, 64, 0.8, seeded).quantize(bits=8)
+    x = torch.randn(9, 64, generator=seeded)
+    ref = sparse_linear_int8_reference(x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias)
+    with torch.no_grad():
+        assert _rel(q(x), ref.double()) < TOL[torch.float32]
+
+
+def test_opcheck(ext, seeded):
+    q = _layer(9, 7, 0.5, seeded).quantize(bits=8)
+    x = torch.randn(4, 7, generator=seeded)
+    with torch.no_grad():
+        q(x)  # registers the fake impl
+    torch.library.opcheck(torch.ops.raydistill.spmm_int8.default,
+                          (x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias, 9))

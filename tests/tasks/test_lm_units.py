@@ -1,0 +1,173 @@
+"""Unit tests (no Ray) of the task layer, packing, padded vocabularies, the config union and LM input checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from raydistill.config import ConfigError, load_config
+from raydistill.data.text import corpus_files, pack, train_bpe
+from raydistill.distill.spec import KDTerms, StageSpec
+from raydistill.tasks import IGNORE_INDEX, get_task
+from raydistill.tasks.causal_lm import lm_metrics, next_token_labels, shared_vocab
+from raydistill.tasks.classification import classification_metrics
+
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 32,
+              "tie_word_embeddings": False}
+
+
+def test_pack_fills_blocks_and_pads_only_the_tail():
+    ids = np.arange(1, 12, dtype=np.int32)  # 11 tokens
+    blocks = pack(ids, 4, pad_id=0)
+    assert blocks.shape == (3, 4)
+    assert blocks.reshape(-1)[:11].tolist() == list(range(1, 12)) and blocks[-1, -1] == 0
+    assert pack(ids[:8], 4, 0).shape == (2, 4)  # exact fit: no pad block
+
+
+def test_next_token_labels_shift_and_ignore_pad():
+    ids = torch.tensor([[5, 6, 7, 0, 0]])
+    lab = next_token_labels(ids, pad_id=0)
+    assert lab.tolist() == [[6, 7, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_padded_vocab_slice_equals_minus_inf_mask():
+    from raydistill import ops
+
+    torch.manual_seed(0)
+    vocab = 10
+    s = torch.randn(2, 3, vocab + 6, dtype=torch.float64)   # student padded by 6
+    t = torch.randn(2, 3, vocab + 2, dtype=torch.float64)   # teacher padded by 2
+    lab = torch.randint(0, vocab, (2, 3))
+    sliced = ops.kd_loss(shared_vocab(s, vocab), shared_vocab(t, vocab), lab, temperature=2.0, alpha=0.6)
+    # the same with the padded ids masked to -inf at the student's width
+    t_full = torch.full_like(s, float("-inf"))
+    t_full[..., :vocab] = t[..., :vocab]
+    s_masked = s.clone()
+    s_masked[..., vocab:] = float("-inf")
+    masked = ops.kd_loss_reference(s_masked, t_full, lab, temperature=2.0, alpha=0.6)
+    torch.testing.assert_close(sliced.double(), masked, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="fewer than the tokenizer"):
+        shared_vocab(torch.randn(2, 8), vocab)
+
+
+def _lm_spec(kind="kd", offline=False, pad=0, vocab=40):
+    return StageSpec(stage="s", task="causal_lm", kind=kind, model={"model": "hf", "kwargs": {"config": TINY_LLAMA}},
+                     epochs=1, batch_size=2, optimizer={}, lr_schedule={}, seed=0, progress_dir="/tmp",
+                     kd=KDTerms(2.0, 0.7, "forward_kl", 0.5) if kind == "kd" else None, offline=offline,
+                     task_info={"vocab_size": vocab, "pad_id": pad, "eos_id": 1})
+
+
+def test_causal_lm_task_loss_matches_reference_and_metrics():
+    from raydistill import ops
+
+    torch.manual_seed(0)
+    task = get_task("causal_lm")
+    spec = _lm_spec()
+    student = task.build_model(spec.model, spec.task_info)
+    teacher = task.build_model({"model": "hf", "kwargs": {"config": dict(TINY_LLAMA, vocab_size=44)}},
+                               spec.task_info)  # padded teacher vocabulary
+    ids = torch.randint(2, 40, (3, 9))
+    ids[0, 6:] = 0  # padding at the end of a block
+    loss, n = task.loss(student, {"input_ids": ids}, spec, teacher)
+    assert n == 3 * 8 - 3
+    lab = next_token_labels(ids, 0)
+    ref = ops.kd_loss_reference(student(input_ids=ids).logits.double(),
+                                teacher(input_ids=ids).logits[..., :40].double(), lab,
+                                temperature=2.0, alpha=0.7)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-5)
+    loss.backward()
+    assert student.lm_head.weight.grad is not None and student.lm_head.weight.grad.abs().sum() > 0
+    # ce stage: plain next-token cross-entropy over non-pad targets
+    ce, _ = task.loss(student, {"input_ids": ids}, _lm_spec("ce"), None)
+    want = torch.nn.functional.cross_entropy(student(input_ids=ids).logits.reshape(-1, 40), lab.reshape(-1))
+    torch.testing.assert_close(ce, want)
+    m = lm_metrics(student, ids, 0, 40, teacher=student)
+    assert m["teacher_agreement"] == 1.0 and m["eval_tokens"] == n
+    assert m["perplexity"] == pytest.approx(float(torch.exp(want.detach())), rel=1e-4)
+
+
+def test_classification_macro_precision_recall():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p = np.array([0, 1, 1, 1, 2, 0])
+    m = classification_metrics(p, y, num_classes=3)
+    assert m["macro_precision"] == pytest.approx(np.mean([1 / 2, 2 / 3, 1 / 1]))
+    assert m["macro_recall"] == pytest.approx(np.mean([1 / 2, 2 / 2, 1 / 2]))
+
+
+def test_sparse_linear_without_bias():
+    from raydistill.ops.sparse import SparseLinear
+
+    lin = torch.nn.Linear(8, 4, bias=False)
+    sl = SparseLinear.from_dense(lin, torch.rand(4, 8) > 0.5)
+    assert SparseLinear(8, 4, bias=False).bias is None and sl.bias is None
+    x = torch.randn(3, 5, 8)  # (B, S, H) as in a transformer
+    torch.testing.assert_close(sl(x), x @ sl.weight_dense().T)
+
+
+def test_config_union_and_lm_input_errors(tmp_path):
+    cfg = load_config("lm_tiny")
+    assert cfg.data.name == "text" and cfg.data.task == "causal_lm"
+    assert load_config(None).data.task == "classification"
+    cases = [
+        (["data.path=" + str(tmp_path / "nope")], "data.path: .*does not exist"),
+        (["data.seq_len=100"], r"data.seq_len \(100\) exceeds teacher.kwargs.config max positions \(64\)"),
+        (["student.kwargs={pretrained: " + str(tmp_path) + "}"], "student: kwargs.pretrained: .* has no config.json"),
+        (["student.kwargs.config.vocab_size=100"], "student.kwargs.config: vocab_size 100 is smaller"),
+        (["data.nosuch=1"], "data.nosuch: unknown key; allowed keys here: .*seq_len"),
+        (["data.name=csv"], r"data.name: must be one of .mnist1d., .text. \(got .csv.\)"),
+    ]
+    for overrides, pattern in cases:
+        with pytest.raises(ConfigError, match=pattern):
+            load_config("lm_tiny", overrides)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    with pytest.raises(ConfigError, match="data.path: the corpus at .* is empty"):
+        load_config("lm_tiny", [f"data.path={empty}"])
+
+
+def test_tokenizer_dir_vocab_checks(tmp_path):
+    tok = train_bpe(["def f(x):\n    return x + 1\n" * 50, "class A:\n    pass\n" * 50], 300, tmp_path / "tok")
+    n = json.loads((tok / "tokenizer.json").read_text())
+    assert n["model"]["type"] == "BPE"
+    from raydistill.data.text import tokenizer_vocab_size
+
+    v = tokenizer_vocab_size(tok)
+    ok = load_config("lm_tiny", [f"data.tokenizer={tok}", f"student.kwargs.config.vocab_size={v + 64}"])
+    assert ok.data.tokenizer == str(tok)  # padding (< 128 extra ids) is fine
+    with pytest.raises(ConfigError, match="more than padding"):
+        load_config("lm_tiny", [f"data.tokenizer={tok}", f"teacher.kwargs.config.vocab_size={v + 500}"])
+    with pytest.raises(ConfigError, match="does not fit"):
+        load_config("lm_tiny", [f"data.tokenizer={tok}", f"teacher.kwargs.config.vocab_size={v - 1}"])
+    with pytest.raises(ConfigError, match="has no tokenizer.json"):
+        load_config("lm_tiny", [f"data.tokenizer={tmp_path}"])
+
+
+def test_corpus_files_default_is_stdlib_and_formats(tmp_path):
+    files = corpus_files(None, max_bytes=50_000)
+    assert files and all(f.suffix == ".py" for f in files)
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "b.txt").write_text("y")
+    with pytest.raises(ValueError, match="mixes file kinds"):
+        corpus_files(tmp_path)
+
+
+def test_tied_embeddings_checkpoint_roundtrip(tmp_path):
+    from raydistill.distill.worker import load_weights, save_checkpoint_dir
+    from raydistill.models import build_model
+
+    spec = {"model": "hf", "kwargs": {"config": {"model_type": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2,
+                                                 "n_positions": 16, "tie_word_embeddings": True}}}
+    torch.manual_seed(0)
+    m = build_model(spec, vocab_size=50)
+    assert m.lm_head.weight.data_ptr() == m.transformer.wte.weight.data_ptr()
+    d = save_checkpoint_dir(tmp_path / "ck", model=m, meta={"epoch": 1})
+    torch.manual_seed(1)
+    m2 = build_model(spec, vocab_size=50)
+    load_weights(m2, d)
+    ids = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(m2.eval()(input_ids=ids).logits, m.eval()(input_ids=ids).logits)  # no dropout

@@ -14,7 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("raydistill.info", "versions, op backends (compiled CPU / CUDA / reference), devices"),
     "build-ext": ("raydistill.info:build_ext_main", "build the C++/CUDA extension into the cache now"),
-    "bench": ("raydistill.bench", "kernel and pipeline benchmarks: kd-loss, spmm, distill-throughput"),
+    "bench": ("raydistill.bench", "kernel and pipeline benchmarks: kd-loss, kd-loss-linear, spmm, spmm-int8, distill-throughput"),
     "distill": ("raydistill.distill.cli", "distil (and prune) a student from a teacher with Ray Train"),
     "teacher-logits": ("raydistill.distill.cli:teacher_logits_main",
                        "precompute top-k teacher logits over the transfer set (Ray Data) to parquet"),

@@ -71,3 +71,25 @@ def results_dir() -> Path:
     if (root / "pyproject.toml").is_file() and (root / "benchmarks").is_dir():
         return root / "benchmarks" / "results"
     return Path.cwd() / "benchmarks" / "results"
+
+
+def cuda_median_ms(fn, *, reps: int = 10, warmup: int = 3, calls: int = 1) -> float:
+    """Median milliseconds per call of ``fn`` on the current CUDA stream: CUDA events around ``calls``
+    back-to-back calls, ``reps`` times, after ``warmup`` untimed calls (host launch gaps inside count)."""
+    import statistics
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    return statistics.median(times)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from raydistill.bench.kd_loss import machine_info, measure_copy_bandwidth  # noqa: E402
 from raydistill.ops import kd_loss  # noqa: E402
+from raydistill.utils import cuda_median_ms  # noqa: E402
 
 CASES = [(8192, 128256, torch.bfloat16), (4096, 32000, torch.float32), (4096, 128256, torch.float32),
          (16384, 32000, torch.bfloat16)]
@@ -30,17 +30,7 @@ CONFIGS = ["generic", "default", "256:2", "256:4", "512:1", "512:2", "512:4", "1
 
 
 def timed(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return cuda_median_ms(fn, reps=reps, warmup=1)
 
 
 def main() -> int:

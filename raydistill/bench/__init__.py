@@ -7,6 +7,7 @@ import sys
 
 BENCHES = {
     "kd-loss": "raydistill.bench.kd_loss",
+    "kd-loss-linear": "raydistill.bench.kd_loss_linear",
     "spmm": "raydistill.bench.spmm",
     "spmm-int8": "raydistill.bench.spmm_int8",
     "distill-throughput": "raydistill.bench.distill_throughput",

@@ -114,15 +114,9 @@ def _time(fn, device, warmup, reps) -> float:
         fn()
     _sync(device)
     if device.type == "cuda":  # CUDA events around each call (host launch gaps inside a call count)
-        ts = []
-        for _ in range(reps):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            e1.synchronize()
-            ts.append(e0.elapsed_time(e1))
-        return statistics.median(ts)
+        from raydistill.utils import cuda_median_ms
+
+        return cuda_median_ms(fn, reps=reps, warmup=0)
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()

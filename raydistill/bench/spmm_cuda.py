@@ -33,20 +33,9 @@ BATCHES = (1, 16, 64, 256)
 
 
 def _events_ms(fn, calls: int, reps: int) -> float:
-    import torch
+    from raydistill.utils import cuda_median_ms
 
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(calls):
-            fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / calls)
-    return statistics.median(out)
+    return cuda_median_ms(fn, reps=reps, warmup=1, calls=calls)
 
 
 def _graph_ms(fn, calls: int, reps: int) -> float | None:

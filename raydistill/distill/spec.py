@@ -21,6 +21,7 @@ class KDTerms:
     divergence: str
     beta: float
     hard_labels: Literal["teacher_argmax", "none"] = "teacher_argmax"
+    fused_linear: bool = False  # causal LM: lm_head + kd_loss fused (ops.kd_loss_linear), no logits tensor
 
 
 @dataclass(frozen=True)

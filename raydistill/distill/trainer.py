@@ -193,7 +193,7 @@ def stage_spec(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int, 
         sparsity=float(sparsity),
         compression=cfg.compression.model_dump(mode="json", exclude={"structured", "quantize", "order"})
         if sparsity > 0 else None,
-        kd=KDTerms(d.temperature, d.alpha, d.divergence, d.beta, d.transfer_set.hard_labels)
+        kd=KDTerms(d.temperature, d.alpha, d.divergence, d.beta, d.transfer_set.hard_labels, d.fused_linear)
         if kind == "kd" else None,
         teacher=TeacherRef(teacher.path, teacher.model) if (kind == "kd" and teacher and not offline) else None,
         teacher_hash=teacher.config_hash if teacher else None, offline=offline,

@@ -1,4 +1,4 @@
-"""Fused torch ops: the distillation loss and sparse matmul for pruned linear layers.
+"""Fused torch ops: the distillation loss (also fused with the lm_head matmul) and sparse matmul for pruned linear layers.
 
 Imports are lazy so that ``import raydistill.ops`` neither builds nor loads the extension; the first
 call of an op does (see ``raydistill._build``).
@@ -13,6 +13,10 @@ _EXPORTS = {
     "kd_loss_topk": "raydistill.ops._kd_loss",
     "KDLoss": "raydistill.ops._kd_loss",
     "kd_loss_reference": "raydistill.ops._kd_loss",
+    "kd_loss_linear": "raydistill.ops._kd_loss_linear",
+    "kd_loss_linear_topk": "raydistill.ops._kd_loss_linear",
+    "KDLossLinear": "raydistill.ops._kd_loss_linear",
+    "kd_loss_linear_reference": "raydistill.ops._kd_loss_linear",
     "MAX_TEMPERATURE": "raydistill.ops._kd_loss",
     "SparseLinear": "raydistill.ops.sparse",
     "sparse_linear": "raydistill.ops.sparse",

@@ -146,34 +146,46 @@ def _validate(student, teacher, labels, alpha, ignore_index, *, topk_indices=Non
             raise ValueError(f"teacher_logits shape {tuple(teacher.shape)} must match student_logits shape "
                              f"{tuple(student.shape)} (same leading shape and vocabulary size)")
     else:
-        if teacher.shape[:-1] != student.shape[:-1] or teacher.shape[-1] < 1:
-            raise ValueError(f"teacher_topk_logits shape {tuple(teacher.shape)} must be (*leading, k) with the "
-                             f"student's leading shape {tuple(student.shape[:-1])} and k >= 1")
-        if teacher.shape[-1] > V:
-            raise ValueError(f"teacher_topk_logits has k={teacher.shape[-1]} entries per row, more than the "
-                             f"vocabulary size V={V}")
-        if not isinstance(topk_indices, Tensor):
-            raise TypeError(f"teacher_topk_indices must be a torch.Tensor, got {type(topk_indices).__name__}")
-        if topk_indices.dtype not in _INDEX:
-            raise TypeError(f"teacher_topk_indices must be int64 or int32, got {topk_indices.dtype}")
-        if topk_indices.shape != teacher.shape:
-            raise ValueError(f"teacher_topk_indices shape {tuple(topk_indices.shape)} must match "
-                             f"teacher_topk_logits shape {tuple(teacher.shape)}")
-        if topk_indices.device != student.device:
-            raise ValueError(f"teacher_topk_indices must be on the same device as student_logits "
-                             f"({student.device}), got {topk_indices.device}")
-        if not torch.compiler.is_compiling() and topk_indices.numel() > 0:
-            if bool(((topk_indices < 0) | (topk_indices >= V)).any()):
-                raise ValueError(f"teacher_topk_indices must be in [0, V={V})")
-            if topk_indices.shape[-1] > 1:
-                # one sort over k per row (k << V): a duplicate would be counted twice in the loss but
-                # the kernels' gradient does not match that sum, so duplicates are an error
-                s = topk_indices.reshape(-1, topk_indices.shape[-1]).sort(dim=-1).values
-                dup = s[:, 1:] == s[:, :-1]
-                if bool(dup.any()):
-                    row = int(dup.any(dim=1).nonzero()[0, 0])
-                    raise ValueError(f"teacher_topk_indices must be distinct within a row; row {row} (flattened) "
-                                     f"repeats index {int(s[row, 1:][dup[row]][0])}")
+        _check_topk(teacher, topk_indices, student.shape[:-1], V, student.device)
+    _check_labels(labels, student.shape[:-1], V, alpha, ignore_index, student.device)
+
+
+def _check_topk(teacher, topk_indices, lead, V, device, lead_name="student_logits") -> None:
+    """The top-k teacher (``teacher_topk_logits``, a checked float tensor, and its indices) against the
+    student's leading shape ``lead`` and vocabulary size ``V``."""
+    if teacher.shape[:-1] != lead or teacher.shape[-1] < 1:
+        raise ValueError(f"teacher_topk_logits shape {tuple(teacher.shape)} must be (*leading, k) with the "
+                         f"leading shape {tuple(lead)} of {lead_name} and k >= 1")
+    if teacher.shape[-1] > V:
+        raise ValueError(f"teacher_topk_logits has k={teacher.shape[-1]} entries per row, more than the "
+                         f"vocabulary size V={V}")
+    if not isinstance(topk_indices, Tensor):
+        raise TypeError(f"teacher_topk_indices must be a torch.Tensor, got {type(topk_indices).__name__}")
+    if topk_indices.dtype not in _INDEX:
+        raise TypeError(f"teacher_topk_indices must be int64 or int32, got {topk_indices.dtype}")
+    if topk_indices.shape != teacher.shape:
+        raise ValueError(f"teacher_topk_indices shape {tuple(topk_indices.shape)} must match "
+                         f"teacher_topk_logits shape {tuple(teacher.shape)}")
+    if topk_indices.device != device:
+        raise ValueError(f"teacher_topk_indices must be on the same device as {lead_name} "
+                         f"({device}), got {topk_indices.device}")
+    if not torch.compiler.is_compiling() and topk_indices.numel() > 0:
+        if bool(((topk_indices < 0) | (topk_indices >= V)).any()):
+            raise ValueError(f"teacher_topk_indices must be in [0, V={V})")
+        if topk_indices.shape[-1] > 1:
+            # one sort over k per row (k << V): a duplicate would be counted twice in the loss but
+            # the kernels' gradient does not match that sum, so duplicates are an error
+            s_ = topk_indices.reshape(-1, topk_indices.shape[-1]).sort(dim=-1).values
+            dup = s_[:, 1:] == s_[:, :-1]
+            if bool(dup.any()):
+                row = int(dup.any(dim=1).nonzero()[0, 0])
+                raise ValueError(f"teacher_topk_indices must be distinct within a row; row {row} (flattened) "
+                                 f"repeats index {int(s_[row, 1:][dup[row]][0])}")
+
+
+def _check_labels(labels, lead, V, alpha, ignore_index, device, lead_name="student_logits") -> None:
+    """Hard labels: None only when alpha == 1; else int64/int32 of the leading shape ``lead`` of
+    ``lead_name``, in [0, V) or ``ignore_index`` (the value check is skipped inside torch.compile)."""
     if labels is None:
         if alpha < 1:
             raise ValueError(f"labels are required when alpha < 1 (got alpha={alpha}); the hard-label "
@@ -183,11 +195,11 @@ def _validate(student, teacher, labels, alpha, ignore_index, *, topk_indices=Non
         raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
     if labels.dtype not in _INDEX:
         raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
-    if labels.shape != student.shape[:-1]:
-        raise ValueError(f"labels shape {tuple(labels.shape)} must equal the leading shape of student_logits "
-                         f"{tuple(student.shape[:-1])}")
-    if labels.device != student.device:
-        raise ValueError(f"labels must be on the same device as student_logits ({student.device}), "
+    if labels.shape != lead:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal the leading shape of {lead_name} "
+                         f"{tuple(lead)}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on the same device as {lead_name} ({device}), "
                          f"got {labels.device}")
     if not torch.compiler.is_compiling() and labels.numel() > 0:
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from raydistill.utils import cuda_median_ms
 
 __all__ = ["choose_path", "dispatch_key", "cached_decisions", "cache_file", "PATH_ENV"]
 
@@ -83,26 +84,12 @@ def dispatch_key(device: torch.device, dtype: torch.dtype, out_features: int, in
             f"|s{round(sparsity * 20) / 20:.2f}|b{_batch_bucket(batch)}")
 
 
-def _median_ms(fn, reps: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def _measure(layer, batch: int, dtype: torch.dtype, device: torch.device) -> str:
     x = torch.randn(_batch_bucket(batch), layer.in_features, device=device, dtype=dtype)
     with torch.no_grad():
         w = layer.dense_weight_cache()
-        t_sparse = _median_ms(lambda: layer._spmm(x))
-        t_dense = _median_ms(lambda: F.linear(x, w, layer.bias))
+        t_sparse = cuda_median_ms(lambda: layer._spmm(x))
+        t_dense = cuda_median_ms(lambda: F.linear(x, w, layer.bias))
     return "sparse" if t_sparse < t_dense else "dense"
 
 

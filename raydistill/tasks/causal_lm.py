@@ -33,6 +33,21 @@ def _is_hf(model) -> bool:
     return hasattr(unwrap_model(model), "config") and hasattr(unwrap_model(model), "generation_config")
 
 
+def _hidden_and_head(model, input_ids: torch.Tensor):
+    """(last hidden states (B, S, H), lm_head weight, lm_head bias) of a transformers causal LM, computed
+    through the model's own forward (so DDP / FSDP wrappers see the call) with the logits of one position
+    only; None for other models."""
+    from raydistill.compress.pruner import unwrap_model
+
+    if not _is_hf(model):
+        return None
+    head = unwrap_model(model).get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1], head.weight, head.bias
+
+
 def next_token_labels(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """``labels[b, s] = input_ids[b, s + 1]``; the last position and pad targets are ``IGNORE_INDEX``."""
     labels = torch.full_like(input_ids, IGNORE_INDEX)
@@ -71,6 +86,10 @@ class CausalLMTask(Task):
         labels = next_token_labels(ids, int(info["pad_id"]))
         n_tok = int((labels != IGNORE_INDEX).sum())
         vocab = int(info["vocab_size"])
+        if spec.kind == "kd" and spec.kd.fused_linear:
+            fused = self._fused_loss(model, ids, labels, vocab, batch, spec, teacher)
+            if fused is not None:
+                return fused, n_tok
         logits = shared_vocab(lm_logits(model, ids), vocab)
         if spec.kind == "ce":
             return F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX), n_tok
@@ -79,13 +98,36 @@ class CausalLMTask(Task):
         kd = spec.kd
         kw = dict(temperature=kd.temperature, alpha=kd.alpha, divergence=kd.divergence, beta=kd.beta,
                   ignore_index=IGNORE_INDEX)
-        # switch point for the fused lm_head + kd_loss (ops.kd_loss_linear, issue 11): not used yet, the
-        # student's logits are materialised (see docs/lm.md)
         if spec.offline:
             return ops.kd_loss_topk(logits, batch["topk_values"], batch["topk_indices"], labels, **kw), n_tok
         with torch.no_grad():
             t = shared_vocab(lm_logits(teacher, ids), vocab)
         return ops.kd_loss(logits, t, labels, **kw), n_tok
+
+    @staticmethod
+    def _fused_loss(model, ids, labels, vocab: int, batch: dict, spec, teacher):
+        """``distill.fused_linear``: the student's (and teacher's) last hidden states go through
+        ``ops.kd_loss_linear(_topk)`` with the lm_head weights, so no (tokens x V) logits tensor exists.
+        The models still run through their (DDP / FSDP) wrappers, asked for hidden states and the logits of
+        one position only (``logits_to_keep=1``). None when the model is no transformers causal LM with a
+        linear lm_head (the caller then materialises the logits)."""
+        from raydistill import ops
+
+        s = _hidden_and_head(model, ids)
+        if s is None:
+            return None
+        h_s, w_s, b_s = s
+        kw = dict(temperature=spec.kd.temperature, alpha=spec.kd.alpha, divergence=spec.kd.divergence,
+                  beta=spec.kd.beta, ignore_index=IGNORE_INDEX, student_bias=None if b_s is None else b_s[:vocab])
+        if spec.offline:
+            return ops.kd_loss_linear_topk(h_s, w_s[:vocab], batch["topk_values"], batch["topk_indices"], labels, **kw)
+        with torch.no_grad():
+            t = _hidden_and_head(teacher, ids)
+        if t is None:
+            return None
+        h_t, w_t, b_t = t
+        return ops.kd_loss_linear(h_s, w_s[:vocab], h_t.detach(), w_t.detach(), labels, teacher_bias=None if b_t is None
+                                  else b_t.detach(), **kw)
 
     @torch.no_grad()
     def evaluate(self, model, data: dict, teacher=None, task_info: dict | None = None,

@@ -54,10 +54,11 @@ def test_padded_vocab_slice_equals_minus_inf_mask():
         shared_vocab(torch.randn(2, 8), vocab)
 
 
-def _lm_spec(kind="kd", offline=False, pad=0, vocab=40):
+def _lm_spec(kind="kd", offline=False, pad=0, vocab=40, fused=False):
     return StageSpec(stage="s", task="causal_lm", kind=kind, model={"model": "hf", "kwargs": {"config": TINY_LLAMA}},
                      epochs=1, batch_size=2, optimizer={}, lr_schedule={}, seed=0, progress_dir="/tmp",
-                     kd=KDTerms(2.0, 0.7, "forward_kl", 0.5) if kind == "kd" else None, offline=offline,
+                     kd=KDTerms(2.0, 0.7, "forward_kl", 0.5, fused_linear=fused) if kind == "kd" else None,
+                     offline=offline,
                      task_info={"vocab_size": vocab, "pad_id": pad, "eos_id": 1})
 
 
@@ -88,6 +89,37 @@ def test_causal_lm_task_loss_matches_reference_and_metrics():
     m = lm_metrics(student, ids, 0, 40, teacher=student)
     assert m["teacher_agreement"] == 1.0 and m["eval_tokens"] == n
     assert m["perplexity"] == pytest.approx(float(torch.exp(want.detach())), rel=1e-4)
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_fused_linear_loss_equals_materialised_logits(offline):
+    """distill.fused_linear: hidden states + lm_head through ops.kd_loss_linear(_topk) give the loss and
+    the gradients of the materialised-logits path (padded teacher vocabulary, pad targets ignored)."""
+    torch.manual_seed(1)
+    task = get_task("causal_lm")
+    plain, fused = _lm_spec(offline=offline), _lm_spec(offline=offline, fused=True)
+    student = task.build_model(plain.model, plain.task_info)
+    teacher = task.build_model({"model": "hf", "kwargs": {"config": dict(TINY_LLAMA, vocab_size=44)}},
+                               plain.task_info)
+    ids = torch.randint(2, 40, (3, 9))
+    ids[1, 5:] = 0
+    batch = {"input_ids": ids}
+    if offline:
+        with torch.no_grad():
+            vals, idx = teacher(input_ids=ids).logits[..., :40].topk(8, dim=-1)
+        batch.update(topk_values=vals, topk_indices=idx)
+    grads = []
+    losses = []
+    for spec in (plain, fused):
+        student.zero_grad(set_to_none=True)
+        loss, _ = task.loss(student, batch, spec, None if offline else teacher)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and "lm_head.weight" in grads[1]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
 
 
 def test_classification_macro_precision_recall():

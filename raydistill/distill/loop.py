@@ -81,7 +81,7 @@ def setup(spec: StageSpec) -> Stage:
 
     base = task.build_model(spec.model, spec.task_info)
     if spec.structure or spec.init_from or spec.qat:  # compression steps (issue 12), before the restore
-        from raydistill.compress.steps import prepare_student
+        from raydistill.distill.steps import prepare_student
 
         prepare_student(base, spec, resuming=ray.train.get_checkpoint() is not None)
     resume = restore(spec, base)
@@ -323,7 +323,7 @@ def evaluate(st: Stage, epoch: int, train: dict) -> dict:
 def compression_metrics(st: Stage, net, epoch: int) -> dict:
     """Compression steps (issue 12): the student's bytes after its recipe every epoch, and at the last
     epoch the CPU latency of a converted copy (masks -> SparseLinear, quantize)."""
-    from raydistill.compress.steps import final_metrics, size_metrics
+    from raydistill.distill.steps import final_metrics, size_metrics
 
     masks = st.pruner.masks if st.pruner is not None else None
     out = size_metrics(net, st.spec, masks)

@@ -274,7 +274,7 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
                     timings[stage] = time.time() - ts
 
                 # ---- baseline, dense student, compressed student ----------------------------------------
-                from raydistill.compress.steps import structured_init, student_extras
+                from raydistill.distill.steps import structured_init, student_extras
 
                 recipe = dict(cfg.compression.steps())  # checked against the student by preflight
                 sparse = bool(recipe)

@@ -54,7 +54,7 @@ def check_models(cfg: Config) -> None:
         except ValueError as exc:
             key = "compression.include" if str(exc).startswith("include") else "compression.exclude"
             raise ConfigError(f"{key}: {exc}") from None
-    from raydistill.compress.steps import check_recipe  # group sizes, structured ratio (issue 12)
+    from raydistill.distill.steps import check_recipe  # group sizes, structured ratio (issue 12)
 
     try:
         check_recipe(cfg)

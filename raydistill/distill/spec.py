@@ -58,7 +58,7 @@ class StageSpec:
     debug_crash_at_epoch: int | None = None
     strategy: Literal["ddp", "fsdp"] = "ddp"                   # how several workers hold the model
     task_info: dict[str, Any] = field(default_factory=dict)   # causal_lm: vocab_size, pad_id, eos_id, ...
-    # compression steps (issue 12; raydistill.compress.steps.student_extras): the student's pruned hidden
+    # compression steps (issue 12; raydistill.distill.steps.student_extras): the student's pruned hidden
     # widths (prune_structured), the weights it starts from, fake quantization while training (QAT), and
     # the compression.quantize recipe (sizes, the final conversion)
     structure: dict | None = None

@@ -184,7 +184,7 @@ def stage_spec(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int, 
                rows: int = 0, num_workers: int = 1, progress_dir: Path, threads: int = 1,
                info: dict | None = None, extras: dict | None = None) -> StageSpec:
     """``extras``: the compression-step fields of a student stage (``structure``, ``init_from``, ``qat``,
-    ``quantize``; :func:`raydistill.compress.steps.student_extras`); None values are left at their default."""
+    ``quantize``; :func:`raydistill.distill.steps.student_extras`); None values are left at their default."""
     offline = kind == "kd" and bool(cfg.distill.teacher_outputs)
     d = cfg.distill
     spec = StageSpec(
@@ -272,7 +272,7 @@ def build_student_trainer(cfg: Config, teacher: TeacherArtifact, *, storage_path
     ``compression.sparsity`` unless ``sparsity`` is given). Workers report per-epoch ``epoch,
     train_loss, val_accuracy, accuracy, sparsity, compression_ratio, lr`` (+ macro_f1, params, ...) and
     a checkpoint every epoch. ``extras``: compression-step entries of the spec
-    (:func:`raydistill.compress.steps.student_extras`)."""
+    (:func:`raydistill.distill.steps.student_extras`)."""
     storage = resolve_storage(storage_path)
     datasets, rows = stage_datasets(cfg, storage, "kd")
     nw, res, threads = _workers_and_threads(cfg, num_workers, resources_per_worker)
@@ -447,7 +447,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
     """Test metrics and size of a checkpoint, with its pruned layers converted to ``SparseLinear``
     (``raydistill.compress.compress`` with the checkpoint's masks) and, with ``quantize`` (a
     ``compression.quantize`` dict), its Linear layers quantized
-    (:func:`raydistill.compress.steps.finalize_student`). Classification: accuracy, macro F1 /
+    (:func:`raydistill.distill.steps.finalize_student`). Classification: accuracy, macro F1 /
     precision / recall, ``latency_ms_b1`` / ``latency_ms_b256`` (median eval forward time, when
     ``latency``). Causal LM: perplexity, next_token_accuracy, teacher_agreement (against the
     checkpoint's teacher when ``teacher`` is True, against ``teacher`` when it is a ``TeacherArtifact``) and a
@@ -458,7 +458,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
     net, rep, meta, task, info = load_checkpoint_model(cfg, checkpoint_path, model, convert=not quantize)
     steps: dict = {}
     if quantize:
-        from raydistill.compress.steps import finalize_student
+        from raydistill.distill.steps import finalize_student
 
         # rep: params, sparsity, fp32 dense bytes of the float model; then masks -> sparse, quantize
         steps = finalize_student(net, load_masks_of(checkpoint_path), quantize)
@@ -480,7 +480,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
                sparse_layers=sum(1 for m in net.modules()
                                  if type(m).__name__ in ("SparseLinear", "SparseLinearInt8")),
                epoch=meta.get("epoch"), checkpoint=str(checkpoint_path))
-    from raydistill.compress.steps import latency_ms, storage_nbytes
+    from raydistill.distill.steps import latency_ms, storage_nbytes
 
     out["model_bytes"] = storage_nbytes(net)
     if quantize:  # bytes at real widths (codes + scales) instead of the float CSR accounting

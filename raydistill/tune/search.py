@@ -127,7 +127,7 @@ def distill_api():
 
 
 def search_extras(cfg) -> dict:
-    from raydistill.compress.steps import search_extras as extras
+    from raydistill.distill.steps import search_extras as extras
 
     return extras(cfg)
 

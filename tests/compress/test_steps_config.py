@@ -68,7 +68,7 @@ def test_bad_recipes_name_the_key(comp, match):
 
 
 def test_check_recipe_against_the_student():
-    from raydistill.compress.steps import check_recipe
+    from raydistill.distill.steps import check_recipe
 
     cfg = config_from_dict({"student": {"model": "mlp", "kwargs": {"hidden": 64}},
                             "compression": [{"quantize": {"bits": 4, "group_size": 32}}]})
@@ -85,7 +85,7 @@ def test_check_recipe_against_the_student():
 
 def test_projected_bytes_and_finalize_match(seeded):
     """The worker's projected bytes equal the bytes of the model finalize_student stores (no masks)."""
-    from raydistill.compress.steps import finalize_student, projected_nbytes, storage_nbytes
+    from raydistill.distill.steps import finalize_student, projected_nbytes, storage_nbytes
 
     m = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
     for bits, group in ((8, None), (4, 8)):
@@ -153,7 +153,7 @@ def test_search_extras_and_worker_side_steps(seeded):
     """Tune trial: bits -> QAT spec, structured ratio -> widths; prepare_student builds those shapes
     with FakeQuantLinear; final_metrics times a converted copy and leaves the training model alone."""
     from raydistill.compress import FakeQuantLinear
-    from raydistill.compress.steps import final_metrics, prepare_student, search_extras, size_metrics
+    from raydistill.distill.steps import final_metrics, prepare_student, search_extras, size_metrics
     from raydistill.distill.spec import StageSpec
     from raydistill.models import build_model
 
@@ -180,7 +180,7 @@ def test_search_extras_and_worker_side_steps(seeded):
 
 def test_recipe_steps_other_than_prune_are_classification_only():
     """A causal-LM config with quantize / prune_structured fails before Ray, naming the key; prune passes."""
-    from raydistill.compress.steps import check_recipe
+    from raydistill.distill.steps import check_recipe
 
     cfg = load_config(REPO / "tune_configs" / "lm_tiny.yaml", ["compression=[{quantize: {bits: 8}}]"])
     with pytest.raises(ValueError, match=r"compression\.quantize: .*classification"):

@@ -316,7 +316,24 @@ class _DenseView(torch.autograd.Function):
         return grad_dense.reshape(-1).index_select(0, flat), None, None
 
 
-class SparseLinear(nn.Module):
+class _CSRSizes:
+    """nnz / density / sparsity of a CSR layer holding ``values`` (nnz,) of an (out, in) weight."""
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        total = self.in_features * self.out_features
+        return self.nnz / total if total else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density if self.in_features * self.out_features else 0.0
+
+
+class SparseLinear(_CSRSizes, nn.Module):
     """A linear layer whose weight is a fixed CSR pattern with trainable values.
 
     Parameters: ``values`` (nnz,) and ``bias`` (out,) -- nothing else, so DDP/optimizers see only
@@ -405,18 +422,6 @@ class SparseLinear(nn.Module):
                                       unexpected_keys, error_msgs)
 
     # use ------------------------------------------------------------------------------------------
-    @property
-    def nnz(self) -> int:
-        return self.values.numel()
-
-    @property
-    def density(self) -> float:
-        total = self.in_features * self.out_features
-        return self.nnz / total if total else 0.0
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.density if self.in_features * self.out_features else 0.0
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
@@ -650,7 +655,7 @@ def sparse_linear_int8(x: Tensor, crow_indices: Tensor, col_indices: Tensor, val
     return y.reshape(*lead, out_features)
 
 
-class SparseLinearInt8(nn.Module):
+class SparseLinearInt8(_CSRSizes, nn.Module):
     """Inference-only sparse linear layer with int8 values and one fp32 scale per output row.
 
     W[r, c] = ``values[k] * scales[r]`` at the CSR pattern (``crow_indices`` int32,
@@ -714,19 +719,6 @@ class SparseLinearInt8(nn.Module):
                 setattr(self, name, torch.zeros(t.shape, dtype=t.dtype, device=cur.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-
-    @property
-    def nnz(self) -> int:
-        return self.values.numel()
-
-    @property
-    def density(self) -> float:
-        total = self.in_features * self.out_features
-        return self.nnz / total if total else 0.0
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.density if self.in_features * self.out_features else 0.0
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:

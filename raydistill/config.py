@@ -563,15 +563,23 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Load and validate a YAML config (None: the embedded default), applying ``--set`` overrides."""
+def resolve_config_path(path: str | Path | None) -> Path:
+    """``path`` as given, or, when no such file exists and it is a bare name, the shipped config of that
+    name (``lm_default`` -> tune_configs/lm_default.yaml); None: the embedded default. The result may
+    not exist (the caller reports it)."""
     p = Path(path) if path is not None else default_config_path()
     if not p.is_file() and path is not None and re.fullmatch(r"[\w.-]+", str(path)):
         name = str(path) if str(path).endswith((".yaml", ".yml")) else f"{path}.yaml"
-        try:  # a shipped config by name: `raydistill distill lm_default`
+        try:  # a shipped config by name: `raydistill distill lm_default`, `raydistill tune lm_search`
             p = shipped_config_path(name)
         except ConfigError:
             pass
+    return p
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load and validate a YAML config (None: the embedded default), applying ``--set`` overrides."""
+    p = resolve_config_path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p} (a path, or the name of a shipped config in tune_configs/)")
     try:

@@ -315,19 +315,19 @@ def evaluate(st: Stage, epoch: int, train: dict) -> dict:
                    compression_ratio=float(rep.compression_ratio), params=int(rep.params),
                    nonzero_params=int(rep.nonzero_params), lr=float(st.opt.param_groups[0]["lr"]),
                    epochs=st.spec.epochs, global_step=st.global_step)
-    if st.spec.stage != "teacher" and st.task.name == "classification":
+    if st.spec.stage != "teacher":
         metrics.update(compression_metrics(st, net, epoch))
     return metrics
 
 
 def compression_metrics(st: Stage, net, epoch: int) -> dict:
-    """Compression steps (issue 12): the student's bytes after its recipe every epoch, and at the last
-    epoch the CPU latency of a converted copy (masks -> SparseLinear, quantize)."""
+    """Compression steps (issue 12): the student's bytes after its recipe every epoch, and (classification)
+    at the last epoch the CPU latency of a converted copy (masks -> SparseLinear, quantize)."""
     from raydistill.distill.steps import final_metrics, size_metrics
 
     masks = st.pruner.masks if st.pruner is not None else None
     out = size_metrics(net, st.spec, masks)
-    if epoch == st.spec.epochs:
+    if epoch == st.spec.epochs and st.task.name == "classification":
         out.update(final_metrics(net, st.spec, masks, int(st.eval["x"].shape[1])))
     return out
 

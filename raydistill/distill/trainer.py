@@ -199,7 +199,8 @@ def stage_spec(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int, 
         teacher_hash=teacher.config_hash if teacher else None, offline=offline,
         steps_per_epoch=steps_per_epoch, materialize=cfg.data.materialize,
         rows_per_worker=int(rows // max(1, num_workers)), threads=int(threads),
-        grad_clip=d.grad_clip if kind == "kd" else None, debug_crash_at_epoch=cfg.run.debug_crash_at_epoch,
+        grad_clip=d.grad_clip if stage != "teacher" else None,  # the baseline too: same optimizer
+        debug_crash_at_epoch=cfg.run.debug_crash_at_epoch,
         strategy=cfg.scaling.strategy, task_info=dict(info or {}))
     spec = spec.replace(**{k: v for k, v in (extras or {}).items() if v is not None})  # issue 12 steps
     return spec.replace(config_hash=_result_hash(cfg, spec))

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "under <storage-path>/<name>/.",
     )
     p.add_argument("config", nargs="?", default=None,
-                   help=f"search config: a distill config + a 'search' section (default: {DEFAULT_SEARCH_CONFIG_NAME}; "
+                   help=f"search config: a distill config + a 'search' section, a path or the name of a shipped "
+                        f"one (lm_search, mnist1d_compress_search; default: {DEFAULT_SEARCH_CONFIG_NAME}; "
                         "with --resume: the config saved with the search)")
     p.add_argument("--num-samples", type=int, default=None, help="trials to sample (overrides search.num_samples)")
     p.add_argument("--max-concurrent", type=int, default=None,
@@ -65,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
 
     from raydistill.config import ConfigError, load_config
-    from raydistill.tune.space import SearchSpaceError, check_space_against_config, parse_search
+    from raydistill.tune.space import (
+        SearchSpaceError,
+        check_metrics_for_task,
+        check_space_against_config,
+        parse_search,
+    )
 
     if args.name is not None:
         from raydistill.config import validate_run_name
@@ -82,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
     exp_dir: Path | None = None
     if args.config:
-        config_path = Path(args.config)
+        from raydistill.config import resolve_config_path
+
+        config_path = resolve_config_path(args.config)  # a path, or a shipped config's name (lm_search)
     else:
         from raydistill.config import shipped_config_path
 
@@ -137,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = spec.model_copy(update=upd)
         base = cfg.model_dump(mode="json")
         check_space_against_config(spec, base, type(cfg).model_validate)
+        check_metrics_for_task(spec, cfg.data.task)
     except SearchSpaceError as e:
         _err(console, str(e))
         return EXIT_USAGE

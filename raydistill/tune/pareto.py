@@ -1,4 +1,7 @@
-"""The accuracy / compression Pareto front (pure functions, no Ray).
+"""The quality / compression Pareto front (pure functions, no Ray).
+
+The docstrings below speak of accuracy; any objective ``-key`` is ``key`` minimised (a causal LM's
+front is over ``-perplexity``: :data:`raydistill.tune.report.PERPLEXITY`).
 
 A point ``p`` is *dominated* when another point ``q`` is at least as good in both objectives and
 strictly better in one: ``q.accuracy >= p.accuracy and q.compression_ratio >= p.compression_ratio``

@@ -2,9 +2,13 @@
 
 * ``trials.csv``       one row per trial: its searched values (plus temperature/alpha/sparsity always),
                        final metrics, epochs run, whether the scheduler stopped it early, status.
-* ``pareto.json``      the non-dominated trials in (accuracy, compression_ratio) + reference accuracies.
-* ``pareto.png``       accuracy vs compression ratio for every trial, front highlighted, teacher and
+* ``pareto.json``      the non-dominated trials in (quality, compression_ratio) + the teacher's and the
+                       from-scratch baseline's quality.
+* ``pareto.png``       quality vs compression ratio for every trial, front highlighted, teacher and
                        from-scratch baseline as horizontal lines.
+
+The quality is the task's test metric (:func:`quality_for`): ``accuracy`` (maximised) for classification,
+``perplexity`` (minimised) for a causal LM.
 * ``best_config.yaml`` a complete distill config (no ``search`` section) for the best trial, or the best
                        with ``compression.sparsity >= min_sparsity``.
 
@@ -17,14 +21,53 @@ import csv
 import json
 import math
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from raydistill.tune.pareto import LATENCY_OBJECTIVES, OBJECTIVES, SIZE_OBJECTIVES, pareto_indices
+from raydistill.tune.pareto import OBJECTIVES, pareto_indices
+
+
+@dataclass(frozen=True)
+class Quality:
+    """The metric a front and its plot rank trials by: a test metric ``key`` and its direction."""
+
+    key: str       # the row / report metric
+    mode: str      # "max" | "min"
+    label: str     # axis label
+    fmt: str       # number format
+
+    @property
+    def objective(self) -> str:
+        """For :mod:`raydistill.tune.pareto` (which maximises): ``-key`` when lower is better."""
+        return self.key if self.mode == "max" else f"-{self.key}"
+
+    def objectives(self, size: str = "compression_ratio") -> tuple[str, str]:
+        return (self.objective, size)
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "max" else a < b
+
+
+ACCURACY = Quality("accuracy", "max", "test accuracy", ".4f")
+PERPLEXITY = Quality("perplexity", "min", "test perplexity (lower is better)", ".2f")
+
+
+def quality_for(task: str) -> Quality:
+    """The front's quality metric of a task (``Config.data.task``)."""
+    if task == "causal_lm":
+        return PERPLEXITY
+    if task == "classification":
+        return ACCURACY
+    raise ValueError(f"no search quality metric for task {task!r}")
 
 # Always present, in this order, after the searched parameters.
 CONFIG_COLUMNS = ("temperature", "alpha", "sparsity")
-METRIC_COLUMNS = ("accuracy", "val_accuracy", "compression_ratio", "achieved_sparsity", "train_loss", "lr",
+METRIC_COLUMNS = ("accuracy", "val_accuracy", "perplexity", "val_perplexity", "next_token_accuracy",
+                  "teacher_agreement", "compression_ratio", "achieved_sparsity", "train_loss", "lr",
                   "bits", "model_bytes", "latency_ms_b1", "latency_ms_b256")
+# written only when some trial reports them (a classification search has no perplexity column)
+TASK_COLUMNS = ("accuracy", "val_accuracy", "perplexity", "val_perplexity", "next_token_accuracy",
+                "teacher_agreement")
 TRIAL_COLUMNS = (
     "trial_id", "status", "stopped_early", "epochs_run", "epochs_configured",
     *CONFIG_COLUMNS,
@@ -36,13 +79,16 @@ FRONT_FIELDS = (
     "trial_id", "temperature", "alpha", "sparsity", "accuracy", "compression_ratio", "achieved_sparsity",
     "val_accuracy", "epochs_run", "stopped_early", "checkpoint_path", "bits", "model_bytes", "latency_ms_b256",
 )
+LM_FRONT_FIELDS = ("perplexity", "val_perplexity", "next_token_accuracy", "teacher_agreement")
 
 FINISHED = ("TERMINATED",)  # trials whose last report is a real, finished-or-stopped model
 
 
 def csv_columns(rows: Sequence[dict]) -> list[str]:
-    """TRIAL_COLUMNS with any extra searched parameter (e.g. ``lr_searched``) after the config ones."""
-    base = list(TRIAL_COLUMNS)
+    """TRIAL_COLUMNS with any extra searched parameter (e.g. ``lr_searched``) after the config ones; the
+    task metrics (accuracy, perplexity, ...) only when some row has them."""
+    base = [c for c in TRIAL_COLUMNS
+            if c not in TASK_COLUMNS or not rows or any(r.get(c) is not None for r in rows)]
     extra: list[str] = []
     for r in rows:
         for k in r.get("params", {}):
@@ -70,24 +116,27 @@ def write_trials_csv(rows: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def front_candidates(rows: Sequence[dict]) -> list[dict]:
+def front_candidates(rows: Sequence[dict], objectives: Sequence[str] = OBJECTIVES) -> list[dict]:
     """Trials that may enter the front: finished (run to the end or stopped early by the scheduler)
     with both objectives reported.  A stopped trial counts with the model of its last epoch, which is
     a real checkpoint; errored / unfinished trials do not count."""
     return [r for r in rows if r.get("status") in FINISHED
-            and all(_finite(r.get(k)) for k in OBJECTIVES)]
+            and all(_finite(r.get(k.lstrip("-"))) for k in objectives)]
 
 
 def compute_front(rows: Sequence[dict], objectives: Sequence[str] = OBJECTIVES) -> list[dict]:
-    cands = front_candidates(rows)
+    """The non-dominated finished trials; ``objectives`` as in :mod:`raydistill.tune.pareto` (``-key``:
+    minimised), by default (accuracy, compression_ratio); a causal LM's is
+    ``PERPLEXITY.objectives()`` = (-perplexity, compression_ratio)."""
+    cands = front_candidates(rows, objectives)
     return [cands[i] for i in pareto_indices(cands, objectives)]
 
 
-def compute_fronts(rows: Sequence[dict]) -> dict[str, list[dict]]:
-    """The fronts over (accuracy, bytes at real bit widths) and (accuracy, CPU latency at batch 256);
-    trials without those metrics take no part."""
-    return {"accuracy_bytes": compute_front(rows, SIZE_OBJECTIVES),
-            "accuracy_latency": compute_front(rows, LATENCY_OBJECTIVES)}
+def compute_fronts(rows: Sequence[dict], quality: Quality = ACCURACY) -> dict[str, list[dict]]:
+    """The fronts over (quality, bytes at real bit widths) and (quality, CPU latency at batch 256);
+    trials without those metrics take no part (a causal LM reports no latency)."""
+    return {f"{quality.key}_bytes": compute_front(rows, quality.objectives("-model_bytes")),
+            f"{quality.key}_latency": compute_front(rows, quality.objectives("-latency_ms_b256"))}
 
 
 def _finite(v: Any) -> bool:
@@ -98,16 +147,19 @@ def _finite(v: Any) -> bool:
 
 
 def _front_row(r: dict) -> dict:
-    return {k: _flat(r).get(k) for k in FRONT_FIELDS} | {"params": r.get("params", {})}
+    flat = _flat(r)
+    fields = FRONT_FIELDS + tuple(k for k in LM_FRONT_FIELDS if flat.get(k) is not None)
+    return {k: flat.get(k) for k in fields} | {"params": r.get("params", {})}
 
 
-def write_pareto_json(front: Sequence[dict], path: Path, *, teacher_accuracy: float | None,
-                      baseline_accuracy: float | None, extra: dict | None = None) -> Path:
+def write_pareto_json(front: Sequence[dict], path: Path, *, teacher: float | None, baseline: float | None,
+                      quality: Quality = ACCURACY, extra: dict | None = None) -> Path:
+    """``teacher`` / ``baseline``: their test ``quality`` (written as ``teacher_<key>``, ``baseline_<key>``)."""
     doc = {
-        "objectives": {k: "max" for k in OBJECTIVES},
+        "objectives": {quality.key: quality.mode, "compression_ratio": "max"},
         "ties": "equal points are all kept",
-        "teacher_accuracy": teacher_accuracy,
-        "baseline_accuracy": baseline_accuracy,
+        f"teacher_{quality.key}": teacher,
+        f"baseline_{quality.key}": baseline,
         **(extra or {}),
         "front": [_front_row(r) for r in front],
     }
@@ -116,42 +168,43 @@ def write_pareto_json(front: Sequence[dict], path: Path, *, teacher_accuracy: fl
     return path
 
 
-def plot_pareto(rows: Sequence[dict], front: Sequence[dict], path: Path, *, teacher_accuracy: float | None,
-                baseline_accuracy: float | None, title: str = "") -> Path:
+def plot_pareto(rows: Sequence[dict], front: Sequence[dict], path: Path, *, teacher: float | None,
+                baseline: float | None, quality: Quality = ACCURACY, title: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    cands = front_candidates(rows)
+    q = quality.key
+    cands = front_candidates(rows, quality.objectives())
     front_ids = {r["trial_id"] for r in front}
     full = [r for r in cands if not r.get("stopped_early") and r["trial_id"] not in front_ids]
     stopped = [r for r in cands if r.get("stopped_early") and r["trial_id"] not in front_ids]
 
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
     if full:
-        ax.scatter([r["compression_ratio"] for r in full], [r["accuracy"] for r in full], s=28,
+        ax.scatter([r["compression_ratio"] for r in full], [r[q] for r in full], s=28,
                    color="tab:blue", alpha=0.75, label="trial (all epochs)")
     if stopped:
-        ax.scatter([r["compression_ratio"] for r in stopped], [r["accuracy"] for r in stopped], s=28,
+        ax.scatter([r["compression_ratio"] for r in stopped], [r[q] for r in stopped], s=28,
                    marker="x", color="tab:gray", alpha=0.8, label="trial (stopped early by ASHA)")
     if front:
         xs = [r["compression_ratio"] for r in front]
-        ys = [r["accuracy"] for r in front]
+        ys = [r[q] for r in front]
         ax.step(xs, ys, where="post", color="tab:red", lw=1.2, alpha=0.7)
         ax.scatter(xs, ys, s=70, facecolors="none", edgecolors="tab:red", lw=1.8, zorder=3,
                    label="Pareto front")
         for r in front:
             ax.annotate(f"T={r.get('temperature', float('nan')):.3g} a={r.get('alpha', float('nan')):.2f} "
                         f"s={r.get('sparsity', float('nan')):.2f}",
-                        (r["compression_ratio"], r["accuracy"]), textcoords="offset points", xytext=(5, -11),
+                        (r["compression_ratio"], r[q]), textcoords="offset points", xytext=(5, -11),
                         fontsize=7, color="tab:red")
-    if _finite(teacher_accuracy):
-        ax.axhline(float(teacher_accuracy), color="tab:green", ls="--", lw=1.2,
-                   label=f"teacher ({float(teacher_accuracy):.3f})")
-    if _finite(baseline_accuracy):
-        ax.axhline(float(baseline_accuracy), color="tab:orange", ls=":", lw=1.5,
-                   label=f"student from scratch ({float(baseline_accuracy):.3f})")
+    if _finite(teacher):
+        ax.axhline(float(teacher), color="tab:green", ls="--", lw=1.2,
+                   label=f"teacher ({float(teacher):{quality.fmt}})")
+    if _finite(baseline):
+        ax.axhline(float(baseline), color="tab:orange", ls=":", lw=1.5,
+                   label=f"student from scratch ({float(baseline):{quality.fmt}})")
     xs_all = [r["compression_ratio"] for r in cands]
     if xs_all and max(xs_all) / max(min(xs_all), 1e-9) > 8:
         from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -161,8 +214,8 @@ def plot_pareto(rows: Sequence[dict], front: Sequence[dict], path: Path, *, teac
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(sorted({round(x, 1) for x in xs_all if x >= 0.95}))
     ax.set_xlabel("compression ratio (dense size / compressed size)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title or "accuracy vs compression")
+    ax.set_ylabel(quality.label)
+    ax.set_title(title or f"{quality.key} vs compression")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -212,35 +265,35 @@ def _fmt(v: Any, spec: str) -> str:
     return format(float(v), spec) if _finite(v) else "-"
 
 
-def front_table(front: Sequence[dict], *, teacher_accuracy: float | None = None,
-                baseline_accuracy: float | None = None, title: str = "Pareto front"):
+def front_table(front: Sequence[dict], *, teacher: float | None = None, baseline: float | None = None,
+                quality: Quality = ACCURACY, title: str = "Pareto front"):
     from rich.table import Table
 
     caption = []
-    if _finite(teacher_accuracy):
-        caption.append(f"teacher {float(teacher_accuracy):.4f}")
-    if _finite(baseline_accuracy):
-        caption.append(f"student from scratch {float(baseline_accuracy):.4f}")
+    if _finite(teacher):
+        caption.append(f"teacher {float(teacher):{quality.fmt}}")
+    if _finite(baseline):
+        caption.append(f"student from scratch {float(baseline):{quality.fmt}}")
     t = Table(title=title, caption=" | ".join(caption) or None)
     for c, j in (("trial", "left"), ("temperature", "right"), ("alpha", "right"), ("sparsity", "right"),
-                 ("accuracy", "right"), ("compression", "right"), ("epochs", "right"), ("stopped", "center")):
+                 (quality.key, "right"), ("compression", "right"), ("epochs", "right"), ("stopped", "center")):
         t.add_column(c, justify=j)
     for r in front:
         t.add_row(str(r["trial_id"]), _fmt(r.get("temperature"), ".3g"), _fmt(r.get("alpha"), ".3f"),
-                  _fmt(r.get("sparsity"), ".3f"), _fmt(r.get("accuracy"), ".4f"),
+                  _fmt(r.get("sparsity"), ".3f"), _fmt(r.get(quality.key), quality.fmt),
                   _fmt(r.get("compression_ratio"), ".2f") + "x", str(r.get("epochs_run", "-")),
                   "yes" if r.get("stopped_early") else "")
     return t
 
 
-def front_markdown(front: Sequence[dict]) -> str:
+def front_markdown(front: Sequence[dict], quality: Quality = ACCURACY) -> str:
     """The front as a markdown table (for docs/tune.md)."""
-    lines = ["| trial | temperature | alpha | sparsity | accuracy | compression | epochs | stopped early |",
+    lines = [f"| trial | temperature | alpha | sparsity | {quality.key} | compression | epochs | stopped early |",
              "|---|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in front:
         lines.append(
             f"| {r['trial_id']} | {_fmt(r.get('temperature'), '.3g')} | {_fmt(r.get('alpha'), '.3f')} | "
-            f"{_fmt(r.get('sparsity'), '.3f')} | {_fmt(r.get('accuracy'), '.4f')} | "
+            f"{_fmt(r.get('sparsity'), '.3f')} | {_fmt(r.get(quality.key), quality.fmt)} | "
             f"{_fmt(r.get('compression_ratio'), '.2f')}x | {r.get('epochs_run', '-')} | "
             f"{'yes' if r.get('stopped_early') else ''} |")
     return "\n".join(lines)

@@ -41,8 +41,10 @@ class ProgressPrinter(Callback):
 
     Pickled with the Tuner (tuner.pkl), so it holds no console; counters restart on --resume."""
 
-    def __init__(self, epochs: int, names: dict[str, str], total: int | None):
+    def __init__(self, epochs: int, names: dict[str, str], total: int | None, metric: str = "val_accuracy",
+                 quality: str = "accuracy"):
         self.epochs, self.names, self.total = epochs, names, total
+        self.metric, self.quality = metric, quality  # what each epoch line / completion line shows
         self._reset()
 
     def _reset(self) -> None:
@@ -54,10 +56,11 @@ class ProgressPrinter(Callback):
         self._reset()
 
     def __getstate__(self):
-        return {"epochs": self.epochs, "names": self.names, "total": self.total}
+        return {"epochs": self.epochs, "names": self.names, "total": self.total, "metric": self.metric,
+                "quality": self.quality}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__dict__.update({"metric": "val_accuracy", "quality": "accuracy", **state})
         self._reset()
 
     def _cfg(self, trial) -> str:
@@ -80,9 +83,9 @@ class ProgressPrinter(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         ep = result.get("epoch", result.get("training_iteration"))
-        acc = float(result.get("val_accuracy", math.nan))
+        val = float(result.get(self.metric, math.nan))
         cr = float(result.get("compression_ratio", math.nan))
-        self._line(f"epoch   {trial.trial_id} {ep}/{self.epochs} val_accuracy={acc:.4f} compression={cr:.2f}x")
+        self._line(f"epoch   {trial.trial_id} {ep}/{self.epochs} {self.metric}={val:.4f} compression={cr:.2f}x")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
@@ -92,7 +95,7 @@ class ProgressPrinter(Callback):
         early = ep < self.epochs
         self.stopped += int(early)
         how = f"[yellow]stopped early at epoch {ep}[/yellow]" if early else "finished"
-        self._line(f"{how} {trial.trial_id} accuracy={float(last.get('accuracy', math.nan)):.4f}")
+        self._line(f"{how} {trial.trial_id} {self.quality}={float(last.get(self.quality, math.nan)):.4f}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
@@ -151,22 +154,25 @@ def baseline_hash(cfg) -> str:
         "epochs": d.epochs, "batch_size": d.batch_size, "optimizer": d.optimizer.model_dump(mode="json"),
         "lr_schedule": d.lr_schedule.model_dump(mode="json"), "transfer_size": d.transfer_set.size,
         "teacher_outputs": d.teacher_outputs, "seed": cfg.run.seed, "num_workers": cfg.scaling.num_workers,
+        "grad_clip": d.grad_clip,
     })
 
 
-def baseline_accuracy(cfg, *, storage_root: Path, plan, console) -> float | None:
-    """Test accuracy of the student trained from scratch (cross-entropy, no teacher, no pruning) with the
-    same budget, for pareto.png's reference line: trained once through the pipeline's baseline trainer
-    and cached under ``<storage>/baselines/<hash>.json`` (later searches with the same student reuse it)."""
+def baseline_score(cfg, quality: rep.Quality, *, storage_root: Path, plan, console) -> float | None:
+    """Test quality (accuracy, or a causal LM's perplexity) of the student trained from scratch
+    (cross-entropy, no teacher, no pruning) with the same budget, for pareto.png's reference line: trained
+    once through the pipeline's baseline trainer and cached under ``<storage>/baselines/<hash>.json``
+    (later searches with the same student reuse it)."""
     import json
 
+    q = quality.key
     h = baseline_hash(cfg)
     root = storage_root / "baselines"
     cache = root / f"{h}.json"
     if cache.is_file():
-        acc = float(json.loads(cache.read_text())["accuracy"])
-        console.print(f"baseline (student from scratch): accuracy {acc:.4f} (cached {cache})")
-        return acc
+        val = float(json.loads(cache.read_text())[q])
+        console.print(f"baseline (student from scratch): {q} {val:{quality.fmt}} (cached {cache})")
+        return val
     d = _distill_api()
     t0 = time.monotonic()
     trainer = d.build_baseline_trainer(
@@ -174,16 +180,16 @@ def baseline_accuracy(cfg, *, storage_root: Path, plan, console) -> float | None
         resources_per_worker=plan.resources_per_worker(cfg.scaling.resources_per_worker))
     result = trainer.fit()
     metrics = dict(getattr(result, "metrics", None) or {})
-    if "accuracy" not in metrics:  # resumed a finished run: nothing new reported; read its last checkpoint
+    if q not in metrics:  # resumed a finished run: nothing new reported; read its last checkpoint
         ck = getattr(result, "checkpoint", None)
         metrics = d.evaluate_checkpoint(cfg, ck.path) if ck is not None else {}
-    if "accuracy" not in metrics:
-        console.print("[yellow]baseline: no accuracy reported; pareto.png gets no baseline line[/yellow]")
+    if q not in metrics:
+        console.print(f"[yellow]baseline: no {q} reported; pareto.png gets no baseline line[/yellow]")
         return None
-    acc = float(metrics["accuracy"])
-    cache.write_text(json.dumps({"accuracy": acc, "epoch": metrics.get("epoch"), "hash": h}) + "\n")
-    console.print(f"baseline (student from scratch): accuracy {acc:.4f} ({time.monotonic() - t0:.0f}s)")
-    return acc
+    val = float(metrics[q])
+    cache.write_text(json.dumps({q: val, "epoch": metrics.get("epoch"), "hash": h}) + "\n")
+    console.print(f"baseline (student from scratch): {q} {val:{quality.fmt}} ({time.monotonic() - t0:.0f}s)")
+    return val
 
 
 def _saved_trials(exp_dir: Path, results) -> list:
@@ -223,6 +229,7 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
     epochs = int(cfg.distill.epochs)
     names = short_names(list(spec.space))
     total = spec.num_samples * grid_size(spec)
+    quality = rep.quality_for(cfg.data.task)
     # Teachers (and their cache) live at the storage root, shared with `raydistill distill` runs.
     teacher_root = storage_root
 
@@ -256,11 +263,13 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
         t0 = time.monotonic()
         teacher = d.ensure_teacher(cfg, str(teacher_root))
         state.teacher_path = str(teacher.path)
-        state.teacher_accuracy = float(teacher.accuracy)
-        console.print(f"teacher: accuracy {teacher.accuracy:.4f} ({teacher.path}, {time.monotonic() - t0:.0f}s)")
-        if spec.baseline and state.baseline_accuracy is None:
-            state.baseline_accuracy = baseline_accuracy(cfg, storage_root=teacher_root, plan=plan,
-                                                        console=console)
+        tq = teacher.metrics.get(quality.key, teacher.accuracy if quality.key == "accuracy" else None)
+        state.teacher_score = None if tq is None else float(tq)
+        console.print(f"teacher: {quality.key} {float(tq if tq is not None else math.nan):{quality.fmt}} "
+                      f"({teacher.path}, {time.monotonic() - t0:.0f}s)")
+        if spec.baseline and state.baseline_score is None:
+            state.baseline_score = baseline_score(cfg, quality, storage_root=teacher_root, plan=plan,
+                                                  console=console)
         state.save(state_path)
 
         rpw = plan.resources_per_worker(cfg.scaling.resources_per_worker)
@@ -268,7 +277,7 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
                                    plan_workers=plan.num_workers, resources_per_worker=rpw,
                                    build_config=build)
         trainable = tune.with_resources(driver, {"cpu": plan.driver_cpu})
-        callbacks: list[Any] = [ProgressPrinter(epochs, names, total)]
+        callbacks: list[Any] = [ProgressPrinter(epochs, names, total, spec.metric, quality.key)]
         if interrupt_after:
             callbacks.append(InterruptAfter(interrupt_after))
 
@@ -315,22 +324,21 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
 def write_report(rows, spec: SearchSpec, cfg, exp_dir: Path, state: SearchState, *, console,
                  interrupted: bool, build, dump) -> int:
     """trials.csv, pareto.json, pareto.png, best_config.yaml + the rich front table."""
+    quality = rep.quality_for(cfg.data.task)
+    refs = dict(teacher=state.teacher_score, baseline=state.baseline_score, quality=quality)
     summary = rep.summarize(rows)
-    front = rep.compute_front(rows)
+    front = rep.compute_front(rows, quality.objectives())
     rep.write_trials_csv(rows, exp_dir / "trials.csv")
     wall = state.wall_s[-1] if state.wall_s else {}
-    rep.write_pareto_json(front, exp_dir / "pareto.json", teacher_accuracy=state.teacher_accuracy,
-                          baseline_accuracy=state.baseline_accuracy,
+    rep.write_pareto_json(front, exp_dir / "pareto.json", **refs,
                           extra={"summary": summary, "search": exp_dir.name, "wall": state.wall_s,
                                  "plan": state.plan,
                                  "fronts": {k: [rep._front_row(r) for r in v]
-                                            for k, v in rep.compute_fronts(rows).items()}})
-    rep.plot_pareto(rows, front, exp_dir / "pareto.png", teacher_accuracy=state.teacher_accuracy,
-                    baseline_accuracy=state.baseline_accuracy,
+                                            for k, v in rep.compute_fronts(rows, quality).items()}})
+    rep.plot_pareto(rows, front, exp_dir / "pareto.png", **refs,
                     title=f"{exp_dir.name}: {summary['trials']} trials, {summary['stopped_early']} stopped early")
-    console.print(rep.front_table(front, teacher_accuracy=state.teacher_accuracy,
-                                  baseline_accuracy=state.baseline_accuracy,
-                                  title=f"Pareto front (accuracy vs compression), {len(front)} of "
+    console.print(rep.front_table(front, **refs,
+                                  title=f"Pareto front ({quality.key} vs compression), {len(front)} of "
                                         f"{summary['trials']} trials"))
     console.print(
         f"trials {summary['trials']}: finished {summary['finished']} (stopped early {summary['stopped_early']}, "

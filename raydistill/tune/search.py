@@ -265,7 +265,7 @@ def _num(v: Any) -> float | None:
 
 def trial_rows(trials: list, base: dict, spec: SearchSpec, build_config: Callable[[dict], Any]) -> list[dict]:
     """One report row per Tune trial (status from Tune; metrics from its last report)."""
-    from raydistill.tune.report import TRIAL_COLUMNS
+    from raydistill.tune.report import TASK_COLUMNS as TASK_METRICS, TRIAL_COLUMNS
 
     reserved = tuple(c for c in TRIAL_COLUMNS if c not in ("temperature", "alpha", "sparsity"))
     names = short_names(list(spec.space), reserved=reserved)
@@ -293,8 +293,7 @@ def trial_rows(trials: list, base: dict, spec: SearchSpec, build_config: Callabl
             "sparsity": eff["compression"]["sparsity"],
             "params": {names[k]: v for k, v in cfg_over.items() if k in names},
             "overrides": cfg_over,
-            "accuracy": _num(last.get("accuracy")),
-            "val_accuracy": _num(last.get("val_accuracy")),
+            **{k: _num(last.get(k)) for k in TASK_METRICS},
             "compression_ratio": _num(last.get("compression_ratio")),
             "bits": _num(last.get("bits")),
             "model_bytes": _num(last.get("model_bytes")),
@@ -331,7 +330,9 @@ def _reconcile_checkpoint(row: dict, epochs_cfg: int) -> None:
         return
     m = meta.get("metrics", {})
     row["checkpoint_path"] = str(newest)
-    for k, src in (("accuracy", "accuracy"), ("val_accuracy", "val_accuracy"),
+    from raydistill.tune.report import TASK_COLUMNS
+
+    for k, src in (*((c, c) for c in TASK_COLUMNS), ("model_bytes", "model_bytes"),
                    ("compression_ratio", "compression_ratio"), ("achieved_sparsity", "sparsity"),
                    ("train_loss", "train_loss"), ("lr", "lr")):
         if _num(m.get(src)) is not None:
@@ -353,11 +354,12 @@ def _first_error_line(path: str) -> str:
 
 @dataclass
 class SearchState:
-    """Saved next to the Tune experiment (search_state.json): what the report needs on --resume."""
+    """Saved next to the Tune experiment (search_state.json): what the report needs on --resume.
+    ``teacher_score`` / ``baseline_score``: their test quality (accuracy, or a causal LM's perplexity)."""
 
     teacher_path: str | None = None
-    teacher_accuracy: float | None = None
-    baseline_accuracy: float | None = None
+    teacher_score: float | None = None
+    baseline_score: float | None = None
     plan: dict = field(default_factory=dict)
     started: float = 0.0
     wall_s: list = field(default_factory=list)
@@ -369,4 +371,8 @@ class SearchState:
     def load(cls, path: Path) -> "SearchState":
         if not path.exists():
             return cls()
-        return cls(**json.loads(path.read_text()))
+        d = json.loads(path.read_text())
+        for old in ("teacher", "baseline"):  # a state saved before the quality was task-generic
+            if f"{old}_accuracy" in d:
+                d.setdefault(f"{old}_score", d.pop(f"{old}_accuracy"))
+        return cls(**d)

@@ -295,6 +295,36 @@ def check_space_against_config(
                 raise SearchSpaceError(f"{where}: value {value!r} is not valid for this key: {e}") from None
 
 
+# What each task reports per epoch that only it reports, and the metrics whose direction is fixed.
+TASK_ONLY_METRICS = {
+    "classification": ("val_accuracy", "accuracy", "macro_f1", "macro_precision", "macro_recall",
+                       "samples_per_s", "latency_ms_b1", "latency_ms_b256"),
+    "causal_lm": ("val_perplexity", "perplexity", "next_token_accuracy", "teacher_agreement", "tokens_per_s"),
+}
+LOWER_IS_BETTER = ("val_perplexity", "perplexity", "train_loss", "model_bytes", "latency_ms_b1", "latency_ms_b256")
+HIGHER_IS_BETTER = ("val_accuracy", "accuracy", "macro_f1", "macro_precision", "macro_recall",
+                    "next_token_accuracy", "teacher_agreement", "compression_ratio", "sparsity")
+
+
+def check_metrics_for_task(spec: SearchSpec, task: str) -> None:
+    """``search.metric`` / ``search.searcher.objectives`` must be reported by the config's task
+    (``data.task``) and, where the direction is fixed, optimised the right way: a causal LM's search
+    minimises ``val_perplexity``, a classifier's maximises ``val_accuracy``."""
+    others = {m for t, ms in TASK_ONLY_METRICS.items() if t != task for m in ms} - set(TASK_ONLY_METRICS.get(task, ()))
+    pairs = [("search.metric", spec.metric, spec.mode, "search.mode")]
+    pairs += [(f"search.searcher.objectives.{m}", m, mode, f"search.searcher.objectives.{m}")
+              for m, mode in (spec.searcher.objectives or {}).items()]
+    ours = ", ".join(TASK_ONLY_METRICS.get(task, ()))
+    for where, metric, mode, mode_key in pairs:
+        if metric in others:
+            raise SearchSpaceError(f"{where}: {metric!r} is not reported by a {task} task (data.task); "
+                                   f"it reports {ours} (and train_loss, compression_ratio, sparsity, model_bytes)")
+        if metric in LOWER_IS_BETTER and mode != "min":
+            raise SearchSpaceError(f"{mode_key}: {metric} is lower-is-better; set min, not {mode}")
+        if metric in HIGHER_IS_BETTER and mode != "max":
+            raise SearchSpaceError(f"{mode_key}: {metric} is higher-is-better; set max, not {mode}")
+
+
 # --------------------------------------------------------------------------------------------
 # conversion to Ray Tune
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ def _write(tmp_path, mutate) -> Path:
          "search.space.distill.alpha: unknown distribution 'beta'"),
         (lambda d: d.pop("search"), "no 'search' section"),
         (lambda d: d["distill"].update({"temprature": 3}), "distill.temprature"),
+        (lambda d: d["search"].update({"metric": "val_perplexity", "mode": "min"}),
+         "search.metric: 'val_perplexity' is not reported by a classification task"),
+        (lambda d: d["search"].update({"mode": "min"}), "search.mode: val_accuracy is higher-is-better"),
     ],
 )
 def test_bad_config_fails_before_ray(tmp_path, capsys, monkeypatch, mutate, words):
@@ -75,3 +78,33 @@ def test_help_and_dispatch(capsys):
     for flag in ("--num-samples", "--max-concurrent", "--storage-path", "--name", "--address", "--set",
                  "--resume", "--min-sparsity"):
         assert flag in out
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["search.mode=max"], "search.mode: val_perplexity is lower-is-better; set min, not max"),
+        (["search.metric=val_accuracy", "search.mode=max"],
+         "search.metric: 'val_accuracy' is not reported by a causal_lm task"),
+        (["search.searcher={type: optuna, objectives: {perplexity: max, sparsity: max}}",
+          "search.space={distill.alpha: {dist: uniform, low: 0.5, high: 1.0}}", "search.scheduler={type: fifo}"],
+         "search.searcher.objectives.perplexity: perplexity is lower-is-better"),
+    ],
+)
+def test_lm_search_by_name_checks_its_metric_before_ray(tmp_path, capsys, monkeypatch, overrides, words):
+    """`raydistill tune lm_search` finds the shipped LM search by name; its metric is a perplexity, which
+    only a minimising search may use."""
+    import ray
+
+    from raydistill.tune.cli import main
+
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append((a, k)))
+    argv = ["lm_search", "--storage-path", str(tmp_path / "runs")]
+    for o in overrides:
+        argv += ["--set", o]
+    assert main(argv) == 2
+    out = capsys.readouterr().out
+    assert words in out, out
+    assert "config file not found" not in out and not started

@@ -52,7 +52,7 @@ def test_front_summary_and_files(tmp_path):
     assert got[3]["stopped_early"] == "True" and got[0]["stopped_early"] == "False"
     assert got[5]["status"] == "ERROR" and got[5]["accuracy"] == ""
 
-    rep.write_pareto_json(front, tmp_path / "pareto.json", teacher_accuracy=0.95, baseline_accuracy=0.75)
+    rep.write_pareto_json(front, tmp_path / "pareto.json", teacher=0.95, baseline=0.75)
     doc = json.loads((tmp_path / "pareto.json").read_text())
     assert doc["teacher_accuracy"] == 0.95 and [p["trial_id"] for p in doc["front"]] == ["t1", "t2", "t4"]
     for p in doc["front"]:
@@ -60,7 +60,7 @@ def test_front_summary_and_files(tmp_path):
                   "checkpoint_path"):
             assert k in p
 
-    png = rep.plot_pareto(ROWS, front, tmp_path / "pareto.png", teacher_accuracy=0.95, baseline_accuracy=0.75)
+    png = rep.plot_pareto(ROWS, front, tmp_path / "pareto.png", teacher=0.95, baseline=0.75)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
     md = rep.front_markdown(front)
@@ -68,9 +68,56 @@ def test_front_summary_and_files(tmp_path):
     from rich.console import Console
 
     c = Console(record=True, width=140)
-    c.print(rep.front_table(front, teacher_accuracy=0.95, baseline_accuracy=0.75))
+    c.print(rep.front_table(front, teacher=0.95, baseline=0.75))
     out = c.export_text()
     assert "t2" in out and "teacher 0.9500" in out
+
+
+def lm_row(tid, s, ppl, cr, *, val=None, status="TERMINATED", nbytes=None):
+    r = row(tid, 1.0, 0.9, s, None, cr, status=status)
+    r.update(accuracy=None, val_accuracy=None, perplexity=ppl, val_perplexity=ppl if val is None else val,
+             next_token_accuracy=0.3, model_bytes=nbytes)
+    return r
+
+
+LM_ROWS = [
+    lm_row("l0", 0.0, 30.0, 1.0, nbytes=4000),
+    lm_row("l1", 0.0, 28.0, 1.0, nbytes=4000),    # dominates l0 (lower perplexity, same size)
+    lm_row("l2", 0.5, 31.0, 1.5, nbytes=2500),
+    lm_row("l3", 0.5, 35.0, 1.5, nbytes=2400),    # worse perplexity, not smaller by compression_ratio
+    lm_row("l4", 0.9, 33.0, 2.5, status="ERROR"),
+]
+
+
+def test_lm_front_minimises_perplexity(tmp_path):
+    """A causal LM's front is (perplexity down, compression up): the accuracy front would be empty and
+    a maximised perplexity would pick the worst trials."""
+    q = rep.quality_for("causal_lm")
+    assert (q.key, q.mode, q.objectives()) == ("perplexity", "min", ("-perplexity", "compression_ratio"))
+    front = rep.compute_front(LM_ROWS, q.objectives())
+    assert [r["trial_id"] for r in front] == ["l1", "l2"]
+    assert rep.compute_front(LM_ROWS) == []  # the accuracy objectives: no row has accuracy
+    fronts = rep.compute_fronts(LM_ROWS, q)
+    # by bytes, l3 (2400 bytes) is smaller than l2: both on the bytes front; no latency for an LM
+    assert {k: [r["trial_id"] for r in v] for k, v in fronts.items()} == {
+        "perplexity_bytes": ["l1", "l2", "l3"], "perplexity_latency": []}
+    assert rep.select_best(LM_ROWS, "val_perplexity", "min")["trial_id"] == "l1"
+    assert rep.select_best(LM_ROWS, "val_perplexity", "min", min_sparsity=0.5)["trial_id"] == "l2"
+
+    rep.write_pareto_json(front, tmp_path / "pareto.json", teacher=20.0, baseline=32.0, quality=q)
+    doc = json.loads((tmp_path / "pareto.json").read_text())
+    assert doc["objectives"] == {"perplexity": "min", "compression_ratio": "max"}
+    assert doc["teacher_perplexity"] == 20.0 and doc["baseline_perplexity"] == 32.0
+    assert [p["perplexity"] for p in doc["front"]] == [28.0, 31.0]
+    rep.write_trials_csv(LM_ROWS, tmp_path / "trials.csv")
+    with open(tmp_path / "trials.csv") as f:
+        got = list(csv.DictReader(f))
+    assert "perplexity" in got[0] and "val_perplexity" in got[0] and "accuracy" not in got[0]
+    png = rep.plot_pareto(LM_ROWS, front, tmp_path / "pareto.png", teacher=20.0, baseline=32.0, quality=q)
+    assert png.stat().st_size > 10_000
+    assert "| perplexity |" in rep.front_markdown(front, q) and "| 28.00 |" in rep.front_markdown(front, q)
+    with pytest.raises(ValueError, match="no search quality metric"):
+        rep.quality_for("segmentation")
 
 
 def test_extra_searched_param_gets_a_column(tmp_path):

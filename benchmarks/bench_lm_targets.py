@@ -3,16 +3,18 @@
     .venv/bin/python benchmarks/bench_lm_targets.py [--seeds 0 1 2] [--storage-path runs/lm_targets]
                                                     [--config lm_default] [--set key=value ...]
 
-Per seed (the teacher is trained once, with the first seed, and shared): test perplexity of the student
-trained from scratch (``baseline``, same tokens and steps), the dense distilled student and the 50%-sparse
-distilled student. Targets: distilled perplexity >= 5% lower than the baseline's; the sparse student's
-within 5% of the dense one's. Prints a table, writes benchmarks/results/lm_targets.json (machine info,
-load average, git commit).
+Per seed (the teacher is trained once, with the first seed, and shared): test and validation perplexity of
+the student trained from scratch (``baseline``), the dense distilled student and the 50%-sparse distilled
+student, and each stage's optimizer steps and training tokens from its ``epochs.jsonl`` (the three must
+match: same tokens and steps). Targets: distilled perplexity >= 5% lower than the baseline's; the sparse
+student's within 5% of the dense one's. Prints a table, writes benchmarks/results/lm_targets.json (machine
+info, load average, git commit).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -24,6 +26,20 @@ from raydistill.distill import run_distill
 from raydistill.utils import machine_info, results_dir, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+STAGES = ("baseline", "dense_student", "student")
+
+
+def stage_budget(run_dir: Path, stage: str) -> dict:
+    """Optimizer steps and training tokens of a stage, from its per-epoch log (last line per epoch)."""
+    by_epoch = {}
+    for line in (run_dir / stage / "epochs.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        by_epoch[int(m["epoch"])] = m
+    rows = [by_epoch[k] for k in sorted(by_epoch)]
+    return {"epochs": len(rows), "steps": int(rows[-1]["global_step"]),
+            "tokens": int(round(sum(m["tokens_per_s"] * m["epoch_seconds"] for m in rows)))}
 
 
 def main(argv=None) -> int:
@@ -46,10 +62,16 @@ def main(argv=None) -> int:
                "teacher_cached": r["teacher"]["cached"], "baseline": r["baseline"]["perplexity"],
                "dense_student": r["dense_student"]["perplexity"], "student": r["student"]["perplexity"],
                "student_sparsity": r["student"]["sparsity"],
+               "val": {s: r[s].get("val_perplexity") for s in STAGES},
+               "budget": {s: stage_budget(Path(r["run_dir"]), s) for s in STAGES},
                "teacher_agreement": r["student"].get("teacher_agreement"), "wall_seconds": time.time() - t0,
                "timings": r["timings"], "loadavg_after": os.getloadavg()}
         row["distilled_vs_baseline"] = row["dense_student"] / row["baseline"] - 1
         row["sparse_vs_dense"] = row["student"] / row["dense_student"] - 1
+        if all(row["val"][s] for s in STAGES):
+            row["val_distilled_vs_baseline"] = row["val"]["dense_student"] / row["val"]["baseline"] - 1
+        budgets = [row["budget"][s] for s in STAGES]
+        row["same_steps_and_tokens"] = all(b == budgets[0] for b in budgets)
         rows.append(row)
         print(row, flush=True)
     cols = ("baseline", "dense_student", "student", "distilled_vs_baseline", "sparse_vs_dense", "wall_seconds")
@@ -59,7 +81,8 @@ def main(argv=None) -> int:
            "rows": rows, "median": {k: statistics.median(r[k] for r in rows) for k in cols},
            "targets_met": {
                "distilled_ppl_5pct_below_baseline": all(r["distilled_vs_baseline"] <= -0.05 for r in rows),
-               "sparse_within_5pct_of_dense": all(r["sparse_vs_dense"] <= 0.05 for r in rows)}}
+               "sparse_within_5pct_of_dense": all(r["sparse_vs_dense"] <= 0.05 for r in rows)},
+           "same_steps_and_tokens": all(r["same_steps_and_tokens"] for r in rows)}
     write_json_atomic(args.out, out)
     print("| seed | teacher ppl | baseline ppl | dense distilled ppl | 50%-sparse ppl | distilled vs baseline "
           "| sparse vs dense | wall s |")

@@ -79,3 +79,20 @@ def test_classification_metrics():
     assert m["accuracy"] == pytest.approx(4 / 6)
     f1 = [2 * 1 / (2 + 1 + 1), 2 * 2 / (4 + 1), 2 * 1 / (2 + 0 + 1)]
     assert m["macro_f1"] == pytest.approx(np.mean(f1))
+
+
+def test_baseline_gets_the_students_optimizer_budget_grad_clip_included(tmp_path):
+    """The from-scratch baseline is the comparison for every distillation target: same epochs, batch,
+    optimizer, schedule and gradient clipping as the distilled student; only the teacher keeps its own."""
+    from raydistill.distill.trainer import stage_spec
+
+    cfg = load_config(None, ["distill.grad_clip=0.5"])
+    d = cfg.distill
+    common = dict(model={"model": "mlp", "kwargs": {}}, epochs=d.epochs, batch_size=d.batch_size,
+                  optimizer=d.optimizer.model_dump(), lr_schedule=d.lr_schedule.model_dump(), progress_dir=tmp_path)
+    base = stage_spec(cfg, stage="baseline", kind="ce", **common)
+    kd = stage_spec(cfg, stage="dense_student", kind="kd", **common)
+    teacher = stage_spec(cfg, stage="teacher", kind="ce", **common)
+    assert base.grad_clip == kd.grad_clip == 0.5 and teacher.grad_clip is None
+    fields = ("epochs", "batch_size", "optimizer", "lr_schedule", "seed", "steps_per_epoch", "grad_clip")
+    assert {f: getattr(base, f) for f in fields} == {f: getattr(kd, f) for f in fields}

@@ -225,3 +225,54 @@ def test_optuna_multi_objective_search_survives_a_worker_crash(ray_2cpu, storage
         assert load_config(exp / "best_config.yaml").compression.sparsity >= 0.5
     else:  # no trial satisfies --min-sparsity: reported, best_config.yaml not written, rc 1
         assert rc == 1 and not (exp / "best_config.yaml").exists()
+
+
+def test_lm_search_minimises_perplexity(ray_2cpu, storage, tmp_path):
+    """The shipped `lm_search` (its search section: space, val_perplexity / min, ASHA by sparsity) on
+    lm_tiny's models and 20 kB of corpus, 2 trials (sparsity 0 and 0.5): the front, best_config.yaml
+    and the teacher / baseline lines are perplexities, lower is better."""
+    import yaml
+
+    from raydistill.config import load_config, shipped_config_path
+    from raydistill.tune.pareto import dominates
+
+    data = yaml.safe_load(shipped_config_path("lm_search.yaml").read_text())
+    tiny = yaml.safe_load(shipped_config_path("lm_tiny.yaml").read_text())
+    for k in ("teacher", "student", "data"):
+        data[k] = tiny[k]
+    data["teacher"]["training"]["epochs"] = 1
+    data["data"].update(max_bytes=20000, val_fraction=0.2)
+    data["distill"]["epochs"] = 2
+    data["search"]["space"]["compression.sparsity"] = {"dist": "grid", "values": [0.0, 0.5]}
+    data["search"]["num_samples"] = 1
+    cfg = tmp_path / "lm_search_tiny.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    rc, wall = run_tune(str(cfg), "--storage-path", str(storage), "--name", "lm")
+    exp = storage / "lm"
+    assert rc == 0, f"raydistill tune returned {rc} after {wall:.0f}s"
+
+    rows = read_trials(exp)
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}, rows
+    assert {float(r["sparsity"]) for r in rows} == {0.0, 0.5}
+    for r in rows:
+        assert 1 < float(r["perplexity"]) < 384 and 1 < float(r["val_perplexity"]) < 384
+        assert 0 <= float(r["next_token_accuracy"]) <= 1 and "accuracy" not in r
+    dense, sparse = sorted(rows, key=lambda r: float(r["sparsity"]))
+    assert float(sparse["model_bytes"]) < float(dense["model_bytes"])
+    assert float(sparse["compression_ratio"]) > float(dense["compression_ratio"])
+
+    doc = json.loads((exp / "pareto.json").read_text())
+    assert doc["objectives"] == {"perplexity": "min", "compression_ratio": "max"}
+    assert 1 < doc["teacher_perplexity"] < 384 and 1 < doc["baseline_perplexity"] < 384
+    objectives = ("-perplexity", "compression_ratio")
+    pts = [{"trial_id": r["trial_id"], "perplexity": float(r["perplexity"]),
+            "compression_ratio": float(r["compression_ratio"])} for r in rows]
+    on = {p["trial_id"] for p in doc["front"]}
+    for p in pts:  # the front is exactly the trials no other trial beats on (lower perplexity, more compression)
+        assert (p["trial_id"] in on) == (not any(dominates(q, p, objectives) for q in pts)), (p, pts)
+    assert set(doc["fronts"]) == {"perplexity_bytes", "perplexity_latency"}
+
+    best = load_config(exp / "best_config.yaml")
+    best_row = min(rows, key=lambda r: float(r["val_perplexity"]))
+    assert best.compression.sparsity == pytest.approx(float(best_row["sparsity"]))
+    assert best.distill.temperature == pytest.approx(float(best_row["temperature"]))

@@ -229,7 +229,7 @@ def test_optuna_multi_objective_search_survives_a_worker_crash(ray_2cpu, storage
 
 def test_lm_search_minimises_perplexity(ray_2cpu, storage, tmp_path):
     """The shipped `lm_search` (its search section: space, val_perplexity / min, ASHA by sparsity) on
-    lm_tiny's models and 20 kB of corpus, 2 trials (sparsity 0 and 0.5): the front, best_config.yaml
+    lm_tiny's models and 20 kB of corpus, 2 trials (sparsity 0 and 0.75): the front, best_config.yaml
     and the teacher / baseline lines are perplexities, lower is better."""
     import yaml
 
@@ -243,7 +243,7 @@ def test_lm_search_minimises_perplexity(ray_2cpu, storage, tmp_path):
     data["teacher"]["training"]["epochs"] = 1
     data["data"].update(max_bytes=20000, val_fraction=0.2)
     data["distill"]["epochs"] = 2
-    data["search"]["space"]["compression.sparsity"] = {"dist": "grid", "values": [0.0, 0.5]}
+    data["search"]["space"]["compression.sparsity"] = {"dist": "grid", "values": [0.0, 0.75]}
     data["search"]["num_samples"] = 1
     cfg = tmp_path / "lm_search_tiny.yaml"
     cfg.write_text(yaml.safe_dump(data))
@@ -253,13 +253,14 @@ def test_lm_search_minimises_perplexity(ray_2cpu, storage, tmp_path):
 
     rows = read_trials(exp)
     assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}, rows
-    assert {float(r["sparsity"]) for r in rows} == {0.0, 0.5}
+    assert {float(r["sparsity"]) for r in rows} == {0.0, 0.75}
     for r in rows:
         assert 1 < float(r["perplexity"]) < 384 and 1 < float(r["val_perplexity"]) < 384
         assert 0 <= float(r["next_token_accuracy"]) <= 1 and "accuracy" not in r
     dense, sparse = sorted(rows, key=lambda r: float(r["sparsity"]))
+    # (at 50% an fp32 CSR layer, values + int32 column ids, is no smaller than dense: 75% is)
     assert float(sparse["model_bytes"]) < float(dense["model_bytes"])
-    assert float(sparse["compression_ratio"]) > float(dense["compression_ratio"])
+    assert float(sparse["compression_ratio"]) > 1.0 == float(dense["compression_ratio"])
 
     doc = json.loads((exp / "pareto.json").read_text())
     assert doc["objectives"] == {"perplexity": "min", "compression_ratio": "max"}

@@ -12,6 +12,8 @@ while pruned to ``compression.sparsity``; all three with the same data, steps, o
 The teacher is trained first (or loaded from ``--teacher-cache``). Prints validation / test perplexity.
 """
 import argparse
+import os
+import sys
 import time
 import types
 from pathlib import Path
@@ -24,6 +26,7 @@ from raydistill.distill.trainer import text_data
 from raydistill.distill.spec import KDTerms
 from raydistill.distill.worker import build_optimizer, build_scheduler
 from raydistill.tasks import get_task
+from raydistill.utils import machine_info, write_json_atomic
 
 
 def train_stage(task, info, train, ev, model_spec, kind, epochs, bs, opt_cfg, sched_cfg, grad_clip, kd, *,
@@ -81,6 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="baseline,kd", help="comma-separated: baseline, kd, kd_sparse")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the figures to this JSON file")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = load_config(a.config, [*a.ov, f"run.seed={a.seed}"])
@@ -97,16 +101,18 @@ def main(argv=None) -> int:
     tm = {"model": cfg.teacher.model, "kwargs": dict(cfg.teacher.kwargs)}
     sm = {"model": cfg.student.model, "kwargs": dict(cfg.student.kwargs)}
     stages = a.stages.split(",")
-    teacher = None
+    teacher, t_metrics = None, None
     tc = Path(a.teacher_cache) if a.teacher_cache else None
     if any(s.startswith("kd") for s in stages):
         if tc is not None and tc.exists():
             teacher = task.build_model(tm, info)
             teacher.load_state_dict(torch.load(tc))
-            print("teacher (cached)", _short(task.evaluate(teacher, ev, task_info=info)), flush=True)
+            t_metrics = task.evaluate(teacher, ev, task_info=info)
+            print("teacher (cached)", _short(t_metrics), flush=True)
         else:
             teacher, r = train_stage(task, info, train, ev, tm, "ce", t.epochs, t.batch_size, t.optimizer.model_dump(),
                                      t.lr_schedule.model_dump(), None, kd, seed=a.seed, eval_every=a.eval_every)
+            t_metrics = r
             print("teacher", _short(r), flush=True)
             if tc is not None:
                 torch.save(teacher.state_dict(), tc)
@@ -125,6 +131,12 @@ def main(argv=None) -> int:
             print(f"{s} vs baseline: val {res[s]['val_perplexity'] / res['baseline']['val_perplexity'] - 1:+.1%} "
                   f"test {res[s]['perplexity'] / res['baseline']['perplexity'] - 1:+.1%}")
     print("overrides", a.ov)
+    if a.out:
+        write_json_atomic(a.out, {
+            "command": " ".join(["python", "benchmarks/lm_kd_quick.py", *(sys.argv[1:] if argv is None else argv)]),
+            "config": a.config, "overrides": a.ov, "seed": a.seed, "teacher_cache": a.teacher_cache,
+            "machine": machine_info("cpu"), "loadavg_at_end": os.getloadavg(),
+            "teacher": t_metrics, "stages": res})
     return 0
 
 

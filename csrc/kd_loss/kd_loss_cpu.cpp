@@ -6,6 +6,7 @@
 // size rows x V is allocated except that gradient. Math in float (double for float64 inputs).
 // See kd_loss.h for the formulas.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -129,14 +130,41 @@ struct Online {
     const V r = vexp((m - safe) * scale);
     V chunk = vexp((v[0] - safe) * scale);
     for (int u = 1; u < U; ++u) chunk = chunk + vexp((v[u] - safe) * scale);
-    // Kahan-compensated running sum: a float lane sums ~V/8 terms, whose rounding (~1e-5 relative for
-    // V ~ 1e5) would shift every log-probability of the row by as much.
+    accumulate(r, chunk);
+    m = nm;
+  }
+
+  // add<U>(v, 0.5) on this and add<U>(v, 1) on `one` at once, with the exps of the second derived by
+  // squaring those of the first: exp(v - m) = exp((v - m) / 2)^2, the same raw max in both. Used at T = 2
+  // with a cross-entropy term (its softmax at T = 1): 1 exp per element instead of 2.
+  template <int U>
+  inline void add_sq(const V* v, const V& half, Online& one) {
+    V cm = v[0];
+    for (int u = 1; u < U; ++u) cm = at::vec::maximum(cm, v[u]);
+    const V nm = at::vec::maximum(m, cm);
+    const V safe = V::blendv(nm, V(A(0)), nm == V(neg_inf<A>()));
+    const V r = vexp((m - safe) * half);
+    V e = vexp((v[0] - safe) * half);
+    V chunk = e, chunk1 = e * e;
+    for (int u = 1; u < U; ++u) {
+      e = vexp((v[u] - safe) * half);
+      chunk = chunk + e;
+      chunk1 = chunk1 + e * e;
+    }
+    accumulate(r, chunk);
+    one.accumulate(r * r, chunk1);
+    m = nm;
+    one.m = nm;
+  }
+
+  // s = s * r + chunk, Kahan-compensated: a float lane sums ~V/8 terms, whose rounding (~1e-5 relative
+  // for V ~ 1e5) would shift every log-probability of the row by as much.
+  inline void accumulate(const V& r, const V& chunk) {
     const V sr = s * r;
     const V y = chunk - c * r;
     const V tt = sr + y;
     c = (tt - sr) - y;
     s = tt;
-    m = nm;
   }
 
   // log softmax(v)_i = (v_i - c.m) - c.l. The max and the log-sum are kept apart: folding them into one
@@ -168,6 +196,7 @@ template <typename A>
 struct RowParams {
   A inv_t, coef, ce_w, beta, one_m_beta, gcoef;  // gcoef = coef / T
   bool need_div, need_ce, sep_ce, grad;
+  bool sq;  // T = 2 with a separate CE softmax: its exps are the squares of the student's at T (add_sq)
 };
 
 template <typename A>
@@ -183,6 +212,7 @@ RowParams<A> row_params(const KDParams& p, bool has_label) {
   r.need_ce = p.ce_weight != 0 && has_label;
   r.sep_ce = r.need_ce && !p.temperature_is_one;  // CE needs its own softmax at T = 1
   r.grad = p.compute_grad;
+  r.sq = r.need_div && r.sep_ce && p.inv_temperature == 0.5;
   return r;
 }
 
@@ -204,19 +234,27 @@ void stats_pass(const S* x, const T* t, int64_t V, const RowParams<A>& rp, LSE<A
       xv[u] = load<A>(x + i + u * W, W, neg_inf<A>());
       if (do_t) tv[u] = load<A>(t + i + u * W, W, neg_inf<A>());
     }
-    if (do_s) os.template add<U>(xv, vinv);
+    if (rp.sq) {
+      os.template add_sq<U>(xv, vinv, o1);
+    } else {
+      if (do_s) os.template add<U>(xv, vinv);
+      if (rp.sep_ce) o1.template add<U>(xv, one);
+    }
     if (do_t) ot.template add<U>(tv, vinv);
-    if (rp.sep_ce) o1.template add<U>(xv, one);
   }
   for (; i < V; i += W) {
     const int64_t n = std::min<int64_t>(W, V - i);
     Vec xv = load<A>(x + i, n, neg_inf<A>());
-    if (do_s) os.template add<1>(&xv, vinv);
+    if (rp.sq) {
+      os.template add_sq<1>(&xv, vinv, o1);
+    } else {
+      if (do_s) os.template add<1>(&xv, vinv);
+      if (rp.sep_ce) o1.template add<1>(&xv, one);
+    }
     if (do_t) {
       Vec tv = load<A>(t + i, n, neg_inf<A>());
       ot.template add<1>(&tv, vinv);
     }
-    if (rp.sep_ce) o1.template add<1>(&xv, one);
   }
   if (do_t) ct = ot.finish(rp.inv_t);
   if (do_s) cs = os.finish(rp.inv_t);
@@ -224,13 +262,14 @@ void stats_pass(const S* x, const T* t, int64_t V, const RowParams<A>& rp, LSE<A
 }
 
 // Adds the cross-entropy gradient (1 - alpha)(softmax(x) - onehot(label)) to g for lanes [i, i+n).
+// p1_sq: softmax(x) at T = 1 when the caller derived it already (rp.sq), else nullptr.
 template <typename A>
 inline Vectorized<A> add_ce_grad(Vectorized<A> g, const Vectorized<A>& xraw, const Vectorized<A>& ps,
                                  const RowParams<A>& rp, const LSE<A>& c1, int64_t i, int64_t n,
-                                 int64_t label) {
+                                 int64_t label, const Vectorized<A>* p1_sq = nullptr) {
   using Vec = Vectorized<A>;
   if (!rp.need_ce) return g;
-  const Vec p1 = rp.sep_ce ? vexp((xraw - Vec(c1.m)) - Vec(c1.l)) : ps;
+  const Vec p1 = p1_sq ? *p1_sq : rp.sep_ce ? vexp((xraw - Vec(c1.m)) - Vec(c1.l)) : ps;
   g = g + Vec(rp.ce_w) * p1;
   if (label >= i && label < i + n) {
     alignas(64) A tmp[Vec::size()];
@@ -258,6 +297,8 @@ A kd_row(const S* x, const T* t, int64_t V, int64_t label, const RowParams<A>& r
   if (rp.need_div) {
     RowSum<A> lossv, gv;
     const bool fused_grad = grad_on && DIV == kForwardKL;
+    // rp.sq: e = exp((x - m) / 2) gives both softmaxes, ps = e / sum_s and p1 = e^2 / sum_1 (c1.m == cs.m)
+    const Vec vrs(std::exp(-cs.l)), vr1(std::exp(-c1.l));
     for (int64_t i = 0; i < V; i += W) {
       const int64_t n = std::min<int64_t>(W, V - i);
       const Vec xr = load<A>(x + i, n, neg_inf<A>());
@@ -267,10 +308,19 @@ A kd_row(const S* x, const T* t, int64_t V, int64_t label, const RowParams<A>& r
         const Vec pt = vexp(lpt);
         lossv.add(masked(pt * (lpt - lps), pt != zero));
         if (fused_grad) {
-          const Vec ps = vexp(lps);
-          Vec g = vgc * (ps - pt);
-          g = add_ce_grad(g, xr, ps, rp, c1, i, n, label);
-          store(g, grad + i, n);
+          if (rp.sq) {
+            const Vec e = vexp((xr - vsm) * vinv);
+            const Vec ps = e * vrs;
+            const Vec p1 = e * e * vr1;
+            Vec g = vgc * (ps - pt);
+            g = add_ce_grad(g, xr, ps, rp, c1, i, n, label, &p1);
+            store(g, grad + i, n);
+          } else {
+            const Vec ps = vexp(lps);
+            Vec g = vgc * (ps - pt);
+            g = add_ce_grad(g, xr, ps, rp, c1, i, n, label);
+            store(g, grad + i, n);
+          }
         }
       } else if constexpr (DIV == kReverseKL) {
         const Vec ps = vexp(lps);
@@ -704,11 +754,36 @@ void for_rows(int64_t rows, int64_t V, const at::Tensor& lab, int64_t ignore_ind
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
-                                                   const std::optional<at::Tensor>& labels, double temperature,
-                                                   double alpha, int64_t divergence, double beta,
-                                                   int64_t ignore_index, bool t2_scaling, bool compute_grad,
-                                                   const std::optional<at::Tensor>& scale) {
+// grad_out (the *_out ops): a caller-owned (rows, V) buffer of the student's dtype that receives the
+// gradient, so a chunked caller (kd_loss_linear) reuses one buffer instead of page-faulting a fresh one
+// per chunk. It must not overlap the inputs.
+at::Tensor grad_buffer(const at::Tensor* grad_out, const at::Tensor& student_in, const at::Tensor& student,
+                       int64_t rows, int64_t V) {
+  if (grad_out == nullptr) return at::empty({rows, V}, student.options());
+  TORCH_CHECK_VALUE(grad_out->dim() == 2 && grad_out->size(0) == rows && grad_out->size(1) == V &&
+                        grad_out->is_contiguous(),
+                    "kd_loss: grad_out must be a contiguous (", rows, ", ", V, ") tensor, got ", grad_out->sizes());
+  TORCH_CHECK_TYPE(grad_out->scalar_type() == student_in.scalar_type() && grad_out->device() == student_in.device(),
+                   "kd_loss: grad_out must have the student logits' dtype and device");
+  TORCH_CHECK_VALUE(at::get_overlap_status(*grad_out, student_in) == at::MemOverlapStatus::No,
+                    "kd_loss: grad_out must not overlap student_logits");
+  return grad_out->scalar_type() == student.scalar_type() ? *grad_out : at::empty({rows, V}, student.options());
+}
+
+at::Tensor finish_grad(const at::Tensor* grad_out, at::Tensor grad, const at::Tensor& student_in) {
+  if (grad_out != nullptr) {
+    if (!grad.is_same(*grad_out)) grad_out->copy_(grad);
+    return *grad_out;
+  }
+  return grad.scalar_type() != student_in.scalar_type() ? grad.to(student_in.scalar_type()) : grad;
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_impl(const at::Tensor& student_in, const at::Tensor& teacher_in,
+                                                    const std::optional<at::Tensor>& labels, double temperature,
+                                                    double alpha, int64_t divergence, double beta,
+                                                    int64_t ignore_index, bool t2_scaling, bool compute_grad,
+                                                    const std::optional<at::Tensor>& scale,
+                                                    const at::Tensor* grad_out) {
   check_scalars(temperature, alpha, divergence, beta);
   check_logits(student_in, "student_logits");
   check_logits(teacher_in, "teacher_logits");
@@ -728,8 +803,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in,
                            lab.defined(), compute_grad);
   fold_scale(p, prepare_scale(scale, student_in.device()));
   at::Tensor loss = at::empty({rows}, student_in.options().dtype(dbl ? at::kDouble : at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty({rows, V}, student.options()) : at::empty({0}, student_in.options());
-  if (rows == 0) return {loss, compute_grad ? grad.to(student_in.scalar_type()) : grad};
+  at::Tensor grad = compute_grad ? grad_buffer(grad_out, student_in, student, rows, V)
+                                 : at::empty({0}, student_in.options());
+  if (rows == 0) return {loss, compute_grad ? finish_grad(grad_out, grad, student_in) : grad};
 
   auto run = [&](auto a_tag, auto s_tag, auto t_tag) {
     using A = decltype(a_tag);
@@ -766,14 +842,15 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_in,
       dispatch_reduced(teacher.scalar_type(), [&](auto t_tag) { run(float{}, s_tag, t_tag); });
     });
   }
-  if (compute_grad && grad.scalar_type() != student_in.scalar_type()) grad = grad.to(student_in.scalar_type());
+  if (compute_grad) grad = finish_grad(grad_out, grad, student_in);
   return {loss, grad};
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_impl(
     const at::Tensor& student_in, const at::Tensor& topk_in, const at::Tensor& indices_in,
     const std::optional<at::Tensor>& labels, double temperature, double alpha, int64_t divergence, double beta,
-    int64_t ignore_index, bool t2_scaling, bool compute_grad, const std::optional<at::Tensor>& scale) {
+    int64_t ignore_index, bool t2_scaling, bool compute_grad, const std::optional<at::Tensor>& scale,
+    const at::Tensor* grad_out) {
   check_scalars(temperature, alpha, divergence, beta);
   TORCH_CHECK_VALUE(divergence != kReverseKL,
                     "kd_loss_topk: divergence reverse_kl is not supported with a top-k teacher");
@@ -805,8 +882,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
                            lab.defined(), compute_grad);
   fold_scale(p, prepare_scale(scale, student_in.device()));
   at::Tensor loss = at::empty({rows}, student_in.options().dtype(dbl ? at::kDouble : at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty({rows, V}, student.options()) : at::empty({0}, student_in.options());
-  if (rows == 0) return {loss, compute_grad ? grad.to(student_in.scalar_type()) : grad};
+  at::Tensor grad = compute_grad ? grad_buffer(grad_out, student_in, student, rows, V)
+                                 : at::empty({0}, student_in.options());
+  if (rows == 0) return {loss, compute_grad ? finish_grad(grad_out, grad, student_in) : grad};
   const int64_t* ip = idx.data_ptr<int64_t>();
 
   auto run = [&](auto a_tag, auto s_tag, auto t_tag) {
@@ -834,8 +912,41 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
       dispatch_reduced(topk.scalar_type(), [&](auto t_tag) { run(float{}, s_tag, t_tag); });
     });
   }
-  if (compute_grad && grad.scalar_type() != student_in.scalar_type()) grad = grad.to(student_in.scalar_type());
+  if (compute_grad) grad = finish_grad(grad_out, grad, student_in);
   return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                   const std::optional<at::Tensor>& labels, double temperature,
+                                                   double alpha, int64_t divergence, double beta,
+                                                   int64_t ignore_index, bool t2_scaling, bool compute_grad,
+                                                   const std::optional<at::Tensor>& scale) {
+  return kd_loss_fwd_impl(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index, t2_scaling,
+                          compute_grad, scale, nullptr);
+}
+
+at::Tensor kd_loss_fwd_out_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                               const std::optional<at::Tensor>& labels, double temperature, double alpha,
+                               int64_t divergence, double beta, int64_t ignore_index, bool t2_scaling,
+                               const std::optional<at::Tensor>& scale, at::Tensor& grad_out) {
+  return std::get<0>(kd_loss_fwd_impl(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index,
+                                      t2_scaling, true, scale, &grad_out));
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
+    const at::Tensor& student, const at::Tensor& topk, const at::Tensor& indices,
+    const std::optional<at::Tensor>& labels, double temperature, double alpha, int64_t divergence, double beta,
+    int64_t ignore_index, bool t2_scaling, bool compute_grad, const std::optional<at::Tensor>& scale) {
+  return kd_loss_topk_fwd_impl(student, topk, indices, labels, temperature, alpha, divergence, beta, ignore_index,
+                               t2_scaling, compute_grad, scale, nullptr);
+}
+
+at::Tensor kd_loss_topk_fwd_out_cpu(const at::Tensor& student, const at::Tensor& topk, const at::Tensor& indices,
+                                    const std::optional<at::Tensor>& labels, double temperature, double alpha,
+                                    int64_t divergence, double beta, int64_t ignore_index, bool t2_scaling,
+                                    const std::optional<at::Tensor>& scale, at::Tensor& grad_out) {
+  return std::get<0>(kd_loss_topk_fwd_impl(student, topk, indices, labels, temperature, alpha, divergence, beta,
+                                           ignore_index, t2_scaling, true, scale, &grad_out));
 }
 
 }  // namespace
@@ -851,9 +962,20 @@ TORCH_LIBRARY_FRAGMENT(raydistill, m) {
       "kd_loss_topk_fwd(Tensor student, Tensor teacher_topk, Tensor teacher_topk_indices, Tensor? labels, "
       "float temperature, float alpha, int divergence, float beta, int ignore_index, bool t2_scaling, "
       "bool compute_grad, Tensor? scale=None) -> (Tensor, Tensor)");
+  // CPU only: the gradient goes into a caller-owned buffer (kd_loss_linear's chunks); returns the row losses.
+  m.def(
+      "kd_loss_fwd_out(Tensor student, Tensor teacher, Tensor? labels, float temperature, float alpha, "
+      "int divergence, float beta, int ignore_index, bool t2_scaling, Tensor? scale, Tensor(a!) grad_out) "
+      "-> Tensor");
+  m.def(
+      "kd_loss_topk_fwd_out(Tensor student, Tensor teacher_topk, Tensor teacher_topk_indices, Tensor? labels, "
+      "float temperature, float alpha, int divergence, float beta, int ignore_index, bool t2_scaling, "
+      "Tensor? scale, Tensor(a!) grad_out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(raydistill, CPU, m) {
   m.impl("kd_loss_fwd", &raydistill::kd::kd_loss_fwd_cpu);
   m.impl("kd_loss_topk_fwd", &raydistill::kd::kd_loss_topk_fwd_cpu);
+  m.impl("kd_loss_fwd_out", &raydistill::kd::kd_loss_fwd_out_cpu);
+  m.impl("kd_loss_topk_fwd_out", &raydistill::kd::kd_loss_topk_fwd_out_cpu);
 }

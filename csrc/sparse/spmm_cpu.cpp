@@ -66,11 +66,18 @@ inline bool row_axpy_generic(const acc_t* __restrict xp, const int32_t* __restri
   return ok;
 }
 
+// Software prefetch distance (nonzeros) of the row kernels: the packed x rows of upcoming nonzeros come
+// from L2 at random; 0 = off. RAYDISTILL_SPMM_PF overrides (read per call, so it can be A/B-timed).
+inline int prefetch_distance() {
+  const char* e = std::getenv("RAYDISTILL_SPMM_PF");
+  return e ? std::max(0, std::atoi(e)) : 16;
+}
+
 #ifdef RAYDISTILL_SPMM_AVX2
 // U independent accumulator sets (nonzeros k, k+1, ... go to set k % U) keep U*T/8 >= 8 FMA chains busy.
 template <typename val_t, int T>
 inline bool row_axpy_avx2(const float* __restrict xp, const int32_t* __restrict col, const val_t* __restrict vals,
-                          int64_t k0, int64_t k1, uint32_t in_f, float* __restrict acc) {
+                          int64_t k0, int64_t k1, uint32_t in_f, float* __restrict acc, int64_t pf) {
   constexpr int V = T / 8;
   constexpr int U = (V >= 8) ? 1 : 8 / V;
   __m256 a[U][V];
@@ -82,6 +89,23 @@ inline bool row_axpy_avx2(const float* __restrict xp, const int32_t* __restrict 
   for (int j = 0; j < V; ++j) a[0][j] = _mm256_loadu_ps(acc + 8 * j);
   bool ok = true;
   int64_t k = k0;
+  if (pf > 0) {
+    for (; k + U + pf <= k1; k += U) {
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        const uint32_t cp = std::min(static_cast<uint32_t>(col[k + u + pf]), in_f - 1);
+        const char* pp = reinterpret_cast<const char*>(xp + static_cast<int64_t>(cp) * T);
+#pragma GCC unroll 8
+        for (int j = 0; j < (T * 4 + 63) / 64; ++j) _mm_prefetch(pp + 64 * j, _MM_HINT_T0);
+        const uint32_t c = static_cast<uint32_t>(col[k + u]);
+        if (__builtin_expect(c >= in_f, 0)) { ok = false; continue; }
+        const float* xr = xp + static_cast<int64_t>(c) * T;
+        const __m256 v = _mm256_set1_ps(to_acc(vals[k + u]));
+#pragma GCC unroll 8
+        for (int j = 0; j < V; ++j) a[u][j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * j), a[u][j]);
+      }
+    }
+  }
   for (; k + U <= k1; k += U) {
 #pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
@@ -113,12 +137,13 @@ inline bool row_axpy_avx2(const float* __restrict xp, const int32_t* __restrict 
 
 template <typename acc_t, typename val_t, int T>
 inline bool row_axpy(const acc_t* xp, const int32_t* col, const val_t* vals, int64_t k0, int64_t k1,
-                     uint32_t in_f, acc_t* acc) {
+                     uint32_t in_f, acc_t* acc, int64_t pf) {
 #ifdef RAYDISTILL_SPMM_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
-    return row_axpy_avx2<val_t, T>(xp, col, vals, k0, k1, in_f, acc);
+    return row_axpy_avx2<val_t, T>(xp, col, vals, k0, k1, in_f, acc, pf);
   }
 #endif
+  (void)pf;
   return row_axpy_generic<acc_t, val_t, T>(xp, col, vals, k0, k1, in_f, acc);
 }
 
@@ -131,9 +156,11 @@ template <typename acc_t, typename val_t, int T>
 bool rows_axpy(const acc_t* xpt, const int32_t* col, const val_t* vals, const int64_t* ptr, int64_t R, int64_t S,
                int64_t q, uint32_t in_f, acc_t* yacc) {
   bool ok = true;
+  const int64_t pf = prefetch_distance();
   for (int64_t i = 0; i < R; ++i) {
     const int64_t* pr = ptr + i * S;
-    if (pr[q + 1] > pr[q]) ok &= row_axpy<acc_t, val_t, T>(xpt, col, vals, pr[q], pr[q + 1], in_f, yacc + i * T);
+    if (pr[q + 1] > pr[q])
+      ok &= row_axpy<acc_t, val_t, T>(xpt, col, vals, pr[q], pr[q + 1], in_f, yacc + i * T, pf);
   }
   return ok;
 }
@@ -143,16 +170,6 @@ bool rows_axpy(const acc_t* xpt, const int32_t* col, const val_t* vals, const in
 #define RAYDISTILL_SPMM_AVX512 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-
-// Software prefetch distance (nonzeros) of the AVX512 row kernel: the packed x rows of upcoming
-// nonzeros come from L2 at random; 0 = off. RAYDISTILL_SPMM_PF overrides (read once).
-int prefetch_distance() {
-  static const int d = [] {
-    const char* e = std::getenv("RAYDISTILL_SPMM_PF");
-    return e ? std::max(0, std::atoi(e)) : 16;
-  }();
-  return d;
-}
 
 template <typename val_t>
 inline __m512 bcast512(const val_t* v) {

@@ -71,6 +71,17 @@ _NONE, _MEAN, _SUM = 0, 1, 2
 _G_HIDDEN, _G_WEIGHT, _G_BIAS = 1, 2, 4
 
 
+def _out_ops_available() -> bool:
+    """Whether the loaded extension has the CPU ``kd_loss_fwd_out`` / ``kd_loss_topk_fwd_out`` ops (an older
+    cached build may not)."""
+    try:
+        torch.ops.raydistill.kd_loss_fwd_out
+        torch.ops.raydistill.kd_loss_topk_fwd_out
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def auto_chunk_size(rows: int, V: int, device_type: str, student_itemsize: int, teacher_itemsize: int) -> int:
     """The chunk size ``chunk_size=None`` uses: ``budget // (V * (2 * student_itemsize + teacher_itemsize))``
     rows (``teacher_itemsize=0`` for a top-k teacher), at least 1, then balanced: the same number of chunks
@@ -202,19 +213,32 @@ def _chunked(student_hidden, student_weight, student_bias, teacher_hidden, teach
     c = max(1, min(int(chunk_size), rows))
     s_buf = torch.empty(c if rows else 0, V, dtype=sh.dtype, device=dev)
     t_buf = None if topk else torch.empty(c if rows else 0, V, dtype=t_dtype, device=dev)
+    # CPU: the kernel writes d loss / d logits into one reused buffer (a fresh (chunk x V) tensor per chunk
+    # is a fresh mmap, page-faulted in every time); CUDA's caching allocator already reuses the block.
+    g_buf = (torch.empty(c if rows else 0, V, dtype=sh.dtype, device=dev)
+             if need and dev.type == "cpu" and _out_ops_available() else None)
     w_all = None if row_weight is None else row_weight.reshape(-1).to(sh.dtype)
     for c0 in range(0, rows, c):
         c1 = min(rows, c0 + c)
         hc = sh[c0:c1]
         s = _linear_out(hc, sw, sb, s_buf[:c1 - c0])
         lab = None if labels is None else labels[c0:c1]
+        g = None if g_buf is None else g_buf[:c1 - c0]
         if topk:
-            row, g = torch.ops.raydistill.kd_loss_topk_fwd(s, tv[c0:c1], ti[c0:c1], lab, temperature, alpha,
-                                                           divergence, beta, ignore_index, t2_scaling, need)
+            if g is None:
+                row, g = torch.ops.raydistill.kd_loss_topk_fwd(s, tv[c0:c1], ti[c0:c1], lab, temperature, alpha,
+                                                               divergence, beta, ignore_index, t2_scaling, need)
+            else:
+                row = torch.ops.raydistill.kd_loss_topk_fwd_out(s, tv[c0:c1], ti[c0:c1], lab, temperature, alpha,
+                                                                divergence, beta, ignore_index, t2_scaling, None, g)
         else:
             t = _linear_out(th[c0:c1], tw, tb, t_buf[:c1 - c0])
-            row, g = torch.ops.raydistill.kd_loss_fwd(s, t, lab, temperature, alpha, divergence, beta,
-                                                      ignore_index, t2_scaling, need)
+            if g is None:
+                row, g = torch.ops.raydistill.kd_loss_fwd(s, t, lab, temperature, alpha, divergence, beta,
+                                                          ignore_index, t2_scaling, need)
+            else:
+                row = torch.ops.raydistill.kd_loss_fwd_out(s, t, lab, temperature, alpha, divergence, beta,
+                                                           ignore_index, t2_scaling, None, g)
         loss_rows[c0:c1] = row
         if not need:
             continue
@@ -228,7 +252,7 @@ def _chunked(student_hidden, student_weight, student_bias, teacher_hidden, teach
         if need_b:
             gb.add_(g.sum(0, dtype=acc_dtype) if w is None else torch.mv(g.t(), w.squeeze(1)).to(acc_dtype))
         del g
-    del s_buf, t_buf
+    del s_buf, t_buf, g_buf
 
     if reduction == _NONE:
         loss = loss_rows

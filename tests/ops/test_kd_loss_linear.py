@@ -383,3 +383,42 @@ def test_bf16_teacher_fp32_student_and_empty_input(seeded):
     loss0 = kd_loss_linear(sh0, sw0, torch.randn(0, 20), p["tw"], torch.zeros(0, dtype=torch.long), alpha=0.5)
     loss0.backward()
     assert loss0.item() == 0.0 and sh0.grad.shape == (0, 24) and sw0.grad.abs().max().item() == 0.0
+
+
+# ------------------------------------------------------------------------------------- the CPU _out ops
+
+@pytest.mark.parametrize("topk", [False, True])
+@pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, F32), (F32, F64)])
+def test_out_ops_equal_allocating_ops(topk, dtypes):
+    """kd_loss_linear's CPU chunks write d loss / d logits into one reused buffer through
+    kd_loss_(topk_)fwd_out: same row losses and gradient as the allocating op, for every dtype mix
+    (a float64 teacher computes in float64 and copies into the student-dtype buffer)."""
+    g = _gen()
+    s_dtype, t_dtype = dtypes
+    rows, V, K = 9, 67, 5
+    s = (torch.randn(rows, V, generator=g) * 3).to(s_dtype)
+    lab = torch.randint(0, V, (rows,), generator=g)
+    lab[::3] = -100
+    if topk:
+        t = (torch.randn(rows, K, generator=g) * 3).to(t_dtype)
+        idx = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(rows)])
+        args = (s, t, idx, lab, 2.0, 0.5, 0, 0.5, -100, True)
+        row, grad = torch.ops.raydistill.kd_loss_topk_fwd(*args, True)
+        out_op = torch.ops.raydistill.kd_loss_topk_fwd_out
+    else:
+        t = (torch.randn(rows, V, generator=g) * 3).to(t_dtype)
+        args = (s, t, lab, 2.0, 0.5, 2, 0.3, -100, True)
+        row, grad = torch.ops.raydistill.kd_loss_fwd(*args, True)
+        out_op = torch.ops.raydistill.kd_loss_fwd_out
+    buf = torch.full((rows, V), float("nan"), dtype=s_dtype)  # stale contents must be overwritten
+    row_out = out_op(*args, None, buf)
+    torch.testing.assert_close(row_out, row, rtol=0, atol=0)
+    torch.testing.assert_close(buf, grad, rtol=0, atol=0)
+    assert grad.abs().sum() > 0
+    # bad buffers: wrong shape, wrong dtype, aliasing the student logits
+    with pytest.raises(ValueError, match="grad_out must be a contiguous"):
+        out_op(*args, None, torch.empty(rows, V + 1, dtype=s_dtype))
+    with pytest.raises(TypeError, match="grad_out must have the student logits' dtype"):
+        out_op(*args, None, torch.empty(rows, V, dtype=F64 if s_dtype != F64 else F32))
+    with pytest.raises(ValueError, match="must not overlap student_logits"):
+        out_op(*args, None, s)

@@ -12,7 +12,9 @@ Recipes (each one `raydistill distill` run of the default config with `compressi
                   first layer's 40 inputs)
 * ``structured``: [prune_structured: {ratio: 0.5}]  -> half-width dense student, distilled from the pruned
                   dense student; CPU latency at batch 256 vs the dense student, interleaved blocks
-* ``sparse_int8``: [prune: {sparsity: 0.8}, quantize: {bits: 8, mode: qat}]; bytes vs fp32 dense
+* ``sparse_int8``: [prune: {sparsity: 0.8}, quantize: {bits: 8, mode: qat}]; bytes vs fp32 dense, and
+                  the exported ``student.safetensors`` read back (``export``: tensor and file bytes, index
+                  layout per layer, bit-exact reload against the evaluation's conversion)
 
 Targets (per seed): int8 QAT within 0.5 points of the fp32 distilled student; 4-bit within 2 points;
 structured 50% within 2 points and >= 1.6x faster at batch 256; 80% sparse + int8 within 2 points with

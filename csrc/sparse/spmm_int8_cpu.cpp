@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cstdint>
 #include <optional>
 #include <type_traits>
@@ -45,14 +46,22 @@ void check_spmm_int8_args(const at::Tensor& x, const at::Tensor& crow, const at:
   TORCH_CHECK_TYPE(crow.scalar_type() == at::kInt, "spmm_int8: crow_indices must be int32, got ", crow.scalar_type());
   TORCH_CHECK_VALUE(crow.dim() == 1 && crow.numel() == out_features + 1, "spmm_int8: crow_indices must be 1-D with ",
                     out_features + 1, " entries, got shape ", crow.sizes());
-  TORCH_CHECK_TYPE(col.scalar_type() == at::kInt || col.scalar_type() == at::kUInt16,
-                   "spmm_int8: col_indices must be uint16 or int32, got ", col.scalar_type());
-  TORCH_CHECK_VALUE(col.dim() == 1, "spmm_int8: col_indices must be 1-D, got shape ", col.sizes());
-  TORCH_CHECK_VALUE(col.scalar_type() != at::kUInt16 || x.size(1) <= 65536,
-                    "spmm_int8: uint16 col_indices need in_features <= 65536, got ", x.size(1));
+  TORCH_CHECK_TYPE(col.scalar_type() == at::kInt || col.scalar_type() == at::kUInt16 || col.scalar_type() == at::kByte,
+                   "spmm_int8: col_indices must be uint16 or int32 (CSR) or a uint8 row bitmap, got ",
+                   col.scalar_type());
   TORCH_CHECK_TYPE(values.scalar_type() == at::kChar, "spmm_int8: values must be int8, got ", values.scalar_type());
-  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == col.numel(), "spmm_int8: values must be 1-D with nnz=",
-                    col.numel(), " entries, got shape ", values.sizes());
+  if (col.scalar_type() == at::kByte) {  // bitmap: (out_features, ceil(in_features / 8)), bit j of byte b = column 8b+j
+    TORCH_CHECK_VALUE(col.dim() == 2 && col.size(0) == out_features && col.size(1) == (x.size(1) + 7) / 8,
+                      "spmm_int8: a uint8 col_indices bitmap must have shape (", out_features, ", ",
+                      (x.size(1) + 7) / 8, "), got ", col.sizes());
+    TORCH_CHECK_VALUE(values.dim() == 1, "spmm_int8: values must be 1-D, got shape ", values.sizes());
+  } else {
+    TORCH_CHECK_VALUE(col.dim() == 1, "spmm_int8: col_indices must be 1-D, got shape ", col.sizes());
+    TORCH_CHECK_VALUE(col.scalar_type() != at::kUInt16 || x.size(1) <= 65536,
+                      "spmm_int8: uint16 col_indices need in_features <= 65536, got ", x.size(1));
+    TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == col.numel(), "spmm_int8: values must be 1-D with nnz=",
+                      col.numel(), " entries, got shape ", values.sizes());
+  }
   TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "spmm_int8: scales must be float32, got ",
                    scales.scalar_type());
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.numel() == out_features, "spmm_int8: scales must have shape (",
@@ -262,20 +271,60 @@ void spmm_int8_gather(const float* xf, const int32_t* crow, const idx_t* col, co
 }
 #endif
 
+// The column indices of a row bitmap (LSB first: bit j of byte b is column 8b + j), decoded in parallel
+// over row ranges into a transient CSR index array (what the kernels below read). Checks that every
+// row has crow[r+1] - crow[r] bits set and none at or beyond in_f.
+template <typename idx_t>
+at::Tensor decode_bitmap(const uint8_t* bm, const int32_t* crow, int64_t out_f, int64_t in_f, at::ScalarType st) {
+  const int64_t wb = (in_f + 7) / 8, nnz = crow[out_f];
+  at::Tensor col = at::empty({nnz}, at::TensorOptions().dtype(st));
+  idx_t* out = static_cast<idx_t*>(col.data_ptr());
+  const int64_t parts = num_parts(out_f, nnz);
+  const std::vector<int64_t> bounds = balanced_rows(crow, out_f, parts);
+  std::atomic<bool> bad{false};
+  run_parts(parts, [&](int64_t p) {
+    for (int64_t r = bounds[p]; r < bounds[p + 1]; ++r) {
+      const uint8_t* row = bm + r * wb;
+      int64_t k = crow[r];
+      const int64_t k1 = crow[r + 1];
+      for (int64_t b = 0; b < wb; b += 8) {
+        uint64_t w = 0;
+        std::memcpy(&w, row + b, static_cast<size_t>(std::min<int64_t>(8, wb - b)));
+        while (w) {
+          const int64_t c = b * 8 + __builtin_ctzll(w);
+          if (c >= in_f || k >= k1) { bad.store(true); return; }
+          out[k++] = static_cast<idx_t>(c);
+          w &= w - 1;
+        }
+      }
+      if (k != k1) { bad.store(true); return; }
+    }
+  });
+  TORCH_CHECK_VALUE(!bad.load(), "spmm_int8: the col_indices bitmap disagrees with crow_indices (a row's set bits "
+                    "must number crow[r+1] - crow[r], all below in_features=", in_f, ")");
+  return col;
+}
+
 at::Tensor spmm_int8_cpu(const at::Tensor& x_, const at::Tensor& crow_, const at::Tensor& col_,
                          const at::Tensor& values_, const at::Tensor& scales_, const std::optional<at::Tensor>& bias_,
                          int64_t out_features) {
   check_spmm_int8_args(x_, crow_, col_, values_, scales_, bias_, out_features);
-  const at::Tensor x = x_.contiguous(), crow = crow_.contiguous(), col = col_.contiguous(),
-                   values = values_.contiguous(), scales = scales_.contiguous();
+  const at::Tensor x = x_.contiguous(), crow = crow_.contiguous(), values = values_.contiguous(),
+                   scales = scales_.contiguous();
+  at::Tensor col = col_.contiguous();
   std::optional<at::Tensor> bias;
   if (bias_.has_value()) bias = bias_->contiguous();
   const int64_t n = x.size(0), in_f = x.size(1);
   at::Tensor y = at::empty({n, out_features}, x.options());
   if (n == 0 || out_features == 0) return y;
   const int32_t* cr = crow.data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(cr[0] == 0 && cr[out_features] == col.numel(),
-                    "spmm_int8: crow_indices must start at 0 and end at nnz=", col.numel());
+  TORCH_CHECK_VALUE(cr[0] == 0 && cr[out_features] == values.numel(),
+                    "spmm_int8: crow_indices must start at 0 and end at nnz=", values.numel());
+  if (col.scalar_type() == at::kByte) {
+    const uint8_t* bm = col.data_ptr<uint8_t>();
+    col = in_f <= 65536 ? decode_bitmap<uint16_t>(bm, cr, out_features, in_f, at::kUInt16)
+                        : decode_bitmap<int32_t>(bm, cr, out_features, in_f, at::kInt);
+  }
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const float* sc = scales.data_ptr<float>();
   const int8_t* q = values.data_ptr<int8_t>();

@@ -34,6 +34,9 @@ at::Tensor spmm_int8_cuda(const at::Tensor& x_, const at::Tensor& crow_, const a
                           const at::Tensor& values_, const at::Tensor& scales_, const std::optional<at::Tensor>& bias_,
                           int64_t out_features) {
   check_spmm_int8_args(x_, crow_, col_, values_, scales_, bias_, out_features);
+  TORCH_CHECK_VALUE(col_.scalar_type() != at::kByte,
+                    "spmm_int8: the uint8 row-bitmap col_indices layout has no CUDA kernel; use CSR column indices "
+                    "(SparseLinear.quantize(bits=8, index='csr'))");
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), crow = crow_.contiguous(), col = col_.contiguous(),
                    values = values_.contiguous(), scales = scales_.contiguous();

@@ -83,14 +83,17 @@ def main(argv: list[str] | None = None) -> int:
         for s in (float(v) for v in a.sparsities.split(",")):
             mask = torch.rand(out_f, in_f, generator=g) >= s
             sl = SparseLinear.from_dense(lin, mask)
-            q = sl.quantize(bits=8)
+            q = sl.quantize(bits=8, index="csr")  # uint16 columns; the bitmap layout is timed next to it
+            qb = sl.quantize(bits=8, index="bitmap")
             w, b = lin.weight.detach(), lin.bias.detach()
             dense_bytes = 4 * out_f * in_f
             bytes_ = {"dense_fp32": dense_bytes, "ao_dynamic_int8_dense": out_f * in_f + 4 * out_f,
-                      "sparse_linear_fp32": sl.csr_bytes(), "sparse_linear_int8": q.csr_bytes()}
+                      "sparse_linear_fp32": sl.csr_bytes(), "sparse_linear_int8": q.csr_bytes(),
+                      "sparse_linear_int8_bitmap": qb.csr_bytes()}
             for n in (int(v) for v in a.batches.split(",")):
                 x = torch.randn(n, in_f, generator=g)
-                fns = {"int8_sl": lambda: q(x), "fp32_sl": lambda: sl(x), "ao_dyn_int8": lambda: ao(x),
+                fns = {"int8_sl": lambda: q(x), "int8_sl_bitmap": lambda: qb(x), "fp32_sl": lambda: sl(x),
+                       "ao_dyn_int8": lambda: ao(x),
                        "dense_fp32": lambda: F.linear(x, w, b)}
                 fns.update({k: (lambda m=m: m(x)) for k, m in tao.items()})
                 row = {"shape": [out_f, in_f], "batch": n, "sparsity": s, "nnz": sl.nnz, "bytes": bytes_,

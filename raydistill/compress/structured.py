@@ -1,23 +1,42 @@
-"""Structured pruning: remove whole hidden units of MLPs, giving a smaller dense model.
+"""Structured pruning: remove whole hidden units of MLPs and whole attention heads, giving a smaller
+dense model.
 
-A *unit pair* is two nn.Linear layers ``a -> f -> b`` that follow each other in an ``nn.Sequential``
-with only elementwise activations ``f`` between them whose ``f(0) = 0`` (ReLU, GELU, SiLU, Tanh,
-LeakyReLU, ELU, Dropout, Identity). Removing hidden unit ``k`` drops row ``k`` of ``a`` (and its bias) and
-column ``k`` of ``b``; a unit whose output is always zero contributes nothing, so removing it keeps the
-function exactly. The model's outputs (the last Linear's rows) are never removed.
+**MLP units.** A *unit pair* is two nn.Linear layers ``a -> f -> b`` that follow each other in an
+``nn.Sequential`` with only elementwise activations ``f`` between them whose ``f(0) = 0`` (ReLU, GELU,
+SiLU, Tanh, LeakyReLU, ELU, Dropout, Identity). Removing hidden unit ``k`` drops row ``k`` of ``a`` (and its
+bias) and column ``k`` of ``b``; a unit whose output is always zero contributes nothing, so removing it
+keeps the function exactly. The model's outputs (the last Linear's rows) are never removed.
 
-Ranking (``calibration=None``): the L2 norm of the unit's incoming weights and bias (row ``k`` of ``a``).
-With a calibration batch (the Minitron recipe, Muralidharan et al. 2024): the unit's activation
-importance, ``sqrt(mean over rows of f(a(x))_k ** 2)`` measured at ``b``'s input in one forward pass.
+**Attention heads** (transformers Llama-style attention: a module with ``q_proj``, ``k_proj``,
+``v_proj``, ``o_proj`` Linear layers and ``head_dim``; Llama, Mistral, Qwen2, ...). Removing a head drops
+its ``head_dim`` rows of ``q_proj`` and the matching input columns of ``o_proj``: the model equals the
+original with that head's output zeroed. With grouped KV heads (``num_key_value_heads <
+num_attention_heads``) the unit is chosen by ``head_unit``:
 
-Attention heads are not handled here yet: the repository has no transformer student (see
-docs/quantize.md).
+* ``"kv_group"`` (default): a KV head together with the query heads that read it (its k/v rows go too);
+  with plain multi-head attention that is one head;
+* ``"query"``: query heads only, the same number in every KV group (k/v unchanged).
+
+A transformers config holds one head count for all layers, so the same number of units is removed in
+every layer (each layer picks its own), and ``include``/``exclude`` must select all of a model's
+attention modules or none. The config gets the new ``num_attention_heads`` / ``num_key_value_heads``
+and an explicit ``head_dim``, so ``save_pretrained`` / ``from_pretrained`` rebuild the pruned model.
+GPT-2 style attention (fused ``c_attn``) is not handled: its config derives ``head_dim = n_embd //
+n_head``, so fewer heads cannot be written into it.
+
+Ranking (``calibration=None``): the L2 norm of the weights the unit owns (MLP: row ``k`` of ``a`` with its
+bias; head: its ``q_proj`` rows, ``o_proj`` columns, and for a KV group its ``k_proj``/``v_proj`` rows).
+With a calibration batch (the Minitron recipe, Muralidharan et al. 2024): activation importance,
+``sqrt(mean over rows (tokens) of the unit's output squared)``, the output read at the input of ``b`` /
+``o_proj`` (a head: the squared norm of its ``head_dim`` outputs) in one forward pass.
 
 Public API::
 
-    prune_structured(model, ratio=0.5, calibration=None, include=None, exclude=None) -> StructuredReport
+    prune_structured(model, ratio=0.5, calibration=None, include=None, exclude=None,
+                     head_unit="kv_group") -> StructuredReport
     resize_structured(model, widths)   # shapes only (to load a pruned checkpoint into a fresh model)
     unit_pairs(model) -> list[(name_a, name_b)]
+    attention_modules(model) -> list[name]
 """
 
 from __future__ import annotations
@@ -27,10 +46,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["prune_structured", "resize_structured", "unit_pairs", "StructuredReport"]
+__all__ = ["prune_structured", "resize_structured", "unit_pairs", "attention_modules", "StructuredReport"]
 
 _ZERO_PRESERVING = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Dropout, nn.Identity,
                     nn.Hardtanh, nn.Mish)
+HEAD_UNITS = ("kv_group", "query")
+_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
@@ -39,8 +60,8 @@ class StructuredReport:
 
     ratio: float
     ranking: str
-    layers: list[dict] = field(default_factory=list)  # {name, units_before, units_after}
-    widths: dict[str, int] = field(default_factory=dict)  # {layer a: out_features after}
+    layers: list[dict] = field(default_factory=list)  # {name, kind, units_before, units_after, ...}
+    widths: dict[str, int] = field(default_factory=dict)  # {layer: out_features after}
     params_before: int = 0
     params_after: int = 0
     bytes_before: int = 0
@@ -82,6 +103,24 @@ def unit_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def _is_attention(m: nn.Module) -> bool:
+    return all(_linear_like(getattr(m, p, None) or nn.Module()) for p in _PROJ) \
+        and isinstance(getattr(m, "head_dim", None), int)
+
+
+def attention_modules(model: nn.Module) -> list[str]:
+    """Names of the Llama-style attention modules (q/k/v/o projections and ``head_dim``)."""
+    from raydistill.compress.pruner import normalize_name, unwrap_model
+
+    return [normalize_name(n) for n, m in unwrap_model(model).named_modules() if _is_attention(m)]
+
+
+def _heads(attn: nn.Module) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) from the projection shapes."""
+    hd = attn.head_dim
+    return attn.q_proj.out_features // hd, attn.k_proj.out_features // hd, hd
+
+
 def _params_bytes(model: nn.Module) -> tuple[int, int]:
     ps = list(model.parameters())
     return sum(p.numel() for p in ps), sum(p.numel() * p.element_size() for p in ps)
@@ -94,26 +133,42 @@ def _check_float_linear(name: str, mod: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _activation_importance(model: nn.Module, layers: dict[str, nn.Module], pairs, calibration: Tensor) -> dict:
+def _input_energy(model: nn.Module, targets: dict[str, nn.Module], calibration: Tensor) -> dict[str, Tensor]:
+    """{key: mean over rows (every leading index: samples, tokens) of the squared input of targets[key]},
+    a vector over its input columns, from one eval forward of ``calibration``."""
     sums: dict[str, Tensor] = {}
-    rows = {"n": 0}
+    rows: dict[str, int] = {}
     hooks = []
-    for a, b in pairs:
-        def hook(_mod, inp, a=a):
-            x = inp[0].detach().float().reshape(-1, inp[0].shape[-1])
-            sums[a] = sums.get(a, 0) + (x * x).sum(0)
-        hooks.append(layers[b].register_forward_pre_hook(hook))
+    for key, mod in targets.items():
+        def hook(_mod, inp, key=key):
+            x = inp[0].detach().double().reshape(-1, inp[0].shape[-1])
+            sums[key] = sums.get(key, 0) + (x * x).sum(0)
+            rows[key] = rows.get(key, 0) + x.shape[0]
+        hooks.append(mod.register_forward_pre_hook(hook))
     was = model.training
     model.eval()
     try:
-        out_rows = calibration.shape[0] if calibration.dim() > 1 else 1
         model(calibration)
-        rows["n"] = out_rows
     finally:
         model.train(was)
         for h in hooks:
             h.remove()
-    return {a: (s / max(1, rows["n"])).sqrt() for a, s in sums.items()}
+    return {k: (s / max(1, rows[k])).cpu() for k, s in sums.items()}
+
+
+def _shrink_linear(old: nn.Linear, rows: Tensor | None, cols: Tensor | None) -> nn.Linear:
+    """A new nn.Linear holding rows ``rows`` and columns ``cols`` (None: all) of ``old``."""
+    w = old.weight
+    if rows is not None:
+        w = w[rows.to(w.device)]
+    if cols is not None:
+        w = w[:, cols.to(w.device)]
+    new = nn.Linear(w.shape[1], w.shape[0], old.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.copy_(w)
+    if old.bias is not None:
+        new.bias.copy_(old.bias if rows is None else old.bias[rows.to(w.device)])
+    new.train(old.training)
+    return new
 
 
 def _apply(base: nn.Module, layers: dict[str, nn.Module], keep: dict[str, Tensor], pairs) -> None:
@@ -121,45 +176,130 @@ def _apply(base: nn.Module, layers: dict[str, nn.Module], keep: dict[str, Tensor
 
     col_keep = {b: keep[a] for a, b in pairs if a in keep}
     for name in dict.fromkeys([n for p in pairs for n in p]):
-        old = layers[name]
-        rows = keep.get(name)
-        cols = col_keep.get(name)
-        w = old.weight
-        if rows is not None:
-            w = w[rows.to(w.device)]
-        if cols is not None:
-            w = w[:, cols.to(w.device)]
-        new = nn.Linear(w.shape[1], w.shape[0], old.bias is not None, device=w.device, dtype=w.dtype)
-        new.weight.copy_(w)
-        if old.bias is not None:
-            new.bias.copy_(old.bias if rows is None else old.bias[rows.to(w.device)])
-        new.train(old.training)
-        _set_submodule(base, name, new)
+        _set_submodule(base, name, _shrink_linear(layers[name], keep.get(name), col_keep.get(name)))
+
+
+def _head_rows(heads: Tensor, hd: int) -> Tensor:
+    """Row indices of the given heads in a projection of ``head_dim`` rows per head."""
+    return (heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+
+
+def _apply_heads(attn: nn.Module, q_heads: Tensor, kv_heads: Tensor | None) -> None:
+    """Keep query heads ``q_heads`` (sorted) and KV heads ``kv_heads`` (None: all) of ``attn``."""
+    h, kv, hd = _heads(attn)
+    q_rows = _head_rows(q_heads, hd)
+    attn.q_proj = _shrink_linear(attn.q_proj, q_rows, None)
+    attn.o_proj = _shrink_linear(attn.o_proj, None, q_rows)
+    if kv_heads is not None:
+        kv_rows = _head_rows(kv_heads, hd)
+        attn.k_proj = _shrink_linear(attn.k_proj, kv_rows, None)
+        attn.v_proj = _shrink_linear(attn.v_proj, kv_rows, None)
+    h2, kv2, _ = _heads(attn)
+    attn.num_key_value_groups = h2 // kv2
+    for attr, val in (("num_heads", h2), ("num_attention_heads", h2), ("num_key_value_heads", kv2)):
+        if isinstance(getattr(attn, attr, None), int):
+            setattr(attn, attr, val)
+
+
+def _set_config_heads(base: nn.Module, attns: list[nn.Module]) -> None:
+    """Write the (uniform) new head counts and an explicit head_dim into the configs of the model and of
+    its attention modules."""
+    h, kv, hd = _heads(attns[0])
+    configs = {id(c): c for c in [getattr(base, "config", None), *(getattr(a, "config", None) for a in attns)]
+               if c is not None}
+    for c in configs.values():
+        c.num_attention_heads = h
+        c.num_key_value_heads = kv
+        c.head_dim = hd
+
+
+def _select(names, inc, exc):
+    import fnmatch
+
+    return [n for n in names if (inc is None or any(fnmatch.fnmatchcase(n, p) for p in inc))
+            and not any(fnmatch.fnmatchcase(n, p) for p in exc)]
+
+
+def _check_attention(base: nn.Module, layers: dict, all_attn: list[str], attn: list[str], ratio: float,
+                     head_unit: str, include, exclude) -> None:
+    if attn and len(attn) != len(all_attn):
+        raise ValueError(f"prune_structured: include={include!r} exclude={exclude!r} select {len(attn)} of the "
+                         f"model's {len(all_attn)} attention modules; select all of them or none (the model "
+                         "config holds one head count for every layer)")
+    counts = {_heads(layers[a])[:2] for a in attn}
+    if len(counts) > 1:
+        raise ValueError(f"prune_structured: the attention modules have different head counts {sorted(counts)}; "
+                         "pruning heads needs one count per model")
+    conf = getattr(base, "config", None)
+    if attn and conf is not None and "head_dim" not in conf.to_dict():
+        raise ValueError(f"prune_structured: the {type(conf).__name__} has no head_dim key, so a model with "
+                         "fewer heads cannot be saved; exclude its attention modules")
+    for a in attn:
+        for p in _PROJ:
+            _check_float_linear(f"{a}.{p}", getattr(layers[a], p))
+        h, kv, _ = _heads(layers[a])
+        if h % kv:
+            raise ValueError(f"prune_structured: {a!r} has {h} query heads, not a multiple of its {kv} KV heads")
+        n = kv if head_unit == "kv_group" else h // kv
+        what = "KV groups (a KV head and its query heads)" if head_unit == "kv_group" else "query heads per KV group"
+        if n - round(ratio * n) < 1:
+            hint = "; head_unit='query' removes query heads only" if head_unit == "kv_group" and kv < h else ""
+            raise ValueError(f"prune_structured: ratio {ratio} would remove every head of attention module "
+                             f"{a!r} ({n} {what}){hint}; use a smaller ratio")
+
+
+def _head_scores(attn: nn.Module, energy: Tensor | None, head_unit: str) -> Tensor:
+    """Importance per unit: (KV,) for kv_group, (KV, G) for query."""
+    h, kv, hd = _heads(attn)
+    if energy is not None:  # activation: squared output norm per query head, mean over tokens
+        per_q = energy.reshape(h, hd).sum(1)
+    else:
+        def rows_sq(lin):
+            w = lin.weight.double().reshape(-1, hd, lin.in_features).pow(2).sum((1, 2))
+            return w if lin.bias is None else w + lin.bias.double().reshape(-1, hd).pow(2).sum(1)
+        per_q = rows_sq(attn.q_proj) + attn.o_proj.weight.double().pow(2).reshape(-1, h, hd).sum((0, 2))
+    per_q = per_q.cpu().reshape(kv, h // kv)
+    if head_unit == "query":
+        return per_q.sqrt()
+    per_group = per_q.sum(1)
+    if energy is None:
+        per_group = per_group + rows_sq(attn.k_proj).cpu() + rows_sq(attn.v_proj).cpu()
+    return per_group.sqrt()
+
+
+def _top(scores: Tensor, k: int) -> Tensor:
+    return torch.argsort(scores, descending=True, stable=True)[:k].sort().values
 
 
 @torch.no_grad()
 def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor | None = None, *, include=None,
-                     exclude=None) -> StructuredReport:
-    """Remove ``round(ratio * units)`` hidden units of every selected unit pair's first layer (in
-    place; the layers are replaced by smaller nn.Linear). ``include``/``exclude`` are fnmatch patterns on
-    the first layer's name. ``calibration``: a batch of model inputs for activation ranking (None: weight
-    norm). Returns a :class:`StructuredReport` (``widths`` rebuilds the shapes: :func:`resize_structured`)."""
+                     exclude=None, head_unit: str = "kv_group") -> StructuredReport:
+    """Remove ``round(ratio * units)`` hidden units of every selected unit pair's first layer, and
+    ``round(ratio * units)`` attention units (``head_unit``) of every attention module, in place (the
+    layers are replaced by smaller nn.Linear). ``include``/``exclude`` are fnmatch patterns on the
+    first layer's name / the attention module's name. ``calibration``: a batch of model inputs for
+    activation ranking (None: weight norm). Returns a :class:`StructuredReport` (``widths`` rebuilds the
+    shapes: :func:`resize_structured`)."""
     from raydistill.compress.pruner import _patterns, normalize_name, unwrap_model
-    import fnmatch
 
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"ratio must be a float in [0, 1) (the fraction of hidden units removed), got {ratio!r}")
     if calibration is not None and (not isinstance(calibration, Tensor) or calibration.numel() == 0):
         raise ValueError("calibration must be a non-empty Tensor batch of model inputs, or None")
+    if head_unit not in HEAD_UNITS:
+        raise ValueError(f"head_unit must be one of {HEAD_UNITS}, got {head_unit!r}")
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude") or []
     base = unwrap_model(model)
     layers = {normalize_name(n): m for n, m in base.named_modules()}
-    pairs = [(a, b) for a, b in unit_pairs(base)
-             if (inc is None or any(fnmatch.fnmatchcase(a, p) for p in inc))
-             and not any(fnmatch.fnmatchcase(a, p) for p in exc)]
-    if not pairs:
-        raise ValueError(f"prune_structured: no Linear -> activation -> Linear pair in the model matches "
-                         f"include={include!r} exclude={exclude!r}")
+    pairs = [(a, b) for a, b in unit_pairs(base) if _select([a], inc, exc)]
+    all_attn = attention_modules(base)
+    attn = _select(all_attn, inc, exc)
+    if not pairs and not attn:
+        gpt2 = [n for n, m in base.named_modules() if hasattr(m, "c_attn") and hasattr(m, "c_proj")]
+        why = (" (GPT-2 style attention with a fused c_attn is not supported: its config derives head_dim = "
+               "n_embd // n_head, so fewer heads cannot be stored)") if gpt2 else ""
+        raise ValueError(f"prune_structured: no Linear -> activation -> Linear pair and no q/k/v/o attention "
+                         f"module in the model matches include={include!r} exclude={exclude!r}{why}")
     for a, b in pairs:
         _check_float_linear(a, layers[a])
         _check_float_linear(b, layers[b])
@@ -169,23 +309,48 @@ def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor |
         if n - round(ratio * n) < 1:
             raise ValueError(f"prune_structured: ratio {ratio} would remove every unit of layer {a!r} "
                              f"({n} units); use a smaller ratio")
+    _check_attention(base, layers, all_attn, attn, ratio, head_unit, include, exclude)
     params_b, bytes_b = _params_bytes(base)
+    energy: dict[str, Tensor] = {}
     if calibration is not None:
         dev = next(base.parameters()).device
-        scores = _activation_importance(base, layers, pairs, calibration.to(dev))
-    else:
-        scores = {a: torch.cat([layers[a].weight.float(), layers[a].bias.float()[:, None]], 1).norm(dim=1)
-                  if layers[a].bias is not None else layers[a].weight.float().norm(dim=1) for a, _ in pairs}
-    keep: dict[str, Tensor] = {}
+        targets = {a: layers[b] for a, b in pairs} | {a: layers[a].o_proj for a in attn}
+        energy = _input_energy(base, targets, calibration.to(dev))
     rep = StructuredReport(ratio=ratio, ranking="activation" if calibration is not None else "weight_norm")
+    keep: dict[str, Tensor] = {}
     for a, _ in pairs:
         n = layers[a].out_features
         k = n - round(ratio * n)
-        order = torch.argsort(scores[a].cpu(), descending=True, stable=True)
-        keep[a] = order[:k].sort().values
-        rep.layers.append({"name": a, "units_before": n, "units_after": k})
+        if calibration is not None:
+            scores = energy[a].sqrt()
+        else:
+            w = layers[a].weight.float()
+            scores = (torch.cat([w, layers[a].bias.float()[:, None]], 1) if layers[a].bias is not None else w).norm(dim=1)
+        keep[a] = _top(scores.cpu(), k)
+        rep.layers.append({"name": a, "kind": "mlp", "units_before": n, "units_after": k})
         rep.widths[a] = k
     _apply(base, layers, keep, pairs)
+    for a in attn:
+        mod = layers[a]
+        h, kv, hd = _heads(mod)
+        scores = _head_scores(mod, energy.get(a), head_unit)
+        g = h // kv
+        if head_unit == "kv_group":
+            groups = _top(scores, kv - round(ratio * kv))
+            q_heads = (groups[:, None] * g + torch.arange(g)).reshape(-1)
+            _apply_heads(mod, q_heads, groups)
+        else:
+            per = g - round(ratio * g)
+            q_heads = torch.cat([grp * g + _top(scores[grp], per) for grp in range(kv)])
+            _apply_heads(mod, q_heads, None)
+        h2, kv2, _ = _heads(mod)
+        rep.layers.append({"name": a, "kind": "attention", "head_unit": head_unit, "units_before": h,
+                           "units_after": h2, "kv_heads_before": kv, "kv_heads_after": kv2,
+                           "kept_heads": q_heads.tolist()})
+        rep.widths[f"{a}.q_proj"] = mod.q_proj.out_features
+        rep.widths[f"{a}.k_proj"] = mod.k_proj.out_features
+    if attn:
+        _set_config_heads(base, [layers[a] for a in attn])
     rep.params_before, rep.bytes_before = params_b, bytes_b
     rep.params_after, rep.bytes_after = _params_bytes(base)
     return rep
@@ -193,22 +358,38 @@ def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor |
 
 @torch.no_grad()
 def resize_structured(model: nn.Module, widths: dict[str, int]) -> nn.Module:
-    """Give the unit pairs' first layers the given out_features (keeping their first units) so that a
-    state dict saved after :func:`prune_structured` loads into a freshly built model."""
+    """Give the unit pairs' first layers, and the attention modules' ``q_proj`` / ``k_proj``, the given
+    out_features (keeping their first units / heads) so that a state dict saved after
+    :func:`prune_structured` loads into a freshly built model."""
     from raydistill.compress.pruner import normalize_name, unwrap_model
 
     base = unwrap_model(model)
     layers = {normalize_name(n): m for n, m in base.named_modules()}
     pairs = [(a, b) for a, b in unit_pairs(base) if a in widths]
-    missing = set(widths) - {a for a, _ in pairs}
+    attn = [a for a in attention_modules(base) if f"{a}.q_proj" in widths or f"{a}.k_proj" in widths]
+    missing = set(widths) - {a for a, _ in pairs} - {f"{a}.{p}" for a in attn for p in ("q_proj", "k_proj")}
     if missing:
-        raise ValueError(f"resize_structured: widths name layers that are not the first layer of a unit pair: "
-                         f"{sorted(missing)}")
+        raise ValueError(f"resize_structured: widths name layers that are not the first layer of a unit pair "
+                         f"nor an attention module's q_proj / k_proj: {sorted(missing)}")
     keep = {}
     for a, _ in pairs:
         w = int(widths[a])
         if not 1 <= w <= layers[a].out_features:
             raise ValueError(f"resize_structured: width {w} for {a!r} must be in [1, {layers[a].out_features}]")
         keep[a] = torch.arange(w)
+    for a in attn:
+        mod = layers[a]
+        h, kv, hd = _heads(mod)
+        wq, wk = int(widths.get(f"{a}.q_proj", h * hd)), int(widths.get(f"{a}.k_proj", kv * hd))
+        if wq % hd or wk % hd or not (1 <= wk // hd <= kv and 1 <= wq // hd <= h) or (wq // hd) % (wk // hd):
+            raise ValueError(f"resize_structured: widths q_proj {wq} / k_proj {wk} for {a!r} must be whole heads "
+                             f"of {hd} (at most {h} / {kv} heads; query heads a multiple of KV heads)")
     _apply(base, layers, keep, pairs)
+    for a in attn:
+        mod = layers[a]
+        h, kv, hd = _heads(mod)
+        wq, wk = int(widths.get(f"{a}.q_proj", h * hd)), int(widths.get(f"{a}.k_proj", kv * hd))
+        _apply_heads(mod, torch.arange(wq // hd), torch.arange(wk // hd))
+    if attn:
+        _set_config_heads(base, [layers[a] for a in attn])
     return model

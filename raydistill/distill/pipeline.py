@@ -319,14 +319,19 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
                         prog.done(s)
                 structured_report = None
                 if after_dense:
-                    from raydistill.distill.trainer import load_arrays
-
-                    split, _ = load_arrays(cfg, storage)
                     import torch
 
+                    if cfg.data.task == "causal_lm":  # calibration: packed training blocks of token ids
+                        from raydistill.distill.trainer import text_data
+
+                        x_cal = text_data(cfg, storage).train.astype("int64")
+                    else:
+                        from raydistill.distill.trainer import load_arrays
+
+                        x_cal = load_arrays(cfg, storage)[0].x_train
                     init_path, widths, structured_report = structured_init(
                         cfg, final_checkpoint_dir(results["dense_student"], run_dir, "dense_student"),
-                        run_dir / "structured_init", torch.from_numpy(split.x_train))
+                        run_dir / "structured_init", torch.from_numpy(x_cal))
                     log.info("prune_structured: widths %s", widths)
                     trainers["student"] = build("student", student_extras(cfg, structure=widths, init_from=init_path),
                                                 resources=_resources(cfg, 1))

@@ -17,6 +17,7 @@ Driver entry points: :func:`student_extras`, :func:`structured_init`, :func:`fin
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,8 @@ def search_extras(cfg) -> dict:
         from raydistill.compress.structured import prune_structured
         from raydistill.models import build_model
 
-        structure = prune_structured(build_model(cfg.student), s.ratio, include=s.include, exclude=s.exclude).widths
+        structure = prune_structured(build_model(cfg.student), s.ratio, include=s.include, exclude=s.exclude,
+                                     head_unit=s.head_unit).widths
     return student_extras(cfg, structure=structure)
 
 
@@ -85,14 +87,17 @@ def structured_init(cfg, dense_checkpoint, out_dir, calibration: torch.Tensor | 
     from raydistill.models import build_model
 
     s = dict(cfg.compression.steps())["prune_structured"]
-    net = build_model(cfg.student)
+    meta_file = Path(dense_checkpoint) / "meta.json"
+    info = (json.loads(meta_file.read_text()).get("task_info") or {}) if meta_file.is_file() else {}
+    # a causal LM's vocabulary: the checkpoint's task_info (the tokenizer's)
+    net = build_model(cfg.student, vocab_size=info.get("vocab_size"))
     load_weights(net, dense_checkpoint)
     cal = None
     if s.ranking == "activation":
         if calibration is None:
             raise ValueError("compression.structured.ranking 'activation' needs a calibration batch")
         cal = calibration[: s.calibration_size]
-    rep = prune_structured(net, s.ratio, cal, include=s.include, exclude=s.exclude)
+    rep = prune_structured(net, s.ratio, cal, include=s.include, exclude=s.exclude, head_unit=s.head_unit)
     path = save_checkpoint_dir(Path(out_dir), model=net, meta={"structure": rep.widths, "source": str(dense_checkpoint),
                                                               "report": rep.to_dict()})
     return str(path), rep.widths, rep.to_dict()
@@ -105,7 +110,7 @@ def finalize_student(model: nn.Module, masks: dict | None, quantize_cfg: dict | 
 
     Pruned layers with an int8 per-row weight-only scheme (bits 8, no group_size, fp32 activations)
     become int8 ``SparseLinearInt8`` (``SparseLinear.quantize(bits=8)``: int8 values, per-row scales,
-    16-bit column indices). Other schemes (int4, groups, int8 activations) have no sparse kernel: pruned
+    and per layer the smaller index: 16-bit column indices or a 1-bit-per-weight row bitmap). Other schemes (int4, groups, int8 activations) have no sparse kernel: pruned
     layers are then quantized densely (zeros stay zeros) and ``projected_sparse_int8_bytes`` gives the
     size of their CSR form at ``bits`` (values, int16 column indices when in_features <= 65536, int32
     row pointers, fp32 row scales)."""
@@ -131,7 +136,9 @@ def finalize_student(model: nn.Module, masks: dict | None, quantize_cfg: dict | 
 def storage_nbytes(model: nn.Module) -> int:
     """Bytes to store the model for inference at real widths: parameters and buffers, QuantizedLinear
     codes + scales, SparseLinear as CSR (values, int32 column indices, row pointers; the transposed
-    copy it keeps for the backward pass is not counted)."""
+    copy it keeps for the backward pass is not counted), SparseLinearInt8 as its buffers (int8 values,
+    uint16 indices or the uint8 row bitmap, int32 row pointers, fp32 scales and bias: what the kernel
+    reads and what save_compressed writes)."""
     from raydistill.compress.pruner import unwrap_model
     from raydistill.ops.sparse import SparseLinear
 
@@ -151,10 +158,12 @@ def storage_nbytes(model: nn.Module) -> int:
 
 def projected_nbytes(model: nn.Module, masks: dict | None, bits: int, group_size: int | None = None) -> int:
     """Bytes of the model after the recipe, from a float (possibly masked, fake-quantized) model: masked
-    layers as CSR (values at ``bits``, int16 column indices when in_features <= 65536 for bits < 32, else
-    int32; int32 row pointers; one fp32 scale per row), other Linear layers dense at ``bits`` with
-    their scales; everything else at its dtype."""
+    layers as CSR (values at ``bits``; for bits < 32 the smaller of int16 column indices (int32 when
+    in_features > 65536) and a 1-bit-per-weight row bitmap, as ``SparseLinear.quantize`` picks, else
+    int32 indices; int32 row pointers; one fp32 scale per row), other Linear layers dense at ``bits``
+    with their scales; everything else at its dtype."""
     from raydistill.compress.pruner import normalize_name, unwrap_model
+    from raydistill.ops.sparse import bitmap_nbytes
 
     base = unwrap_model(model)
     masks = {normalize_name(k): v for k, v in (masks or {}).items()}
@@ -168,8 +177,10 @@ def projected_nbytes(model: nn.Module, masks: dict | None, bits: int, group_size
         counted.add(id(mod.weight))
         if n in masks:
             nnz = int(masks[n].sum())
-            idx = 2 if (bits < 32 and in_f <= 65536) else 4
-            total += (nnz * bits + 7) // 8 + nnz * idx + (out_f + 1) * 4 + (out_f * 4 if bits < 32 else 0)
+            idx = nnz * (2 if (bits < 32 and in_f <= 65536) else 4)
+            if bits < 32:  # what SparseLinear.quantize picks: the smaller of indices and a row bitmap
+                idx = min(idx, bitmap_nbytes(out_f, in_f))
+            total += (nnz * bits + 7) // 8 + idx + (out_f + 1) * 4 + (out_f * 4 if bits < 32 else 0)
         else:
             groups = 1 if group_size is None else in_f // group_size
             total += (out_f * in_f * bits + 7) // 8 + (out_f * groups * 4 if bits < 32 else 0)
@@ -231,15 +242,15 @@ def check_recipe(cfg) -> None:
     if not steps:
         return
     task = getattr(cfg.data, "task", "classification")
-    for st, key in (("prune_structured", "compression.structured"), ("quantize", "compression.quantize")):
-        if st in steps and task != "classification":
-            raise ValueError(f"{key}: the {st!r} step is implemented for data.task 'classification' only, "
-                             f"not {task!r}; remove it (prune works for every task)")
-    net = build_model(cfg.student)
+    if "quantize" in steps and task != "classification":
+        raise ValueError(f"compression.quantize: the 'quantize' step is implemented for data.task 'classification' "
+                         f"only, not {task!r}; remove it (prune and prune_structured work for every task)")
+    # an LM student's vocabulary only changes the embedding and head, which prune_structured never touches
+    net = build_model(cfg.student, vocab_size=128) if task == "causal_lm" else build_model(cfg.student)
     s = steps.get("prune_structured")
     if s is not None:
         try:
-            prune_structured(net, s.ratio, None, include=s.include, exclude=s.exclude)
+            prune_structured(net, s.ratio, None, include=s.include, exclude=s.exclude, head_unit=s.head_unit)
         except ValueError as exc:
             raise ValueError(f"compression.structured: {exc}") from None
     q = steps.get("quantize")

@@ -506,11 +506,12 @@ class SparseLinear(_CSRSizes, nn.Module):
                 lin.bias.copy_(self.bias)
         return lin
 
-    def quantize(self, bits: int = 8) -> "SparseLinearInt8":
+    def quantize(self, bits: int = 8, index: str | None = None) -> "SparseLinearInt8":
         """An inference copy of this layer with int8 values and one fp32 scale per output row
-        (symmetric, per output channel), column indices in 16 bits when ``in_features <= 65536``.
-        See :class:`SparseLinearInt8`. This layer is left unchanged."""
-        return SparseLinearInt8.from_sparse(self, bits=bits)
+        (symmetric, per output channel). ``index``: ``"csr"`` (column indices in 16 bits when
+        ``in_features <= 65536``, else 32), ``"bitmap"`` (one bit per weight, row-major) or None: the
+        smaller of the two for this layer. See :class:`SparseLinearInt8`. This layer is left unchanged."""
+        return SparseLinearInt8.from_sparse(self, bits=bits, index=index)
 
     def csr_bytes(self, index_bytes: int = 4) -> int:
         """Bytes of the CSR weight: values + column indices + row pointers (int32 accounting)."""
@@ -574,6 +575,52 @@ def column_index_dtype(in_features: int) -> torch.dtype:
     return torch.uint16 if in_features <= 65536 else torch.int32
 
 
+INDEX_FORMATS = ("csr", "bitmap")
+
+
+def bitmap_nbytes(out_features: int, in_features: int) -> int:
+    """Bytes of a row bitmap: one bit per weight, each row padded to whole bytes."""
+    return out_features * ((in_features + 7) // 8)
+
+
+def pick_index_format(nnz: int, out_features: int, in_features: int) -> str:
+    """The smaller column index: a row bitmap (1 bit per weight) or CSR indices (16 or 32 bits per
+    nonzero). The bitmap wins above 1/16 density (1/32 with int32 indices)."""
+    csr = nnz * torch.empty((), dtype=column_index_dtype(in_features)).element_size()
+    return "bitmap" if bitmap_nbytes(out_features, in_features) < csr else "csr"
+
+
+def csr_to_bitmap(crow_indices: Tensor, col_indices: Tensor, in_features: int) -> Tensor:
+    """(out, ceil(in / 8)) uint8 row bitmap of a CSR pattern: bit j (LSB first) of byte b of row r is set
+    when column 8b + j of row r is stored. Columns must be sorted within rows (the values follow them)."""
+    rows = crow_indices.numel() - 1
+    wb = (in_features + 7) // 8
+    col = col_indices.to(torch.int64)
+    r = _rows_of(crow_indices, col.numel())
+    bits = torch.zeros(rows, wb * 8, dtype=torch.bool, device=col.device)
+    bits[r, col] = True
+    weights = (1 << torch.arange(8, device=col.device)).to(torch.int64)
+    return (bits.view(rows, wb, 8).to(torch.int64) * weights).sum(-1).to(torch.uint8)
+
+
+def bitmap_to_columns(bitmap: Tensor, in_features: int) -> Tensor:
+    """The int64 column indices (row-major, ascending within rows) of a :func:`csr_to_bitmap` bitmap."""
+    rows, wb = bitmap.shape
+    shifts = torch.arange(8, device=bitmap.device)
+    bits = (bitmap.to(torch.int64)[..., None] >> shifts) & 1
+    bits = bits.reshape(rows, wb * 8)
+    if in_features < wb * 8 and bool(bits[:, in_features:].any()):
+        raise ValueError(f"col_indices bitmap has bits set at or beyond in_features={in_features}")
+    return bits.nonzero()[:, 1]
+
+
+def _columns(col_indices: Tensor, in_features: int) -> Tensor:
+    """int64 column indices of either index layout (CSR indices, or a uint8 row bitmap)."""
+    if col_indices.dtype == torch.uint8:
+        return bitmap_to_columns(col_indices, in_features)
+    return col_indices.to(torch.int64)
+
+
 def quantize_rows_int8(values: Tensor, crow_indices: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-row int8 quantization of CSR values: (q int8 (nnz,), scales fp32 (rows,)).
 
@@ -603,7 +650,7 @@ def sparse_linear_int8_dense_reference(x: Tensor, crow_indices: Tensor, col_indi
                                        scales: Tensor, bias: Tensor | None, in_features: int) -> Tensor:
     """float64 dense reference of :func:`sparse_linear_int8` (for tests)."""
     w = _dequantized(crow_indices, values, scales, torch.float64)
-    return sparse_linear_dense_reference(x, crow_indices, col_indices.to(torch.int64), w, bias, in_features)
+    return sparse_linear_dense_reference(x, crow_indices, _columns(col_indices, in_features), w, bias, in_features)
 
 
 def sparse_linear_int8_reference(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
@@ -613,7 +660,7 @@ def sparse_linear_int8_reference(x: Tensor, crow_indices: Tensor, col_indices: T
     Differentiable in x (the int8 weights are constants)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = _dequantized(crow_indices, values, scales, acc)
-    y = sparse_linear_reference(x.to(acc), crow_indices, col_indices.to(torch.int64), w,
+    y = sparse_linear_reference(x.to(acc), crow_indices, _columns(col_indices, x.shape[-1]), w,
                                 None if bias is None else bias.to(acc))
     return y.to(x.dtype)
 
@@ -636,16 +683,24 @@ def sparse_linear_int8(x: Tensor, crow_indices: Tensor, col_indices: Tensor, val
         raise TypeError(f"values must be int8, got {values.dtype}")
     if scales.dtype != torch.float32:
         raise TypeError(f"scales must be float32, got {scales.dtype}")
-    if col_indices.dtype not in (torch.uint16, torch.int32):
-        raise TypeError(f"col_indices must be uint16 or int32, got {col_indices.dtype}")
+    if col_indices.dtype not in (torch.uint16, torch.int32, torch.uint8):
+        raise TypeError(f"col_indices must be uint16 or int32 (CSR) or a uint8 row bitmap, got {col_indices.dtype}")
     out_features = crow_indices.numel() - 1
+    bitmap = col_indices.dtype == torch.uint8
+    if bitmap and col_indices.shape != (out_features, (x.shape[-1] + 7) // 8):
+        raise ValueError(f"a uint8 col_indices bitmap must have shape ({out_features}, {(x.shape[-1] + 7) // 8}) "
+                         f"(rows, ceil(in_features / 8)), got {tuple(col_indices.shape)}")
     if scales.shape != (out_features,):
         raise ValueError(f"scales must have shape ({out_features},), got {tuple(scales.shape)}")
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
         raise ValueError(f"bias must be float32 of shape ({out_features},), got {bias.dtype} {tuple(bias.shape)}")
     if check:
-        check_csr(crow_indices, col_indices.to(torch.int64), (out_features, x.shape[-1]), values=values)
-    if (x.requires_grad and torch.is_grad_enabled()) or not _int8_compiled_for(x.device.type):
+        cols = _columns(col_indices, x.shape[-1])
+        if bitmap and cols.numel() != values.numel():
+            raise ValueError(f"the col_indices bitmap has {cols.numel()} set bits but values has {values.numel()}")
+        check_csr(crow_indices, cols, (out_features, x.shape[-1]), values=values)
+    if (x.requires_grad and torch.is_grad_enabled()) or not _int8_compiled_for(x.device.type) \
+            or (bitmap and x.device.type != "cpu"):  # the bitmap layout has a CPU kernel only
         return sparse_linear_int8_reference(x, crow_indices, col_indices, values, scales, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -658,8 +713,12 @@ def sparse_linear_int8(x: Tensor, crow_indices: Tensor, col_indices: Tensor, val
 class SparseLinearInt8(_CSRSizes, nn.Module):
     """Inference-only sparse linear layer with int8 values and one fp32 scale per output row.
 
-    W[r, c] = ``values[k] * scales[r]`` at the CSR pattern (``crow_indices`` int32,
-    ``col_indices`` uint16 when ``in_features <= 65536``, else int32). Activations stay in their float
+    W[r, c] = ``values[k] * scales[r]`` at the CSR pattern (``crow_indices`` int32). Two index layouts
+    (``index_format``): ``"csr"``, ``col_indices`` uint16 when ``in_features <= 65536``, else int32 (2 or 4
+    bytes per nonzero); ``"bitmap"``, ``col_indices`` a uint8 ``(out, ceil(in / 8))`` row bitmap, bit j
+    (LSB first) of byte b set when column 8b + j is stored, the values in column order (1 bit per
+    weight: smaller than 16-bit indices above 1/16 density; the CPU kernel decodes it per call into
+    transient indices; no CUDA kernel, CUDA inputs take the PyTorch path). Activations stay in their float
     dtype (weight-only int8). Everything is a buffer: nothing trains here (an input that needs a
     gradient still gets one, through the PyTorch reference path). Build it with
     ``SparseLinear.from_dense(linear, mask).quantize(bits=8)``; :meth:`dequantize` gives a float
@@ -678,14 +737,18 @@ class SparseLinearInt8(_CSRSizes, nn.Module):
         idx = index_dtype or column_index_dtype(self.in_features)
         if idx == torch.uint16 and self.in_features > 65536:
             raise ValueError(f"index_dtype uint16 needs in_features <= 65536, got {self.in_features}")
+        if idx not in (torch.uint16, torch.int32, torch.uint8):
+            raise ValueError(f"index_dtype must be torch.uint16 / torch.int32 (CSR) or torch.uint8 (row bitmap), "
+                             f"got {idx}")
         self.register_buffer("crow_indices", torch.zeros(out_features + 1, dtype=torch.int32, device=device))
-        self.register_buffer("col_indices", torch.zeros(nnz, dtype=idx, device=device))
+        shape = (out_features, (in_features + 7) // 8) if idx == torch.uint8 else (nnz,)
+        self.register_buffer("col_indices", torch.zeros(shape, dtype=idx, device=device))
         self.register_buffer("values", torch.zeros(nnz, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
 
     @classmethod
-    def from_sparse(cls, layer: "SparseLinear", bits: int = 8) -> "SparseLinearInt8":
+    def from_sparse(cls, layer: "SparseLinear", bits: int = 8, index: str | None = None) -> "SparseLinearInt8":
         """Quantize a float :class:`SparseLinear` (see :meth:`SparseLinear.quantize`)."""
         if isinstance(layer, SparseLinearInt8):
             raise ValueError("layer is already quantized (SparseLinearInt8, bits=8); quantize the float "
@@ -694,11 +757,23 @@ class SparseLinearInt8(_CSRSizes, nn.Module):
             raise TypeError(f"layer must be a SparseLinear, got {type(layer).__name__}")
         if isinstance(bits, bool) or bits != 8:
             raise ValueError(f"bits must be 8 (int8 values with per-row scales), got {bits!r}")
+        if index is not None and index not in INDEX_FORMATS:
+            raise ValueError(f"index must be one of {INDEX_FORMATS} or None (the smaller), got {index!r}")
+        index = index or pick_index_format(layer.nnz, layer.out_features, layer.in_features)
         q, scales = quantize_rows_int8(layer.values, layer.crow_indices)
         dev = layer.values.device
-        m = cls(layer.in_features, layer.out_features, layer.nnz, layer.bias is not None, device=dev)
+        m = cls(layer.in_features, layer.out_features, layer.nnz, layer.bias is not None, device=dev,
+                index_dtype=torch.uint8 if index == "bitmap" else None)
         m.crow_indices = layer.crow_indices.detach().to(torch.int32).contiguous()
-        m.col_indices = layer.col_indices.detach().to(torch.int64).to(m.col_indices.dtype).contiguous()
+        if index == "bitmap":
+            cols = layer.col_indices.detach().to(torch.int64)
+            r = _rows_of(layer.crow_indices, layer.nnz)
+            if layer.nnz > 1 and bool(((r[1:] == r[:-1]) & (cols[1:] <= cols[:-1])).any()):
+                raise ValueError("index='bitmap' needs columns sorted and unique within each row (the values follow "
+                                 "the bitmap's order); use index='csr'")
+            m.col_indices = csr_to_bitmap(layer.crow_indices, cols, layer.in_features).contiguous()
+        else:
+            m.col_indices = layer.col_indices.detach().to(torch.int64).to(m.col_indices.dtype).contiguous()
         m.values = q.contiguous()
         m.scales = scales.contiguous()
         if layer.bias is not None:
@@ -725,23 +800,34 @@ class SparseLinearInt8(_CSRSizes, nn.Module):
             raise ValueError(f"x must have last dim in_features={self.in_features}, got {tuple(x.shape)}")
         return sparse_linear_int8(x, self.crow_indices, self.col_indices, self.values, self.scales, self.bias)
 
+    @property
+    def index_format(self) -> str:
+        """``"bitmap"`` (uint8 row bitmap) or ``"csr"`` (uint16 / int32 column indices)."""
+        return "bitmap" if self.col_indices.dtype == torch.uint8 else "csr"
+
+    def columns(self) -> Tensor:
+        """int64 column index of every stored value (decoded from the bitmap in that layout)."""
+        return _columns(self.col_indices, self.in_features)
+
     def weight_dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The (out, in) dequantized dense weight (zeros off the pattern)."""
         w = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.values.device)
         rows = _rows_of(self.crow_indices, self.nnz)
-        w[rows, self.col_indices.to(torch.int64)] = _dequantized(self.crow_indices, self.values, self.scales, dtype)
+        w[rows, self.columns()] = _dequantized(self.crow_indices, self.values, self.scales, dtype)
         return w
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> "SparseLinear":
         """A float :class:`SparseLinear` with the dequantized weights (same pattern, trainable again)."""
-        return SparseLinear.from_csr(self.crow_indices, self.col_indices.to(torch.int64).to(INDEX_DTYPE),
+        return SparseLinear.from_csr(self.crow_indices, self.columns().to(INDEX_DTYPE),
                                      _dequantized(self.crow_indices, self.values, self.scales, dtype),
                                      in_features=self.in_features,
                                      bias=None if self.bias is None else self.bias.to(dtype))
 
     def storage_bytes(self) -> dict[str, int]:
-        """Bytes per stored tensor at their real bit widths (int8 values, 16- or 32-bit column indices,
-        int32 row pointers, fp32 scales and bias) and their ``total``."""
+        """Bytes per stored tensor at their real bit widths (int8 values, 16- or 32-bit column indices or
+        the 1-bit-per-weight row bitmap, int32 row pointers, fp32 scales and bias) and their ``total``: the
+        layer's tensors as held in memory, as the kernel reads them and as save_compressed writes them
+        (the kernel's transient decoded indices for a bitmap are not counted)."""
         d = {name: t.numel() * t.element_size() for name, t in
              (("values", self.values), ("col_indices", self.col_indices), ("crow_indices", self.crow_indices),
               ("scales", self.scales))}
@@ -757,4 +843,5 @@ class SparseLinearInt8(_CSRSizes, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"nnz={self.nnz}, density={self.density:.4f}, bits=8, col_indices={self.col_indices.dtype}")
+                f"nnz={self.nnz}, density={self.density:.4f}, bits=8, index={self.index_format}, "
+                f"col_indices={self.col_indices.dtype}")

@@ -96,8 +96,13 @@ def test_projected_bytes_and_finalize_match(seeded):
         assert storage_nbytes(net) == proj == rep["quantize"]["bytes_after"]
     masks = {"0": torch.rand(64, 40, generator=seeded) > 0.8}
     nnz = int(masks["0"].sum())
-    want = nnz * 1 + nnz * 2 + 65 * 4 + 64 * 4 + 64 * 4 + (10 * 64 + 10 * 4) + 10 * 4
+    # int8 values + the smaller index: 2 bytes per nonzero or a 1-bit row bitmap (64 rows x 5 bytes)
+    want = nnz * 1 + min(nnz * 2, 64 * 5) + 65 * 4 + 64 * 4 + 64 * 4 + (10 * 64 + 10 * 4) + 10 * 4
     assert projected_nbytes(m, masks, 8) == want
+    net = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
+    net.load_state_dict(m.state_dict())
+    finalize_student(net, masks, {"bits": 8, "group_size": None, "activations": None})
+    assert storage_nbytes(net) == want  # what the converted model (SparseLinearInt8, bitmap) holds
 
 
 def test_evaluate_checkpoint_applies_structure_masks_and_quantize(tmp_path):
@@ -135,9 +140,12 @@ def test_evaluate_checkpoint_applies_structure_masks_and_quantize(tmp_path):
         got, ref = again(x), net_float(x)
     assert torch.allclose(got, ref, atol=0.05 * float(ref.abs().max()))  # the int8 rounding error only
     nnz = [int(pr.masks[k].sum()) for k in ("net.0", "net.2")]
-    # int8 SparseLinear: int8 values + uint16 columns + int32 row pointers + fp32 row scales + fp32 biases;
-    # the dense head int8 with fp32 scales and bias
-    want = sum(3 * z + 65 * 4 + 64 * 4 + 64 * 4 for z in nnz) + (10 * 64 + 10 * 4 + 10 * 4)
+    # int8 SparseLinear: int8 values + a row bitmap (80% sparse: 1 bit per weight is smaller than uint16
+    # columns) + int32 row pointers + fp32 row scales + fp32 biases; the dense head int8 with fp32 scales
+    # and bias
+    want = sum(z + 64 * ((i + 7) // 8) + 65 * 4 + 64 * 4 + 64 * 4 for z, i in zip(nnz, (40, 64))) \
+        + (10 * 64 + 10 * 4 + 10 * 4)
+    assert all(again.get_submodule(n).index_format == "bitmap" for n in ("net.0", "net.2"))
     assert ev["model_bytes"] == want and "projected_sparse_int8_bytes" not in ev
     assert ev["sparse_layers"] == 2
     assert [r["name"] for r in ev["steps"]["quantize"]["layers"]] == ["net.0", "net.2", "net.4"]
@@ -178,14 +186,47 @@ def test_search_extras_and_worker_side_steps(seeded):
     assert off["structure"] is None and off["qat"] is None  # bits 32 and ratio 0: no steps
 
 
-def test_recipe_steps_other_than_prune_are_classification_only():
-    """A causal-LM config with quantize / prune_structured fails before Ray, naming the key; prune passes."""
+def test_lm_recipes_quantize_is_classification_only_prune_structured_prunes_heads():
+    """A causal-LM config with quantize fails before Ray, naming the key; prune_structured (attention
+    heads) is checked against the student; prune passes."""
     from raydistill.distill.steps import check_recipe
 
     cfg = load_config(REPO / "tune_configs" / "lm_tiny.yaml", ["compression=[{quantize: {bits: 8}}]"])
     with pytest.raises(ValueError, match=r"compression\.quantize: .*classification"):
         check_recipe(cfg)
-    cfg = load_config(REPO / "tune_configs" / "lm_tiny.yaml", ["compression=[{prune_structured: {ratio: 0.5}}]"])
-    with pytest.raises(ValueError, match=r"compression\.structured: .*classification"):
+    check_recipe(load_config(REPO / "tune_configs" / "lm_tiny.yaml", ["compression=[{prune_structured: {ratio: 0.5}}]"]))
+    cfg = load_config(REPO / "tune_configs" / "lm_tiny.yaml", ["compression=[{prune_structured: {ratio: 0.9}}]"])
+    with pytest.raises(ValueError, match=r"compression\.structured: .*would remove every head of attention module"):
         check_recipe(cfg)
     check_recipe(load_config(REPO / "tune_configs" / "lm_tiny.yaml"))  # prune only: fine
+
+
+def test_structured_init_prunes_an_lm_checkpoint_and_reloads(tmp_path):
+    """No Ray: structured_init on a dense Llama student checkpoint (activation ranking on token ids); the
+    pruned weights load into a freshly built student resized to the widths, with the same logits."""
+    from raydistill.compress import resize_structured
+    from raydistill.distill.steps import structured_init
+    from raydistill.distill.worker import load_weights, save_checkpoint_dir
+    from raydistill.models import build_model
+
+    cfg = load_config(REPO / "tune_configs" / "lm_tiny.yaml", [
+        "student.kwargs.config={model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+        "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64, tie_word_embeddings: false}",
+        "compression=[{prune_structured: {ratio: 0.5, calibration_size: 8}}]"])
+    torch.manual_seed(0)
+    dense = build_model(cfg.student, vocab_size=97)
+    ck = save_checkpoint_dir(tmp_path / "dense", model=dense, meta={"task_info": {"vocab_size": 97}})
+    x = torch.randint(0, 97, (20, 16))
+    path, widths, rep = structured_init(cfg, ck, tmp_path / "init", x)
+    assert rep["ranking"] == "activation" and [r["kv_heads_after"] for r in rep["layers"]] == [1, 1]
+    assert widths == {f"model.layers.{i}.self_attn.{p}": w for i in (0, 1) for p, w in (("q_proj", 16), ("k_proj", 8))}
+    fresh = resize_structured(build_model(cfg.student, vocab_size=97), widths)
+    load_weights(fresh, path)
+    assert fresh.config.num_attention_heads == 2 and fresh.config.num_key_value_heads == 1
+    ref = build_model(cfg.student, vocab_size=97)
+    load_weights(ref, ck)
+    from raydistill.compress import prune_structured
+
+    prune_structured(ref, 0.5, x[:8])
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x[:3]).logits, ref.eval()(x[:3]).logits)

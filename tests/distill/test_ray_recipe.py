@@ -45,13 +45,15 @@ def test_student_stage_runs_the_recipe(ray_local, storage, tiny):
     ev = evaluate_checkpoint(cfg, ck, quantize=cfg.compression.quantize.model_dump(mode="json"))
     assert ev["structure"] == widths
     assert [x["name"] for x in ev["steps"]["quantize"]["layers"]] == ["net.0", "net.2", "net.4"]
-    # pruned layers as int8 SparseLinear (int8 values + uint16 columns, int32 row pointers, fp32 row scales),
-    # the others int8 codes + fp32 row scales; fp32 biases (the 40-64-64-10 student)
+    # pruned layers as int8 SparseLinear (int8 values + the smaller of uint16 columns and a row bitmap of
+    # ceil(in / 8) bytes per row, int32 row pointers, fp32 row scales), the others int8 codes + fp32 row
+    # scales; fp32 biases (the 40-64-64-10 student)
     from raydistill.distill.worker import load_masks
 
     masks = load_masks(ck)
     assert masks and set(masks) <= {"net.0", "net.2", "net.4"}
-    expect = sum(3 * int(masks[n].sum()) + (o + 1) * 4 + o * 4 + o * 4 if n in masks else o * i + o * 4 + o * 4
+    expect = sum(int(masks[n].sum()) + min(2 * int(masks[n].sum()), o * ((i + 7) // 8)) + (o + 1) * 4 + o * 8
+                 if n in masks else o * i + o * 4 + o * 4
                  for n, (o, i) in (("net.0", (64, 40)), ("net.2", (64, 64)), ("net.4", (10, 64))))
     assert ev["model_bytes"] == expect and ev["sparse_layers"] == len(masks)  # as SparseLinearInt8
     assert rows[-1]["model_bytes"] > 0 and rows[-1]["latency_ms_b256"] > 0  # the worker's compression metrics

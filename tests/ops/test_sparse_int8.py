@@ -33,20 +33,25 @@ def _layer(out_f, in_f, sparsity, g, bias=True, empty_rows=True):
 
 
 def _check(ext, out_f, in_f, lead, sparsity, dtype, g, bias=True):
+    """Both index layouts (CSR indices, row bitmap) against the float64 reference of the float pattern
+    (the dense weight is rebuilt from the SparseLinear's own indices, not from the layout under test)."""
     from raydistill._build import op_backend
 
     if ext.loaded:
         assert op_backend("spmm_int8", "cpu") == "compiled"
     sl = _layer(out_f, in_f, sparsity, g, bias)
-    q = sl.quantize(bits=8)
-    assert isinstance(q, SparseLinearInt8) and q.values.dtype == torch.int8
     x = torch.randn(*lead, in_f, generator=g).to(dtype)
-    with torch.no_grad():
-        y = q(x)
-    assert y.shape == (*lead, out_f) and y.dtype == dtype
-    ref = sparse_linear_int8_dense_reference(x.reshape(-1, in_f), q.crow_indices, q.col_indices, q.values,
-                                             q.scales, q.bias, in_f).reshape(*lead, out_f)
-    assert _rel(y, ref) < TOL[dtype]
+    ys = {}
+    for index in ("csr", "bitmap"):
+        q = sl.quantize(bits=8, index=index)
+        assert isinstance(q, SparseLinearInt8) and q.values.dtype == torch.int8 and q.index_format == index
+        with torch.no_grad():
+            ys[index] = y = q(x)
+        assert y.shape == (*lead, out_f) and y.dtype == dtype
+        ref = sparse_linear_int8_dense_reference(x.reshape(-1, in_f), sl.crow_indices, sl.col_indices, q.values,
+                                                 q.scales, q.bias, in_f).reshape(*lead, out_f)
+        assert _rel(y, ref) < TOL[dtype]
+    assert torch.equal(ys["csr"], ys["bitmap"])  # same columns in the same order: the same sums
     return sl, q
 
 
@@ -100,7 +105,7 @@ def test_quantization_is_per_row_symmetric(seeded):
 
 def test_uint16_and_int32_indices_agree(ext, seeded):
     sl = _layer(50, 300, 0.8, seeded)
-    q16 = sl.quantize(bits=8)
+    q16 = sl.quantize(bits=8, index="csr")
     assert q16.col_indices.dtype == torch.uint16
     q32 = SparseLinearInt8(300, 50, q16.nnz, True, index_dtype=torch.int32)
     q32.load_state_dict({**q16.state_dict(), "col_indices": q16.col_indices.to(torch.int32)})
@@ -117,7 +122,7 @@ def test_int32_indices_above_65536_columns(ext, seeded):
     mask = torch.rand(3, 70000, generator=seeded) < 0.01
     mask[0, 69999] = True  # a column past 65535
     q = SparseLinear.from_dense(lin, mask).quantize(bits=8)
-    assert q.col_indices.dtype == torch.int32
+    assert q.col_indices.dtype == torch.int32  # 1% dense: int32 indices are smaller than a bitmap
     x = torch.randn(5, 70000, generator=seeded)
     ref = sparse_linear_int8_dense_reference(x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias, 70000)
     with torch.no_grad():
@@ -129,7 +134,7 @@ def test_int32_indices_above_65536_columns(ext, seeded):
 def test_bytes_with_real_bit_widths(seeded):
     out_f = in_f = 1024
     sl = _layer(out_f, in_f, 0.9, seeded, empty_rows=False)
-    q = sl.quantize(bits=8)
+    q = sl.quantize(bits=8, index="csr")
     b = q.storage_bytes()
     nnz = sl.nnz
     assert b == {"values": nnz, "col_indices": 2 * nnz, "crow_indices": 4 * (out_f + 1), "scales": 4 * out_f,
@@ -161,7 +166,7 @@ def test_bad_input():
 
 
 def test_kernel_rejects_out_of_range_columns(ext, seeded):
-    q = _layer(6, 8, 0.0, seeded).quantize(bits=8)
+    q = _layer(6, 8, 0.0, seeded).quantize(bits=8, index="csr")
     col = q.col_indices.clone()
     col[5] = 9  # >= in_features
     col32 = q.col_indices.to(torch.int32)
@@ -204,5 +209,76 @@ def test_opcheck(ext, seeded):
     x = torch.randn(4, 7, generator=seeded)
     with torch.no_grad():
         q(x)  # registers the fake impl
+    torch.library.opcheck(torch.ops.raydistill.spmm_int8.default,
+                          (x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias, 9))
+
+
+def test_bitmap_layout_bytes_and_choice(seeded):
+    out_f, in_f = 512, 500  # rows padded to 63 bytes
+    sl = _layer(out_f, in_f, 0.8, seeded, empty_rows=False)
+    q = sl.quantize(bits=8)  # auto: the bitmap is smaller at 20% density
+    assert q.index_format == "bitmap" and q.col_indices.dtype == torch.uint8
+    assert q.col_indices.shape == (out_f, 63)
+    b = q.storage_bytes()
+    nnz = sl.nnz
+    assert b == {"values": nnz, "col_indices": out_f * 63, "crow_indices": 4 * (out_f + 1), "scales": 4 * out_f,
+                 "bias": 4 * out_f, "total": nnz + out_f * 63 + 4 * (out_f + 1) + 8 * out_f}
+    # int8 values + 1 bit per weight at 20% density: 0.2 + 0.126 bytes per weight, ~8.2% of fp32 (+ rows)
+    assert 0.081 < q.csr_bytes() / (4 * out_f * in_f) < 0.086
+    assert q.csr_bytes() < sl.quantize(bits=8, index="csr").csr_bytes() * 0.6
+    # the bitmap's bits are the pattern: popcount per row = nonzeros per row, bits at the stored columns
+    cols = q.columns()
+    assert torch.equal(cols, sl.col_indices.to(torch.int64))
+    bits = ((q.col_indices.to(torch.int64)[..., None] >> torch.arange(8)) & 1).reshape(out_f, -1)[:, :in_f]
+    assert torch.equal(bits.bool(), sl.mask())
+    assert _layer(64, 512, 0.97, seeded).quantize(bits=8).index_format == "csr"  # 3% dense: indices smaller
+    assert torch.equal(q.weight_dense(), sl.quantize(bits=8, index="csr").weight_dense())
+
+
+def test_bitmap_state_dict_and_safetensors_round_trip_bit_exact(ext, seeded, tmp_path):
+    from raydistill.compress import load_compressed, save_compressed
+
+    net = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
+    mask = torch.rand(64, 40, generator=seeded) > 0.8
+    net[0] = SparseLinear.from_dense(net[0], mask).quantize(bits=8)
+    assert net[0].index_format == "bitmap"
+    save_compressed(net, tmp_path / "m.safetensors")
+    back = load_compressed(nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10)), tmp_path / "m.safetensors")
+    assert type(back[0]) is SparseLinearInt8 and back[0].index_format == "bitmap"
+    for k, v in net.state_dict().items():
+        assert back.state_dict()[k].dtype == v.dtype and torch.equal(back.state_dict()[k], v)
+    x = torch.randn(33, 40, generator=seeded)
+    with torch.no_grad():
+        assert torch.equal(back(x), net(x))
+
+
+def test_bitmap_bad_input(ext, seeded):
+    sl = _layer(6, 20, 0.5, seeded, empty_rows=False)
+    with pytest.raises(ValueError, match="index must be one of"):
+        sl.quantize(bits=8, index="coo")
+    q = sl.quantize(bits=8, index="bitmap")
+    x = torch.randn(4, 20, generator=seeded)
+    with pytest.raises(ValueError, match="bitmap must have shape"):
+        sparse_linear_int8(x, q.crow_indices, q.col_indices[:, :2], q.values, q.scales)
+    extra = q.col_indices.clone()
+    extra[0, 2] |= 0x10  # column 20 >= in_features (padding bit)
+    with pytest.raises(ValueError, match="bitmap"):
+        torch.ops.raydistill.spmm_int8(x, q.crow_indices, extra, q.values, q.scales, q.bias, 6)
+    with pytest.raises(ValueError, match="beyond in_features"):
+        sparse_linear_int8(x, q.crow_indices, extra, q.values, q.scales, check=True)
+    missing = q.col_indices.clone()
+    r = int(torch.nonzero(sl.crow_indices[1:] > sl.crow_indices[:-1])[0])  # the first nonempty row
+    c = int(sl.col_indices[sl.crow_indices[r]])
+    missing[r, c // 8] &= ~(1 << (c % 8)) & 0xFF  # one bit fewer than row 0's nonzeros
+    for n in (2, 16):
+        with pytest.raises(ValueError, match="disagrees with crow_indices"):
+            torch.ops.raydistill.spmm_int8(torch.randn(n, 20), q.crow_indices, missing, q.values, q.scales, q.bias, 6)
+
+
+def test_bitmap_opcheck(ext, seeded):
+    q = _layer(9, 13, 0.5, seeded).quantize(bits=8, index="bitmap")
+    x = torch.randn(4, 13, generator=seeded)
+    with torch.no_grad():
+        q(x)
     torch.library.opcheck(torch.ops.raydistill.spmm_int8.default,
                           (x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias, 9))

@@ -4,7 +4,8 @@ quantization-aware distillation (QAT, fake quantization with a straight-through 
 Schemes (``bits``, ``group_size``, ``activations``):
 
 * ``bits=8``: int8 weights, symmetric, one fp32 scale per output channel (``group_size=None``) or per
-  group of ``group_size`` input columns; ``scale = max|w| / 127``, ``q = round(w / scale)`` in [-127, 127].
+  group of ``group_size`` input columns; ``scale = max|w| / 127``, ``q = round(w * (1 / scale))`` in [-127, 127] (fp32, the
+  arithmetic of torch's fake quantization, so QAT trains with exactly the numbers that are stored).
 * ``bits=4``: int4 weights in [-8, 7] (``scale = max|w| / 7``), group-wise, two per byte.
 * ``bits=32``: no quantization (the identity step; lets a search compare fp32 with int8/int4).
 * ``activations="int8"``: inputs quantized per call (dynamic, per tensor, asymmetric 7-bit unsigned as
@@ -87,7 +88,10 @@ def quantize_weight(w: Tensor, bits: int, group_size: int | None = None) -> tupl
         raise ValueError("bits=32 is not a quantized format (nothing to quantize)")
     s = _scales(w, bits, group_size)
     lo, hi = _qrange(bits)
-    q = torch.round(_groups(w.float(), group_size) / s.unsqueeze(-1)).clamp_(lo, hi)
+    # w * (1/s) in fp32, as torch.fake_quantize_per_channel_affine computes it (QAT's forward), not w / s:
+    # the two differ by an ulp, which flips the code of a value near a .5 boundary (~1 weight in 10^4),
+    # and a QAT-trained model would then not convert to the exact numbers it was trained with
+    q = torch.round(_groups(w.float(), group_size) * s.reciprocal().unsqueeze(-1)).clamp_(lo, hi)
     return q.reshape(w.shape).to(torch.int8), s
 
 

@@ -56,7 +56,7 @@ def _load_float(cfg, ck: Path):
     """The float model of a stage checkpoint (structure applied), eval mode."""
     from raydistill.compress.structured import resize_structured
     from raydistill.distill.trainer import checkpoint_meta
-    from raydistill.distill.worker import load_weights
+    from raydistill.distill.checkpointing import load_weights
     from raydistill.models import build_model
 
     meta = checkpoint_meta(ck)

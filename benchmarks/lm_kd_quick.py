@@ -24,7 +24,7 @@ import torch
 from raydistill.config import load_config
 from raydistill.distill.trainer import text_data
 from raydistill.distill.spec import KDTerms
-from raydistill.distill.worker import build_optimizer, build_scheduler
+from raydistill.distill.loop import build_optimizer, build_scheduler
 from raydistill.tasks import get_task
 from raydistill.utils import machine_info, write_json_atomic
 

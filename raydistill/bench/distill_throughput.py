@@ -31,7 +31,9 @@ def _plain_loop(cfg, storage: Path, teacher, epochs: int) -> dict:
 
     from raydistill import ops
     from raydistill.distill.trainer import load_arrays
-    from raydistill.distill.worker import build_optimizer, build_scheduler, load_weights, predict
+    from raydistill.distill.checkpointing import load_weights
+    from raydistill.distill.loop import build_optimizer, build_scheduler
+    from raydistill.tasks.classification import predict
     from raydistill.models import build_model
 
     torch.set_num_threads(1)

@@ -27,7 +27,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -270,3 +272,68 @@ def prepare_run_dir(run_dir, *, warn: Callable[[str], None] | None = None) -> li
             continue
         break  # the newest intact one is what the worker resumes from
     return msgs
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing and reading a checkpoint directory (the worker writes them; the driver, steps and export read them)
+
+
+def save_checkpoint_dir(dest: Path, *, model, meta: dict, state: dict | None = None,
+                        masks: dict | None = None) -> Path:
+    """Write a checkpoint directory atomically: fill ``<dest>.tmp-*`` and rename it to ``dest``."""
+    from safetensors.torch import save_file
+
+    import torch
+
+    from raydistill.compress.pruner import unwrap_model
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        # clone: tied weights (a transformer's embedding and lm_head) share storage, which safetensors refuses
+        weights = {k: v.detach().cpu().contiguous().clone() for k, v in unwrap_model(model).state_dict().items()}
+        save_file(weights, str(tmp / MODEL_FILE))
+        if masks:
+            save_file({k: v.detach().cpu().to(torch.uint8).contiguous() for k, v in masks.items()},
+                      str(tmp / MASKS_FILE))
+        if state is not None:
+            save_train_state(tmp, state)  # safetensors + JSON: loading never runs code
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def load_weights(model, path) -> dict:
+    """Load ``model.safetensors`` (file, or a checkpoint dir holding one) into ``model``; returns meta."""
+    from safetensors.torch import load_file
+
+    from raydistill.compress.pruner import unwrap_model
+
+    p = Path(path)
+    meta: dict = {}
+    if p.is_dir():
+        if (p / META_FILE).is_file():
+            meta = json.loads((p / META_FILE).read_text())
+        p = p / MODEL_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"no model weights at {p}")
+    unwrap_model(model).load_state_dict(load_file(str(p)))
+    return meta
+
+
+def load_masks(path) -> dict | None:
+    """The boolean pruning masks of a checkpoint directory, or None when it has none."""
+    from safetensors.torch import load_file
+
+    import torch
+
+    p = Path(path) / MASKS_FILE
+    if not p.is_file():
+        return None
+    return {k: v.to(torch.bool) for k, v in load_file(str(p)).items()}

@@ -40,7 +40,7 @@ def export_student(cfg, checkpoint_dir, out_dir) -> Path:
     if PAD in vocab:
         tok.pad_token = PAD
     tok.save_pretrained(str(tmp))
-    from raydistill.distill.worker import load_masks
+    from raydistill.distill.checkpointing import load_masks
 
     masks = load_masks(checkpoint_dir)
     if masks:

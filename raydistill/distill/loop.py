@@ -68,7 +68,7 @@ def setup(spec: StageSpec) -> Stage:
     import ray.train
     import ray.train.torch
 
-    from raydistill.distill.worker import build_optimizer, build_scheduler, load_weights
+    from raydistill.distill.checkpointing import load_weights
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -336,7 +336,7 @@ def report(st: Stage, epoch: int, metrics: dict) -> None:
     """``ray.train.report`` with a checkpoint from rank 0, then the epoch's line in ``epochs.jsonl``."""
     import ray.train
 
-    from raydistill.distill.worker import save_checkpoint_dir
+    from raydistill.distill.checkpointing import save_checkpoint_dir
 
     spec = st.spec
     ckpt, tmp_root = None, None
@@ -362,3 +362,24 @@ def report(st: Stage, epoch: int, metrics: dict) -> None:
                        fn_start=st.t_fn, report_seconds=time.time() - t_rep, **st.timings)
         with open(st.progress_dir / "epochs.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# optimizer and schedule
+
+
+def build_optimizer(params, opt: dict):
+    if opt["name"] == "sgd":
+        return torch.optim.SGD(params, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"])
+    cls = torch.optim.AdamW if opt["name"] == "adamw" else torch.optim.Adam
+    return cls(params, lr=opt["lr"], weight_decay=opt["weight_decay"])
+
+
+def build_scheduler(optimizer, sched: dict, total_steps: int, lr: float):
+    total_steps = max(1, int(total_steps))
+    if sched["name"] == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
+                                                   pct_start=max(1e-3, sched["warmup_fraction"]))
+    if sched["name"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

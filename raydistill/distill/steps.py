@@ -69,7 +69,7 @@ def prepare_student(model: nn.Module, spec, *, resuming: bool) -> nn.Module:
     if spec.structure:
         resize_structured(model, spec.structure)
     if spec.init_from and not resuming:
-        from raydistill.distill.worker import load_weights
+        from raydistill.distill.checkpointing import load_weights
 
         load_weights(model, spec.init_from)
     if spec.qat:
@@ -83,7 +83,7 @@ def structured_init(cfg, dense_checkpoint, out_dir, calibration: torch.Tensor | 
     """Prune the dense distilled student (``dense_checkpoint``) to ``compression.structured``; write its
     weights to ``out_dir``. Returns (path, widths, report dict)."""
     from raydistill.compress.structured import prune_structured
-    from raydistill.distill.worker import load_weights, save_checkpoint_dir
+    from raydistill.distill.checkpointing import load_weights, save_checkpoint_dir
     from raydistill.models import build_model
 
     s = dict(cfg.compression.steps())["prune_structured"]

@@ -30,7 +30,7 @@ class TeacherTopK:
                  task_info: dict | None = None):
         import torch
 
-        from raydistill.distill.worker import load_weights
+        from raydistill.distill.checkpointing import load_weights
         from raydistill.tasks import get_task
 
         torch.set_num_threads(1)

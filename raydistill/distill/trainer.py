@@ -340,7 +340,7 @@ def final_checkpoint_dir(result, storage_path: Path, name: str) -> Path:
 
 
 def checkpoint_meta(path) -> dict:
-    from raydistill.distill.worker import CKPT_META
+    from raydistill.distill.checkpointing import META_FILE as CKPT_META
 
     return json.loads((Path(path) / CKPT_META).read_text())
 
@@ -422,7 +422,7 @@ def load_checkpoint_model(cfg: Config, checkpoint_path, model: dict | None = Non
     """The model of a checkpoint (resized to its ``structure`` when structurally pruned; its pruned layers
     converted to ``SparseLinear`` when ``convert``), its size report, its meta and the task."""
     from raydistill.compress import compress, model_sparsity_report
-    from raydistill.distill.worker import load_masks, load_weights
+    from raydistill.distill.checkpointing import load_masks, load_weights
     from raydistill.tasks import get_task
 
     ck = Path(checkpoint_path)
@@ -508,7 +508,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
 
 def load_masks_of(checkpoint_path) -> dict | None:
     """The pruning masks of a checkpoint directory (None: a weights file or no masks)."""
-    from raydistill.distill.worker import load_masks
+    from raydistill.distill.checkpointing import load_masks
 
     ck = Path(checkpoint_path)
     return load_masks(ck) if ck.is_dir() else None
@@ -524,7 +524,7 @@ def _evaluate_lm(cfg: Config, net, meta: dict, info: dict, storage: Path, *, tea
     t_net = None
     tref = teacher.to_dict() if isinstance(teacher, TeacherArtifact) else meta.get("teacher") if teacher else None
     if tref:
-        from raydistill.distill.worker import load_weights
+        from raydistill.distill.checkpointing import load_weights
         from raydistill.tasks import get_task
 
         t_net = get_task("causal_lm").build_model(tref["model"], info)

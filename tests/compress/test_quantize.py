@@ -63,9 +63,18 @@ def test_quantized_linear_forward_and_qat_equivalence(seeded, bits, group, act):
     xr = fake_quantize_activation(x).double() if act else x.double()
     ref = xr @ wdeq.T + lin.bias.detach().double()
     y = q(x)
-    tol = 2e-2 if act else 1e-4  # fbgemm re-quantizes activations with its own rounding
-    torch.testing.assert_close(y.double(), ref, rtol=0, atol=tol)
-    torch.testing.assert_close(fq(x).double(), ref, rtol=0, atol=tol)
+    torch.testing.assert_close(fq(x).double(), ref, rtol=0, atol=1e-4)
+    if q.uses_fbgemm(x):
+        # fbgemm quantizes the activations itself (its scale is computed in double, ours in float32): compare
+        # it with its own codes, and require the two code sets to differ in at most a few rare .5-boundary
+        # cases (one flipped code moves an output by a whole activation step, ~0.1 here)
+        xf = torch.quantize_per_tensor_dynamic(x, torch.quint8, reduce_range=True)
+        ref_fbgemm = xf.dequantize().double() @ wdeq.T + lin.bias.detach().double()
+        torch.testing.assert_close(y.double(), ref_fbgemm, rtol=0, atol=2e-3)
+        flipped = (xf.dequantize().double() - xr).abs() > 0.5 * xf.q_scale()  # a different code
+        assert flipped.float().mean() < 0.005
+    else:
+        torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-4)
     if act is None:  # QAT forward == converted layer, bit for bit in the weights
         torch.testing.assert_close(fq(x), y, rtol=0, atol=1e-5)
     assert q.uses_fbgemm(x) == (bits == 8 and group is None and act == "int8")

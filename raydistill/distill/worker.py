@@ -1,5 +1,4 @@
-"""The per-worker Ray Train loop (``train_fn_per_worker``) shared by every stage of every task, and the
-checkpoint format it writes.
+"""The per-worker Ray Train loop (``train_fn_per_worker``) shared by every stage of every task.
 
 ``train_fn_per_worker({"spec": StageSpec})`` trains any stage: ``kind="ce"`` (labels only: the teacher,
 the from-scratch baseline) or ``kind="kd"`` (distillation from an online teacher or offline top-k
@@ -7,7 +6,8 @@ teacher outputs), optionally pruning gradually; what is task-specific (batches, 
 outputs, loss terms, metrics) is behind ``raydistill.tasks``, the loop's pieces are in
 ``raydistill.distill.loop``.
 
-A checkpoint directory holds ``model.safetensors``, ``masks.safetensors`` (pruned stages),
+The checkpoints it writes (``raydistill.distill.checkpointing.save_checkpoint_dir``): a directory holds
+``model.safetensors``, ``masks.safetensors`` (pruned stages),
 ``train_state.safetensors`` + ``train_state.json`` (optimizer / scheduler / pruner state, the epoch; read
 back without unpickling anything, see ``raydistill.distill.checkpointing``) and ``meta.json``; it is written to a
 temporary directory and renamed into place.

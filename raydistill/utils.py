@@ -1,4 +1,5 @@
-"""Small helpers with one home: atomic JSON writes, machine info for benchmark JSON, model unwrapping."""
+"""Small helpers with one home: atomic JSON writes, machine info for benchmark JSON (model unwrapping is
+``raydistill.compress.pruner.unwrap_model``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["machine_info", "unwrap_model", "write_json_atomic"]
+__all__ = ["machine_info", "write_json_atomic"]
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> Path:
@@ -24,13 +25,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> 
     finally:
         tmp.unlink(missing_ok=True)
     return p
-
-
-def unwrap_model(model):
-    """The model inside DDP / DataParallel / torch.compile wrappers (see ``compress.pruner``)."""
-    from raydistill.compress.pruner import unwrap_model as _unwrap
-
-    return _unwrap(model)
 
 
 def machine_info(device: str = "cpu", *, repo: str | os.PathLike | None = None) -> dict:

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -94,8 +95,11 @@ def _timer(device: str):
         return {k: (statistics.median(times[k]) if k in times else None) for k in fns}
 
     def turn(fns: dict, repeats: int, budget_s: float) -> dict:
-        """Median seconds of each fn, one call of each in turn (A, B, C, A, B, C, ...), every call timed:
-        each fn runs right after the previous one, as layers do in a model. A fn failing its warm-up: None."""
+        """Median seconds of each fn, one call of each in turn, every call timed: each fn runs right after
+        another one, as layers do in a model. Each round calls them in a fresh order (a shuffle seeded with
+        0, so runs repeat), so each fn follows each other one (the dense MKL call included) about equally
+        often: with a fixed order the fn after the dense call alone paid for the caches and OpenMP threads
+        it leaves behind. A fn failing its warm-up: None."""
         ok = {}
         for k, fn in fns.items():
             try:
@@ -107,8 +111,15 @@ def _timer(device: str):
             torch.cuda.synchronize()
         times = {k: [] for k in ok}
         t_end = time.perf_counter() + budget_s * max(1, len(ok))
+        items = list(ok.items())
+        rng = random.Random(0)
+        last = None
         for i in range(max(3, repeats * 3)):
-            for k, fn in ok.items():
+            order = rng.sample(items, len(items))
+            if len(order) > 1 and order[0][0] == last:  # never the same fn twice in a row
+                order = order[1:] + order[:1]
+            last = order[-1][0]
+            for k, fn in order:
                 t0 = time.perf_counter()
                 fn()
                 if device == "cuda":

@@ -1,5 +1,9 @@
-"""``raydistill bench spmm-int8``: int8 SparseLinear (raydistill::spmm_int8) vs fp32 SparseLinear vs
-torch.ao dynamic-int8 dense (``quantize_dynamic``, fbgemm) vs fp32 dense, on CPU with fp32 activations.
+"""``raydistill bench spmm-int8``: int8 SparseLinear vs fp32 SparseLinear vs torch.ao dynamic-int8 dense
+(``quantize_dynamic``, fbgemm) vs fp32 dense, on CPU with fp32 activations (the layers' inputs).
+
+``int8 SL`` is the layer as ``SparseLinear.quantize(bits=8, index="csr")`` builds it: int16 dynamic
+activations (``raydistill::spmm_int8_a16``, the default). Also timed: the same layer weight-only
+(``activations=None``: x kept in fp32, ``raydistill::spmm_int8``) and with the row-bitmap index layout.
 
 Side by side in one run, in both timing modes of ``raydistill bench spmm`` (``turn``: single calls in
 turn; ``blocks``: interleaved blocks), median forward wall times per shape, batch and sparsity; plus the
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in (float(v) for v in a.sparsities.split(",")):
             mask = torch.rand(out_f, in_f, generator=g) >= s
             sl = SparseLinear.from_dense(lin, mask)
-            q = sl.quantize(bits=8, index="csr")  # uint16 columns; the bitmap layout is timed next to it
+            q = sl.quantize(bits=8, index="csr")  # uint16 columns, int16 dynamic activations (the default)
+            qw = sl.quantize(bits=8, index="csr", activations=None)  # weight-only: x stays fp32
             qb = sl.quantize(bits=8, index="bitmap")
             w, b = lin.weight.detach(), lin.bias.detach()
             dense_bytes = 4 * out_f * in_f
@@ -92,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                       "sparse_linear_int8_bitmap": qb.csr_bytes()}
             for n in (int(v) for v in a.batches.split(",")):
                 x = torch.randn(n, in_f, generator=g)
-                fns = {"int8_sl": lambda: q(x), "int8_sl_bitmap": lambda: qb(x), "fp32_sl": lambda: sl(x),
+                fns = {"int8_sl": lambda: q(x), "int8_sl_weight_only": lambda: qw(x),
+                       "int8_sl_bitmap": lambda: qb(x), "fp32_sl": lambda: sl(x),
                        "ao_dyn_int8": lambda: ao(x),
                        "dense_fp32": lambda: F.linear(x, w, b)}
                 fns.update({k: (lambda m=m: m(x)) for k, m in tao.items()})
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     m["int8_sl_vs_ao_dyn_int8"] = _ratio(m["ao_dyn_int8_ms"], m["int8_sl_ms"])
                     m["int8_sl_vs_fp32_sl"] = _ratio(m["fp32_sl_ms"], m["int8_sl_ms"])
                     m["int8_sl_vs_dense_fp32"] = _ratio(m["dense_fp32_ms"], m["int8_sl_ms"])
+                    m["int8_sl_weight_only_vs_fp32_sl"] = _ratio(m["fp32_sl_ms"], m["int8_sl_weight_only_ms"])
                     row[mode] = m
                     con.print(f"  {out_f}x{in_f} s={s} N={n} [{mode:>6}] " +
                               " | ".join(f"{k} {v}" for k, v in m.items() if k.endswith("_ms")), highlight=False)
@@ -116,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = [k for k in ("torchao_int8_weight_only", "torchao_int8_dyn_act")
              if any(f"{k}_ms" in r[mode] for r in rows for mode in modes)]
     short = {"torchao_int8_weight_only": "torchao w8", "torchao_int8_dyn_act": "torchao w8a8"}
-    for c in ["shape", "batch", "sparsity", "timing", "int8 SL", "fp32 SL", "ao dyn int8", "dense fp32",
+    for c in ["shape", "batch", "sparsity", "timing", "int8 SL", "int8 SL w-only", "int8 SL bitmap", "fp32 SL",
+              "ao dyn int8", "dense fp32",
               *(short[k] for k in extra),
               "x ao int8", "x fp32 SL", "int8 SL bytes"]:
         t.add_column(c, justify="right")
@@ -124,14 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             m = r[mode]
             t.add_row(f"{r['shape'][0]}x{r['shape'][1]}", str(r["batch"]), f"{r['sparsity']:.2f}", mode,
-                      _f(m["int8_sl_ms"]), _f(m["fp32_sl_ms"]), _f(m["ao_dyn_int8_ms"]), _f(m["dense_fp32_ms"]),
+                      _f(m["int8_sl_ms"]), _f(m["int8_sl_weight_only_ms"]), _f(m["int8_sl_bitmap_ms"]),
+                      _f(m["fp32_sl_ms"]), _f(m["ao_dyn_int8_ms"]), _f(m["dense_fp32_ms"]),
                       *(_f(m.get(f"{k}_ms")) for k in extra), _f(m["int8_sl_vs_ao_dyn_int8"], "x"),
                       _f(m["int8_sl_vs_fp32_sl"], "x"), f"{100 * r['bytes_vs_dense_fp32']['sparse_linear_int8']:.1f}%")
     con.print(t)
     out = Path(a.out) if a.out else Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "spmm_int8_cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "spmm_int8", "argv": argv if argv is not None else [], "device": "cpu",
-           "activations": "float32", "backend": backend, "machine": _machine("cpu", threads),
+           "activations": "float32", "int8_sl": "SparseLinear.quantize(bits=8, index='csr'): int16 dynamic activations", "backend": backend, "machine": _machine("cpu", threads),
            "timing_modes": list(modes), "elapsed_s": round(elapsed, 1), "results": rows}
     out.write_text(json.dumps(doc, indent=1))
     con.print(f"wrote {out} ({elapsed:.0f} s)")

@@ -53,7 +53,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, structure: dict |
                           "bias": mod.bias is not None}
         elif type(mod) is SparseLinearInt8:
             s8layers[n] = {"in_features": mod.in_features, "out_features": mod.out_features, "nnz": mod.nnz,
-                           "bias": mod.bias is not None}
+                           "bias": mod.bias is not None, "activations": mod.activations}
         elif not isinstance(mod, nn.Linear) and "quantize" in type(mod).__name__.lower():
             raise TypeError(f"save_compressed: layer {n!r} of type {type(mod).__name__} is not supported")
     tensors = {normalize_name(k): v.detach().cpu().contiguous().clone() for k, v in base.state_dict().items()}
@@ -105,7 +105,7 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
                                       group_size=info["group_size"], activations=info["activations"])
             elif kind == "sparse int8":  # nnz and index dtype are adopted from the tensors on load
                 new = SparseLinearInt8(mod.in_features, mod.out_features, info["nnz"], bias=info["bias"],
-                                       device=mod.weight.device)
+                                       device=mod.weight.device, activations=info.get("activations"))
             else:
                 new = SparseLinear(mod.in_features, mod.out_features, info["nnz"], bias=info["bias"],
                                    device=mod.weight.device, dtype=mod.weight.dtype)

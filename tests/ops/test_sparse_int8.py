@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from raydistill.ops.sparse import (SparseLinear, SparseLinearInt8, csr_from_dense, quantize_rows_int8,
-                                   sparse_linear_int8, sparse_linear_int8_dense_reference,
+from raydistill.ops.sparse import (SparseLinear, SparseLinearInt8, csr_from_dense, quantize_activations_int16,
+                                   quantize_rows_int8, sparse_linear_int8, sparse_linear_int8_dense_reference,
                                    sparse_linear_int8_reference)
+
+ACTS = (None, "int16")
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -32,26 +34,48 @@ def _layer(out_f, in_f, sparsity, g, bias=True, empty_rows=True):
     return SparseLinear.from_dense(lin, mask)
 
 
+def _x64(x, activations):
+    """The input the layer computes with, in float64: x itself, or its int16 grid (codes * row scale)."""
+    if activations is None:
+        return x.double()
+    codes, scale = quantize_activations_int16(x)
+    return codes.double() * scale.double()
+
+
+def _ref(q, x, crow=None, col=None):
+    """float64 reference of q(x) for either activation mode (the pattern from crow/col when given)."""
+    in_f = x.shape[-1]
+    crow = q.crow_indices if crow is None else crow
+    col = q.columns() if col is None else col
+    y = sparse_linear_int8_dense_reference(_x64(x, q.activations).reshape(-1, in_f), crow, col, q.values, q.scales,
+                                           q.bias, in_f)
+    return y.reshape(*x.shape[:-1], q.out_features)
+
+
 def _check(ext, out_f, in_f, lead, sparsity, dtype, g, bias=True):
-    """Both index layouts (CSR indices, row bitmap) against the float64 reference of the float pattern
-    (the dense weight is rebuilt from the SparseLinear's own indices, not from the layout under test)."""
+    """Both index layouts (CSR indices, row bitmap) and both activation modes (x as it is; x rounded to
+    int16 per row) against the float64 reference of the float pattern (the dense weight is rebuilt from
+    the SparseLinear's own indices, not from the layout under test)."""
     from raydistill._build import op_backend
 
     if ext.loaded:
         assert op_backend("spmm_int8", "cpu") == "compiled"
+        assert op_backend("spmm_int8_a16", "cpu") == "compiled"
     sl = _layer(out_f, in_f, sparsity, g, bias)
     x = torch.randn(*lead, in_f, generator=g).to(dtype)
-    ys = {}
-    for index in ("csr", "bitmap"):
-        q = sl.quantize(bits=8, index=index)
-        assert isinstance(q, SparseLinearInt8) and q.values.dtype == torch.int8 and q.index_format == index
-        with torch.no_grad():
-            ys[index] = y = q(x)
-        assert y.shape == (*lead, out_f) and y.dtype == dtype
-        ref = sparse_linear_int8_dense_reference(x.reshape(-1, in_f), sl.crow_indices, sl.col_indices, q.values,
-                                                 q.scales, q.bias, in_f).reshape(*lead, out_f)
-        assert _rel(y, ref) < TOL[dtype]
-    assert torch.equal(ys["csr"], ys["bitmap"])  # same columns in the same order: the same sums
+    for act in ACTS:
+        ys = {}
+        for index in ("csr", "bitmap"):
+            q = sl.quantize(bits=8, index=index, activations=act)
+            assert isinstance(q, SparseLinearInt8) and q.values.dtype == torch.int8 and q.index_format == index
+            assert q.activations == act
+            with torch.no_grad():
+                ys[index] = y = q(x)
+            assert y.shape == (*lead, out_f) and y.dtype == dtype
+            # int16 activations: exact integer sums, scaled in fp32 (also for fp64 x: the codes carry 16 bits)
+            tol = TOL[dtype] if act is None else max(TOL[dtype], TOL[torch.float32])
+            assert _rel(y, _ref(q, x, sl.crow_indices, sl.col_indices)) < tol
+        assert torch.equal(ys["csr"], ys["bitmap"])  # same columns in the same order: the same sums
     return sl, q
 
 
@@ -80,13 +104,18 @@ def test_wide_input_panels(ext, seeded, monkeypatch):
     _check(ext, 17, 1000, (70,), 0.5, torch.float64, seeded)
 
 
-def test_threads_1_and_2_give_the_reference(ext, seeded):
+@pytest.mark.parametrize("generic", [False, True])
+def test_threads_1_and_2_give_the_reference(ext, seeded, monkeypatch, generic):
+    if generic:  # the portable int16-activation kernel (hosts without AVX2)
+        monkeypatch.setenv("RAYDISTILL_SPMM_A16_GENERIC", "1")
     before = torch.get_num_threads()
     try:
         for nt in (1, 2):
             torch.set_num_threads(nt)
             _check(ext, 300, 512, (16,), 0.5, torch.float32, seeded)
             _check(ext, 300, 512, (2,), 0.5, torch.float32, seeded)
+            _check(ext, 130, 300, (70,), 0.6, torch.float32, seeded)  # 32-wide int16 tiles
+            _check(ext, 33, 200, (17,), 0.3, torch.bfloat16, seeded)
     finally:
         torch.set_num_threads(before)
 
@@ -123,10 +152,12 @@ def test_int32_indices_above_65536_columns(ext, seeded):
     mask[0, 69999] = True  # a column past 65535
     q = SparseLinear.from_dense(lin, mask).quantize(bits=8)
     assert q.col_indices.dtype == torch.int32  # 1% dense: int32 indices are smaller than a bitmap
-    x = torch.randn(5, 70000, generator=seeded)
-    ref = sparse_linear_int8_dense_reference(x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias, 70000)
-    with torch.no_grad():
-        assert _rel(q(x), ref) < TOL[torch.float32]
+    for n in (5, 20):  # the gather kernel and the int16 tile kernel
+        x = torch.randn(n, 70000, generator=seeded)
+        for act in ACTS:
+            q.activations = act
+            with torch.no_grad():
+                assert _rel(q(x), _ref(q, x)) < TOL[torch.float32]
     with pytest.raises(ValueError, match="uint16"):
         SparseLinearInt8(70000, 3, index_dtype=torch.uint16)
 
@@ -171,20 +202,23 @@ def test_kernel_rejects_out_of_range_columns(ext, seeded):
     col[5] = 9  # >= in_features
     col32 = q.col_indices.to(torch.int32)
     col32[5] = -3  # negative (int32 indices)
-    for n in (2, 16):
+    for n in (2, 16, 40):
         for c in (col, col32):
-            with pytest.raises(ValueError, match="out of range"):
-                torch.ops.raydistill.spmm_int8(torch.randn(n, 8), q.crow_indices, c, q.values, q.scales, q.bias, 6)
+            for op in (torch.ops.raydistill.spmm_int8, torch.ops.raydistill.spmm_int8_a16):
+                with pytest.raises(ValueError, match="out of range"):
+                    op(torch.randn(n, 8), q.crow_indices, c, q.values, q.scales, q.bias, 6)
 
 
 def test_state_dict_round_trip_dequantize_and_grad_to_x(ext, seeded):
     sl = _layer(30, 50, 0.7, seeded)
     q = sl.quantize(bits=8)
+    assert q.activations == "int16"  # the default: the fast CPU kernel
     fresh = SparseLinearInt8(50, 30)  # nnz 0: adopts the checkpoint's sizes
     fresh.load_state_dict(q.state_dict())
     x = torch.randn(7, 50, generator=seeded)
     with torch.no_grad():
         assert torch.equal(fresh(x), q(x))
+    q = sl.quantize(bits=8, activations=None)  # weight-only: the float layer's math on the int8 weights
     back = q.dequantize()
     assert isinstance(back, SparseLinear) and torch.equal(back.weight_dense(), q.weight_dense())
     with torch.no_grad():
@@ -196,21 +230,106 @@ def test_state_dict_round_trip_dequantize_and_grad_to_x(ext, seeded):
     assert not any(True for _ in q.parameters())
 
 
-def test_reference_and_compiled_paths_agree(ext, seeded):
-    q = _layer(40, 64, 0.8, seeded).quantize(bits=8)
-    x = torch.randn(9, 64, generator=seeded)
-    ref = sparse_linear_int8_reference(x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("n", [3, 9, 40])
+def test_reference_and_compiled_paths_agree(ext, seeded, act, n):
+    q = _layer(40, 64, 0.8, seeded).quantize(bits=8, activations=act)
+    x = torch.randn(n, 64, generator=seeded)
+    ref = sparse_linear_int8_reference(x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias, act)
     with torch.no_grad():
         assert _rel(q(x), ref.double()) < TOL[torch.float32]
 
 
 def test_opcheck(ext, seeded):
     q = _layer(9, 7, 0.5, seeded).quantize(bits=8)
-    x = torch.randn(4, 7, generator=seeded)
+    for n in (4, 20):
+        x = torch.randn(n, 7, generator=seeded)
+        with torch.no_grad():
+            q(x)  # registers the fake impls
+        for op in (torch.ops.raydistill.spmm_int8, torch.ops.raydistill.spmm_int8_a16):
+            torch.library.opcheck(op.default, (x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias, 9))
+
+
+# ---- int16 dynamic activations --------------------------------------------------------------------------
+
+
+def test_int16_activation_codes_and_rounding_bound(seeded):
+    x = torch.randn(6, 300, generator=seeded) * torch.logspace(-3, 3, 6)[:, None]
+    x[2] = 0.0  # a zero row: codes 0, scale 0
+    codes, scale = quantize_activations_int16(x)
+    assert codes.shape == x.shape and scale.shape == (6, 1)
+    assert torch.equal(codes, codes.round()) and int(codes.abs().max()) == 32767
+    assert torch.equal(codes[2], torch.zeros(300)) and float(scale[2]) == 0.0
+    assert torch.equal(codes.abs().amax(1)[[0, 1, 3, 4, 5]], torch.full((5,), 32767.0))  # each row: full range
+    err = (codes.double() * scale.double() - x.double()).abs()
+    # at most half a step, plus the fp32 rounding of x * (32767 / m) (<= 32767 * 2^-24 of a step)
+    assert (err <= scale.double() * (0.5 + 32767 * 2.0 ** -24) + 1e-30).all()
+    assert (err.amax(1) / x.double().abs().amax(1).clamp_min(1e-30) < 1 / 65000).all()
+
+
+def test_int16_kernel_has_no_int32_overflow_on_long_rows(ext):
+    # 4096 nonzeros of -128 in one row times codes of 32767 sum to -1.7e10, far past int32: the kernel must
+    # flush its int32 partial sums (every 512 nonzeros) to stay exact
+    in_f = 4096
+    q = _layer(3, in_f, 0.0, torch.Generator().manual_seed(0), empty_rows=False).quantize(bits=8, index="csr")
+    q.values.fill_(-128)
+    x = torch.ones(24, in_f)
+    x[5] = -2.5
     with torch.no_grad():
-        q(x)  # registers the fake impl
-    torch.library.opcheck(torch.ops.raydistill.spmm_int8.default,
-                          (x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias, 9))
+        y = q(x)
+    want = -128.0 * q.scales.double()[None, :] * x.double().sum(1, keepdim=True) + q.bias.double()
+    assert _rel(y, want) < 1e-6
+
+
+def test_int16_nonfinite_rows_propagate_like_fp32(ext, seeded):
+    q = _layer(20, 64, 0.5, seeded).quantize(bits=8)
+    for n in (3, 24):
+        x = torch.randn(n, 64, generator=seeded)
+        x[1, 7] = float("nan")
+        x[2, 9] = float("inf")
+        with torch.no_grad():
+            y = q(x)
+        ref = sparse_linear_int8_reference(x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias, "int16")
+        torch.testing.assert_close(y, ref, rtol=2e-5, atol=2e-5, equal_nan=True)
+        assert bool(torch.isnan(y[1]).any())  # a nan input reaches the outputs it feeds
+        assert torch.isfinite(y[0]).all() and torch.isfinite(y[3:]).all()
+
+
+def test_int16_without_the_kernel_rounds_x_then_runs_fp32(ext, seeded, monkeypatch):
+    """Where there is no int16 kernel (CUDA), x is rounded to the same int16 grid and the fp32 kernel runs:
+    the same numbers up to fp32 rounding."""
+    import raydistill.ops.sparse as sp
+
+    q = _layer(50, 120, 0.7, seeded).quantize(bits=8)
+    x = torch.randn(30, 120, generator=seeded)
+    with torch.no_grad():
+        fast = q(x)
+        monkeypatch.setattr(sp, "_int8_a16_compiled_for", lambda device_type: False)
+        slow = q(x)
+    assert _rel(slow, _ref(q, x)) < TOL[torch.float32] and _rel(fast, slow.double()) < TOL[torch.float32]
+
+
+def test_int16_gradient_is_straight_through(ext, seeded):
+    q = _layer(30, 50, 0.7, seeded).quantize(bits=8)
+    x = torch.randn(7, 50, generator=seeded, requires_grad=True)
+    y = q(x)
+    g = torch.randn(7, 30, generator=seeded)
+    y.backward(g)
+    assert _rel(x.grad, g.double() @ q.weight_dense(torch.float64)) < 1e-5
+    with torch.no_grad():
+        assert _rel(y.detach(), q(x).double()) < TOL[torch.float32]  # the reference path and the kernel agree
+
+
+def test_activations_argument_is_checked(seeded):
+    sl = _layer(6, 8, 0.5, seeded)
+    for bad in ("int8", "fp32", 16):
+        with pytest.raises(ValueError, match="activations"):
+            sl.quantize(bits=8, activations=bad)
+        with pytest.raises(ValueError, match="activations"):
+            SparseLinearInt8(8, 6, activations=bad)
+    q = sl.quantize(bits=8)
+    with pytest.raises(ValueError, match="activations"):
+        sparse_linear_int8(torch.randn(2, 8), q.crow_indices, q.col_indices, q.values, q.scales, activations="int8")
 
 
 def test_bitmap_layout_bytes_and_choice(seeded):
@@ -241,10 +360,13 @@ def test_bitmap_state_dict_and_safetensors_round_trip_bit_exact(ext, seeded, tmp
     net = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
     mask = torch.rand(64, 40, generator=seeded) > 0.8
     net[0] = SparseLinear.from_dense(net[0], mask).quantize(bits=8)
+    net[2] = SparseLinear.from_dense(net[2], torch.rand(10, 64, generator=seeded) > 0.5).quantize(bits=8,
+                                                                                                 activations=None)
     assert net[0].index_format == "bitmap"
     save_compressed(net, tmp_path / "m.safetensors")
     back = load_compressed(nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10)), tmp_path / "m.safetensors")
     assert type(back[0]) is SparseLinearInt8 and back[0].index_format == "bitmap"
+    assert back[0].activations == "int16" and back[2].activations is None  # the mode is saved with the layer
     for k, v in net.state_dict().items():
         assert back.state_dict()[k].dtype == v.dtype and torch.equal(back.state_dict()[k], v)
     x = torch.randn(33, 40, generator=seeded)
@@ -262,17 +384,20 @@ def test_bitmap_bad_input(ext, seeded):
         sparse_linear_int8(x, q.crow_indices, q.col_indices[:, :2], q.values, q.scales)
     extra = q.col_indices.clone()
     extra[0, 2] |= 0x10  # column 20 >= in_features (padding bit)
-    with pytest.raises(ValueError, match="bitmap"):
-        torch.ops.raydistill.spmm_int8(x, q.crow_indices, extra, q.values, q.scales, q.bias, 6)
+    for op in (torch.ops.raydistill.spmm_int8, torch.ops.raydistill.spmm_int8_a16):
+        for n in (4, 16, 40):
+            with pytest.raises(ValueError, match="bitmap"):
+                op(torch.randn(n, 20), q.crow_indices, extra, q.values, q.scales, q.bias, 6)
     with pytest.raises(ValueError, match="beyond in_features"):
         sparse_linear_int8(x, q.crow_indices, extra, q.values, q.scales, check=True)
     missing = q.col_indices.clone()
     r = int(torch.nonzero(sl.crow_indices[1:] > sl.crow_indices[:-1])[0])  # the first nonempty row
     c = int(sl.col_indices[sl.crow_indices[r]])
     missing[r, c // 8] &= ~(1 << (c % 8)) & 0xFF  # one bit fewer than row 0's nonzeros
-    for n in (2, 16):
-        with pytest.raises(ValueError, match="disagrees with crow_indices"):
-            torch.ops.raydistill.spmm_int8(torch.randn(n, 20), q.crow_indices, missing, q.values, q.scales, q.bias, 6)
+    for n in (2, 16, 40):
+        for op in (torch.ops.raydistill.spmm_int8, torch.ops.raydistill.spmm_int8_a16):
+            with pytest.raises(ValueError, match="disagrees with crow_indices"):
+                op(torch.randn(n, 20), q.crow_indices, missing, q.values, q.scales, q.bias, 6)
 
 
 def test_bitmap_opcheck(ext, seeded):
@@ -280,5 +405,5 @@ def test_bitmap_opcheck(ext, seeded):
     x = torch.randn(4, 13, generator=seeded)
     with torch.no_grad():
         q(x)
-    torch.library.opcheck(torch.ops.raydistill.spmm_int8.default,
-                          (x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias, 9))
+    for op in (torch.ops.raydistill.spmm_int8, torch.ops.raydistill.spmm_int8_a16):
+        torch.library.opcheck(op.default, (x, q.crow_indices, q.col_indices, q.values, q.scales, q.bias, 9))

@@ -10,8 +10,12 @@ import platform
 OPS: dict[str, str] = {
     "kd_loss_fwd": "fused distillation loss (full teacher)",
     "kd_loss_topk_fwd": "fused distillation loss (top-k teacher)",
+    "kd_loss_fwd_out": "fused distillation loss into a caller's gradient buffer (kd_loss_linear)",
+    "kd_loss_topk_fwd_out": "the same with a top-k teacher",
     "spmm": "sparse linear forward and input grad (CSR SpMM)",
     "sddmm": "sparse linear weight-values grad (SDDMM)",
+    "spmm_int8": "int8 sparse linear, inputs as they are (fp32 math)",
+    "spmm_int8_a16": "int8 sparse linear, int16 dynamic activations (int32 sums)",
 }
 
 

@@ -44,3 +44,17 @@ def test_shipped_config_lookup():
     assert config.shipped_config_path("mnist1d_search.yaml").name == "mnist1d_search.yaml"
     with pytest.raises(config.ConfigError, match="tune_configs/nope.yaml"):
         config.shipped_config_path("nope.yaml")
+
+
+def test_info_lists_every_compiled_op():
+    """`raydistill info` names every op the extension defines (the schemas in csrc/)."""
+    import re
+    from pathlib import Path
+
+    from raydistill.info import OPS
+
+    root = Path(__file__).resolve().parents[1] / "csrc"
+    defined = set()
+    for f in root.rglob("*.cpp"):
+        defined |= set(re.findall(r'm\.def\(\s*"([a-z_0-9]+)\(', f.read_text()))
+    assert defined and defined == set(OPS)

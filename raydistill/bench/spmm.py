@@ -61,15 +61,8 @@ def _timer(device: str):
                 break
         return statistics.median(times)
 
-    def interleaved(fns: dict, repeats: int, budget_s: float, block: int = 5) -> dict:
-        """Median seconds of each fn, timed in interleaved blocks (A x block, B x block, ..., A x block, ...).
-
-        Rounds go round-robin so load changes on a shared machine hit every fn alike; within a round each
-        fn first makes one untimed call, then ``block`` timed ones. The untimed call absorbs the switch
-        from the previous fn: MKL / oneDNN (dense, torch.sparse) leave OpenMP threads spinning after a
-        call, which steal a core from whatever runs next (measured here: single-call round-robin made
-        SparseLinear's forward 1.5-2x slower than when it runs alone, and its ratio vs torch.sparse
-        varied 1.5x-2.4x between identical runs). A fn that fails its warm-up gets None."""
+    def warm(fns: dict) -> dict:
+        """One untimed call of each fn; the ones that work (a fn that raises is left out: None later)."""
         ok = {}
         for k, fn in fns.items():
             try:
@@ -79,6 +72,18 @@ def _timer(device: str):
                 pass
         if device == "cuda":
             torch.cuda.synchronize()
+        return ok
+
+    def interleaved(fns: dict, repeats: int, budget_s: float, block: int = 5) -> dict:
+        """Median seconds of each fn, timed in interleaved blocks (A x block, B x block, ..., A x block, ...).
+
+        Rounds go round-robin so load changes on a shared machine hit every fn alike; within a round each
+        fn first makes one untimed call, then ``block`` timed ones. The untimed call absorbs the switch
+        from the previous fn: MKL / oneDNN (dense, torch.sparse) leave OpenMP threads spinning after a
+        call, which steal a core from whatever runs next (measured here: single-call round-robin made
+        SparseLinear's forward 1.5-2x slower than when it runs alone, and its ratio vs torch.sparse
+        varied 1.5x-2.4x between identical runs). A fn that fails its warm-up gets None."""
+        ok = warm(fns)
         times = {k: [] for k in ok}
         t_end = time.perf_counter() + budget_s * max(1, len(ok))
         for i in range(max(1, -(-repeats // block))):
@@ -100,15 +105,7 @@ def _timer(device: str):
         0, so runs repeat), so each fn follows each other one (the dense MKL call included) about equally
         often: with a fixed order the fn after the dense call alone paid for the caches and OpenMP threads
         it leaves behind. A fn failing its warm-up: None."""
-        ok = {}
-        for k, fn in fns.items():
-            try:
-                fn()
-                ok[k] = fn
-            except (RuntimeError, NotImplementedError, TypeError):
-                pass
-        if device == "cuda":
-            torch.cuda.synchronize()
+        ok = warm(fns)
         times = {k: [] for k in ok}
         t_end = time.perf_counter() + budget_s * max(1, len(ok))
         items = list(ok.items())

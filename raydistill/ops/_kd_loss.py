@@ -482,8 +482,9 @@ def kd_loss_topk(student_logits: Tensor, teacher_topk_logits: Tensor, teacher_to
                 beta, reduction, ignore_index, t2_scaling)
 
 
-class KDLoss(nn.Module):
-    """Module form of :func:`kd_loss`: ``KDLoss(temperature=2.0, alpha=0.5)(student, teacher, labels)``."""
+class _KDLossOptions(nn.Module):
+    """The loss options every loss module holds, checked once at construction (shared by :class:`KDLoss`
+    and ``KDLossLinear``)."""
 
     def __init__(self, *, temperature: float = 1.0, alpha: float = 1.0, divergence: str = "forward_kl",
                  beta: float = 0.5, reduction: str = "mean", ignore_index: int = -100, t2_scaling: bool = True):
@@ -497,12 +498,18 @@ class KDLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.t2_scaling = t2_scaling
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
-        return kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature, alpha=self.alpha,
-                       divergence=self.divergence, beta=self.beta, reduction=self.reduction,
-                       ignore_index=self.ignore_index, t2_scaling=self.t2_scaling)
+    def _options(self) -> dict:
+        return dict(temperature=self.temperature, alpha=self.alpha, divergence=self.divergence, beta=self.beta,
+                    reduction=self.reduction, ignore_index=self.ignore_index, t2_scaling=self.t2_scaling)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, "
                 f"beta={self.beta}, reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
                 f"t2_scaling={self.t2_scaling}")
+
+
+class KDLoss(_KDLossOptions):
+    """Module form of :func:`kd_loss`: ``KDLoss(temperature=2.0, alpha=0.5)(student, teacher, labels)``."""
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
+        return kd_loss(student_logits, teacher_logits, labels, **self._options())

@@ -42,7 +42,7 @@ import math
 import numbers
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from raydistill.ops._kd_loss import (
     DIVERGENCES,
@@ -50,6 +50,7 @@ from raydistill.ops._kd_loss import (
     _check_logits,
     _check_topk,
     _compiled,
+    _KDLossOptions,
     _validate_scalars,
     kd_loss,
     kd_loss_reference,
@@ -470,7 +471,7 @@ def kd_loss_linear_reference(student_hidden, student_weight, teacher_hidden=None
     return kd_loss_reference(student, teacher, labels, **kw)
 
 
-class KDLossLinear(nn.Module):
+class KDLossLinear(_KDLossOptions):
     """Module form of :func:`kd_loss_linear` (and :func:`kd_loss_linear_topk` via :meth:`forward_topk`)::
 
         criterion = KDLossLinear(temperature=2.0, alpha=0.5)
@@ -481,22 +482,13 @@ class KDLossLinear(nn.Module):
     def __init__(self, *, temperature: float = 1.0, alpha: float = 1.0, divergence: str = "forward_kl",
                  beta: float = 0.5, reduction: str = "mean", ignore_index: int = -100, t2_scaling: bool = True,
                  chunk_size: int | None = None):
-        super().__init__()
-        _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_index, t2_scaling)
+        super().__init__(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, reduction=reduction,
+                         ignore_index=ignore_index, t2_scaling=t2_scaling)
         _check_chunk_size(chunk_size)
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
-        self.divergence = divergence
-        self.beta = float(beta)
-        self.reduction = reduction
-        self.ignore_index = int(ignore_index)
-        self.t2_scaling = t2_scaling
         self.chunk_size = None if chunk_size is None else int(chunk_size)
 
     def _kw(self) -> dict:
-        return dict(temperature=self.temperature, alpha=self.alpha, divergence=self.divergence, beta=self.beta,
-                    reduction=self.reduction, ignore_index=self.ignore_index, t2_scaling=self.t2_scaling,
-                    chunk_size=self.chunk_size)
+        return self._options() | {"chunk_size": self.chunk_size}
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
                 labels: Tensor | None = None, student_bias: Tensor | None = None,
@@ -511,6 +503,4 @@ class KDLossLinear(nn.Module):
                                    student_bias=student_bias, **self._kw())
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, "
-                f"beta={self.beta}, reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-                f"t2_scaling={self.t2_scaling}, chunk_size={self.chunk_size}")
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

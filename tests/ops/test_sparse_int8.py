@@ -342,8 +342,9 @@ def test_bitmap_layout_bytes_and_choice(seeded):
     nnz = sl.nnz
     assert b == {"values": nnz, "col_indices": out_f * 63, "crow_indices": 4 * (out_f + 1), "scales": 4 * out_f,
                  "bias": 4 * out_f, "total": nnz + out_f * 63 + 4 * (out_f + 1) + 8 * out_f}
-    # int8 values + 1 bit per weight at 20% density: 0.2 + 0.126 bytes per weight, ~8.2% of fp32 (+ rows)
-    assert 0.081 < q.csr_bytes() / (4 * out_f * in_f) < 0.086
+    # int8 values + 1 bit per weight at ~20% density (random: +-0.2% absolute): 0.2 + 0.126 bytes per weight,
+    # ~8.2% of fp32, plus row pointers and scales
+    assert 0.080 < q.csr_bytes() / (4 * out_f * in_f) < 0.088
     assert q.csr_bytes() < sl.quantize(bits=8, index="csr").csr_bytes() * 0.6
     # the bitmap's bits are the pattern: popcount per row = nonzeros per row, bits at the stored columns
     cols = q.columns()

@@ -7,7 +7,8 @@ Public API (a contract for the distillation pipeline):
 * schedule: :func:`cubic_sparsity`; training: :class:`GradualPruner`
 * conversion: :func:`compress` -> :class:`CompressionReport`; :func:`model_sparsity_report`
 * checkpoints: :func:`save_sparse`, :func:`load_sparse`; compressed (quantized / structured / sparse):
-  :func:`save_compressed`, :func:`load_compressed`
+  :func:`save_compressed`, :func:`load_compressed`; the compressed-tensors layout (vLLM) of a quantized
+  transformers LM: :func:`export_compressed_tensors`
 * quantization: :func:`quantize` (PTQ, and the conversion after QAT), :func:`prepare_qat`,
   :class:`QuantizedLinear`, :class:`FakeQuantLinear`
 * structured pruning: :func:`prune_structured`, :func:`resize_structured`
@@ -18,7 +19,7 @@ from raydistill.compress.convert import CompressionReport, LayerReport, compress
 from raydistill.compress.masks import block_mask, global_magnitude_masks, magnitude_mask, nm_mask
 from raydistill.compress.pruner import GradualPruner, compute_masks, normalize_name, select_linear_layers
 from raydistill.compress.schedule import cubic_sparsity
-from raydistill.compress.export import load_compressed, save_compressed
+from raydistill.compress.export import export_compressed_tensors, load_compressed, save_compressed
 from raydistill.compress.quantize import (FakeQuantLinear, QuantizationReport, QuantizedLinear, prepare_qat,
                                           quantize)
 from raydistill.compress.structured import StructuredReport, prune_structured, resize_structured
@@ -28,5 +29,5 @@ __all__ = [
     "cubic_sparsity", "GradualPruner", "compress", "model_sparsity_report", "CompressionReport",
     "LayerReport", "csr_nbytes", "save_sparse", "load_sparse", "normalize_name", "select_linear_layers",
     "quantize", "prepare_qat", "QuantizedLinear", "FakeQuantLinear", "QuantizationReport", "prune_structured",
-    "resize_structured", "StructuredReport", "save_compressed", "load_compressed",
+    "resize_structured", "StructuredReport", "save_compressed", "load_compressed", "export_compressed_tensors",
 ]

@@ -199,6 +199,25 @@ class QuantizeConfig(_Strict):
     mode: Literal["ptq", "qat"] = "qat"
     include: list[str] | None = None
     exclude: list[str] | None = None
+    start: Literal["scratch", "dense_student"] = Field(
+        "scratch", description="qat: the student stage distils from its initialisation ('scratch'), or "
+        "fine-tunes the fp32 distilled dense student with fake quantization ('dense_student'; it runs after "
+        "the dense stage)")
+    epochs: int | None = Field(None, ge=1, description="qat from dense_student: fine-tuning epochs "
+                               "(None: distill.epochs)")
+    lr: float | None = Field(None, gt=0, description="qat from dense_student: peak learning rate of the "
+                             "fine-tuning (None: distill.optimizer.lr)")
+
+    @model_validator(mode="after")
+    def _start(self):
+        if self.start == "dense_student" and self.mode != "qat":
+            raise ValueError("start 'dense_student' is QAT fine-tuning: it needs mode 'qat' "
+                             f"(mode {self.mode!r} quantizes the distilled student after training)")
+        for key in ("epochs", "lr"):
+            if getattr(self, key) is not None and self.start != "dense_student":
+                raise ValueError(f"{key} sets the QAT fine-tuning of start 'dense_student'; with start "
+                                 f"{self.start!r} the student stage uses distill.{'epochs' if key == 'epochs' else 'optimizer.lr'}")
+        return self
 
 
 class CompressionConfig(_Strict):

@@ -61,6 +61,10 @@ def test_searchable_keys_add_steps():
     ([{"quantize": {"activations": "int4"}}], "compression.quantize.activations"),
     ([{"prune_structured": {"ratio": 1.0}}], "compression.structured.ratio"),
     ({"order": ["quantize", "prune"], "quantize": {"bits": 8}}, r"compression.order\[1\]"),
+    ([{"quantize": {"mode": "ptq", "start": "dense_student"}}], r"compression.quantize: start 'dense_student' .*mode 'qat'"),
+    ([{"quantize": {"epochs": 5}}], r"compression.quantize: epochs sets the QAT fine-tuning of start 'dense_student'"),
+    ([{"quantize": {"lr": 1e-3, "start": "scratch"}}], r"compression.quantize: lr sets the QAT fine-tuning"),
+    ([{"quantize": {"start": "dense_student", "epochs": 0}}], r"compression.quantize.epochs"),
 ])
 def test_bad_recipes_name_the_key(comp, match):
     with pytest.raises(ConfigError, match=match):

@@ -181,8 +181,8 @@ class StructuredPruneConfig(_Strict):
     ranking: Literal["weight_norm", "activation"] = Field(
         "activation", description="rank units by incoming weight norm, or by activation on a calibration batch")
     calibration_size: int = Field(1024, ge=1, description="training rows in the calibration batch (activation)")
-    include: list[str] | None = Field(None, description="glob patterns of first layers of unit pairs and of "
-                                      "attention modules (default all)")
+    include: list[str] | None = Field(None, description="glob patterns of first layers of unit pairs, of "
+                                      "gated MLP modules and of attention modules (default all)")
     exclude: list[str] | None = None
     head_unit: Literal["kv_group", "query"] = Field(
         "kv_group", description="attention heads: remove whole KV groups (a KV head and its query heads), or "

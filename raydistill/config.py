@@ -181,8 +181,8 @@ class StructuredPruneConfig(_Strict):
     ranking: Literal["weight_norm", "activation"] = Field(
         "activation", description="rank units by incoming weight norm, or by activation on a calibration batch")
     calibration_size: int = Field(1024, ge=1, description="training rows in the calibration batch (activation)")
-    include: list[str] | None = Field(None, description="glob patterns of first layers of unit pairs and of "
-                                      "attention modules (default all)")
+    include: list[str] | None = Field(None, description="glob patterns of first layers of unit pairs, of "
+                                      "gated MLP modules and of attention modules (default all)")
     exclude: list[str] | None = None
     head_unit: Literal["kv_group", "query"] = Field(
         "kv_group", description="attention heads: remove whole KV groups (a KV head and its query heads), or "
@@ -199,6 +199,25 @@ class QuantizeConfig(_Strict):
     mode: Literal["ptq", "qat"] = "qat"
     include: list[str] | None = None
     exclude: list[str] | None = None
+    start: Literal["scratch", "dense_student"] = Field(
+        "scratch", description="qat: the student stage distils from its initialisation ('scratch'), or "
+        "fine-tunes the fp32 distilled dense student with fake quantization ('dense_student'; it runs after "
+        "the dense stage)")
+    epochs: int | None = Field(None, ge=1, description="qat from dense_student: fine-tuning epochs "
+                               "(None: distill.epochs)")
+    lr: float | None = Field(None, gt=0, description="qat from dense_student: peak learning rate of the "
+                             "fine-tuning (None: distill.optimizer.lr)")
+
+    @model_validator(mode="after")
+    def _start(self):
+        if self.start == "dense_student" and self.mode != "qat":
+            raise ValueError("start 'dense_student' is QAT fine-tuning: it needs mode 'qat' "
+                             f"(mode {self.mode!r} quantizes the distilled student after training)")
+        for key in ("epochs", "lr"):
+            if getattr(self, key) is not None and self.start != "dense_student":
+                raise ValueError(f"{key} sets the QAT fine-tuning of start 'dense_student'; with start "
+                                 f"{self.start!r} the student stage uses distill.{'epochs' if key == 'epochs' else 'optimizer.lr'}")
+        return self
 
 
 class CompressionConfig(_Strict):

@@ -7,6 +7,14 @@ SiLU, Tanh, LeakyReLU, ELU, Dropout, Identity). Removing hidden unit ``k`` drops
 bias) and column ``k`` of ``b``; a unit whose output is always zero contributes nothing, so removing it
 keeps the function exactly. The model's outputs (the last Linear's rows) are never removed.
 
+**Gated MLPs** (transformers Llama-style MLP: a module with ``gate_proj``, ``up_proj``, ``down_proj``
+Linear layers computing ``down_proj(act(gate_proj(x)) * up_proj(x))``; Llama, Mistral, Qwen2, ...).
+Removing intermediate unit ``k`` drops row ``k`` of ``gate_proj`` and of ``up_proj`` (and their biases)
+and column ``k`` of ``down_proj``: the model equals the original with that unit's product
+``act(g_k) * u_k`` zeroed at ``down_proj``'s input, whatever the activation. The config holds one
+``intermediate_size``, so the same number of units goes in every gated MLP (each picks its own) and
+``include``/``exclude`` must select all of them or none; the config gets the new ``intermediate_size``.
+
 **Attention heads** (transformers Llama-style attention: a module with ``q_proj``, ``k_proj``,
 ``v_proj``, ``o_proj`` Linear layers and ``head_dim``; Llama, Mistral, Qwen2, ...). Removing a head drops
 its ``head_dim`` rows of ``q_proj`` and the matching input columns of ``o_proj``: the model equals the
@@ -21,14 +29,17 @@ A transformers config holds one head count for all layers, so the same number of
 every layer (each layer picks its own), and ``include``/``exclude`` must select all of a model's
 attention modules or none. The config gets the new ``num_attention_heads`` / ``num_key_value_heads``
 and an explicit ``head_dim``, so ``save_pretrained`` / ``from_pretrained`` rebuild the pruned model.
-GPT-2 style attention (fused ``c_attn``) is not handled: its config derives ``head_dim = n_embd //
-n_head``, so fewer heads cannot be written into it.
+GPT-2 style attention (fused ``c_attn``) is refused (a ValueError naming the module, unless excluded):
+transformers' GPT-2 derives ``head_dim = n_embd // n_head`` and builds ``c_attn`` / ``c_proj`` ``n_embd``
+wide, and GPT2Config has no ``head_dim`` key, so fewer heads cannot be represented without changing
+``n_embd`` (the residual width).
 
 Ranking (``calibration=None``): the L2 norm of the weights the unit owns (MLP: row ``k`` of ``a`` with its
-bias; head: its ``q_proj`` rows, ``o_proj`` columns, and for a KV group its ``k_proj``/``v_proj`` rows).
+bias; gated MLP: row ``k`` of ``gate_proj`` and ``up_proj`` with biases and column ``k`` of ``down_proj``;
+head: its ``q_proj`` rows, ``o_proj`` columns, and for a KV group its ``k_proj``/``v_proj`` rows).
 With a calibration batch (the Minitron recipe, Muralidharan et al. 2024): activation importance,
 ``sqrt(mean over rows (tokens) of the unit's output squared)``, the output read at the input of ``b`` /
-``o_proj`` (a head: the squared norm of its ``head_dim`` outputs) in one forward pass.
+``down_proj`` / ``o_proj`` (a head: the squared norm of its ``head_dim`` outputs) in one forward pass.
 
 Public API::
 
@@ -36,6 +47,7 @@ Public API::
                      head_unit="kv_group") -> StructuredReport
     resize_structured(model, widths)   # shapes only (to load a pruned checkpoint into a fresh model)
     unit_pairs(model) -> list[(name_a, name_b)]
+    gated_mlps(model) -> list[name]
     attention_modules(model) -> list[name]
 """
 
@@ -46,12 +58,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["prune_structured", "resize_structured", "unit_pairs", "attention_modules", "StructuredReport"]
+__all__ = ["prune_structured", "resize_structured", "unit_pairs", "gated_mlps", "attention_modules",
+           "StructuredReport"]
 
 _ZERO_PRESERVING = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Dropout, nn.Identity,
                     nn.Hardtanh, nn.Mish)
 HEAD_UNITS = ("kv_group", "query")
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+_GATED = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -103,9 +117,25 @@ def unit_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def _is_gated(m: nn.Module) -> bool:
+    return all(_linear_like(getattr(m, p, None) or nn.Module()) for p in _GATED)
+
+
+def gated_mlps(model: nn.Module) -> list[str]:
+    """Names of the Llama-style gated MLP modules (``gate_proj``, ``up_proj``, ``down_proj``)."""
+    from raydistill.compress.pruner import normalize_name, unwrap_model
+
+    return [normalize_name(n) for n, m in unwrap_model(model).named_modules() if _is_gated(m)]
+
+
 def _is_attention(m: nn.Module) -> bool:
     return all(_linear_like(getattr(m, p, None) or nn.Module()) for p in _PROJ) \
         and isinstance(getattr(m, "head_dim", None), int)
+
+
+def _is_fused_attention(m: nn.Module) -> bool:
+    """GPT-2 style attention: one fused ``c_attn`` projection for q, k and v, and ``c_proj``."""
+    return hasattr(m, "c_attn") and hasattr(m, "c_proj") and isinstance(getattr(m, "num_heads", None), int)
 
 
 def attention_modules(model: nn.Module) -> list[str]:
@@ -213,6 +243,66 @@ def _set_config_heads(base: nn.Module, attns: list[nn.Module]) -> None:
         c.head_dim = hd
 
 
+def _apply_gated(mlp: nn.Module, keep: Tensor) -> None:
+    """Keep intermediate units ``keep`` (sorted) of the gated MLP ``mlp``."""
+    mlp.gate_proj = _shrink_linear(mlp.gate_proj, keep, None)
+    mlp.up_proj = _shrink_linear(mlp.up_proj, keep, None)
+    mlp.down_proj = _shrink_linear(mlp.down_proj, None, keep)
+    if isinstance(getattr(mlp, "intermediate_size", None), int):
+        mlp.intermediate_size = int(keep.numel())
+
+
+def _set_config_intermediate(base: nn.Module, mlps: list[nn.Module]) -> None:
+    """Write the (uniform) new intermediate size into the configs of the model and of its MLP modules."""
+    n = mlps[0].gate_proj.out_features
+    for c in {id(c): c for c in [getattr(base, "config", None), *(getattr(m, "config", None) for m in mlps)]
+              if c is not None}.values():
+        c.intermediate_size = n
+
+
+def _check_gated(base: nn.Module, layers: dict, all_mlp: list[str], mlps: list[str], ratio: float, include,
+                 exclude) -> None:
+    if mlps and len(mlps) != len(all_mlp):
+        raise ValueError(f"prune_structured: include={include!r} exclude={exclude!r} select {len(mlps)} of the "
+                         f"model's {len(all_mlp)} gated MLP modules (gate_proj/up_proj/down_proj); select all of "
+                         "them or none (the model config holds one intermediate_size for every layer)")
+    for m in mlps:
+        for p in _GATED:
+            _check_float_linear(f"{m}.{p}", getattr(layers[m], p))
+        g, u, d = (getattr(layers[m], p) for p in _GATED)
+        if not g.out_features == u.out_features == d.in_features:
+            raise ValueError(f"prune_structured: gated MLP {m!r} has gate_proj/up_proj out_features "
+                             f"{g.out_features}/{u.out_features} and down_proj in_features {d.in_features}; "
+                             "they must be equal")
+    sizes = {layers[m].gate_proj.out_features for m in mlps}
+    if len(sizes) > 1:
+        raise ValueError(f"prune_structured: the gated MLP modules have different intermediate sizes "
+                         f"{sorted(sizes)}; pruning them needs one size per model")
+    conf = getattr(base, "config", None)
+    if mlps and conf is not None:
+        size = conf.to_dict().get("intermediate_size")
+        if size != next(iter(sizes)):
+            raise ValueError(f"prune_structured: the gated MLP modules have {next(iter(sizes))} intermediate "
+                             f"units but the {type(conf).__name__}'s intermediate_size is {size!r}, so the "
+                             "pruned size cannot be saved; exclude the MLP modules")
+    for m in mlps:
+        n = layers[m].gate_proj.out_features
+        if n - round(ratio * n) < 1:
+            raise ValueError(f"prune_structured: ratio {ratio} would remove every unit of gated MLP {m!r} "
+                             f"({n} intermediate units); use a smaller ratio")
+
+
+def _gated_scores(mlp: nn.Module, energy: Tensor | None) -> Tensor:
+    """Importance per intermediate unit (the activation at down_proj's input, or the weight norm)."""
+    if energy is not None:
+        return energy.sqrt()
+
+    def rows_sq(lin):
+        w = lin.weight.double().pow(2).sum(1)
+        return w if lin.bias is None else w + lin.bias.double().pow(2)
+    return (rows_sq(mlp.gate_proj) + rows_sq(mlp.up_proj) + mlp.down_proj.weight.double().pow(2).sum(0)).sqrt().cpu()
+
+
 def _select(names, inc, exc):
     import fnmatch
 
@@ -274,10 +364,10 @@ def _top(scores: Tensor, k: int) -> Tensor:
 @torch.no_grad()
 def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor | None = None, *, include=None,
                      exclude=None, head_unit: str = "kv_group") -> StructuredReport:
-    """Remove ``round(ratio * units)`` hidden units of every selected unit pair's first layer, and
-    ``round(ratio * units)`` attention units (``head_unit``) of every attention module, in place (the
-    layers are replaced by smaller nn.Linear). ``include``/``exclude`` are fnmatch patterns on the
-    first layer's name / the attention module's name. ``calibration``: a batch of model inputs for
+    """Remove ``round(ratio * units)`` hidden units of every selected unit pair's first layer and of every
+    gated MLP, and ``round(ratio * units)`` attention units (``head_unit``) of every attention module, in
+    place (the layers are replaced by smaller nn.Linear). ``include``/``exclude`` are fnmatch patterns on
+    the first layer's name / the gated MLP module's / the attention module's name. ``calibration``: a batch of model inputs for
     activation ranking (None: weight norm). Returns a :class:`StructuredReport` (``widths`` rebuilds the
     shapes: :func:`resize_structured`)."""
     from raydistill.compress.pruner import _patterns, normalize_name, unwrap_model
@@ -294,12 +384,18 @@ def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor |
     pairs = [(a, b) for a, b in unit_pairs(base) if _select([a], inc, exc)]
     all_attn = attention_modules(base)
     attn = _select(all_attn, inc, exc)
-    if not pairs and not attn:
-        gpt2 = [n for n, m in base.named_modules() if hasattr(m, "c_attn") and hasattr(m, "c_proj")]
-        why = (" (GPT-2 style attention with a fused c_attn is not supported: its config derives head_dim = "
-               "n_embd // n_head, so fewer heads cannot be stored)") if gpt2 else ""
-        raise ValueError(f"prune_structured: no Linear -> activation -> Linear pair and no q/k/v/o attention "
-                         f"module in the model matches include={include!r} exclude={exclude!r}{why}")
+    all_mlp = gated_mlps(base)
+    mlps = _select(all_mlp, inc, exc)
+    gpt2 = _select([normalize_name(n) for n, m in base.named_modules() if _is_fused_attention(m)], inc, exc)
+    if gpt2:
+        raise ValueError(f"prune_structured: attention module {gpt2[0]!r} is GPT-2 style (a fused c_attn): fewer "
+                         "heads cannot be represented, because transformers' GPT-2 derives head_dim = n_embd // "
+                         "n_head and makes c_attn 3 * n_embd and c_proj n_embd wide (GPT2Config has no head_dim), "
+                         "so removing heads would change n_embd, the residual width; exclude it "
+                         f"(exclude=['*.attn']) or use a Llama-style student (q/k/v/o projections)")
+    if not pairs and not attn and not mlps:
+        raise ValueError(f"prune_structured: no Linear -> activation -> Linear pair, no gated MLP and no q/k/v/o "
+                         f"attention module in the model matches include={include!r} exclude={exclude!r}")
     for a, b in pairs:
         _check_float_linear(a, layers[a])
         _check_float_linear(b, layers[b])
@@ -309,12 +405,14 @@ def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor |
         if n - round(ratio * n) < 1:
             raise ValueError(f"prune_structured: ratio {ratio} would remove every unit of layer {a!r} "
                              f"({n} units); use a smaller ratio")
+    _check_gated(base, layers, all_mlp, mlps, ratio, include, exclude)
     _check_attention(base, layers, all_attn, attn, ratio, head_unit, include, exclude)
     params_b, bytes_b = _params_bytes(base)
     energy: dict[str, Tensor] = {}
     if calibration is not None:
         dev = next(base.parameters()).device
-        targets = {a: layers[b] for a, b in pairs} | {a: layers[a].o_proj for a in attn}
+        targets = {a: layers[b] for a, b in pairs} | {a: layers[a].o_proj for a in attn} \
+            | {m: layers[m].down_proj for m in mlps}
         energy = _input_energy(base, targets, calibration.to(dev))
     rep = StructuredReport(ratio=ratio, ranking="activation" if calibration is not None else "weight_norm")
     keep: dict[str, Tensor] = {}
@@ -330,6 +428,16 @@ def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor |
         rep.layers.append({"name": a, "kind": "mlp", "units_before": n, "units_after": k})
         rep.widths[a] = k
     _apply(base, layers, keep, pairs)
+    for m in mlps:
+        mod = layers[m]
+        n = mod.gate_proj.out_features
+        kept = _top(_gated_scores(mod, energy.get(m)), n - round(ratio * n))
+        _apply_gated(mod, kept)
+        rep.layers.append({"name": m, "kind": "gated_mlp", "units_before": n, "units_after": int(kept.numel()),
+                           "kept_units": kept.tolist()})
+        rep.widths[f"{m}.gate_proj"] = int(kept.numel())
+    if mlps:
+        _set_config_intermediate(base, [layers[m] for m in mlps])
     for a in attn:
         mod = layers[a]
         h, kv, hd = _heads(mod)
@@ -358,7 +466,8 @@ def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor |
 
 @torch.no_grad()
 def resize_structured(model: nn.Module, widths: dict[str, int]) -> nn.Module:
-    """Give the unit pairs' first layers, and the attention modules' ``q_proj`` / ``k_proj``, the given
+    """Give the unit pairs' first layers, the gated MLPs' ``gate_proj`` (with ``up_proj`` and
+    ``down_proj``'s inputs), and the attention modules' ``q_proj`` / ``k_proj``, the given
     out_features (keeping their first units / heads) so that a state dict saved after
     :func:`prune_structured` loads into a freshly built model."""
     from raydistill.compress.pruner import normalize_name, unwrap_model
@@ -367,10 +476,17 @@ def resize_structured(model: nn.Module, widths: dict[str, int]) -> nn.Module:
     layers = {normalize_name(n): m for n, m in base.named_modules()}
     pairs = [(a, b) for a, b in unit_pairs(base) if a in widths]
     attn = [a for a in attention_modules(base) if f"{a}.q_proj" in widths or f"{a}.k_proj" in widths]
-    missing = set(widths) - {a for a, _ in pairs} - {f"{a}.{p}" for a in attn for p in ("q_proj", "k_proj")}
+    mlps = [m for m in gated_mlps(base) if f"{m}.gate_proj" in widths]
+    missing = set(widths) - {a for a, _ in pairs} - {f"{a}.{p}" for a in attn for p in ("q_proj", "k_proj")} \
+        - {f"{m}.gate_proj" for m in mlps}
     if missing:
-        raise ValueError(f"resize_structured: widths name layers that are not the first layer of a unit pair "
-                         f"nor an attention module's q_proj / k_proj: {sorted(missing)}")
+        raise ValueError(f"resize_structured: widths name layers that are not the first layer of a unit pair, "
+                         f"a gated MLP's gate_proj nor an attention module's q_proj / k_proj: {sorted(missing)}")
+    for m in mlps:
+        w = int(widths[f"{m}.gate_proj"])
+        if not 1 <= w <= layers[m].gate_proj.out_features:
+            raise ValueError(f"resize_structured: width {w} for {m}.gate_proj must be in "
+                             f"[1, {layers[m].gate_proj.out_features}]")
     keep = {}
     for a, _ in pairs:
         w = int(widths[a])
@@ -385,6 +501,10 @@ def resize_structured(model: nn.Module, widths: dict[str, int]) -> nn.Module:
             raise ValueError(f"resize_structured: widths q_proj {wq} / k_proj {wk} for {a!r} must be whole heads "
                              f"of {hd} (at most {h} / {kv} heads; query heads a multiple of KV heads)")
     _apply(base, layers, keep, pairs)
+    for m in mlps:
+        _apply_gated(layers[m], torch.arange(int(widths[f"{m}.gate_proj"])))
+    if mlps:
+        _set_config_intermediate(base, [layers[m] for m in mlps])
     for a in attn:
         mod = layers[a]
         h, kv, hd = _heads(mod)

@@ -279,8 +279,11 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
                 recipe = dict(cfg.compression.steps())  # checked against the student by preflight
                 sparse = bool(recipe)
                 stages = ["baseline"] + (["dense_student"] if sparse else []) + ["student"]
-                # prune_structured: the student starts from the pruned dense student, so it runs after it
-                after_dense = "prune_structured" in recipe
+                # prune_structured: the student starts from the pruned dense student, so it runs after it;
+                # so does QAT fine-tuning of the dense student (quantize start: dense_student)
+                q_step = recipe.get("quantize")
+                qat_ft = q_step is not None and q_step.mode == "qat" and q_step.start == "dense_student"
+                after_dense = "prune_structured" in recipe or qat_ft
                 first = [s for s in stages if not (after_dense and s == "student")]
                 concurrent = len(first) if cfg.run.concurrent_stages else 1
                 res_per_worker = _resources(cfg, concurrent)
@@ -289,10 +292,11 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
                     if stage == "baseline":
                         return build_baseline_trainer(cfg, storage_path=run_dir, name=stage,
                                                       resources_per_worker=resources)
+                    ft = qat_ft and stage == "student"  # QAT fine-tuning: its own epochs and peak lr
                     return build_student_trainer(
                         cfg, current, storage_path=run_dir, name=stage, stage=stage,
                         sparsity=None if stage == "student" else 0.0, resources_per_worker=resources,
-                        extras=extras)
+                        extras=extras, epochs=q_step.epochs if ft else None, lr=q_step.lr if ft else None)
 
                 trainers = {}
                 for stage in stages:
@@ -318,7 +322,14 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
                         results[s] = _fit(trainers[s], s)
                         prog.done(s)
                 structured_report = None
-                if after_dense:
+                if after_dense and "prune_structured" not in recipe:  # QAT fine-tuning of the dense student
+                    init_path = str(final_checkpoint_dir(results["dense_student"], run_dir, "dense_student"))
+                    log.info("quantize: QAT fine-tuning from %s", init_path)
+                    trainers["student"] = build("student", student_extras(cfg, init_from=init_path),
+                                                resources=_resources(cfg, 1))
+                    results["student"] = _fit(trainers["student"], "student")
+                    prog.done("student")
+                elif after_dense:
                     import torch
 
                     if cfg.data.task == "causal_lm":  # calibration: packed training blocks of token ids

@@ -268,19 +268,20 @@ def student_steps_per_epoch(cfg: Config, rows: int, num_workers: int) -> int:
 def build_student_trainer(cfg: Config, teacher: TeacherArtifact, *, storage_path, name: str, callbacks=None,
                           num_workers: int | None = None, resources_per_worker: dict | None = None,
                           stage: str = "student", model: dict | None = None, sparsity: float | None = None,
-                          epochs: int | None = None, extras: dict | None = None):
+                          epochs: int | None = None, extras: dict | None = None, lr: float | None = None):
     """A ``TorchTrainer`` distilling ``teacher`` into the config's student (pruned to
     ``compression.sparsity`` unless ``sparsity`` is given). Workers report per-epoch ``epoch,
     train_loss, val_accuracy, accuracy, sparsity, compression_ratio, lr`` (+ macro_f1, params, ...) and
     a checkpoint every epoch. ``extras``: compression-step entries of the spec
-    (:func:`raydistill.distill.steps.student_extras`)."""
+    (:func:`raydistill.distill.steps.student_extras`). ``epochs`` / ``lr``: this stage's epochs and peak
+    learning rate (None: ``distill.epochs`` / ``distill.optimizer.lr``)."""
     storage = resolve_storage(storage_path)
     datasets, rows = stage_datasets(cfg, storage, "kd")
     nw, res, threads = _workers_and_threads(cfg, num_workers, resources_per_worker)
     d = cfg.distill
     sp = cfg.compression.sparsity if sparsity is None else float(sparsity)
     spec = stage_spec(cfg, stage=stage, kind="kd", model=model or _spec(cfg.student), epochs=epochs or d.epochs,
-                      batch_size=d.batch_size, optimizer=d.optimizer.model_dump(),
+                      batch_size=d.batch_size, optimizer=d.optimizer.model_dump() | ({"lr": lr} if lr else {}),
                       lr_schedule=d.lr_schedule.model_dump(), sparsity=sp, teacher=teacher, rows=rows,
                       num_workers=nw, progress_dir=storage / name, threads=threads, info=task_info(cfg, storage),
                       extras=extras)

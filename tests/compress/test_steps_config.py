@@ -61,6 +61,10 @@ def test_searchable_keys_add_steps():
     ([{"quantize": {"activations": "int4"}}], "compression.quantize.activations"),
     ([{"prune_structured": {"ratio": 1.0}}], "compression.structured.ratio"),
     ({"order": ["quantize", "prune"], "quantize": {"bits": 8}}, r"compression.order\[1\]"),
+    ([{"quantize": {"mode": "ptq", "start": "dense_student"}}], r"compression.quantize: start 'dense_student' .*mode 'qat'"),
+    ([{"quantize": {"epochs": 5}}], r"compression.quantize: epochs sets the QAT fine-tuning of start 'dense_student'"),
+    ([{"quantize": {"lr": 1e-3, "start": "scratch"}}], r"compression.quantize: lr sets the QAT fine-tuning"),
+    ([{"quantize": {"start": "dense_student", "epochs": 0}}], r"compression.quantize.epochs"),
 ])
 def test_bad_recipes_name_the_key(comp, match):
     with pytest.raises(ConfigError, match=match):
@@ -188,7 +192,7 @@ def test_search_extras_and_worker_side_steps(seeded):
 
 def test_lm_recipes_quantize_is_classification_only_prune_structured_prunes_heads():
     """A causal-LM config with quantize fails before Ray, naming the key; prune_structured (attention
-    heads) is checked against the student; prune passes."""
+    heads and gated MLP units) is checked against the student; prune passes."""
     from raydistill.distill.steps import check_recipe
 
     cfg = load_config(REPO / "tune_configs" / "lm_tiny.yaml", ["compression=[{quantize: {bits: 8}}]"])
@@ -197,6 +201,11 @@ def test_lm_recipes_quantize_is_classification_only_prune_structured_prunes_head
     check_recipe(load_config(REPO / "tune_configs" / "lm_tiny.yaml", ["compression=[{prune_structured: {ratio: 0.5}}]"]))
     cfg = load_config(REPO / "tune_configs" / "lm_tiny.yaml", ["compression=[{prune_structured: {ratio: 0.9}}]"])
     with pytest.raises(ValueError, match=r"compression\.structured: .*would remove every head of attention module"):
+        check_recipe(cfg)
+    cfg = load_config(REPO / "tune_configs" / "lm_tiny.yaml", ["student.kwargs.config.intermediate_size=1",
+                                                               "compression=[{prune_structured: {ratio: 0.6}}]"])
+    with pytest.raises(ValueError, match=r"compression\.structured: .*ratio 0.6 would remove every unit of gated "
+                                         r"MLP 'model.layers.0.mlp' \(1 intermediate units\)"):
         check_recipe(cfg)
     check_recipe(load_config(REPO / "tune_configs" / "lm_tiny.yaml"))  # prune only: fine
 
@@ -218,11 +227,15 @@ def test_structured_init_prunes_an_lm_checkpoint_and_reloads(tmp_path):
     ck = save_checkpoint_dir(tmp_path / "dense", model=dense, meta={"task_info": {"vocab_size": 97}})
     x = torch.randint(0, 97, (20, 16))
     path, widths, rep = structured_init(cfg, ck, tmp_path / "init", x)
-    assert rep["ranking"] == "activation" and [r["kv_heads_after"] for r in rep["layers"]] == [1, 1]
-    assert widths == {f"model.layers.{i}.self_attn.{p}": w for i in (0, 1) for p, w in (("q_proj", 16), ("k_proj", 8))}
+    assert rep["ranking"] == "activation"
+    assert [r["kv_heads_after"] for r in rep["layers"] if r["kind"] == "attention"] == [1, 1]
+    assert [r["units_after"] for r in rep["layers"] if r["kind"] == "gated_mlp"] == [32, 32]
+    assert widths == {f"model.layers.{i}.self_attn.{p}": w for i in (0, 1) for p, w in (("q_proj", 16), ("k_proj", 8))} \
+        | {f"model.layers.{i}.mlp.gate_proj": 32 for i in (0, 1)}
     fresh = resize_structured(build_model(cfg.student, vocab_size=97), widths)
     load_weights(fresh, path)
     assert fresh.config.num_attention_heads == 2 and fresh.config.num_key_value_heads == 1
+    assert fresh.config.intermediate_size == 32
     ref = build_model(cfg.student, vocab_size=97)
     load_weights(ref, ck)
     from raydistill.compress import prune_structured

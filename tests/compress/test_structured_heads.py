@@ -1,5 +1,6 @@
 """Attention-head pruning (prune_structured on transformers Llama models): the pruned model equals the
-original with the removed heads' outputs zeroed (o_proj input columns masked), in float64, for plain
+original with the removed heads' outputs zeroed (o_proj input columns masked; the gated MLPs excluded:
+tests/compress/test_structured_gated.py covers them), in float64, for plain
 multi-head attention and grouped KV heads; rankings recomputed independently; gradients; config and
 save_pretrained / from_pretrained round trip; resize_structured; bad input."""
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from _input_masks import masked_inputs
 from raydistill.compress import prune_structured, resize_structured
 from raydistill.compress.structured import attention_modules
 
@@ -35,19 +37,14 @@ def _randomize(m, g):
 
 def _masked_logits(m, x, kept: dict[str, list[int]], head_dim: int, grad: bool = False):
     """Logits of the unpruned model with every head not in ``kept[attn]`` zeroed at o_proj's input."""
-    hooks = []
-    mods = dict(m.named_modules())
+    masks = {}
     for a, heads in kept.items():
-        o = mods[a].o_proj
-        mask = torch.zeros(o.in_features, dtype=torch.float64)
+        o = m.get_submodule(a).o_proj
+        masks[o] = torch.zeros(o.in_features, dtype=torch.float64)
         for h in heads:
-            mask[h * head_dim:(h + 1) * head_dim] = 1
-        hooks.append(o.register_forward_pre_hook(lambda _m, inp, mask=mask: (inp[0] * mask,)))
-    try:
+            masks[o][h * head_dim:(h + 1) * head_dim] = 1
+    with masked_inputs(masks):
         return m(x).logits
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def _expected_kept(m, x, heads, kv, hd, unit, ratio, activation):
@@ -97,7 +94,7 @@ def test_pruned_model_equals_masked_heads(seeded, heads, kv, unit, ratio, activa
     expect = _expected_kept(m, x, heads, kv, hd, unit, ratio, activation)
     ref = _masked_logits(m, x, expect, hd).detach()
     orig = copy.deepcopy(m)
-    rep = prune_structured(m, ratio, x if activation else None, head_unit=unit)
+    rep = prune_structured(m, ratio, x if activation else None, head_unit=unit, exclude=["*.mlp"])
     got = {r["name"]: r["kept_heads"] for r in rep.layers}
     assert got == expect
     h2 = len(next(iter(expect.values())))
@@ -119,7 +116,7 @@ def test_fresh_inputs_and_gradients_match_the_masked_reference(seeded):
     _randomize(m, seeded)
     orig = _llama(4, 2, hidden=32).double()
     orig.load_state_dict(m.state_dict())
-    rep = prune_structured(m, 0.5)  # one KV group of two (two query heads) per layer
+    rep = prune_structured(m, 0.5, exclude=["*.mlp"])  # one KV group of two (two query heads) per layer
     kept = {r["name"]: r["kept_heads"] for r in rep.layers}
     x = torch.randint(0, 61, (4, 10), generator=seeded)  # inputs the ranking never saw
     loss_p = m(x).logits.pow(2).mean()
@@ -144,10 +141,11 @@ def test_save_pretrained_round_trip_and_resize(tmp_path, seeded, kv, unit):
     m = _llama(4, kv).eval()
     _randomize(m, seeded)
     x = torch.randint(0, 61, (2, 16), generator=seeded)
-    rep = prune_structured(m, 0.5, x, head_unit=unit)
+    rep = prune_structured(m, 0.5, x, head_unit=unit)  # heads and gated MLP units
     m.save_pretrained(tmp_path)
     back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert back.config.num_attention_heads == 2 and back.config.num_key_value_heads == 2
+    assert back.config.intermediate_size == 24
     y = torch.randint(0, 61, (3, 11), generator=seeded)
     with torch.no_grad():
         torch.testing.assert_close(back(y).logits, m(y).logits, rtol=1e-6, atol=1e-6)
@@ -162,13 +160,13 @@ def test_bad_input():
         prune_structured(_llama(4, 4), 0.9)
     with pytest.raises(ValueError, match="head_unit='query' removes query heads only"):
         prune_structured(_llama(4, 1), 0.6)  # one KV group: kv_group pruning would remove it
-    assert prune_structured(_llama(4, 1), 0.5).layers[0]["units_after"] == 4  # round(0.5 * 1 group) = 0
+    assert prune_structured(_llama(4, 1), 0.5, exclude=["*.mlp"]).layers[0]["units_after"] == 4  # round(0.5 * 1) = 0
     with pytest.raises(ValueError, match="would remove every head"):
         prune_structured(_llama(4, 4), 0.6, head_unit="query")  # one query head per KV head
     with pytest.raises(ValueError, match="head_unit must be one of"):
         prune_structured(_llama(), 0.5, head_unit="heads")
     with pytest.raises(ValueError, match="select 1 of the model's 2 attention modules"):
-        prune_structured(_llama(), 0.5, include=["model.layers.0.*"])
+        prune_structured(_llama(), 0.5, include=["model.layers.0.self_attn"])
     m = _llama()
     m.model.layers[0].self_attn.q_proj = nn.Identity()
     m.model.layers[0].self_attn.q_proj.in_features = m.model.layers[0].self_attn.q_proj.out_features = 32
@@ -178,9 +176,41 @@ def test_bad_input():
         resize_structured(_llama(), {"model.layers.0.self_attn.q_proj": 12})
 
 
-def test_gpt2_is_named_in_the_error():
+def test_gpt2_heads_are_refused_naming_the_rule():
+    """GPT-2 (fused c_attn Conv1D): the installed transformers derives head_dim = n_embd // n_head and has no
+    head_dim key, so a GPT-2 with fewer (same-size) heads cannot be represented; prune_structured refuses,
+    naming the module and the rule, before changing anything; excluding the attention leaves nothing to
+    prune (GPT-2's MLP is Conv1D, not handled)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    m = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50, n_positions=16))
-    with pytest.raises(ValueError, match="GPT-2 style attention with a fused c_attn is not supported"):
+    # the premise, checked against the installed transformers: a head_dim in the config is ignored
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
+    cfg.head_dim = 4
+    m = GPT2LMHeadModel(cfg)
+    attn = m.transformer.h[0].attn
+    assert attn.head_dim == 8 and attn.c_attn.weight.shape == (32, 96) and attn.c_proj.weight.shape == (32, 32)
+    assert "head_dim" not in GPT2Config().to_dict()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"attention module 'transformer.h.0.attn' is GPT-2 style \(a fused c_attn\): "
+                                         r"fewer heads cannot be represented, because transformers' GPT-2 derives "
+                                         r"head_dim = n_embd // n_head"):
         prune_structured(m, 0.5)
+    with pytest.raises(ValueError, match=r"'transformer.h.1.attn' is GPT-2 style"):
+        prune_structured(m, 0.5, exclude=["transformer.h.0.attn"])
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="no Linear -> activation -> Linear pair, no gated MLP and no q/k/v/o"):
+        prune_structured(m, 0.5, exclude=["*.attn"])
+
+
+def test_gpt2_student_in_a_config_fails_before_training():
+    from raydistill.config import load_config
+    from raydistill.distill.steps import check_recipe
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "tune_configs" / "lm_tiny.yaml", [
+        "student.kwargs.config={model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2, n_positions: 64}",
+        "compression=[{prune_structured: {ratio: 0.5}}]"])
+    with pytest.raises(ValueError, match=r"compression\.structured: .*'transformer.h.0.attn' is GPT-2 style.*"
+                                         r"head_dim = n_embd // n_head"):
+        check_recipe(cfg)

@@ -62,3 +62,30 @@ def test_student_stage_runs_the_recipe(ray_local, storage, tiny):
     fresh = evaluate_checkpoint(cfg, ck, latency=False)
     assert fresh["params"] == sum(o * i + o for o, i in ((64, 40), (64, 64), (10, 64)))
     assert QuantizedLinear  # imported name used by the conversion above
+
+
+def test_qat_fine_tuning_starts_from_the_dense_student(ray_local, storage, tiny):
+    """quantize start: dense_student: the pipeline runs the student stage after the dense one, from its
+    final weights, with the step's epochs and peak lr. With a peak lr of 1e-9 the fine-tuned weights
+    stay the dense student's (to ~1e-9 per step), so the converted student is the post-training int8 of
+    the dense student, as dense_student_ptq reports it."""
+    from raydistill.distill import run_distill
+    from raydistill.distill.checkpointing import load_weights
+    from raydistill.models import build_model
+
+    cfg = tiny("distill.epochs=2", "compression=[{quantize: {bits: 8, mode: qat, start: dense_student, epochs: 1, "
+                                   "lr: 1.0e-9}}]")
+    r = run_distill(cfg, storage_path=storage, name="qat_ft", progress=False)
+    rows = [json.loads(x) for x in (storage / "qat_ft" / "student" / "epochs.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in rows] == [1] and rows[0]["lr"] <= 1e-9 and rows[0]["bits"] == 8
+    dense_rows = (storage / "qat_ft" / "dense_student" / "epochs.jsonl").read_text().splitlines()
+    assert len(dense_rows) == 2 and json.loads(dense_rows[0])["lr"] > 1e-4  # distill's schedule there
+    nets = {}
+    for stage in ("dense_student", "student"):
+        nets[stage] = build_model(cfg.student)
+        load_weights(nets[stage], r[stage]["checkpoint"])
+    diff = max((a - b).abs().max().item() for a, b in zip(nets["dense_student"].parameters(),
+                                                          nets["student"].parameters()))
+    assert 0 < diff < 1e-5  # fine-tuned (it moved), from the dense weights (a fresh init differs by ~0.1)
+    assert r["student"]["accuracy"] == pytest.approx(r["dense_student_ptq"]["accuracy"], abs=0.004)
+    assert r["student"]["model_bytes"] == r["dense_student_ptq"]["model_bytes"]

@@ -45,13 +45,15 @@ def train_stage(task, info, train, ev, model_spec, kind, epochs, bs, opt_cfg, sc
 
         pruner = build_pruner(m, types.SimpleNamespace(sparsity=sparsity, compression=compression), total)
     gs, t0, ls = 0, time.time(), 0.0
+    data = task.prepare({"input_ids": train}, spec, teacher)  # a kd stage: the teacher's outputs, once
     for ep in range(1, epochs + 1):
         g = torch.Generator().manual_seed(seed * 100003 + ep * 1009)  # loop.batches' order (rank 0)
         perm = torch.randperm(len(train), generator=g)
         m.train()
         ls = 0.0
         for i in range(steps):
-            loss, _ = task.loss(m, {"input_ids": train[perm[i * bs:(i + 1) * bs]]}, spec, teacher)
+            idx = perm[i * bs:(i + 1) * bs]
+            loss, _ = task.loss(m, {k: v[idx] for k, v in data.items()}, spec, teacher)
             opt.zero_grad()
             loss.backward()
             if grad_clip:

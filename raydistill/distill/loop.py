@@ -70,6 +70,7 @@ def setup(spec: StageSpec) -> Stage:
 
     from raydistill.distill.checkpointing import load_weights
 
+    t_fn = time.time()  # the worker's train function starts here (after its imports)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, spec.threads))
@@ -113,7 +114,7 @@ def setup(spec: StageSpec) -> Stage:
     pruner = build_pruner(base, spec, total)
     st = Stage(spec=spec, task=task, rank=rank, world=world, device=device, base=base, model=model,
                teacher=teacher, train=train, eval=ev, shard=shard, steps=steps, opt=opt, sched=sched,
-               pruner=pruner)
+               pruner=pruner, t_fn=t_fn)
     if resume is not None:
         if _sharded(st):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -126,6 +127,8 @@ def setup(spec: StageSpec) -> Stage:
         st.global_step, st.start_epoch = int(resume["global_step"]), int(resume["epoch"])
         if pruner is not None and resume.get("pruner") is not None:
             pruner.load_state_dict(resume["pruner"])
+    # setup_seconds: the whole set-up; data_seconds: from the teacher's loading on (shards, and with a
+    # teacher the one pass that computes its outputs, CausalLMTask.prepare)
     st.timings = {"setup_seconds": time.time() - st.t_fn, "data_seconds": time.time() - t0}
     return st
 

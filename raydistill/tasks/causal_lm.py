@@ -20,6 +20,10 @@ import torch.nn.functional as F
 
 from raydistill.tasks.base import IGNORE_INDEX, Task
 
+# the most bytes of teacher hidden states a worker keeps for its materialised shard (``CausalLMTask.prepare``);
+# a larger shard runs the teacher at every step instead
+TEACHER_HIDDEN_MAX_BYTES = 1 << 30
+
 
 def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     """``(B, S, V)`` logits of a transformers model (``.logits``) or of a plain module returning a tensor."""
@@ -80,6 +84,32 @@ class CausalLMTask(Task):
 
         return build_model(model, vocab_size=int(task_info["vocab_size"]))
 
+    @torch.no_grad()
+    def prepare(self, batch: dict, spec, teacher, chunk: int = 16) -> dict:
+        """Online distillation through the fused loss: run the teacher once over the worker's rows and keep
+        its last hidden states (``teacher_hidden``, ``(N, S, H)`` float32) next to ``input_ids``. The teacher
+        is frozen and deterministic, so every epoch's soft targets are the same; computing them once
+        instead of at every step saves all but one of the teacher forwards (the teacher is the larger model:
+        most of a distillation step's cost). ``loss`` then uses them with the teacher's lm_head weights.
+        Skipped (the teacher runs at every step) when the states would exceed
+        ``TEACHER_HIDDEN_MAX_BYTES``, for offline outputs, without ``distill.fused_linear``, or when the
+        teacher is no transformers causal LM with a linear lm_head."""
+        if spec.kind != "kd" or spec.offline or teacher is None or not spec.kd.fused_linear \
+                or "teacher_hidden" in batch:
+            return batch
+        ids = batch["input_ids"]
+        parts = []
+        for i in range(0, len(ids), chunk):
+            t = _hidden_and_head(teacher, ids[i:i + chunk])
+            if t is None:
+                return batch
+            parts.append(t[0].float())
+            if i == 0 and parts[0][0].numel() * 4 * len(ids) > TEACHER_HIDDEN_MAX_BYTES:
+                return batch
+        if not parts:
+            return batch
+        return {**batch, "teacher_hidden": torch.cat(parts)}
+
     def loss(self, model, batch: dict, spec, teacher) -> tuple[torch.Tensor, int]:
         info = spec.task_info
         ids = batch["input_ids"]
@@ -121,11 +151,17 @@ class CausalLMTask(Task):
                   beta=spec.kd.beta, ignore_index=IGNORE_INDEX, student_bias=None if b_s is None else b_s[:vocab])
         if spec.offline:
             return ops.kd_loss_linear_topk(h_s, w_s[:vocab], batch["topk_values"], batch["topk_indices"], labels, **kw)
-        with torch.no_grad():
-            t = _hidden_and_head(teacher, ids)
-        if t is None:
-            return None
-        h_t, w_t, b_t = t
+        if "teacher_hidden" in batch:  # computed once by prepare
+            from raydistill.compress.pruner import unwrap_model
+
+            head = unwrap_model(teacher).get_output_embeddings()
+            h_t, w_t, b_t = batch["teacher_hidden"], head.weight, head.bias
+        else:
+            with torch.no_grad():
+                t = _hidden_and_head(teacher, ids)
+            if t is None:
+                return None
+            h_t, w_t, b_t = t
         return ops.kd_loss_linear(h_s, w_s[:vocab], h_t.detach(), w_t.detach(), labels, teacher_bias=None if b_t is None
                                   else b_t.detach(), **kw)
 

@@ -122,6 +122,50 @@ def test_fused_linear_loss_equals_materialised_logits(offline):
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
 
 
+def test_prepare_computes_the_teacher_once_and_gives_the_online_loss(monkeypatch):
+    """Online fused distillation: prepare runs the teacher once over the shard; the loss on any batch of it
+    then equals (loss and gradients) the loss with a teacher forward at the step, and runs no teacher."""
+    import raydistill.tasks.causal_lm as clm
+
+    torch.manual_seed(2)
+    task = get_task("causal_lm")
+    spec = _lm_spec(fused=True)
+    student = task.build_model(spec.model, spec.task_info)
+    teacher = task.build_model({"model": "hf", "kwargs": {"config": dict(TINY_LLAMA, vocab_size=44)}},
+                               spec.task_info).eval()
+    ids = torch.randint(2, 40, (5, 9))
+    ids[3, 6:] = 0
+    shard = task.prepare({"input_ids": ids}, spec, teacher, chunk=2)
+    assert shard["teacher_hidden"].shape == (5, 9, TINY_LLAMA["hidden_size"])
+    assert shard["input_ids"] is ids
+    idx = torch.tensor([4, 1, 3])
+    calls = []
+    hook = teacher.register_forward_hook(lambda *a: calls.append(1))
+    losses, grads = [], []
+    for batch in ({"input_ids": ids[idx]}, {k: v[idx] for k, v in shard.items()}):
+        calls.clear()
+        student.zero_grad(set_to_none=True)
+        loss, n = task.loss(student, batch, spec, teacher)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({k: p.grad.clone() for k, p in student.named_parameters()})
+        assert len(calls) == (0 if "teacher_hidden" in batch else 1)
+    hook.remove()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
+    # nothing cached for cross-entropy stages, offline outputs, the materialised-logits path, a shard
+    # whose states would exceed the cap, or a teacher that is no transformers model
+    for s in (_lm_spec("ce"), _lm_spec(offline=True, fused=True), _lm_spec(fused=False)):
+        assert "teacher_hidden" not in task.prepare({"input_ids": ids}, s, teacher)
+    monkeypatch.setattr(clm, "TEACHER_HIDDEN_MAX_BYTES", 5 * 9 * TINY_LLAMA["hidden_size"] * 4 - 1)
+    assert "teacher_hidden" not in task.prepare({"input_ids": ids}, spec, teacher)
+    monkeypatch.setattr(clm, "TEACHER_HIDDEN_MAX_BYTES", 5 * 9 * TINY_LLAMA["hidden_size"] * 4)
+    assert "teacher_hidden" in task.prepare({"input_ids": ids}, spec, teacher)
+    plain = torch.nn.Sequential(torch.nn.Embedding(40, 8), torch.nn.Linear(8, 40, bias=False))
+    assert "teacher_hidden" not in task.prepare({"input_ids": ids}, spec, plain)
+
+
 def test_classification_macro_precision_recall():
     y = np.array([0, 0, 1, 1, 2, 2])
     p = np.array([0, 1, 1, 1, 2, 0])

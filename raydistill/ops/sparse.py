@@ -573,28 +573,27 @@ def _register_int8() -> bool:
     return True
 
 
-_INT8_BACKEND: dict[str, bool] = {}
+_INT8_BACKEND: dict[tuple[str, str], bool] = {}
+
+
+def _int8_op_compiled(op: str, device_type: str) -> bool:
+    """Whether ``raydistill::<op>`` has a compiled kernel for the device (asked once per op and device)."""
+    r = _INT8_BACKEND.get((op, device_type))
+    if r is None:
+        from raydistill._build import op_backend
+
+        r = _INT8_BACKEND[(op, device_type)] = _register_int8() and op_backend(op, device_type) == "compiled"
+    return r
 
 
 @torch.compiler.assume_constant_result
 def _int8_compiled_for(device_type: str) -> bool:
-    r = _INT8_BACKEND.get(device_type)
-    if r is None:
-        from raydistill._build import op_backend
-
-        r = _INT8_BACKEND[device_type] = _register_int8() and op_backend("spmm_int8", device_type) == "compiled"
-    return r
+    return _int8_op_compiled("spmm_int8", device_type)
 
 
 @torch.compiler.assume_constant_result
 def _int8_a16_compiled_for(device_type: str) -> bool:
-    key = device_type + ":a16"
-    r = _INT8_BACKEND.get(key)
-    if r is None:
-        from raydistill._build import op_backend
-
-        r = _INT8_BACKEND[key] = _register_int8() and op_backend("spmm_int8_a16", device_type) == "compiled"
-    return r
+    return _int8_op_compiled("spmm_int8_a16", device_type)
 
 
 def column_index_dtype(in_features: int) -> torch.dtype:

@@ -35,6 +35,7 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, the loss scaled first under fp16."""
         self.scaler.scale(loss).backward()  # fp32 / bf16: the scaler is disabled and returns loss itself
 
     def step(self, optimizer, parameters, grad_clip: float | None = None) -> None:

@@ -157,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
             _err(console, f"{exp_dir} already holds a search; pass --resume to continue it or a new --name")
             return EXIT_USAGE
 
+    try:  # run.tracking: the backend installed, its store writable (before Ray starts; issue 22)
+        from raydistill.distill.tracking import check_tracking
+
+        check_tracking(cfg, exp_dir.parent, exp_dir.name)
+    except ConfigError as e:
+        _err(console, str(e))
+        return EXIT_USAGE
+
     from raydistill.tune.runner import run_search
 
     return run_search(

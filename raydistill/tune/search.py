@@ -140,6 +140,14 @@ def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_work
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
+        class EpochReports(TuneReportCallback):
+            """Tune sees the epoch reports (what ASHA and the searcher compare); the step reports of
+            ``distill.checkpoint_every_steps`` only checkpoint the trial's Ray Train run."""
+
+            def after_report(self, run_context, metrics, checkpoint):
+                if not metrics[0].get("step_report"):
+                    super().after_report(run_context, metrics, checkpoint)
+
         trial_id = tune.get_context().get_trial_id()
         cfg = build_config(apply_trial_config(base, config))
         # Keep >= 2 checkpoints: when ASHA stops a trial, its worker may already have reported (and
@@ -157,7 +165,7 @@ def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_work
             cfg, teacher,
             storage_path=train_storage,
             name=f"trial_{trial_id}",  # stable across retries -> Ray Train resumes from its checkpoint
-            callbacks=[TuneReportCallback()],
+            callbacks=[EpochReports()],
             num_workers=plan_workers,
             resources_per_worker=resources_per_worker,
             extras=search_extras(cfg),  # bits (QAT) and structured width of the trial's student

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, _UsageError) as exc:
         return _fail(prog, str(exc), 2)
     from raydistill.distill.pipeline import run_distill
-    from raydistill.distill.trainer import resolve_storage
+    from raydistill.distill.data import resolve_storage
 
     storage = resolve_storage(args.storage_path, cfg)
     name = args.name or cfg.run.name
@@ -191,7 +191,7 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
     except (ConfigError, _UsageError) as exc:
         return _fail(prog, str(exc), 2)
     from raydistill.distill.teacher_logits import write_teacher_outputs
-    from raydistill.distill.trainer import resolve_storage
+    from raydistill.distill.data import resolve_storage
 
     storage = resolve_storage(args.storage_path, cfg)
     try:

@@ -139,7 +139,7 @@ def storage_nbytes(model: nn.Module) -> int:
     copy it keeps for the backward pass is not counted), SparseLinearInt8 as its buffers (int8 values,
     uint16 indices or the uint8 row bitmap, int32 row pointers, fp32 scales and bias: what the kernel
     reads and what save_compressed writes)."""
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
     from raydistill.ops.sparse import SparseLinear
 
     base = unwrap_model(model)
@@ -162,7 +162,8 @@ def projected_nbytes(model: nn.Module, masks: dict | None, bits: int, group_size
     in_features > 65536) and a 1-bit-per-weight row bitmap, as ``SparseLinear.quantize`` picks, else
     int32 indices; int32 row pointers; one fp32 scale per row), other Linear layers dense at ``bits``
     with their scales; everything else at its dtype."""
-    from raydistill.compress.pruner import normalize_name, unwrap_model
+    from raydistill.compress.pruner import normalize_name
+    from raydistill.utils import unwrap_model
     from raydistill.ops.sparse import bitmap_nbytes
 
     base = unwrap_model(model)
@@ -202,7 +203,7 @@ def size_metrics(model: nn.Module, spec, masks: dict | None) -> dict:
 def final_metrics(model: nn.Module, spec, masks: dict | None, in_features: int) -> dict:
     """Worker, last epoch: CPU latency (batch 1 and 256) of a converted copy of the student (masks ->
     SparseLinear, quantize) -- the model that the evaluation stores."""
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     net = copy.deepcopy(unwrap_model(model)).cpu()
     q = spec.quantize  # FakeQuantLinear layers (QAT) are converted by quantize like nn.Linear

@@ -32,7 +32,7 @@ def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _is_hf(model) -> bool:
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     return hasattr(unwrap_model(model), "config") and hasattr(unwrap_model(model), "generation_config")
 
@@ -41,7 +41,7 @@ def _hidden_and_head(model, input_ids: torch.Tensor):
     """(last hidden states (B, S, H), lm_head weight, lm_head bias) of a transformers causal LM, computed
     through the model's own forward (so DDP / FSDP wrappers see the call) with the logits of one position
     only; None for other models."""
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     if not _is_hf(model):
         return None
@@ -152,7 +152,7 @@ class CausalLMTask(Task):
         if spec.offline:
             return ops.kd_loss_linear_topk(h_s, w_s[:vocab], batch["topk_values"], batch["topk_indices"], labels, **kw)
         if "teacher_hidden" in batch:  # computed once by prepare
-            from raydistill.compress.pruner import unwrap_model
+            from raydistill.utils import unwrap_model
 
             head = unwrap_model(teacher).get_output_embeddings()
             h_t, w_t, b_t = batch["teacher_hidden"], head.weight, head.bias

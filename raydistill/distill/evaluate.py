@@ -117,9 +117,26 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
         save_compressed(net, export, structure=meta.get("structure"))
         out["export"] = str(export)
     if latency and task.name == "classification":
-        in_f = int(split.x_test.shape[1])
-        out.update(measure_latency(net, in_f))
+        out.update(measure_latency(net, int(split.x_test.shape[1])))
     return out
+
+
+def checkpoint_latency(cfg: Config, checkpoint_path, *, quantize: dict | None = None) -> dict:
+    """The CPU latency of a checkpoint's model converted as :func:`evaluate_checkpoint` converts it (masks
+    -> SparseLinear, ``quantize``), measured now, warm, with repeats
+    (:func:`raydistill.distill.steps.measure_latency`): for readings taken after training has ended."""
+    from raydistill.distill.steps import finalize_student, measure_latency
+
+    net = load_checkpoint_model(cfg, checkpoint_path, convert=not quantize)[0]
+    if quantize:
+        finalize_student(net, load_masks_of(checkpoint_path), quantize)
+    return measure_latency(net, _latency_features(cfg))
+
+
+def _latency_features(cfg: Config) -> int:
+    from raydistill.data import load_mnist1d
+
+    return int(load_mnist1d(cfg.data, data_cache(resolve_storage(cfg.run.storage_path))).x_test.shape[1])
 
 
 def _classification_items(cfg: Config, pred, y, x, teacher) -> dict:

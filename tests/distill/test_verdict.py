@@ -138,3 +138,26 @@ def test_latency_reading_under_load_is_marked():
         lo, hi = out[f"latency_spread_ms_b{b}"]
         assert lo <= out[f"latency_ms_b{b}"] <= hi
     assert len(out["latency_loadavg"]) == 3 and out["latency_threads"] == torch.get_num_threads()
+
+
+def test_tune_rows_get_latency_measured_again_after_the_search(tmp_path):
+    """A trial's last-epoch latency was read while other trials trained; after the search each checkpoint is
+    timed again, one at a time, converted as the evaluation converts it (masks -> SparseLinear)."""
+    import torch
+
+    from raydistill.config import load_config
+    from raydistill.distill.checkpointing import save_checkpoint_dir
+    from raydistill.models import build_model
+    from raydistill.tune.search import remeasure_latency
+
+    cfg = load_config("mnist1d_tiny", [f"run.storage_path={tmp_path}"])
+    spec = {"model": cfg.student.model, "kwargs": dict(cfg.student.kwargs)}
+    net = build_model(spec)
+    masks = {n: torch.rand_like(m.weight) > 0.8 for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)}
+    ck = save_checkpoint_dir(tmp_path / "ck", model=net, meta={"epoch": 1, "model": spec}, state={}, masks=masks)
+    rows = [{"latency_ms_b1": 999.0, "latency_ms_b256": 999.0, "checkpoint_path": str(ck), "overrides": {}},
+            {"latency_ms_b1": None, "latency_ms_b256": None, "checkpoint_path": str(ck), "overrides": {}}]
+    remeasure_latency(rows, cfg.model_dump(mode="json"), lambda d: type(cfg).model_validate(d))
+    assert 0 < rows[0]["latency_ms_b256"] < 999.0 and 0 < rows[0]["latency_ms_b1"] < 999.0
+    assert isinstance(rows[0]["latency_under_load"], bool)
+    assert rows[1]["latency_ms_b256"] is None and "latency_under_load" not in rows[1]

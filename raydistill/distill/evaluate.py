@@ -89,16 +89,17 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
         from raydistill.tasks.classification import classification_metrics, predict
 
         split = load_mnist1d(cfg.data, data_cache(storage))
-        with torch.no_grad():
-            pred = predict(net, torch.from_numpy(split.x_test)).argmax(1).numpy()
+        x_test = torch.from_numpy(split.x_test)
+        pred = predict(net, x_test).argmax(1).numpy()
         out = classification_metrics(pred, split.y_test)
+        out.update(_classification_items(cfg, pred, split.y_test, x_test, teacher))
     out.update(sparsity=float(rep.total_sparsity), compression_ratio=float(rep.compression_ratio),
                params=int(rep.params), nonzero_params=int(rep.nonzero_params),
                dense_bytes=int(rep.dense_bytes), compressed_bytes=int(rep.compressed_bytes),
                sparse_layers=sum(1 for m in net.modules()
                                  if type(m).__name__ in ("SparseLinear", "SparseLinearInt8")),
                epoch=meta.get("epoch"), checkpoint=str(checkpoint_path))
-    from raydistill.distill.steps import latency_ms, storage_nbytes
+    from raydistill.distill.steps import measure_latency, storage_nbytes
 
     out["model_bytes"] = storage_nbytes(net)
     if quantize:  # bytes at real widths (codes + scales) instead of the float CSR accounting
@@ -116,11 +117,44 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
         save_compressed(net, export, structure=meta.get("structure"))
         out["export"] = str(export)
     if latency and task.name == "classification":
-        in_f = int(split.x_test.shape[1])
-        out["latency_ms_b1"] = latency_ms(net, in_f, 1)
-        out["latency_ms_b256"] = latency_ms(net, in_f, 256)
-        out["latency_threads"] = torch.get_num_threads()
+        out.update(measure_latency(net, int(split.x_test.shape[1])))
     return out
+
+
+def checkpoint_latency(cfg: Config, checkpoint_path, *, quantize: dict | None = None) -> dict:
+    """The CPU latency of a checkpoint's model converted as :func:`evaluate_checkpoint` converts it (masks
+    -> SparseLinear, ``quantize``), measured now, warm, with repeats
+    (:func:`raydistill.distill.steps.measure_latency`): for readings taken after training has ended."""
+    from raydistill.distill.steps import finalize_student, measure_latency
+
+    net = load_checkpoint_model(cfg, checkpoint_path, convert=not quantize)[0]
+    if quantize:
+        finalize_student(net, load_masks_of(checkpoint_path), quantize)
+    return measure_latency(net, _latency_features(cfg))
+
+
+def _latency_features(cfg: Config) -> int:
+    from raydistill.data import load_mnist1d
+
+    return int(load_mnist1d(cfg.data, data_cache(resolve_storage(cfg.run.storage_path))).x_test.shape[1])
+
+
+def _classification_items(cfg: Config, pred, y, x, teacher) -> dict:
+    """The accuracy's 95% bootstrap interval over test examples, and (``"_items"``) each example's
+    correctness -- the teacher's too when ``teacher`` is a trained teacher -- for paired comparisons."""
+    from raydistill.tasks.classification import predict
+    from raydistill.tasks.stats import mean_ci
+
+    correct = (np.asarray(pred) == np.asarray(y)).astype(np.float64)
+    items = {"correct": correct.tolist()}
+    if teacher is not None and teacher is not True and getattr(teacher, "path", None):
+        from raydistill.distill.checkpointing import load_weights
+        from raydistill.models import build_model
+
+        t_net = build_model(teacher.model)
+        load_weights(t_net, teacher.path)
+        items["teacher_correct"] = (predict(t_net, x).argmax(1).numpy() == np.asarray(y)).astype(np.float64).tolist()
+    return {"accuracy_ci95": mean_ci(correct), "eval_examples": int(len(correct)), "_items": items}
 
 
 def load_masks_of(checkpoint_path) -> dict | None:
@@ -150,7 +184,7 @@ def _evaluate_lm(cfg: Config, net, meta: dict, info: dict, storage: Path, *, tea
         load_weights(t_net, tref["path"])
         t_net.eval()
     test = torch.as_tensor(td.test.astype(np.int64))
-    out = lm_metrics(net, test, td.pad_id, td.vocab_size, teacher=t_net)
+    out = lm_metrics(net, test, td.pad_id, td.vocab_size, teacher=t_net, items=True)
     if samples and cfg.data.samples:
         tok = Tokenizer.from_file(str(Path(td.tokenizer_dir) / "tokenizer.json"))
         prompts = [row[: 16].tolist() for row in td.test[: cfg.data.samples]]

@@ -10,8 +10,17 @@ from raydistill.utils import write_json_atomic
 
 
 def build_report(cfg, name: str, run_dir: Path, teacher, assistants: list[dict], evals: dict[str, dict],
-                 sparse: bool, structured_report: dict | None, timings: dict) -> dict:
-    """The report dict of a job (``report.json``): every stage's evaluation and the headline comparisons."""
+                 sparse: bool, structured_report: dict | None, timings: dict, corpus: dict | None = None) -> dict:
+    """The report dict of a job (``report.json``): every stage's evaluation, the headline comparisons and
+    the verdict on distillation (:func:`raydistill.distill.verdict.distillation_verdict`)."""
+    from raydistill.distill.verdict import distillation_verdict, strip_items
+
+    corpus = corpus or {}
+    verdict = distillation_verdict(evals, lm=cfg.data.task == "causal_lm",
+                                   distilled="dense_student" if sparse else "student", **corpus)
+    strip_items(evals)
+    for a in assistants:
+        a.pop("_items", None)
     report = {
         "name": name, "run_dir": str(run_dir), "task": cfg.data.task,
         "teacher": {**teacher.to_dict(), "accuracy": teacher.accuracy},
@@ -24,6 +33,8 @@ def build_report(cfg, name: str, run_dir: Path, teacher, assistants: list[dict],
         **({"prune_structured": structured_report} if structured_report else {}),
         "config": cfg.model_dump(mode="json"),
         "timings": timings,
+        "corpus": corpus,
+        "verdict": verdict,
     }
     if cfg.data.task == "causal_lm":
         report["perplexity_vs_baseline"] = evals["student"]["perplexity"] / evals["baseline"]["perplexity"] - 1
@@ -98,7 +109,8 @@ def report_markdown(r: dict) -> str:
     if r.get("task") == "causal_lm":
         return _report_markdown_lm(r)
     fmt = (lambda v, f: "" if v is None else f.format(v))
-    rows = [("teacher", r["teacher"]["model"].get("model", "?"), {"accuracy": r["teacher"]["accuracy"]})]
+    rows = [("teacher", r["teacher"]["model"].get("model", "?"),
+             {"accuracy": r["teacher"]["accuracy"], "accuracy_ci95": _teacher_ci(r)})]
     for a in r.get("assistants", []):
         rows.append((a["stage"], a["model"], a))
     cfg = r["config"]
@@ -113,11 +125,17 @@ def report_markdown(r: dict) -> str:
     ref = (r.get("dense_student") or {}).get("model_bytes")
     for st, m, e in rows:
         rel = e.get("model_bytes") / ref if ref and e.get("model_bytes") else None
-        lines.append(f"| {st} | {m} | {e['accuracy']:.2%} | {fmt(e.get('macro_f1'), '{:.3f}')} | "
+        lines.append(f"| {st} | {m} | {_with_ci(e.get('accuracy'), e.get('accuracy_ci95'), '{:.2%}')} | "
+                     f"{fmt(e.get('macro_f1'), '{:.3f}')} | "
                      f"{fmt(e.get('macro_precision'), '{:.3f}')} | {fmt(e.get('macro_recall'), '{:.3f}')} | "
                      f"{fmt(e.get('sparsity'), '{:.1%}')} | {fmt(e.get('compression_ratio'), '{:.2f}x')} | "
                      f"{fmt(e.get('model_bytes'), '{:,}')} | {fmt(rel, '{:.1%}')} | "
-                     f"{fmt(e.get('latency_ms_b1'), '{:.3f}')} | {fmt(e.get('latency_ms_b256'), '{:.3f}')} |")
+                     f"{_latency(e, 'latency_ms_b1')} | {_latency(e, 'latency_ms_b256')} |")
+    lines += _verdict_lines(r)
+    if any(e.get("latency_under_load") for _, _, e in rows):
+        lines += ["", "\\* measured while other processes used more than a quarter of the machine's CPU time: the "
+                  "reading is the machine's contention, not the model's latency; time it again on an idle machine "
+                  "(`latency_spread_ms_*`, `latency_other_cpu` and `latency_loadavg` in report.json)"]
     lines += ["", f"- compression steps: {', '.join(r.get('compression_steps') or []) or 'none'}",
               f"- distilled student vs baseline: {r['gain_over_baseline'] * 100:+.1f} points"]
     if "sparse_vs_dense" in r:
@@ -134,18 +152,24 @@ def report_markdown(r: dict) -> str:
 def _report_markdown_lm(r: dict) -> str:
     fmt = (lambda v, f: "" if v is None else f.format(v))
     lines = [f"# raydistill run `{r['name']}` (causal LM)", "",
-             "| stage | test perplexity | next-token accuracy | teacher agreement | tokens/s | sparsity | compression |",
+             "| stage | test perplexity (95% CI) | next-token accuracy | teacher agreement | tokens/s | sparsity "
+             "| compression |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     t = r["teacher"].get("metrics") or {}
-    lines.append(f"| teacher | {fmt(t.get('perplexity'), '{:.2f}')} | {fmt(t.get('next_token_accuracy'), '{:.2%}')} "
+    lines.append(f"| teacher | {_with_ci(t.get('perplexity'), _teacher_ci(r), '{:.2f}')} | "
+                 f"{fmt(t.get('next_token_accuracy'), '{:.2%}')} "
                  "| | | | |")
     for key in ("baseline", "dense_student", "student"):
         if key in r:
             e = r[key]
-            lines.append(f"| {key} | {e['perplexity']:.2f} | {e['next_token_accuracy']:.2%} | "
+            lines.append(f"| {key} | {_with_ci(e['perplexity'], e.get('perplexity_ci95'), '{:.2f}')} | "
+                         f"{e['next_token_accuracy']:.2%} | "
                          f"{fmt(e.get('teacher_agreement'), '{:.2%}')} | {fmt(e.get('tokens_per_s'), '{:,.0f}')} | "
                          f"{e['sparsity']:.1%} | {e['compression_ratio']:.2f}x |")
-    lines += ["", f"- distilled student vs baseline: perplexity {r['perplexity_vs_baseline'] * 100:+.1f}%"]
+    lines += _verdict_lines(r)
+    ev = r["student"].get("eval_tokens")
+    lines += ["", f"- distilled student vs baseline: perplexity {r['perplexity_vs_baseline'] * 100:+.1f}%"
+              + (f" ({ev:,} test tokens)" if ev else "")]
     if "sparse_vs_dense" in r:
         lines.append(f"- sparse vs dense distilled student: perplexity {r['sparse_vs_dense'] * 100:+.1f}%")
     if r.get("export"):
@@ -155,3 +179,28 @@ def _report_markdown_lm(r: dict) -> str:
         lines += ["```", smp["prompt"] + "→" + smp["continuation"], "```"]
     lines += ["", "![curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+def _with_ci(v, ci, f: str) -> str:
+    """``v (lo-hi)`` with the 95% interval when there is one."""
+    if v is None:
+        return ""
+    if not ci or any(c is None or c != c for c in ci):
+        return f.format(v)
+    return f"{f.format(v)} ({f.format(ci[0])}-{f.format(ci[1])})"
+
+
+def _latency(e: dict, key: str) -> str:
+    v = e.get(key)
+    return "" if v is None else f"{v:.3f}" + ("\\*" if e.get("latency_under_load") else "")
+
+
+def _teacher_ci(r: dict):
+    return ((r.get("verdict") or {}).get("teacher_test") or {}).get("ci95")
+
+
+def _verdict_lines(r: dict) -> list[str]:
+    v = r.get("verdict") or {}
+    if not v.get("summary"):
+        return []
+    return ["", "## Did distillation help?", "", v["summary"][0].upper() + v["summary"][1:] + "."]

@@ -1,5 +1,5 @@
-"""Small helpers with one home: atomic JSON writes, machine info for benchmark JSON (model unwrapping is
-``raydistill.compress.pruner.unwrap_model``)."""
+"""Small helpers with one home, below every other layer: atomic JSON writes, the model inside its training
+wrappers, machine info for benchmark JSON."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["machine_info", "write_json_atomic"]
+__all__ = ["machine_info", "unwrap_model", "write_json_atomic"]
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> Path:
@@ -87,3 +87,16 @@ def cuda_median_ms(fn, *, reps: int = 10, warmup: int = 3, calls: int = 1) -> fl
         b.synchronize()
         times.append(a.elapsed_time(b) / calls)
     return statistics.median(times)
+
+
+def unwrap_model(model):
+    """The model inside DDP/DataParallel/torch.compile wrappers (the model itself when it has none)."""
+    from torch import nn
+
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model

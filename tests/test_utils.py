@@ -35,3 +35,13 @@ def test_write_json_atomic_leaves_no_temp(tmp_path):
     assert sorted(f.name for f in p.parent.iterdir()) == ["r.json"]
     info = utils.machine_info("cpu")
     assert info["cpu_count"] and info["torch"] and "loadavg_at_start" in info
+
+
+def test_unwrap_model_peels_every_wrapper():
+    import torch
+
+    net = torch.nn.Linear(3, 2)
+    assert utils.unwrap_model(net) is net
+    wrapped = torch.compile(torch.nn.DataParallel(net))  # compile's _orig_mod around DataParallel's .module
+    assert wrapped is not net and utils.unwrap_model(wrapped) is net
+    assert utils.unwrap_model(torch.nn.DataParallel(torch.nn.DataParallel(net))) is net

@@ -9,8 +9,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from raydistill.compress.pruner import normalize_name, unwrap_model
+from raydistill.compress.pruner import normalize_name
 from raydistill.ops.sparse import SparseLinear
+from raydistill.utils import unwrap_model
 
 __all__ = ["save_sparse", "load_sparse", "FORMAT"]
 

@@ -34,7 +34,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from raydistill.compress.pruner import normalize_name, unwrap_model
+from raydistill.compress.pruner import normalize_name
+from raydistill.utils import unwrap_model
 
 __all__ = ["save_compressed", "load_compressed", "FORMAT", "export_compressed_tensors", "CT_MIN_VERSION",
            "CT_INT8_ACTIVATIONS"]

@@ -300,7 +300,7 @@ class QuantizationReport:
 def model_nbytes(model: nn.Module) -> int:
     """Stored bytes of a model at real widths: parameters and persistent buffers (QuantizedLinear codes,
     scales; SparseLinear values and its CSR indices, both orientations it keeps)."""
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     total = 0
     seen: set[int] = set()
@@ -352,7 +352,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, act
 
     Errors (ValueError naming the argument): bits not in 4/8/32, group_size not dividing a layer's
     in_features, activations not None/'int8', a layer that is already quantized."""
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
     from raydistill.ops.sparse import SparseLinear
 
     check_scheme(bits, group_size, activations)
@@ -399,7 +399,7 @@ def prepare_qat(model: nn.Module, bits: int = 8, group_size: int | None = None, 
                 *, include=None, exclude=None) -> QuantizationReport:
     """Swap the selected nn.Linear layers for :class:`FakeQuantLinear` (same parameters) for
     quantization-aware training; :func:`quantize` afterwards stores exactly the fake-quantized weights."""
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     check_scheme(bits, group_size, activations)
     base = unwrap_model(model)

@@ -98,7 +98,8 @@ def _linear_like(m: nn.Module) -> bool:
 def unit_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(a, b) names of consecutive nn.Linear layers in an nn.Sequential joined by zero-preserving
     elementwise modules only."""
-    from raydistill.compress.pruner import normalize_name, unwrap_model
+    from raydistill.compress.pruner import normalize_name
+    from raydistill.utils import unwrap_model
 
     base = unwrap_model(model)
     pairs = []
@@ -123,7 +124,8 @@ def _is_gated(m: nn.Module) -> bool:
 
 def gated_mlps(model: nn.Module) -> list[str]:
     """Names of the Llama-style gated MLP modules (``gate_proj``, ``up_proj``, ``down_proj``)."""
-    from raydistill.compress.pruner import normalize_name, unwrap_model
+    from raydistill.compress.pruner import normalize_name
+    from raydistill.utils import unwrap_model
 
     return [normalize_name(n) for n, m in unwrap_model(model).named_modules() if _is_gated(m)]
 
@@ -140,7 +142,8 @@ def _is_fused_attention(m: nn.Module) -> bool:
 
 def attention_modules(model: nn.Module) -> list[str]:
     """Names of the Llama-style attention modules (q/k/v/o projections and ``head_dim``)."""
-    from raydistill.compress.pruner import normalize_name, unwrap_model
+    from raydistill.compress.pruner import normalize_name
+    from raydistill.utils import unwrap_model
 
     return [normalize_name(n) for n, m in unwrap_model(model).named_modules() if _is_attention(m)]
 
@@ -370,7 +373,8 @@ def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor |
     the first layer's name / the gated MLP module's / the attention module's name. ``calibration``: a batch of model inputs for
     activation ranking (None: weight norm). Returns a :class:`StructuredReport` (``widths`` rebuilds the
     shapes: :func:`resize_structured`)."""
-    from raydistill.compress.pruner import _patterns, normalize_name, unwrap_model
+    from raydistill.compress.pruner import _patterns, normalize_name
+    from raydistill.utils import unwrap_model
 
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"ratio must be a float in [0, 1) (the fraction of hidden units removed), got {ratio!r}")
@@ -470,7 +474,8 @@ def resize_structured(model: nn.Module, widths: dict[str, int]) -> nn.Module:
     ``down_proj``'s inputs), and the attention modules' ``q_proj`` / ``k_proj``, the given
     out_features (keeping their first units / heads) so that a state dict saved after
     :func:`prune_structured` loads into a freshly built model."""
-    from raydistill.compress.pruner import normalize_name, unwrap_model
+    from raydistill.compress.pruner import normalize_name
+    from raydistill.utils import unwrap_model
 
     base = unwrap_model(model)
     layers = {normalize_name(n): m for n, m in base.named_modules()}

@@ -288,7 +288,7 @@ def save_checkpoint_dir(dest: Path, *, model, meta: dict, state: dict | None = N
 
     import torch
 
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -316,7 +316,7 @@ def load_weights(model, path) -> dict:
     """Load ``model.safetensors`` (file, or a checkpoint dir holding one) into ``model``; returns meta."""
     from safetensors.torch import load_file
 
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     p = Path(path)
     meta: dict = {}

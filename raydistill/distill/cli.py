@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, _UsageError) as exc:
         return _fail(prog, str(exc), 2)
     from raydistill.distill.pipeline import run_distill
-    from raydistill.distill.trainer import resolve_storage
+    from raydistill.distill.data import resolve_storage
 
     storage = resolve_storage(args.storage_path, cfg)
     name = args.name or cfg.run.name
@@ -127,44 +127,56 @@ def _error(prog: str, exc: BaseException, log_path: Path) -> int:
 
 
 def _print_summary(r: dict) -> None:
+    """The final table on stderr (stage names in full, also in a log or CI, where the console is not a
+    terminal and would otherwise be 80 columns wide), then the verdict on distillation."""
     from rich.console import Console
     from rich.table import Table
 
+    from raydistill.distill.report import _latency, _teacher_ci, _with_ci
+
+    console = Console(stderr=True, **({} if sys.stderr.isatty() else {"width": 200}))
+    t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
+    teacher = "teacher" + (" (cached)" if r["teacher"].get("cached") else "")
     if r.get("task") == "causal_lm":
-        t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
-        for col in ("stage", "test perplexity", "next-token acc", "teacher agreement", "sparsity", "nonzero params"):
-            t.add_column(col, justify="left" if col == "stage" else "right")
+        for col in ("stage", "test perplexity (95% CI)", "next-token acc", "teacher agreement", "sparsity",
+                    "nonzero params"):
+            t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
         tm = r["teacher"].get("metrics") or {}
-        t.add_row("teacher" + (" (cached)" if r["teacher"].get("cached") else ""),
-                  f"{tm.get('perplexity', float('nan')):.2f}", f"{r['teacher']['accuracy']:.2%}", "", "", "")
+        t.add_row(teacher, _with_ci(tm.get("perplexity"), _teacher_ci(r), "{:.2f}"),
+                  f"{r['teacher']['accuracy']:.2%}", "", "", "")
         for key in ("baseline", "dense_student", "student"):
             if key in r:
                 e = r[key]
-                t.add_row(key, f"{e['perplexity']:.2f}", f"{e['next_token_accuracy']:.2%}",
-                          f"{e.get('teacher_agreement', float('nan')):.2%}", f"{e['sparsity']:.1%}",
-                          f"{e['nonzero_params']:,}")
-        Console(stderr=True).print(t)
-        return
+                t.add_row(key, _with_ci(e["perplexity"], e.get("perplexity_ci95"), "{:.2f}"),
+                          f"{e['next_token_accuracy']:.2%}", f"{e.get('teacher_agreement', float('nan')):.2%}",
+                          f"{e['sparsity']:.1%}", f"{e['nonzero_params']:,}")
+    else:
+        cols = ("stage", "test accuracy (95% CI)", "macro recall", "macro F1", "sparsity", "compression",
+                "bytes", "ms/b1", "ms/b256")
+        for col in cols:
+            t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
+        t.add_row(teacher, _with_ci(r["teacher"]["accuracy"], _teacher_ci(r), "{:.2%}"), *[""] * (len(cols) - 2))
 
-    t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
-    cols = ("stage", "test accuracy", "macro recall", "macro F1", "sparsity", "compression", "bytes",
-            "ms/b1", "ms/b256")
-    for col in cols:
-        t.add_column(col, justify="left" if col == "stage" else "right")
-    t.add_row("teacher" + (" (cached)" if r["teacher"].get("cached") else ""), f"{r['teacher']['accuracy']:.2%}",
-              *[""] * (len(cols) - 2))
+        def fmt(v, f):
+            return "" if v is None else format(v, f)
 
-    def fmt(v, f):
-        return "" if v is None else format(v, f)
+        rows = [(a["stage"], a) for a in r.get("assistants", [])]
+        rows += [(k, r[k]) for k in ("baseline", "dense_student", "dense_student_ptq", "student") if k in r]
+        for key, e in rows:
+            t.add_row(key, _with_ci(e["accuracy"], e.get("accuracy_ci95"), "{:.2%}"), fmt(e.get("macro_recall"), ".3f"),
+                      fmt(e.get("macro_f1"), ".3f"), fmt(e.get("sparsity"), ".1%"),
+                      fmt(e.get("compression_ratio"), ".2f") + "x", fmt(e.get("model_bytes"), ","),
+                      _latency(e, "latency_ms_b1").replace("\\", ""), _latency(e, "latency_ms_b256").replace("\\", ""))
+    console.print(t)
+    if any(isinstance(e, dict) and e.get("latency_under_load") for e in r.values()):
+        console.print("* latency measured while other processes used the CPU: not the model's latency",
+                      highlight=False)
+    v = r.get("verdict") or {}
+    if v.get("summary"):
+        style = {"helped": "green", "hurt": "bold red"}.get(v.get("verdict"), "yellow")
+        from rich.text import Text
 
-    rows = [(a["stage"], a) for a in r.get("assistants", [])]
-    rows += [(k, r[k]) for k in ("baseline", "dense_student", "dense_student_ptq", "student") if k in r]
-    for key, e in rows:
-        t.add_row(key, f"{e['accuracy']:.2%}", fmt(e.get("macro_recall"), ".3f"), fmt(e.get("macro_f1"), ".3f"),
-                  fmt(e.get("sparsity"), ".1%"), fmt(e.get("compression_ratio"), ".2f") + "x",
-                  fmt(e.get("model_bytes"), ","), fmt(e.get("latency_ms_b1"), ".3f"),
-                  fmt(e.get("latency_ms_b256"), ".3f"))
-    Console(stderr=True).print(t)
+        console.print(Text(v["summary"][0].upper() + v["summary"][1:] + ".", style=style))
 
 
 def teacher_logits_main(argv: list[str] | None = None) -> int:
@@ -191,7 +203,7 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
     except (ConfigError, _UsageError) as exc:
         return _fail(prog, str(exc), 2)
     from raydistill.distill.teacher_logits import write_teacher_outputs
-    from raydistill.distill.trainer import resolve_storage
+    from raydistill.distill.data import resolve_storage
 
     storage = resolve_storage(args.storage_path, cfg)
     try:

@@ -20,7 +20,7 @@ def export_student(cfg, checkpoint_dir, out_dir) -> Path:
 
     from raydistill.compress import compress, save_sparse
     from raydistill.data.text import EOS, PAD
-    from raydistill.distill.trainer import load_checkpoint_model
+    from raydistill.distill.evaluate import load_checkpoint_model
 
     net, _, meta, _, info = load_checkpoint_model(cfg, checkpoint_dir, convert=False)
     if not hasattr(net, "save_pretrained"):

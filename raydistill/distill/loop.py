@@ -157,7 +157,7 @@ def restore(spec: StageSpec, model) -> dict | None:
     """Load the latest checkpoint of this run into ``model``; its training state (None: a fresh start)."""
     import ray.train
 
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
     from raydistill.distill import checkpointing
 
     ckpt = ray.train.get_checkpoint()

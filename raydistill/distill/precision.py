@@ -61,7 +61,7 @@ class Precision:
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """transformers' own activation checkpointing (non-reentrant, so DDP / FSDP and frozen inputs work);
     ValueError for a model without it."""
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     m = unwrap_model(model)
     if not (getattr(m, "supports_gradient_checkpointing", False) and hasattr(m, "gradient_checkpointing_enable")):

@@ -1,6 +1,7 @@
-"""``StageSpec``: everything one Ray Train stage needs, typed and frozen (what ``train_fn_per_worker`` gets).
+"""``StageSpec``: everything one Ray Train stage needs, typed and frozen (what ``train_fn_per_worker`` gets);
+``TeacherArtifact``: a trained teacher on the driver.
 
-The driver builds it from the validated ``Config`` (``trainer.stage_spec``); the worker reads only this.
+The driver builds it from the validated ``Config`` (``stages.stage_spec``); the worker reads only this.
 ``config_hash`` covers what changes what the stage learns (not where it runs), so a checkpoint written
 by another config is refused on resume.
 """
@@ -8,7 +9,7 @@ by another config is refused on resume.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 
@@ -30,6 +31,26 @@ class TeacherRef:
 
     path: str
     model: dict
+
+
+@dataclass
+class TeacherArtifact:
+    """A trained (frozen) teacher: ``path`` is a checkpoint dir holding ``model.safetensors``."""
+
+    path: str
+    accuracy: float
+    config_hash: str
+    model: dict = field(default_factory=dict)  # {"model": name, "kwargs": {...}}
+    cached: bool = False
+    metrics: dict = field(default_factory=dict)  # the task's test metrics (causal LM: perplexity, ...)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_dict(m) -> dict:
+    """A ``ModelSpec`` (teacher, student, assistant) as the ``{"model": name, "kwargs": {...}}`` a stage builds."""
+    return {"model": m.model, "kwargs": dict(m.kwargs)}
 
 
 @dataclass(frozen=True)

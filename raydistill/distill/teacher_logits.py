@@ -69,7 +69,8 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
                           timeout_s: float = 900.0) -> Path:
     """Train/load the teacher, then write its top-k logits over train + transfer rows to parquet."""
     from raydistill.distill.session import ray_session
-    from raydistill.distill.trainer import ensure_teacher, resolve_storage, stage_datasets, task_info
+    from raydistill.distill.data import resolve_storage, stage_datasets, task_info
+    from raydistill.distill.teachers import ensure_teacher
 
     if cfg.distill.teacher_outputs:
         raise ConfigError("distill.teacher_outputs is set: teacher-logits writes those outputs; unset it")

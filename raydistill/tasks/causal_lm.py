@@ -32,7 +32,7 @@ def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _is_hf(model) -> bool:
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     return hasattr(unwrap_model(model), "config") and hasattr(unwrap_model(model), "generation_config")
 
@@ -41,7 +41,7 @@ def _hidden_and_head(model, input_ids: torch.Tensor):
     """(last hidden states (B, S, H), lm_head weight, lm_head bias) of a transformers causal LM, computed
     through the model's own forward (so DDP / FSDP wrappers see the call) with the logits of one position
     only; None for other models."""
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     if not _is_hf(model):
         return None
@@ -152,7 +152,7 @@ class CausalLMTask(Task):
         if spec.offline:
             return ops.kd_loss_linear_topk(h_s, w_s[:vocab], batch["topk_values"], batch["topk_indices"], labels, **kw)
         if "teacher_hidden" in batch:  # computed once by prepare
-            from raydistill.compress.pruner import unwrap_model
+            from raydistill.utils import unwrap_model
 
             head = unwrap_model(teacher).get_output_embeddings()
             h_t, w_t, b_t = batch["teacher_hidden"], head.weight, head.bias
@@ -185,29 +185,51 @@ class CausalLMTask(Task):
 
 @torch.no_grad()
 def lm_metrics(model, blocks: torch.Tensor, pad_id: int, vocab: int, *, teacher=None,
-               batch_size: int = 32) -> dict[str, float]:
+               batch_size: int = 32, items: bool = False) -> dict:
+    """Perplexity, next-token accuracy and (with ``teacher``) top-1 agreement over ``blocks``; with
+    ``items``, also the 95% bootstrap interval of the perplexity over blocks (``perplexity_ci95``) and, under
+    ``"_items"``, each block's summed NLL and scored tokens (and the teacher's NLL) for paired comparisons
+    (:mod:`raydistill.tasks.stats`)."""
     was = model.training
     model.eval()
-    nll, n, correct, agree = 0.0, 0, 0, 0
+    nll_b, tok_b, t_nll_b = [], [], []
+    correct, agree = 0, 0
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i:i + batch_size]
         labels = next_token_labels(ids, pad_id)
         valid = labels != IGNORE_INDEX
         logits = shared_vocab(lm_logits(model, ids), vocab).float()
-        nll += float(F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                     reduction="sum"))
+        nll_b.append(_block_nll(logits, labels))
+        tok_b.append(valid.sum(1).double())
         pred = logits.argmax(-1)
         correct += int((pred == labels)[valid].sum())
-        n += int(valid.sum())
         if teacher is not None:
-            tp = shared_vocab(lm_logits(teacher, ids), vocab).argmax(-1)
-            agree += int((pred == tp)[valid].sum())
+            t_logits = shared_vocab(lm_logits(teacher, ids), vocab).float()
+            agree += int((pred == t_logits.argmax(-1))[valid].sum())
+            if items:
+                t_nll_b.append(_block_nll(t_logits, labels))
     model.train(was)
-    out = {"perplexity": math.exp(min(nll / max(n, 1), 50.0)), "next_token_accuracy": correct / max(n, 1),
-           "eval_tokens": n}
+    nll = torch.cat(nll_b) if nll_b else torch.zeros(0, dtype=torch.float64)
+    tok = torch.cat(tok_b) if tok_b else torch.zeros(0, dtype=torch.float64)
+    n = int(tok.sum())
+    out: dict = {"perplexity": math.exp(min(float(nll.sum()) / max(n, 1), 50.0)),
+                 "next_token_accuracy": correct / max(n, 1), "eval_tokens": n}
     if teacher is not None:
         out["teacher_agreement"] = agree / max(n, 1)
+    if items:
+        from raydistill.tasks.stats import perplexity_ci
+
+        out["perplexity_ci95"] = perplexity_ci(nll.numpy(), tok.numpy())
+        out["eval_blocks"] = len(blocks)
+        out["_items"] = {"nll": nll.tolist(), "tokens": tok.tolist(),
+                         **({"teacher_nll": torch.cat(t_nll_b).tolist()} if t_nll_b else {})}
     return out
+
+
+def _block_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (nats) of each block, ``(B,)`` float64."""
+    ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return ce.double().sum(1)
 
 
 @torch.no_grad()

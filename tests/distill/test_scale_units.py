@@ -290,7 +290,7 @@ def test_tracking_default_uris_and_unwritable_store(tmp_path):
 
 
 def test_progress_counts_steps_of_the_budget_with_tokens_per_s_and_eta(tmp_path, capsys):
-    from raydistill.distill.pipeline import Progress
+    from raydistill.distill.progress import Progress
 
     d = tmp_path / "student"
     d.mkdir()

@@ -308,3 +308,43 @@ def test_progress_counts_steps_of_the_budget_with_tokens_per_s_and_eta(tmp_path,
     eta = float(err.split("eta ")[1].split("s")[0])
     assert eta >= 0
     assert prog._stages["student"]["total"] == 10 and prog._stages["student"]["step"] == 4
+
+
+def _ddp_rank(rank: int, world: int, init: str, ids: torch.Tensor, out: str) -> None:
+    """One DDP worker: its 3 blocks as 3 micro-batches of one block, one optimizer step; rank 0 saves."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from raydistill.tasks import get_task
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        net = DistributedDataParallel(_lm(0, plain=True))
+        task, spec = get_task("causal_lm"), _spec("ce")
+        opt = torch.optim.SGD(net.parameters(), lr=1.0)
+        mine = ids[rank * 3:(rank + 1) * 3]
+        optimizer_step(net, opt, [{"input_ids": mine[i:i + 1]} for i in range(3)],
+                       lambda b: task.loss(net, b, spec, None), Precision("fp32", "cpu"), world=world)
+        if rank == 0:
+            torch.save({k: v.detach() for k, v in net.module.state_dict().items()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_accumulation_across_ddp_workers_equals_one_batch_of_all_their_rows(seeded, tmp_path):
+    """2 gloo workers x 3 micro-batches of one block (token counts differ within and across workers) = one
+    batch of the 6 blocks in one process: the workers' token totals are all-reduced, not assumed equal."""
+    import torch.multiprocessing as mp
+
+    from raydistill.tasks import get_task
+
+    ids = _blocks(seeded)
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_ddp_rank, args=(2, f"file://{tmp_path / 'pg'}", ids, str(out)), nprocs=2, join=True)
+    ref = _lm(0, plain=True)
+    task, spec = get_task("causal_lm"), _spec("ce")
+    optimizer_step(ref, torch.optim.SGD(ref.parameters(), lr=1.0), [{"input_ids": ids}],
+                   lambda b: task.loss(ref, b, spec, None), Precision("fp32", "cpu"))
+    got = torch.load(out)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-12, atol=1e-14, msg=lambda m, k=k: f"{k}: {m}")

@@ -17,7 +17,8 @@ gradient norm clipped to 1, constant schedule), fp32, ``--threads`` torch thread
   KL, ``temperature=1``), the same models, data (collated to input_ids / attention_mask / labels) and
   optimizer settings; its step is timed by a TrainerCallback (step begin to step end).
 
-Each measurement runs in a fresh process (spawned), the two alternating for ``--rounds`` rounds; the
+Each measurement runs in a fresh process (spawned; ``benchmarks/_procmem.py``; the loop without Ray:
+``benchmarks/_local_loop.py``), the two alternating for ``--rounds`` rounds; the
 medians are reported. Extra peak memory = the process's peak RSS during training (``VmHWM``, reset through
 ``/proc/self/clear_refs`` just before) minus its RSS before it (models, data and trainer built). Writes a
 table and ``benchmarks/results/bench_vs_trl.json`` (machine, load average, git commit).
@@ -26,47 +27,22 @@ table and ``benchmarks/results/bench_vs_trl.json`` (machine, load average, git c
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import _procmem  # noqa: E402
 
 VOCAB, SEQ, BATCH = 32000, 256, 4
 LLAMA = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": SEQ,
          "tie_word_embeddings": False}
 LR = 1e-4
-
-
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _setup(threads: int, rows: int):
@@ -84,49 +60,21 @@ def _setup(threads: int, rows: int):
 
 
 def run_raydistill(threads: int, warmup: int, steps: int) -> dict:
-    import torch
-
-    from raydistill.distill.budget import Budget
-    from raydistill.distill.loop import Stage, train_epoch
-    from raydistill.distill.precision import Precision
-    from raydistill.distill.spec import KDTerms, StageSpec
-    from raydistill.distill.loop import build_optimizer, build_scheduler
-    from raydistill.tasks import get_task
+    from _local_loop import lm_spec, local_stage, timed_epochs
 
     teacher, student, ids = _setup(threads, (warmup + steps) * BATCH)
-    task = get_task("causal_lm")
-    tmp = tempfile.mkdtemp(prefix="bench-vs-trl-")
-    spec = StageSpec(stage="student", task="causal_lm", kind="kd", model={}, epochs=2, batch_size=BATCH,
-                     optimizer={"name": "adamw", "lr": LR, "weight_decay": 0.0, "momentum": 0.9},
-                     lr_schedule={"name": "constant", "warmup_fraction": 0.0}, seed=0, progress_dir=tmp,
-                     kd=KDTerms(1.0, 1.0, "forward_kl", 0.5, "teacher_argmax", fused_linear=True),
-                     task_info={"vocab_size": VOCAB, "pad_id": 0, "eos_id": 1, "seq_len": SEQ}, grad_clip=1.0,
-                     threads=threads)
-    opt = build_optimizer(student.parameters(), spec.optimizer)
-    sched = build_scheduler(opt, spec.lr_schedule, 10**9, LR)
-    rss0 = _rss()
-    exact = _reset_peak()
-    t0, c0 = time.perf_counter(), time.process_time()
-    with torch.no_grad():
-        train = task.prepare({"input_ids": ids}, spec, teacher)  # the teacher pass (one forward per row)
-    teacher_s, teacher_cpu = time.perf_counter() - t0, time.process_time() - c0
-    assert "teacher_hidden" in train
-    st = Stage(spec=spec, task=task, rank=0, world=1, device=torch.device("cpu"), base=student, model=student,
-               teacher=teacher, train=train, eval={}, shard=None, steps=warmup, opt=opt, sched=sched,
-               precision=Precision("fp32", "cpu"),
-               budget=Budget(epochs=2, micro_per_epoch=warmup, steps_per_epoch=warmup, total_steps=10**9))
-    train_epoch(st, 1)  # warm-up epoch
-    st.steps = steps
-    c0 = time.process_time()
-    out = train_epoch(st, 2)
-    cpu_s = (time.process_time() - c0) / steps
-    peak = _peak()
-    step_s = out["epoch_seconds"] / steps
-    teacher_per_batch = teacher_s / (len(ids) / BATCH)
-    return {"step_s": step_s, "step_cpu_s": cpu_s, "teacher_pass_s_per_batch": teacher_per_batch,
-            "teacher_pass_cpu_s_per_batch": teacher_cpu / (len(ids) / BATCH),
-            "step_with_teacher_cpu_s": cpu_s + teacher_cpu / (len(ids) / BATCH),
-            "step_with_teacher_s": step_s + teacher_per_batch, "train_loss": out["train_loss"],
+    spec = lm_spec(vocab=VOCAB, seq=SEQ, batch=BATCH, lr=LR, threads=threads)  # forward KL, T 1, alpha 1
+    rss0 = _procmem.rss()
+    exact = _procmem.reset_peak()
+    st, teacher_s, teacher_cpu = local_stage(spec, student, teacher, ids)  # the teacher pass: counted
+    assert "teacher_hidden" in st.train
+    m = timed_epochs(st, warmup, steps)
+    peak = _procmem.peak()
+    per_batch = len(ids) / BATCH
+    return {"step_s": m["step_s"], "step_cpu_s": m["step_cpu_s"], "teacher_pass_s_per_batch": teacher_s / per_batch,
+            "teacher_pass_cpu_s_per_batch": teacher_cpu / per_batch,
+            "step_with_teacher_s": m["step_s"] + teacher_s / per_batch,
+            "step_with_teacher_cpu_s": m["step_cpu_s"] + teacher_cpu / per_batch, "train_loss": m["train_loss"],
             "extra_peak_bytes": peak - rss0, "peak_reset": exact, "rss_before": rss0}
 
 
@@ -168,43 +116,14 @@ def run_trl(threads: int, warmup: int, steps: int) -> dict:
                      disable_dropout=True, seed=0)
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, data_collator=collate,
                          processing_class=tok, callbacks=[StepTimer()])
-    rss0 = _rss()
-    exact = _reset_peak()
+    rss0 = _procmem.rss()
+    exact = _procmem.reset_peak()
     res = trainer.train()
-    peak = _peak()
+    peak = _procmem.peak()
     step_s = statistics.mean(t for t, _ in times[warmup:])
     cpu_s = statistics.mean(c for _, c in times[warmup:])
     return {"step_s": step_s, "step_with_teacher_s": step_s, "step_cpu_s": cpu_s, "step_with_teacher_cpu_s": cpu_s, "train_loss": float(res.training_loss),
             "extra_peak_bytes": peak - rss0, "peak_reset": exact, "rss_before": rss0}
-
-
-def _child(fn_name: str, threads: int, warmup: int, steps: int, q) -> None:
-    try:
-        q.put(("ok", globals()[fn_name](threads, warmup, steps)))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        import traceback
-
-        q.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-
-
-def measure(fn_name: str, threads: int, warmup: int, steps: int) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(fn_name, threads, warmup, steps, q))
-    p.start()
-    status, val = q.get()
-    p.join()
-    if status != "ok":
-        raise RuntimeError(f"{fn_name}: {val}")
-    return val
-
-
-def _git() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -215,11 +134,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_vs_trl.json)")
     a = ap.parse_args(argv)
+    from raydistill.utils import machine_info, results_dir, write_json_atomic
+
+    info = machine_info()
     load0 = os.getloadavg()
     runs: dict[str, list[dict]] = {"raydistill": [], "trl": []}
     for r in range(a.rounds):
         for name, fn in (("raydistill", "run_raydistill"), ("trl", "run_trl")):
-            m = measure(fn, a.threads, a.warmup, a.steps)
+            m = _procmem.in_fresh_process(globals()[fn], a.threads, a.warmup, a.steps)
             runs[name].append(m)
             print(f"round {r + 1}/{a.rounds} {name:10s} step {m['step_s'] * 1e3:7.1f} ms"
                   + (f" (+ teacher pass {m['teacher_pass_s_per_batch'] * 1e3:.1f} ms/batch)"
@@ -247,17 +169,11 @@ def main(argv=None) -> int:
         "targets": {"speedup >= 1.8": trl["step_s"] / ours["step_with_teacher_s"] >= 1.8,
                     "extra_peak_ratio <= 0.5": ours["extra_peak_bytes"] <= 0.5 * trl["extra_peak_bytes"]},
         "runs": runs,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "load_average_start": load0, "load_average_end": os.getloadavg(), "git_commit": _git(),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": info, "load_average_start": load0, "load_average_end": os.getloadavg(),
     }
-    try:
-        import torch
-        import trl
+    import trl
 
-        result["versions"] = {"torch": torch.__version__, "trl": trl.__version__}
-    except ImportError:
-        pass
+    result["versions"] = {"trl": trl.__version__}
     print(f"\n{'':28s}{'tokens/s':>10s}{'extra peak MiB':>16s}")
     print(f"{'raydistill (step+teacher)':28s}{result['tokens_per_s']['raydistill_step_with_teacher_pass']:10.0f}"
           f"{result['extra_peak_mib']['raydistill']:16.1f}")
@@ -266,9 +182,8 @@ def main(argv=None) -> int:
     print(f"speedup (CPU time) {result['speedup_vs_trl_cpu_time']:.2f}x")
     print(f"speedup {result['speedup_vs_trl']:.2f}x (>= 1.8: {result['targets']['speedup >= 1.8']}), "
           f"extra peak ratio {result['extra_peak_ratio']:.2f} (<= 0.5: {result['targets']['extra_peak_ratio <= 0.5']})")
-    out = Path(a.out) if a.out else Path(__file__).parent / "results" / "bench_vs_trl.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = Path(a.out) if a.out else results_dir() / "bench_vs_trl.json"
+    write_json_atomic(out, result)
     print(out)
     return 0
 

@@ -76,3 +76,27 @@ def test_step_budget_accumulation_and_mid_epoch_resume_is_exact(ray_local, tmp_p
     wa = load_file(str(Path(res_a.checkpoint.path) / "model.safetensors"))
     wb = load_file(str(Path(res_b.checkpoint.path) / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bf16_with_activation_checkpointing_trains_and_keeps_float32_weights(ray_local, tmp_path):
+    """precision bf16 (autocast student and teacher, the frozen teacher cast to bf16, the teacher pass under
+    autocast) with activation checkpointing, through Ray: the student learns, its checkpoint is float32,
+    and its perplexity is close to the same run in fp32."""
+    from safetensors.torch import load_file
+
+    from raydistill.config import load_config
+    from raydistill.distill import build_student_trainer, ensure_teacher
+
+    base = [*TINY, f"run.storage_path={tmp_path}", "distill.epochs=2", "compression.sparsity=0"]
+    teacher = ensure_teacher(load_config("lm_tiny", base), tmp_path)
+    rows = {}
+    for prec in ("fp32", "bf16"):
+        cfg = load_config("lm_tiny", base + [f"distill.precision={prec}", "distill.gradient_checkpointing=true"])
+        res = build_student_trainer(cfg, teacher, storage_path=tmp_path / "ft", name=prec).fit()
+        rows[prec] = _latest_by(tmp_path / "ft" / prec / "epochs.jsonl", "epoch")
+        weights = load_file(str(Path(res.checkpoint.path) / "model.safetensors"))
+        assert {w.dtype for w in weights.values()} == {torch.float32}  # the master weights
+    b, f = rows["bf16"], rows["fp32"]
+    assert b[2]["val_perplexity"] < b[1]["val_perplexity"] < 384  # learning, far below uniform
+    assert b[2]["train_loss"] != f[2]["train_loss"]  # bf16 really ran ...
+    assert b[2]["val_perplexity"] == pytest.approx(f[2]["val_perplexity"], rel=0.05)  # ... and stays close

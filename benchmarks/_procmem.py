@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
+from raydistill.bench.kd_loss import _reset_peak_rss, _rss_bytes  # /proc/self/status, clear_refs
+
 
 def rss() -> int:
+    got = _rss_bytes("VmRSS")
+    if got is not None:
+        return got
     import psutil
 
     return psutil.Process().memory_info().rss
@@ -14,23 +19,14 @@ def rss() -> int:
 
 def reset_peak() -> bool:
     """Reset the process's peak RSS to its current RSS (Linux); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+    return _reset_peak_rss()
 
 
 def peak() -> int:
     """Peak RSS in bytes since the last :func:`reset_peak` (else since the process started)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    got = _rss_bytes("VmHWM")
+    if got is not None:
+        return got
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

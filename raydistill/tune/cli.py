@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         from raydistill.distill.tracking import check_tracking
 
         check_tracking(cfg, exp_dir.parent, exp_dir.name)
+        if cfg.distill.epochs is None:
+            raise ConfigError("distill.max_steps / distill.max_tokens: a search compares trials at whole epochs "
+                              "(ASHA's time unit, the report's epochs); give distill.epochs instead")
     except ConfigError as e:
         _err(console, str(e))
         return EXIT_USAGE

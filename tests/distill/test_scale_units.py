@@ -348,3 +348,37 @@ def test_accumulation_across_ddp_workers_equals_one_batch_of_all_their_rows(seed
     got = torch.load(out)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(got[k], v, rtol=1e-12, atol=1e-14, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_tune_tracking_trial_events_and_search_summary_read_back(tmp_path):
+    """``raydistill tune``'s pieces without Ray: Ray's TBX logger writes each trial's results under the
+    tracking directory; the search's report files go to an MLflow run named ``search``."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from raydistill.config import load_config
+    from raydistill.tune.tracking import TrialDirTBX, experiment_name, log_search_summary, tune_callbacks
+
+    cfg = load_config("mnist1d_tiny", ["run.tracking=tensorboard"])
+    (cb,) = tune_callbacks(cfg, tmp_path, "s")
+    assert isinstance(cb, TrialDirTBX) and cb.logdir == str(tmp_path / "s" / "tensorboard")
+    class Trial:  # what the logger reads of a Tune trial (hashable: the logger keys its writers by trial)
+        trial_id, evaluated_params = "t_00001", {}
+
+    trial = Trial()
+    for ep, acc in ((1, 0.5), (2, 0.7)):
+        cb.log_trial_result(ep, trial, {"training_iteration": ep, "epoch": ep, "accuracy": acc})
+    cb.log_trial_end(trial)
+    ea = EventAccumulator(str(tmp_path / "s" / "tensorboard" / "t_00001")).Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("ray/tune/accuracy")] == [(1, 0.5), (2, pytest.approx(0.7))]
+
+    exp = tmp_path / "s"
+    (exp / "pareto.json").write_text('{"front": []}')
+    (exp / "trials.csv").write_text("trial_id\nt_00001\n")
+    uri = f"file:{tmp_path / 'mlruns'}"
+    mcfg = load_config("mnist1d_tiny", ["run.tracking=mlflow", f"run.tracking_uri={uri}"])
+    log_search_summary(mcfg, tmp_path, "s", exp)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment_name("s")).experiment_id])
+    assert [r.info.run_name for r in runs] == ["search"]
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"pareto.json", "trials.csv"}

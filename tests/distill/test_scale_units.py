@@ -382,3 +382,22 @@ def test_tune_tracking_trial_events_and_search_summary_read_back(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name(experiment_name("s")).experiment_id])
     assert [r.info.run_name for r in runs] == ["search"]
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"pareto.json", "trials.csv"}
+
+
+def test_teacher_pass_of_a_bf16_teacher_keeps_bf16_hidden_states_and_the_loss_matches(seeded):
+    """distill.precision bf16: the frozen teacher is bf16, its hidden states are kept in bf16 (half the
+    bytes), and the autocast loss on them equals the loss on the teacher run at every step."""
+    from raydistill.tasks import get_task
+
+    task, spec = get_task("causal_lm"), _spec("kd", True)
+    prec = Precision("bf16", "cpu")
+    teacher = prec.frozen(_lm(1).float().requires_grad_(False))
+    student = _lm(0).float()
+    ids = _blocks(seeded)
+    with torch.no_grad(), prec.autocast():
+        pre = task.prepare({"input_ids": ids}, spec, teacher)
+    assert pre["teacher_hidden"].dtype == torch.bfloat16
+    with prec.autocast():
+        cached = task.loss(student, pre, spec, teacher)[0]
+        online = task.loss(student, {"input_ids": ids}, spec, teacher)[0]
+    assert cached.item() == online.item()

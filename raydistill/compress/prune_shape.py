@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from raydistill.compress.structured_depth import (DEPTH_RANKINGS, check_depth_model, drop_layers, layer_scores,
                                                   select_layers)
-from raydistill.compress.structured_lm import (DEPTH_MODEL_TYPES, WIDTH_MODEL_TYPES, check_batch_size,
+from raydistill.compress.structured_lm import (DEPTH_MODEL_TYPES, PER_LAYER_CONFIG_KEYS, WIDTH_MODEL_TYPES,
+                                               check_batch_size,
                                                check_calibration, decoder_layers, decoder_lm, rebuild_check)
 from raydistill.compress.structured_width import (WIDTH_RANKINGS, activation_stats, check_width_layout,
                                                   prune_heads, prune_hidden, prune_mlp, random_scores, select_heads)
@@ -142,6 +143,9 @@ def _check_config(base: nn.Module, shape: dict) -> None:
     cur = model_shape(base)
     d = base.config.to_dict() | {k: shape[k] for k in SHAPE_KEYS if shape[k] != cur[k]}
     d.pop("transformers_version", None)
+    for key in PER_LAYER_CONFIG_KEYS:  # which entries stay is chosen later; the count is what is checked here
+        if isinstance(d.get(key), list) and len(d[key]) == cur["num_hidden_layers"]:
+            d[key] = d[key][:shape["num_hidden_layers"]]
     try:
         type(base.config).from_dict(d)
     except Exception as exc:  # the config class's own validation (strict dataclass, validate_architecture)

@@ -1,0 +1,63 @@
+"""Test helper for the depth / width pruning tests: tiny transformers decoder LMs with random weights
+(far from the near-identity of the default init, so that every ranking has distinct scores) and
+reference forwards of the unpruned model with layers skipped."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+VOCAB = 61
+
+
+def tiny_lm(kind: str = "llama", *, layers: int = 4, hidden: int = 32, heads: int = 4, kv: int | None = None,
+            inter: int = 48, tied: bool = False, bias: bool = False, seed: int = 0, **extra):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    kv = heads if kv is None else kv
+    common = dict(vocab_size=VOCAB, use_cache=False, tie_word_embeddings=tied)
+    if kind == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=32,
+                                                bos_token_id=0, eos_token_id=0, **common, **extra))
+    llama_like = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, max_position_embeddings=32, **common, **extra)
+    if kind == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(attention_bias=bias, mlp_bias=bias, **llama_like))
+    if kind == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**llama_like))
+    if kind == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**llama_like))
+    raise ValueError(kind)
+
+
+def randomize(model, g: torch.Generator, scale: float = 0.3):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return model
+
+
+def decoder_list(model):
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+@contextmanager
+def skipped(model, skip):
+    """While inside, each decoder layer in ``skip`` returns its input hidden states (the layer is skipped)."""
+    def hook(_m, args, kwargs, out):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+    layers = decoder_list(model)
+    hooks = [layers[i].register_forward_hook(hook, with_kwargs=True) for i in skip]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits

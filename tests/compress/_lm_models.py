@@ -61,3 +61,21 @@ def skipped(model, skip):
 def logits(model, x):
     with torch.no_grad():
         return model(input_ids=x).logits
+
+
+def _rmsnorm_in_input_dtype(self, hidden_states):
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def rmsnorm_in_float64(monkeypatch):
+    """transformers' Llama / Qwen2 / Mistral RMSNorm compute in float32 whatever the model's dtype; the
+    equivalences tested in float64 patch them to the same formula in the input dtype, so that they are
+    checked to 1e-10 rather than to float32 rounding (which differs between a norm over K channels and one
+    over H channels with zeros)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    for cls in (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm):
+        monkeypatch.setattr(cls, "forward", _rmsnorm_in_input_dtype)

@@ -23,7 +23,8 @@ Public API::
     prune_to_shape(model, target, calibration, *, depth_ranking="block_importance", width_ranking="activation",
                    contiguous=False, pad_id=None, batch_size=8, seed=0) -> ShapeReport
     resolve_target(model, target) -> dict           # the absolute target shape, checked
-    model_shape(model) -> dict
+    check_prune_target(model_or_config, target, key="student.init") -> dict   # + model_type / config rules
+    model_shape(model_or_config) -> dict
     student_target(teacher_model, student_config) -> (target, notes)   # a student config as a pruning target
     make_student_from_teacher(teacher_model, target, calibration, **kw) -> (student, ShapeReport)
 """
@@ -45,8 +46,8 @@ from raydistill.compress.structured_width import (WIDTH_RANKINGS, activation_sta
                                                   prune_heads, prune_hidden, prune_mlp, random_scores, select_heads)
 from raydistill.compress.structured import _heads, _top
 
-__all__ = ["SHAPE_KEYS", "ShapeReport", "prune_to_shape", "resolve_target", "model_shape", "student_target",
-           "make_student_from_teacher"]
+__all__ = ["SHAPE_KEYS", "ShapeReport", "prune_to_shape", "resolve_target", "check_prune_target", "model_shape",
+           "student_target", "make_student_from_teacher"]
 
 SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
               "intermediate_size", "head_dim")
@@ -76,11 +77,29 @@ class ShapeReport:
         return asdict(self)
 
 
-def model_shape(model: nn.Module) -> dict:
-    """The shape keys of a transformers LM's config (``head_dim`` as the attention uses it)."""
+def _config(x):
+    """The transformers config of a model (inside any wrapper), a config object, or a config dict (with
+    ``model_type``; built with ``AutoConfig.for_model``)."""
     from raydistill.compress.pruner import unwrap_model
 
-    c = unwrap_model(model).config
+    if isinstance(x, nn.Module):
+        return unwrap_model(x).config
+    if isinstance(x, dict):
+        from transformers import AutoConfig
+
+        d = dict(x)
+        if "model_type" not in d:
+            raise ValueError("a config dict needs model_type (e.g. llama)")
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+    if not hasattr(x, "to_dict"):
+        raise TypeError(f"expected a transformers model, config or config dict, got {type(x).__name__}")
+    return x
+
+
+def model_shape(model) -> dict:
+    """The shape keys of a transformers LM's config (a model, config or config dict; ``head_dim`` as the
+    attention uses it)."""
+    c = _config(model)
     out = {k: getattr(c, k, None) for k in SHAPE_KEYS[:-1]}
     out["head_dim"] = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if out["num_key_value_heads"] is None:
@@ -88,69 +107,85 @@ def model_shape(model: nn.Module) -> dict:
     return out
 
 
-def _target_dict(target, strict: bool) -> dict:
+def _target_dict(target, strict: bool, key: str = "target") -> dict:
     if hasattr(target, "to_dict") and not isinstance(target, dict):
         target = target.to_dict()
     if not isinstance(target, dict):
-        raise TypeError(f"target must be a dict of shape keys {SHAPE_KEYS} (or a transformers config), got "
+        raise TypeError(f"{key} must be a dict of shape keys {SHAPE_KEYS} (or a transformers config), got "
                         f"{type(target).__name__}")
     unknown = sorted(set(target) - set(SHAPE_KEYS))
     if strict and unknown:
-        raise ValueError(f"target: unknown key(s) {unknown}; the shape keys are {list(SHAPE_KEYS)}")
+        raise ValueError(f"{key}: unknown key(s) {unknown}; the shape keys are {list(SHAPE_KEYS)}")
     return {k: v for k, v in target.items() if k in SHAPE_KEYS and v is not None}
 
 
-def resolve_target(model: nn.Module, target, *, strict: bool = True) -> dict:
-    """The absolute target shape (every key of :data:`SHAPE_KEYS`), checked against ``model``'s shape:
-    ValueError naming ``target.<key>`` and the rule."""
+def resolve_target(model, target, *, strict: bool = True, key: str = "target") -> dict:
+    """The absolute target shape (every key of :data:`SHAPE_KEYS`), checked against the shape of ``model``
+    (a model, config or config dict): ValueError naming ``<key>.<shape key>`` and the rule."""
     cur = model_shape(model)
-    want = _target_dict(target, strict)
+    want = _target_dict(target, strict, key)
     out = dict(cur)
     for k, v in want.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"target.{k} must be an int (a size) or a float in (0, 1] (the fraction kept), got {v!r}")
+            raise ValueError(f"{key}.{k} must be an int (a size) or a float in (0, 1] (the fraction kept), got {v!r}")
         if cur[k] is None:
-            raise ValueError(f"target.{k}: the model's {type(model).__name__} config has no {k}")
+            raise ValueError(f"{key}.{k}: the model's {type(_config(model)).__name__} has no {k}")
         if isinstance(v, float):
             if not 0.0 < v <= 1.0:
-                raise ValueError(f"target.{k}: a float is the fraction kept and must be in (0, 1], got {v}")
+                raise ValueError(f"{key}.{k}: a float is the fraction kept and must be in (0, 1], got {v}")
             v = max(1, round(v * cur[k]))
         if v < 1:
-            raise ValueError(f"target.{k} must be at least 1, got {v}")
+            raise ValueError(f"{key}.{k} must be at least 1, got {v}")
         if v > cur[k]:
-            raise ValueError(f"target.{k} {v} is larger than the model's {cur[k]}: pruning only removes")
+            raise ValueError(f"{key}.{k} {v} is larger than the model's {cur[k]}: pruning only removes")
         out[k] = int(v)
     if "num_key_value_heads" not in want and cur["num_key_value_heads"] == cur["num_attention_heads"]:
         out["num_key_value_heads"] = out["num_attention_heads"]  # multi-head attention stays multi-head
     if out["head_dim"] != cur["head_dim"]:
-        raise ValueError(f"target.head_dim {out['head_dim']} differs from the model's {cur['head_dim']}: pruning "
+        raise ValueError(f"{key}.head_dim {out['head_dim']} differs from the model's {cur['head_dim']}: pruning "
                          "removes whole heads and keeps their size (give num_attention_heads instead)")
     h, kv = out["num_attention_heads"], out["num_key_value_heads"]
     if h % kv:
-        raise ValueError(f"target.num_key_value_heads {kv} does not divide target.num_attention_heads {h}")
+        raise ValueError(f"{key}.num_key_value_heads {kv} does not divide {key}.num_attention_heads {h}")
     g = cur["num_attention_heads"] // cur["num_key_value_heads"]
     if h // kv > g:
-        raise ValueError(f"target.num_attention_heads / target.num_key_value_heads = {h // kv} query heads per KV "
+        raise ValueError(f"{key}.num_attention_heads / {key}.num_key_value_heads = {h // kv} query heads per KV "
                          f"head, more than the model's {g}: pruning cannot give a KV head more query heads")
     if out["hidden_size"] % h:
-        raise ValueError(f"target.num_attention_heads {h} does not divide target.hidden_size {out['hidden_size']} "
+        raise ValueError(f"{key}.num_attention_heads {h} does not divide {key}.hidden_size {out['hidden_size']} "
                          "(transformers' Llama-style configs require hidden_size % num_attention_heads == 0)")
     return out
 
 
-def _check_config(base: nn.Module, shape: dict) -> None:
-    """The target must make a config the model's config class accepts (its own validation rules)."""
-    cur = model_shape(base)
-    d = base.config.to_dict() | {k: shape[k] for k in SHAPE_KEYS if shape[k] != cur[k]}
+def check_prune_target(model, target, *, key: str = "target", strict: bool = True) -> dict:
+    """Everything about pruning ``model`` (a model, config or config dict, e.g. a teacher's before it is
+    built) to ``target`` that its config decides: the absolute shape (:func:`resolve_target`), the
+    ``model_type`` supporting each axis that changes, and the config class accepting the pruned shape (its
+    own validation rules). Returns the shape; ValueError naming ``<key>.<shape key>`` otherwise -- a
+    pipeline re-raises it as a ConfigError before Ray starts."""
+    conf = _config(model)
+    shape = resolve_target(conf, target, strict=strict, key=key)
+    cur = model_shape(conf)
+    changed = [k for k in SHAPE_KEYS if shape[k] != cur[k]]
+    types = WIDTH_MODEL_TYPES if set(changed) - {"num_hidden_layers"} else DEPTH_MODEL_TYPES
+    if changed and conf.model_type not in types:
+        what = "width pruning (hidden size, heads, intermediate size)" if types is WIDTH_MODEL_TYPES else \
+            "depth pruning"
+        k = next(k for k in changed if k != "num_hidden_layers") if types is WIDTH_MODEL_TYPES else changed[0]
+        raise ValueError(f"{key}.{k}: {what} supports model_type {', '.join(types)}, not {conf.model_type!r}")
+    if "num_hidden_layers" in changed:
+        check_depth_model(conf)
+    d = conf.to_dict() | {k: shape[k] for k in changed}
     d.pop("transformers_version", None)
-    for key in PER_LAYER_CONFIG_KEYS:  # which entries stay is chosen later; the count is what is checked here
-        if isinstance(d.get(key), list) and len(d[key]) == cur["num_hidden_layers"]:
-            d[key] = d[key][:shape["num_hidden_layers"]]
+    for pk in PER_LAYER_CONFIG_KEYS:  # which entries stay is chosen later; the count is what is checked here
+        if isinstance(d.get(pk), list) and len(d[pk]) == cur["num_hidden_layers"]:
+            d[pk] = d[pk][:shape["num_hidden_layers"]]
     try:
-        type(base.config).from_dict(d)
+        type(conf).from_dict(d)
     except Exception as exc:  # the config class's own validation (strict dataclass, validate_architecture)
-        raise ValueError(f"target: {type(base.config).__name__} rejects the pruned shape "
+        raise ValueError(f"{key}: {type(conf).__name__} rejects the pruned shape "
                          f"{ {k: shape[k] for k in SHAPE_KEYS} }: {exc}") from None
+    return shape
 
 
 def _check_ranking(depth_ranking, width_ranking, contiguous, seed, pad_id) -> None:
@@ -182,19 +217,12 @@ def prune_to_shape(model: nn.Module, target, calibration: Tensor, *, depth_ranki
     base = decoder_lm(model, what="prune_to_shape", model_types=DEPTH_MODEL_TYPES)
     _check_ranking(depth_ranking, width_ranking, contiguous, seed, pad_id)
     batch_size = check_batch_size(batch_size)
-    shape = resolve_target(base, target)
+    shape = check_prune_target(base, target)
     before = model_shape(base)
     width = any(shape[k] != before[k] for k in _WIDTH_KEYS)
-    if width and base.config.model_type not in WIDTH_MODEL_TYPES:
-        changed = [k for k in _WIDTH_KEYS if shape[k] != before[k]]
-        raise ValueError(f"target.{changed[0]}: width pruning (hidden size, heads, intermediate size) supports "
-                         f"model_type {', '.join(WIDTH_MODEL_TYPES)}, not {base.config.model_type!r}")
     if width:
         check_width_layout(base)
     n_drop = before["num_hidden_layers"] - shape["num_hidden_layers"]
-    if n_drop:
-        check_depth_model(base)
-    _check_config(base, shape)
     calibration = check_calibration(calibration, base)
     rep = ShapeReport(shape_before=before, shape_after=shape, depth_ranking=depth_ranking,
                       width_ranking=width_ranking, contiguous=contiguous, params_before=_params(base))
@@ -252,17 +280,16 @@ def prune_to_shape(model: nn.Module, target, calibration: Tensor, *, depth_ranki
     return rep
 
 
-def student_target(teacher_model: nn.Module, student_config) -> tuple[dict, list[str]]:
-    """The pruning target for making ``student_config``'s shape from ``teacher_model``: its layers, hidden
+def student_target(teacher_model, student_config) -> tuple[dict, list[str]]:
+    """The pruning target for making ``student_config``'s shape from ``teacher_model`` (a model, config or
+    config dict): its layers, hidden
     size, intermediate size and attention. Pruning keeps the teacher's head size, so when the student's
     ``head_dim`` differs, the target keeps the student's attention width (heads x head_dim, hence its
     q/k/v/o parameter count) in heads of the teacher's size. Returns (target, notes on any such change)."""
-    from raydistill.compress.pruner import unwrap_model
-
     s = _target_dict(student_config, strict=False)
     s_heads = s.get("num_attention_heads")
     s_kv = s.get("num_key_value_heads") or s_heads
-    t = model_shape(unwrap_model(teacher_model))
+    t = model_shape(teacher_model)
     target = {k: s[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size") if k in s}
     notes = []
     if s_heads:
@@ -339,18 +366,13 @@ def prune_structured_shape(model: nn.Module, ratio: float, calibration, *, inclu
         heads = (kv - round(ratio * kv)) * g if head_unit == "kv_group" else kv * (g - round(ratio * g))
         want |= {"num_attention_heads": heads, "num_key_value_heads": heads // g if head_unit == "kv_group" else kv}
     try:
-        shape = resolve_target(base, want)
+        shape = check_prune_target(base, want)
     except ValueError as exc:
         raise ValueError(str(exc).replace("target.num_hidden_layers", "num_layers")
                          .replace("target.hidden_size", "hidden_size")) from None
     if shape["hidden_size"] != cur["hidden_size"]:
-        if base.config.model_type not in WIDTH_MODEL_TYPES:
-            raise ValueError(f"hidden_size: width pruning supports model_type {', '.join(WIDTH_MODEL_TYPES)}, not "
-                             f"{base.config.model_type!r}")
         check_width_layout(base)
     n_drop = cur["num_hidden_layers"] - shape["num_hidden_layers"]
-    if n_drop:
-        check_depth_model(base)
     params_b, bytes_b = _params_bytes(base)
     scores = layer_scores(base, calibration, ranking=depth_ranking, n=n_drop, contiguous=contiguous) if n_drop else {}
     removed = select_layers(scores, n_drop) if n_drop else []

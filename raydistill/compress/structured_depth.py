@@ -143,8 +143,8 @@ def select_layers(scores: dict, n: int) -> list[int]:
     return sorted(cands[i][0] for i in order[:n])
 
 
-def check_depth_model(base: nn.Module) -> None:
-    conf = base.config
+def check_depth_model(conf) -> None:
+    """The (transformers) config of a model whose layers can be removed and renumbered."""
     if conf.model_type not in DEPTH_MODEL_TYPES:  # decoder_lm checked it; kept for direct callers
         raise ValueError(f"model: depth pruning supports model_type {DEPTH_MODEL_TYPES}, got {conf.model_type!r}")
     if getattr(conf, "scale_attn_by_inverse_layer_idx", False):

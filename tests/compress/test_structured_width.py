@@ -261,9 +261,9 @@ def test_layouts_that_cannot_be_width_pruned(seeded):
     x = torch.randint(0, VOCAB, (2, 8), generator=seeded)
     with pytest.raises(ValueError, match=r"target.hidden_size: width pruning .* supports model_type llama"):
         prune_to_shape(tiny_lm("gpt2"), {"hidden_size": 16}, x)
-    with pytest.raises(ValueError, match=r"target.intermediate_size: the model's .* config has no intermediate_size"):
+    with pytest.raises(ValueError, match=r"target.intermediate_size: the model.s GPT2Config has no intermediate_size"):
         prune_to_shape(tiny_lm("gpt2"), {"intermediate_size": 16}, x)
-    with pytest.raises(ValueError, match=r"hidden_size: width pruning supports model_type"):
+    with pytest.raises(ValueError, match=r"^hidden_size: width pruning .* supports model_type llama, mistral, qwen2, not .gpt2."):
         prune_structured(tiny_lm("gpt2"), 0.0, x, hidden_size=16)
     m = tiny_lm("llama", layers=2)
     m.model.layers[1].adapter = torch.nn.Linear(32, 32)
@@ -276,3 +276,28 @@ def test_layouts_that_cannot_be_width_pruned(seeded):
     with pytest.raises(ValueError, match="QuantizedLinear projections"):
         prune_to_shape(m, {"hidden_size": 16}, x)
     assert decoder_list(m)[0].mlp.gate_proj.in_features == 32
+
+
+def test_target_checked_from_the_teacher_config_alone():
+    """What a pipeline checks before Ray starts: a teacher config dict (no model built) and a student
+    config as the target, errors named under the pipeline's key."""
+    from raydistill.compress.prune_shape import check_prune_target, student_target
+
+    teacher = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128}
+    student = teacher | {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2}
+    target, notes = student_target(teacher, student)
+    assert target == {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 344,
+                      "num_attention_heads": 2, "num_key_value_heads": 2} and len(notes) == 1
+    assert check_prune_target(teacher, target, key="student.init")["head_dim"] == 64
+    with pytest.raises(ValueError, match=r"student.init.hidden_size 512 is larger than the model's 256"):
+        check_prune_target(teacher, {"hidden_size": 512}, key="student.init")
+    with pytest.raises(ValueError, match=r"student.init.num_attention_heads 3 does not divide student.init.hidden_size"):
+        check_prune_target(teacher, {"num_attention_heads": 3, "hidden_size": 128}, key="student.init")
+    gpt2 = {"model_type": "gpt2", "n_layer": 4, "n_embd": 64, "n_head": 4}
+    assert check_prune_target(gpt2, {"num_hidden_layers": 2})["num_hidden_layers"] == 2
+    with pytest.raises(ValueError, match=r"student.init.hidden_size: width pruning .* not 'gpt2'"):
+        check_prune_target(gpt2, {"hidden_size": 32}, key="student.init")
+    with pytest.raises(ValueError, match=r"depth pruning supports model_type .* not 'opt'"):
+        check_prune_target({"model_type": "opt", "num_hidden_layers": 4, "hidden_size": 16,
+                            "num_attention_heads": 2}, {"num_hidden_layers": 2})

@@ -80,7 +80,7 @@ class ShapeReport:
 def _config(x):
     """The transformers config of a model (inside any wrapper), a config object, or a config dict (with
     ``model_type``; built with ``AutoConfig.for_model``)."""
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     if isinstance(x, nn.Module):
         return unwrap_model(x).config
@@ -314,7 +314,7 @@ def make_student_from_teacher(teacher_model: nn.Module, target, calibration: Ten
     notes: list[str] = []
     if hasattr(target, "to_dict") or (isinstance(target, dict) and set(target) - set(SHAPE_KEYS)):
         target, notes = student_target(teacher_model, target)
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     student = copy.deepcopy(unwrap_model(teacher_model))
     rep = prune_to_shape(student, target, calibration, **kwargs)

@@ -29,7 +29,7 @@ PER_LAYER_CONFIG_KEYS = ("layer_types",)
 
 def decoder_lm(model: nn.Module, *, what: str, model_types: tuple[str, ...]) -> nn.Module:
     """The unwrapped transformers decoder-only causal LM inside ``model``; ValueError naming why not."""
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a transformers causal LM (an nn.Module), got {type(model).__name__}")

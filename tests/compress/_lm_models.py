@@ -79,3 +79,15 @@ def rmsnorm_in_float64(monkeypatch):
 
     for cls in (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm):
         monkeypatch.setattr(cls, "forward", _rmsnorm_in_input_dtype)
+
+
+def cached_decode(model, x, prefix: int):
+    """Logits of ``x`` computed with a KV cache: the first ``prefix`` tokens at once, then one token a step."""
+    with torch.no_grad():
+        out = model(input_ids=x[:, :prefix], use_cache=True)
+        cache, steps = out.cache, [out.logits]
+        for t in range(prefix, x.shape[1]):
+            out = model(input_ids=x[:, t:t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            steps.append(out.logits)
+    return torch.cat(steps, 1)

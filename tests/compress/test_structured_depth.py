@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from _lm_models import VOCAB, decoder_list, logits, randomize, skipped, tiny_lm
+from _lm_models import VOCAB, cached_decode, decoder_list, logits, randomize, skipped, tiny_lm
 from raydistill.compress import prune_structured, prune_to_shape
 
 transformers = pytest.importorskip("transformers")  # a dependency of the LM task: present in the venv
@@ -131,16 +131,10 @@ def test_kv_cache_decoding_after_depth_pruning(seeded, kind):
     cache of the new depth."""
     m = _model(kind, seeded, layers=4)
     x = torch.randint(0, VOCAB, (2, 8), generator=seeded)
-    prune_to_shape(m, {"num_hidden_layers": 2}, x)
+    rep = prune_to_shape(m, {"num_hidden_layers": 2}, x, depth_ranking="random", seed=3)
+    assert rep.removed_layers == [0, 3]  # the kept layers 1, 2 are renumbered 0, 1 (else the cache breaks)
     full = logits(m, x)
-    with torch.no_grad():
-        out = m(input_ids=x[:, :5], use_cache=True)
-        cache, steps = out.cache, [out.logits]
-        for t in range(5, 8):
-            out = m(input_ids=x[:, t:t + 1], cache=cache, use_cache=True)
-            cache = out.cache
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(cached_decode(m, x, 5), full, rtol=1e-9, atol=1e-10)
 
 
 def test_per_layer_config_lists_follow_the_layers(seeded, tmp_path):

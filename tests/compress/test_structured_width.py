@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from _input_masks import masked_inputs
-from _lm_models import VOCAB, decoder_list, logits, randomize, rmsnorm_in_float64, skipped, tiny_lm
+from _lm_models import VOCAB, cached_decode, decoder_list, logits, randomize, rmsnorm_in_float64, skipped, tiny_lm
 from raydistill.compress import make_student_from_teacher, prune_structured, prune_to_shape
 
 transformers = pytest.importorskip("transformers")  # a dependency of the LM task: present in the venv
@@ -195,14 +195,7 @@ def test_kv_cache_decoding_after_width_pruning(seeded):
     x = torch.randint(0, VOCAB, (2, 9), generator=seeded)
     prune_to_shape(m, {"num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
                        "intermediate_size": 24}, x)
-    with torch.no_grad():
-        out = m(input_ids=x[:, :6], use_cache=True)
-        cache, steps = out.cache, [out.logits]
-        for t in range(6, 9):
-            out = m(input_ids=x[:, t:t + 1], cache=cache, use_cache=True)
-            cache = out.cache
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), logits(m, x), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(cached_decode(m, x, 6), logits(m, x), rtol=1e-9, atol=1e-10)
 
 
 def test_student_from_teacher_config(seeded, f64_norms):

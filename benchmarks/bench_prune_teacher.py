@@ -81,6 +81,7 @@ def pruning_only(args, argv) -> int:
     import copy
 
     from raydistill.compress import prune_to_shape
+    from raydistill.compress.structured_lm import calibration_sample
     from raydistill.config import load_config
     from raydistill.tasks.causal_lm import lm_metrics
     from raydistill.utils import machine_info, write_json_atomic
@@ -102,8 +103,7 @@ def pruning_only(args, argv) -> int:
     expected_random = statistics.mean(r["perplexity"] for r in subsets)
     rows = []
     for seed in args.seeds:
-        g = torch.Generator().manual_seed(seed)
-        calib = train[torch.randperm(len(train), generator=g)[:args.calibration_blocks]]
+        calib = calibration_sample(train, args.calibration_blocks, seed=seed, key="--calibration-blocks")
         for shape, (target, methods, notes) in targets.items():
             for label, dr, wr in methods:
                 m = copy.deepcopy(teacher)

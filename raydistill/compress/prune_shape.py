@@ -352,7 +352,7 @@ def prune_structured_shape(model: nn.Module, ratio: float, calibration, *, inclu
         raise ValueError(f"head_unit must be one of {HEAD_UNITS}, got {head_unit!r}")
     base = decoder_lm(model, what="prune_structured(num_layers=..., hidden_size=...)", model_types=DEPTH_MODEL_TYPES)
     _check_ranking(depth_ranking, "activation", contiguous, 0, None)
-    if calibration is None and depth_ranking != "random" or hidden_size is not None and calibration is None:
+    if calibration is None:
         raise ValueError("calibration is required with num_layers / hidden_size: a (blocks, seq_len) tensor of token "
                          "ids to rank layers and channels on")
     calibration = check_calibration(calibration, base)

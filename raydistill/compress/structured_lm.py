@@ -6,6 +6,7 @@
 * :func:`decoder_layers` -- the ``nn.ModuleList`` of decoder layers (``model.layers`` for Llama / Qwen2 /
   Mistral, ``transformer.h`` for GPT-2);
 * :func:`check_calibration` -- a calibration set is an integer ``(blocks, seq_len)`` tensor of token ids;
+  :func:`calibration_sample` draws one (seeded) from a corpus's packed blocks;
 * :func:`calibration_pass` -- one eval forward over the calibration blocks in chunks, with every token
   position's validity (``pad_id`` positions excluded) available to forward hooks; :func:`lm_nll` -- the
   mean next-token negative log-likelihood over the calibration blocks.
@@ -96,6 +97,19 @@ def check_calibration(calibration, base: nn.Module, *, name: str = "calibration"
     if isinstance(mp, int) and calibration.shape[1] > mp:
         raise ValueError(f"{name} blocks of {calibration.shape[1]} tokens exceed the model's {mp} positions")
     return calibration
+
+
+def calibration_sample(blocks, n: int, *, seed: int = 0, key: str = "calibration_blocks") -> Tensor:
+    """``n`` blocks drawn without replacement (seeded) from ``blocks``, a ``(N, seq_len)`` array or tensor
+    of token ids (e.g. the packed training blocks), as an int64 tensor. ValueError naming ``key`` when ``n``
+    is below one block or above ``N``."""
+    blocks = torch.as_tensor(blocks)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{key} must be at least one block (an int >= 1), got {n!r}")
+    if blocks.dim() != 2 or n > blocks.shape[0]:
+        raise ValueError(f"{key} {n} exceeds the {blocks.shape[0] if blocks.dim() == 2 else 0} blocks available")
+    g = torch.Generator().manual_seed(int(seed))
+    return blocks[torch.randperm(blocks.shape[0], generator=g)[:n]].long()
 
 
 def check_batch_size(batch_size) -> int:

@@ -240,3 +240,18 @@ def test_models_that_cannot_be_depth_pruned(seeded):
     g = tiny_lm("gpt2", scale_attn_by_inverse_layer_idx=True)
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         prune_to_shape(g, {"num_hidden_layers": 2}, x)
+
+
+def test_calibration_sample(seeded):
+    from raydistill.compress.structured_lm import calibration_sample
+
+    blocks = torch.randint(0, VOCAB, (20, 6), generator=seeded, dtype=torch.int32)
+    a, b = calibration_sample(blocks, 5, seed=1), calibration_sample(blocks.numpy(), 5, seed=1)
+    assert a.dtype == torch.int64 and a.shape == (5, 6) and torch.equal(a, b)
+    rows = {tuple(r) for r in blocks.tolist()}
+    assert all(tuple(r) in rows for r in a.tolist()) and len({tuple(r) for r in a.tolist()}) == 5  # distinct blocks
+    assert not torch.equal(calibration_sample(blocks, 20, seed=1), calibration_sample(blocks, 20, seed=2))
+    with pytest.raises(ValueError, match=r"student.init.calibration_blocks must be at least one block"):
+        calibration_sample(blocks, 0, key="student.init.calibration_blocks")
+    with pytest.raises(ValueError, match=r"calibration_blocks 21 exceeds the 20 blocks available"):
+        calibration_sample(blocks, 21)

@@ -282,10 +282,10 @@ def prune_to_shape(model: nn.Module, target, calibration: Tensor, *, depth_ranki
 
 def student_target(teacher_model, student_config) -> tuple[dict, list[str]]:
     """The pruning target for making ``student_config``'s shape from ``teacher_model`` (a model, config or
-    config dict): its layers, hidden
-    size, intermediate size and attention. Pruning keeps the teacher's head size, so when the student's
-    ``head_dim`` differs, the target keeps the student's attention width (heads x head_dim, hence its
-    q/k/v/o parameter count) in heads of the teacher's size. Returns (target, notes on any such change)."""
+    config dict): its layers, hidden size, intermediate size and attention. Pruning keeps the teacher's
+    head size, so when the student's ``head_dim`` differs, the target keeps the student's attention width
+    (heads x head_dim, hence its q/k/v/o parameter count) in heads of the teacher's size. Returns (target,
+    notes on any such change)."""
     s = _target_dict(student_config, strict=False)
     s_heads = s.get("num_attention_heads")
     s_kv = s.get("num_key_value_heads") or s_heads

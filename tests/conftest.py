@@ -1,4 +1,10 @@
-"""Shared fixtures. Kernel tests must test the compiled ops, not the reference against itself."""
+"""Shared fixtures. Kernel tests must test the compiled ops, not the reference against itself.
+
+Time limits: every test has pytest-timeout's ``timeout`` (pyproject.toml); past it every thread's stack is
+printed and the run ends, so a hang can never stall CI. Tests marked ``ray`` start Ray and train, and get
+``RAY_TEST_TIMEOUT_S`` instead unless they set their own ``@pytest.mark.timeout``. The C++ extension is
+built before the first test starts, so a cold build (minutes) does not count against one test's limit.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,20 @@ import os
 
 import pytest
 import torch
+
+# a Ray test's limit: tests/distill/conftest.py fails a hung Ray test after RAYDISTILL_RAY_TEST_TIMEOUT_S
+# (300 s) and ends the process 60 s later; this is the outer bound for every Ray test of the suite
+RAY_TEST_TIMEOUT_S = int(os.environ.get("RAYDISTILL_RAY_TEST_TIMEOUT_S", "300")) + 120
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("ray") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(RAY_TEST_TIMEOUT_S))
+    if any("ext" in getattr(item, "fixturenames", ()) for item in items):
+        from raydistill._build import load_extension
+
+        load_extension()  # cached; a failed build is reported by the `ext` fixture
 
 
 @pytest.fixture(scope="session")

@@ -134,25 +134,29 @@ def decode_corpus_file(path, data: bytes, *, text_column: str = "text", partial:
                               f"corpus holds one JSON object per line; {SKIP_HINT}")
         doc = obj.get(text_column)
         if not isinstance(doc, str):
-            what = "has no" if text_column not in obj else f"has a {type(doc).__name__} in"
-            raise CorpusError(f"data.text_column: {path} line {no} {what} {text_column!r} (a string is needed; "
-                              f"keys: {sorted(obj)[:10]})")
+            what = f"has no {text_column!r}" if text_column not in obj else \
+                f"holds a JSON {type(doc).__name__} in {text_column!r}"
+            raise CorpusError(f"data.text_column: {path} line {no} {what}, not a string (keys: {sorted(obj)[:10]})")
         docs.append(doc)
     return docs
 
 
-HEAD_BYTES = 64 * 1024
+HEAD_BYTES = 8 * 1024
+HEADS_BUDGET_BYTES = 16 * 1024 * 1024
 
 
-def check_corpus_heads(files: list[Path], text_column: str = "text", head_bytes: int = HEAD_BYTES) -> list[str]:
-    """:func:`decode_corpus_file` on the first ``head_bytes`` of each text / jsonl file (cheap, before Ray
-    starts: binary files show at once); the problems, one message per bad file."""
+def check_corpus_heads(files: list[Path], text_column: str = "text", head_bytes: int = HEAD_BYTES,
+                       budget_bytes: int = HEADS_BUDGET_BYTES) -> list[str]:
+    """:func:`decode_corpus_file` on the first ``head_bytes`` of each text / jsonl file, until ``budget_bytes``
+    have been read (cheap, before Ray starts: a binary file shows in its first bytes; the rest of the corpus
+    is checked while Ray Data reads it); the problems, one message per bad file."""
     bad = []
     for f in files:
-        if _kind(f) == "parquet":
+        if _kind(f) == "parquet" or budget_bytes <= 0:
             continue
         with open(f, "rb") as fh:
             head = fh.read(head_bytes + 1)
+        budget_bytes -= len(head)
         try:
             decode_corpus_file(f, head[:head_bytes], text_column=text_column, partial=len(head) > head_bytes)
         except CorpusError as exc:

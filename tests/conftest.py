@@ -8,10 +8,32 @@ built before the first test starts, so a cold build (minutes) does not count aga
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+
+
+def _inductor_cache_per_op_sources() -> None:
+    """torch.compile's on-disk cache is per user, shared by every checkout on the machine, and its key does not
+    cover our ops' Python wrappers: a graph compiled by a checkout whose op took one more argument was
+    replayed here ("expected at most 19 argument(s) but received 20"). One cache per version of csrc/ and
+    raydistill/ops/ keeps reuse within a version and none across versions."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted([*(root / "csrc").rglob("*"), *(root / "raydistill" / "ops").rglob("*.py")]):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) /
+                                                f"torchinductor_raydistill_{h.hexdigest()[:12]}")
+
+
+_inductor_cache_per_op_sources()
 
 # a Ray test's limit (its module's Ray start-up included): the outer bound for every Ray test of the suite
 # (tests/distill/conftest.py fails a hung test there sooner, after RAYDISTILL_RAY_TEST_TIMEOUT_S)

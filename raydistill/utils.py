@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["machine_info", "unwrap_model", "write_json_atomic"]
+__all__ = ["machine_info", "no_space_left", "unwrap_model", "write_json_atomic"]
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> Path:
@@ -25,6 +25,26 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> 
     finally:
         tmp.unlink(missing_ok=True)
     return p
+
+
+def no_space_left(exc: BaseException) -> OSError | bool:
+    """Whether a full disk (``ENOSPC``) is behind ``exc``, through its chain of causes and Ray's wrappers
+    (a worker's error reaches the driver as text): the ``OSError`` when one is found, else True or False."""
+    import errno
+
+    seen: set[int] = set()
+    stack: list = [exc]
+    found = False
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return e
+        found = found or f"[Errno {errno.ENOSPC}]" in str(e) or "No space left on device" in str(e)
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return found
 
 
 def machine_info(device: str = "cpu", *, repo: str | os.PathLike | None = None) -> dict:

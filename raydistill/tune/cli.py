@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -146,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         base = cfg.model_dump(mode="json")
         check_space_against_config(spec, base, type(cfg).model_validate)
         check_metrics_for_task(spec, cfg.data.task)
-    except SearchSpaceError as e:
+        from raydistill.distill.preflight import check_inputs
+
+        check_inputs(cfg)  # teacher checkpoint / outputs and the corpus's files, before Ray starts
+    except (SearchSpaceError, ConfigError) as e:
         _err(console, str(e))
         return EXIT_USAGE
 
@@ -158,12 +162,25 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
 
     from raydistill.tune.runner import run_search
+    from raydistill.utils import no_space_left
 
-    return run_search(
-        cfg, spec, exp_dir=exp_dir, address=args.address, resume=args.resume, console=console,
-        interrupt_after=args.interrupt_after_trials, t_start=t_start,
-        saved_config_name=SAVED_CONFIG, state_name=STATE_FILE,
-    )
+    logging.raiseExceptions = False  # a log that cannot be written (a full disk) is not a traceback per record
+    try:
+        return run_search(
+            cfg, spec, exp_dir=exp_dir, address=args.address, resume=args.resume, console=console,
+            interrupt_after=args.interrupt_after_trials, t_start=t_start,
+            saved_config_name=SAVED_CONFIG, state_name=STATE_FILE,
+        )
+    except ConfigError as e:  # e.g. no Ray cluster at --address, a bad corpus file found while reading it
+        _err(console, str(e))
+        return EXIT_USAGE
+    except Exception as e:
+        full = no_space_left(e)
+        if not full:
+            raise
+        _err(console, f"no space left on device writing to {getattr(full, 'filename', None) or exp_dir}; "
+                      f"finished trials are kept: free space there and continue with --resume")
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

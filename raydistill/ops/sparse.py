@@ -175,16 +175,16 @@ def _version_key(*tensors: Tensor) -> tuple:
     return tuple((t.data_ptr(), t._version, t.device, tuple(t.shape), t.dtype) for t in tensors if t is not None)
 
 
-def _check_file_tensors(state_dict: dict, prefix: str, rules: dict) -> None:
-    """Dtype / rank rules of the tensors a state dict brings for a sparse layer (before they are copied or
-    adopted: a float crow_indices would otherwise be cast silently). ``rules``: {name: (dtypes, ndim)}."""
-    for name, (dtypes, ndim) in rules.items():
-        t = state_dict.get(prefix + name)
+def _check_dtypes(tensors: dict, rules: dict) -> None:
+    """Each tensor of ``tensors`` ({name: tensor or None}) has a dtype of ``rules[name]`` ((dtypes, ndim or
+    None)) and that rank; ValueError naming the tensor and the rule."""
+    for name, t in tensors.items():
         if t is None:
             continue
+        dtypes, ndim = rules[name]
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-        if dtypes is not None and t.dtype not in dtypes:
+        if t.dtype not in dtypes:
             raise ValueError(f"{name} must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, "
                              f"got {str(t.dtype).removeprefix('torch.')}")
         if ndim is not None and t.dim() != ndim:
@@ -384,6 +384,33 @@ class _CSRSizes:
     def sparsity(self) -> float:
         return 1.0 - self.density if self.in_features * self.out_features else 0.0
 
+    # checks of the layer's own tensors: at load, and once per change before a CUDA call -------------------
+    _RULES: dict = {}  # {tensor name: (dtypes, ndim or None)}, what check_pattern and a loaded file must meet
+
+    def _check_once(self) -> None:
+        """:meth:`check_pattern`, again only when one of its tensors changed (identity or in-place version)."""
+        key = self._check_key()
+        if getattr(self, "_checked_key", None) != key:
+            self.check_pattern()
+            object.__setattr__(self, "_checked_key", key)
+
+    def _checked_load(self, state_dict: dict, prefix: str, error_msgs: list, load) -> None:
+        """``load()`` (adopt the file's sizes, copy) between the dtype / rank rules of the file's tensors (before
+        anything is copied: a float crow_indices would be cast silently) and :meth:`check_pattern` of the
+        result, each a ValueError naming the layer; a pattern from a file is checked once here, not per call."""
+        layer = f"{type(self).__name__} {prefix[:-1] or '(root)'!r}"
+        try:
+            _check_dtypes({n: state_dict[prefix + n] for n in self._RULES if prefix + n in state_dict}, self._RULES)
+        except ValueError as exc:
+            raise ValueError(f"{layer}: {exc}") from None
+        n_err = len(error_msgs)
+        load()
+        if len(error_msgs) == n_err and any(prefix + n in state_dict for n in self._RULES):
+            try:
+                self.check_pattern()
+            except ValueError as exc:
+                raise ValueError(f"{layer}: {exc}") from None
+
 
 _PATTERN_BUFFERS = ("crow_indices", "col_indices", "t_crow_indices", "t_col_indices", "t_perm")
 
@@ -469,9 +496,7 @@ class SparseLinear(_CSRSizes, nn.Module):
         ``t_crow_indices`` / ``t_col_indices`` / ``t_perm`` exactly its transpose (:func:`csr_transpose`).
         Runs when a state dict is loaded and, on CUDA, once per change of the buffers before a call (the
         CPU kernels check the row pointers and columns themselves; the CUDA kernels cannot without a sync)."""
-        for name in _PATTERN_BUFFERS:
-            if getattr(self, name).dtype != INDEX_DTYPE:
-                raise ValueError(f"{name} must be int32, got {getattr(self, name).dtype}")
+        _check_dtypes({n: getattr(self, n) for n in self._RULES}, self._RULES)
         check_csr(self.crow_indices, self.col_indices, (self.out_features, self.in_features), values=self.values)
         if self.bias is not None and tuple(self.bias.shape) != (self.out_features,):
             raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(self.bias.shape)}")
@@ -481,38 +506,28 @@ class SparseLinear(_CSRSizes, nn.Module):
                 raise ValueError(f"{name} must be the transpose of the pattern (csr_transpose of crow_indices, "
                                  "col_indices)")
 
-    def _check_once(self) -> None:
-        """:meth:`check_pattern`, again only when a pattern buffer changed (identity or in-place version)."""
-        key = _version_key(*(getattr(self, n) for n in _PATTERN_BUFFERS)) + (self.values.numel(),)
-        if getattr(self, "_checked_key", None) != key:
-            self.check_pattern()
-            object.__setattr__(self, "_checked_key", key)
+    _RULES = {**{n: ((INDEX_DTYPE,), 1) for n in _PATTERN_BUFFERS}, "values": (_FLOAT_DTYPES, 1),
+              "bias": (_FLOAT_DTYPES, 1)}
+
+    def _check_key(self) -> tuple:  # the values change every step; only their number matters here
+        return _version_key(*(getattr(self, n) for n in _PATTERN_BUFFERS)) + (self.values.numel(),)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        layer = prefix[:-1] or "(root)"
-        try:
-            _check_file_tensors(state_dict, prefix, {**{n: ((INDEX_DTYPE,), 1) for n in _PATTERN_BUFFERS},
-                                                     "values": (_FLOAT_DTYPES, 1), "bias": (_FLOAT_DTYPES, 1)})
-        except ValueError as exc:
-            raise ValueError(f"SparseLinear {layer!r}: {exc}") from None
-        n_err = len(error_msgs)
-        # A checkpoint may hold a different pattern (nnz): adopt its sizes before the copy.
-        key = prefix + "col_indices"
-        if key in state_dict and state_dict[key].numel() != self.col_indices.numel():
-            nnz = state_dict[key].numel()
-            dev = self.values.device
-            for name in ("col_indices", "t_col_indices", "t_perm"):
-                setattr(self, name, torch.zeros(nnz, dtype=INDEX_DTYPE, device=dev))
-            self.values = nn.Parameter(torch.zeros(nnz, dtype=self.values.dtype, device=dev),
-                                       requires_grad=self.values.requires_grad)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if len(error_msgs) == n_err and any(prefix + n in state_dict for n in (*_PATTERN_BUFFERS, "values")):
-            try:  # a pattern from a file is checked once here, never per call
-                self.check_pattern()
-            except ValueError as exc:
-                raise ValueError(f"SparseLinear {layer!r}: {exc}") from None
+        def load():
+            # A checkpoint may hold a different pattern (nnz): adopt its sizes before the copy.
+            key = prefix + "col_indices"
+            if key in state_dict and state_dict[key].numel() != self.col_indices.numel():
+                nnz = state_dict[key].numel()
+                dev = self.values.device
+                for name in ("col_indices", "t_col_indices", "t_perm"):
+                    setattr(self, name, torch.zeros(nnz, dtype=INDEX_DTYPE, device=dev))
+                self.values = nn.Parameter(torch.zeros(nnz, dtype=self.values.dtype, device=dev),
+                                           requires_grad=self.values.requires_grad)
+            super(SparseLinear, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                            unexpected_keys, error_msgs)
+
+        self._checked_load(state_dict, prefix, error_msgs, load)
 
     # use ------------------------------------------------------------------------------------------
 
@@ -964,23 +979,15 @@ class SparseLinearInt8(_CSRSizes, nn.Module):
         rows) or a uint8 row bitmap of shape (out_features, ceil(in_features / 8)) with no bit at or beyond
         in_features and ``crow[r+1] - crow[r]`` bits set in row r. Runs when a state dict is loaded and, on
         CUDA, once per change of the buffers before a call (the CPU kernels check these themselves)."""
-        rules = {"crow_indices": (torch.int32,), "values": (torch.int8,), "scales": (torch.float32,),
-                 "col_indices": (torch.uint16, torch.int32, torch.uint8), "bias": (torch.float32,)}
-        for name, dtypes in rules.items():
-            t = getattr(self, name)
-            if t is not None and t.dtype not in dtypes:
-                raise ValueError(f"{name} must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, "
-                                 f"got {str(t.dtype).removeprefix('torch.')}")
+        _check_dtypes({n: getattr(self, n) for n in self._RULES}, self._RULES)
         rows = self.out_features
         for name in ("scales", "bias"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (rows,):
                 raise ValueError(f"{name} must have shape ({rows},), got {tuple(t.shape)}")
-        if self.values.dim() != 1:
-            raise ValueError(f"values must be 1-D, got shape {tuple(self.values.shape)}")
-        if self.crow_indices.dim() != 1 or self.crow_indices.numel() != rows + 1:
-            raise ValueError(f"crow_indices must be 1-D with out_features+1={rows + 1} entries, got shape "
-                             f"{tuple(self.crow_indices.shape)}")
+        if self.crow_indices.numel() != rows + 1:
+            raise ValueError(f"crow_indices must have out_features+1={rows + 1} entries, got "
+                             f"{self.crow_indices.numel()}")
         if self.col_indices.dtype != torch.uint8:
             check_csr(self.crow_indices, self.col_indices.to(torch.int64), (rows, self.in_features), values=self.values)
             return
@@ -1000,35 +1007,25 @@ class SparseLinearInt8(_CSRSizes, nn.Module):
                              f"set, crow_indices gives it {int(want[r])} values (a row's set bits must number "
                              "crow[r+1] - crow[r])")
 
-    def _check_once(self) -> None:
-        key = _version_key(self.crow_indices, self.col_indices, self.values, self.scales, self.bias)
-        if getattr(self, "_checked_key", None) != key:
-            self.check_pattern()
-            object.__setattr__(self, "_checked_key", key)
+    _RULES = {"crow_indices": ((torch.int32,), 1), "col_indices": ((torch.uint16, torch.int32, torch.uint8), None),
+              "values": ((torch.int8,), 1), "scales": ((torch.float32,), 1), "bias": ((torch.float32,), 1)}
+
+    def _check_key(self) -> tuple:
+        return _version_key(self.crow_indices, self.col_indices, self.values, self.scales, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        layer = prefix[:-1] or "(root)"
-        try:  # the dtypes first: col_indices / values adopt the file's
-            _check_file_tensors(state_dict, prefix, {
-                "crow_indices": ((torch.int32,), 1), "col_indices": ((torch.uint16, torch.int32, torch.uint8), None),
-                "values": ((torch.int8,), 1), "scales": ((torch.float32,), 1), "bias": ((torch.float32,), 1)})
-        except ValueError as exc:
-            raise ValueError(f"SparseLinearInt8 {layer!r}: {exc}") from None
-        n_err = len(error_msgs)
-        # a checkpoint may hold another pattern (nnz) or index width: adopt its sizes and dtypes first
-        for name in ("col_indices", "values"):
-            t = state_dict.get(prefix + name)
-            cur = getattr(self, name)
-            if isinstance(t, Tensor) and (t.shape != cur.shape or t.dtype != cur.dtype):
-                setattr(self, name, torch.zeros(t.shape, dtype=t.dtype, device=cur.device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if len(error_msgs) == n_err and any(prefix + n in state_dict for n in ("crow_indices", "col_indices", "values")):
-            try:  # a pattern from a file is checked once here, never per call
-                self.check_pattern()
-            except ValueError as exc:
-                raise ValueError(f"SparseLinearInt8 {layer!r}: {exc}") from None
+        def load():
+            # a checkpoint may hold another pattern (nnz) or index width: adopt its sizes and dtypes first
+            for name in ("col_indices", "values"):
+                t = state_dict.get(prefix + name)
+                cur = getattr(self, name)
+                if isinstance(t, Tensor) and (t.shape != cur.shape or t.dtype != cur.dtype):
+                    setattr(self, name, torch.zeros(t.shape, dtype=t.dtype, device=cur.device))
+            super(SparseLinearInt8, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                                                missing_keys, unexpected_keys, error_msgs)
+
+        self._checked_load(state_dict, prefix, error_msgs, load)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:

@@ -64,8 +64,8 @@ def read_metadata(path, fn: str, fmt: str, what: str) -> dict[str, str]:
     return meta
 
 
-def metadata_json(meta: dict, key: str, path, *, default: str | None = None, kind: type = dict):
-    """``meta[key]`` parsed as JSON of type ``kind`` (``default`` when the key is absent; required when None);
+def metadata_json(meta: dict, key: str, path, *, default: str | None = None) -> dict:
+    """``meta[key]`` parsed as a JSON object (``default`` when the key is absent; required when None);
     ``ValueError`` naming the file and the key for a missing key, malformed or too deeply nested JSON."""
     text = meta.get(key, default)
     if text is None:
@@ -76,9 +76,8 @@ def metadata_json(meta: dict, key: str, path, *, default: str | None = None, kin
         raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({exc})") from None
     except RecursionError:
         raise ValueError(f"{path}: metadata {key!r} is nested too deeply to be a raydistill checkpoint") from None
-    if not isinstance(out, kind):
-        raise ValueError(f"{path}: metadata {key!r} must be a JSON {'object' if kind is dict else kind.__name__}, "
-                         f"got {type(out).__name__}")
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: metadata {key!r} must be a JSON object, got {type(out).__name__}")
     return out
 
 

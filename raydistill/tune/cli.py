@@ -157,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     if exp_dir is None:
         name = args.name or f"{cfg.run.name}_search_{time.strftime('%Y%m%d-%H%M%S')}"
         exp_dir = _root(cfg) / name
+        from raydistill.utils import check_output_dir
+
+        try:  # a file, a symbolic link or someone else's non-empty directory is never written into
+            check_output_dir(exp_dir, key="--name" if args.name else "search directory", marker=SAVED_CONFIG,
+                             error=ConfigError)
+        except ConfigError as exc:
+            _err(console, str(exc))
+            return EXIT_USAGE
         if exp_dir.exists() and any(exp_dir.iterdir()):
             _err(console, f"{exp_dir} already holds a search; pass --resume to continue it or a new --name")
             return EXIT_USAGE

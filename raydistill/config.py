@@ -431,6 +431,10 @@ class TextDataConfig(_Strict):
                                                "the Python standard library's own .py sources (on every machine)")
     text_column: str = Field("text", description="jsonl/parquet: the column holding the documents")
     max_bytes: int | None = Field(2_000_000, ge=1000, description="read files (sorted) until this many bytes")
+    skip_bad_files: bool = Field(
+        False, description="a corpus file that is not UTF-8 text (binary, another encoding, NUL bytes) or a "
+                           "jsonl file with a line that is not a JSON object holding text_column: false refuses "
+                           "the corpus, naming the files; true leaves such files out (with a warning)")
     tokenizer: str | None = Field(None, description="a local tokenizer directory (tokenizer.json); None: train "
                                                     "a byte-level BPE on the corpus, saved with the run")
     vocab_size: int = Field(2048, ge=300, description="BPE vocabulary when the tokenizer is trained here")
@@ -458,6 +462,13 @@ class TextDataConfig(_Strict):
     def _tok(cls, v):
         if v is not None and not (Path(v).expanduser() / "tokenizer.json").is_file():
             raise ValueError(f"{v} has no tokenizer.json (a tokenizers / transformers tokenizer directory)")
+        if v is not None:
+            from raydistill.data.text import load_tokenizer
+
+            try:
+                load_tokenizer(v)
+            except ValueError as exc:  # pydantic prefixes the key
+                raise ValueError(str(exc).removeprefix("data.tokenizer: ")) from None
         return v
 
     @property

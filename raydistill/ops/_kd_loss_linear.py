@@ -145,13 +145,17 @@ def _validate(student_hidden, student_weight, student_bias, teacher_hidden, teac
     _check_chunk_size(chunk_size)
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _check_chunk_size(chunk_size) -> None:
     if chunk_size is None:
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
         raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 (rows per chunk) or None (automatic), got {chunk_size}")
+    if not 1 <= chunk_size <= INT64_MAX:  # the op's schema takes an int64
+        raise ValueError(f"chunk_size must be in [1, 2**63 - 1] (rows per chunk; any value >= the number of rows "
+                         f"is one chunk) or None (automatic), got {chunk_size}")
 
 
 # --------------------------------------------------------------------------------------------------

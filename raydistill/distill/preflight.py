@@ -5,6 +5,7 @@ the key or argument (the CLI exits 2), not minutes later inside a stage.
     check_models(cfg)          every model imports and builds with its kwargs; pruning patterns match layers
     check_inputs(cfg)          the files the config names: teacher.checkpoint, distill.teacher_outputs and
                                the head of every corpus file (binary / non-UTF-8 files, bad jsonl lines)
+    check_scale(cfg, storage, name)   training at scale and tracking (issue 22)
     preflight(cfg, storage, name, storage_key)   all of the above plus the run name
 """
 
@@ -127,9 +128,37 @@ def _check_corpus(data) -> None:
     raise ConfigError(f"data.path: {len(bad)} corpus file(s) cannot be used{more} ({SKIP_HINT}):\n  {lines}")
 
 
+def check_scale(cfg: Config, storage, name: str) -> None:
+    """Issue 22: ``gradient_checkpointing`` only for models that support it (built on the meta device: no
+    memory, no time), and ``run.tracking``'s backend installed with a writable store. (Contradicting budgets
+    and fp16 without a GPU are rejected when the config loads.)"""
+    import torch
+
+    from raydistill.distill.precision import enable_gradient_checkpointing
+    from raydistill.models import build_model
+
+    models = []
+    if cfg.teacher.training.gradient_checkpointing and not cfg.teacher.checkpoint:
+        models.append(("teacher.training.gradient_checkpointing", "teacher", cfg.teacher))
+    if cfg.distill.gradient_checkpointing:
+        models += [("distill.gradient_checkpointing", f"assistants[{i}]", a) for i, a in enumerate(cfg.assistants)]
+        models.append(("distill.gradient_checkpointing", "student", cfg.student))
+    for key, who, spec in models:
+        with torch.device("meta"):
+            net = build_model({"model": spec.model, "kwargs": dict(spec.kwargs)})
+        try:
+            enable_gradient_checkpointing(net)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: the {who} ({spec.model!r}) cannot use it: {exc}") from None
+    from raydistill.distill.tracking import check_tracking
+
+    check_tracking(cfg, storage, name)
+
+
 def preflight(cfg: Config, storage, name: str, *, storage_key: str = "run.storage_path",
               name_key: str = "run.name") -> None:
     validate_run_name(name, name_key)
     check_storage(storage, storage_key)
     check_inputs(cfg)
     check_models(cfg)
+    check_scale(cfg, storage, name)

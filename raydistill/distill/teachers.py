@@ -22,7 +22,9 @@ TEACHER_FILE = "teacher.json"
 
 
 def teacher_hash(cfg: Config) -> str:
-    return config_hash({"teacher": cfg.teacher.model_dump(mode="json", exclude={"checkpoint"}),
+    from raydistill.config import without_scale_defaults  # issue 22's keys at their defaults: the hash of before
+
+    return config_hash({"teacher": without_scale_defaults(cfg.teacher.model_dump(mode="json", exclude={"checkpoint"})),
                         "data": cfg.data.model_dump(mode="json", exclude={"materialize"}),
                         "seed": cfg.run.seed})
 

@@ -353,6 +353,15 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
          teacher_topk_logits, teacher_topk_indices, labels, temperature, alpha, divergence, beta, reduction,
          ignore_index, t2_scaling, chunk_size) -> Tensor:
+    low = _autocast_dtype(student_hidden)
+    if low is not None:  # under torch.autocast: the matmuls' inputs in its dtype, as for a plain linear layer
+        cast = [None if t is None or t.dtype != torch.float32 else t.to(low)
+                for t in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)]
+        keep = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        args = [c if c is not None else k for c, k in zip(cast, keep)]
+        with torch.autocast(student_hidden.device.type, enabled=False):
+            return _run(*args, teacher_topk_logits, teacher_topk_indices, labels, temperature, alpha, divergence,
+                        beta, reduction, ignore_index, t2_scaling, chunk_size)
     topk = teacher_topk_logits is not None
     _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_index, t2_scaling, topk=topk)
     _validate(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -388,6 +397,17 @@ def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_w
                DIVERGENCES[divergence], kw["beta"], _RED[reduction], kw["ignore_index"], t2_scaling,
                int(chunk_size), mask)[0]
     return loss.reshape(lead) if reduction == "none" else loss
+
+
+def _autocast_dtype(t) -> torch.dtype | None:
+    """The autocast dtype when ``torch.autocast`` is on for ``t``'s device and ``t`` is float32, else None."""
+    if not isinstance(t, Tensor) or t.dtype != torch.float32:
+        return None
+    dev = t.device.type
+    try:
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        return None
 
 
 def _logits(hidden, weight, bias, V, dtype=None):

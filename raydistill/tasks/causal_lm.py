@@ -87,9 +87,10 @@ class CausalLMTask(Task):
     @torch.no_grad()
     def prepare(self, batch: dict, spec, teacher, chunk: int = 16) -> dict:
         """Online distillation through the fused loss: run the teacher once over the worker's rows and keep
-        its last hidden states (``teacher_hidden``, ``(N, S, H)`` float32) next to ``input_ids``. The teacher
-        is frozen and deterministic, so every epoch's soft targets are the same; computing them once
-        instead of at every step saves all but one of the teacher forwards (the teacher is the larger model:
+        its last hidden states (``teacher_hidden``, ``(N, S, H)``, float32, or bf16 / fp16 for a teacher in that
+        dtype: ``distill.precision``) next to ``input_ids``. The teacher is frozen and deterministic, so every
+        epoch's soft targets are the same; computing them once instead of at every step saves all but one of
+        the teacher forwards (the teacher is the larger model:
         most of a distillation step's cost). ``loss`` then uses them with the teacher's lm_head weights.
         Skipped (the teacher runs at every step) when the states would exceed
         ``TEACHER_HIDDEN_MAX_BYTES``, for offline outputs, without ``distill.fused_linear``, or when the
@@ -103,8 +104,9 @@ class CausalLMTask(Task):
             t = _hidden_and_head(teacher, ids[i:i + chunk])
             if t is None:
                 return batch
-            parts.append(t[0].float())
-            if i == 0 and parts[0][0].numel() * 4 * len(ids) > TEACHER_HIDDEN_MAX_BYTES:
+            # kept in a bf16 / fp16 teacher's own dtype (distill.precision: half the bytes), else float32
+            parts.append(t[0] if t[0].dtype in (torch.bfloat16, torch.float16) else t[0].float())
+            if i == 0 and parts[0][0].numel() * parts[0].element_size() * len(ids) > TEACHER_HIDDEN_MAX_BYTES:
                 return batch
         if not parts:
             return batch

@@ -169,6 +169,17 @@ def main(argv: list[str] | None = None) -> int:
             _err(console, f"{exp_dir} already holds a search; pass --resume to continue it or a new --name")
             return EXIT_USAGE
 
+    try:  # run.tracking: the backend installed, its store writable (before Ray starts; issue 22)
+        from raydistill.distill.tracking import check_tracking
+
+        check_tracking(cfg, exp_dir.parent, exp_dir.name)
+        if cfg.distill.epochs is None:
+            raise ConfigError("distill.max_steps / distill.max_tokens: a search compares trials at whole epochs "
+                              "(ASHA's time unit, the report's epochs); give distill.epochs instead")
+    except ConfigError as e:
+        _err(console, str(e))
+        return EXIT_USAGE
+
     from raydistill.tune.runner import run_search
     from raydistill.utils import no_space_left
 

@@ -51,7 +51,8 @@ def _file(tmp_path, name="f.txt", text="x"):
 @pytest.mark.parametrize("case", [
     "storage_is_file", "storage_not_writable", "storage_key_is_file", "empty_yaml", "unimportable_model",
     "bad_factory_kwargs", "inf_temperature", "huge_temperature", "bool_epochs", "exclude_matches_nothing",
-    "bad_assistant_model",
+    "bad_assistant_model", "steps_and_epochs", "steps_and_tokens", "fp16_on_cpu", "tokens_for_mnist",
+    "checkpointing_mlp_student", "checkpointing_mlp_teacher", "tracking_uri_not_writable", "tracking_dir_is_file",
 ])
 def test_bad_input_exits_2_naming_the_key(run_cli, tmp_path, case):
     f = _file(tmp_path)
@@ -71,6 +72,22 @@ def test_bad_input_exits_2_naming_the_key(run_cli, tmp_path, case):
                                     ["compression.exclude", "'haed'", "matches no"]),
         "bad_assistant_model": ([TINY, "--set", "assistants=[{model: mlp, kwargs: {nope: 1}}]"],
                                 ["assistants[0].model", "nope"]),
+        # issue 22: budgets that contradict each other, fp16 on a CPU, checkpointing a model without it, a
+        # tracking store that cannot be written
+        "steps_and_epochs": ([TINY, "--set", "distill.max_steps=100"], ["distill", "epochs (4)", "max_steps (100)"]),
+        "steps_and_tokens": ([TINY, "--set", "teacher.training.max_steps=5", "--set", "teacher.training.max_tokens=9",
+                              "--set", "teacher.training.epochs=null"], ["teacher.training", "max_tokens (9)"]),
+        "fp16_on_cpu": ([TINY, "--set", "distill.precision=fp16"], ["distill.precision", "fp16 needs a GPU"]),
+        "tokens_for_mnist": ([TINY, "--set", "distill.epochs=null", "--set", "distill.max_tokens=1000"],
+                             ["distill.max_tokens", "causal LM"]),
+        "checkpointing_mlp_student": ([TINY, "--set", "distill.gradient_checkpointing=true"],
+                                      ["distill.gradient_checkpointing", "student", "'mlp'"]),
+        "checkpointing_mlp_teacher": ([TINY, "--set", "teacher.training.gradient_checkpointing=true"],
+                                      ["teacher.training.gradient_checkpointing", "teacher"]),
+        "tracking_uri_not_writable": ([TINY, "--set", "run.tracking=mlflow", "--set",
+                                       f"run.tracking_uri=sqlite:///{f}/mlflow.db"], ["run.tracking_uri", str(f)]),
+        "tracking_dir_is_file": ([TINY, "--set", "run.tracking=tensorboard", "--set", f"run.tracking_uri={f}"],
+                                 ["run.tracking_uri", "is a file"]),
     }[case]
     if case.startswith("storage"):
         rc, err = run_cli(*args, storage_arg=False)

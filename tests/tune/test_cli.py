@@ -36,6 +36,11 @@ def _write(tmp_path, mutate) -> Path:
         (lambda d: d["search"].update({"metric": "val_perplexity", "mode": "min"}),
          "search.metric: 'val_perplexity' is not reported by a classification task"),
         (lambda d: d["search"].update({"mode": "min"}), "search.mode: val_accuracy is higher-is-better"),
+        # issue 22: a step budget (ASHA compares epochs), a tracking store that cannot be used
+        (lambda d: d["distill"].update({"epochs": None, "max_steps": 50}), "distill.max_steps / distill.max_tokens"),
+        (lambda d: d.setdefault("run", {}).update({"tracking": "mlflow", "tracking_uri": "ftp://host/x"}),
+         "run.tracking_uri: 'ftp://host/x'"),
+        (lambda d: d.setdefault("run", {}).update({"tracking_uri": "somewhere"}), "run.tracking is 'none'"),
     ],
 )
 def test_bad_config_fails_before_ray(tmp_path, capsys, monkeypatch, mutate, words):

@@ -82,10 +82,12 @@ def text_data(cfg: Config, storage: Path):
 
 
 def task_info(cfg: Config, storage: Path) -> dict:
+    """What models and batches need to know about the data (causal LM: the tokenizer's ids, the block counts),
+    and ``materialize``: whether workers hold the train split in memory (``stage_spec`` takes it out)."""
     if cfg.data.task != "causal_lm":
         return {}
     td = text_data(cfg, storage)
-    return {**td.info(), "seq_len": cfg.data.seq_len}
+    return {**td.info(), "seq_len": cfg.data.seq_len, "materialize": td.materialize}
 
 
 def lm_datasets(cfg: Config, storage: Path) -> tuple[dict, int]:
@@ -105,6 +107,8 @@ def lm_datasets(cfg: Config, storage: Path) -> tuple[dict, int]:
 
         ds = read_teacher_outputs(str(path.resolve())).materialize()
         return {"train": ds, **eval_ds}, ds.count()
+    if not td.materialize:  # streamed from the parquet shards (raydistill.data.text.CorpusInfo.train_dataset)
+        return {"train": td.train_dataset(), **eval_ds}, td.train_blocks
     return {"train": to_ray_dataset(input_ids=td.train.astype(np.int64)), **eval_ds}, len(td.train)
 
 
@@ -122,7 +126,7 @@ def stage_datasets(cfg: Config, storage: Path, kind: str) -> tuple[dict, int]:
 
 def distill_rows(cfg: Config, storage: Path) -> int:
     if cfg.data.task == "causal_lm" and not cfg.distill.teacher_outputs:
-        return len(text_data(cfg, storage).train)
+        return text_data(cfg, storage).train_blocks
     if cfg.distill.teacher_outputs:
         import pyarrow.parquet as pq
 

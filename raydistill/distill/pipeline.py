@@ -329,7 +329,8 @@ def _structured_init(cfg: Config, storage: Path, dense: Path, run_dir: Path) -> 
     if cfg.data.task == "causal_lm":  # calibration: packed training blocks of token ids
         from raydistill.distill.data import text_data
 
-        x_cal = text_data(cfg, storage).train.astype("int64")
+        size = cfg.compression.structured.calibration_size if cfg.compression.structured else None
+        x_cal = text_data(cfg, storage).head(size).astype("int64")  # a random sample: the shards are shuffled
     else:
         from raydistill.distill.data import load_arrays
 

@@ -25,7 +25,7 @@ def teacher_hash(cfg: Config) -> str:
     from raydistill.config import without_scale_defaults  # issue 22's keys at their defaults: the hash of before
 
     return config_hash({"teacher": without_scale_defaults(cfg.teacher.model_dump(mode="json", exclude={"checkpoint"})),
-                        "data": cfg.data.model_dump(mode="json", exclude={"materialize"}),
+                        "data": cfg.data.learning_dump(),
                         "seed": cfg.run.seed})
 
 

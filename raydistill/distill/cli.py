@@ -127,43 +127,21 @@ def _error(prog: str, exc: BaseException, log_path: Path) -> int:
 
 
 def _print_summary(r: dict) -> None:
+    """The report's table (the task's columns, ``raydistill.distill.report.stage_rows``) on stderr."""
     from rich.console import Console
     from rich.table import Table
 
-    if r.get("task") == "causal_lm":
-        t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
-        for col in ("stage", "test perplexity", "next-token acc", "teacher agreement", "sparsity", "nonzero params"):
-            t.add_column(col, justify="left" if col == "stage" else "right")
-        tm = r["teacher"].get("metrics") or {}
-        t.add_row("teacher" + (" (cached)" if r["teacher"].get("cached") else ""),
-                  f"{tm.get('perplexity', float('nan')):.2f}", f"{r['teacher']['accuracy']:.2%}", "", "", "")
-        for key in ("baseline", "dense_student", "student"):
-            if key in r:
-                e = r[key]
-                t.add_row(key, f"{e['perplexity']:.2f}", f"{e['next_token_accuracy']:.2%}",
-                          f"{e.get('teacher_agreement', float('nan')):.2%}", f"{e['sparsity']:.1%}",
-                          f"{e['nonzero_params']:,}")
-        Console(stderr=True).print(t)
-        return
+    from raydistill.distill.report import fmt, stage_rows
+    from raydistill.tasks import get_task
 
+    cols = get_task(r["task"]).report_columns
     t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
-    cols = ("stage", "test accuracy", "macro recall", "macro F1", "sparsity", "compression", "bytes",
-            "ms/b1", "ms/b256")
-    for col in cols:
+    for col in ("stage", *(h for h, _, _ in cols)):
         t.add_column(col, justify="left" if col == "stage" else "right")
-    t.add_row("teacher" + (" (cached)" if r["teacher"].get("cached") else ""), f"{r['teacher']['accuracy']:.2%}",
-              *[""] * (len(cols) - 2))
-
-    def fmt(v, f):
-        return "" if v is None else format(v, f)
-
-    rows = [(a["stage"], a) for a in r.get("assistants", [])]
-    rows += [(k, r[k]) for k in ("baseline", "dense_student", "dense_student_ptq", "student") if k in r]
-    for key, e in rows:
-        t.add_row(key, f"{e['accuracy']:.2%}", fmt(e.get("macro_recall"), ".3f"), fmt(e.get("macro_f1"), ".3f"),
-                  fmt(e.get("sparsity"), ".1%"), fmt(e.get("compression_ratio"), ".2f") + "x",
-                  fmt(e.get("model_bytes"), ","), fmt(e.get("latency_ms_b1"), ".3f"),
-                  fmt(e.get("latency_ms_b256"), ".3f"))
+    cached = {f"teacher:{n}" for n, m in (r.get("teachers") or {}).items() if m.get("cached")}
+    cached |= {"teacher"} if r["teacher"].get("cached") else set()
+    for stage, _, e in stage_rows(r):
+        t.add_row(stage + (" (cached)" if stage in cached else ""), *(fmt(e.get(k), f) for _, k, f in cols))
     Console(stderr=True).print(t)
 
 
@@ -182,8 +160,11 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = _load(args)
-        if args.topk is not None and cfg.data.task == "classification" and not 1 <= args.topk <= 10:
-            raise _UsageError(f"--topk must be in 1..10 (MNIST-1D has 10 classes), got {args.topk}")
+        from raydistill.tasks import get_task
+
+        top = get_task(cfg.data.task).max_topk
+        if args.topk is not None and top is not None and not 1 <= args.topk <= top:
+            raise _UsageError(f"--topk must be in 1..{top} (the task has {top} classes), got {args.topk}")
         if args.topk is not None and args.topk < 1:
             raise _UsageError(f"--topk must be >= 1, got {args.topk}")
         if args.concurrency is not None and args.concurrency < 1:

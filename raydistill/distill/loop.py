@@ -39,7 +39,8 @@ class Stage:
     device: torch.device
     base: torch.nn.Module                 # the student, unwrapped
     model: torch.nn.Module                # the student as trained (DDP / FSDP wrapped)
-    teacher: torch.nn.Module | None
+    teachers: dict[str, torch.nn.Module]  # the teachers that run on this worker, by name
+    criterion: Any                        # raydistill.losses.Criterion: the stage's weighted loss terms
     train: dict | None                    # materialised shard (None: streamed from the Ray Data shard)
     eval: dict
     shard: Any
@@ -58,6 +59,16 @@ class Stage:
     @property
     def progress_dir(self) -> Path:
         return Path(self.spec.progress_dir)
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        """The first teacher that runs here (evaluation's teacher agreement), if any."""
+        return next(iter(self.teachers.values()), None)
+
+    @property
+    def params(self) -> list:
+        """What the optimizer trains: the student's parameters, then the criterion's (projections)."""
+        return list(self.model.parameters()) + list(self.criterion.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -80,27 +91,27 @@ def setup(spec: StageSpec) -> Stage:
         Path(spec.progress_dir).mkdir(parents=True, exist_ok=True)
     task = get_task(spec.task)
 
-    base = task.build_model(spec.model, spec.task_info)
-    if spec.structure or spec.init_from or spec.qat:  # compression steps (issue 12), before the restore
-        from raydistill.distill.steps import prepare_student
-
-        prepare_student(base, spec, resuming=ray.train.get_checkpoint() is not None)
-    resume = restore(spec, base)
+    resuming = ray.train.get_checkpoint() is not None
+    base = student_model(task, spec, resuming=resuming)  # with the compression steps, before the restore
+    t0 = time.time()
+    teachers = {}
+    for name, ref in spec.teachers.items():
+        t = task.build_model(ref.model, spec.task_info)
+        load_weights(t, ref.path)
+        teachers[name] = t.to(device).eval().requires_grad_(False)
+    criterion = build_criterion(task, spec, base, teachers)
+    teachers = {n: t for n, t in teachers.items() if n in criterion.teacher_names}  # only those a term reads
+    resume = restore(spec, base, criterion)
     base = base.to(device)
+    criterion = criterion.to(device)
     model = wrap_model(base, spec)
 
-    t0 = time.time()
-    teacher = None
-    if spec.kind == "kd" and spec.teacher is not None:
-        teacher = task.build_model(spec.teacher.model, spec.task_info)
-        load_weights(teacher, spec.teacher.path)
-        teacher = teacher.to(device).eval().requires_grad_(False)
     shard = ray.train.get_dataset_shard("train")
     ev = task.to_tensors(shard_arrays(ray.train.get_dataset_shard("eval"), task.eval_columns()), device)
     train, n_local = None, spec.rows_per_worker
     if spec.materialize:
         train = task.prepare(task.to_tensors(shard_arrays(shard, task.train_columns(spec.offline)), device),
-                             spec, teacher)
+                             spec, teachers, criterion.needs())
         n_local = len(next(iter(train.values())))
     if world > 1:
         t = torch.tensor([n_local], device=device)
@@ -109,12 +120,12 @@ def setup(spec: StageSpec) -> Stage:
     steps = int(spec.steps_per_epoch or max(1, n_local // spec.batch_size))
 
     total = spec.epochs * steps
-    opt = build_optimizer(model.parameters(), spec.optimizer)
+    opt = build_optimizer(list(model.parameters()) + list(criterion.parameters()), spec.optimizer)
     sched = build_scheduler(opt, spec.lr_schedule, total, spec.optimizer["lr"])
     pruner = build_pruner(base, spec, total)
     st = Stage(spec=spec, task=task, rank=rank, world=world, device=device, base=base, model=model,
-               teacher=teacher, train=train, eval=ev, shard=shard, steps=steps, opt=opt, sched=sched,
-               pruner=pruner, t_fn=t_fn)
+               teachers=teachers, criterion=criterion, train=train, eval=ev, shard=shard, steps=steps, opt=opt,
+               sched=sched, pruner=pruner, t_fn=t_fn)
     if resume is not None:
         if _sharded(st):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -133,8 +144,29 @@ def setup(spec: StageSpec) -> Stage:
     return st
 
 
-def restore(spec: StageSpec, model) -> dict | None:
-    """Load the latest checkpoint of this run into ``model``; its training state (None: a fresh start)."""
+def student_model(task: Task, spec: StageSpec, *, resuming: bool):
+    """The stage's student (``steps.build_student``: shapes, init weights, QAT), as set-up and the FSDP
+    evaluation copy build it."""
+    from raydistill.distill.steps import build_student
+
+    return build_student(task, spec.model, spec.task_info, structure=spec.structure, qat=spec.qat,
+                         init_from=None if resuming else spec.init_from)
+
+
+def build_criterion(task: Task, spec: StageSpec, student, teachers: dict):
+    """The stage's loss terms over the student and the teachers' hidden-layer layouts."""
+    from raydistill.losses import Criterion
+
+    crit = Criterion(spec.terms, student=task.layout(student), teachers={n: task.layout(t) for n, t in teachers.items()})
+    if any(True for _ in crit.parameters()) and _sharded_spec(spec):
+        raise ValueError("loss terms with learned projections (hidden terms between layers of different widths) "
+                         "cannot run under scaling.strategy fsdp; use ddp")
+    return crit
+
+
+def restore(spec: StageSpec, model, criterion=None) -> dict | None:
+    """Load the latest checkpoint of this run into ``model`` (and the criterion's projections); its training
+    state (None: a fresh start)."""
     import ray.train
 
     from raydistill.utils import unwrap_model
@@ -148,6 +180,8 @@ def restore(spec: StageSpec, model) -> dict | None:
         return None
     meta, state = restored["meta"], restored["state"]
     unwrap_model(model).load_state_dict(restored["weights"])
+    if criterion is not None and state.get("criterion"):
+        criterion.load_state_dict(state["criterion"])
     if meta.get("config_hash") != spec.config_hash:
         raise RuntimeError(
             f"stage {spec.stage!r}: the checkpoint in this run directory was written by a different config "
@@ -175,6 +209,12 @@ def wrap_model(base, spec: StageSpec):
 
 def _sharded(st: "Stage") -> bool:
     return st.spec.strategy == "fsdp" and st.world > 1
+
+
+def _sharded_spec(spec: StageSpec) -> bool:
+    import ray.train
+
+    return spec.strategy == "fsdp" and ray.train.get_context().get_world_size() > 1
 
 
 def full_state(st: "Stage"):
@@ -231,7 +271,7 @@ def batches(st: Stage, epoch: int):
         if count >= st.steps:
             break
         b = st.task.prepare(st.task.to_tensors({k: v for k, v in b.items() if k in cols}, st.device), spec,
-                            st.teacher)
+                            st.teachers, st.criterion.needs())
         if not len(next(iter(b.values()))):
             continue
         count += 1
@@ -243,13 +283,17 @@ def train_epoch(st: Stage, epoch: int) -> dict:
     t0 = time.time()
     loss_sum = torch.zeros((), dtype=torch.float64)
     n_batches = n_items = 0
+    needs = st.criterion.needs()
+    batch = None
     for i, batch in enumerate(batches(st, epoch)):
         maybe_crash(st, epoch, i)
-        loss, n = st.task.loss(st.model, batch, st.spec, st.teacher)
+        out = st.task.forward(st.model, batch, st.spec, st.teachers, needs)
+        loss, n = st.criterion(out), out.count
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
+        sync_criterion_grads(st)
         if st.spec.grad_clip:
-            torch.nn.utils.clip_grad_norm_(st.model.parameters(), st.spec.grad_clip)
+            torch.nn.utils.clip_grad_norm_(st.params, st.spec.grad_clip)
         st.opt.step()
         st.sched.step()
         st.global_step += 1
@@ -259,9 +303,27 @@ def train_epoch(st: Stage, epoch: int) -> dict:
         n_batches += 1
         n_items += n
     dt = time.time() - t0
-    per_s = "tokens_per_s" if st.task.name == "causal_lm" else "samples_per_s"
-    return {"train_loss": float(loss_sum) / max(1, n_batches), per_s: n_items * st.world / max(dt, 1e-9),
-            "epoch_seconds": dt}
+    return {"train_loss": float(loss_sum) / max(1, n_batches),
+            f"{st.task.throughput_unit}_per_s": n_items * st.world / max(dt, 1e-9), "epoch_seconds": dt,
+            "terms": term_values(st, batch)}
+
+
+def term_values(st: Stage, batch: dict | None) -> dict[str, float]:
+    """Each loss term's value, on its own, on the epoch's last batch (no gradient; for the logs)."""
+    if batch is None:
+        return {}
+    with torch.no_grad():
+        return st.criterion.values(st.task.forward(st.model, batch, st.spec, st.teachers, st.criterion.needs()))
+
+
+def sync_criterion_grads(st: Stage) -> None:
+    """Several workers: average the gradients of the criterion's own parameters (the student's are DDP's)."""
+    if st.world < 2:
+        return
+    for p in st.criterion.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= st.world
 
 
 def maybe_crash(st: Stage, epoch: int, step: int) -> None:
@@ -304,7 +366,7 @@ def evaluate(st: Stage, epoch: int, train: dict) -> dict:
         model_state, st.optim_state = full_state(st)
         if st.rank == 0:
             if st.unsharded is None:
-                st.unsharded = st.task.build_model(st.spec.model, st.spec.task_info)
+                st.unsharded = student_model(st.task, st.spec, resuming=True)
             st.unsharded.load_state_dict(model_state)
             net = st.unsharded
     if st.rank != 0:
@@ -330,8 +392,8 @@ def compression_metrics(st: Stage, net, epoch: int) -> dict:
 
     masks = st.pruner.masks if st.pruner is not None else None
     out = size_metrics(net, st.spec, masks)
-    if epoch == st.spec.epochs and st.task.name == "classification":
-        out.update(final_metrics(net, st.spec, masks, int(st.eval["x"].shape[1])))
+    if epoch == st.spec.epochs and st.task.latency_input(st.spec.task_info, 1) is not None:
+        out.update(final_metrics(net, st.spec, masks, lambda b: st.task.latency_input(st.spec.task_info, b)))
     return out
 
 
@@ -347,10 +409,12 @@ def report(st: Stage, epoch: int, metrics: dict) -> None:
         sharded = _sharded(st)
         state = {"epoch": epoch, "global_step": st.global_step,
                  "optimizer": st.optim_state if sharded else st.opt.state_dict(),
-                 "scheduler": st.sched.state_dict(), "pruner": st.pruner.state_dict() if st.pruner else None}
+                 "scheduler": st.sched.state_dict(), "pruner": st.pruner.state_dict() if st.pruner else None,
+                 "criterion": st.criterion.state_dict()}  # projections: trained, never part of the model
+        refs = {n: {"path": r.path, "model": r.model} for n, r in spec.teachers.items()}
         meta = {"epoch": epoch, "stage": spec.stage, "task": spec.task, "config_hash": spec.config_hash,
                 "model": spec.model, "sparsity": metrics["sparsity"], "metrics": metrics,
-                "teacher": {"path": spec.teacher.path, "model": spec.teacher.model} if spec.teacher else None,
+                "teacher": next(iter(refs.values()), None), "teachers": refs,
                 "offline": spec.offline, "task_info": spec.task_info, "structure": spec.structure}
         tmp_root = Path(tempfile.mkdtemp(prefix="raydistill-ckpt-"))
         ckdir = save_checkpoint_dir(tmp_root / f"epoch_{epoch:04d}", model=st.unsharded if sharded else st.base,

@@ -2,7 +2,8 @@
 the key or argument (the CLI exits 2), not minutes later inside a stage.
 
     check_storage(path, key)   the storage path is (or can be made) a writable directory
-    check_models(cfg)          every model imports and builds with its kwargs; pruning patterns match layers
+    check_models(cfg)          every model imports and builds with its kwargs; loss terms fit the models'
+                               layers; pruning patterns match layers
     preflight(cfg, storage, name, storage_key)   all of the above plus the run name
 """
 
@@ -31,20 +32,22 @@ def check_storage(path, key: str = "run.storage_path") -> Path:
 
 
 def check_models(cfg: Config) -> None:
-    """Import and build the teacher, the assistants and the student once (a wrong import path or factory
-    kwargs fail here, not after the teacher has trained), and check the compression patterns against
-    the student's layers."""
-    from raydistill.models import build_model
+    """Import and build the teachers, the assistants and the student once (a wrong import path or factory
+    kwargs fail here, not after the teacher has trained), check the loss terms against their layers and
+    the compression patterns against the student's layers."""
+    from raydistill.tasks import get_task
 
-    specs = [("teacher", cfg.teacher), *((f"assistants[{i}]", a) for i, a in enumerate(cfg.assistants)),
-             ("student", cfg.student)]
+    task = get_task(cfg.data.task)
+    specs = [*((cfg.teacher_key(n), t) for n, t in cfg.teacher_map().items()),
+             *((f"assistants[{i}]", a) for i, a in enumerate(cfg.assistants)), ("student", cfg.student)]
     built = {}
     for key, spec in specs:
         try:
-            built[key] = build_model({"model": spec.model, "kwargs": dict(spec.kwargs)})
+            built[key] = task.build_model({"model": spec.model, "kwargs": dict(spec.kwargs)}, task.probe_info())
         except Exception as exc:  # noqa: BLE001 - a user factory may raise anything
             raise ConfigError(f"{key}.model: cannot build {spec.model!r} with kwargs {dict(spec.kwargs)}: "
                               f"{type(exc).__name__}: {exc}") from None
+    check_terms(cfg, task, built)
     comp = cfg.compression
     if comp.sparsity > 0 and (comp.include or comp.exclude):
         from raydistill.compress.pruner import check_patterns_match
@@ -60,6 +63,27 @@ def check_models(cfg: Config) -> None:
         check_recipe(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def check_terms(cfg: Config, task, built: dict) -> None:
+    """The loss terms against the models of every distillation stage (each assistant, then the student,
+    learning from the previous link in the first teacher's place): teachers, layers and widths that exist
+    (``ValueError`` of ``raydistill.losses`` -> ``ConfigError`` naming the term's key)."""
+    from raydistill.losses import Criterion
+
+    names = list(cfg.teacher_map())
+    online = {n: task.layout(built[cfg.teacher_key(n)]) for n in names if n != cfg.offline_teacher()}
+    students = [f"assistants[{i}]" for i in range(len(cfg.assistants))] + ["student"]
+    for key in students:
+        try:
+            crit = Criterion(cfg.loss_terms(), student=task.layout(built[key]), teachers=online)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} ({key} learning)" if key != "student" else str(exc)) from None
+        if cfg.scaling.strategy == "fsdp" and any(True for _ in crit.parameters()):
+            raise ConfigError("scaling.strategy: fsdp cannot train the learned projections of hidden terms "
+                              "(student and teacher layers of different widths); use ddp")
+        if names[0] in online:  # the next link learns from this one in the first teacher's place
+            online = {**online, names[0]: task.layout(built[key])}
 
 
 def preflight(cfg: Config, storage, name: str, *, storage_key: str = "run.storage_path",

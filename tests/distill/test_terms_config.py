@@ -11,31 +11,11 @@ import pytest
 
 from raydistill.config import ConfigError, config_from_dict, dump_config, load_config
 
+from .test_bad_inputs import run_cli  # noqa: F401 - the CLI with Ray replaced by a tripwire
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "tune_configs" / "mnist1d_tiny.yaml")
 LM_TINY = REPO / "tune_configs" / "lm_tiny.yaml"
-
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys, tmp_path):
-    import contextlib
-
-    import raydistill.distill.session as session
-    from raydistill.distill import cli
-
-    @contextlib.contextmanager
-    def tripwire(*a, **k):
-        raise AssertionError("TRIPWIRE: Ray would start")
-        yield  # pragma: no cover
-
-    monkeypatch.setattr(session, "ray_session", tripwire)
-
-    def run(*args):
-        rc = cli.main(["--no-progress", *args, "--storage-path", str(tmp_path / "runs")])
-        return rc, capsys.readouterr().err
-
-    return run
-
 
 # the tiny config's teacher (the first of teachers must equal `teacher`, which the file sets) and a second
 TWO = ("teachers={main: {model: cnn1d, kwargs: {channels: 32}, training: {epochs: 15, batch_size: 32, "

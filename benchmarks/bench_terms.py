@@ -9,7 +9,8 @@ the teachers (``mnist1d_default``'s CNN; ``lm_default``'s Llama) trained with cr
 under ``--storage``, the second teacher the same model trained with another seed, then the dense student
 with the terms of each row. ``--search``: first a small grid over the term weights (the hidden term's weight,
 the second teacher's weight) on seed 0, scored on the validation split (never the test split); the rows then
-use the best weights. Every row of every seed sees the same data, teachers and step budget. JSON:
+use the best weights. Every row of every seed sees the same data, teachers and step budget
+(``--fixed-teachers``: the same two teachers for every student seed). JSON:
 benchmarks/results/terms_quality_<task>.json (rewritten after every run, so a stopped run keeps its rows).
 """
 
@@ -169,6 +170,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden-weights", type=float, nargs="+", default=[0.1, 0.5, 2.0])
     ap.add_argument("--second-weights", type=float, nargs="+", default=[0.5, 1.0])
     ap.add_argument("--weights", default="hidden=0.5,second=1.0", help="weights without --search")
+    ap.add_argument("--fixed-teachers", action="store_true",
+                    help="train the two teachers once (seeds 0 and 1000) for every student seed (LM: the teachers "
+                         "are most of the time)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -188,6 +192,7 @@ def main(argv=None) -> int:
         write_json_atomic(out_path, doc)
 
     def teachers_of(seed):
+        seed = 0 if a.fixed_teachers else seed
         pair = [teacher(cfg, task, info, ce_rows, ev, seed, storage),
                 teacher(cfg, task, info, ce_rows, ev, seed + 1000, storage)]
         doc["teachers"][str(seed)] = {"main": _num(pair[0][1]), "second": _num(pair[1][1])}

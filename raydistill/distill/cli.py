@@ -127,22 +127,33 @@ def _error(prog: str, exc: BaseException, log_path: Path) -> int:
 
 
 def _print_summary(r: dict) -> None:
-    """The report's table (the task's columns, ``raydistill.distill.report.stage_rows``) on stderr."""
+    """The report's table (the task's columns, ``raydistill.distill.report.stage_rows``) on stderr (stage names
+    in full, also in a log or CI, where the console is not a terminal and would otherwise be 80 columns
+    wide), then the verdict on distillation."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    from raydistill.distill.report import fmt, stage_rows
+    from raydistill.distill.report import UNDER_LOAD_NOTE, cell, stage_rows
     from raydistill.tasks import get_task
 
+    console = Console(stderr=True, **({} if sys.stderr.isatty() else {"width": 200}))
     cols = get_task(r["task"]).report_columns
     t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
     for col in ("stage", *(h for h, _, _ in cols)):
-        t.add_column(col, justify="left" if col == "stage" else "right")
+        t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
     cached = {f"teacher:{n}" for n, m in (r.get("teachers") or {}).items() if m.get("cached")}
     cached |= {"teacher"} if r["teacher"].get("cached") else set()
-    for stage, _, e in stage_rows(r):
-        t.add_row(stage + (" (cached)" if stage in cached else ""), *(fmt(e.get(k), f) for _, k, f in cols))
-    Console(stderr=True).print(t)
+    rows = stage_rows(r)
+    for stage, _, e in rows:
+        t.add_row(stage + (" (cached)" if stage in cached else ""), *(cell(e, k, f, mark="*") for _, k, f in cols))
+    console.print(t)
+    if any(e.get("latency_under_load") for _, _, e in rows):
+        console.print(f"* latency {UNDER_LOAD_NOTE}", highlight=False)
+    v = r.get("verdict") or {}
+    if v.get("summary"):
+        style = {"helped": "green", "hurt": "bold red"}.get(v.get("verdict"), "yellow")
+        console.print(Text(v["summary"][0].upper() + v["summary"][1:] + ".", style=style))
 
 
 def teacher_logits_main(argv: list[str] | None = None) -> int:

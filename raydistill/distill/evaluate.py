@@ -63,12 +63,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
     (:func:`raydistill.distill.steps.finalize_student`). The task's test metrics (``Task.test_metrics``:
     classification accuracy, macro F1 / precision / recall; causal LM perplexity, next_token_accuracy,
     teacher_agreement -- against the checkpoint's teacher when ``teacher`` is True, against ``teacher``
-    when it is a ``TeacherArtifact`` -- and a few greedy ``samples``), ``latency_ms_b1`` /
-    ``latency_ms_b256`` (median eval forward time, when ``latency`` and the task times one).
+    when it is a ``TeacherArtifact`` -- and a few greedy ``samples``; each with its 95% interval and, under
+    ``"_items"``, the per-item results that the verdict pairs), ``latency_ms_b1`` / ``latency_ms_b256``
+    (:func:`raydistill.distill.steps.measure_latency`, when ``latency`` and the task times one).
     ``model_bytes`` counts real bit widths (codes, scales, CSR indices). ``export``: also write the
     compressed model there (:func:`raydistill.compress.save_compressed`)."""
-    import torch
-
     net, rep, meta, task, info = load_checkpoint_model(cfg, checkpoint_path, model, convert=not quantize)
     steps: dict = {}
     if quantize:
@@ -88,7 +87,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
                sparse_layers=sum(1 for m in net.modules()
                                  if type(m).__name__ in ("SparseLinear", "SparseLinearInt8")),
                epoch=meta.get("epoch"), checkpoint=str(checkpoint_path))
-    from raydistill.distill.steps import latency_ms, storage_nbytes
+    from raydistill.distill.steps import measure_latency, storage_nbytes
 
     out["model_bytes"] = storage_nbytes(net)
     if quantize:  # bytes at real widths (codes + scales) instead of the float CSR accounting
@@ -106,10 +105,20 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
         save_compressed(net, export, structure=meta.get("structure"))
         out["export"] = str(export)
     if latency and task.latency_input(info, 1) is not None:
-        out["latency_ms_b1"] = latency_ms(net, task.latency_input(info, 1))
-        out["latency_ms_b256"] = latency_ms(net, task.latency_input(info, 256))
-        out["latency_threads"] = torch.get_num_threads()
+        out.update(measure_latency(net, lambda b: task.latency_input(info, b)))
     return out
+
+
+def checkpoint_latency(cfg: Config, checkpoint_path, *, quantize: dict | None = None) -> dict:
+    """The CPU latency of a checkpoint's model converted as :func:`evaluate_checkpoint` converts it (masks
+    -> SparseLinear, ``quantize``), measured now, warm, with repeats
+    (:func:`raydistill.distill.steps.measure_latency`): for readings taken after training has ended."""
+    from raydistill.distill.steps import finalize_student, measure_latency
+
+    net, _, _, task, info = load_checkpoint_model(cfg, checkpoint_path, convert=not quantize)
+    if quantize:
+        finalize_student(net, load_masks_of(checkpoint_path), quantize)
+    return measure_latency(net, lambda b: task.latency_input(info, b))
 
 
 def load_masks_of(checkpoint_path) -> dict | None:

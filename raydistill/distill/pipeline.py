@@ -125,6 +125,7 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
         timings: dict[str, float] = {}
         with ray_session(address=address) as ray, Progress(enabled=progress) as prog:
             log.info("ray resources: %s", ray.cluster_resources())
+            corpus = _corpus_size(cfg, storage, prog)
             teachers = _teachers(cfg, storage, prog, timings)
             current, assistants = _assistants(cfg, teachers, run_dir, prog, timings)
             plan = _StudentPlan(cfg)
@@ -132,7 +133,7 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
         # evaluation + report (Ray is down; evaluation is local and cheap)
         evals = _evaluate_students(cfg, plan, results, next(iter(current.values())), run_dir)
         report = build_report(cfg, name, run_dir, teachers, assistants, evals, plan.sparse, structured_report,
-                              timings)
+                              timings, corpus)
         if get_task(cfg.data.task).exports_pretrained:
             from raydistill.distill.export import export_student
 
@@ -159,6 +160,38 @@ def _job_log(path: Path):
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+def _corpus_size(cfg: Config, storage: Path, prog: Progress) -> dict:
+    """Training tokens (causal LM) and the first teacher's parameters; a warning before training when the
+    corpus is small for the teacher (:func:`raydistill.distill.verdict.corpus_warning`)."""
+    from raydistill.distill.data import task_info
+    from raydistill.distill.verdict import corpus_warning
+
+    info = task_info(cfg, storage)
+    tokens = int(info.get("train_blocks", 0)) * int(info.get("seq_len", 0)) or None
+    params = _teacher_params(cfg, info) if tokens else None
+    msg = corpus_warning(tokens, params)
+    if msg:
+        prog.note(msg)
+    return {"train_tokens": tokens, "teacher_params": params}
+
+
+def _teacher_params(cfg: Config, info: dict) -> int | None:
+    """The teacher's parameter count, from a model built on the meta device (no memory, no weights)."""
+    import torch
+
+    from raydistill.distill.spec import model_dict
+
+    try:
+        with torch.device("meta"):
+            net = get_task(cfg.data.task).build_model(model_dict(cfg.teacher), info)
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta: no warning, no count
+        log.debug("teacher parameters not counted", exc_info=True)
+        return None
+    from raydistill.models import count_params
+
+    return int(count_params(net))
 
 
 def _teacher_stage(cfg: Config, name: str) -> str:

@@ -22,6 +22,16 @@ class Progress:
         self._progress = None
         self._lines = False
 
+    def note(self, text: str) -> None:
+        """A warning for the user: above the bars in a terminal, else one line on stderr (and in the log)."""
+        import sys
+
+        log.warning(text)
+        if self._progress is not None:
+            self._progress.console.print(f"[yellow]warning:[/yellow] {text}", markup=True, highlight=False)
+        else:
+            print(f"warning: {text}", file=sys.stderr, flush=True)
+
     def add(self, stage: str, log_path: Path, epochs: int):
         with self._lock:
             self._stages[stage] = {"path": Path(log_path), "epochs": epochs, "offset": 0, "task": None,

@@ -167,13 +167,13 @@ def build_baseline_trainer(cfg: Config, *, storage_path, name: str, callbacks=No
     labelled rows are cycled to fill an epoch of the student's length)."""
     storage = resolve_storage(storage_path)
     datasets, rows = stage_datasets(cfg, storage, "ce")
-    kd_rows = distill_rows(cfg, storage)
+    n_distill = distill_rows(cfg, storage)
     nw, res, threads = _workers_and_threads(cfg, num_workers, resources_per_worker)
     d = cfg.distill
     spec = stage_spec(cfg, stage="baseline", kind="ce", model=model_dict(cfg.student), epochs=d.epochs,
                       batch_size=d.batch_size, optimizer=d.optimizer.model_dump(),
                       lr_schedule=d.lr_schedule.model_dump(),
-                      steps_per_epoch=student_steps_per_epoch(cfg, kd_rows, nw), rows=rows,
+                      steps_per_epoch=student_steps_per_epoch(cfg, n_distill, nw), rows=rows,
                       num_workers=nw, progress_dir=storage / name, threads=threads, info=task_info(cfg, storage))
     return make_trainer(cfg, spec, datasets, storage_path=storage, name=name, callbacks=callbacks,
                         num_workers=nw, resources_per_worker=res)

@@ -74,7 +74,7 @@ class CausalLMTask(Task):
     baseline_key = "perplexity_vs_baseline"
     throughput_unit = "tokens"
     reported_metrics = ("val_perplexity", "perplexity", "next_token_accuracy", "teacher_agreement", "tokens_per_s")
-    report_columns = (("test perplexity", "perplexity", "{:.2f}"),
+    report_columns = (("test perplexity (95% CI)", "perplexity", "{:.2f}"),
                       ("next-token accuracy", "next_token_accuracy", "{:.2%}"),
                       ("teacher agreement", "teacher_agreement", "{:.2%}"), ("tokens/s", "tokens_per_s", "{:,.0f}"),
                       ("sparsity", "sparsity", "{:.1%}"), ("compression", "compression_ratio", "{:.2f}x"))
@@ -108,13 +108,14 @@ class CausalLMTask(Task):
         return torch.from_numpy(text_data(cfg, storage).train.astype("int64"))
 
     def test_metrics(self, cfg, model, storage: Path, info: dict, *, teacher=None, samples: bool = True) -> dict:
-        """Perplexity, next-token accuracy, ``teacher_agreement`` (``teacher()``: the teacher module or None)
-        and a few greedy ``samples`` on the test blocks."""
+        """Perplexity (with its 95% interval and per-block ``"_items"``), next-token accuracy,
+        ``teacher_agreement`` (``teacher()``: the teacher module or None) and a few greedy ``samples`` on the
+        test blocks."""
         from tokenizers import Tokenizer
 
         td = text_data(cfg, storage)
         test = torch.as_tensor(td.test.astype(np.int64))
-        out = lm_metrics(model, test, td.pad_id, td.vocab_size, teacher=teacher() if teacher else None)
+        out = lm_metrics(model, test, td.pad_id, td.vocab_size, teacher=teacher() if teacher else None, items=True)
         if samples and cfg.data.samples:
             tok = Tokenizer.from_file(str(Path(td.tokenizer_dir) / "tokenizer.json"))
             prompts = [row[: 16].tolist() for row in td.test[: cfg.data.samples]]
@@ -261,29 +262,51 @@ def text_data(cfg, storage: Path):
 
 @torch.no_grad()
 def lm_metrics(model, blocks: torch.Tensor, pad_id: int, vocab: int, *, teacher=None,
-               batch_size: int = 32) -> dict[str, float]:
+               batch_size: int = 32, items: bool = False) -> dict:
+    """Perplexity, next-token accuracy and (with ``teacher``) top-1 agreement over ``blocks``; with
+    ``items``, also the 95% bootstrap interval of the perplexity over blocks (``perplexity_ci95``) and, under
+    ``"_items"``, each block's summed NLL and scored tokens (and the teacher's NLL) for paired comparisons
+    (:mod:`raydistill.tasks.stats`)."""
     was = model.training
     model.eval()
-    nll, n, correct, agree = 0.0, 0, 0, 0
+    nll_b, tok_b, t_nll_b = [], [], []
+    correct, agree = 0, 0
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i:i + batch_size]
         labels = next_token_labels(ids, pad_id)
         valid = labels != IGNORE_INDEX
         logits = shared_vocab(lm_logits(model, ids), vocab).float()
-        nll += float(F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                     reduction="sum"))
+        nll_b.append(_block_nll(logits, labels))
+        tok_b.append(valid.sum(1).double())
         pred = logits.argmax(-1)
         correct += int((pred == labels)[valid].sum())
-        n += int(valid.sum())
         if teacher is not None:
-            tp = shared_vocab(lm_logits(teacher, ids), vocab).argmax(-1)
-            agree += int((pred == tp)[valid].sum())
+            t_logits = shared_vocab(lm_logits(teacher, ids), vocab).float()
+            agree += int((pred == t_logits.argmax(-1))[valid].sum())
+            if items:
+                t_nll_b.append(_block_nll(t_logits, labels))
     model.train(was)
-    out = {"perplexity": math.exp(min(nll / max(n, 1), 50.0)), "next_token_accuracy": correct / max(n, 1),
-           "eval_tokens": n}
+    nll = torch.cat(nll_b) if nll_b else torch.zeros(0, dtype=torch.float64)
+    tok = torch.cat(tok_b) if tok_b else torch.zeros(0, dtype=torch.float64)
+    n = int(tok.sum())
+    out: dict = {"perplexity": math.exp(min(float(nll.sum()) / max(n, 1), 50.0)),
+                 "next_token_accuracy": correct / max(n, 1), "eval_tokens": n}
     if teacher is not None:
         out["teacher_agreement"] = agree / max(n, 1)
+    if items:
+        from raydistill.tasks.stats import perplexity_ci
+
+        out["perplexity_ci95"] = perplexity_ci(nll.numpy(), tok.numpy())
+        out["eval_blocks"] = len(blocks)
+        out["_items"] = {"nll": nll.tolist(), "tokens": tok.tolist(),
+                         **({"teacher_nll": torch.cat(t_nll_b).tolist()} if t_nll_b else {})}
     return out
+
+
+def _block_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (nats) of each block, ``(B,)`` float64."""
+    ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return ce.double().sum(1)
 
 
 @torch.no_grad()

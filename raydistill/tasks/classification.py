@@ -29,7 +29,7 @@ class ClassificationTask(Task):
     throughput_unit = "samples"
     reported_metrics = ("val_accuracy", "accuracy", "macro_f1", "macro_precision", "macro_recall",
                         "samples_per_s", "latency_ms_b1", "latency_ms_b256")
-    report_columns = (("test accuracy", "accuracy", "{:.2%}"), ("macro F1", "macro_f1", "{:.3f}"),
+    report_columns = (("test accuracy (95% CI)", "accuracy", "{:.2%}"), ("macro F1", "macro_f1", "{:.3f}"),
                       ("macro precision", "macro_precision", "{:.3f}"), ("macro recall", "macro_recall", "{:.3f}"),
                       ("sparsity", "sparsity", "{:.1%}"), ("compression", "compression_ratio", "{:.2f}x"),
                       ("bytes", "model_bytes", "{:,}"), ("ms/batch 1", "latency_ms_b1", "{:.3f}"),
@@ -69,12 +69,22 @@ class ClassificationTask(Task):
         return torch.from_numpy(load_arrays(cfg, storage)[0].x_train)
 
     def test_metrics(self, cfg, model, storage: Path, info: dict, *, teacher=None, samples: bool = True) -> dict:
+        """Accuracy (with its 95% bootstrap interval over test examples), macro F1 / precision / recall, and
+        under ``"_items"`` each example's correctness -- the teacher's too (``teacher()``: the teacher module
+        or None) -- for paired comparisons (``raydistill.distill.verdict``)."""
         from raydistill.data import load_mnist1d
+        from raydistill.tasks.stats import mean_ci
 
         split = load_mnist1d(cfg.data, storage / "datasets")
-        with torch.no_grad():
-            pred = predict(model, torch.from_numpy(split.x_test)).argmax(1).numpy()
-        return classification_metrics(pred, split.y_test)
+        x = torch.from_numpy(split.x_test)
+        pred = predict(model, x).argmax(1).numpy()
+        correct = (pred == np.asarray(split.y_test)).astype(np.float64)
+        items = {"correct": correct.tolist()}
+        t_net = teacher() if teacher else None
+        if t_net is not None:
+            items["teacher_correct"] = (predict(t_net, x).argmax(1).numpy() == split.y_test).astype(np.float64).tolist()
+        return {**classification_metrics(pred, split.y_test), "accuracy_ci95": mean_ci(correct),
+                "eval_examples": int(len(correct)), "_items": items}
 
     def latency_input(self, info: dict, batch: int) -> torch.Tensor:
         from raydistill.data.mnist1d import IN_FEATURES

@@ -20,6 +20,7 @@ from raydistill.tune.search import (
     make_searcher,
     make_trial_driver,
     plan_resources,
+    remeasure_latency,
     trial_rows,
 )
 from raydistill.tune.space import SearchSpec, grid_size, short_names, to_tune_param_space
@@ -318,6 +319,7 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
     state.save(state_path)
 
     rows = trial_rows(trials, base, spec, build)
+    remeasure_latency(rows, base, build, console)
     return write_report(rows, spec, cfg, exp_dir, state, console=console, interrupted=interrupted,
                         build=build, dump=dump_config)
 

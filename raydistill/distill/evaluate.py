@@ -78,9 +78,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
     storage = resolve_storage(cfg.run.storage_path)
     out = task.test_metrics(cfg, net, storage, info, teacher=lambda: _teacher_model(task, meta, info, teacher),
                             samples=samples)
-    per_s = f"{task.throughput_unit}_per_s"
-    if per_s in (meta.get("metrics") or {}):
-        out[per_s] = meta["metrics"][per_s]
+    for key in (f"{task.throughput_unit}_per_s", "terms"):  # training figures of the checkpoint's last epoch
+        if key in (meta.get("metrics") or {}):
+            out[key] = meta["metrics"][key]
     out.update(sparsity=float(rep.total_sparsity), compression_ratio=float(rep.compression_ratio),
                params=int(rep.params), nonzero_params=int(rep.nonzero_params),
                dense_bytes=int(rep.dense_bytes), compressed_bytes=int(rep.compressed_bytes),

@@ -154,7 +154,8 @@ def report_markdown(r: dict) -> str:
     terms = ", ".join(f"{t['type']}" + (f" ({', '.join(t['teachers'])})" if t.get("teachers") else
                                         f" ({t['teacher']})" if t.get("teacher") else "") + f" x{t['weight']:g}"
                       for t in r.get("loss_terms", []))
-    lines += ["", f"- loss terms: {terms or 'n/a'}",
+    values = ", ".join(f"{k} {v:.4g}" for k, v in (r["student"].get("terms") or {}).items())
+    lines += ["", f"- loss terms: {terms or 'n/a'}" + (f"; the student's last epoch: {values}" if values else ""),
               f"- compression steps: {', '.join(r.get('compression_steps') or []) or 'none'}",
               f"- distilled student vs baseline: {task.compare_text.format(100 * r[task.baseline_key])}"
               + (f" ({r['student']['eval_tokens']:,} test tokens)" if r["student"].get("eval_tokens") else "")]

@@ -34,6 +34,8 @@ def test_two_teachers_hidden_terms_job_with_a_crash(ray_local, storage, tiny):
     assert all(t["accuracy"] > 0.2 for t in r["teachers"].values())
     md = (run / "report.md").read_text()
     assert "| teacher:main |" in md and "| teacher:mlp3 |" in md and "hidden (main) x0.05" in md
+    assert set(r["student"]["terms"]) == {"kd_logits:main+mlp3", "ce", "hidden:main", "relation:mlp3"}
+    assert "the student's last epoch: kd_logits:main+mlp3" in md
     assert r["student"]["accuracy"] > 0.3 and r["baseline"]["accuracy"] > 0.2
     rows = [json.loads(x) for x in (run / "student" / "epochs.jsonl").read_text().splitlines()]
     assert (run / "student" / ".debug_crash_done").is_file() and sorted({m["epoch"] for m in rows}) == [1, 2, 3]

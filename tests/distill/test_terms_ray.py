@@ -42,7 +42,7 @@ def test_two_teachers_hidden_terms_job_with_a_crash(ray_local, storage, tiny):
     for m in rows:
         assert set(m["terms"]) == {"kd_logits:main+mlp3", "ce", "hidden:main", "relation:mlp3"}
         assert all(v == v and v >= 0 for v in m["terms"].values())
-    ck = sorted(p for p in (run / "student").glob("checkpoint_*"))[-1]
+    ck = sorted(p for p in (run / "student").glob("checkpoint_*") if p.is_dir())[-1]
     state = load_train_state(ck)
     proj = {k: v for k, v in state["criterion"].items() if "projections" in k}
     assert {tuple(v.shape) for v in proj.values()} == {(32, 128)} and len(proj) == 2  # 2 layer pairs

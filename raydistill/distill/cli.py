@@ -56,6 +56,14 @@ def _check_name_and_storage(args, name: str, storage) -> None:
     check_storage(storage, "--storage-path" if args.storage_path else "run.storage_path")
 
 
+def _quiet_log_errors() -> None:
+    """A log handler that cannot write (a full disk) drops the record instead of printing a traceback for
+    each one: the command's own error line says what went wrong."""
+    import logging
+
+    logging.raiseExceptions = False
+
+
 def _fail(prog: str, msg: str, code: int) -> int:
     print(f"{prog}: error: {msg}", file=sys.stderr)
     return code
@@ -70,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from raydistill.config import ConfigError
 
+    _quiet_log_errors()
     try:
         cfg = _load(args)
     except (ConfigError, _UsageError) as exc:
@@ -99,31 +108,51 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - an interrupted run may surface as any error
         if interrupts.interrupted():
             return _fail(prog, stopped, interrupts.EXIT_INTERRUPTED)
-        return _error(prog, exc, log_path)
+        return _error(prog, exc, log_path, storage)
     _print_summary(report)
     print(Path(report["run_dir"]) / "report.json")
     return 0
 
 
-def _error(prog: str, exc: BaseException, log_path: Path) -> int:
+def _error(prog: str, exc: BaseException, log_path: Path | None, storage: Path | None = None) -> int:
+    """One clear line for a failed run (rc 2 for a config error, else 1); the traceback goes to the log
+    when the log can be written, and writing it never raises."""
     from raydistill.config import ConfigError
     from raydistill.distill.pipeline import StageFailed
+    from raydistill.utils import no_space_left
 
     if isinstance(exc, ConfigError):
         return _fail(prog, str(exc), 2)
-    if isinstance(exc, StageFailed):
-        return _fail(prog, f"{exc}\nfull log: {log_path}", 1)
     if not isinstance(exc, Exception):
         raise exc
-    # one clear line; the traceback goes to the log
-    import logging
+    full = no_space_left(exc)
+    if full:
+        where = getattr(full, "filename", None) or storage or (log_path and log_path.parent)
+        _append_log(log_path, exc)
+        return _fail(prog, f"no space left on device writing to {where}; what was written before it (finished "
+                           f"epochs' checkpoints, caches) is kept: free space there and run the same command "
+                           f"again", 1)
+    if isinstance(exc, StageFailed):
+        return _fail(prog, f"{exc}\nfull log: {log_path}", 1)
+    msg = f"{type(exc).__name__}: {exc}"
+    if log_path is not None:
+        msg += f"\nfull log: {log_path}" if _append_log(log_path, exc) else "\n(the log could not be written)"
+    return _fail(prog, msg, 1)
+
+
+def _append_log(log_path: Path | None, exc: BaseException) -> bool:
+    """Append ``exc``'s traceback to the run's log; False (never an exception) if that fails."""
     import traceback
 
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as fh:
-        fh.write("".join(traceback.format_exception(exc)))
-    logging.getLogger("raydistill").debug("failed", exc_info=True)
-    return _fail(prog, f"{type(exc).__name__}: {exc}\nfull log: {log_path}", 1)
+    if log_path is None:
+        return False
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as fh:
+            fh.write("".join(traceback.format_exception(exc)))
+        return True
+    except OSError:
+        return False
 
 
 def _print_summary(r: dict) -> None:
@@ -169,6 +198,7 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from raydistill.config import ConfigError
 
+    _quiet_log_errors()
     try:
         cfg = _load(args)
         from raydistill.tasks import get_task
@@ -187,9 +217,10 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
 
     storage = resolve_storage(args.storage_path, cfg)
     try:
-        from raydistill.distill.preflight import check_models, check_storage
+        from raydistill.distill.preflight import check_inputs, check_models, check_storage
 
         check_storage(storage, "--storage-path" if args.storage_path else "run.storage_path")
+        check_inputs(cfg, teacher_outputs=False)
         check_models(cfg)
     except ConfigError as exc:
         return _fail(prog, str(exc), 2)
@@ -201,6 +232,6 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail(prog, "interrupted", 130)
     except Exception as exc:  # noqa: BLE001
-        return _fail(prog, f"{type(exc).__name__}: {exc}", 1)
+        return _error(prog, exc, None, storage)
     print(out)
     return 0

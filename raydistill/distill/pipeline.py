@@ -58,7 +58,8 @@ def _short_error(exc: BaseException) -> str:
 
 def _comparable(cfg: Config) -> dict:
     d = cfg.model_dump(mode="json")
-    for k in ("storage_path", "name", "num_to_keep", "max_failures", "concurrent_stages", "debug_crash_at_epoch"):
+    for k in ("storage_path", "name", "num_to_keep", "max_failures", "concurrent_stages", "debug_crash_at_epoch",
+              "debug_crash_at_step", "tracking", "tracking_uri"):
         d["run"].pop(k, None)
     d.pop("search", None)
     d.pop("scaling", None)
@@ -111,7 +112,15 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
     run_dir = storage / name
     preflight(cfg, storage, name)  # name, storage, models: a ConfigError before Ray starts
     with run_lock(run_dir):  # a second run with the same name fails here, at once
-        return _run_locked(cfg, storage, name, run_dir, address, progress, t0)
+        if cfg.run.tracking == "none":
+            return _run_locked(cfg, storage, name, run_dir, address, progress, t0)
+        from raydistill.distill.tracking import Tracker  # run.tracking (issue 22): opened before Ray starts
+
+        teacher_dir = None if cfg.teacher.checkpoint else storage / "teachers" / teacher_hash(cfg)
+        with Tracker(cfg, storage, name, run_dir, teacher_dir) as tracker:
+            report = _run_locked(cfg, storage, name, run_dir, address, progress, t0)
+            tracker.finish(report)
+            return report
 
 
 def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, progress: bool, t0: float) -> dict:

@@ -77,16 +77,36 @@ class StageSpec:
     init_from: str | None = None
     qat: dict | None = None
     quantize: dict | None = None
+    # training at scale (issue 22; raydistill.config.ScaleKeys): autocast dtype, micro-batches per optimizer
+    # step, activation checkpointing, the budget in optimizer steps (None: epochs), step reports
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
+    max_steps: int | None = None
+    checkpoint_every_steps: int | None = None
+    log_every_steps: int = 10
+    debug_crash_at_step: int | None = None
     config_hash: str = ""
 
     # fields that do not change what the stage learns
     _RUN_ONLY = ("progress_dir", "threads", "materialize", "rows_per_worker", "debug_crash_at_epoch",
-                 "config_hash", "strategy")
+                 "config_hash", "strategy", "gradient_checkpointing", "checkpoint_every_steps", "log_every_steps",
+                 "debug_crash_at_step")
+    # issue 22's fields that change what is learned, left out of the hash at these defaults (so the hashes
+    # of stages that do not use them, and the checkpoints written before them, stay valid)
+    _NEW_DEFAULTS = {"precision": "fp32", "grad_accum_steps": 1, "max_steps": None}
 
     def learning_fields(self) -> dict:
         d = dataclasses.asdict(self)
         for k in self._RUN_ONLY:
             d.pop(k, None)
+        if d.get("max_steps") is not None:
+            d.pop("epochs")  # derived from max_steps and the rows per worker: the budget is max_steps
+        for k, v in self._NEW_DEFAULTS.items():
+            if d.get(k) == v:
+                d.pop(k)
+        if isinstance(d.get("lr_schedule"), dict) and not d["lr_schedule"].get("warmup_steps"):
+            d["lr_schedule"] = {k: v for k, v in d["lr_schedule"].items() if k != "warmup_steps"}
         d.pop("teachers", None)  # their paths move with the storage; teacher_hashes identify them
         return d
 

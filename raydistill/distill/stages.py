@@ -51,20 +51,25 @@ def teacher_set(cfg: Config, teachers: "TeacherArtifact | dict[str, TeacherArtif
     return dict(teachers)
 
 
-def stage_spec(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int, batch_size: int,
+def stage_spec(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int | None, batch_size: int,
                optimizer: dict, lr_schedule: dict, sparsity: float = 0.0,
                teachers: dict[str, TeacherArtifact] | None = None, steps_per_epoch: int | None = None,
                rows: int = 0, num_workers: int = 1, progress_dir: Path, threads: int = 1,
-               info: dict | None = None, extras: dict | None = None) -> StageSpec:
+               info: dict | None = None, extras: dict | None = None, training=None) -> StageSpec:
     """``kind`` ``kd``: the config's loss terms over ``teachers`` (name -> artifact; the one read from top-k
     outputs runs on no worker); ``ce``: cross-entropy alone. ``extras``: the compression-step fields of a
     student stage (``structure``, ``init_from``, ``qat``, ``quantize``;
-    :func:`raydistill.distill.steps.student_extras`); None values are left at their default."""
+    :func:`raydistill.distill.steps.student_extras`); None values are left at their default. ``epochs``
+    None: the budget of the stage's section (``max_steps`` / ``max_tokens``, issue 22); ``training``: that
+    section (default: the first teacher's ``training`` for the teacher stage, else ``distill``)."""
     d = cfg.distill
     teachers = dict(teachers or {}) if kind == "kd" else {}
     offline = cfg.offline_teacher() if kind == "kd" else None
+    section = training or (cfg.teacher.training if stage == "teacher" else d)
+    scale = _scale_fields(section, epochs=epochs, batch_size=batch_size, rows=rows, num_workers=num_workers,
+                          steps_per_epoch=steps_per_epoch, info=info)
     spec = StageSpec(
-        stage=stage, task=cfg.data.task, kind=kind, model=model, epochs=int(epochs), batch_size=int(batch_size),
+        stage=stage, task=cfg.data.task, kind=kind, model=model, batch_size=int(batch_size), **scale,
         optimizer=optimizer, lr_schedule=lr_schedule, seed=int(cfg.run.seed), progress_dir=str(progress_dir),
         sparsity=float(sparsity),
         compression=cfg.compression.model_dump(mode="json", exclude={"structured", "quantize", "order"})
@@ -76,10 +81,32 @@ def stage_spec(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int, 
         steps_per_epoch=steps_per_epoch, materialize=cfg.data.materialize,
         rows_per_worker=int(rows // max(1, num_workers)), threads=int(threads),
         grad_clip=d.grad_clip if stage != "teacher" else None,  # the baseline too: same optimizer
-        debug_crash_at_epoch=cfg.run.debug_crash_at_epoch,
+        debug_crash_at_epoch=cfg.run.debug_crash_at_epoch, debug_crash_at_step=cfg.run.debug_crash_at_step,
         strategy=cfg.scaling.strategy, task_info=dict(info or {}))
     spec = spec.replace(**{k: v for k, v in (extras or {}).items() if v is not None})  # issue 12 steps
     return spec.replace(config_hash=_result_hash(cfg, spec))
+
+
+def _scale_fields(sec, *, epochs: int | None, batch_size: int, rows: int, num_workers: int,
+                  steps_per_epoch: int | None, info: dict | None) -> dict:
+    """The StageSpec fields of a section's issue-22 keys (``distill`` or ``teacher.training``): a token
+    budget becomes optimizer steps; with a budget, ``epochs`` is the estimate from the rows per worker (the
+    worker plans again from its shard, raydistill.distill.budget.plan). An explicit ``epochs`` (an
+    assistant's, QAT fine-tuning's) is the stage's budget."""
+    from raydistill.distill.budget import plan, steps_for_tokens
+
+    accum = int(sec.grad_accum_steps)
+    max_steps = None
+    if epochs is None:
+        max_steps = sec.max_steps
+        if sec.max_tokens is not None:
+            max_steps = steps_for_tokens(sec.max_tokens, batch_size=batch_size, accum=accum, workers=num_workers,
+                                         seq_len=int((info or {})["seq_len"]))
+        micro = steps_per_epoch or max(1, (rows // max(1, num_workers)) // max(1, batch_size))
+        epochs = plan(None, max_steps, micro, accum).epochs
+    return dict(epochs=int(epochs), max_steps=max_steps, precision=sec.precision, grad_accum_steps=accum,
+                gradient_checkpointing=bool(sec.gradient_checkpointing),
+                checkpoint_every_steps=sec.checkpoint_every_steps, log_every_steps=int(sec.log_every_steps))
 
 
 def make_trainer(cfg: Config, spec: StageSpec, datasets: dict, *, storage_path: Path, name: str,
@@ -124,7 +151,7 @@ def build_teacher_trainer(cfg: Config, *, storage_path, name: str, callbacks=Non
     spec = stage_spec(cfg, stage="teacher", kind="ce", model=model_dict(tc), epochs=t.epochs,
                       batch_size=t.batch_size, optimizer=t.optimizer.model_dump(),
                       lr_schedule=t.lr_schedule.model_dump(), rows=rows, num_workers=nw,
-                      progress_dir=storage / name, threads=threads, info=task_info(cfg, data_storage))
+                      progress_dir=storage / name, threads=threads, info=task_info(cfg, data_storage), training=t)
     return make_trainer(cfg, spec, datasets, storage_path=storage, name=name, callbacks=callbacks,
                         num_workers=nw, resources_per_worker=res)
 

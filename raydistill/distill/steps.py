@@ -295,7 +295,15 @@ def check_recipe(cfg) -> None:
     if q is not None:
         from raydistill.compress.pruner import select_linear_layers
 
-        for name, mod in select_linear_layers(net, q.include, q.exclude).items():
+        selected = select_linear_layers(net, q.include, q.exclude)
+        if not selected:  # quantize() would refuse it after training; say it before
+            from raydistill.compress.quantize import check_selection
+
+            try:
+                check_selection("quantize", net, selected, q.include, q.exclude, (nn.Linear,))
+            except ValueError as exc:
+                raise ValueError(f"compression.quantize.{'exclude' if q.exclude else 'include'}: {exc}") from None
+        for name, mod in selected.items():
             try:
                 check_scheme(q.bits, q.group_size, q.activations, mod.in_features, name)
             except ValueError as exc:

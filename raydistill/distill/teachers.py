@@ -24,9 +24,13 @@ TEACHER_FILE = "teacher.json"
 
 
 def teacher_hash(cfg: Config, teacher: str | None = None) -> str:
-    """What teacher ``teacher`` (None: the first) learns from: its model, training budget, data and seed."""
+    """What teacher ``teacher`` (None: the first) learns from: its model, training budget, data and seed
+    (issue 22's keys at their defaults and ``teacher_outputs`` left out: the hash of before)."""
+    from raydistill.config import without_scale_defaults
+
     tc = _config(cfg, teacher)
-    return config_hash({"teacher": tc.model_dump(mode="json", exclude={"checkpoint", "teacher_outputs"}),
+    return config_hash({"teacher": without_scale_defaults(tc.model_dump(mode="json",
+                                                                         exclude={"checkpoint", "teacher_outputs"})),
                         "data": cfg.data.model_dump(mode="json", exclude={"materialize"}),
                         "seed": cfg.run.seed})
 

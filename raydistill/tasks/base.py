@@ -45,6 +45,9 @@ class Task:
         """What models and batches of this task need to know about the data (vocabulary, ...)."""
         return {}
 
+    def check_data(self, cfg) -> None:
+        """Before Ray starts: the task's data as the config names it (``ConfigError`` naming the key)."""
+
     def probe_info(self) -> dict:
         """A ``task_info`` for building models before any data exists (config checks)."""
         return {}
@@ -121,6 +124,12 @@ class Task:
                     cached = self.outputs(teachers[name], batch, need, spec)
             outs[name] = cached
         return StepOutputs(student=student, teachers=outs, **self.targets(batch, spec))
+
+    def loss(self, model, batch: dict, spec, teachers: dict, criterion) -> tuple[torch.Tensor, int]:
+        """The stage's loss on one batch (the student's forward included) and the items it counted (rows or
+        tokens, for throughput): ``criterion`` (a ``raydistill.losses.Criterion``) over :meth:`forward`."""
+        out = self.forward(model, batch, spec, teachers, criterion.needs())
+        return criterion(out), out.count
 
     def evaluate(self, model, data: dict, teacher=None, task_info: dict | None = None) -> dict[str, Any]:
         raise NotImplementedError

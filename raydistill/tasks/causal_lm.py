@@ -86,6 +86,34 @@ class CausalLMTask(Task):
     def task_info(self, cfg, storage: Path) -> dict:
         return {**text_data(cfg, storage).info(), "seq_len": cfg.data.seq_len}
 
+    def check_data(self, cfg) -> None:
+        """The head of every corpus file: binary / non-UTF-8 files and malformed jsonl lines named (the rest is
+        checked while Ray Data reads them); ``data.skip_bad_files`` leaves them out with a warning."""
+        import logging
+
+        from raydistill.config import ConfigError
+        from raydistill.data.text import SKIP_HINT, check_corpus_heads, corpus_files
+
+        data = cfg.data
+        try:
+            files = corpus_files(data.path, data.max_bytes)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        bad = check_corpus_heads(files, data.text_column)
+        if not bad:
+            return
+        if data.skip_bad_files:
+            if len(bad) == len(files):
+                raise ConfigError(f"data.path: no file of the corpus can be read as text (data.skip_bad_files "
+                                  f"leaves them all out): {bad[0]}")
+            for msg in bad:
+                logging.getLogger("raydistill").warning("skipped (data.skip_bad_files: true): %s",
+                                                        msg.split("; ")[0].removeprefix("data.path: "))
+            return
+        more = f" (and {len(bad) - 5} more files)" if len(bad) > 5 else ""
+        lines = "\n  ".join(m.replace(f"; {SKIP_HINT}", "") for m in bad[:5])
+        raise ConfigError(f"data.path: {len(bad)} corpus file(s) cannot be used{more} ({SKIP_HINT}):\n  {lines}")
+
     def probe_info(self) -> dict:
         # a vocabulary only changes the embedding and the head, which no config check looks at
         return {"vocab_size": 128}
@@ -187,7 +215,8 @@ class CausalLMTask(Task):
     def prepare(self, batch: dict, spec, teachers: dict, needs: dict, chunk: int = 16) -> dict:
         """Run each teacher once over the worker's rows and keep what its terms read
         (``teacher.<name>.last``: the last hidden states for the fused ``kd_loss_linear``;
-        ``teacher.<name>.h<i>``: hidden layer i; float32, ``(N, S, H)``) next to ``input_ids``. The teachers
+        ``teacher.<name>.h<i>``: hidden layer i; ``(N, S, H)``, float32, or bf16 / fp16 for a teacher in that
+        dtype: ``distill.precision``) next to ``input_ids``. The teachers
         are frozen and deterministic, so every epoch's targets are the same; computing them once instead of
         at every step saves all but one of the teacher forwards (a teacher is the larger model: most of a
         distillation step's cost). Not kept (the teacher runs at every step): logits (a teacher whose terms
@@ -207,7 +236,9 @@ class CausalLMTask(Task):
             keys = (["last"] if last else []) + [f"h{i}" for i in sorted(need.hidden) if not (last and i == depth)]
             if not keys or all(teacher_key(name, k) in batch for k in keys):
                 continue
-            nbytes = len(keys) * ids.numel() * int(unwrap_model(teacher).config.hidden_size) * 4
+            # kept in a bf16 / fp16 teacher's own dtype (distill.precision: half the bytes), else float32
+            half = next(teacher.parameters()).dtype in (torch.bfloat16, torch.float16)
+            nbytes = len(keys) * ids.numel() * int(unwrap_model(teacher).config.hidden_size) * (2 if half else 4)
             if nbytes > budget:
                 continue
             budget -= nbytes
@@ -215,7 +246,8 @@ class CausalLMTask(Task):
             for i in range(0, len(ids), chunk):
                 hs = teacher(input_ids=ids[i:i + chunk], output_hidden_states=True, logits_to_keep=1).hidden_states
                 for k in keys:
-                    parts[k].append((hs[-1] if k == "last" else hs[int(k[1:])]).float())
+                    h = hs[-1] if k == "last" else hs[int(k[1:])]
+                    parts[k].append(h if h.dtype in (torch.bfloat16, torch.float16) else h.float())
             if len(ids):
                 kept = {teacher_key(name, k): torch.cat(v) for k, v in parts.items()}
                 if last and depth in need.hidden:

@@ -110,7 +110,8 @@ class ClassificationTask(Task):
         from raydistill.data.mnist1d import IN_FEATURES
 
         p = next(iter(model.parameters()), None)
-        x = torch.zeros(2, IN_FEATURES, device=p.device if p is not None else "cpu")
+        x = torch.zeros(2, IN_FEATURES, device=p.device if p is not None else "cpu",
+                        dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
         was = model.training
         model.eval()  # a probe: no batch-norm statistics move
         with torch.no_grad():

@@ -280,6 +280,9 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
                                    build_config=build)
         trainable = tune.with_resources(driver, {"cpu": plan.driver_cpu})
         callbacks: list[Any] = [ProgressPrinter(epochs, names, total, spec.metric, quality.key)]
+        from raydistill.tune.tracking import tune_callbacks
+
+        callbacks += tune_callbacks(cfg, storage_root, name)  # run.tracking: Ray's MLflow / TensorBoard loggers
         if interrupt_after:
             callbacks.append(InterruptAfter(interrupt_after))
 
@@ -320,8 +323,12 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
 
     rows = trial_rows(trials, base, spec, build)
     remeasure_latency(rows, base, build, console)
-    return write_report(rows, spec, cfg, exp_dir, state, console=console, interrupted=interrupted,
+    code = write_report(rows, spec, cfg, exp_dir, state, console=console, interrupted=interrupted,
                         build=build, dump=dump_config)
+    from raydistill.tune.tracking import log_search_summary
+
+    log_search_summary(cfg, storage_root, name, exp_dir)
+    return code
 
 
 def write_report(rows, spec: SearchSpec, cfg, exp_dir: Path, state: SearchState, *, console,

@@ -158,7 +158,8 @@ def make_trial_driver(base: dict, teachers: Any, *, train_storage: str, plan_wor
             cfg, teachers,
             storage_path=train_storage,
             name=f"trial_{trial_id}",  # stable across retries -> Ray Train resumes from its checkpoint
-            callbacks=[TuneReportCallback()],
+            callbacks=[_epoch_reports_only(TuneReportCallback()) if cfg.distill.checkpoint_every_steps
+                       else TuneReportCallback()],
             num_workers=plan_workers,
             resources_per_worker=resources_per_worker,
             extras=search_extras(cfg),  # bits (QAT) and structured width of the trial's student
@@ -166,6 +167,23 @@ def make_trial_driver(base: dict, teachers: Any, *, train_storage: str, plan_wor
         trainer.fit()
 
     return distill_trial
+
+
+def _epoch_reports_only(inner):
+    """A Ray Train callback passing only the epoch reports on to ``inner`` (Tune's report callback): ASHA and
+    the searcher compare epochs; the step reports of ``distill.checkpoint_every_steps`` (issue 22) only
+    checkpoint the trial's own Ray Train run."""
+    from ray.train import UserCallback
+
+    class EpochReports(UserCallback):
+        def __init__(self, cb):
+            self.cb = cb
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if not metrics[0].get("step_report"):
+                self.cb.after_report(run_context, metrics, checkpoint)
+
+    return EpochReports(inner)
 
 
 def make_scheduler(spec: SearchSpec, epochs: int):

@@ -89,12 +89,12 @@ def test_terms_resolve_and_the_legacy_keys_expand_to_kd_logits_plus_ce(tmp_path)
 def test_teacher_hash_of_the_one_teacher_form_is_unchanged():
     """The cached teacher of a config without `teachers` is found again: its hash ignores the new
     per-teacher `teacher_outputs` and equals that of the same teacher named in `teachers`."""
-    from raydistill.config import config_hash
+    from raydistill.config import config_hash, without_scale_defaults
     from raydistill.distill.teachers import teacher_hash
 
     cfg = load_config(TINY)
-    old = config_hash({"teacher": {k: v for k, v in cfg.teacher.model_dump(mode="json").items()
-                                   if k not in ("checkpoint", "teacher_outputs")},
+    old = config_hash({"teacher": without_scale_defaults({k: v for k, v in cfg.teacher.model_dump(mode="json").items()
+                                                          if k not in ("checkpoint", "teacher_outputs")}),
                        "data": cfg.data.model_dump(mode="json", exclude={"materialize"}), "seed": cfg.run.seed})
     assert teacher_hash(cfg) == old
     two = load_config(TINY, [f"teachers={{t: {json.dumps(cfg.teacher.model_dump(mode='json'))}, "

@@ -76,8 +76,7 @@ def _criterion(task, spec, student, teacher):
 def _loss(task, student, batch, spec, teacher):
     """One step's loss as the per-worker loop computes it: the spec's criterion over the task's outputs."""
     crit, teachers = _criterion(task, spec, student, teacher)
-    out = task.forward(student, batch, spec, teachers, crit.needs())
-    return crit(out), out.count
+    return task.loss(student, batch, spec, teachers, crit)
 
 
 def _prepare(task, batch, spec, teacher, **kw):

@@ -482,7 +482,8 @@ def report(st: Stage, epoch: int, metrics: dict, *, position: DataPosition | Non
         meta = {"epoch": done, "global_step": st.global_step, "stage": spec.stage, "task": spec.task,
                 "config_hash": spec.config_hash, "model": spec.model, "sparsity": metrics.get("sparsity"),
                 "metrics": metrics,
-                "teacher": next(iter(refs.values()), None), "teachers": refs, "offline": spec.offline, "task_info": spec.task_info, "structure": spec.structure}
+                "teacher": next(iter(refs.values()), None), "teachers": refs, "offline": spec.offline,
+                "task_info": spec.task_info, "structure": spec.structure}
         tmp_root = Path(tempfile.mkdtemp(prefix="raydistill-ckpt-"))
         name = f"epoch_{epoch:04d}" if position is None else f"step_{st.global_step:09d}"
         ckdir = save_checkpoint_dir(tmp_root / name, model=st.unsharded if sharded else net,

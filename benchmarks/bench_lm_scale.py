@@ -180,6 +180,7 @@ def _random_teacher(cfg, storage: Path):
 def rehearsal_variant(variant: str, a: dict, corpus: str) -> dict:
     """One variant in a fresh driver process: prepare (or reuse) the corpus, fit the distillation stage."""
     from raydistill.distill import build_student_trainer
+    from raydistill.distill.loop import STEPS_LOG
     from raydistill.distill.session import ray_session
     from raydistill.tasks.causal_lm import text_data
 
@@ -206,7 +207,7 @@ def rehearsal_variant(variant: str, a: dict, corpus: str) -> dict:
         fit_s = time.perf_counter() - t1
         driver_peak = _procmem.peak()
     epochs = [json.loads(x) for x in (run_dir / "epochs.jsonl").read_text().splitlines()]
-    steps = [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines()]
+    steps = [json.loads(x) for x in (run_dir / STEPS_LOG).read_text().splitlines()]
     last = epochs[-1]
     workers = poll.train_workers()
     return {"variant": variant, "tokens_per_s": last.get("tokens_per_s"), "fit_s": fit_s, "prepare_s": prep_s,

@@ -518,6 +518,30 @@ def filesystem(uri: str | os.PathLike):
     return pafs.LocalFileSystem(), str(Path(s).expanduser().resolve())
 
 
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
+def check_cache_path(uri) -> None:
+    """``data.cache_path`` before Ray starts: a local path (or ``file://``) must be a writable directory (a
+    probe file is written and removed); a URI must name a filesystem pyarrow knows (``REMOTE_SCHEMES``;
+    reaching it is left to the preparation, which may need credentials). A :class:`ConfigError` otherwise."""
+    s = str(uri)
+    scheme = s.split("://", 1)[0].lower() if "://" in s else "file"
+    if scheme in REMOTE_SCHEMES:
+        return
+    if scheme not in ("file", "local"):
+        raise ConfigError(f"data.cache_path: {s!r}: unknown filesystem {scheme!r}:// (a local path, file://, or "
+                          f"one of {', '.join(x + '://' for x in REMOTE_SCHEMES)})")
+    fs, base = filesystem(s)
+    try:
+        fs.create_dir(base, recursive=True)
+        probe = f"{base}/.raydistill-write-probe-{os.getpid()}"
+        _write_text(fs, probe, "probe")
+        fs.delete_file(probe)
+    except OSError as exc:
+        raise ConfigError(f"data.cache_path: {s!r} is not a writable directory ({exc})") from None
+
+
 def write_blocks(fs, path: str, blocks: np.ndarray) -> None:
     """Packed blocks ``(n, seq_len)`` as a parquet file with one tensor column ``input_ids`` (Ray Data's)."""
     import pyarrow.parquet as pq

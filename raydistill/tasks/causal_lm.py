@@ -90,14 +90,19 @@ class CausalLMTask(Task):
         return {**td.info(), "seq_len": cfg.data.seq_len, "materialize": td.materialize}
 
     def check_data(self, cfg) -> None:
-        """The head of every corpus file: binary / non-UTF-8 files and malformed jsonl lines named (the rest is
-        checked while Ray Data reads them); ``data.skip_bad_files`` leaves them out with a warning."""
+        """``data.cache_path`` (writable, or a known URI), and the head of every corpus file: binary / non-UTF-8
+        files and malformed jsonl lines named (the rest is checked while Ray Data reads them);
+        ``data.skip_bad_files`` leaves them out with a warning."""
         import logging
 
         from raydistill.config import ConfigError
         from raydistill.data.text import SKIP_HINT, check_corpus_heads, corpus_files
 
         data = cfg.data
+        if data.cache_path:
+            from raydistill.data.text import check_cache_path
+
+            check_cache_path(data.cache_path)
         try:
             files = corpus_files(data.path, data.max_bytes)
         except ValueError as exc:

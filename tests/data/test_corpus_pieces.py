@@ -78,3 +78,34 @@ def test_tokenizer_sample_is_bounded_seeded_and_in_corpus_order(rng):
     assert a == b and a == sorted(a, key=pieces.index)
     assert cap <= sum(p.size for p in a) < cap + 1000 and len(a) < len(pieces)
     assert a != sample_pieces(pieces, cap, seed + 1)
+
+
+def test_cache_path_is_checked_before_ray_starts(tmp_path):
+    """``data.cache_path``: a writable directory passes (created, no probe left behind); a file, an
+    unwritable directory and an unknown URI scheme are ConfigErrors naming the key; a known remote scheme is
+    left to the preparation (no network here)."""
+    from raydistill.config import ConfigError, load_config
+    from raydistill.tasks import get_task
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(50)) + "\n", encoding="utf-8")
+
+    def check(cache):
+        cfg = load_config("lm_tiny", [f"data.path={corpus}", f"data.cache_path={cache}"])
+        get_task(cfg.data.task).check_data(cfg)
+
+    check(tmp_path / "cache" / "deep")
+    check(f"file://{tmp_path / 'uri'}")
+    assert (tmp_path / "cache" / "deep").is_dir() and not any((tmp_path / "cache" / "deep").iterdir())
+    assert (tmp_path / "uri").is_dir() and not any((tmp_path / "uri").iterdir())
+    check("s3://bucket/corpora")
+    (tmp_path / "a_file").write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    bad = [(tmp_path / "a_file", "not a writable directory"), ("ftp://host/x", "unknown filesystem 'ftp'")]
+    if os.geteuid() != 0:  # root writes anywhere
+        bad.append((locked / "sub", "not a writable directory"))
+    for cache, why in bad:
+        with pytest.raises(ConfigError, match=r"data\.cache_path: .*" + why):
+            check(cache)

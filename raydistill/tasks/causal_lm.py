@@ -30,6 +30,7 @@ from raydistill.utils import unwrap_model
 # the most bytes of teacher hidden states a worker keeps for its materialised shard (``CausalLMTask.prepare``,
 # all teachers together); a larger shard runs the teacher at every step instead
 TEACHER_HIDDEN_MAX_BYTES = 1 << 30
+EVAL_LOGITS_MAX_BYTES = 128 << 20  # lm_metrics: rows per batch so that one float32 logits tensor stays below
 
 
 def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -310,11 +311,15 @@ def lm_metrics(model, blocks: torch.Tensor, pad_id: int, vocab: int, *, teacher=
     """Perplexity, next-token accuracy and (with ``teacher``) top-1 agreement over ``blocks``; with
     ``items``, also the 95% bootstrap interval of the perplexity over blocks (``perplexity_ci95``) and, under
     ``"_items"``, each block's summed NLL and scored tokens (and the teacher's NLL) for paired comparisons
-    (:mod:`raydistill.tasks.stats`)."""
+    (:mod:`raydistill.tasks.stats`). ``batch_size`` rows at a time, fewer where their ``(rows, seq, vocab)``
+    float32 logits would exceed ``EVAL_LOGITS_MAX_BYTES`` (a 32000-token vocabulary at 512 tokens: 2 rows),
+    so evaluation never needs more memory than a training step of the fused loss by much."""
     was = model.training
     model.eval()
     nll_b, tok_b, t_nll_b = [], [], []
     correct, agree = 0, 0
+    row_bytes = 4 * max(1, blocks.shape[-1] if blocks.ndim > 1 else 1) * max(1, int(vocab))
+    batch_size = max(1, min(int(batch_size), EVAL_LOGITS_MAX_BYTES // row_bytes))
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i:i + batch_size]
         labels = next_token_labels(ids, pad_id)

@@ -237,6 +237,9 @@ def rehearsal(args) -> int:
         r = _procmem.in_fresh_process(rehearsal_variant, v, a, str(corpus))
         r.update(load_average_before=load0, load_average_after=os.getloadavg())
         rows.append(r)
+        write_json_atomic(Path(args.out) if args.out else results_dir() / "lm_rehearsal.json",
+                          {"args": a, "corpus": meta, "rows": rows, "partial": True, "machine": info,
+                           "time": time.time()})  # a run stopped part-way keeps the variants done
         print(f"{v:10s} {r['tokens_per_s'] or 0:8.0f} tok/s  {r['global_step']} steps in {r['fit_s']:.0f} s  "
               f"workers peak {', '.join(f'{x:.0f}' for x in r['worker_peak_rss_mib'])} MiB  driver peak "
               f"{r['driver_peak_rss_mib']:.0f} MiB  val ppl {r['val_perplexity']:.2f}  test ppl "

@@ -615,9 +615,10 @@ class CorpusInfo:
         """The whole train split in memory (small corpora: the materialised path)."""
         return read_blocks(*self._paths(self.train_files))
 
-    def head(self, n: int) -> np.ndarray:
-        """The first ``n`` train blocks (a random sample of the corpus: the shards are in a random order)."""
-        return read_blocks(*self._paths(self.train_files), limit=int(n))
+    def head(self, n: int | None) -> np.ndarray:
+        """The first ``n`` train blocks (a random sample of the corpus: the shards are in a random order);
+        None: all of them."""
+        return read_blocks(*self._paths(self.train_files), limit=None if n is None else int(n))
 
     def train_dataset(self):
         """The train split as a Ray dataset read from its shards (streamed: nothing is loaded here): one task

@@ -156,6 +156,9 @@ class DistillConfig(_Strict):
         None, description="parquet written by `raydistill teacher-logits`: distil from its top-k logits "
                           "(kd_loss_topk) instead of running the teacher online")
     topk: int = Field(10, ge=1, description="logits kept per row (per token) by `raydistill teacher-logits`")
+    topk_tail: bool | None = Field(
+        None, description="teacher_outputs: add the teacher's mass outside the top-k to the loss (a rest bucket); "
+                          "null: when the cache has it at distill.temperature; true: required; false: never")
     fused_linear: bool = Field(True, description="causal LM: fuse lm_head and kd_loss (raydistill.ops."
                                                  "kd_loss_linear) when that op is available")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this (None: off)")

@@ -27,7 +27,8 @@ Codecs (the name and parameters are recorded in every shard, see ``topk_cache``)
       e_j^2` to KL(exact || decoded); uniform steps in :math:`p^{1/2}` make every entry's share equal, which
       minimises the bits for a given KL (at a loss temperature T the weights are :math:`p^{1/T}` and
       :math:`\gamma = 1/(2T)` is the match). Then :math:`\mathrm{KL} \approx k / (6 (L-1)^2)` whatever the
-      teacher: ``value_levels=None`` picks the smallest L that gives ``target_kl`` (capped at 256).
+      teacher: ``value_levels=None`` picks the smallest L that gives ``target_kl`` (at least 64, at most
+      256).
     * tail: one byte, :math:`\mathrm{round}(255 \sqrt{R})`; code 0 (:math:`R < 3.8 \cdot 10^{-6}`) decodes
       at a quarter step (:math:`R \approx 10^{-6}`). No tail is written when k equals the vocabulary.
 
@@ -46,6 +47,7 @@ CODECS = ("q8", "raw")
 INDEX_CODINGS = ("auto", "bitmap", "gaps")
 DEFAULT_TARGET_KL = 7.5e-4
 TAIL_LEVELS = 256
+MIN_AUTO_LEVELS = 64  # value_levels=None never goes below (small k: a few bytes a token either way)
 
 
 class CodecError(ValueError):
@@ -83,7 +85,7 @@ class CodecSpec:
             return self
         levels = self.value_levels
         if levels is None:  # KL ~ k / (6 (L-1)^2)
-            levels = int(min(256, max(2, math.ceil(math.sqrt(k / (6.0 * self.target_kl))) + 1)))
+            levels = int(min(256, max(MIN_AUTO_LEVELS, math.ceil(math.sqrt(k / (6.0 * self.target_kl))) + 1)))
         coding = self.index_coding
         if coding == "auto":
             coding = "bitmap" if vocab_size <= 8 * k else "gaps"

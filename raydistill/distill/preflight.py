@@ -3,7 +3,8 @@ the key or argument (the CLI exits 2), not minutes later inside a stage.
 
     check_storage(path, key)   the storage path is (or can be made) a writable directory
     check_models(cfg)          every model imports and builds with its kwargs; pruning patterns match layers
-    preflight(cfg, storage, name, storage_key)   all of the above plus the run name
+    preflight(cfg, storage, name, storage_key)   all of the above plus the run name and, with
+                                                 distill.teacher_outputs, that cache (raydistill.distill.offline)
 """
 
 from __future__ import annotations
@@ -67,3 +68,7 @@ def preflight(cfg: Config, storage, name: str, *, storage_key: str = "run.storag
     validate_run_name(name, name_key)
     check_storage(storage, storage_key)
     check_models(cfg)
+    if cfg.distill.teacher_outputs:  # every shard's footer and metadata against the config (issue 23)
+        from raydistill.distill.offline import check_teacher_outputs
+
+        check_teacher_outputs(cfg)

@@ -88,17 +88,15 @@ def labelled_datasets(cfg: Config, storage: Path) -> tuple[dict, int]:
 
 def distill_datasets(cfg: Config, storage: Path) -> tuple[dict, int]:
     """Labelled train rows + unlabelled transfer rows (``y = -1``), or the offline teacher-output parquet."""
-    from raydistill.data import read_teacher_outputs, to_ray_dataset
+    from raydistill.data import to_ray_dataset
     from raydistill.data.ray_data import UNLABELLED
 
     split, transfer = load_arrays(cfg, storage)
     if cfg.distill.teacher_outputs:
-        path = Path(cfg.distill.teacher_outputs).expanduser()
-        if not path.exists():
-            raise ConfigError(f"distill.teacher_outputs: {path} does not exist (write it with "
-                              "`raydistill teacher-logits CONFIG`)")
-        ds = read_teacher_outputs(str(path.resolve())).materialize()
-        return {"train": ds, **_eval_datasets(split)}, ds.count()
+        from raydistill.distill.offline import offline_dataset
+
+        ds, rows = offline_dataset(cfg)  # checked, streamed and decoded by Ray Data
+        return {"train": ds, **_eval_datasets(split)}, rows
     x = np.concatenate([split.x_train, transfer])
     y = np.concatenate([split.y_train, np.full(len(transfer), UNLABELLED, np.int64)])
     return {"train": to_ray_dataset(x=x, y=y), **_eval_datasets(split)}, len(y)
@@ -138,14 +136,10 @@ def lm_datasets(cfg: Config, storage: Path) -> tuple[dict, int]:
     split = np.concatenate([np.zeros(len(td.val), np.int64), np.ones(len(td.test), np.int64)])
     eval_ds = {"eval": to_ray_dataset(input_ids=ev.astype(np.int64), split=split)}
     if cfg.distill.teacher_outputs:
-        path = Path(cfg.distill.teacher_outputs).expanduser()
-        if not path.exists():
-            raise ConfigError(f"distill.teacher_outputs: {path} does not exist (write it with "
-                              "`raydistill teacher-logits CONFIG`)")
-        from raydistill.data import read_teacher_outputs
+        from raydistill.distill.offline import offline_dataset
 
-        ds = read_teacher_outputs(str(path.resolve())).materialize()
-        return {"train": ds, **eval_ds}, ds.count()
+        ds, rows = offline_dataset(cfg, td.tokenizer_dir)  # checked, streamed and decoded by Ray Data
+        return {"train": ds, **eval_ds}, rows
     return {"train": to_ray_dataset(input_ids=td.train.astype(np.int64)), **eval_ds}, len(td.train)
 
 
@@ -175,6 +169,8 @@ def _result_hash(cfg: Config, spec: StageSpec) -> str:
     payload["transfer_set"] = cfg.distill.transfer_set.model_dump(mode="json") \
         if spec.kind == "kd" and cfg.data.task == "classification" else None
     payload["teacher_outputs"] = cfg.distill.teacher_outputs if spec.offline else None
+    if spec.offline and cfg.distill.topk_tail is not None:
+        payload["topk_tail"] = cfg.distill.topk_tail
     return config_hash(payload)
 
 

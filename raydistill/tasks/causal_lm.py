@@ -2,7 +2,8 @@
 next token (the last position and ``<pad>`` targets are ``ignore_index``).
 
 Distillation is per token: ``kd_loss`` over ``(B, S, V)`` (online teacher) or ``kd_loss_topk`` over the
-teacher's top-k logits per token (offline, parquet), alpha-mixed with next-token cross-entropy.
+teacher's top-k log-probabilities per token (offline cache, with its tail mass when present), alpha-mixed with
+next-token cross-entropy.
 
 Padded vocabularies: teacher and student may have more output ids than the tokenizer (padding, e.g.
 32000 -> 32064); both are sliced to the tokenizer's ids (the ids no token maps to are left out, which is
@@ -71,10 +72,10 @@ class CausalLMTask(Task):
     name = "causal_lm"
     metric = "perplexity"
     higher_is_better = False
-    float_columns = ("topk_values",)
+    float_columns = ("topk_values", "topk_tail")
 
     def train_columns(self, offline: bool) -> list[str]:
-        return ["input_ids"] + (["topk_values", "topk_indices"] if offline else [])
+        return ["input_ids"] + (["topk_values", "topk_indices", "topk_tail"] if offline else [])
 
     def eval_columns(self) -> list[str]:
         return ["input_ids", "split"]
@@ -128,8 +129,9 @@ class CausalLMTask(Task):
         kd = spec.kd
         kw = dict(temperature=kd.temperature, alpha=kd.alpha, divergence=kd.divergence, beta=kd.beta,
                   ignore_index=IGNORE_INDEX)
-        if spec.offline:
-            return ops.kd_loss_topk(logits, batch["topk_values"], batch["topk_indices"], labels, **kw), n_tok
+        if spec.offline:  # (the tail: when the cache has one and distill.topk_tail allows it)
+            return ops.kd_loss_topk(logits, batch["topk_values"], batch["topk_indices"], labels,
+                                    teacher_topk_tail=batch.get("topk_tail"), **kw), n_tok
         with torch.no_grad():
             t = shared_vocab(lm_logits(teacher, ids), vocab)
         return ops.kd_loss(logits, t, labels, **kw), n_tok
@@ -150,7 +152,8 @@ class CausalLMTask(Task):
         kw = dict(temperature=spec.kd.temperature, alpha=spec.kd.alpha, divergence=spec.kd.divergence,
                   beta=spec.kd.beta, ignore_index=IGNORE_INDEX, student_bias=None if b_s is None else b_s[:vocab])
         if spec.offline:
-            return ops.kd_loss_linear_topk(h_s, w_s[:vocab], batch["topk_values"], batch["topk_indices"], labels, **kw)
+            return ops.kd_loss_linear_topk(h_s, w_s[:vocab], batch["topk_values"], batch["topk_indices"], labels,
+                                           teacher_topk_tail=batch.get("topk_tail"), **kw)
         if "teacher_hidden" in batch:  # computed once by prepare
             from raydistill.compress.pruner import unwrap_model
 

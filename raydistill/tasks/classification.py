@@ -16,10 +16,10 @@ class ClassificationTask(Task):
     name = "classification"
     metric = "accuracy"
     higher_is_better = True
-    float_columns = ("x", "topk_values")
+    float_columns = ("x", "topk_values", "topk_tail")
 
     def train_columns(self, offline: bool) -> list[str]:
-        return ["x", "y"] + (["topk_values", "topk_indices"] if offline else [])
+        return ["x", "y"] + (["topk_values", "topk_indices", "topk_tail"] if offline else [])
 
     def eval_columns(self) -> list[str]:
         return ["x", "y", "split"]
@@ -33,7 +33,7 @@ class ClassificationTask(Task):
         if teacher is not None and "t" not in batch:
             batch["t"] = predict(teacher, batch["x"])
         if spec.kind == "kd" and spec.kd.hard_labels == "teacher_argmax":
-            top1 = batch["t"].argmax(1) if "t" in batch else batch["topk_indices"][:, 0]
+            top1 = batch["t"].argmax(1) if "t" in batch else offline_argmax(batch)
             batch["y"] = torch.where(batch["y"] < 0, top1, batch["y"])
         if spec.kind == "ce":  # labels only: drop the unlabelled transfer rows
             keep = batch["y"] >= 0
@@ -51,8 +51,9 @@ class ClassificationTask(Task):
         kw = dict(temperature=kd.temperature, divergence=kd.divergence, beta=kd.beta, ignore_index=IGNORE_INDEX)
         if spec.offline:
             def call(rows, labels, alpha):
+                tail = batch["topk_tail"][rows] if "topk_tail" in batch else None
                 return ops.kd_loss_topk(logits[rows], batch["topk_values"][rows], batch["topk_indices"][rows],
-                                        labels, alpha=alpha, **kw)
+                                        labels, alpha=alpha, teacher_topk_tail=tail, **kw)
         else:
             def call(rows, labels, alpha):
                 return ops.kd_loss(logits[rows], batch["t"][rows], labels, alpha=alpha, **kw)
@@ -87,6 +88,11 @@ def predict(model, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
         torch.zeros(0, 10)
     model.train(was)
     return out
+
+
+def offline_argmax(batch: dict) -> torch.Tensor:
+    """The teacher's top-1 class from its cached top-k (``topk_indices`` are not sorted by value)."""
+    return batch["topk_indices"].gather(1, batch["topk_values"].argmax(1, keepdim=True)).squeeze(1)
 
 
 def classification_metrics(pred: np.ndarray, y: np.ndarray, num_classes: int = 10) -> dict[str, float]:

@@ -30,11 +30,13 @@ from raydistill.utils import machine_info, write_json_atomic
 
 
 def train_stage(task, info, train, ev, model_spec, kind, epochs, bs, opt_cfg, sched_cfg, grad_clip, kd, *,
-                teacher=None, seed=0, sparsity=0.0, compression=None, eval_every=0):
-    """One stage as the per-worker loop runs it (1 worker): returns (model, metrics)."""
+                teacher=None, seed=0, sparsity=0.0, compression=None, eval_every=0, offline=None):
+    """One stage as the per-worker loop runs it (1 worker): returns (model, metrics). ``offline``: the
+    decoded columns of a teacher-output cache (``topk_values``, ``topk_indices``[, ``topk_tail``]) for the
+    ``train`` blocks, distilled from instead of a teacher."""
     torch.manual_seed(seed)
     m = task.build_model(model_spec, info)
-    spec = types.SimpleNamespace(kind=kind, task_info=info, offline=False, kd=kd)
+    spec = types.SimpleNamespace(kind=kind, task_info=info, offline=offline is not None, kd=kd)
     steps = max(1, len(train) // bs)
     total = steps * epochs
     opt = build_optimizer(m.parameters(), opt_cfg)
@@ -45,7 +47,7 @@ def train_stage(task, info, train, ev, model_spec, kind, epochs, bs, opt_cfg, sc
 
         pruner = build_pruner(m, types.SimpleNamespace(sparsity=sparsity, compression=compression), total)
     gs, t0, ls = 0, time.time(), 0.0
-    data = task.prepare({"input_ids": train}, spec, teacher)  # a kd stage: the teacher's outputs, once
+    data = task.prepare({"input_ids": train, **(offline or {})}, spec, teacher)  # kd: the teacher's outputs, once
     for ep in range(1, epochs + 1):
         g = torch.Generator().manual_seed(seed * 100003 + ep * 1009)  # loop.batches' order (rank 0)
         perm = torch.randperm(len(train), generator=g)

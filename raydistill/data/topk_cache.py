@@ -135,9 +135,10 @@ def shard_table(meta: CacheMeta, inputs: dict[str, np.ndarray], values: np.ndarr
     spec = meta.spec
     rows, k = len(values), meta.k
     cols = {name: _tensor_column(arr) for name, arr in inputs.items()}
-    if spec.name == "raw":
-        cols["topk_values"] = _tensor_column(values.astype(np.float32))
-        cols["topk_indices"] = _tensor_column(indices.astype(np.int32))
+    if spec.name == "raw":  # (entries sorted by id, as q8 decodes them)
+        order = np.argsort(indices, axis=-1, kind="stable")
+        cols["topk_values"] = _tensor_column(np.take_along_axis(values, order, -1).astype(np.float32))
+        cols["topk_indices"] = _tensor_column(np.take_along_axis(indices, order, -1).astype(np.int32))
         if tail is not None:
             cols["topk_tail"] = _tensor_column(tail.astype(np.float32))
     else:

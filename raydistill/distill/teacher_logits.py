@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -38,7 +37,6 @@ PROGRESS_FILE = ".shards.jsonl"   # one line per written shard (its stats), appe
 TOKENS_PER_SHARD = 1 << 16        # default shard size: this many tokens (causal LM blocks x seq_len)
 ROWS_PER_SHARD = 1 << 14          # classification rows per shard
 FIDELITY_TOKENS = 512             # tokens per shard whose decoded top-k is compared with the exact one
-_FAIL_AFTER_ENV = "RAYDISTILL_DEBUG_TEACHER_LOGITS_FAIL_AFTER"  # tests: an actor dies after N shards
 
 
 class TeacherShardWriter:
@@ -48,7 +46,8 @@ class TeacherShardWriter:
 
     def __init__(self, model: dict, path: str, inputs, out_dir: str, meta: dict, *, use_gpu: bool = False,
                  task_info: dict | None = None, batch_rows: int = 16, compression: str = "zstd",
-                 compression_level: int | None = 9, fidelity_tokens: int = FIDELITY_TOKENS):
+                 compression_level: int | None = 9, fidelity_tokens: int = FIDELITY_TOKENS,
+                 debug_fail_after_shards: int | None = None):
         import ray
         import torch
 
@@ -68,7 +67,7 @@ class TeacherShardWriter:
         self.compression, self.level = compression, compression_level
         self.fidelity_tokens = int(fidelity_tokens)
         self.written = 0
-        self.fail_after = int(os.environ.get(_FAIL_AFTER_ENV, "0") or 0)
+        self.fail_after = int(debug_fail_after_shards or 0)
 
     def _forward(self, rows: dict):
         """(values, indices, tail) of the rows: ``(rows, [S,] k)`` float32 / int64 and ``(rows, [S])`` or None."""
@@ -123,8 +122,8 @@ class TeacherShardWriter:
         with open(self.out / PROGRESS_FILE, "a") as fh:  # one short line: atomic with O_APPEND
             fh.write(json.dumps(stats) + "\n")
         self.written += 1
-        if self.fail_after and self.written >= self.fail_after:
-            raise RuntimeError(f"{_FAIL_AFTER_ENV}={self.fail_after}: stopping after {self.written} shards")
+        if self.fail_after and self.written >= self.fail_after:  # tests: an interrupted run
+            raise RuntimeError(f"debug_fail_after_shards={self.fail_after}: stopping after {self.written} shards")
         return stats
 
     def __call__(self, batch: dict) -> dict:
@@ -260,11 +259,12 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
                           concurrency: int | None = None, address: str | None = None, timeout_s: float = 900.0,
                           codec: str | CodecSpec | None = None, shard_rows: int | None = None, tail: bool = True,
                           tail_temperature: float | None = None, compression: str = "zstd",
-                          compression_level: int | None = 9) -> Path:
+                          compression_level: int | None = 9, debug_fail_after_shards: int | None = None) -> Path:
     """Train/load the teacher, then write its top-k outputs over the train (+ transfer) rows as parquet shards
     (resuming an interrupted run); returns the directory. ``codec``: ``"q8"`` (default) or ``"raw"`` or a
     :class:`~raydistill.data.topk_codec.CodecSpec`; ``tail``: store the log mass outside the top-k at
-    ``tail_temperature`` (default ``distill.temperature``)."""
+    ``tail_temperature`` (default ``distill.temperature``). ``debug_fail_after_shards`` (tests): each teacher
+    actor raises after writing that many shards, an interrupted run."""
     from raydistill.data.topk_cache import tokenizer_hash
     from raydistill.distill.session import ray_session
     from raydistill.distill.trainer import ensure_teacher, resolve_storage
@@ -304,7 +304,7 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
         t0 = time.time()
         if pending:
             _run_pool(ray, pending, teacher, inputs, out, template, info, concurrency, timeout_s, compression,
-                      compression_level)
+                      compression_level, debug_fail_after_shards)
         wall = time.time() - t0
         missing = [shard_name(a, b) for a, b in plan if not (out / shard_name(a, b)).is_file()]
         if missing:
@@ -316,7 +316,7 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
 
 
 def _run_pool(ray, pending, teacher, inputs, out: Path, template: CacheMeta, info: dict, concurrency, timeout_s,
-              compression, compression_level) -> None:
+              compression, compression_level, debug_fail_after_shards=None) -> None:
     """The Ray Data job: the pending shard ranges through ``map_batches`` on the pool of teacher actors."""
     import ray.data
     from ray.data import DataContext
@@ -339,7 +339,8 @@ def _run_pool(ray, pending, teacher, inputs, out: Path, template: CacheMeta, inf
         fn_constructor_kwargs={"model": teacher.model, "path": teacher.path, "inputs": ray.put(inputs),
                                "out_dir": str(out), "meta": meta, "use_gpu": gpus > 0, "task_info": info,
                                "batch_rows": 16 if template.task == "causal_lm" else 2048,
-                               "compression": compression, "compression_level": compression_level},
+                               "compression": compression, "compression_level": compression_level,
+                               "debug_fail_after_shards": debug_fail_after_shards},
         # fractional CPUs: the actors leave room for the pipeline's other tasks (and for whatever else runs
         # on the cluster), or on a small node the pool can starve the pipeline
         num_gpus=1 if gpus > 0 else None, num_cpus=None if gpus > 0 else actor_cpus)

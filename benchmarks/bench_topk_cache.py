@@ -8,7 +8,7 @@ cache against the uncompressed (raw) one.
 or ``raydistill teacher-logits lm_default`` put them there; the teacher is trained first if missing). Parts:
 
 * ``size``: writes the raw and the q8 cache with ``raydistill teacher-logits`` (Ray Data, 1 actor; kept in
-  ``<storage>/bench_topk`` and reused), then bytes / token of both, the legacy format's bytes if
+  ``<storage>/bench_topk/<codec>-<shard rows>`` and reused), then bytes / token of both, the legacy format's bytes if
   ``--legacy DIR`` is given, and the q8 codec's frontier (value levels x bytes x KL(exact || decoded) over
   **all** tokens, the raw cache's float32 log-probabilities as the exact ones).
 * ``epoch``: one training epoch of the distilled student (lm_default's settings) from each cache, side by
@@ -70,7 +70,7 @@ def write_caches(cfg, storage: Path, shard_rows: int | None) -> dict[str, Path]:
 
     out = {}
     for codec in ("raw", "q8"):
-        d = storage / "bench_topk" / codec
+        d = storage / "bench_topk" / f"{codec}-{shard_rows or 'default'}"
         t0 = time.time()
         write_teacher_outputs(cfg, storage_path=storage, output=d, topk=K, concurrency=1, codec=codec,
                               shard_rows=shard_rows)
@@ -147,12 +147,31 @@ def _student(cfg, task, info, ev, kd, data: dict, seed: int, epochs: int | None 
                        d.lr_schedule.model_dump(), d.grad_clip, kd, seed=seed, offline=off)[1]
 
 
-def part_epoch(cfg, storage, caches, repeats: int = 2) -> dict:
+def _ray_data_seconds(cache: Path, tail: bool) -> float:
+    """Streaming the whole cache through Ray Data (read + decode in map_batches) into numpy batches, as a
+    worker's data loader does: seconds."""
+    from raydistill.data.ray_data import read_teacher_outputs
+    from raydistill.distill.session import ray_session
+
+    with ray_session(num_cpus=2):
+        ds = read_teacher_outputs(str(cache), tail=tail)
+        t0 = time.perf_counter()
+        n = sum(len(b["input_ids"]) for b in ds.iter_batches(batch_size=256, batch_format="numpy"))
+        dt = time.perf_counter() - t0
+    assert n > 0
+    return dt
+
+
+def part_epoch(cfg, storage, caches, repeats: int = 3) -> dict:
     task, td, info, ev, kd = _setup(cfg, storage)
-    res = {"raw": [], "q8": []}
+    runs = {"raw": (caches["raw"], False), "q8": (caches["q8"], False), "q8_tail": (caches["q8"], True)}
+    res = {name: [] for name in runs}
+    for name, (cache, tail) in runs.items():
+        res[f"{name}_ray_data_s"] = _ray_data_seconds(cache, tail)
+        print(f"{name}: Ray Data read + decode of the whole cache {res[f'{name}_ray_data_s']:.1f} s", flush=True)
     for _ in range(repeats):
-        for name in ("raw", "q8"):
-            data, load_s = _load(caches[name], tail=name == "q8")
+        for name, (cache, tail) in runs.items():
+            data, load_s = _load(cache, tail=tail)
             assert torch.equal(data["input_ids"], torch.as_tensor(td.train, dtype=torch.int64))
             t0 = time.perf_counter()
             r = _student(cfg, task, info, ev, kd, data, seed=0, epochs=1)
@@ -160,9 +179,11 @@ def part_epoch(cfg, storage, caches, repeats: int = 2) -> dict:
                               "wall_s": time.perf_counter() - t0 + load_s, "loadavg": os.getloadavg()[0]})
             print(f"epoch from {name}: load+decode {load_s:.2f} s, 1 epoch {r['seconds']:.1f} s "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
-    print("\n| cache | load + decode (s) | epoch steps (s) | total (s) |\n|---|---:|---:|---:|")
-    for name, rs in res.items():
-        print(f"| {name} | {np.median([r['load_decode_s'] for r in rs]):.2f} | "
+    print("\n| cache | Ray Data read + decode (s) | load + decode in process (s) | epoch steps (s) | total (s) |"
+          "\n|---|---:|---:|---:|---:|")
+    for name in runs:
+        rs = res[name]
+        print(f"| {name} | {res[f'{name}_ray_data_s']:.1f} | {np.median([r['load_decode_s'] for r in rs]):.2f} | "
               f"{np.median([r['epoch_s'] for r in rs]):.1f} | {np.median([r['total_s'] for r in rs]):.1f} |")
     return res
 
@@ -217,7 +238,10 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="lm_default")
     ap.add_argument("--parts", default="size,epoch,students,resume")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--shard-rows", type=int, default=256, help="blocks per shard (lm_default: 1528 blocks)")
+    ap.add_argument("--shard-rows", type=int, default=None,
+                    help="blocks per shard of the two caches (default: teacher-logits' own, 1024 at seq_len 64)")
+    ap.add_argument("--resume-shard-rows", type=int, default=256,
+                    help="blocks per shard of the resume part (lm_default: 1528 blocks -> 6 shards)")
     ap.add_argument("--legacy", default=None, help="a cache written by the old teacher-logits, for its size")
     ap.add_argument("--out", default="benchmarks/results/topk_cache.json")
     a = ap.parse_args(argv)
@@ -243,7 +267,7 @@ def main(argv=None) -> int:
         res["students"] = part_students(cfg, storage, caches, [int(s) for s in a.seeds.split(",")])
         write_json_atomic(out, res)
     if "resume" in parts:
-        res["resume"] = part_resume(cfg, storage, a.shard_rows)
+        res["resume"] = part_resume(cfg, storage, a.resume_shard_rows)
     res["loadavg_at_end"] = os.getloadavg()
     write_json_atomic(out, res)
     print(f"-> {out}")

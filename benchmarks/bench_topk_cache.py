@@ -115,8 +115,8 @@ def part_size(caches: dict, legacy: str | None) -> dict:
     for name in ("legacy", "raw", "q8"):
         if name in res:
             f = res[name].get("fidelity", {})
-            print(f"| {name} | {res[name]['bytes_per_token']:.1f} | {f.get('kl_topk', 0) or 0:.2e} | "
-                  f"{f.get('kl_with_tail', 0) or 0:.2e} |")
+            kl = [f"{f[key]:.2e}" if f.get(key) is not None else "-" for key in ("kl_topk", "kl_with_tail")]
+            print(f"| {name} | {res[name]['bytes_per_token']:.1f} | {kl[0]} | {kl[1]} |")
     print("\n| q8 value levels | ids | bytes/token (zstd 9) | KL top-k (all tokens) | KL with tail | k/(6(L-1)^2) |"
           "\n|---:|---|---:|---:|---:|---:|")
     for r in rows:

@@ -217,12 +217,18 @@ def decode_indices(b: np.ndarray, n: int, k: int, vocab_size: int, spec: CodecSp
         if len(b) != n * width:
             raise CodecError(f"index bitmap: {len(b)} bytes for {n} tokens, expected {n * width} "
                              f"({width} a token for a vocabulary of {vocab_size})")
-        bits = np.unpackbits(b.reshape(n, width), axis=1, count=vocab_size).astype(bool)
-        counts = bits.sum(1)
-        if n and (counts != k).any():
+        bits = np.unpackbits(b.reshape(n, width), axis=1, count=vocab_size).view(bool)
+        pos = np.flatnonzero(bits)  # row-major: ascending within each token
+        if len(pos) != n * k:
+            counts = bits.sum(1)
             t = int(np.flatnonzero(counts != k)[0])
             raise CodecError(f"index bitmap: token {t} has {int(counts[t])} ids set, expected k={k}")
-        return np.nonzero(bits)[1].reshape(n, k).astype(np.int64)
+        idx = pos.reshape(n, k) - (np.arange(n, dtype=np.int64) * vocab_size)[:, None]
+        if n and ((idx[:, 0] < 0) | (idx[:, -1] >= vocab_size)).any():  # k ids in total but not k per token
+            counts = bits.sum(1)
+            t = int(np.flatnonzero(counts != k)[0])
+            raise CodecError(f"index bitmap: token {t} has {int(counts[t])} ids set, expected k={k}")
+        return idx
     gaps = _varint_decode(b, n * k).reshape(n, k)
     idx = np.cumsum(gaps + 1, axis=1) - 1
     if n and (idx[:, -1] >= vocab_size).any():

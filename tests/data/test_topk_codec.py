@@ -133,6 +133,14 @@ def test_damaged_payloads_raise_codec_error():
             flipped = enc["indices"].copy()
             flipped[0] ^= 0x01
             cases.append(({**enc, "indices": flipped}, "ids set, expected k"))
+            # one id moved from token 1 to token 0: the total is still n * k
+            w = (V + 7) // 8
+            moved = enc["indices"].copy().reshape(n, w)
+            bits0, bits1 = np.unpackbits(moved[0], count=V), np.unpackbits(moved[1], count=V)
+            bits0[np.flatnonzero(bits0 == 0)[0]] = 1
+            bits1[np.flatnonzero(bits1)[0]] = 0
+            moved[0], moved[1] = np.packbits(bits0), np.packbits(bits1)
+            cases.append(({**enc, "indices": moved.reshape(-1)}, "token 0 has 21 ids set"))
         for payload, pat in cases:
             with pytest.raises(C.CodecError, match=pat):
                 C.decode(payload, n, k, V, spec)

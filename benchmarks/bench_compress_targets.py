@@ -61,7 +61,7 @@ KEYS = ("accuracy", "macro_recall", "macro_f1", "model_bytes", "latency_ms_b1", 
 def _load_float(cfg, ck: Path):
     """The float model of a stage checkpoint (structure applied), eval mode."""
     from raydistill.compress.structured import resize_structured
-    from raydistill.distill.trainer import checkpoint_meta
+    from raydistill.distill.evaluate import checkpoint_meta
     from raydistill.distill.checkpointing import load_weights
     from raydistill.models import build_model
 
@@ -135,7 +135,7 @@ def exported_bytes(cfg, run: Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     from raydistill.distill.steps import finalize_student, storage_nbytes
-    from raydistill.distill.trainer import load_checkpoint_model, load_masks_of
+    from raydistill.distill.evaluate import load_checkpoint_model, load_masks_of
 
     back = load_compressed(lambda: build_model(cfg.student), path).eval()
     layers = {n: {"index": m.index_format, "nnz": m.nnz, **m.storage_bytes()} for n, m in back.named_modules()

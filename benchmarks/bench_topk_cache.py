@@ -126,7 +126,7 @@ def part_size(caches: dict, legacy: str | None) -> dict:
 
 
 def _setup(cfg, storage: Path):
-    from raydistill.distill.trainer import text_data
+    from raydistill.distill.data import text_data
     from raydistill.tasks import get_task
 
     td = text_data(cfg, storage)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from raydistill.config import load_config
-from raydistill.distill.trainer import text_data
+from raydistill.distill.data import text_data
 from raydistill.distill.spec import KDTerms
 from raydistill.distill.loop import build_optimizer, build_scheduler
 from raydistill.tasks import get_task

@@ -17,7 +17,7 @@ import torch
 
 from raydistill.config import load_config
 from raydistill.distill.spec import KDTerms
-from raydistill.distill.trainer import text_data
+from raydistill.distill.data import text_data
 from raydistill.tasks import get_task
 
 

@@ -114,12 +114,79 @@ class ScheduleConfig(_Strict):
 
     name: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup_fraction: float = Field(0.3, ge=0, lt=1, description="onecycle: fraction of steps rising to lr")
+    warmup_steps: int = Field(0, ge=0, description="cosine / constant: optimizer steps of linear warmup from 0 "
+                                                   "to lr (onecycle: use warmup_fraction)")
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.warmup_steps and self.name == "onecycle":
+            raise ValueError("warmup_steps is for cosine / constant; onecycle's warmup is warmup_fraction")
+        return self
 
 
-class TrainingBudget(_Strict):
+# ----------------------------------------------------------------------------------------------------
+# training at scale (issue 22): keys that `distill` and `teacher.training` share
+
+
+class ScaleKeys(_Strict):
+    """Precision, gradient accumulation, activation checkpointing, a step or token budget and step
+    checkpoints of one training stage. ``distill`` and ``teacher.training`` take the same keys. With a
+    budget (``max_steps`` / ``max_tokens``) ``epochs`` is derived from it and must not be set as well."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the forward passes (student and teacher); weights and optimizer "
+                            "state stay float32; fp16 adds a gradient scaler and needs a GPU")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches of batch_size per optimizer step")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward (transformers' gradient_checkpointing_enable)")
+    max_steps: int | None = Field(None, ge=1, description="budget in optimizer steps (instead of epochs)")
+    max_tokens: int | None = Field(None, ge=1, description="causal LM: budget in training tokens (rows x seq_len, "
+                                                           "all workers), rounded up to whole optimizer steps")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="also report and checkpoint every N optimizer steps (a resumed run continues "
+                                "with the next batch); None: once per epoch")
+    log_every_steps: int = Field(10, ge=1, description="a line in the stage's steps.jsonl every N optimizer steps")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        budget = "max_steps" if self.max_steps is not None else "max_tokens" if self.max_tokens is not None else None
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ValueError(f"max_steps ({self.max_steps}) and max_tokens ({self.max_tokens}) are both set: "
+                             "give one budget")
+        epochs = getattr(self, "epochs", None)
+        if budget and epochs is not None and "epochs" in self.model_fields_set:
+            raise ValueError(f"epochs ({epochs}) and {budget} ({getattr(self, budget)}) are both set and may "
+                             f"contradict each other: give one budget (remove epochs, or set it to null)")
+        if budget and epochs is not None:  # the default epochs: the budget decides
+            object.__setattr__(self, "epochs", None)
+        if not budget and epochs is None and hasattr(self, "epochs"):
+            raise ValueError("epochs is null but no max_steps or max_tokens is set: give one budget")
+        return self
+
+
+# the run-only keys never change what is learned; the others left at their defaults are dropped from hashes
+_SCALE_RUN_ONLY = ("gradient_checkpointing", "checkpoint_every_steps", "log_every_steps")
+
+
+def without_scale_defaults(dump: dict) -> dict:
+    """A section's dump (``teacher``, ``distill``, or one with a ``training`` section) without the issue-22
+    keys that do not change what is learned or are at their defaults, so that hashes (the teacher cache,
+    checkpoints) of configs that do not use them stay what they were."""
+    out = dict(dump)
+    if isinstance(out.get("training"), dict):
+        out["training"] = without_scale_defaults(out["training"])
+    for name, f in ScaleKeys.model_fields.items():
+        if name in out and (name in _SCALE_RUN_ONLY or out[name] == f.default):
+            out.pop(name)
+    if isinstance(out.get("lr_schedule"), dict) and not out["lr_schedule"].get("warmup_steps"):
+        out["lr_schedule"] = {k: v for k, v in out["lr_schedule"].items() if k != "warmup_steps"}
+    return out
+
+
+class TrainingBudget(ScaleKeys):
     """How a network is trained with plain cross-entropy (the teacher; the baseline student)."""
 
-    epochs: int = Field(60, ge=1)
+    epochs: int | None = Field(60, ge=1, description="None: derived from max_steps / max_tokens")
     batch_size: int = Field(128, ge=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -141,13 +208,13 @@ class TransferSetConfig(_Strict):
         description="hard-label term for unlabelled rows: the teacher's argmax, or none (soft term only)")
 
 
-class DistillConfig(_Strict):
+class DistillConfig(ScaleKeys):
     temperature: float = Field(4.0, gt=0, le=MAX_TEMPERATURE,
                                description="softmax temperature; at most 100 (kd_loss's float32 accuracy bound)")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (teacher) term; 1-alpha on hard labels")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = Field(0.5, gt=0, lt=1, description="mixing weight of the jsd divergence")
-    epochs: int = Field(20, ge=1)
+    epochs: int | None = Field(20, ge=1, description="None: derived from max_steps / max_tokens")
     batch_size: int = Field(128, ge=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -367,6 +434,10 @@ class TextDataConfig(_Strict):
                                                "the Python standard library's own .py sources (on every machine)")
     text_column: str = Field("text", description="jsonl/parquet: the column holding the documents")
     max_bytes: int | None = Field(2_000_000, ge=1000, description="read files (sorted) until this many bytes")
+    skip_bad_files: bool = Field(
+        False, description="a corpus file that is not UTF-8 text (binary, another encoding, NUL bytes) or a "
+                           "jsonl file with a line that is not a JSON object holding text_column: false refuses "
+                           "the corpus, naming the files; true leaves such files out (with a warning)")
     tokenizer: str | None = Field(None, description="a local tokenizer directory (tokenizer.json); None: train "
                                                     "a byte-level BPE on the corpus, saved with the run")
     vocab_size: int = Field(2048, ge=300, description="BPE vocabulary when the tokenizer is trained here")
@@ -394,6 +465,13 @@ class TextDataConfig(_Strict):
     def _tok(cls, v):
         if v is not None and not (Path(v).expanduser() / "tokenizer.json").is_file():
             raise ValueError(f"{v} has no tokenizer.json (a tokenizers / transformers tokenizer directory)")
+        if v is not None:
+            from raydistill.data.text import load_tokenizer
+
+            try:
+                load_tokenizer(v)
+            except ValueError as exc:  # pydantic prefixes the key
+                raise ValueError(str(exc).removeprefix("data.tokenizer: ")) from None
         return v
 
     @property
@@ -429,7 +507,15 @@ class RunConfigModel(_Strict):
     concurrent_stages: bool = Field(True, description="run baseline / dense / sparse students at once")
     debug_crash_at_epoch: int | None = Field(
         None, ge=1, description="testing: a worker exits mid-way through this epoch (first attempt only)")
-
+    # issue 22: experiment tracking, and a crash after an optimizer step (tests of the mid-epoch resume)
+    tracking: Literal["none", "mlflow", "tensorboard"] = Field(
+        "none", description="log config, per-step / per-epoch metrics, the report and the exported student to "
+                            "MLflow or TensorBoard")
+    tracking_uri: str | None = Field(
+        None, description="mlflow: a tracking URI (default sqlite:///<storage>/mlflow.db); tensorboard: a log "
+                          "directory (default <storage>/<name>/tensorboard)")
+    debug_crash_at_step: int | None = Field(
+        None, ge=1, description="testing: a worker exits right after this optimizer step (first attempt only)")
 
     @field_validator("name")
     @classmethod
@@ -455,6 +541,18 @@ class Config(_Strict):
     scaling: ScalingConfigModel = Field(default_factory=ScalingConfigModel)
     run: RunConfigModel = Field(default_factory=RunConfigModel)
     search: dict[str, Any] | None = Field(None, description="raw; validated by raydistill.tune")
+
+    @model_validator(mode="after")
+    def _scale(self):
+        """Training at scale (issue 22): rules between sections."""
+        for key, sec in (("distill", self.distill), ("teacher.training", self.teacher.training)):
+            if sec.precision == "fp16" and not self.scaling.use_gpu:
+                raise ValueError(f"{key}.precision: fp16 needs a GPU (scaling.use_gpu: true); on CPUs torch's "
+                                 f"fp16 matmuls are slower than fp32 and need a loss scaler: use bf16 or fp32")
+            if sec.max_tokens is not None and self.data.task != "causal_lm":
+                raise ValueError(f"{key}.max_tokens: a token budget is for causal LM data (data.name: text); "
+                                 f"use max_steps")
+        return self
 
     @model_validator(mode="after")
     def _cross(self):

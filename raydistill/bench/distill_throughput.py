@@ -30,7 +30,7 @@ def _plain_loop(cfg, storage: Path, teacher, epochs: int) -> dict:
     import torch
 
     from raydistill import ops
-    from raydistill.distill.trainer import load_arrays
+    from raydistill.distill.data import load_arrays
     from raydistill.distill.checkpointing import load_weights
     from raydistill.distill.loop import build_optimizer, build_scheduler
     from raydistill.tasks.classification import predict

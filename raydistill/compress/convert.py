@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from raydistill.compress.pruner import (METHODS, SCOPES, check_patterns_match, compute_masks, normalize_name,
-                                        select_linear_layers, unwrap_model)
+                                        select_linear_layers)
 from raydistill.ops.sparse import SparseLinear, csr_nbytes
+from raydistill.utils import unwrap_model
 
 __all__ = ["LayerReport", "CompressionReport", "compress", "model_sparsity_report", "csr_nbytes"]
 

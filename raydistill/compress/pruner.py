@@ -10,8 +10,9 @@ from torch import Tensor, nn
 from raydistill.compress.masks import (block_mask, check_sparsity, global_magnitude_masks, magnitude_mask,
                                        nm_mask, num_pruned, _block_shape, _prune_lowest)
 from raydistill.compress.schedule import cubic_sparsity
+from raydistill.utils import unwrap_model
 
-__all__ = ["GradualPruner", "normalize_name", "select_linear_layers", "unwrap_model", "METHODS", "SCOPES"]
+__all__ = ["GradualPruner", "normalize_name", "select_linear_layers", "METHODS", "SCOPES"]
 
 METHODS = ("magnitude", "nm", "block")
 SCOPES = ("layer", "global")
@@ -22,17 +23,6 @@ def normalize_name(name: str) -> str:
     """Strip wrapper prefixes (DDP ``module.``, torch.compile ``_orig_mod.``) from a module name."""
     parts = [p for p in name.split(".") if p and p + "." not in _WRAPPER_PREFIXES]
     return ".".join(parts)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP/DataParallel/torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _patterns(p, name: str) -> list[str] | None:

@@ -41,10 +41,15 @@ With a calibration batch (the Minitron recipe, Muralidharan et al. 2024): activa
 ``sqrt(mean over rows (tokens) of the unit's output squared)``, the output read at the input of ``b`` /
 ``down_proj`` / ``o_proj`` (a head: the squared norm of its ``head_dim`` outputs) in one forward pass.
 
+**Decoder layers and embedding channels** of transformers decoder LMs (``num_layers`` / ``hidden_size``):
+:mod:`raydistill.compress.structured_depth`, :mod:`raydistill.compress.structured_width`; pruning to a
+whole target shape: :func:`raydistill.compress.prune_shape.prune_to_shape`.
+
 Public API::
 
     prune_structured(model, ratio=0.5, calibration=None, include=None, exclude=None,
-                     head_unit="kv_group") -> StructuredReport
+                     head_unit="kv_group", num_layers=None, hidden_size=None,
+                     depth_ranking="block_importance", contiguous=False) -> StructuredReport
     resize_structured(model, widths)   # shapes only (to load a pruned checkpoint into a fresh model)
     unit_pairs(model) -> list[(name_a, name_b)]
     gated_mlps(model) -> list[name]
@@ -98,7 +103,8 @@ def _linear_like(m: nn.Module) -> bool:
 def unit_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(a, b) names of consecutive nn.Linear layers in an nn.Sequential joined by zero-preserving
     elementwise modules only."""
-    from raydistill.compress.pruner import normalize_name, unwrap_model
+    from raydistill.compress.pruner import normalize_name
+    from raydistill.utils import unwrap_model
 
     base = unwrap_model(model)
     pairs = []
@@ -123,7 +129,8 @@ def _is_gated(m: nn.Module) -> bool:
 
 def gated_mlps(model: nn.Module) -> list[str]:
     """Names of the Llama-style gated MLP modules (``gate_proj``, ``up_proj``, ``down_proj``)."""
-    from raydistill.compress.pruner import normalize_name, unwrap_model
+    from raydistill.compress.pruner import normalize_name
+    from raydistill.utils import unwrap_model
 
     return [normalize_name(n) for n, m in unwrap_model(model).named_modules() if _is_gated(m)]
 
@@ -140,7 +147,8 @@ def _is_fused_attention(m: nn.Module) -> bool:
 
 def attention_modules(model: nn.Module) -> list[str]:
     """Names of the Llama-style attention modules (q/k/v/o projections and ``head_dim``)."""
-    from raydistill.compress.pruner import normalize_name, unwrap_model
+    from raydistill.compress.pruner import normalize_name
+    from raydistill.utils import unwrap_model
 
     return [normalize_name(n) for n, m in unwrap_model(model).named_modules() if _is_attention(m)]
 
@@ -362,20 +370,72 @@ def _top(scores: Tensor, k: int) -> Tensor:
 
 
 @torch.no_grad()
+def _check_calibration(model: nn.Module, calibration: Tensor) -> None:
+    """``calibration`` must be a batch the model runs on: token ids ``(batch, seq)`` in ``[0, vocab)`` for a
+    model with an input embedding (a causal LM), else floats of the model's dtype whose forward works (tried
+    on the first row). ValueError naming ``calibration`` and what is expected (not a raw matmul error)."""
+    params = next(model.parameters(), None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(emb, nn.Embedding):
+        want = f"token ids: an integer tensor of shape (batch, seq) with values in [0, {emb.num_embeddings})"
+        if calibration.is_floating_point() or calibration.is_complex() or calibration.dtype == torch.bool:
+            raise ValueError(f"calibration must be {want}, got dtype {calibration.dtype}")
+        if calibration.dim() != 2:
+            raise ValueError(f"calibration must be {want}, got shape {tuple(calibration.shape)}")
+        lo, hi = int(calibration.min()), int(calibration.max())
+        if lo < 0 or hi >= emb.num_embeddings:
+            raise ValueError(f"calibration must be {want}, got values in [{lo}, {hi}]")
+    else:
+        dtype = params.dtype if params is not None else torch.float32
+        first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+        shape = f"(batch, {first.in_features})" if isinstance(first, nn.Linear) else "(batch, ...)"
+        want = f"a batch of model inputs: {str(dtype).removeprefix('torch.')} of shape {shape} as the model's forward takes"
+        if calibration.dtype != dtype:
+            raise ValueError(f"calibration must be {want}, got dtype {calibration.dtype}")
+    was = model.training
+    model.eval()
+    try:  # one row through the model: a wrong input shape is named here, not deep inside a layer
+        model(calibration[:1].to(params.device if params is not None else calibration.device))
+    except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+        raise ValueError(f"calibration must be {want}; the model cannot run on a {calibration.dtype} tensor of "
+                         f"shape {tuple(calibration.shape)} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
 def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor | None = None, *, include=None,
-                     exclude=None, head_unit: str = "kv_group") -> StructuredReport:
+                     exclude=None, head_unit: str = "kv_group", num_layers: int | float | None = None,
+                     hidden_size: int | float | None = None, depth_ranking: str = "block_importance",
+                     contiguous: bool = False) -> StructuredReport:
     """Remove ``round(ratio * units)`` hidden units of every selected unit pair's first layer and of every
     gated MLP, and ``round(ratio * units)`` attention units (``head_unit``) of every attention module, in
     place (the layers are replaced by smaller nn.Linear). ``include``/``exclude`` are fnmatch patterns on
     the first layer's name / the gated MLP module's / the attention module's name. ``calibration``: a batch of model inputs for
     activation ranking (None: weight norm). Returns a :class:`StructuredReport` (``widths`` rebuilds the
-    shapes: :func:`resize_structured`)."""
-    from raydistill.compress.pruner import _patterns, normalize_name, unwrap_model
+    shapes: :func:`resize_structured`).
+
+    ``num_layers`` / ``hidden_size`` (transformers decoder LMs; an int, or a float in (0, 1]: the fraction
+    kept) also remove whole decoder layers ranked by ``depth_ranking`` (``contiguous``: one window of
+    consecutive layers) and embedding channels ranked by activation, both on ``calibration`` (token ids,
+    required) and, like the heads and MLP units, scored on the original model: see
+    :mod:`raydistill.compress.prune_shape` (``ratio=0`` keeps every head and unit)."""
+    from raydistill.compress.pruner import _patterns, normalize_name
+    from raydistill.utils import unwrap_model
+
+    if num_layers is not None or hidden_size is not None:
+        from raydistill.compress.prune_shape import prune_structured_shape
+
+        return prune_structured_shape(model, ratio, calibration, include=include, exclude=exclude, head_unit=head_unit,
+                                      num_layers=num_layers, hidden_size=hidden_size, depth_ranking=depth_ranking,
+                                      contiguous=contiguous)
 
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"ratio must be a float in [0, 1) (the fraction of hidden units removed), got {ratio!r}")
     if calibration is not None and (not isinstance(calibration, Tensor) or calibration.numel() == 0):
         raise ValueError("calibration must be a non-empty Tensor batch of model inputs, or None")
+    if calibration is not None:
+        _check_calibration(unwrap_model(model), calibration)
     if head_unit not in HEAD_UNITS:
         raise ValueError(f"head_unit must be one of {HEAD_UNITS}, got {head_unit!r}")
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude") or []
@@ -470,7 +530,8 @@ def resize_structured(model: nn.Module, widths: dict[str, int]) -> nn.Module:
     ``down_proj``'s inputs), and the attention modules' ``q_proj`` / ``k_proj``, the given
     out_features (keeping their first units / heads) so that a state dict saved after
     :func:`prune_structured` loads into a freshly built model."""
-    from raydistill.compress.pruner import normalize_name, unwrap_model
+    from raydistill.compress.pruner import normalize_name
+    from raydistill.utils import unwrap_model
 
     base = unwrap_model(model)
     layers = {normalize_name(n): m for n, m in base.named_modules()}

@@ -18,12 +18,12 @@ from raydistill._lazy import lazy_getattr
 
 _EXPORTS = {
     "ray_session": "raydistill.distill.session",
-    "TeacherArtifact": "raydistill.distill.trainer",
-    "ensure_teacher": "raydistill.distill.trainer",
-    "build_student_trainer": "raydistill.distill.trainer",
-    "build_baseline_trainer": "raydistill.distill.trainer",
-    "build_teacher_trainer": "raydistill.distill.trainer",
-    "evaluate_checkpoint": "raydistill.distill.trainer",
+    "TeacherArtifact": "raydistill.distill.spec",
+    "ensure_teacher": "raydistill.distill.teachers",
+    "build_student_trainer": "raydistill.distill.stages",
+    "build_baseline_trainer": "raydistill.distill.stages",
+    "build_teacher_trainer": "raydistill.distill.stages",
+    "evaluate_checkpoint": "raydistill.distill.evaluate",
     "run_distill": "raydistill.distill.pipeline",
     "train_fn_per_worker": "raydistill.distill.worker",
     "write_teacher_outputs": "raydistill.distill.teacher_logits",

@@ -26,7 +26,7 @@ def expected_teacher_hash(cfg: Config) -> str | None:
     """The teacher identity ``raydistill teacher-logits`` records for this config (the cached teacher's hash,
     or the external ``teacher.checkpoint``'s; None when that checkpoint is missing, which its own check
     reports)."""
-    from raydistill.distill.trainer import teacher_hash
+    from raydistill.distill.teachers import teacher_hash
 
     if cfg.teacher.checkpoint:
         path = Path(cfg.teacher.checkpoint).expanduser().resolve()

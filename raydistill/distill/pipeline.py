@@ -15,9 +15,8 @@ Baseline, dense_student and student are independent, so by default they run as c
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -25,13 +24,15 @@ from typing import Any
 
 from raydistill.config import Config, ConfigError, config_hash, dump_config
 from raydistill.distill import interrupts
+from raydistill.distill.data import resolve_storage
+from raydistill.distill.evaluate import evaluate_checkpoint, final_checkpoint_dir
 from raydistill.distill.preflight import preflight
+from raydistill.distill.progress import Progress
+from raydistill.distill.report import build_report, write_report
 from raydistill.distill.runlock import run_lock
-from raydistill.utils import write_json_atomic
-from raydistill.distill.trainer import (
-    TeacherArtifact, artifact_from_checkpoint, build_baseline_trainer, build_student_trainer, ensure_teacher,
-    evaluate_checkpoint, final_checkpoint_dir, resolve_storage, teacher_hash,
-)
+from raydistill.distill.spec import TeacherArtifact
+from raydistill.distill.stages import build_baseline_trainer, build_student_trainer
+from raydistill.distill.teachers import artifact_from_checkpoint, ensure_teacher, teacher_hash
 
 log = logging.getLogger("raydistill")
 
@@ -52,114 +53,10 @@ def _short_error(exc: BaseException) -> str:
     return lines[-1][:400] if lines else type(exc).__name__
 
 
-# ----------------------------------------------------------------------------------------------------
-# progress: poll each stage's epochs.jsonl (written by the rank-0 worker after each report)
-
-
-class Progress:
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self._stages: dict[str, dict] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = None
-        self._progress = None
-        self._lines = False
-
-    def add(self, stage: str, log_path: Path, epochs: int):
-        with self._lock:
-            self._stages[stage] = {"path": Path(log_path), "epochs": epochs, "offset": 0, "task": None,
-                                   "last": None, "t0": time.time()}
-
-    def __enter__(self):
-        import sys
-
-        self._lines = self.enabled and not sys.stderr.isatty()  # logs/CI: one plain line per epoch
-        if self.enabled and not self._lines:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, \
-                TimeElapsedColumn, TimeRemainingColumn
-
-            self._progress = RP(TextColumn("[bold]{task.description:<14}"), BarColumn(bar_width=24),
-                                MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
-                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                transient=False, refresh_per_second=4)
-            self._progress.__enter__()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self.poll()
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-        return False
-
-    def _loop(self):
-        while not self._stop.wait(0.5):
-            try:
-                self.poll()
-            except Exception:  # never let the display kill the job
-                log.debug("progress poll failed", exc_info=True)
-
-    def poll(self):
-        with self._lock:
-            for stage, st in self._stages.items():
-                if st["task"] is None and self._progress is not None:
-                    st["task"] = self._progress.add_task(stage, total=st["epochs"], metrics="starting ...")
-                p = st["path"]
-                if not p.is_file():
-                    continue
-                with open(p) as fh:
-                    fh.seek(st["offset"])
-                    chunk = fh.read()
-                    if not chunk.endswith("\n"):
-                        chunk = chunk[: chunk.rfind("\n") + 1]
-                    st["offset"] += len(chunk)
-                for line in chunk.splitlines():
-                    try:
-                        m = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    st["last"] = m
-                    log.info("%s epoch %s/%s: %s", stage, m.get("epoch"), st["epochs"],
-                             {k: m.get(k) for k in ("train_loss", "val_accuracy", "accuracy", "val_perplexity",
-                                                    "perplexity", "sparsity", "lr")})
-                    txt = _epoch_text(m)
-                    if self._lines:
-                        import sys
-
-                        el = time.time() - st["t0"]
-                        eta = el / max(1, int(m["epoch"])) * (st["epochs"] - int(m["epoch"]))
-                        print(f"[{stage}] epoch {m['epoch']}/{st['epochs']}  {txt}  eta {eta:.0f}s",
-                              file=sys.stderr, flush=True)
-                    if self._progress is not None and st["task"] is not None:
-                        self._progress.update(st["task"], completed=int(m["epoch"]), metrics=txt)
-
-    def done(self, stage: str, note: str = ""):
-        with self._lock:
-            st = self._stages.get(stage)
-            if st and self._progress is not None and st["task"] is not None:
-                self._progress.update(st["task"], completed=st["epochs"],
-                                      metrics=note or self._progress.tasks[st["task"]].fields["metrics"])
-
-
-def _epoch_text(m: dict) -> str:
-    if "perplexity" in m:
-        return (f"loss {m['train_loss']:.3f}  val ppl {m['val_perplexity']:.2f}  test ppl {m['perplexity']:.2f}  "
-                f"sparsity {m['sparsity']:.2f}")
-    return (f"loss {m['train_loss']:.3f}  val {m['val_accuracy']:.3f}  test {m['accuracy']:.3f}  "
-            f"sparsity {m['sparsity']:.2f}")
-
-
-# ----------------------------------------------------------------------------------------------------
-
-
 def _comparable(cfg: Config) -> dict:
     d = cfg.model_dump(mode="json")
-    for k in ("storage_path", "name", "num_to_keep", "max_failures", "concurrent_stages", "debug_crash_at_epoch"):
+    for k in ("storage_path", "name", "num_to_keep", "max_failures", "concurrent_stages", "debug_crash_at_epoch",
+              "debug_crash_at_step", "tracking", "tracking_uri"):
         d["run"].pop(k, None)
     d.pop("search", None)
     d.pop("scaling", None)
@@ -212,7 +109,15 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
     run_dir = storage / name
     preflight(cfg, storage, name)  # name, storage, models: a ConfigError before Ray starts
     with run_lock(run_dir):  # a second run with the same name fails here, at once
-        return _run_locked(cfg, storage, name, run_dir, address, progress, t0)
+        if cfg.run.tracking == "none":
+            return _run_locked(cfg, storage, name, run_dir, address, progress, t0)
+        from raydistill.distill.tracking import Tracker  # run.tracking (issue 22): opened before Ray starts
+
+        teacher_dir = None if cfg.teacher.checkpoint else storage / "teachers" / teacher_hash(cfg)
+        with Tracker(cfg, storage, name, run_dir, teacher_dir) as tracker:
+            report = _run_locked(cfg, storage, name, run_dir, address, progress, t0)
+            tracker.finish(report)
+            return report
 
 
 def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, progress: bool, t0: float) -> dict:
@@ -221,291 +126,230 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
     _check_run_dir(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    log_path = run_dir / "distill.log"
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.info("run %s: storage %s", name, storage)
-    timings: dict[str, float] = {}
-    try:
-        with ray_session(address=address) as ray:
+    with _job_log(run_dir / "distill.log"):
+        log.info("run %s: storage %s", name, storage)
+        timings: dict[str, float] = {}
+        with ray_session(address=address) as ray, Progress(enabled=progress) as prog:
             log.info("ray resources: %s", ray.cluster_resources())
-            with Progress(enabled=progress) as prog:
-                # ---- teacher --------------------------------------------------------------------------
-                ts = time.time()
-                th = teacher_hash(cfg)
-                if not cfg.teacher.checkpoint:
-                    prog.add("teacher", storage / "teachers" / th / "epochs.jsonl",
-                             cfg.teacher.training.epochs)
-                try:
-                    teacher = ensure_teacher(cfg, storage)
-                except (ConfigError, KeyboardInterrupt):
-                    raise
-                except BaseException as exc:
-                    if interrupts.interrupted():
-                        raise KeyboardInterrupt from exc
-                    if isinstance(exc, StageFailed):
-                        raise
-                    log.error("teacher failed:\n%s", "".join(traceback.format_exception(exc)))
-                    raise StageFailed("teacher", exc) from exc
-                note = f"test ppl {teacher.metrics['perplexity']:.2f}" if "perplexity" in teacher.metrics else \
-                    f"test {teacher.accuracy:.3f}"
-                prog.done("teacher", note + ("  (cached)" if teacher.cached else ""))
-                timings["teacher"] = time.time() - ts
-
-                # ---- assistants (sequential chain) -----------------------------------------------------
-                current: TeacherArtifact = teacher
-                assistants = []
-                for i, a in enumerate(cfg.assistants, 1):
-                    stage = f"assistant_{i}"
-                    ts = time.time()
-                    prog.add(stage, run_dir / stage / "epochs.jsonl", a.epochs or cfg.distill.epochs)
-                    spec = {"model": a.model, "kwargs": dict(a.kwargs)}
-                    tr = build_student_trainer(cfg, current, storage_path=run_dir, name=stage, stage=stage,
-                                               model=spec, sparsity=0.0, epochs=a.epochs)
-                    res = _fit(tr, stage)
-                    ck = final_checkpoint_dir(res, run_dir, stage)
-                    current = artifact_from_checkpoint(ck, model=spec, stage=stage)
-                    ev = evaluate_checkpoint(cfg, ck, model=spec)
-                    assistants.append({"stage": stage, **spec, **ev})
-                    prog.done(stage)
-                    timings[stage] = time.time() - ts
-
-                # ---- baseline, dense student, compressed student ----------------------------------------
-                from raydistill.distill.steps import structured_init, student_extras
-
-                recipe = dict(cfg.compression.steps())  # checked against the student by preflight
-                sparse = bool(recipe)
-                stages = ["baseline"] + (["dense_student"] if sparse else []) + ["student"]
-                # prune_structured: the student starts from the pruned dense student, so it runs after it;
-                # so does QAT fine-tuning of the dense student (quantize start: dense_student)
-                q_step = recipe.get("quantize")
-                qat_ft = q_step is not None and q_step.mode == "qat" and q_step.start == "dense_student"
-                after_dense = "prune_structured" in recipe or qat_ft
-                first = [s for s in stages if not (after_dense and s == "student")]
-                concurrent = len(first) if cfg.run.concurrent_stages else 1
-                res_per_worker = _resources(cfg, concurrent)
-
-                def build(stage, extras=None, resources=res_per_worker):
-                    if stage == "baseline":
-                        return build_baseline_trainer(cfg, storage_path=run_dir, name=stage,
-                                                      resources_per_worker=resources)
-                    ft = qat_ft and stage == "student"  # QAT fine-tuning: its own epochs and peak lr
-                    return build_student_trainer(
-                        cfg, current, storage_path=run_dir, name=stage, stage=stage,
-                        sparsity=None if stage == "student" else 0.0, resources_per_worker=resources,
-                        extras=extras, epochs=q_step.epochs if ft else None, lr=q_step.lr if ft else None)
-
-                trainers = {}
-                for stage in stages:
-                    prog.add(stage, run_dir / stage / "epochs.jsonl", cfg.distill.epochs)
-                for stage in first:
-                    trainers[stage] = build(stage, student_extras(cfg) if stage == "student" else None)
-                results: dict[str, Any] = {}
-                ts = time.time()
-                if concurrent > 1:
-                    # daemon threads, waited for in short slices: Ctrl-C interrupts the wait at once
-                    futs = {s: interrupts.submit(_fit, trainers[s], s, name=f"raydistill-{s}") for s in first}
-                    errors = []
-                    for s, f in futs.items():
-                        try:
-                            results[s] = interrupts.result(f)
-                            prog.done(s)
-                        except StageFailed as exc:
-                            errors.append(exc)
-                    if errors:
-                        raise errors[0]
-                else:
-                    for s in first:
-                        results[s] = _fit(trainers[s], s)
-                        prog.done(s)
-                structured_report = None
-                if after_dense and "prune_structured" not in recipe:  # QAT fine-tuning of the dense student
-                    init_path = str(final_checkpoint_dir(results["dense_student"], run_dir, "dense_student"))
-                    log.info("quantize: QAT fine-tuning from %s", init_path)
-                    trainers["student"] = build("student", student_extras(cfg, init_from=init_path),
-                                                resources=_resources(cfg, 1))
-                    results["student"] = _fit(trainers["student"], "student")
-                    prog.done("student")
-                elif after_dense:
-                    import torch
-
-                    if cfg.data.task == "causal_lm":  # calibration: packed training blocks of token ids
-                        from raydistill.distill.trainer import text_data
-
-                        x_cal = text_data(cfg, storage).train.astype("int64")
-                    else:
-                        from raydistill.distill.trainer import load_arrays
-
-                        x_cal = load_arrays(cfg, storage)[0].x_train
-                    init_path, widths, structured_report = structured_init(
-                        cfg, final_checkpoint_dir(results["dense_student"], run_dir, "dense_student"),
-                        run_dir / "structured_init", torch.from_numpy(x_cal))
-                    log.info("prune_structured: widths %s", widths)
-                    trainers["student"] = build("student", student_extras(cfg, structure=widths, init_from=init_path),
-                                                resources=_resources(cfg, 1))
-                    results["student"] = _fit(trainers["student"], "student")
-                    prog.done("student")
-                timings["students"] = time.time() - ts
-
-        # ---- evaluation + report (Ray is down; evaluation is local and cheap) -----------------------------
-        qcfg = recipe["quantize"].model_dump(mode="json") if "quantize" in recipe else None
-        evals = {s: evaluate_checkpoint(cfg, final_checkpoint_dir(results[s], run_dir, s), teacher=current,
-                                        quantize=qcfg if s == "student" else None,
-                                        export=str(run_dir / "student.safetensors") if s == "student" else None)
-                 for s in stages}
-        if qcfg is not None:  # post-training quantization of the dense distilled student, for comparison
-            evals["dense_student_ptq"] = evaluate_checkpoint(
-                cfg, final_checkpoint_dir(results["dense_student"], run_dir, "dense_student"), teacher=current,
-                quantize=qcfg | {"mode": "ptq"})
-        lm = cfg.data.task == "causal_lm"
-        report = {
-            "name": name, "run_dir": str(run_dir), "task": cfg.data.task,
-            "teacher": {**teacher.to_dict(), "accuracy": teacher.accuracy},
-            "assistants": assistants,
-            "baseline": evals["baseline"],
-            "student": evals["student"],
-            **({"dense_student": evals["dense_student"]} if sparse else {}),
-            **({"dense_student_ptq": evals["dense_student_ptq"]} if "dense_student_ptq" in evals else {}),
-            "compression_steps": [t for t, _ in cfg.compression.steps()],
-            **({"prune_structured": structured_report} if structured_report else {}),
-            "config": cfg.model_dump(mode="json"),
-            "timings": timings,
-        }
-        if lm:
-            report["perplexity_vs_baseline"] = evals["student"]["perplexity"] / evals["baseline"]["perplexity"] - 1
-            if sparse:
-                report["sparse_vs_dense"] = evals["student"]["perplexity"] / evals["dense_student"]["perplexity"] - 1
+            corpus = _corpus_size(cfg, storage, prog)
+            teacher = _teacher(cfg, storage, prog, timings)
+            current, assistants = _assistants(cfg, teacher, run_dir, prog, timings)
+            plan = _StudentPlan(cfg)
+            results, structured_report = _students(cfg, plan, current, storage, run_dir, prog, timings)
+        # evaluation + report (Ray is down; evaluation is local and cheap)
+        evals = _evaluate_students(cfg, plan, results, current, run_dir)
+        report = build_report(cfg, name, run_dir, teacher, assistants, evals, plan.sparse, structured_report,
+                              timings, corpus)
+        if cfg.data.task == "causal_lm":
             from raydistill.distill.export import export_student
 
             report["export"] = str(export_student(cfg, final_checkpoint_dir(results["student"], run_dir, "student"),
                                                   run_dir / "export" / "student"))
-        else:
-            report["gain_over_baseline"] = evals["student"]["accuracy"] - evals["baseline"]["accuracy"]
-            if sparse:
-                report["sparse_vs_dense"] = evals["student"]["accuracy"] - evals["dense_student"]["accuracy"]
         report["wall_seconds"] = time.time() - t0
-        curves = {s: _read_log(run_dir / s / "epochs.jsonl") for s in stages}
-        curves.update({a["stage"]: _read_log(run_dir / a["stage"] / "epochs.jsonl") for a in assistants})
-        if not cfg.teacher.checkpoint:
-            curves["teacher"] = _read_log(storage / "teachers" / teacher_hash(cfg) / "epochs.jsonl")
-        report["curves_png"] = str(_plot(curves, run_dir / "curves.png"))
-        write_json_atomic(run_dir / "report.json", report)
-        (run_dir / "report.md").write_text(report_markdown(report))
+        teacher_log = None if cfg.teacher.checkpoint else storage / "teachers" / teacher_hash(cfg) / "epochs.jsonl"
+        write_report(report, run_dir, plan.stages + [a["stage"] for a in assistants], teacher_log)
         log.info("report: %s", run_dir / "report.json")
         return report
+
+
+@contextlib.contextmanager
+def _job_log(path: Path):
+    """The job's log file (``distill.log``) on the root logger while the job runs."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
     finally:
         root.removeHandler(handler)
         handler.close()
 
 
-def _read_log(path: Path) -> list[dict]:
-    """Per-epoch metrics of a stage; after a resume the latest line for each epoch wins."""
-    if not path.is_file():
-        return []
-    by_epoch: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
+def _corpus_size(cfg: Config, storage: Path, prog: Progress) -> dict:
+    """Training tokens (causal LM) and the teacher's parameters; a warning before training when the corpus
+    is small for the teacher (:func:`raydistill.distill.verdict.corpus_warning`)."""
+    from raydistill.distill.data import task_info
+    from raydistill.distill.verdict import corpus_warning
+
+    info = task_info(cfg, storage)
+    tokens = int(info.get("train_blocks", 0)) * int(info.get("seq_len", 0)) or None
+    params = _teacher_params(cfg, info) if tokens else None
+    msg = corpus_warning(tokens, params)
+    if msg:
+        prog.note(msg)
+    return {"train_tokens": tokens, "teacher_params": params}
+
+
+def _teacher_params(cfg: Config, info: dict) -> int | None:
+    """The teacher's parameter count, from a model built on the meta device (no memory, no weights)."""
+    import torch
+
+    from raydistill.distill.spec import model_dict
+    from raydistill.tasks import get_task
+
+    try:
+        with torch.device("meta"):
+            net = get_task(cfg.data.task).build_model(model_dict(cfg.teacher), info)
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta: no warning, no count
+        log.debug("teacher parameters not counted", exc_info=True)
+        return None
+    from raydistill.models import count_params
+
+    return int(count_params(net))
+
+
+def _teacher(cfg: Config, storage: Path, prog: Progress, timings: dict) -> TeacherArtifact:
+    """The trained teacher (cached, or trained now through Ray Train)."""
+    ts = time.time()
+    if not cfg.teacher.checkpoint:
+        prog.add("teacher", storage / "teachers" / teacher_hash(cfg) / "epochs.jsonl", cfg.teacher.training.epochs)
+    try:
+        teacher = ensure_teacher(cfg, storage)
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        if interrupts.interrupted():
+            raise KeyboardInterrupt from exc
+        if isinstance(exc, StageFailed):
+            raise
+        log.error("teacher failed:\n%s", "".join(traceback.format_exception(exc)))
+        raise StageFailed("teacher", exc) from exc
+    note = f"test ppl {teacher.metrics['perplexity']:.2f}" if "perplexity" in teacher.metrics else \
+        f"test {teacher.accuracy:.3f}"
+    prog.done("teacher", note + ("  (cached)" if teacher.cached else ""))
+    timings["teacher"] = time.time() - ts
+    return teacher
+
+
+def _assistants(cfg: Config, teacher: TeacherArtifact, run_dir: Path, prog: Progress,
+                timings: dict) -> tuple[TeacherArtifact, list[dict]]:
+    """The teacher-assistant chain, in order: each link distilled (dense) from the previous one. Returns the
+    last link (the student's teacher) and each assistant's evaluation."""
+    current, assistants = teacher, []
+    for i, a in enumerate(cfg.assistants, 1):
+        stage = f"assistant_{i}"
+        ts = time.time()
+        prog.add(stage, run_dir / stage / "epochs.jsonl", a.epochs or cfg.distill.epochs)
+        spec = {"model": a.model, "kwargs": dict(a.kwargs)}
+        tr = build_student_trainer(cfg, current, storage_path=run_dir, name=stage, stage=stage,
+                                   model=spec, sparsity=0.0, epochs=a.epochs)
+        ck = final_checkpoint_dir(_fit(tr, stage), run_dir, stage)
+        current = artifact_from_checkpoint(ck, model=spec, stage=stage)
+        assistants.append({"stage": stage, **spec, **evaluate_checkpoint(cfg, ck, model=spec)})
+        prog.done(stage)
+        timings[stage] = time.time() - ts
+    return current, assistants
+
+
+class _StudentPlan:
+    """Which student stages run and in what order. Baseline, dense_student (only with a compression
+    recipe) and student are independent and run at once, except that the student starts from the dense
+    student with ``prune_structured`` or QAT fine-tuning (``quantize: {start: dense_student}``)."""
+
+    def __init__(self, cfg: Config):
+        self.recipe = dict(cfg.compression.steps())  # checked against the student by preflight
+        self.sparse = bool(self.recipe)
+        self.stages = ["baseline"] + (["dense_student"] if self.sparse else []) + ["student"]
+        q = self.recipe.get("quantize")
+        self.q_step = q
+        self.qat_ft = q is not None and q.mode == "qat" and q.start == "dense_student"
+        self.structured = "prune_structured" in self.recipe
+        self.after_dense = self.structured or self.qat_ft
+        self.first = [s for s in self.stages if not (self.after_dense and s == "student")]
+        self.concurrent = len(self.first) if cfg.run.concurrent_stages else 1
+        self.quantize = self.recipe["quantize"].model_dump(mode="json") if "quantize" in self.recipe else None
+
+
+def _students(cfg: Config, plan: _StudentPlan, teacher: TeacherArtifact, storage: Path, run_dir: Path,
+              prog: Progress, timings: dict) -> tuple[dict[str, Any], dict | None]:
+    """Train the baseline, dense and compressed students; their Ray results and the prune_structured report."""
+    from raydistill.distill.steps import student_extras
+
+    res_per_worker = _resources(cfg, plan.concurrent)
+
+    def build(stage, extras=None, resources=res_per_worker):
+        if stage == "baseline":
+            return build_baseline_trainer(cfg, storage_path=run_dir, name=stage, resources_per_worker=resources)
+        ft = plan.qat_ft and stage == "student"  # QAT fine-tuning: its own epochs and peak lr
+        return build_student_trainer(
+            cfg, teacher, storage_path=run_dir, name=stage, stage=stage,
+            sparsity=None if stage == "student" else 0.0, resources_per_worker=resources,
+            extras=extras, epochs=plan.q_step.epochs if ft else None, lr=plan.q_step.lr if ft else None)
+
+    for stage in plan.stages:
+        prog.add(stage, run_dir / stage / "epochs.jsonl", cfg.distill.epochs)
+    trainers = {s: build(s, student_extras(cfg) if s == "student" else None) for s in plan.first}
+    ts = time.time()
+    results = _fit_all(trainers, prog, concurrent=plan.concurrent > 1)
+    structured_report = None
+    if plan.after_dense:  # the student starts from the distilled dense student
+        dense = final_checkpoint_dir(results["dense_student"], run_dir, "dense_student")
+        if plan.structured:
+            init_path, widths, structured_report = _structured_init(cfg, storage, dense, run_dir)
+            extras = student_extras(cfg, structure=widths, init_from=init_path)
+        else:  # QAT fine-tuning of the dense student
+            log.info("quantize: QAT fine-tuning from %s", dense)
+            extras = student_extras(cfg, init_from=str(dense))
+        results.update(_fit_all({"student": build("student", extras, resources=_resources(cfg, 1))}, prog))
+    timings["students"] = time.time() - ts
+    return results, structured_report
+
+
+def _fit_all(trainers: dict, prog: Progress, *, concurrent: bool = False) -> dict[str, Any]:
+    """Fit each trainer (at once in daemon threads when ``concurrent``, waited for in short slices so that
+    Ctrl-C interrupts the wait at once); the first failed stage is raised after all have ended."""
+    results: dict[str, Any] = {}
+    if not concurrent:
+        for s, tr in trainers.items():
+            results[s] = _fit(tr, s)
+            prog.done(s)
+        return results
+    futs = {s: interrupts.submit(_fit, tr, s, name=f"raydistill-{s}") for s, tr in trainers.items()}
+    errors = []
+    for s, f in futs.items():
         try:
-            m = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        by_epoch[int(m["epoch"])] = m
-    return [by_epoch[k] for k in sorted(by_epoch)]
+            results[s] = interrupts.result(f)
+            prog.done(s)
+        except StageFailed as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+    return results
 
 
-def _plot(curves: dict[str, list[dict]], path: Path) -> Path:
-    import matplotlib
+def _structured_init(cfg: Config, storage: Path, dense: Path, run_dir: Path) -> tuple[str, dict, dict]:
+    """prune_structured: the dense distilled student pruned to the recipe's widths, ranked on a calibration
+    batch of training rows."""
+    import torch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from raydistill.distill.steps import structured_init
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    lm = any("perplexity" in r for rows in curves.values() for r in rows)
-    keys = ("val_perplexity", "perplexity") if lm else ("val_accuracy", "accuracy")
-    for stage, rows in curves.items():
-        if not rows:
-            continue
-        ep = [r["epoch"] for r in rows]
-        axes[0].plot(ep, [r["train_loss"] for r in rows], label=stage)
-        axes[1].plot(ep, [r.get(keys[0]) for r in rows], label=stage)
-        axes[2].plot(ep, [r.get(keys[1]) for r in rows], label=stage)
-    titles = ("train loss", "val perplexity", "test perplexity") if lm else \
-        ("train loss", "val accuracy", "test accuracy")
-    if lm:
-        axes[1].set_yscale("log")
-        axes[2].set_yscale("log")
-    for ax, title in zip(axes, titles):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    if cfg.data.task == "causal_lm":  # calibration: packed training blocks of token ids
+        from raydistill.distill.data import text_data
+
+        x_cal = text_data(cfg, storage).train.astype("int64")
+    else:
+        from raydistill.distill.data import load_arrays
+
+        x_cal = load_arrays(cfg, storage)[0].x_train
+    init_path, widths, rep = structured_init(cfg, dense, run_dir / "structured_init", torch.from_numpy(x_cal))
+    log.info("prune_structured: widths %s", widths)
+    return init_path, widths, rep
 
 
-def report_markdown(r: dict) -> str:
-    if r.get("task") == "causal_lm":
-        return _report_markdown_lm(r)
-    fmt = (lambda v, f: "" if v is None else f.format(v))
-    rows = [("teacher", r["teacher"]["model"].get("model", "?"), {"accuracy": r["teacher"]["accuracy"]})]
-    for a in r.get("assistants", []):
-        rows.append((a["stage"], a["model"], a))
-    cfg = r["config"]
-    smodel = cfg["student"]["model"]
-    for key in ("baseline", "dense_student", "dense_student_ptq", "student"):
-        if key in r:
-            rows.append((key, smodel, r[key]))
-    lines = [f"# raydistill run `{r['name']}`", "",
-             "| stage | model | test accuracy | macro F1 | macro precision | macro recall | sparsity | compression "
-             "| bytes | bytes vs dense student | ms/batch 1 | ms/batch 256 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    ref = (r.get("dense_student") or {}).get("model_bytes")
-    for st, m, e in rows:
-        rel = e.get("model_bytes") / ref if ref and e.get("model_bytes") else None
-        lines.append(f"| {st} | {m} | {e['accuracy']:.2%} | {fmt(e.get('macro_f1'), '{:.3f}')} | "
-                     f"{fmt(e.get('macro_precision'), '{:.3f}')} | {fmt(e.get('macro_recall'), '{:.3f}')} | "
-                     f"{fmt(e.get('sparsity'), '{:.1%}')} | {fmt(e.get('compression_ratio'), '{:.2f}x')} | "
-                     f"{fmt(e.get('model_bytes'), '{:,}')} | {fmt(rel, '{:.1%}')} | "
-                     f"{fmt(e.get('latency_ms_b1'), '{:.3f}')} | {fmt(e.get('latency_ms_b256'), '{:.3f}')} |")
-    lines += ["", f"- compression steps: {', '.join(r.get('compression_steps') or []) or 'none'}",
-              f"- distilled student vs baseline: {r['gain_over_baseline'] * 100:+.1f} points"]
-    if "sparse_vs_dense" in r:
-        lines.append(f"- compressed vs dense distilled student: {r['sparse_vs_dense'] * 100:+.1f} points")
-    s = r["student"]
-    if "projected_sparse_int8_bytes" in s:
-        lines.append(f"- student bytes as int8 SparseLinear (projected, int16 indices): "
-                     f"{s['projected_sparse_int8_bytes']:,}")
-    lines += [f"- student parameters: {s['nonzero_params']:,} nonzero of {s['params']:,}",
-              f"- wall time: {r['wall_seconds']:.0f} s", "", "![curves](curves.png)", ""]
-    return "\n".join(lines)
+def _evaluate_students(cfg: Config, plan: _StudentPlan, results: dict, teacher: TeacherArtifact,
+                       run_dir: Path) -> dict[str, dict]:
+    """Each student stage's final checkpoint evaluated on the test split (the student converted by its
+    recipe and exported), plus post-training quantization of the dense student for comparison."""
+    def final(stage):
+        return final_checkpoint_dir(results[stage], run_dir, stage)
 
-
-def _report_markdown_lm(r: dict) -> str:
-    fmt = (lambda v, f: "" if v is None else f.format(v))
-    lines = [f"# raydistill run `{r['name']}` (causal LM)", "",
-             "| stage | test perplexity | next-token accuracy | teacher agreement | tokens/s | sparsity | compression |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    t = r["teacher"].get("metrics") or {}
-    lines.append(f"| teacher | {fmt(t.get('perplexity'), '{:.2f}')} | {fmt(t.get('next_token_accuracy'), '{:.2%}')} "
-                 "| | | | |")
-    for key in ("baseline", "dense_student", "student"):
-        if key in r:
-            e = r[key]
-            lines.append(f"| {key} | {e['perplexity']:.2f} | {e['next_token_accuracy']:.2%} | "
-                         f"{fmt(e.get('teacher_agreement'), '{:.2%}')} | {fmt(e.get('tokens_per_s'), '{:,.0f}')} | "
-                         f"{e['sparsity']:.1%} | {e['compression_ratio']:.2f}x |")
-    lines += ["", f"- distilled student vs baseline: perplexity {r['perplexity_vs_baseline'] * 100:+.1f}%"]
-    if "sparse_vs_dense" in r:
-        lines.append(f"- sparse vs dense distilled student: perplexity {r['sparse_vs_dense'] * 100:+.1f}%")
-    if r.get("export"):
-        lines.append(f"- exported student (save_pretrained + tokenizer): `{r['export']}`")
-    lines += [f"- wall time: {r['wall_seconds']:.0f} s", "", "## greedy samples (student)", ""]
-    for smp in r["student"].get("samples", []):
-        lines += ["```", smp["prompt"] + "→" + smp["continuation"], "```"]
-    lines += ["", "![curves](curves.png)", ""]
-    return "\n".join(lines)
+    evals = {s: evaluate_checkpoint(cfg, final(s), teacher=teacher, quantize=plan.quantize if s == "student" else None,
+                                    export=str(run_dir / "student.safetensors") if s == "student" else None)
+             for s in plan.stages}
+    if plan.quantize is not None:
+        evals["dense_student_ptq"] = evaluate_checkpoint(cfg, final("dense_student"), teacher=teacher,
+                                                         quantize=plan.quantize | {"mode": "ptq"})
+    return evals

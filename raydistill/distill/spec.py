@@ -1,6 +1,7 @@
-"""``StageSpec``: everything one Ray Train stage needs, typed and frozen (what ``train_fn_per_worker`` gets).
+"""``StageSpec``: everything one Ray Train stage needs, typed and frozen (what ``train_fn_per_worker`` gets);
+``TeacherArtifact``: a trained teacher on the driver.
 
-The driver builds it from the validated ``Config`` (``trainer.stage_spec``); the worker reads only this.
+The driver builds it from the validated ``Config`` (``stages.stage_spec``); the worker reads only this.
 ``config_hash`` covers what changes what the stage learns (not where it runs), so a checkpoint written
 by another config is refused on resume.
 """
@@ -8,7 +9,7 @@ by another config is refused on resume.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 
@@ -30,6 +31,26 @@ class TeacherRef:
 
     path: str
     model: dict
+
+
+@dataclass
+class TeacherArtifact:
+    """A trained (frozen) teacher: ``path`` is a checkpoint dir holding ``model.safetensors``."""
+
+    path: str
+    accuracy: float
+    config_hash: str
+    model: dict = field(default_factory=dict)  # {"model": name, "kwargs": {...}}
+    cached: bool = False
+    metrics: dict = field(default_factory=dict)  # the task's test metrics (causal LM: perplexity, ...)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_dict(m) -> dict:
+    """A ``ModelSpec`` (teacher, student, assistant) as the ``{"model": name, "kwargs": {...}}`` a stage builds."""
+    return {"model": m.model, "kwargs": dict(m.kwargs)}
 
 
 @dataclass(frozen=True)
@@ -65,16 +86,36 @@ class StageSpec:
     init_from: str | None = None
     qat: dict | None = None
     quantize: dict | None = None
+    # training at scale (issue 22; raydistill.config.ScaleKeys): autocast dtype, micro-batches per optimizer
+    # step, activation checkpointing, the budget in optimizer steps (None: epochs), step reports
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
+    max_steps: int | None = None
+    checkpoint_every_steps: int | None = None
+    log_every_steps: int = 10
+    debug_crash_at_step: int | None = None
     config_hash: str = ""
 
     # fields that do not change what the stage learns
     _RUN_ONLY = ("progress_dir", "threads", "materialize", "rows_per_worker", "debug_crash_at_epoch",
-                 "config_hash", "strategy")
+                 "config_hash", "strategy", "gradient_checkpointing", "checkpoint_every_steps", "log_every_steps",
+                 "debug_crash_at_step")
+    # issue 22's fields that change what is learned, left out of the hash at these defaults (so the hashes
+    # of stages that do not use them, and the checkpoints written before them, stay valid)
+    _NEW_DEFAULTS = {"precision": "fp32", "grad_accum_steps": 1, "max_steps": None}
 
     def learning_fields(self) -> dict:
         d = dataclasses.asdict(self)
         for k in self._RUN_ONLY:
             d.pop(k, None)
+        if d.get("max_steps") is not None:
+            d.pop("epochs")  # derived from max_steps and the rows per worker: the budget is max_steps
+        for k, v in self._NEW_DEFAULTS.items():
+            if d.get(k) == v:
+                d.pop(k)
+        if isinstance(d.get("lr_schedule"), dict) and not d["lr_schedule"].get("warmup_steps"):
+            d["lr_schedule"] = {k: v for k, v in d["lr_schedule"].items() if k != "warmup_steps"}
         d.pop("teacher", None)  # its path moves with the storage; teacher_hash identifies it
         return d
 

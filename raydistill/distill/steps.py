@@ -11,7 +11,7 @@
 
 Worker entry points: :func:`prepare_student` (shapes, init weights, QAT) and :func:`size_metrics`.
 Driver entry points: :func:`student_extras`, :func:`structured_init`, :func:`finalize_student`,
-:func:`latency_ms`, :func:`check_recipe`.
+:func:`measure_latency`, :func:`check_recipe`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["prepare_student", "student_extras", "search_extras", "final_metrics", "structured_init", "finalize_student", "latency_ms",
+__all__ = ["prepare_student", "student_extras", "search_extras", "final_metrics", "structured_init", "finalize_student", "measure_latency",
            "size_metrics", "projected_nbytes", "check_recipe", "storage_nbytes"]
 
 
@@ -139,7 +139,7 @@ def storage_nbytes(model: nn.Module) -> int:
     copy it keeps for the backward pass is not counted), SparseLinearInt8 as its buffers (int8 values,
     uint16 indices or the uint8 row bitmap, int32 row pointers, fp32 scales and bias: what the kernel
     reads and what save_compressed writes)."""
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
     from raydistill.ops.sparse import SparseLinear
 
     base = unwrap_model(model)
@@ -162,7 +162,8 @@ def projected_nbytes(model: nn.Module, masks: dict | None, bits: int, group_size
     in_features > 65536) and a 1-bit-per-weight row bitmap, as ``SparseLinear.quantize`` picks, else
     int32 indices; int32 row pointers; one fp32 scale per row), other Linear layers dense at ``bits``
     with their scales; everything else at its dtype."""
-    from raydistill.compress.pruner import normalize_name, unwrap_model
+    from raydistill.compress.pruner import normalize_name
+    from raydistill.utils import unwrap_model
     from raydistill.ops.sparse import bitmap_nbytes
 
     base = unwrap_model(model)
@@ -201,19 +202,52 @@ def size_metrics(model: nn.Module, spec, masks: dict | None) -> dict:
 
 def final_metrics(model: nn.Module, spec, masks: dict | None, in_features: int) -> dict:
     """Worker, last epoch: CPU latency (batch 1 and 256) of a converted copy of the student (masks ->
-    SparseLinear, quantize) -- the model that the evaluation stores."""
-    from raydistill.compress.pruner import unwrap_model
+    SparseLinear, quantize) -- the model that the evaluation stores. Taken while the worker's own training
+    (and, in a search, other trials) may still run: ``latency_under_load`` says whether other processes
+    took CPU time during the reading (:func:`measure_latency`)."""
+    from raydistill.utils import unwrap_model
 
     net = copy.deepcopy(unwrap_model(model)).cpu()
     q = spec.quantize  # FakeQuantLinear layers (QAT) are converted by quantize like nn.Linear
     finalize_student(net, {k: v.cpu() for k, v in (masks or {}).items()} or None, q)
-    return {"latency_ms_b1": latency_ms(net, in_features, 1, repeats=15),
-            "latency_ms_b256": latency_ms(net, in_features, 256, repeats=15)}
+    return measure_latency(net, in_features, repeats=15)
+
+
+# a latency reading during which other processes used more than this fraction of the machine's CPU time is
+# marked ``latency_under_load``
+UNDER_LOAD_CPU_FRACTION = 0.25
+
+
+def measure_latency(model: nn.Module, in_features: int, batches: tuple[int, ...] = (1, 256), *,
+                    repeats: int = 31, warmup: int = 5) -> dict:
+    """CPU latency of one eval forward of a ``(batch, in_features)`` fp32 batch, warm, ``repeats`` calls per
+    batch size: ``latency_ms_b{B}`` (median), ``latency_spread_ms_b{B}`` ([10th, 90th] percentile),
+    ``latency_threads``, ``latency_loadavg`` (1/5/15 min), ``latency_other_cpu`` (the fraction of the
+    machine's CPU time that other processes used while it was measured, from the system's and this
+    process's CPU counters, hypervisor steal included) and ``latency_under_load`` (that fraction above
+    ``UNDER_LOAD_CPU_FRACTION``: the reading is the machine's contention, not the model's latency)."""
+    import os
+
+    import psutil
+
+    out: dict[str, Any] = {"latency_threads": torch.get_num_threads()}
+    own, sys0, w0 = psutil.Process().cpu_times(), psutil.cpu_times(), time.perf_counter()
+    for b in batches:
+        ts = _forward_times(model, in_features, b, repeats=repeats, warmup=warmup)
+        out[f"latency_ms_b{b}"] = 1e3 * float(ts[len(ts) // 2])
+        out[f"latency_spread_ms_b{b}"] = [1e3 * float(ts[len(ts) // 10]), 1e3 * float(ts[(9 * len(ts)) // 10])]
+    own1, sys1, wall = psutil.Process().cpu_times(), psutil.cpu_times(), time.perf_counter() - w0
+    busy = (lambda t: sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal")))
+    others = (busy(sys1) - busy(sys0)) - ((own1.user + own1.system) - (own.user + own.system))
+    frac = max(0.0, others) / max(wall * (os.cpu_count() or 1), 1e-9)
+    out.update(latency_loadavg=[round(x, 2) for x in os.getloadavg()], latency_other_cpu=round(min(frac, 1.0), 3),
+               latency_under_load=bool(frac > UNDER_LOAD_CPU_FRACTION))
+    return out
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, in_features: int, batch: int, *, repeats: int = 30, warmup: int = 5) -> float:
-    """Median wall time (ms) of one eval forward of a ``(batch, in_features)`` fp32 batch on CPU."""
+def _forward_times(model: nn.Module, in_features: int, batch: int, *, repeats: int, warmup: int) -> list[float]:
+    """Sorted wall times (s) of ``repeats`` eval forwards of a fresh random batch, after ``warmup`` calls."""
     was = model.training
     model.eval()
     x = torch.randn(batch, in_features)
@@ -227,8 +261,7 @@ def latency_ms(model: nn.Module, in_features: int, batch: int, *, repeats: int =
             ts.append(time.perf_counter() - t0)
     finally:
         model.train(was)
-    ts.sort()
-    return 1e3 * ts[len(ts) // 2]
+    return sorted(ts)
 
 
 def check_recipe(cfg) -> None:
@@ -257,7 +290,15 @@ def check_recipe(cfg) -> None:
     if q is not None:
         from raydistill.compress.pruner import select_linear_layers
 
-        for name, mod in select_linear_layers(net, q.include, q.exclude).items():
+        selected = select_linear_layers(net, q.include, q.exclude)
+        if not selected:  # quantize() would refuse it after training; say it before
+            from raydistill.compress.quantize import check_selection
+
+            try:
+                check_selection("quantize", net, selected, q.include, q.exclude, (nn.Linear,))
+            except ValueError as exc:
+                raise ValueError(f"compression.quantize.{'exclude' if q.exclude else 'include'}: {exc}") from None
+        for name, mod in selected.items():
             try:
                 check_scheme(q.bits, q.group_size, q.activations, mod.in_features, name)
             except ValueError as exc:

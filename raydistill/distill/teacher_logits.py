@@ -30,6 +30,7 @@ import numpy as np
 from raydistill.config import Config, ConfigError
 from raydistill.data.topk_cache import REPORT_FILE, CacheError, CacheMeta, read_meta, shard_name, shard_plan
 from raydistill.data.topk_codec import CodecSpec
+from raydistill.utils import EXPORT_MARKER, check_output_dir
 
 log = logging.getLogger("raydistill")
 
@@ -139,7 +140,7 @@ def teacher_inputs(cfg: Config, storage: Path) -> tuple[dict[str, np.ndarray], d
     """The rows the teacher labels, in their fixed order, and the task info: a causal LM's packed train blocks
     (``input_ids`` int32 ``(n, S)``); MNIST-1D's train rows then the transfer set (``x`` float32, ``y``
     int64, -1 for the unlabelled transfer rows)."""
-    from raydistill.distill.trainer import load_arrays, task_info, text_data
+    from raydistill.distill.data import load_arrays, task_info, text_data
 
     if cfg.data.task == "causal_lm":
         td = text_data(cfg, storage)
@@ -170,7 +171,9 @@ def _prepare_output(out: Path, template: CacheMeta, plan: list[tuple[int, int]])
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output: {out} is a file; teacher-logits writes a directory of shards")
     out.mkdir(parents=True, exist_ok=True)
-    ours = {REPORT_FILE, PROGRESS_FILE}
+    if not (out / EXPORT_MARKER).is_file():  # what check_output_dir looks for before a later (resumed) run
+        (out / EXPORT_MARKER).write_text(json.dumps({"written_by": "raydistill", "what": "teacher-logits"}) + "\n")
+    ours = {REPORT_FILE, PROGRESS_FILE, EXPORT_MARKER}
     done = set()
     plan_set = set(plan)
     ident = template.identity()
@@ -267,7 +270,8 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
     actor raises after writing that many shards, an interrupted run."""
     from raydistill.data.topk_cache import tokenizer_hash
     from raydistill.distill.session import ray_session
-    from raydistill.distill.trainer import ensure_teacher, resolve_storage
+    from raydistill.distill.data import resolve_storage
+    from raydistill.distill.teachers import ensure_teacher
 
     if cfg.distill.teacher_outputs:
         raise ConfigError("distill.teacher_outputs is set: teacher-logits writes those outputs; unset it")
@@ -282,11 +286,15 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
         raise ConfigError(f"--tail-temperature must be in (0, 100], got {tail_temperature}")
     spec = codec_spec(codec, loss_t)
     storage = resolve_storage(storage_path, cfg)
+    out_key = "--output" if output else "teacher-logits output directory"
+    if output:  # before Ray starts
+        check_output_dir(output, key=out_key, error=ConfigError)
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": str(storage)})})
     with ray_session(address=address) as ray:
         teacher = ensure_teacher(cfg, storage)
-        out = Path(output).expanduser().resolve() if output else default_output(storage, teacher.config_hash, k,
-                                                                                 spec.name)
+        out = Path(output).expanduser().absolute() if output else default_output(storage, teacher.config_hash, k,
+                                                                                  spec.name)
+        check_output_dir(out, key=out_key, error=ConfigError)  # empty, or an earlier output of ours
         inputs, info = teacher_inputs(cfg, storage)
         V = int(info["vocab_size"]) if lm else 10
         if lm and k > V:

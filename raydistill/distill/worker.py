@@ -38,7 +38,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     spec = config["spec"]                  # a StageSpec (raydistill.distill.spec)
     stage = loop.setup(spec)               # model (+ resume from ray.train.get_checkpoint()), teacher, data,
                                            # optimizer, schedule, pruner
-    for epoch in range(stage.start_epoch + 1, spec.epochs + 1):
+    for epoch in range(stage.start_epoch + 1, stage.spec.epochs + 1):  # epochs: of the budget (budget.py)
         train = loop.train_epoch(stage, epoch)
         metrics = loop.evaluate(stage, epoch, train)
         loop.report(stage, epoch, metrics)  # ray.train.report(metrics, checkpoint=...) + epochs.jsonl

@@ -33,7 +33,7 @@ def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _is_hf(model) -> bool:
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     return hasattr(unwrap_model(model), "config") and hasattr(unwrap_model(model), "generation_config")
 
@@ -42,7 +42,7 @@ def _hidden_and_head(model, input_ids: torch.Tensor):
     """(last hidden states (B, S, H), lm_head weight, lm_head bias) of a transformers causal LM, computed
     through the model's own forward (so DDP / FSDP wrappers see the call) with the logits of one position
     only; None for other models."""
-    from raydistill.compress.pruner import unwrap_model
+    from raydistill.utils import unwrap_model
 
     if not _is_hf(model):
         return None
@@ -88,9 +88,10 @@ class CausalLMTask(Task):
     @torch.no_grad()
     def prepare(self, batch: dict, spec, teacher, chunk: int = 16) -> dict:
         """Online distillation through the fused loss: run the teacher once over the worker's rows and keep
-        its last hidden states (``teacher_hidden``, ``(N, S, H)`` float32) next to ``input_ids``. The teacher
-        is frozen and deterministic, so every epoch's soft targets are the same; computing them once
-        instead of at every step saves all but one of the teacher forwards (the teacher is the larger model:
+        its last hidden states (``teacher_hidden``, ``(N, S, H)``, float32, or bf16 / fp16 for a teacher in that
+        dtype: ``distill.precision``) next to ``input_ids``. The teacher is frozen and deterministic, so every
+        epoch's soft targets are the same; computing them once instead of at every step saves all but one of
+        the teacher forwards (the teacher is the larger model:
         most of a distillation step's cost). ``loss`` then uses them with the teacher's lm_head weights.
         Skipped (the teacher runs at every step) when the states would exceed
         ``TEACHER_HIDDEN_MAX_BYTES``, for offline outputs, without ``distill.fused_linear``, or when the
@@ -104,8 +105,9 @@ class CausalLMTask(Task):
             t = _hidden_and_head(teacher, ids[i:i + chunk])
             if t is None:
                 return batch
-            parts.append(t[0].float())
-            if i == 0 and parts[0][0].numel() * 4 * len(ids) > TEACHER_HIDDEN_MAX_BYTES:
+            # kept in a bf16 / fp16 teacher's own dtype (distill.precision: half the bytes), else float32
+            parts.append(t[0] if t[0].dtype in (torch.bfloat16, torch.float16) else t[0].float())
+            if i == 0 and parts[0][0].numel() * parts[0].element_size() * len(ids) > TEACHER_HIDDEN_MAX_BYTES:
                 return batch
         if not parts:
             return batch
@@ -155,7 +157,7 @@ class CausalLMTask(Task):
             return ops.kd_loss_linear_topk(h_s, w_s[:vocab], batch["topk_values"], batch["topk_indices"], labels,
                                            teacher_topk_tail=batch.get("topk_tail"), **kw)
         if "teacher_hidden" in batch:  # computed once by prepare
-            from raydistill.compress.pruner import unwrap_model
+            from raydistill.utils import unwrap_model
 
             head = unwrap_model(teacher).get_output_embeddings()
             h_t, w_t, b_t = batch["teacher_hidden"], head.weight, head.bias
@@ -188,29 +190,51 @@ class CausalLMTask(Task):
 
 @torch.no_grad()
 def lm_metrics(model, blocks: torch.Tensor, pad_id: int, vocab: int, *, teacher=None,
-               batch_size: int = 32) -> dict[str, float]:
+               batch_size: int = 32, items: bool = False) -> dict:
+    """Perplexity, next-token accuracy and (with ``teacher``) top-1 agreement over ``blocks``; with
+    ``items``, also the 95% bootstrap interval of the perplexity over blocks (``perplexity_ci95``) and, under
+    ``"_items"``, each block's summed NLL and scored tokens (and the teacher's NLL) for paired comparisons
+    (:mod:`raydistill.tasks.stats`)."""
     was = model.training
     model.eval()
-    nll, n, correct, agree = 0.0, 0, 0, 0
+    nll_b, tok_b, t_nll_b = [], [], []
+    correct, agree = 0, 0
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i:i + batch_size]
         labels = next_token_labels(ids, pad_id)
         valid = labels != IGNORE_INDEX
         logits = shared_vocab(lm_logits(model, ids), vocab).float()
-        nll += float(F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                     reduction="sum"))
+        nll_b.append(_block_nll(logits, labels))
+        tok_b.append(valid.sum(1).double())
         pred = logits.argmax(-1)
         correct += int((pred == labels)[valid].sum())
-        n += int(valid.sum())
         if teacher is not None:
-            tp = shared_vocab(lm_logits(teacher, ids), vocab).argmax(-1)
-            agree += int((pred == tp)[valid].sum())
+            t_logits = shared_vocab(lm_logits(teacher, ids), vocab).float()
+            agree += int((pred == t_logits.argmax(-1))[valid].sum())
+            if items:
+                t_nll_b.append(_block_nll(t_logits, labels))
     model.train(was)
-    out = {"perplexity": math.exp(min(nll / max(n, 1), 50.0)), "next_token_accuracy": correct / max(n, 1),
-           "eval_tokens": n}
+    nll = torch.cat(nll_b) if nll_b else torch.zeros(0, dtype=torch.float64)
+    tok = torch.cat(tok_b) if tok_b else torch.zeros(0, dtype=torch.float64)
+    n = int(tok.sum())
+    out: dict = {"perplexity": math.exp(min(float(nll.sum()) / max(n, 1), 50.0)),
+                 "next_token_accuracy": correct / max(n, 1), "eval_tokens": n}
     if teacher is not None:
         out["teacher_agreement"] = agree / max(n, 1)
+    if items:
+        from raydistill.tasks.stats import perplexity_ci
+
+        out["perplexity_ci95"] = perplexity_ci(nll.numpy(), tok.numpy())
+        out["eval_blocks"] = len(blocks)
+        out["_items"] = {"nll": nll.tolist(), "tokens": tok.tolist(),
+                         **({"teacher_nll": torch.cat(t_nll_b).tolist()} if t_nll_b else {})}
     return out
+
+
+def _block_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (nats) of each block, ``(B,)`` float64."""
+    ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return ce.double().sum(1)
 
 
 @torch.no_grad()

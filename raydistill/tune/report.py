@@ -64,7 +64,7 @@ def quality_for(task: str) -> Quality:
 CONFIG_COLUMNS = ("temperature", "alpha", "sparsity")
 METRIC_COLUMNS = ("accuracy", "val_accuracy", "perplexity", "val_perplexity", "next_token_accuracy",
                   "teacher_agreement", "compression_ratio", "achieved_sparsity", "train_loss", "lr",
-                  "bits", "model_bytes", "latency_ms_b1", "latency_ms_b256")
+                  "bits", "model_bytes", "latency_ms_b1", "latency_ms_b256", "latency_under_load")
 # written only when some trial reports them (a classification search has no perplexity column)
 TASK_COLUMNS = ("accuracy", "val_accuracy", "perplexity", "val_perplexity", "next_token_accuracy",
                 "teacher_agreement")
@@ -78,6 +78,7 @@ TRIAL_COLUMNS = (
 FRONT_FIELDS = (
     "trial_id", "temperature", "alpha", "sparsity", "accuracy", "compression_ratio", "achieved_sparsity",
     "val_accuracy", "epochs_run", "stopped_early", "checkpoint_path", "bits", "model_bytes", "latency_ms_b256",
+    "latency_under_load",
 )
 LM_FRONT_FIELDS = ("perplexity", "val_perplexity", "next_token_accuracy", "teacher_agreement")
 

@@ -20,6 +20,7 @@ from raydistill.tune.search import (
     make_searcher,
     make_trial_driver,
     plan_resources,
+    remeasure_latency,
     trial_rows,
 )
 from raydistill.tune.space import SearchSpec, grid_size, short_names, to_tune_param_space
@@ -278,6 +279,9 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
                                    build_config=build)
         trainable = tune.with_resources(driver, {"cpu": plan.driver_cpu})
         callbacks: list[Any] = [ProgressPrinter(epochs, names, total, spec.metric, quality.key)]
+        from raydistill.tune.tracking import tune_callbacks
+
+        callbacks += tune_callbacks(cfg, storage_root, name)  # run.tracking: Ray's MLflow / TensorBoard loggers
         if interrupt_after:
             callbacks.append(InterruptAfter(interrupt_after))
 
@@ -317,8 +321,13 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
     state.save(state_path)
 
     rows = trial_rows(trials, base, spec, build)
-    return write_report(rows, spec, cfg, exp_dir, state, console=console, interrupted=interrupted,
+    remeasure_latency(rows, base, build, console)
+    code = write_report(rows, spec, cfg, exp_dir, state, console=console, interrupted=interrupted,
                         build=build, dump=dump_config)
+    from raydistill.tune.tracking import log_search_summary
+
+    log_search_summary(cfg, storage_root, name, exp_dir)
+    return code
 
 
 def write_report(rows, spec: SearchSpec, cfg, exp_dir: Path, state: SearchState, *, console,

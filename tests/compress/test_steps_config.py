@@ -112,7 +112,7 @@ def test_projected_bytes_and_finalize_match(seeded):
 def test_evaluate_checkpoint_applies_structure_masks_and_quantize(tmp_path):
     """No Ray: a pruned-shape checkpoint with masks, evaluated as 80%-sparse int8 (the recipe's end)."""
     from raydistill.compress import GradualPruner, prune_structured
-    from raydistill.distill.trainer import evaluate_checkpoint
+    from raydistill.distill.evaluate import evaluate_checkpoint
     from raydistill.distill.worker import save_checkpoint_dir
     from raydistill.models import build_model
 
@@ -137,7 +137,7 @@ def test_evaluate_checkpoint_applies_structure_masks_and_quantize(tmp_path):
     assert ev["sparsity"] == pytest.approx(0.8, abs=0.01)
     assert 0 <= ev["accuracy"] <= 1 and 0 <= ev["macro_recall"] <= 1 and ev["latency_ms_b256"] > 0
     x = torch.randn(5, 40)
-    from raydistill.distill.trainer import load_checkpoint_model
+    from raydistill.distill.evaluate import load_checkpoint_model
 
     net_float, *_ = load_checkpoint_model(cfg, ck, convert=False)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from raydistill.config import ConfigError, load_config
 from raydistill.data.topk_cache import CacheMeta, shard_name, shard_table, write_shard
 from raydistill.data.topk_codec import CodecSpec, topk_from_logits
 from raydistill.distill.offline import check_teacher_outputs, expected_teacher_hash, use_tail
-from raydistill.distill.trainer import teacher_hash
+from raydistill.distill.teachers import teacher_hash
 
 
 def _cache(d, cfg, *, k=4, tail_t=4.0, teacher=None, tokenizer=None):

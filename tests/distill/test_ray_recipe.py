@@ -17,7 +17,7 @@ def test_student_stage_runs_the_recipe(ray_local, storage, tiny):
     from raydistill.compress import QuantizedLinear
     from raydistill.distill.steps import structured_init, student_extras
     from raydistill.distill import build_student_trainer, ensure_teacher
-    from raydistill.distill.trainer import evaluate_checkpoint, final_checkpoint_dir
+    from raydistill.distill.evaluate import evaluate_checkpoint, final_checkpoint_dir
     from raydistill.distill.worker import save_checkpoint_dir
     from raydistill.models import build_model
 

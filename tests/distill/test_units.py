@@ -84,7 +84,7 @@ def test_classification_metrics():
 def test_baseline_gets_the_students_optimizer_budget_grad_clip_included(tmp_path):
     """The from-scratch baseline is the comparison for every distillation target: same epochs, batch,
     optimizer, schedule and gradient clipping as the distilled student; only the teacher keeps its own."""
-    from raydistill.distill.trainer import stage_spec
+    from raydistill.distill.stages import stage_spec
 
     cfg = load_config(None, ["distill.grad_clip=0.5"])
     d = cfg.distill

@@ -36,6 +36,11 @@ def _write(tmp_path, mutate) -> Path:
         (lambda d: d["search"].update({"metric": "val_perplexity", "mode": "min"}),
          "search.metric: 'val_perplexity' is not reported by a classification task"),
         (lambda d: d["search"].update({"mode": "min"}), "search.mode: val_accuracy is higher-is-better"),
+        # issue 22: a step budget (ASHA compares epochs), a tracking store that cannot be used
+        (lambda d: d["distill"].update({"epochs": None, "max_steps": 50}), "distill.max_steps / distill.max_tokens"),
+        (lambda d: d.setdefault("run", {}).update({"tracking": "mlflow", "tracking_uri": "ftp://host/x"}),
+         "run.tracking_uri: 'ftp://host/x'"),
+        (lambda d: d.setdefault("run", {}).update({"tracking_uri": "somewhere"}), "run.tracking is 'none'"),
     ],
 )
 def test_bad_config_fails_before_ray(tmp_path, capsys, monkeypatch, mutate, words):
@@ -108,3 +113,26 @@ def test_lm_search_by_name_checks_its_metric_before_ray(tmp_path, capsys, monkey
     out = capsys.readouterr().out
     assert words in out, out
     assert "config file not found" not in out and not started
+
+
+def test_search_directory_that_is_a_file_a_link_or_someone_elses_is_refused(tmp_path, capsys, monkeypatch):
+    import ray
+
+    from raydistill.tune.cli import main
+
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append((a, k)))
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "afile").write_text("mine")
+    (root / "other").mkdir()
+    (root / "other" / "notes.txt").write_text("mine")
+    (root / "link").symlink_to(root / "other", target_is_directory=True)
+    for name, words in (("afile", "afile is an existing file"), ("link", "link is a symbolic link"),
+                        ("other", "other is not empty (notes.txt) and is not an earlier raydistill output")):
+        assert main([str(TINY), "--storage-path", str(root), "--name", name]) == 2
+        out = capsys.readouterr().out.replace("\n", "")
+        assert "--name: " in out and words in out, out
+    assert not started
+    assert (root / "afile").read_text() == "mine" and (root / "other" / "notes.txt").read_text() == "mine"

@@ -10,9 +10,9 @@ import time
 import torch
 
 from raydistill.distill.budget import Budget
-from raydistill.distill.loop import Stage, build_optimizer, build_scheduler, train_epoch
+from raydistill.distill.loop import Stage, build_criterion, build_optimizer, build_scheduler, train_epoch
 from raydistill.distill.precision import Precision, enable_gradient_checkpointing
-from raydistill.distill.spec import KDTerms, StageSpec
+from raydistill.distill.spec import StageSpec
 from raydistill.tasks import get_task
 
 
@@ -24,7 +24,9 @@ def lm_spec(*, vocab: int, seq: int, batch: int, lr: float, temperature: float =
                      optimizer={"name": "adamw", "lr": lr, "weight_decay": 0.0, "momentum": 0.9},
                      lr_schedule=schedule or {"name": "constant", "warmup_fraction": 0.0}, seed=0,
                      progress_dir=tempfile.mkdtemp(prefix="raydistill-bench-"),
-                     kd=KDTerms(temperature, alpha, "forward_kl", 0.5, "teacher_argmax", fused_linear=True),
+                     terms=({"type": "kd_logits", "weight": alpha, "teachers": {"main": 1.0}, "temperature": temperature,
+                             "divergence": "forward_kl", "beta": 0.5}, {"type": "ce", "weight": 1.0 - alpha}),
+                     fused_linear=True,
                      task_info={"vocab_size": vocab, "pad_id": 0, "eos_id": 1, "seq_len": seq}, grad_clip=grad_clip,
                      threads=threads, precision=precision, gradient_checkpointing=gradient_checkpointing)
 
@@ -35,14 +37,15 @@ def local_stage(spec: StageSpec, student, teacher, input_ids: torch.Tensor) -> t
     precision = Precision(spec.precision, "cpu")
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(student)
-    teacher = precision.frozen(teacher.eval().requires_grad_(False))
+    teachers = {"main": precision.frozen(teacher.eval().requires_grad_(False))}
+    criterion = build_criterion(task, spec, student, teachers)
     t0, c0 = time.perf_counter(), time.process_time()
-    with torch.no_grad(), precision.autocast():
-        train = task.prepare({"input_ids": input_ids}, spec, teacher)  # the teacher pass (one forward per row)
+    with torch.no_grad(), precision.autocast():  # the teacher pass (one forward per row)
+        train = task.prepare({"input_ids": input_ids}, spec, teachers, criterion.needs())
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     opt = build_optimizer(student.parameters(), spec.optimizer)
     st = Stage(spec=spec, task=task, rank=0, world=1, device=torch.device("cpu"), base=student, model=student,
-               teacher=teacher, train=train, eval={}, shard=None, steps=1, opt=opt,
+               teachers=teachers, criterion=criterion, train=train, eval={}, shard=None, steps=1, opt=opt,
                sched=build_scheduler(opt, spec.lr_schedule, 10**9, spec.optimizer["lr"]), precision=precision,
                budget=Budget(epochs=2, micro_per_epoch=1, steps_per_epoch=1, total_steps=10**9))
     return st, wall, cpu

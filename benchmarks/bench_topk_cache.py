@@ -50,7 +50,6 @@ from raydistill.data.topk_cache import (  # noqa: E402
     write_shard,
 )
 from raydistill.data.topk_codec import CodecSpec, decode, encode, fidelity  # noqa: E402
-from raydistill.distill.spec import KDTerms  # noqa: E402
 from raydistill.utils import machine_info, write_json_atomic  # noqa: E402
 
 K = 128
@@ -126,25 +125,25 @@ def part_size(caches: dict, legacy: str | None) -> dict:
 
 
 def _setup(cfg, storage: Path):
-    from raydistill.distill.data import text_data
     from raydistill.tasks import get_task
+    from raydistill.tasks.causal_lm import text_data
 
     td = text_data(cfg, storage)
     info = {**td.info(), "seq_len": cfg.data.seq_len}
     ev = {"input_ids": torch.as_tensor(np.concatenate([td.val, td.test]), dtype=torch.int64),
           "split": torch.as_tensor([0] * len(td.val) + [1] * len(td.test))}
-    d = cfg.distill
-    kd = KDTerms(d.temperature, d.alpha, d.divergence, d.beta, "teacher_argmax", d.fused_linear)
-    return get_task("causal_lm"), td, info, ev, kd
+    return get_task("causal_lm"), td, info, ev
 
 
-def _student(cfg, task, info, ev, kd, data: dict, seed: int, epochs: int | None = None):
+def _student(cfg, task, info, ev, data: dict, seed: int, epochs: int | None = None):
+    """A student distilled from the decoded cache columns (the tail too when ``data`` has it) through the
+    stage's Criterion (kd_logits in its top-k form + ce)."""
     d = cfg.distill
     train = data["input_ids"]
     off = {c: v for c, v in data.items() if c != "input_ids"}
     sm = {"model": cfg.student.model, "kwargs": dict(cfg.student.kwargs)}
     return train_stage(task, info, train, ev, sm, "kd", epochs or d.epochs, d.batch_size, d.optimizer.model_dump(),
-                       d.lr_schedule.model_dump(), d.grad_clip, kd, seed=seed, offline=off)[1]
+                       d.lr_schedule.model_dump(), d.grad_clip, cfg, seed=seed, offline=off)[1]
 
 
 def _ray_data_seconds(cache: Path, tail: bool) -> float:
@@ -163,7 +162,7 @@ def _ray_data_seconds(cache: Path, tail: bool) -> float:
 
 
 def part_epoch(cfg, storage, caches, repeats: int = 3) -> dict:
-    task, td, info, ev, kd = _setup(cfg, storage)
+    task, td, info, ev = _setup(cfg, storage)
     runs = {"raw": (caches["raw"], False), "q8": (caches["q8"], False), "q8_tail": (caches["q8"], True)}
     res = {name: [] for name in runs}
     for name, (cache, tail) in runs.items():
@@ -174,7 +173,7 @@ def part_epoch(cfg, storage, caches, repeats: int = 3) -> dict:
             data, load_s = _load(cache, tail=tail)
             assert torch.equal(data["input_ids"], torch.as_tensor(td.train, dtype=torch.int64))
             t0 = time.perf_counter()
-            r = _student(cfg, task, info, ev, kd, data, seed=0, epochs=1)
+            r = _student(cfg, task, info, ev, data, seed=0, epochs=1)
             res[name].append({"load_decode_s": load_s, "epoch_s": r["seconds"], "total_s": load_s + r["seconds"],
                               "wall_s": time.perf_counter() - t0 + load_s, "loadavg": os.getloadavg()[0]})
             print(f"epoch from {name}: load+decode {load_s:.2f} s, 1 epoch {r['seconds']:.1f} s "
@@ -189,13 +188,13 @@ def part_epoch(cfg, storage, caches, repeats: int = 3) -> dict:
 
 
 def part_students(cfg, storage, caches, seeds) -> dict:
-    task, td, info, ev, kd = _setup(cfg, storage)
+    task, td, info, ev = _setup(cfg, storage)
     runs = {"raw": (caches["raw"], False), "q8": (caches["q8"], False), "q8_tail": (caches["q8"], True)}
     res = {name: {} for name in runs}
     for seed in seeds:
         for name, (cache, tail) in runs.items():
             data, _ = _load(cache, tail)
-            r = _student(cfg, task, info, ev, kd, data, seed)
+            r = _student(cfg, task, info, ev, data, seed)
             res[name][seed] = {k: r[k] for k in ("perplexity", "val_perplexity", "next_token_accuracy", "seconds")}
             print(f"seed {seed} {name}: test ppl {r['perplexity']:.3f} val {r['val_perplexity']:.3f} "
                   f"({r['seconds']:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)

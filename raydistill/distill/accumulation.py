@@ -40,9 +40,11 @@ def _grad_sync(model, sync: bool):
 
 def optimizer_step(model, optimizer, micro_batches: Sequence[dict],
                    loss_fn: Callable[[dict], tuple[torch.Tensor, int]], precision: Precision, *,
-                   grad_clip: float | None = None, world: int = 1) -> tuple[float, int]:
+                   grad_clip: float | None = None, world: int = 1, extra_params: Sequence = ()) -> tuple[float, int]:
     """Zero the gradients, forward + backward every micro-batch, clip and step once. Returns the step's
-    loss (the item-weighted mean of the micro-batch losses) and its item count."""
+    loss (the item-weighted mean of the micro-batch losses) and its item count. ``extra_params``: trained
+    parameters outside ``model`` (a loss term's projections): averaged over the workers here (DDP averages
+    the model's), scaled and clipped with the model's."""
     k = len(micro_batches)
     if k < 1:
         raise ValueError("optimizer_step needs at least one micro-batch")
@@ -56,6 +58,12 @@ def optimizer_step(model, optimizer, micro_batches: Sequence[dict],
             precision.backward(loss if k == 1 else loss * float(n))
         weighted += float(loss.detach()) * (1 if k == 1 else n)
         n_total += int(n)
+    params = [*model.parameters(), *extra_params]
+    if world > 1:
+        for p in extra_params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
     if k > 1:
         denom = torch.tensor(float(n_total), dtype=torch.float64)
         if world > 1:  # DDP averaged sum_i n_i g_i over the workers: divide by their mean N
@@ -63,11 +71,11 @@ def optimizer_step(model, optimizer, micro_batches: Sequence[dict],
             torch.distributed.all_reduce(t)
             denom = t.cpu() / world
         if float(denom) > 0:
-            for p in model.parameters():
+            for p in params:
                 if p.grad is not None:
                     p.grad.div_(float(denom))
         step_loss = float(weighted) / max(1, n_total)
     else:
         step_loss = float(weighted)
-    precision.step(optimizer, model.parameters(), grad_clip)
+    precision.step(optimizer, params, grad_clip)
     return step_loss, n_total

@@ -156,55 +156,32 @@ def _append_log(log_path: Path | None, exc: BaseException) -> bool:
 
 
 def _print_summary(r: dict) -> None:
-    """The final table on stderr (stage names in full, also in a log or CI, where the console is not a
-    terminal and would otherwise be 80 columns wide), then the verdict on distillation."""
+    """The report's table (the task's columns, ``raydistill.distill.report.stage_rows``) on stderr (stage names
+    in full, also in a log or CI, where the console is not a terminal and would otherwise be 80 columns
+    wide), then the verdict on distillation."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    from raydistill.distill.report import _latency, _teacher_ci, _with_ci
+    from raydistill.distill.report import UNDER_LOAD_NOTE, cell, stage_rows
+    from raydistill.tasks import get_task
 
     console = Console(stderr=True, **({} if sys.stderr.isatty() else {"width": 200}))
+    cols = get_task(r["task"]).report_columns
     t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
-    teacher = "teacher" + (" (cached)" if r["teacher"].get("cached") else "")
-    if r.get("task") == "causal_lm":
-        for col in ("stage", "test perplexity (95% CI)", "next-token acc", "teacher agreement", "sparsity",
-                    "nonzero params"):
-            t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
-        tm = r["teacher"].get("metrics") or {}
-        t.add_row(teacher, _with_ci(tm.get("perplexity"), _teacher_ci(r), "{:.2f}"),
-                  f"{r['teacher']['accuracy']:.2%}", "", "", "")
-        for key in ("baseline", "dense_student", "student"):
-            if key in r:
-                e = r[key]
-                t.add_row(key, _with_ci(e["perplexity"], e.get("perplexity_ci95"), "{:.2f}"),
-                          f"{e['next_token_accuracy']:.2%}", f"{e.get('teacher_agreement', float('nan')):.2%}",
-                          f"{e['sparsity']:.1%}", f"{e['nonzero_params']:,}")
-    else:
-        cols = ("stage", "test accuracy (95% CI)", "macro recall", "macro F1", "sparsity", "compression",
-                "bytes", "ms/b1", "ms/b256")
-        for col in cols:
-            t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
-        t.add_row(teacher, _with_ci(r["teacher"]["accuracy"], _teacher_ci(r), "{:.2%}"), *[""] * (len(cols) - 2))
-
-        def fmt(v, f):
-            return "" if v is None else format(v, f)
-
-        rows = [(a["stage"], a) for a in r.get("assistants", [])]
-        rows += [(k, r[k]) for k in ("baseline", "dense_student", "dense_student_ptq", "student") if k in r]
-        for key, e in rows:
-            t.add_row(key, _with_ci(e["accuracy"], e.get("accuracy_ci95"), "{:.2%}"), fmt(e.get("macro_recall"), ".3f"),
-                      fmt(e.get("macro_f1"), ".3f"), fmt(e.get("sparsity"), ".1%"),
-                      fmt(e.get("compression_ratio"), ".2f") + "x", fmt(e.get("model_bytes"), ","),
-                      _latency(e, "latency_ms_b1").replace("\\", ""), _latency(e, "latency_ms_b256").replace("\\", ""))
+    for col in ("stage", *(h for h, _, _ in cols)):
+        t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
+    cached = {f"teacher:{n}" for n, m in (r.get("teachers") or {}).items() if m.get("cached")}
+    cached |= {"teacher"} if r["teacher"].get("cached") else set()
+    rows = stage_rows(r)
+    for stage, _, e in rows:
+        t.add_row(stage + (" (cached)" if stage in cached else ""), *(cell(e, k, f, mark="*") for _, k, f in cols))
     console.print(t)
-    if any(isinstance(e, dict) and e.get("latency_under_load") for e in r.values()):
-        console.print("* latency measured while other processes used the CPU: not the model's latency",
-                      highlight=False)
+    if any(e.get("latency_under_load") for _, _, e in rows):
+        console.print(f"* latency {UNDER_LOAD_NOTE}", highlight=False)
     v = r.get("verdict") or {}
     if v.get("summary"):
         style = {"helped": "green", "hurt": "bold red"}.get(v.get("verdict"), "yellow")
-        from rich.text import Text
-
         console.print(Text(v["summary"][0].upper() + v["summary"][1:] + ".", style=style))
 
 
@@ -225,7 +202,7 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
     p.add_argument("--value-levels", type=int, default=None,
                    help="q8: quantisation levels per value, 2..256 (default: from k, for KL ~7.5e-4)")
     p.add_argument("--shard-rows", type=int, default=None,
-                   help="input rows per shard (default: 65536 tokens' worth of blocks; 16384 MNIST-1D rows)")
+                   help="input rows per shard (default: 65536 tokens' worth of rows: blocks of a corpus, MNIST-1D rows)")
     p.add_argument("--no-tail", action="store_true", help="do not store the mass outside the top-k")
     p.add_argument("--tail-temperature", type=float, default=None,
                    help="temperature of the stored tail (default distill.temperature; the loss must use it)")
@@ -236,8 +213,11 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
     _quiet_log_errors()
     try:
         cfg = _load(args)
-        if args.topk is not None and cfg.data.task == "classification" and not 1 <= args.topk <= 10:
-            raise _UsageError(f"--topk must be in 1..10 (MNIST-1D has 10 classes), got {args.topk}")
+        from raydistill.tasks import get_task
+
+        top = get_task(cfg.data.task).max_topk
+        if args.topk is not None and top is not None and not 1 <= args.topk <= top:
+            raise _UsageError(f"--topk must be in 1..{top} (the task has {top} classes), got {args.topk}")
         if args.topk is not None and args.topk < 1:
             raise _UsageError(f"--topk must be >= 1, got {args.topk}")
         if args.concurrency is not None and args.concurrency < 1:

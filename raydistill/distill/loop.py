@@ -43,7 +43,8 @@ class Stage:
     device: torch.device
     base: torch.nn.Module                 # the student, unwrapped
     model: torch.nn.Module                # the student as trained (DDP / FSDP wrapped)
-    teacher: torch.nn.Module | None
+    teachers: dict[str, torch.nn.Module]  # the teachers that run on this worker, by name
+    criterion: Any                        # raydistill.losses.Criterion: the stage's weighted loss terms
     train: dict | None                    # materialised shard (None: streamed from the Ray Data shard)
     eval: dict
     shard: Any
@@ -67,6 +68,11 @@ class Stage:
     def progress_dir(self) -> Path:
         return Path(self.spec.progress_dir)
 
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        """The first teacher that runs here (evaluation's teacher agreement), if any."""
+        return next(iter(self.teachers.values()), None)
+
 
 # ----------------------------------------------------------------------------------------------------
 # set up
@@ -88,33 +94,31 @@ def setup(spec: StageSpec) -> Stage:
         Path(spec.progress_dir).mkdir(parents=True, exist_ok=True)
     task = get_task(spec.task)
 
-    base = task.build_model(spec.model, spec.task_info)
-    if spec.structure or spec.init_from or spec.qat:  # compression steps (issue 12), before the restore
-        from raydistill.distill.steps import prepare_student
-
-        prepare_student(base, spec, resuming=ray.train.get_checkpoint() is not None)
-    resume = restore(spec, base)
-    base = base.to(device)
+    base = student_model(task, spec, resuming=ray.train.get_checkpoint() is not None)  # before the restore
+    precision = Precision(spec.precision, device)
+    t0 = time.time()
+    teachers = {}
+    for name, ref in spec.teachers.items():
+        t = task.build_model(ref.model, spec.task_info)
+        load_weights(t, ref.path)
+        teachers[name] = precision.frozen(t.to(device).eval().requires_grad_(False))
+    criterion = build_criterion(task, spec, base, teachers)
+    teachers = {n: t for n, t in teachers.items() if n in criterion.teacher_names}  # only those a term reads
+    resume = restore(spec, base, criterion)
+    base, criterion = base.to(device), criterion.to(device)
     if spec.gradient_checkpointing:
         from raydistill.distill.precision import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(base)
     model = wrap_model(base, spec)
-    precision = Precision(spec.precision, device)
 
-    t0 = time.time()
-    teacher = None
-    if spec.kind == "kd" and spec.teacher is not None:
-        teacher = task.build_model(spec.teacher.model, spec.task_info)
-        load_weights(teacher, spec.teacher.path)
-        teacher = precision.frozen(teacher.to(device).eval().requires_grad_(False))
     shard = ray.train.get_dataset_shard("train")
     ev = task.to_tensors(shard_arrays(ray.train.get_dataset_shard("eval"), task.eval_columns()), device)
     train, n_local = None, spec.rows_per_worker
     if spec.materialize:
         with precision.autocast():
             train = task.prepare(task.to_tensors(shard_arrays(shard, task.train_columns(spec.offline)), device),
-                                 spec, teacher)
+                                 spec, teachers, criterion.needs())
         n_local = len(next(iter(train.values())))
     if world > 1:
         t = torch.tensor([n_local], device=device)
@@ -125,12 +129,13 @@ def setup(spec: StageSpec) -> Stage:
                   spec.grad_accum_steps)
     spec = spec.replace(epochs=budget.epochs)
     steps, total = budget.micro_per_epoch, budget.total_steps
-    opt = build_optimizer(model.parameters(), spec.optimizer, fused=not (spec.strategy == "fsdp" and world > 1))
+    opt = build_optimizer(list(model.parameters()) + list(criterion.parameters()), spec.optimizer,
+                          fused=not (spec.strategy == "fsdp" and world > 1))
     sched = build_scheduler(opt, spec.lr_schedule, total, spec.optimizer["lr"])
     pruner = build_pruner(base, spec, total)
     st = Stage(spec=spec, task=task, rank=rank, world=world, device=device, base=base, model=model,
-               teacher=teacher, train=train, eval=ev, shard=shard, steps=steps, opt=opt, sched=sched,
-               pruner=pruner, t_fn=t_fn, precision=precision, budget=budget)
+               teachers=teachers, criterion=criterion, train=train, eval=ev, shard=shard, steps=steps, opt=opt,
+               sched=sched, pruner=pruner, t_fn=t_fn, precision=precision, budget=budget)
     if resume is not None:
         if _sharded(st):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -153,8 +158,33 @@ def setup(spec: StageSpec) -> Stage:
     return st
 
 
-def restore(spec: StageSpec, model) -> dict | None:
-    """Load the latest checkpoint of this run into ``model``; its training state (None: a fresh start)."""
+def student_model(task: Task, spec: StageSpec, *, resuming: bool):
+    """The stage's student (``steps.build_student``: shapes, init weights, QAT), as set-up and the FSDP
+    evaluation copy build it."""
+    from raydistill.distill.steps import build_student
+
+    return build_student(task, spec.model, spec.task_info, structure=spec.structure, qat=spec.qat,
+                         init_from=None if resuming else spec.init_from)
+
+
+def build_criterion(task: Task, spec: StageSpec, student, teachers: dict):
+    """The stage's loss terms over the student and the teachers' hidden-layer layouts."""
+    import ray.train
+
+    from raydistill.losses import Criterion
+
+    crit = Criterion(spec.terms, student=task.layout(student),
+                     teachers={n: task.layout(t) for n, t in teachers.items()})
+    if any(True for _ in crit.parameters()) and spec.strategy == "fsdp" \
+            and ray.train.get_context().get_world_size() > 1:
+        raise ValueError("loss terms with learned projections (hidden terms between layers of different widths) "
+                         "cannot run under scaling.strategy fsdp; use ddp")
+    return crit
+
+
+def restore(spec: StageSpec, model, criterion=None) -> dict | None:
+    """Load the latest checkpoint of this run into ``model`` (and the criterion's projections); its training
+    state (None: a fresh start)."""
     import ray.train
 
     from raydistill.utils import unwrap_model
@@ -168,6 +198,8 @@ def restore(spec: StageSpec, model) -> dict | None:
         return None
     meta, state = restored["meta"], restored["state"]
     unwrap_model(model).load_state_dict(restored["weights"])
+    if criterion is not None and state.get("criterion"):
+        criterion.load_state_dict(state["criterion"])
     if meta.get("config_hash") != spec.config_hash:
         raise RuntimeError(
             f"stage {spec.stage!r}: the checkpoint in this run directory was written by a different config "
@@ -256,7 +288,7 @@ def batches(st: Stage, epoch: int, skip: int = 0):
             continue
         with st.precision.autocast():
             b = st.task.prepare(st.task.to_tensors({k: v for k, v in b.items() if k in cols}, st.device), spec,
-                                st.teacher)
+                                st.teachers, st.criterion.needs())
         if not len(next(iter(b.values()))):
             continue
         count += 1
@@ -272,17 +304,19 @@ def train_epoch(st: Stage, epoch: int) -> dict:
     t0 = time.time() - pos.seconds
     k = st.spec.grad_accum_steps
 
-    def micro_loss(batch):  # the stage's loss on one micro-batch (student forward included)
-        return st.task.loss(st.model, batch, st.spec, st.teacher)
+    def micro_loss(batch):  # the stage's loss terms on one micro-batch (student forward included)
+        return st.task.loss(st.model, batch, st.spec, st.teachers, st.criterion)
 
     group: list[dict] = []
+    last = None  # the epoch's last stepped micro-batch: each term's value on it goes to the epoch's metrics
     for i, batch in enumerate(batches(st, epoch, skip=pos.batch), start=pos.batch):
         maybe_crash(st, epoch, i)
         group.append(batch)
         if len(group) < k:
             continue
         loss, n = optimizer_step(st.model, st.opt, group, micro_loss, st.precision, grad_clip=st.spec.grad_clip,
-                                 world=st.world)
+                                 world=st.world, extra_params=list(st.criterion.parameters()))
+        last = batch
         group = []
         st.sched.step()
         st.global_step += 1
@@ -294,14 +328,22 @@ def train_epoch(st: Stage, epoch: int) -> dict:
         after_step(st, epoch, loss)
         if st.global_step >= st.budget.total_steps:
             break
-    return epoch_train_metrics(st, pos)
+    return {**epoch_train_metrics(st, pos), "terms": term_values(st, last)}
+
+
+def term_values(st: Stage, batch: dict | None) -> dict[str, float]:
+    """Each loss term's value, on its own, on the epoch's last batch (no gradient; for the logs)."""
+    if batch is None:
+        return {}
+    with torch.no_grad(), st.precision.autocast():
+        return st.criterion.values(st.task.forward(st.model, batch, st.spec, st.teachers, st.criterion.needs()))
 
 
 def epoch_train_metrics(st: Stage, pos: DataPosition) -> dict:
     dt = max(pos.seconds, 1e-9)
-    per_s = "tokens_per_s" if st.task.name == "causal_lm" else "samples_per_s"
-    return {"train_loss": pos.loss_sum / max(1, pos.steps), per_s: pos.items * st.world / dt,
-            "epoch_seconds": pos.seconds, "total_steps": st.budget.total_steps}
+    return {"train_loss": pos.loss_sum / max(1, pos.steps),
+            f"{st.task.throughput_unit}_per_s": pos.items * st.world / dt, "epoch_seconds": pos.seconds,
+            "total_steps": st.budget.total_steps}
 
 
 def after_step(st: Stage, epoch: int, loss: float) -> None:
@@ -399,7 +441,7 @@ def gather_unsharded(st: Stage):
     if st.rank != 0:
         return st.base
     if st.unsharded is None:
-        st.unsharded = st.task.build_model(st.spec.model, st.spec.task_info)
+        st.unsharded = student_model(st.task, st.spec, resuming=True)
     st.unsharded.load_state_dict(model_state)
     return st.unsharded
 
@@ -411,8 +453,8 @@ def compression_metrics(st: Stage, net, epoch: int) -> dict:
 
     masks = st.pruner.masks if st.pruner is not None else None
     out = size_metrics(net, st.spec, masks)
-    if epoch == st.spec.epochs and st.task.name == "classification":
-        out.update(final_metrics(net, st.spec, masks, int(st.eval["x"].shape[1])))
+    if epoch == st.spec.epochs and st.task.latency_input(st.spec.task_info, 1) is not None:
+        out.update(final_metrics(net, st.spec, masks, lambda b: st.task.latency_input(st.spec.task_info, b)))
     return out
 
 
@@ -434,12 +476,14 @@ def report(st: Stage, epoch: int, metrics: dict, *, position: DataPosition | Non
         state = {"epoch": done, "global_step": st.global_step,
                  "optimizer": st.optim_state if sharded else st.opt.state_dict(),
                  "scheduler": st.sched.state_dict(), "pruner": st.pruner.state_dict() if st.pruner else None,
-                 "position": pos, "scaler": st.precision.state_dict()}
+                 "position": pos, "scaler": st.precision.state_dict(),
+                 "criterion": st.criterion.state_dict()}  # projections: trained, never part of the model
+        refs = {n: {"path": r.path, "model": r.model} for n, r in spec.teachers.items()}
         meta = {"epoch": done, "global_step": st.global_step, "stage": spec.stage, "task": spec.task,
                 "config_hash": spec.config_hash, "model": spec.model, "sparsity": metrics.get("sparsity"),
                 "metrics": metrics,
-                "teacher": {"path": spec.teacher.path, "model": spec.teacher.model} if spec.teacher else None,
-                "offline": spec.offline, "task_info": spec.task_info, "structure": spec.structure}
+                "teacher": next(iter(refs.values()), None), "teachers": refs, "offline": spec.offline,
+                "task_info": spec.task_info, "structure": spec.structure}
         tmp_root = Path(tempfile.mkdtemp(prefix="raydistill-ckpt-"))
         name = f"epoch_{epoch:04d}" if position is None else f"step_{st.global_step:09d}"
         ckdir = save_checkpoint_dir(tmp_root / name, model=st.unsharded if sharded else net,

@@ -2,10 +2,12 @@
 the key or argument (the CLI exits 2), not minutes later inside a stage.
 
     check_storage(path, key)   the storage path is (or can be made) a writable directory
-    check_models(cfg)          every model imports and builds with its kwargs; pruning patterns match layers
-    check_inputs(cfg)          the files the config names: teacher.checkpoint, distill.teacher_outputs (every
-                               shard's footer and metadata against the config: raydistill.distill.offline)
-                               and the head of every corpus file (binary / non-UTF-8 files, bad jsonl lines)
+    check_models(cfg)          every model imports and builds with its kwargs; loss terms fit the models'
+                               layers; pruning patterns match layers
+    check_inputs(cfg)          the files the config names: every teacher's checkpoint, the offline teacher's
+                               outputs (every shard's footer and metadata against the config:
+                               raydistill.distill.offline) and the task's data (a text corpus: the head of
+                               every file)
     check_scale(cfg, storage, name)   training at scale and tracking (issue 22)
     preflight(cfg, storage, name, storage_key)   all of the above plus the run name
 """
@@ -47,20 +49,22 @@ def check_storage(path, key: str = "run.storage_path") -> Path:
 
 
 def check_models(cfg: Config) -> None:
-    """Import and build the teacher, the assistants and the student once (a wrong import path or factory
-    kwargs fail here, not after the teacher has trained), and check the compression patterns against
-    the student's layers."""
-    from raydistill.models import build_model
+    """Import and build the teachers, the assistants and the student once (a wrong import path or factory
+    kwargs fail here, not after the teacher has trained), check the loss terms against their layers and
+    the compression patterns against the student's layers."""
+    from raydistill.tasks import get_task
 
-    specs = [("teacher", cfg.teacher), *((f"assistants[{i}]", a) for i, a in enumerate(cfg.assistants)),
-             ("student", cfg.student)]
+    task = get_task(cfg.data.task)
+    specs = [*((cfg.teacher_key(n), t) for n, t in cfg.teacher_map().items()),
+             *((f"assistants[{i}]", a) for i, a in enumerate(cfg.assistants)), ("student", cfg.student)]
     built = {}
     for key, spec in specs:
         try:
-            built[key] = build_model({"model": spec.model, "kwargs": dict(spec.kwargs)})
+            built[key] = task.build_model({"model": spec.model, "kwargs": dict(spec.kwargs)}, task.probe_info())
         except Exception as exc:  # noqa: BLE001 - a user factory may raise anything
             raise ConfigError(f"{key}.model: cannot build {spec.model!r} with kwargs {dict(spec.kwargs)}: "
                               f"{type(exc).__name__}: {exc}") from None
+    check_terms(cfg, task, built)
     comp = cfg.compression
     if comp.sparsity > 0 and (comp.include or comp.exclude):
         from raydistill.compress.pruner import check_patterns_match
@@ -78,51 +82,49 @@ def check_models(cfg: Config) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def check_inputs(cfg: Config, *, teacher_outputs: bool = True) -> None:
-    """The files the config names exist and look right (``ConfigError`` naming the key): the teacher's
-    checkpoint, the offline teacher outputs (``teacher_outputs=False``: not read by this command), and the
-    text corpus, whose files' heads are checked here (the rest is checked while Ray Data reads it)."""
-    ck = cfg.teacher.checkpoint
-    if ck:
-        from raydistill.distill.checkpointing import MODEL_FILE
+def check_terms(cfg: Config, task, built: dict) -> None:
+    """The loss terms against the models of every distillation stage (each assistant, then the student,
+    learning from the previous link in the first teacher's place): teachers, layers and widths that exist
+    (``ValueError`` of ``raydistill.losses`` -> ``ConfigError`` naming the term's key)."""
+    from raydistill.losses import Criterion
 
-        p = Path(ck).expanduser()
-        if not p.exists():
-            raise ConfigError(f"teacher.checkpoint: {p} does not exist (a {MODEL_FILE} file or a checkpoint "
-                              "directory holding one)")
-        if p.is_dir() and not (p / MODEL_FILE).is_file():
-            raise ConfigError(f"teacher.checkpoint: the directory {p} holds no {MODEL_FILE}")
-    if cfg.distill.teacher_outputs and teacher_outputs:  # shards, metadata, k, teacher (issue 23)
+    names = list(cfg.teacher_map())
+    online = {n: task.layout(built[cfg.teacher_key(n)]) for n in names if n != cfg.offline_teacher()}
+    students = [f"assistants[{i}]" for i in range(len(cfg.assistants))] + ["student"]
+    for key in students:
+        try:
+            crit = Criterion(cfg.loss_terms(), student=task.layout(built[key]), teachers=online)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} ({key} learning)" if key != "student" else str(exc)) from None
+        if cfg.scaling.strategy == "fsdp" and any(True for _ in crit.parameters()):
+            raise ConfigError("scaling.strategy: fsdp cannot train the learned projections of hidden terms "
+                              "(student and teacher layers of different widths); use ddp")
+        if names[0] in online:  # the next link learns from this one in the first teacher's place
+            online = {**online, names[0]: task.layout(built[key])}
+
+
+def check_inputs(cfg: Config, *, teacher_outputs: bool = True) -> None:
+    """The files the config names exist and look right (``ConfigError`` naming the key): every teacher's
+    checkpoint, the offline teacher outputs (``teacher_outputs=False``: not read by this command), and the
+    task's data (``Task.check_data``: a text corpus's file heads; the rest is checked while Ray Data reads
+    it)."""
+    from raydistill.distill.checkpointing import MODEL_FILE
+    from raydistill.tasks import get_task
+
+    for name, tc in cfg.teacher_map().items():
+        key = cfg.teacher_key(name)
+        if tc.checkpoint:
+            p = Path(tc.checkpoint).expanduser()
+            if not p.exists():
+                raise ConfigError(f"{key}.checkpoint: {p} does not exist (a {MODEL_FILE} file or a checkpoint "
+                                  "directory holding one)")
+            if p.is_dir() and not (p / MODEL_FILE).is_file():
+                raise ConfigError(f"{key}.checkpoint: the directory {p} holds no {MODEL_FILE}")
+    if cfg.teacher_outputs_path() and teacher_outputs:  # every shard's footer and metadata against the config
         from raydistill.distill.offline import check_teacher_outputs
 
         check_teacher_outputs(cfg)
-    if cfg.data.task == "causal_lm":
-        _check_corpus(cfg.data)
-
-
-def _check_corpus(data) -> None:
-    import logging
-
-    from raydistill.data.text import SKIP_HINT, check_corpus_heads, corpus_files
-
-    try:
-        files = corpus_files(data.path, data.max_bytes)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    bad = check_corpus_heads(files, data.text_column)
-    if not bad:
-        return
-    if data.skip_bad_files:
-        if len(bad) == len(files):
-            raise ConfigError(f"data.path: no file of the corpus can be read as text (data.skip_bad_files "
-                              f"leaves them all out): {bad[0]}")
-        for msg in bad:
-            logging.getLogger("raydistill").warning("skipped (data.skip_bad_files: true): %s",
-                                                    msg.split("; ")[0].removeprefix("data.path: "))
-        return
-    more = f" (and {len(bad) - 5} more files)" if len(bad) > 5 else ""
-    lines = "\n  ".join(m.replace(f"; {SKIP_HINT}", "") for m in bad[:5])
-    raise ConfigError(f"data.path: {len(bad)} corpus file(s) cannot be used{more} ({SKIP_HINT}):\n  {lines}")
+    get_task(cfg.data.task).check_data(cfg)
 
 
 def check_scale(cfg: Config, storage, name: str) -> None:
@@ -135,8 +137,10 @@ def check_scale(cfg: Config, storage, name: str) -> None:
     from raydistill.models import build_model
 
     models = []
-    if cfg.teacher.training.gradient_checkpointing and not cfg.teacher.checkpoint:
-        models.append(("teacher.training.gradient_checkpointing", "teacher", cfg.teacher))
+    for name, tc in cfg.teacher_map().items():
+        if tc.training.gradient_checkpointing and not tc.checkpoint:
+            key = cfg.teacher_key(name)
+            models.append((f"{key}.training.gradient_checkpointing", key, tc))
     if cfg.distill.gradient_checkpointing:
         models += [("distill.gradient_checkpointing", f"assistants[{i}]", a) for i, a in enumerate(cfg.assistants)]
         models.append(("distill.gradient_checkpointing", "student", cfg.student))

@@ -3,8 +3,8 @@ its top-k log-probabilities, their ids and the log of its mass outside them, com
 tenth of the raw bytes) or raw, in parquet shards that ``distill.teacher_outputs`` reads through
 ``kd_loss_topk`` instead of running the teacher in every step of every run.
 
-The job: the input rows (the packed train blocks of a causal LM; MNIST-1D's train rows and transfer set) are
-cut into shards of ``shard_rows`` rows; a Ray Data dataset of the shards still to write flows through
+The job: the input rows (``Task.teacher_inputs``: the packed train blocks of a causal LM; MNIST-1D's train rows
+and transfer set) are cut into shards of ``shard_rows`` rows; a Ray Data dataset of the shards still to write flows through
 ``map_batches`` on a pool of teacher actors (:class:`TeacherShardWriter`: the teacher loaded once per actor,
 one GPU each when the cluster has GPUs, else a fractional CPU each), and each actor writes its shard
 ``part-<start>-<stop>.parquet`` atomically (a temporary name, then a rename). A shard's bytes depend only on
@@ -35,8 +35,7 @@ from raydistill.utils import EXPORT_MARKER, check_output_dir
 log = logging.getLogger("raydistill")
 
 PROGRESS_FILE = ".shards.jsonl"   # one line per written shard (its stats), appended by the actors
-TOKENS_PER_SHARD = 1 << 16        # default shard size: this many tokens (causal LM blocks x seq_len)
-ROWS_PER_SHARD = 1 << 14          # classification rows per shard
+TOKENS_PER_SHARD = 1 << 16        # default shard size: this many tokens' worth of rows (rows x tokens per row)
 FIDELITY_TOKENS = 512             # tokens per shard whose decoded top-k is compared with the exact one
 
 
@@ -59,7 +58,8 @@ class TeacherShardWriter:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.meta = dict(meta)
         self.info = dict(task_info or {})
-        self.model = get_task(self.meta["task"]).build_model(model, self.info)
+        self.task = get_task(self.meta["task"])
+        self.model = self.task.build_model(model, self.info)
         load_weights(self.model, path)
         self.model.to(self.device).eval()
         self.inputs = ray.get(inputs) if isinstance(inputs, ray.ObjectRef) else inputs
@@ -80,15 +80,8 @@ class TeacherShardWriter:
         outs = []
         with torch.no_grad():
             for i in range(0, len(next(iter(rows.values()))), self.batch_rows):
-                if self.meta["task"] == "causal_lm":
-                    from raydistill.tasks.causal_lm import lm_logits, shared_vocab
-
-                    ids = torch.as_tensor(rows["input_ids"][i:i + self.batch_rows], dtype=torch.int64,
-                                          device=self.device)
-                    logits = shared_vocab(lm_logits(self.model, ids), int(self.meta["vocab_size"]))
-                else:
-                    x = torch.as_tensor(rows["x"][i:i + self.batch_rows], dtype=torch.float32, device=self.device)
-                    logits = self.model(x)
+                logits = self.task.teacher_logits(self.model, {c: a[i:i + self.batch_rows] for c, a in rows.items()},
+                                                  self.device, self.info)
                 outs.append([None if t is None else t.cpu().numpy() for t in topk_from_logits(logits, k, tail_t)])
         values, indices = (np.concatenate([o[j] for o in outs]) for j in (0, 1))
         tail = None if tail_t is None else np.concatenate([o[2] for o in outs])
@@ -134,23 +127,6 @@ class TeacherShardWriter:
 
 def default_output(storage: Path, teacher_hash: str, topk: int, codec: str = "q8") -> Path:
     return storage / "teacher_outputs" / f"{teacher_hash}-k{topk}-{codec}"
-
-
-def teacher_inputs(cfg: Config, storage: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """The rows the teacher labels, in their fixed order, and the task info: a causal LM's packed train blocks
-    (``input_ids`` int32 ``(n, S)``); MNIST-1D's train rows then the transfer set (``x`` float32, ``y``
-    int64, -1 for the unlabelled transfer rows)."""
-    from raydistill.distill.data import load_arrays, task_info, text_data
-
-    if cfg.data.task == "causal_lm":
-        td = text_data(cfg, storage)
-        return {"input_ids": np.ascontiguousarray(td.train, dtype=np.int32)}, task_info(cfg, storage)
-    from raydistill.data.ray_data import UNLABELLED
-
-    split, transfer = load_arrays(cfg, storage)
-    x = np.concatenate([split.x_train, transfer]).astype(np.float32)
-    y = np.concatenate([split.y_train, np.full(len(transfer), UNLABELLED, np.int64)]).astype(np.int64)
-    return {"x": x, "y": y}, {}
 
 
 def codec_spec(codec: str | CodecSpec | None, temperature: float) -> CodecSpec:
@@ -273,12 +249,15 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
     from raydistill.distill.data import resolve_storage
     from raydistill.distill.teachers import ensure_teacher
 
-    if cfg.distill.teacher_outputs:
-        raise ConfigError("distill.teacher_outputs is set: teacher-logits writes those outputs; unset it")
+    from raydistill.tasks import get_task
+
+    if cfg.offline_teacher() == next(iter(cfg.teacher_map())):
+        raise ConfigError(f"{cfg.teacher_outputs_key()} is set: teacher-logits writes those outputs; unset it")
+    task = get_task(cfg.data.task)
     k = int(topk or cfg.distill.topk)
-    lm = cfg.data.task == "causal_lm"
-    if not 1 <= k <= (10 if not lm else 1 << 20):
-        raise ConfigError(f"distill.topk must be in 1..10 (10 classes), got {k}")
+    if k < 1 or (task.max_topk is not None and k > task.max_topk):
+        rule = ">= 1" if task.max_topk is None else f"in 1..{task.max_topk} (the task has {task.max_topk} classes)"
+        raise ConfigError(f"distill.topk must be {rule}, got {k}")
     if shard_rows is not None and (isinstance(shard_rows, bool) or int(shard_rows) < 1):
         raise ConfigError(f"--shard-rows must be >= 1, got {shard_rows}")
     loss_t = float(tail_temperature or cfg.distill.temperature)
@@ -295,17 +274,17 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
         out = Path(output).expanduser().absolute() if output else default_output(storage, teacher.config_hash, k,
                                                                                   spec.name)
         check_output_dir(out, key=out_key, error=ConfigError)  # empty, or an earlier output of ours
-        inputs, info = teacher_inputs(cfg, storage)
-        V = int(info["vocab_size"]) if lm else 10
-        if lm and k > V:
-            raise ConfigError(f"distill.topk ({k}) exceeds the tokenizer's vocabulary ({V})")
+        inputs, info = task.teacher_inputs(cfg, storage)
+        V = task.output_size(info)
+        if k > V:
+            raise ConfigError(f"distill.topk ({k}) exceeds the output distribution's {V} ids (the vocabulary)")
         n_rows = len(next(iter(inputs.values())))
-        per_row = int(inputs["input_ids"].shape[1]) if lm else 1
-        rows_per_shard = int(shard_rows or (max(1, TOKENS_PER_SHARD // per_row) if lm else ROWS_PER_SHARD))
+        per_row = task.tokens_per_row(inputs)
+        rows_per_shard = int(shard_rows or max(1, TOKENS_PER_SHARD // per_row))
         template = CacheMeta(codec=spec.resolved(k, V).to_dict(), k=k, vocab_size=V, task=cfg.data.task,
                              tokens_per_row=per_row, rows=0, start=0, stop=0, input_columns=list(inputs),
                              teacher_hash=teacher.config_hash,
-                             tokenizer_hash=tokenizer_hash(info["tokenizer_dir"]) if lm else None,
+                             tokenizer_hash=tokenizer_hash(info["tokenizer_dir"]) if info.get("tokenizer_dir") else None,
                              tail_temperature=loss_t if tail and k < V else None)
         plan = shard_plan(n_rows, rows_per_shard)
         pending = _prepare_output(out, template, plan)
@@ -329,6 +308,8 @@ def _run_pool(ray, pending, teacher, inputs, out: Path, template: CacheMeta, inf
     import ray.data
     from ray.data import DataContext
 
+    from raydistill.tasks import get_task
+
     gpus = ray.cluster_resources().get("GPU", 0)
     n, actor_cpus = _pool_size(ray, concurrency, gpus)
     n = min(n, len(pending))
@@ -346,7 +327,7 @@ def _run_pool(ray, pending, teacher, inputs, out: Path, template: CacheMeta, inf
         TeacherShardWriter, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n),
         fn_constructor_kwargs={"model": teacher.model, "path": teacher.path, "inputs": ray.put(inputs),
                                "out_dir": str(out), "meta": meta, "use_gpu": gpus > 0, "task_info": info,
-                               "batch_rows": 16 if template.task == "causal_lm" else 2048,
+                               "batch_rows": get_task(template.task).teacher_batch_rows,
                                "compression": compression, "compression_level": compression_level,
                                "debug_fail_after_shards": debug_fail_after_shards},
         # fractional CPUs: the actors leave room for the pipeline's other tasks (and for whatever else runs

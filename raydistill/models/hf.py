@@ -104,12 +104,13 @@ def check_vocab(key: str, model_vocab: int | None, tokenizer_vocab: int) -> None
 
 def check_lm_models(cfg) -> None:
     """Cross-checks of a causal-LM config before anything runs: ``data.seq_len`` within every hf model's
-    maximum positions; the tokenizer's vocabulary fitting every model (up to padding)."""
+    maximum positions; the tokenizer's vocabulary fitting every model (up to padding): every teacher shares
+    the student's tokenizer, else the error names the teacher's key."""
     from raydistill.data.text import tokenizer_vocab_size
 
     data = cfg.data
     n_tok = tokenizer_vocab_size(data.tokenizer) if data.tokenizer else None
-    specs = [("teacher", cfg.teacher), ("student", cfg.student)] + \
+    specs = [(cfg.teacher_key(n), t) for n, t in cfg.teacher_map().items()] + [("student", cfg.student)] + \
         [(f"assistants.{i}", a) for i, a in enumerate(cfg.assistants)]
     for key, spec in specs:
         if spec.model != "hf":

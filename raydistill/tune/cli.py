@@ -16,6 +16,25 @@ STATE_FILE = "search_state.json"
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+def check_models_and_terms(spec, base: dict) -> None:
+    """Before Ray starts: the models and loss terms of the base config (``check_models``), and of each
+    value a loss-term or teacher key can draw (hidden-layer maps, teacher weights): a layer that does not
+    exist fails here, naming the search key, not in a trial."""
+    from raydistill.config import ConfigError, config_from_dict
+    from raydistill.distill.preflight import check_models
+    from raydistill.tune.space import SearchSpaceError, apply_trial_config
+
+    check_models(config_from_dict(base))
+    for key, dim in spec.space.items():
+        if not key.startswith(("distill.terms.", "teachers.")):
+            continue
+        for value in dim.values_to_check():
+            try:
+                check_models(config_from_dict(apply_trial_config(base, {key: value})))
+            except ConfigError as exc:
+                raise SearchSpaceError(f"search.space.{key}: value {value!r}: {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="raydistill tune",
@@ -147,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         base = cfg.model_dump(mode="json")
         check_space_against_config(spec, base, type(cfg).model_validate)
         check_metrics_for_task(spec, cfg.data.task)
+        check_models_and_terms(spec, base)
         from raydistill.distill.preflight import check_inputs
 
         check_inputs(cfg)  # teacher checkpoint / outputs and the corpus's files, before Ray starts

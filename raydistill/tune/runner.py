@@ -262,7 +262,8 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
         console.print(f"results: {exp_dir}")
 
         t0 = time.monotonic()
-        teacher = d.ensure_teacher(cfg, str(teacher_root))
+        teachers = d.ensure_teachers(cfg, str(teacher_root))
+        teacher = next(iter(teachers.values()))  # the first: the reference line of pareto.png
         state.teacher_path = str(teacher.path)
         tq = teacher.metrics.get(quality.key, teacher.accuracy if quality.key == "accuracy" else None)
         state.teacher_score = None if tq is None else float(tq)
@@ -274,7 +275,7 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
         state.save(state_path)
 
         rpw = plan.resources_per_worker(cfg.scaling.resources_per_worker)
-        driver = make_trial_driver(base, teacher, train_storage=str(exp_dir / "train"),
+        driver = make_trial_driver(base, teachers, train_storage=str(exp_dir / "train"),
                                    plan_workers=plan.num_workers, resources_per_worker=rpw,
                                    build_config=build)
         trainable = tune.with_resources(driver, {"cpu": plan.driver_cpu})

@@ -119,7 +119,7 @@ def plan_resources(
 
 
 def distill_api():
-    """The pipeline's public API, ``raydistill.distill`` (ray_session, ensure_teacher,
+    """The pipeline's public API, ``raydistill.distill`` (ray_session, ensure_teachers,
     build_student_trainer, build_baseline_trainer, evaluate_checkpoint; lazily imported)."""
     import raydistill.distill as d
 
@@ -132,9 +132,10 @@ def search_extras(cfg) -> dict:
     return extras(cfg)
 
 
-def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_workers: int,
+def make_trial_driver(base: dict, teachers: Any, *, train_storage: str, plan_workers: int,
                       resources_per_worker: dict[str, float], build_config: Callable[[dict], Any]):
-    """The Tune trainable: one full distillation (Ray Train) per trial, reports forwarded to Tune."""
+    """The Tune trainable: one full distillation (Ray Train) per trial, reports forwarded to Tune.
+    ``teachers``: name -> ``TeacherArtifact`` (or the first teacher's alone), trained once before the trials."""
 
     def distill_trial(config: dict) -> None:
         from ray import tune
@@ -154,7 +155,7 @@ def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_work
         # Measured here: 2 such groups leaked in a 24-trial search, which then waited forever.
         cfg.run.max_failures = 0
         trainer = distill_api().build_student_trainer(
-            cfg, teacher,
+            cfg, teachers,
             storage_path=train_storage,
             name=f"trial_{trial_id}",  # stable across retries -> Ray Train resumes from its checkpoint
             callbacks=[_epoch_reports_only(TuneReportCallback()) if cfg.distill.checkpoint_every_steps

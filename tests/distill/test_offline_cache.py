@@ -3,6 +3,7 @@ another k, teacher or tokenizer, a tail at another temperature, distill.topk_tai
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -71,4 +72,30 @@ def test_topk_tail_true_needs_a_tail(tmp_path):
     cfg = _cfg(tmp_path, "distill.topk_tail=true")
     _cache(tmp_path, _cfg(tmp_path), tail_t=None)
     with pytest.raises(ConfigError, match="distill.topk_tail: true, but .* has no tail"):
+        check_teacher_outputs(cfg)
+
+
+def test_a_named_teachers_cache_is_checked_against_that_teacher_and_its_terms(tmp_path):
+    """``teachers.<name>.teacher_outputs`` (the seam's several teachers): the cache must be that teacher's
+    (not the first's), errors name its key, and the tail's temperature is checked against the temperature of
+    the kd_logits terms that read it, naming the term's own key."""
+    main = json.dumps(load_config(None).teacher.model_dump(mode="json"))  # the first of teachers is `teacher`
+    two = f"teachers={{main: {main}, big: {{model: mlp, kwargs: {{hidden: 64}}, teacher_outputs: '{tmp_path}'}}}}"
+    terms = "distill.terms=[{type: kd_logits, teachers: {main: 1, big: 1}, temperature: %s}, {type: ce}]"
+
+    def cfg_with(t, *extra):
+        return load_config(None, [two, terms % t, "distill.topk=4", *extra])
+
+    cfg = cfg_with(4)
+    assert cfg.offline_teacher() == "big" and cfg.teacher_outputs_key() == "teachers.big.teacher_outputs"
+    _cache(tmp_path, cfg, teacher=teacher_hash(cfg, "big"))
+    info = check_teacher_outputs(cfg)
+    assert use_tail(cfg, info.meta) is True and expected_teacher_hash(cfg) == teacher_hash(cfg, "big")
+    with pytest.raises(ConfigError, match="distill.terms.0.temperature is 2 but the tail .* at temperature 4"):
+        check_teacher_outputs(cfg_with(2, "distill.topk_tail=true"))
+    for d in tmp_path.glob("*.parquet"):
+        d.unlink()
+    _cache(tmp_path, cfg)  # the first teacher's outputs under the second's key
+    with pytest.raises(ConfigError, match=f"teachers.big.teacher_outputs: .*{shard_name(0, 12)} was written for "
+                                          "the teacher"):
         check_teacher_outputs(cfg)

@@ -32,12 +32,29 @@ def _lm(seed: int, plain: bool = False):
 
 
 def _spec(kind: str = "kd", fused: bool = False):
-    from raydistill.distill.spec import KDTerms, StageSpec
+    from raydistill.distill.spec import StageSpec
 
-    kd = KDTerms(2.0, 0.6, "forward_kl", 0.5, fused_linear=fused) if kind == "kd" else None
+    terms = ({"type": "kd_logits", "weight": 0.6, "teachers": {"main": 1.0}, "temperature": 2.0,
+              "divergence": "forward_kl", "beta": 0.5}, {"type": "ce", "weight": 0.4})
     return StageSpec(stage="s", task="causal_lm", kind=kind, model={}, epochs=1, batch_size=2, optimizer={},
-                     lr_schedule={}, seed=0, progress_dir="/tmp", kd=kd,
+                     lr_schedule={}, seed=0, progress_dir="/tmp", fused_linear=fused,
+                     **({"terms": terms} if kind == "kd" else {}),
                      task_info={"vocab_size": VOCAB, "pad_id": PAD, "eos_id": 1})
+
+
+def _teachers(teacher) -> dict:
+    return {"main": teacher} if teacher is not None else {}
+
+
+def _criterion(task, spec, net, teacher):
+    from raydistill.distill.loop import build_criterion
+
+    return build_criterion(task, spec, net, _teachers(teacher))
+
+
+def _loss(task, net, batch, spec, teacher):
+    """The stage's loss as the per-worker loop computes it (the spec's criterion over the task's outputs)."""
+    return task.loss(net, batch, spec, _teachers(teacher), _criterion(task, spec, net, teacher))
 
 
 def _blocks(g, rows=6, seq=12):
@@ -66,7 +83,7 @@ def test_k_micro_batches_give_the_update_of_one_batch_of_k_times_the_size(seeded
         net = _lm(0, plain)
         opt = torch.optim.SGD(net.parameters(), lr=1.0)
         groups = [{"input_ids": ids}] if k == 1 else [{"input_ids": ids[i:i + 2]} for i in range(0, 6, 2)]
-        loss, n = optimizer_step(net, opt, groups, lambda b: task.loss(net, b, spec, teacher), prec)
+        loss, n = optimizer_step(net, opt, groups, lambda b: _loss(task, net, b, spec, teacher), prec)
         models[k] = (net, loss, n)
     (big, loss1, n1), (acc, loss3, n3) = models[1], models[3]
     assert n1 == n3 == 6 * 11 - 7 - 3  # next-token targets: 11 per block, minus the pad targets
@@ -79,7 +96,7 @@ def test_k_micro_batches_give_the_update_of_one_batch_of_k_times_the_size(seeded
     start = {k: v.clone() for k, v in naive.named_parameters()}
     naive.zero_grad()
     for i in range(0, 6, 2):
-        (task.loss(naive, {"input_ids": ids[i:i + 2]}, spec, teacher)[0] / 3).backward()
+        (_loss(task, naive, {"input_ids": ids[i:i + 2]}, spec, teacher)[0] / 3).backward()
     d_naive = torch.cat([(-p.grad).flatten() for p in naive.parameters()])
     d_exact = torch.cat([(q.detach() - start[n]).flatten() for n, q in acc.named_parameters()])
     assert (d_naive - d_exact).norm() > 1e-3 * d_exact.norm()
@@ -173,7 +190,7 @@ def test_gradient_checkpointing_recomputes_without_changing_gradients(seeded):
         if ckpt:
             enable_gradient_checkpointing(net)
             assert net.is_gradient_checkpointing
-        task.loss(net, {"input_ids": ids}, spec, teacher)[0].backward()
+        _loss(task, net, {"input_ids": ids}, spec, teacher)[0].backward()
         grads.append([p.grad.clone() for p in net.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
@@ -324,7 +341,7 @@ def _ddp_rank(rank: int, world: int, init: str, ids: torch.Tensor, out: str) -> 
         opt = torch.optim.SGD(net.parameters(), lr=1.0)
         mine = ids[rank * 3:(rank + 1) * 3]
         optimizer_step(net, opt, [{"input_ids": mine[i:i + 1]} for i in range(3)],
-                       lambda b: task.loss(net, b, spec, None), Precision("fp32", "cpu"), world=world)
+                       lambda b: _loss(task, net, b, spec, None), Precision("fp32", "cpu"), world=world)
         if rank == 0:
             torch.save({k: v.detach() for k, v in net.module.state_dict().items()}, out)
     finally:
@@ -344,7 +361,7 @@ def test_accumulation_across_ddp_workers_equals_one_batch_of_all_their_rows(seed
     ref = _lm(0, plain=True)
     task, spec = get_task("causal_lm"), _spec("ce")
     optimizer_step(ref, torch.optim.SGD(ref.parameters(), lr=1.0), [{"input_ids": ids}],
-                   lambda b: task.loss(ref, b, spec, None), Precision("fp32", "cpu"))
+                   lambda b: _loss(task, ref, b, spec, None), Precision("fp32", "cpu"))
     got = torch.load(out)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(got[k], v, rtol=1e-12, atol=1e-14, msg=lambda m, k=k: f"{k}: {m}")
@@ -395,9 +412,10 @@ def test_teacher_pass_of_a_bf16_teacher_keeps_bf16_hidden_states_and_the_loss_ma
     student = _lm(0).float()
     ids = _blocks(seeded)
     with torch.no_grad(), prec.autocast():
-        pre = task.prepare({"input_ids": ids}, spec, teacher)
-    assert pre["teacher_hidden"].dtype == torch.bfloat16
+        needs = _criterion(task, spec, student, teacher).needs()
+        pre = task.prepare({"input_ids": ids}, spec, _teachers(teacher), needs)
+    assert pre["teacher.main.last"].dtype == torch.bfloat16
     with prec.autocast():
-        cached = task.loss(student, pre, spec, teacher)[0]
-        online = task.loss(student, {"input_ids": ids}, spec, teacher)[0]
+        cached = _loss(task, student, pre, spec, teacher)[0]
+        online = _loss(task, student, {"input_ids": ids}, spec, teacher)[0]
     assert cached.item() == online.item()

@@ -36,6 +36,20 @@ def _write(tmp_path, mutate) -> Path:
         (lambda d: d["search"].update({"metric": "val_perplexity", "mode": "min"}),
          "search.metric: 'val_perplexity' is not reported by a classification task"),
         (lambda d: d["search"].update({"mode": "min"}), "search.mode: val_accuracy is higher-is-better"),
+        # loss terms: the weights of a list entry, and the layers a term can draw, are checked before Ray
+        (lambda d: d["search"]["space"].update({"distill.terms.1.weight": {"dist": "uniform", "low": 0, "high": 1}}),
+         "search.space.distill.terms.1.weight: not a config key (distill.terms is not set"),
+        (lambda d: (d["distill"].update({"terms": [{"type": "kd_logits"}, {"type": "hidden"}]}),
+                    d["search"]["space"].pop("distill.alpha"),
+                    d["search"]["space"].update({"distill.terms.2.weight": {"dist": "uniform", "low": 0, "high": 1}})),
+         "search.space.distill.terms.2.weight: not a config key (distill.terms is a list of 2: indices 0..1)"),
+        (lambda d: (d["distill"].update({"terms": [{"type": "kd_logits"}, {"type": "ce"}]})),
+         "search.space.distill.alpha: distill.terms is set, so distill.alpha weighs nothing"),
+        (lambda d: (d["distill"].update({"terms": [{"type": "kd_logits"}, {"type": "hidden"}]}),
+                    d["search"]["space"].pop("distill.alpha"),
+                    d["search"]["space"].update({"distill.terms.1.layers": {
+                        "dist": "choice", "values": ["uniform", [[1, 1]], [[1, 9]]]}})),
+         "search.space.distill.terms.1.layers: value [[1, 9]]: distill.terms.1.layers: layer 9 of the teacher"),
         # issue 22: a step budget (ASHA compares epochs), a tracking store that cannot be used
         (lambda d: d["distill"].update({"epochs": None, "max_steps": 50}), "distill.max_steps / distill.max_tokens"),
         (lambda d: d.setdefault("run", {}).update({"tracking": "mlflow", "tracking_uri": "ftp://host/x"}),

@@ -25,7 +25,7 @@ def stage_datasets(cfg: Config, storage: Path, kind: str) -> tuple[dict, int]:
     """``{"train", "eval"}`` Ray datasets of a stage and its train rows: ``kind`` ``ce`` the labelled rows,
     ``kd`` the distillation rows (with the transfer set where the task has one), or the offline teacher's
     top-k outputs (``teacher_outputs``), which hold the rows themselves: checked against the config (and the
-    tokenizer, where the task has one) and streamed + decoded by Ray Data (``raydistill.distill.offline``)."""
+    tokenizer, where the task has one), read and decoded by Ray Data (``raydistill.distill.offline``)."""
     from raydistill.tasks import get_task
 
     task = get_task(cfg.data.task)
@@ -34,7 +34,11 @@ def stage_datasets(cfg: Config, storage: Path, kind: str) -> tuple[dict, int]:
     if offline:
         from raydistill.distill.offline import offline_dataset
 
-        datasets["train"], rows = offline_dataset(cfg, task.task_info(cfg, storage).get("tokenizer_dir"))
+        ds, rows = offline_dataset(cfg, task.task_info(cfg, storage).get("tokenizer_dir"))
+        # read + decoded now, by Ray Data tasks into the object store (the driver holds references only),
+        # before the trainer's workers hold their CPUs: on a small node the read tasks of a lazy dataset can
+        # wait forever behind the workers and any actor still holding a fraction of a CPU
+        datasets["train"] = ds.materialize()
     return datasets, rows
 
 

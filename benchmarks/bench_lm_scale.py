@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
     from raydistill.config import load_config
     from raydistill.distill.session import ray_session
-    from raydistill.distill.data import text_data
+    from raydistill.tasks.causal_lm import text_data
     from raydistill.utils import machine_info, results_dir, write_json_atomic
 
     cfg = load_config("lm_default", [f"data.max_bytes={args.max_bytes}", f"data.vocab_size={args.vocab}",

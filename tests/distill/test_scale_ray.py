@@ -34,7 +34,7 @@ def test_step_budget_accumulation_and_mid_epoch_resume_is_exact(ray_local, tmp_p
     from raydistill.config import load_config
     from raydistill.distill import build_student_trainer, ensure_teacher
     from raydistill.distill.loop import CRASH_MARKER, STEPS_LOG
-    from raydistill.distill.data import text_data
+    from raydistill.tasks.causal_lm import text_data
 
     base = [*TINY, *SCALE, f"run.storage_path={tmp_path}", f"distill.checkpoint_every_steps={EVERY}"]
     teacher = ensure_teacher(load_config("lm_tiny", [*TINY, f"run.storage_path={tmp_path}"]), tmp_path)

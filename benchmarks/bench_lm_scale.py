@@ -1,5 +1,5 @@
-"""Training at scale, the training part of issue 22's rehearsal: tokens/s, peak memory and perplexity of the
-distillation loop in fp32 and bf16, with and without activation checkpointing.
+"""Training at scale (issue 22): tokens/s, peak memory and perplexity of the distillation in fp32 and bf16,
+with and without activation checkpointing; ``--ray``: the scale rehearsal through the pipeline itself.
 
     PYTHONPATH=. python benchmarks/bench_lm_scale.py [--storage runs] [--steps 20] [--warmup 2]
         [--student 2x256] [--teacher 4x256] [--vocab 4096] [--seq 256] [--batch 8] [--max-bytes 2000000]
@@ -16,13 +16,32 @@ weights and batches, then the validation perplexity (float32 evaluation). Peak m
 RSS (``VmHWM``) over the teacher pass and training, and that minus the RSS before them (models and data
 loaded). Writes a table and ``benchmarks/results/lm_scale.json``.
 
-Issue 22's rehearsal itself (a 100 MB corpus through Ray Data, a 30-60 M-parameter student, 2 Ray Train
-workers) is wave 2 of the issue; this script is its training part on a smaller case.
+The train blocks the steps need are read from the head of the sharded train split (``CorpusInfo.head``),
+not the whole split.
+
+**The rehearsal** (``--ray``; issue 22 point 4)::
+
+    PYTHONPATH=. python benchmarks/bench_lm_scale.py --ray [--corpus-mb 100] [--student 8x512]
+        [--teacher 16x640] [--vocab 32000] [--seq 512] [--batch 4] [--steps 30] [--warmup 3] [--workers 2]
+        [--val-fraction 0.002] [--variants fp32,bf16,fp32+ckpt,bf16+ckpt] [--storage runs] [--out FILE]
+
+A corpus of ``--corpus-mb`` MB that exists on every machine (the ``.py`` sources of the standard library
+and the installed packages as jsonl, ``benchmarks/bench_corpus_scale.py``'s) is prepared by the pipeline
+(Ray Data tokenizes and packs it into parquet shards; a BPE of ``--vocab`` on a seeded sample) and
+**streamed** to ``--workers`` Ray Train workers (``data.materialize: false``: each worker reads its shard
+with ``iter_torch_batches`` and a shuffle buffer). Each variant is one ``build_student_trainer(...).fit()``
+in a fresh driver process: a step budget (``distill.max_steps`` = ``--warmup`` + ``--steps``, warmup +
+cosine), forward KL + CE (alpha 0.5, T 1) through the fused ``kd_loss_linear``, from a teacher with random
+initial weights (the same for every variant: comparing precisions needs no trained teacher). Reported:
+tokens/s of the last epoch report (all workers), the validation and test perplexity after the budget, the
+peak RSS of every Ray Train worker (``VmHWM``, sampled every 0.5 s while it runs) and of the driver. Writes
+a table and ``benchmarks/results/lm_rehearsal.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -56,7 +75,7 @@ def run_variant(variant: str, a: dict, data: dict) -> dict:
     torch.manual_seed(0)
     teacher = build_model({"model": "hf", "kwargs": {"config": _llama(a["teacher"], vocab, a["seq"])}}, vocab_size=vocab)
     student = build_model({"model": "hf", "kwargs": {"config": _llama(a["student"], vocab, a["seq"])}}, vocab_size=vocab)
-    train = torch.as_tensor(np.load(data["train"]))[: (a["warmup"] + a["steps"]) * a["batch"]]
+    train = torch.as_tensor(np.load(data["train"]))
     val = torch.as_tensor(np.load(data["val"]))
     spec = lm_spec(vocab=vocab, seq=a["seq"], batch=a["batch"], lr=a["lr"], alpha=0.5, precision=precision,
                    gradient_checkpointing=variant.endswith("+ckpt"), threads=a["threads"],
@@ -75,22 +94,194 @@ def run_variant(variant: str, a: dict, data: dict) -> dict:
             "student_params": params, "teacher_params": sum(p.numel() for p in teacher.parameters())}
 
 
+REHEARSAL = {"student": "8x512", "teacher": "16x640", "vocab": 32000, "seq": 512, "batch": 4, "steps": 30,
+             "warmup": 3}
+LOCAL = {"student": "2x256", "teacher": "4x256", "vocab": 4096, "seq": 256, "batch": 8, "steps": 20, "warmup": 2}
+
+
+class _PeakPoller:
+    """Samples the peak RSS (``VmHWM``) of every Ray process under this driver every ``every`` seconds (a
+    thread): the largest value seen per process, with its title (``ray::RayTrainWorker...``)."""
+
+    def __init__(self, every: float = 0.5):
+        import threading
+
+        self.every, self.seen, self._stop = every, {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        for p in psutil.Process(os.getpid()).children(recursive=True):
+            try:
+                title = " ".join(p.cmdline())[:80]
+                status = Path(f"/proc/{p.pid}/status").read_text()
+            except (psutil.Error, OSError):
+                continue
+            if not title.startswith("ray::"):
+                continue
+            hwm = next((int(x.split()[1]) * 1024 for x in status.splitlines() if x.startswith("VmHWM:")), 0)
+            old = self.seen.get(p.pid, {"peak_rss_mib": 0.0})
+            self.seen[p.pid] = {"title": title, "peak_rss_mib": max(old["peak_rss_mib"], hwm / 2**20)}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def train_workers(self) -> list[dict]:
+        return [dict(v, pid=k) for k, v in self.seen.items() if "TrainWorker" in v["title"]]
+
+
+def _rehearsal_config(a: dict, corpus: str, storage: Path, variant: str):
+    from raydistill.config import load_config
+
+    return load_config("lm_default", [
+        f"data.path={corpus}", "data.max_bytes=null", f"data.vocab_size={a['vocab']}", f"data.seq_len={a['seq']}",
+        f"data.val_fraction={a['val_fraction']}", "data.materialize=false", "data.samples=0",
+        f"student.kwargs.config={json.dumps(_llama(a['student'], a['vocab'], a['seq']))}",
+        f"teacher.kwargs.config={json.dumps(_llama(a['teacher'], a['vocab'], a['seq']))}",
+        "distill.epochs=null", f"distill.max_steps={a['warmup'] + a['steps']}", f"distill.batch_size={a['batch']}",
+        f"distill.lr_schedule={{name: cosine, warmup_steps: {a['warmup']}}}", f"distill.optimizer.lr={a['lr']}",
+        "distill.log_every_steps=1", f"distill.precision={'bf16' if variant.startswith('bf16') else 'fp32'}",
+        f"distill.gradient_checkpointing={str(variant.endswith('+ckpt')).lower()}", "distill.fused_linear=true",
+        "compression.sparsity=0", f"scaling.num_workers={a['workers']}", f"run.storage_path={storage}",
+        f"run.seed={a['seed']}"])
+
+
+def _random_teacher(cfg, storage: Path):
+    """A teacher artifact with random initial weights (seed 0), saved once under ``storage``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from raydistill.distill.spec import TeacherArtifact, model_dict
+    from raydistill.models import build_model
+    from raydistill.tasks.causal_lm import text_data
+
+    td = text_data(cfg, storage)
+    model = model_dict(cfg.teacher)
+    path = storage / "rehearsal_teacher" / hashlib.sha256(json.dumps([model, td.vocab_size]).encode()).hexdigest()[:12]
+    if not (path / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        net = build_model(model, vocab_size=td.vocab_size)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path / "model.safetensors"))
+    return TeacherArtifact(path=str(path), accuracy=0.0, config_hash="random-init-" + path.name, model=model)
+
+
+def rehearsal_variant(variant: str, a: dict, corpus: str) -> dict:
+    """One variant in a fresh driver process: prepare (or reuse) the corpus, fit the distillation stage."""
+    from raydistill.distill import build_student_trainer
+    from raydistill.distill.loop import STEPS_LOG
+    from raydistill.distill.session import ray_session
+    from raydistill.tasks.causal_lm import text_data
+
+    storage = Path(a["storage"]).resolve()
+    cfg = _rehearsal_config(a, corpus, storage, variant)
+    with ray_session(num_cpus=a["num_cpus"]):
+        t0 = time.perf_counter()
+        td = text_data(cfg, storage)
+        teacher = _random_teacher(cfg, storage)
+        prep_s = time.perf_counter() - t0
+        name = f"rehearsal_{variant.replace('+', '_')}_{a['seed']}"
+        run_dir = storage / "rehearsal" / name
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        rss0 = _procmem.rss()
+        _procmem.reset_peak()
+        trainer = build_student_trainer(cfg, teacher, storage_path=storage / "rehearsal", name=name)
+        assert trainer.train_loop_config["spec"].materialize is False  # the workers stream their shards
+        t1 = time.perf_counter()
+        with _PeakPoller() as poll:
+            trainer.fit()
+        fit_s = time.perf_counter() - t1
+        driver_peak = _procmem.peak()
+    epochs = [json.loads(x) for x in (run_dir / "epochs.jsonl").read_text().splitlines()]
+    steps = [json.loads(x) for x in (run_dir / STEPS_LOG).read_text().splitlines()]
+    last = epochs[-1]
+    workers = poll.train_workers()
+    return {"variant": variant, "tokens_per_s": last.get("tokens_per_s"), "fit_s": fit_s, "prepare_s": prep_s,
+            "global_step": last.get("global_step"), "epochs": len(epochs), "train_loss": last.get("train_loss"),
+            "val_perplexity": last.get("val_perplexity"), "test_perplexity": last.get("perplexity"),
+            "step_losses": [m["loss"] for m in steps],
+            "worker_peak_rss_mib": [w["peak_rss_mib"] for w in workers],
+            "worker_peak_rss_mib_max": max((w["peak_rss_mib"] for w in workers), default=None),
+            "workers": workers, "driver_peak_rss_mib": driver_peak / 2**20, "driver_rss_before_fit_mib": rss0 / 2**20,
+            "train_blocks": td.train_blocks, "train_tokens": td.num_tokens, "train_shards": len(td.train_files),
+            "vocab_size": td.vocab_size}
+
+
+def rehearsal(args) -> int:
+    from bench_corpus_scale import make_corpus, source_files
+
+    from raydistill.utils import machine_info, results_dir, write_json_atomic
+
+    info = machine_info()
+    a = vars(args)
+    base = Path(args.storage).resolve() / "bench_corpus_scale"
+    corpus = base / f"corpus-{args.corpus_mb}mb"
+    meta = make_corpus(corpus, int(args.corpus_mb * 10**6), source_files())
+    rows = []
+    for v in args.variants.split(","):
+        load0 = os.getloadavg()
+        r = _procmem.in_fresh_process(rehearsal_variant, v, a, str(corpus))
+        r.update(load_average_before=load0, load_average_after=os.getloadavg())
+        rows.append(r)
+        write_json_atomic(Path(args.out) if args.out else results_dir() / "lm_rehearsal.json",
+                          {"args": a, "corpus": meta, "rows": rows, "partial": True, "machine": info,
+                           "time": time.time()})  # a run stopped part-way keeps the variants done
+        print(f"{v:10s} {r['tokens_per_s'] or 0:8.0f} tok/s  {r['global_step']} steps in {r['fit_s']:.0f} s  "
+              f"workers peak {', '.join(f'{x:.0f}' for x in r['worker_peak_rss_mib'])} MiB  driver peak "
+              f"{r['driver_peak_rss_mib']:.0f} MiB  val ppl {r['val_perplexity']:.2f}  test ppl "
+              f"{r['test_perplexity']:.2f}  load {load0[0]:.1f}", flush=True)
+    by = {r["variant"]: r for r in rows}
+    ratios = {}
+    for x, y, key in (("bf16", "fp32", "bf16_vs_fp32"), ("fp32+ckpt", "fp32", "ckpt_vs_none_fp32"),
+                      ("bf16+ckpt", "bf16", "ckpt_vs_none_bf16")):
+        if x in by and y in by and by[x]["worker_peak_rss_mib_max"] and by[y]["worker_peak_rss_mib_max"]:
+            ratios[f"{key}_worker_peak"] = by[x]["worker_peak_rss_mib_max"] / by[y]["worker_peak_rss_mib_max"]
+            ratios[f"{key}_val_perplexity"] = by[x]["val_perplexity"] / by[y]["val_perplexity"] - 1
+    for k, v in ratios.items():
+        print(f"{k}: {v:.3f}")
+    out = Path(args.out) if args.out else results_dir() / "lm_rehearsal.json"
+    write_json_atomic(out, {"args": a, "corpus": meta, "rows": rows, "ratios": ratios, "machine": info,
+                            "load_average_end": os.getloadavg(), "time": time.time()})
+    print(out)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--storage", default="runs")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--student", default="2x256")
-    ap.add_argument("--teacher", default="4x256")
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--ray", action="store_true", help="the scale rehearsal through the pipeline (Ray Train workers)")
+    for k, v in LOCAL.items():  # defaults: LOCAL, or REHEARSAL with --ray
+        ap.add_argument(f"--{k}", type=type(v), default=None)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-bytes", type=int, default=2_000_000)
     ap.add_argument("--variants", default="fp32,bf16,fp32+ckpt,bf16+ckpt")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--corpus-mb", type=int, default=100, help="--ray: the corpus size")
+    ap.add_argument("--workers", type=int, default=2, help="--ray: Ray Train workers")
+    ap.add_argument("--num-cpus", type=int, default=None, help="--ray: CPUs of the local Ray instance")
+    ap.add_argument("--val-fraction", type=float, default=0.002, help="--ray: held-out blocks (val + test)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    for k, v in (REHEARSAL if args.ray else LOCAL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.ray:
+        return rehearsal(args)
     import numpy as np
 
     from raydistill.config import load_config
@@ -102,17 +293,17 @@ def main(argv=None) -> int:
                                      f"data.seq_len={args.seq}",
                                      f"student.kwargs.config={json.dumps(_llama(args.student, args.vocab, args.seq))}",
                                      f"teacher.kwargs.config={json.dumps(_llama(args.teacher, args.vocab, args.seq))}"])
+    need = (args.warmup + args.steps) * args.batch
     with ray_session():
         td = text_data(cfg, Path(args.storage).resolve())
-    tmp = Path(args.storage).resolve() / "bench_lm_scale"
-    tmp.mkdir(parents=True, exist_ok=True)
-    np.save(tmp / "train.npy", td.train.astype(np.int64))
-    np.save(tmp / "val.npy", td.val.astype(np.int64))
+        if td.train_blocks < need:
+            raise SystemExit(f"{td.train_blocks} train blocks, fewer than the {need} the steps need: raise --max-bytes")
+        tmp = Path(args.storage).resolve() / "bench_lm_scale"
+        tmp.mkdir(parents=True, exist_ok=True)
+        np.save(tmp / "train.npy", td.head(need).astype(np.int64))  # the head of the shards: a seeded random sample
+        np.save(tmp / "val.npy", td.val.astype(np.int64))
     data = {"train": str(tmp / "train.npy"), "val": str(tmp / "val.npy"), "vocab_size": td.vocab_size,
             "pad_id": td.pad_id, "eos_id": td.eos_id}
-    need = (args.warmup + args.steps) * args.batch
-    if len(td.train) < need:
-        raise SystemExit(f"{len(td.train)} train blocks, fewer than the {need} the steps need: raise --max-bytes")
     info = machine_info()
     a = vars(args)
     rows = []
@@ -135,7 +326,7 @@ def main(argv=None) -> int:
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
     out = Path(args.out) if args.out else results_dir() / "lm_scale.json"
-    write_json_atomic(out, {"args": a, "train_blocks": len(td.train), "rows": rows, "ratios": ratios,
+    write_json_atomic(out, {"args": a, "train_blocks": td.train_blocks, "rows": rows, "ratios": ratios,
                             "machine": info, "load_average_end": os.getloadavg(), "time": time.time()})
     print(out)
     return 0

@@ -525,6 +525,10 @@ class DataConfig(_Strict):
     def task(self) -> str:
         return "classification"
 
+    def learning_dump(self) -> dict:
+        """The keys that change what is learned (hashes of stages, teachers and trials)."""
+        return self.model_dump(mode="json", exclude={"materialize"})
+
 
 MnistDataConfig = DataConfig
 
@@ -546,8 +550,19 @@ class TextDataConfig(_Strict):
     vocab_size: int = Field(2048, ge=300, description="BPE vocabulary when the tokenizer is trained here")
     seq_len: int = Field(128, ge=8, description="tokens per packed block")
     val_fraction: float = Field(0.05, gt=0, lt=0.5, description="held-out blocks (half val, half test)")
-    seed: int = Field(0, description="shuffles documents before the split")
-    materialize: bool = Field(True, description="workers hold their shard in memory after the first pass")
+    seed: int = Field(0, description="the seeded permutation of the packed blocks: the val / test / train split "
+                                     "and the train shards' order")
+    materialize: bool | None = Field(
+        None, description="true: workers hold their shard of the train split in memory; false: they stream it "
+                          "from the parquet shards (a shuffle buffer, any corpus size); null: true when the "
+                          "train split is at most 4M tokens")
+    tokenizer_sample_bytes: int = Field(
+        32 << 20, ge=1000, description="the BPE is trained on a seeded sample of about this many bytes of the "
+                                       "corpus (all of it when smaller)")
+    cache_path: str | None = Field(
+        None, description="where the packed corpus and the trained tokenizer are written: a local path or a "
+                          "pyarrow filesystem URI (s3://, gs://, hdfs://, file://), which then holds datasets/ and "
+                          "tokenizers/; null: the run's storage path")
     samples: int = Field(3, ge=0, description="greedy samples in the report")
 
     @field_validator("path")
@@ -580,6 +595,15 @@ class TextDataConfig(_Strict):
     @property
     def task(self) -> str:
         return "causal_lm"
+
+    def learning_dump(self) -> dict:
+        """The keys that change what is learned (hashes of stages, teachers and trials): not where the corpus
+        is written or whether workers stream it, and ``tokenizer_sample_bytes`` only when it is not the
+        default (hashes of configs that leave it stay what they were)."""
+        out = self.model_dump(mode="json", exclude={"materialize", "cache_path"})
+        if out["tokenizer_sample_bytes"] == type(self).model_fields["tokenizer_sample_bytes"].default:
+            out.pop("tokenizer_sample_bytes")
+        return out
 
 
 def _data_tag(v: Any) -> str:

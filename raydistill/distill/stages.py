@@ -31,7 +31,7 @@ def _result_hash(cfg: Config, spec: StageSpec) -> str:
     """Hash of everything that changes what a stage learns (not where it runs)."""
     payload = spec.learning_fields()
     payload["task_info"] = {k: v for k, v in payload["task_info"].items() if k != "tokenizer_dir"}
-    payload["data"] = cfg.data.model_dump(mode="json", exclude={"materialize"})
+    payload["data"] = cfg.data.learning_dump()
     payload["transfer_set"] = cfg.distill.transfer_set.model_dump(mode="json") \
         if spec.kind == "kd" and _task(cfg).uses_transfer_set else None
     payload["teacher_outputs"] = cfg.teacher_outputs_path() if spec.offline else None
@@ -65,6 +65,8 @@ def stage_spec(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int |
     None: the budget of the stage's section (``max_steps`` / ``max_tokens``, issue 22); ``training``: that
     section (default: the first teacher's ``training`` for the teacher stage, else ``distill``)."""
     d = cfg.distill
+    info = dict(info or {})
+    materialize = bool(info.pop("materialize", cfg.data.materialize))  # the corpus decides (data.text)
     teachers = dict(teachers or {}) if kind == "kd" else {}
     offline = cfg.offline_teacher() if kind == "kd" else None
     section = training or (cfg.teacher.training if stage == "teacher" else d)
@@ -80,11 +82,11 @@ def stage_spec(cfg: Config, *, stage: str, kind: str, model: dict, epochs: int |
         teachers={n: TeacherRef(t.path, t.model) for n, t in teachers.items() if n != offline},
         teacher_hashes={n: t.config_hash for n, t in teachers.items()}, offline_teacher=offline,
         hard_labels=d.transfer_set.hard_labels, fused_linear=bool(d.fused_linear),
-        steps_per_epoch=steps_per_epoch, materialize=cfg.data.materialize,
+        steps_per_epoch=steps_per_epoch, materialize=materialize,
         rows_per_worker=int(rows // max(1, num_workers)), threads=int(threads),
         grad_clip=d.grad_clip if stage != "teacher" else None,  # the baseline too: same optimizer
         debug_crash_at_epoch=cfg.run.debug_crash_at_epoch, debug_crash_at_step=cfg.run.debug_crash_at_step,
-        strategy=cfg.scaling.strategy, task_info=dict(info or {}))
+        strategy=cfg.scaling.strategy, task_info=info)
     spec = spec.replace(**{k: v for k, v in (extras or {}).items() if v is not None})  # issue 12 steps
     return spec.replace(config_hash=_result_hash(cfg, spec))
 
@@ -113,7 +115,7 @@ def _scale_fields(sec, *, epochs: int | None, batch_size: int, rows: int, num_wo
 
 def make_trainer(cfg: Config, spec: StageSpec, datasets: dict, *, storage_path: Path, name: str,
                  callbacks=None, num_workers: int | None = None, resources_per_worker: dict | None = None):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raydistill.distill.checkpointing import prepare_run_dir
@@ -132,7 +134,21 @@ def make_trainer(cfg: Config, spec: StageSpec, datasets: dict, *, storage_path: 
                     checkpoint_config=CheckpointConfig(num_to_keep=int(cfg.run.num_to_keep)),
                     callbacks=list(callbacks or []))
     return TorchTrainer(train_fn_per_worker, train_loop_config={"spec": spec}, scaling_config=scaling, run_config=run,
-                        datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]))
+                        datasets=datasets, dataset_config=data_config(spec))
+
+
+def data_config(spec: StageSpec):
+    """How Ray Train splits the datasets: ``train`` over the workers. A streamed train set (not materialised)
+    is split in a fixed order -- Ray Data keeps the read order and the splitter hands out blocks by row
+    counts, not by where they are -- so every epoch gives each worker the same rows in the same order and a
+    run resumed mid-epoch re-reads exactly the batches it skips (issue 22)."""
+    from ray.train import DataConfig
+
+    if spec.materialize:
+        return DataConfig(datasets_to_split=["train"])
+    opts = DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options={"train": opts}, enable_shard_locality=False)
 
 
 def _workers_and_threads(cfg: Config, num_workers, resources_per_worker) -> tuple[int, dict | None, int]:

@@ -31,7 +31,7 @@ def teacher_hash(cfg: Config, teacher: str | None = None) -> str:
     tc = _config(cfg, teacher)
     return config_hash({"teacher": without_scale_defaults(tc.model_dump(mode="json",
                                                                          exclude={"checkpoint", "teacher_outputs"})),
-                        "data": cfg.data.model_dump(mode="json", exclude={"materialize"}),
+                        "data": cfg.data.learning_dump(),
                         "seed": cfg.run.seed})
 
 

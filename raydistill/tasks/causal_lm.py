@@ -31,6 +31,7 @@ from raydistill.utils import unwrap_model
 # the most bytes of teacher hidden states a worker keeps for its materialised shard (``CausalLMTask.prepare``,
 # all teachers together); a larger shard runs the teacher at every step instead
 TEACHER_HIDDEN_MAX_BYTES = 1 << 30
+EVAL_LOGITS_MAX_BYTES = 128 << 20  # lm_metrics: rows per batch so that one float32 logits tensor stays below
 
 
 def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -86,17 +87,25 @@ class CausalLMTask(Task):
 
     # -- driver -----------------------------------------------------------------------------------------
     def task_info(self, cfg, storage: Path) -> dict:
-        return {**text_data(cfg, storage).info(), "seq_len": cfg.data.seq_len}
+        """The tokenizer's ids and the block counts, and ``materialize``: whether workers hold the train split
+        in memory (``data.materialize``, or by its size when unset; ``stage_spec`` takes it out)."""
+        td = text_data(cfg, storage)
+        return {**td.info(), "seq_len": cfg.data.seq_len, "materialize": td.materialize}
 
     def check_data(self, cfg) -> None:
-        """The head of every corpus file: binary / non-UTF-8 files and malformed jsonl lines named (the rest is
-        checked while Ray Data reads them); ``data.skip_bad_files`` leaves them out with a warning."""
+        """``data.cache_path`` (writable, or a known URI), and the head of every corpus file: binary / non-UTF-8
+        files and malformed jsonl lines named (the rest is checked while Ray Data reads them);
+        ``data.skip_bad_files`` leaves them out with a warning."""
         import logging
 
         from raydistill.config import ConfigError
         from raydistill.data.text import SKIP_HINT, check_corpus_heads, corpus_files
 
         data = cfg.data
+        if data.cache_path:
+            from raydistill.data.text import check_cache_path
+
+            check_cache_path(data.cache_path)
         try:
             files = corpus_files(data.path, data.max_bytes)
         except ValueError as exc:
@@ -127,15 +136,19 @@ class CausalLMTask(Task):
         td = text_data(cfg, storage)
         ev = np.concatenate([td.val, td.test])
         split = np.concatenate([np.zeros(len(td.val), np.int64), np.ones(len(td.test), np.int64)])
-        return {"train": to_ray_dataset(input_ids=td.train.astype(np.int64)),
-                "eval": to_ray_dataset(input_ids=ev.astype(np.int64), split=split)}, len(td.train)
+        eval_ds = {"eval": to_ray_dataset(input_ids=ev.astype(np.int64), split=split)}
+        if not td.materialize:  # streamed from the parquet shards (raydistill.data.text.CorpusInfo.train_dataset)
+            return {"train": td.train_dataset(), **eval_ds}, td.train_blocks
+        return {"train": to_ray_dataset(input_ids=td.train.astype(np.int64)), **eval_ds}, len(td.train)
 
     def train_rows(self, cfg, storage: Path, *, transfer: bool) -> int:
-        return len(text_data(cfg, storage).train)
+        return text_data(cfg, storage).train_blocks
 
     def calibration_inputs(self, cfg, storage: Path) -> torch.Tensor:
-        """Packed training blocks of token ids."""
-        return torch.from_numpy(text_data(cfg, storage).train.astype("int64"))
+        """The first packed training blocks of token ids (``calibration_size`` of them; a random sample: the
+        train shards hold the split's seeded permutation)."""
+        size = cfg.compression.structured.calibration_size if cfg.compression.structured else None
+        return torch.from_numpy(text_data(cfg, storage).head(size).astype("int64"))
 
     def test_metrics(self, cfg, model, storage: Path, info: dict, *, teacher=None, samples: bool = True) -> dict:
         """Perplexity (with its 95% interval and per-block ``"_items"``), next-token accuracy,
@@ -295,11 +308,11 @@ def text_data(cfg, storage: Path):
     """The tokenized, packed corpus (Ray Data; cached) -- see ``raydistill.data.text``. One tokenizer and one
     packed corpus per storage root, shared by the teacher cache and every run."""
     from raydistill.config import ConfigError
-    from raydistill.data.text import prepare_text
+    from raydistill.data.text import prepare_corpus
     from raydistill.models.hf import check_vocab, hf_config_dict
 
     root = Path(cfg.run.storage_path).expanduser().resolve() if cfg.run.storage_path else storage
-    td = prepare_text(cfg.data, root)
+    td = prepare_corpus(cfg.data, root)
     models = [(cfg.teacher_key(n), t) for n, t in cfg.teacher_map().items()] + [("student", cfg.student)]
     for key, spec in models:
         if spec.model == "hf":  # a trained BPE may be smaller than data.vocab_size: check again
@@ -316,11 +329,15 @@ def lm_metrics(model, blocks: torch.Tensor, pad_id: int, vocab: int, *, teacher=
     """Perplexity, next-token accuracy and (with ``teacher``) top-1 agreement over ``blocks``; with
     ``items``, also the 95% bootstrap interval of the perplexity over blocks (``perplexity_ci95``) and, under
     ``"_items"``, each block's summed NLL and scored tokens (and the teacher's NLL) for paired comparisons
-    (:mod:`raydistill.tasks.stats`)."""
+    (:mod:`raydistill.tasks.stats`). ``batch_size`` rows at a time, fewer where their ``(rows, seq, vocab)``
+    float32 logits would exceed ``EVAL_LOGITS_MAX_BYTES`` (a 32000-token vocabulary at 512 tokens: 2 rows),
+    so evaluation never needs more memory than a training step of the fused loss by much."""
     was = model.training
     model.eval()
     nll_b, tok_b, t_nll_b = [], [], []
     correct, agree = 0, 0
+    row_bytes = 4 * max(1, blocks.shape[-1] if blocks.ndim > 1 else 1) * max(1, int(vocab))
+    batch_size = max(1, min(int(batch_size), EVAL_LOGITS_MAX_BYTES // row_bytes))
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i:i + batch_size]
         labels = next_token_labels(ids, pad_id)

@@ -151,7 +151,7 @@ def baseline_hash(cfg) -> str:
 
     d = cfg.distill
     return config_hash({
-        "student": cfg.student.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json", exclude={"materialize"}),
+        "student": cfg.student.model_dump(mode="json"), "data": cfg.data.learning_dump(),
         "epochs": d.epochs, "batch_size": d.batch_size, "optimizer": d.optimizer.model_dump(mode="json"),
         "lr_schedule": d.lr_schedule.model_dump(mode="json"), "transfer_size": d.transfer_set.size,
         "teacher_outputs": d.teacher_outputs, "seed": cfg.run.seed, "num_workers": cfg.scaling.num_workers,

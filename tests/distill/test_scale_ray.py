@@ -28,7 +28,10 @@ def _latest_by(path: Path, key: str) -> dict:
     return dict(sorted(out.items()))
 
 
-def test_step_budget_accumulation_and_mid_epoch_resume_is_exact(ray_local, tmp_path):
+@pytest.mark.parametrize("streamed", [False, True], ids=["materialised", "streamed_2_workers"])
+def test_step_budget_accumulation_and_mid_epoch_resume_is_exact(ray_local, tmp_path, streamed):
+    """``streamed``: two workers stream their shards of the parquet train split (``data.materialize: false``,
+    a shuffle buffer); the resumed attempt re-reads the micro-batches it skips, in the same order."""
     from safetensors.torch import load_file
 
     from raydistill.config import load_config
@@ -36,15 +39,19 @@ def test_step_budget_accumulation_and_mid_epoch_resume_is_exact(ray_local, tmp_p
     from raydistill.distill.loop import CRASH_MARKER, STEPS_LOG
     from raydistill.tasks.causal_lm import text_data
 
-    base = [*TINY, *SCALE, f"run.storage_path={tmp_path}", f"distill.checkpoint_every_steps={EVERY}"]
+    workers = 2 if streamed else 1
+    base = [*TINY, *SCALE, f"run.storage_path={tmp_path}", f"distill.checkpoint_every_steps={EVERY}",
+            f"scaling.num_workers={workers}", f"data.materialize={str(not streamed).lower()}"]
     teacher = ensure_teacher(load_config("lm_tiny", [*TINY, f"run.storage_path={tmp_path}"]), tmp_path)
-    spe = len(text_data(load_config("lm_tiny", base + ["distill.max_steps=1"]), tmp_path).train) // 16 // 2
+    spe = text_data(load_config("lm_tiny", base + ["distill.max_steps=1"]), tmp_path).train_blocks // workers // 16 // 2
     budget = 2 * spe + spe // 2  # 3 epochs, the last one cut in its middle
     resume_at = (spe // EVERY + 1) * EVERY  # the first step checkpoint inside epoch 2
     crash_at = resume_at + 2
     assert spe < resume_at < crash_at < 2 * spe, spe
     cfg = load_config("lm_tiny", base + [f"distill.max_steps={budget}"])
-    res_a = build_student_trainer(cfg, teacher, storage_path=tmp_path / "ft", name="straight").fit()
+    trainer = build_student_trainer(cfg, teacher, storage_path=tmp_path / "ft", name="straight")
+    assert trainer.train_loop_config["spec"].materialize is not streamed
+    res_a = trainer.fit()
     crash = load_config("lm_tiny", base + [f"distill.max_steps={budget}", f"run.debug_crash_at_step={crash_at}",
                                            "run.max_failures=1"])
     res_b = build_student_trainer(crash, teacher, storage_path=tmp_path / "ft", name="crashed").fit()

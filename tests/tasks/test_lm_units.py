@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -111,6 +112,32 @@ def test_causal_lm_task_loss_matches_reference_and_metrics():
     m = lm_metrics(student, ids, 0, 40, teacher=student)
     assert m["teacher_agreement"] == 1.0 and m["eval_tokens"] == n
     assert m["perplexity"] == pytest.approx(float(torch.exp(want.detach())), rel=1e-4)
+
+
+def test_lm_metrics_bounds_the_logits_of_a_batch(monkeypatch):
+    """A large vocabulary x sequence: lm_metrics evaluates fewer rows at a time (at most
+    EVAL_LOGITS_MAX_BYTES of float32 logits) and gives the per-block NLL, perplexity, accuracy and teacher
+    agreement of the whole batch at once."""
+    from raydistill.tasks import causal_lm
+
+    torch.manual_seed(int.from_bytes(os.urandom(2), "little"))
+    task = get_task("causal_lm")
+    spec = _lm_spec()
+    student = task.build_model(spec.model, spec.task_info)
+    teacher = task.build_model(spec.model, spec.task_info)
+    ids = torch.randint(2, 40, (7, 9))
+    ids[2, 5:] = 0
+    whole = lm_metrics(student, ids, 0, 40, teacher=teacher, items=True)
+    rows = []
+    forward = student.forward
+    monkeypatch.setattr(student, "forward", lambda *a, **k: rows.append(len(k["input_ids"])) or forward(*a, **k))
+    monkeypatch.setattr(causal_lm, "EVAL_LOGITS_MAX_BYTES", 2 * 9 * 40 * 4 + 7)  # 2 rows of (9, 40) logits
+    small = lm_metrics(student, ids, 0, 40, teacher=teacher, items=True)
+    assert rows == [2, 2, 2, 1]
+    torch.testing.assert_close(torch.tensor(small["_items"]["nll"]), torch.tensor(whole["_items"]["nll"]),
+                               rtol=1e-5, atol=1e-5)
+    for key in ("perplexity", "next_token_accuracy", "teacher_agreement", "eval_tokens"):
+        assert small[key] == pytest.approx(whole[key], rel=1e-5), key
 
 
 @pytest.mark.parametrize("offline", [False, True])

@@ -132,7 +132,7 @@ def _print_summary(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from raydistill.distill.report import _latency, _teacher_ci, _with_ci
+    from raydistill.distill.report import _latency, _teacher_ci, _with_ci, pruned_vs_random_text, stage_label
 
     console = Console(stderr=True, **({} if sys.stderr.isatty() else {"width": 200}))
     t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
@@ -147,7 +147,7 @@ def _print_summary(r: dict) -> None:
         for key in ("baseline", "dense_student", "student"):
             if key in r:
                 e = r[key]
-                t.add_row(key, _with_ci(e["perplexity"], e.get("perplexity_ci95"), "{:.2f}"),
+                t.add_row(stage_label(r, key), _with_ci(e["perplexity"], e.get("perplexity_ci95"), "{:.2f}"),
                           f"{e['next_token_accuracy']:.2%}", f"{e.get('teacher_agreement', float('nan')):.2%}",
                           f"{e['sparsity']:.1%}", f"{e['nonzero_params']:,}")
     else:
@@ -168,6 +168,8 @@ def _print_summary(r: dict) -> None:
                       fmt(e.get("compression_ratio"), ".2f") + "x", fmt(e.get("model_bytes"), ","),
                       _latency(e, "latency_ms_b1").replace("\\", ""), _latency(e, "latency_ms_b256").replace("\\", ""))
     console.print(t)
+    if r.get("pruned_vs_random_init"):
+        console.print(pruned_vs_random_text(r["pruned_vs_random_init"]), highlight=False)
     if any(isinstance(e, dict) and e.get("latency_under_load") for e in r.values()):
         console.print("* latency measured while other processes used the CPU: not the model's latency",
                       highlight=False)

@@ -66,10 +66,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
     (``raydistill.compress.compress`` with the checkpoint's masks) and, with ``quantize`` (a
     ``compression.quantize`` dict), its Linear layers quantized
     (:func:`raydistill.distill.steps.finalize_student`). Classification: accuracy, macro F1 /
-    precision / recall, ``latency_ms_b1`` / ``latency_ms_b256`` (median eval forward time, when
-    ``latency``). Causal LM: perplexity, next_token_accuracy, teacher_agreement (against the
+    precision / recall. Causal LM: perplexity, next_token_accuracy, teacher_agreement (against the
     checkpoint's teacher when ``teacher`` is True, against ``teacher`` when it is a ``TeacherArtifact``) and a
-    few greedy ``samples``. ``model_bytes`` counts real bit widths (codes, scales, CSR indices).
+    few greedy ``samples``. With ``latency``: ``latency_ms_b{B}``, the median CPU eval forward time of the
+    task's input batches (``Task.latency_input``: batch 1 and 256 of a classifier, one sequence of
+    ``data.seq_len`` tokens of a causal LM). ``model_bytes`` counts real bit widths (codes, scales, CSR indices).
     ``export``: also write the compressed model there (:func:`raydistill.compress.save_compressed`)."""
     import torch
 
@@ -116,8 +117,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
 
         save_compressed(net, export, structure=meta.get("structure"))
         out["export"] = str(export)
-    if latency and task.name == "classification":
-        out.update(measure_latency(net, int(split.x_test.shape[1])))
+    if latency and task.latency_input(info, 1) is not None:
+        out.update(measure_latency(net, lambda b: task.latency_input(info, b), task.latency_batches))
     return out
 
 
@@ -127,16 +128,10 @@ def checkpoint_latency(cfg: Config, checkpoint_path, *, quantize: dict | None = 
     (:func:`raydistill.distill.steps.measure_latency`): for readings taken after training has ended."""
     from raydistill.distill.steps import finalize_student, measure_latency
 
-    net = load_checkpoint_model(cfg, checkpoint_path, convert=not quantize)[0]
+    net, _, _, task, info = load_checkpoint_model(cfg, checkpoint_path, convert=not quantize)
     if quantize:
         finalize_student(net, load_masks_of(checkpoint_path), quantize)
-    return measure_latency(net, _latency_features(cfg))
-
-
-def _latency_features(cfg: Config) -> int:
-    from raydistill.data import load_mnist1d
-
-    return int(load_mnist1d(cfg.data, data_cache(resolve_storage(cfg.run.storage_path))).x_test.shape[1])
+    return measure_latency(net, lambda b: task.latency_input(info, b), task.latency_batches)
 
 
 def _classification_items(cfg: Config, pred, y, x, teacher) -> dict:

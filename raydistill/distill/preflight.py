@@ -2,7 +2,8 @@
 the key or argument (the CLI exits 2), not minutes later inside a stage.
 
     check_storage(path, key)   the storage path is (or can be made) a writable directory
-    check_models(cfg)          every model imports and builds with its kwargs; pruning patterns match layers
+    check_models(cfg)          every model imports and builds with its kwargs; pruning patterns match layers;
+                               student.init's target fits the teacher
     preflight(cfg, storage, name, storage_key)   all of the above plus the run name
 """
 
@@ -54,6 +55,9 @@ def check_models(cfg: Config) -> None:
         except ValueError as exc:
             key = "compression.include" if str(exc).startswith("include") else "compression.exclude"
             raise ConfigError(f"{key}: {exc}") from None
+    from raydistill.distill.student_init import check_student_init  # student.init: {from: teacher} (issue 21)
+
+    check_student_init(cfg)
     from raydistill.distill.steps import check_recipe  # group sizes, structured ratio (issue 12)
 
     try:

@@ -10,14 +10,20 @@ from raydistill.utils import write_json_atomic
 
 
 def build_report(cfg, name: str, run_dir: Path, teacher, assistants: list[dict], evals: dict[str, dict],
-                 sparse: bool, structured_report: dict | None, timings: dict, corpus: dict | None = None) -> dict:
+                 sparse: bool, structured_report: dict | None, timings: dict, corpus: dict | None = None, *,
+                 student_init: dict | None = None) -> dict:
     """The report dict of a job (``report.json``): every stage's evaluation, the headline comparisons and
-    the verdict on distillation (:func:`raydistill.distill.verdict.distillation_verdict`)."""
-    from raydistill.distill.verdict import distillation_verdict, strip_items
+    the verdict on distillation (:func:`raydistill.distill.verdict.distillation_verdict`) -- of the student
+    distilled from random init when there is one (``dense_student``). ``student_init``: the pruning report
+    of a student made from the teacher (``student.init.from: teacher``): the report then also compares it
+    with the student distilled from random init (``pruned_vs_random_init``, paired over test items)."""
+    from raydistill.distill.verdict import compare_stages, distillation_verdict, strip_items
 
     corpus = corpus or {}
-    verdict = distillation_verdict(evals, lm=cfg.data.task == "causal_lm",
-                                   distilled="dense_student" if sparse else "student", **corpus)
+    lm = cfg.data.task == "causal_lm"
+    has_dense = "dense_student" in evals
+    verdict = distillation_verdict(evals, lm=lm, distilled="dense_student" if has_dense else "student", **corpus)
+    pruned_vs_random = compare_stages(evals, "student", "dense_student", lm=lm) if student_init else None
     strip_items(evals)
     for a in assistants:
         a.pop("_items", None)
@@ -27,7 +33,8 @@ def build_report(cfg, name: str, run_dir: Path, teacher, assistants: list[dict],
         "assistants": assistants,
         "baseline": evals["baseline"],
         "student": evals["student"],
-        **({"dense_student": evals["dense_student"]} if sparse else {}),
+        **({"dense_student": evals["dense_student"]} if has_dense else {}),
+        **({"student_init": student_init} if student_init else {}),
         **({"dense_student_ptq": evals["dense_student_ptq"]} if "dense_student_ptq" in evals else {}),
         "compression_steps": [t for t, _ in cfg.compression.steps()],
         **({"prune_structured": structured_report} if structured_report else {}),
@@ -36,7 +43,10 @@ def build_report(cfg, name: str, run_dir: Path, teacher, assistants: list[dict],
         "corpus": corpus,
         "verdict": verdict,
     }
-    if cfg.data.task == "causal_lm":
+    if pruned_vs_random is not None:
+        report["pruned_vs_random_init"] = pruned_vs_random
+    sparse = sparse and not student_init  # the student differs from dense_student in its init too
+    if lm:
         report["perplexity_vs_baseline"] = evals["student"]["perplexity"] / evals["baseline"]["perplexity"] - 1
         if sparse:
             report["sparse_vs_dense"] = evals["student"]["perplexity"] / evals["dense_student"]["perplexity"] - 1
@@ -162,16 +172,18 @@ def _report_markdown_lm(r: dict) -> str:
     for key in ("baseline", "dense_student", "student"):
         if key in r:
             e = r[key]
-            lines.append(f"| {key} | {_with_ci(e['perplexity'], e.get('perplexity_ci95'), '{:.2f}')} | "
+            lines.append(f"| {stage_label(r, key)} | {_with_ci(e['perplexity'], e.get('perplexity_ci95'), '{:.2f}')} | "
                          f"{e['next_token_accuracy']:.2%} | "
                          f"{fmt(e.get('teacher_agreement'), '{:.2%}')} | {fmt(e.get('tokens_per_s'), '{:,.0f}')} | "
                          f"{e['sparsity']:.1%} | {e['compression_ratio']:.2f}x |")
     lines += _verdict_lines(r)
     ev = r["student"].get("eval_tokens")
-    lines += ["", f"- distilled student vs baseline: perplexity {r['perplexity_vs_baseline'] * 100:+.1f}%"
+    who = "student (pruned from the teacher, distilled)" if r.get("student_init") else "distilled student"
+    lines += ["", f"- {who} vs baseline: perplexity {r['perplexity_vs_baseline'] * 100:+.1f}%"
               + (f" ({ev:,} test tokens)" if ev else "")]
     if "sparse_vs_dense" in r:
         lines.append(f"- sparse vs dense distilled student: perplexity {r['sparse_vs_dense'] * 100:+.1f}%")
+    lines += student_init_lines(r)
     if r.get("export"):
         lines.append(f"- exported student (save_pretrained + tokenizer): `{r['export']}`")
     lines += [f"- wall time: {r['wall_seconds']:.0f} s", "", "## greedy samples (student)", ""]
@@ -179,6 +191,42 @@ def _report_markdown_lm(r: dict) -> str:
         lines += ["```", smp["prompt"] + "→" + smp["continuation"], "```"]
     lines += ["", "![curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+STAGE_LABELS_FROM_TEACHER = {"baseline": "baseline (from scratch)", "dense_student": "dense_student (random init)",
+                             "student": "student (pruned from the teacher)"}
+
+
+def stage_label(r: dict, key: str) -> str:
+    """A student stage's name in tables; with a student made from the teacher, what each one started from."""
+    return STAGE_LABELS_FROM_TEACHER.get(key, key) if r.get("student_init") else key
+
+
+def student_init_lines(r: dict) -> list[str]:
+    """report.md lines on a student made from the teacher: the pruned shape and the comparison with the
+    student distilled from random init."""
+    si = r.get("student_init")
+    if not si:
+        return []
+    a, b = si["shape_after"], si["shape_before"]
+    out = [f"- student made from the teacher: {b['num_hidden_layers']} x {b['hidden_size']} pruned to "
+           f"{a['num_hidden_layers']} layer{'s' * (a['num_hidden_layers'] != 1)} x {a['hidden_size']} "
+           f"({a['num_attention_heads']} heads, "
+           f"{a['num_key_value_heads']} KV heads of {a['head_dim']}, intermediate {a['intermediate_size']}; "
+           f"{si['params_after']:,} parameters) on {si['calibration_blocks']} calibration blocks; "
+           f"calibration perplexity {si['calibration_perplexity_teacher']:.2f} (teacher) -> "
+           f"{si['calibration_perplexity_pruned']:.2f} (pruned, before distillation)"
+           + (f"; removed layers {si['removed_layers']}" if si.get("removed_layers") else "")]
+    out += [f"  - {n}" for n in si.get("notes") or []]
+    d = r.get("pruned_vs_random_init")
+    if d:  # a student made from the teacher is a decoder LM: the change is in perplexity
+        out.append(f"- {pruned_vs_random_text(d)}")
+    return out
+
+
+def pruned_vs_random_text(d: dict) -> str:
+    return (f"pruned from the teacher vs random init, both distilled: perplexity {d['change']:+.1%} "
+            f"(95% CI {d['ci95'][0]:+.1%} .. {d['ci95'][1]:+.1%})")
 
 
 def _with_ci(v, ci, f: str) -> str:

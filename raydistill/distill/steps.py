@@ -200,8 +200,9 @@ def size_metrics(model: nn.Module, spec, masks: dict | None) -> dict:
     return {"model_bytes": projected_nbytes(model, masks, bits, q.get("group_size")), "bits": bits}
 
 
-def final_metrics(model: nn.Module, spec, masks: dict | None, in_features: int) -> dict:
-    """Worker, last epoch: CPU latency (batch 1 and 256) of a converted copy of the student (masks ->
+def final_metrics(model: nn.Module, spec, masks: dict | None, make_input, batches: tuple[int, ...] = (1, 256)) -> dict:
+    """Worker, last epoch: CPU latency (``batches``; ``make_input(batch)``: an input batch, the task's
+    ``Task.latency_input``) of a converted copy of the student (masks ->
     SparseLinear, quantize) -- the model that the evaluation stores. Taken while the worker's own training
     (and, in a search, other trials) may still run: ``latency_under_load`` says whether other processes
     took CPU time during the reading (:func:`measure_latency`)."""
@@ -210,7 +211,7 @@ def final_metrics(model: nn.Module, spec, masks: dict | None, in_features: int) 
     net = copy.deepcopy(unwrap_model(model)).cpu()
     q = spec.quantize  # FakeQuantLinear layers (QAT) are converted by quantize like nn.Linear
     finalize_student(net, {k: v.cpu() for k, v in (masks or {}).items()} or None, q)
-    return measure_latency(net, in_features, repeats=15)
+    return measure_latency(net, make_input, batches, repeats=15)
 
 
 # a latency reading during which other processes used more than this fraction of the machine's CPU time is
@@ -218,10 +219,11 @@ def final_metrics(model: nn.Module, spec, masks: dict | None, in_features: int) 
 UNDER_LOAD_CPU_FRACTION = 0.25
 
 
-def measure_latency(model: nn.Module, in_features: int, batches: tuple[int, ...] = (1, 256), *,
+def measure_latency(model: nn.Module, make_input, batches: tuple[int, ...] = (1, 256), *,
                     repeats: int = 31, warmup: int = 5) -> dict:
-    """CPU latency of one eval forward of a ``(batch, in_features)`` fp32 batch, warm, ``repeats`` calls per
-    batch size: ``latency_ms_b{B}`` (median), ``latency_spread_ms_b{B}`` ([10th, 90th] percentile),
+    """CPU latency of one eval forward of the batch ``make_input(B)`` (the task's ``Task.latency_input``: a
+    classifier's ``(B, in_features)`` floats, a causal LM's ``(B, seq_len)`` token ids), warm, ``repeats``
+    calls per batch size ``B`` of ``batches``: ``latency_ms_b{B}`` (median), ``latency_spread_ms_b{B}`` ([10th, 90th] percentile),
     ``latency_threads``, ``latency_loadavg`` (1/5/15 min), ``latency_other_cpu`` (the fraction of the
     machine's CPU time that other processes used while it was measured, from the system's and this
     process's CPU counters, hypervisor steal included) and ``latency_under_load`` (that fraction above
@@ -233,7 +235,7 @@ def measure_latency(model: nn.Module, in_features: int, batches: tuple[int, ...]
     out: dict[str, Any] = {"latency_threads": torch.get_num_threads()}
     own, sys0, w0 = psutil.Process().cpu_times(), psutil.cpu_times(), time.perf_counter()
     for b in batches:
-        ts = _forward_times(model, in_features, b, repeats=repeats, warmup=warmup)
+        ts = _forward_times(model, make_input(b), repeats=repeats, warmup=warmup)
         out[f"latency_ms_b{b}"] = 1e3 * float(ts[len(ts) // 2])
         out[f"latency_spread_ms_b{b}"] = [1e3 * float(ts[len(ts) // 10]), 1e3 * float(ts[(9 * len(ts)) // 10])]
     own1, sys1, wall = psutil.Process().cpu_times(), psutil.cpu_times(), time.perf_counter() - w0
@@ -246,11 +248,10 @@ def measure_latency(model: nn.Module, in_features: int, batches: tuple[int, ...]
 
 
 @torch.no_grad()
-def _forward_times(model: nn.Module, in_features: int, batch: int, *, repeats: int, warmup: int) -> list[float]:
-    """Sorted wall times (s) of ``repeats`` eval forwards of a fresh random batch, after ``warmup`` calls."""
+def _forward_times(model: nn.Module, x: torch.Tensor, *, repeats: int, warmup: int) -> list[float]:
+    """Sorted wall times (s) of ``repeats`` eval forwards of the batch ``x``, after ``warmup`` calls."""
     was = model.training
     model.eval()
-    x = torch.randn(batch, in_features)
     try:
         for _ in range(warmup):
             model(x)

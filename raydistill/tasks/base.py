@@ -19,6 +19,11 @@ class Task:
     metric: str = ""              # the headline metric in reports
     higher_is_better: bool = True
     float_columns: tuple[str, ...] = ()
+    latency_batches: tuple[int, ...] = (1,)   # batch sizes the CPU latency is measured at
+
+    def latency_input(self, task_info: dict, batch: int) -> torch.Tensor | None:
+        """A batch of inputs to time the model's forward on (None: latency is not measured)."""
+        return None
 
     def train_columns(self, offline: bool) -> list[str]:
         raise NotImplementedError

@@ -72,6 +72,12 @@ class CausalLMTask(Task):
     metric = "perplexity"
     higher_is_better = False
     float_columns = ("topk_values",)
+    latency_batches = (1,)  # one sequence of data.seq_len tokens: what serving a request costs
+
+    def latency_input(self, task_info: dict, batch: int) -> torch.Tensor:
+        """Random token ids ``(batch, seq_len)`` of the tokenizer's vocabulary."""
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, int(task_info["vocab_size"]), (batch, int(task_info["seq_len"])), generator=g)
 
     def train_columns(self, offline: bool) -> list[str]:
         return ["input_ids"] + (["topk_values", "topk_indices"] if offline else [])

@@ -17,6 +17,13 @@ class ClassificationTask(Task):
     metric = "accuracy"
     higher_is_better = True
     float_columns = ("x", "topk_values")
+    latency_batches = (1, 256)
+
+    def latency_input(self, task_info: dict, batch: int) -> torch.Tensor:
+        """A random ``(batch, in_features)`` float batch (MNIST-1D: 40 features)."""
+        from raydistill.data.mnist1d import IN_FEATURES
+
+        return torch.randn(batch, int(task_info.get("in_features", IN_FEATURES)))
 
     def train_columns(self, offline: bool) -> list[str]:
         return ["x", "y"] + (["topk_values", "topk_indices"] if offline else [])

@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         base = cfg.model_dump(mode="json")
         check_space_against_config(spec, base, type(cfg).model_validate)
         check_metrics_for_task(spec, cfg.data.task)
+        from raydistill.distill.student_init import check_student_init
+
+        # student.init.from: teacher: every searched target shape fits the teacher (issue 21)
+        check_space_combinations(spec, base, type(cfg).model_validate, check_student_init, "student.init.")
     except SearchSpaceError as e:
         _err(console, str(e))
         return EXIT_USAGE

@@ -183,7 +183,7 @@ def test_search_extras_and_worker_side_steps(seeded):
     sm = size_metrics(net, spec, None)
     assert sm["bits"] == 4 and sm["model_bytes"] == sum(
         (o * i) // 2 + 4 * o + 4 * o for o, i in ((128, 40), (128, 128), (10, 128)))
-    fm = final_metrics(net, spec, None, 40)
+    fm = final_metrics(net, spec, None, lambda b: torch.randn(b, 40))
     assert fm["latency_ms_b1"] > 0 and fm["latency_ms_b256"] > 0
     assert isinstance(net.net[0], FakeQuantLinear)  # the training model is untouched
     off = search_extras(load_config(REPO / "tune_configs" / "mnist1d_compress_search.yaml"))

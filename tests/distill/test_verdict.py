@@ -128,7 +128,7 @@ def test_latency_reading_under_load_is_marked():
         p.start()
     try:
         time.sleep(1.0)  # the burners are running
-        out = measure_latency(net, 40, (1, 256), repeats=200)
+        out = measure_latency(net, lambda b: torch.randn(b, 40), (1, 256), repeats=200)
     finally:
         for p in procs:
             p.terminate()

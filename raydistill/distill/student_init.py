@@ -5,6 +5,7 @@ Minitron recipe: Muralidharan et al. 2024, arXiv 2407.14679), on the driver.
     init_target(cfg, teacher_config)        the pruning target: student.init's shape / params, else the
                                             student's own config
     calibration(cfg, storage)               the seeded sample of packed training blocks it is ranked on
+                                            (calibration_from_blocks(cfg, blocks): the draw itself)
     prune_teacher(cfg, teacher, calibration, out_dir, pad_id=)   teacher model -> the saved pruned student
     student_from_teacher(cfg, teacher, calibration, out_dir)     the pipeline's step (cfg for the student
                                                                  stages + the PrunedStudent)
@@ -20,6 +21,7 @@ The calibration blocks are the packed training blocks (tokenized and packed thro
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -117,13 +119,19 @@ def calibration(cfg: Config, storage: Path):
     corpus has fewer training blocks."""
     if not from_teacher(cfg):
         return None
-    from raydistill.compress.structured_lm import calibration_sample
     from raydistill.distill.data import text_data
+
+    return calibration_from_blocks(cfg, text_data(cfg, storage).train)
+
+
+def calibration_from_blocks(cfg: Config, blocks):
+    """``student.init.calibration_blocks`` of ``blocks`` (``(N, seq_len)`` token ids) drawn with
+    ``student.init.seed``; ConfigError naming the key when ``N`` is smaller."""
+    from raydistill.compress.structured_lm import calibration_sample
 
     init = cfg.student.init
     try:
-        return calibration_sample(text_data(cfg, storage).train, init.calibration_blocks, seed=init.seed,
-                                  key="student.init.calibration_blocks")
+        return calibration_sample(blocks, init.calibration_blocks, seed=init.seed, key="student.init.calibration_blocks")
     except ValueError as exc:
         raise ConfigError(f"{exc} (the corpus's packed training blocks of data.seq_len tokens)") from None
 
@@ -153,6 +161,7 @@ def prune_teacher(cfg: Config, teacher, calibration, out_dir, *, pad_id: int | N
               "calibration_seq_len": int(calibration.shape[1]), "seed": init.seed, "prune_seconds": seconds,
               "calibration_perplexity_teacher": perplexity(lm_nll(teacher, calibration, pad_id=pad_id, batch_size=16)),
               "calibration_perplexity_pruned": perplexity(lm_nll(student, calibration, pad_id=pad_id, batch_size=16))}
+    report = json.loads(json.dumps(report))  # as pruning.json holds it (layer indices as strings)
     write_json_atomic(tmp / REPORT_FILE, report)
     if out.exists():
         shutil.rmtree(out)

@@ -351,12 +351,16 @@ def _width(cur: dict, hidden: int) -> dict:
             "intermediate_size": min(cur["intermediate_size"], max(1, round(cur["intermediate_size"] * w)))}
 
 
+_WINDOW = 6  # hidden sizes looked at on each side of where the parameter count crosses the budget
+
+
 def shape_for_params(model, params, num_hidden_layers=None, *, key: str = "target") -> dict:
     """A target shape of about ``params`` parameters (an int, or a float in (0, 1]: the fraction of the
     model's) at ``num_hidden_layers`` (int or fraction kept; None: the model's): the width axes -- hidden
     size, heads, KV heads, intermediate size -- shrink together by one factor (the query heads per KV head
     kept), and the hidden size whose parameter count (:func:`config_params`) is nearest ``params`` is taken
-    among those its head count divides. Searching ``num_hidden_layers`` at a fixed ``params`` trades depth
+    among those its head count divides (bisection to where the count crosses ``params``, then the nearest
+    of the candidates around it: the head count moves in steps). Searching ``num_hidden_layers`` at a fixed ``params`` trades depth
     for width at equal size. ValueError naming ``<key>.params`` when ``params`` is out of reach at that
     depth (more than the full width has, or less than the narrowest)."""
     if isinstance(params, bool) or not isinstance(params, (int, float)):
@@ -379,10 +383,13 @@ def shape_for_params(model, params, num_hidden_layers=None, *, key: str = "targe
         raise ValueError(f"{key}.params: {params:,} parameters are out of reach at {layers} layers: from "
                          f"{count(hiddens[lo]):,} (hidden size {hiddens[lo]}) to {count(hiddens[hi]):,} (the full "
                          f"width); change num_hidden_layers or params")
-    while hi - lo > 1:  # the count grows with the hidden size: bisect to the pair around params
+    while hi - lo > 1:  # the count grows with the hidden size (up to head-count steps): bisect to params
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if count(hiddens[mid]) <= params else (lo, mid)
-    best = min((hiddens[lo], hiddens[hi]), key=lambda h: (abs(count(h) - params), h))
+    # the head count changes in steps, so the count is not monotone between them: the nearest of the
+    # candidates around the crossing
+    near = hiddens[max(0, lo - _WINDOW): hi + _WINDOW + 1]
+    best = min(near, key=lambda h: (abs(count(h) - params), h))
     return {"num_hidden_layers": layers, **_width(cur, best)}
 
 

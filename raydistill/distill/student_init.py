@@ -51,10 +51,22 @@ def from_teacher(cfg: Config) -> bool:
 
 
 def teacher_config(cfg: Config) -> dict:
-    """The teacher's transformers config (dict), read without building the model."""
+    """The teacher's transformers config (dict), read without building the model. A config without
+    ``vocab_size`` gets the tokenizer's (``data.tokenizer``), or the vocabulary the tokenizer trained on the
+    corpus is asked for (``data.vocab_size``; the trained one may come out a little smaller): the embedding's
+    size counts in ``student.init.params``."""
     from raydistill.models.hf import hf_config_dict
 
-    return hf_config_dict(dict(cfg.teacher.kwargs))
+    conf = hf_config_dict(dict(cfg.teacher.kwargs))
+    if conf.get("vocab_size") is None:
+        tok = getattr(cfg.data, "tokenizer", None)
+        if tok:
+            from raydistill.data.text import tokenizer_vocab_size
+
+            conf["vocab_size"] = tokenizer_vocab_size(tok)
+        elif getattr(cfg.data, "vocab_size", None):
+            conf["vocab_size"] = int(cfg.data.vocab_size)
+    return conf
 
 
 def init_target(cfg: Config, teacher_conf) -> tuple[dict, str, list[str]]:

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         SearchSpaceError,
         check_metrics_for_task,
         check_space_against_config,
+        check_space_combinations,
         parse_search,
     )
 

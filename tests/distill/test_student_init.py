@@ -12,6 +12,8 @@ import torch
 
 from raydistill.config import ConfigError, load_config
 
+from .test_bad_inputs import run_cli  # noqa: F401 - the CLI with Ray replaced by a tripwire
+
 REPO = Path(__file__).resolve().parents[2]
 LM_TINY = str(REPO / "tune_configs" / "lm_tiny.yaml")  # teacher 2 x 64 (4 heads of 16), student 1 x 32 (2 of 16)
 VOCAB = 97
@@ -211,27 +213,6 @@ def test_student_from_teacher_without_from_teacher_changes_nothing(tmp_path):
 
 
 # ---- CLI: before Ray -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys, tmp_path):
-    import contextlib
-
-    import raydistill.distill.session as session
-    from raydistill.distill import cli
-
-    @contextlib.contextmanager
-    def tripwire(*a, **k):
-        raise AssertionError("TRIPWIRE: Ray would start")
-        yield  # pragma: no cover
-
-    monkeypatch.setattr(session, "ray_session", tripwire)
-
-    def run(*args):
-        rc = cli.main(["--no-progress", *args, "--storage-path", str(tmp_path / "runs")])
-        return rc, capsys.readouterr().err
-
-    return run
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from raydistill.config import Config, ConfigError, config_hash, dump_config
-from raydistill.distill import interrupts
+from raydistill.distill import interrupts, student_init
 from raydistill.distill.data import resolve_storage
 from raydistill.distill.evaluate import evaluate_checkpoint, final_checkpoint_dir
 from raydistill.distill.preflight import preflight
 from raydistill.distill.progress import Progress
 from raydistill.distill.report import build_report, write_report
 from raydistill.distill.runlock import run_lock
-from raydistill.distill import student_init
 from raydistill.distill.spec import TeacherArtifact
 from raydistill.distill.stages import build_baseline_trainer, build_student_trainer
 from raydistill.distill.teachers import artifact_from_checkpoint, ensure_teacher, teacher_hash

@@ -24,10 +24,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from raydistill.config import Config, ConfigError
+from raydistill.config import INIT_SHAPE_KEYS, Config, ConfigError
 
 PRUNED_DIR = "pruned_student"
 REPORT_FILE = "pruning.json"
@@ -41,9 +41,6 @@ class PrunedStudent:
     model: dict                          # the student stage's model: the pruned weights
     shape_model: dict                    # the same shape with random weights (baseline, dense_student)
     report: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def from_teacher(cfg: Config) -> bool:
@@ -82,7 +79,7 @@ def init_target(cfg: Config, teacher_conf) -> tuple[dict, str, list[str]]:
     if init.shape():
         return init.shape(), "student.init", []
     if cfg.student.model != "hf":
-        raise ValueError(f"student.init: give a target shape ({', '.join(_shape_keys())}) or params; the "
+        raise ValueError(f"student.init: give a target shape ({', '.join(INIT_SHAPE_KEYS)}) or params; the "
                          f"student's model {cfg.student.model!r} has no transformers config to take the shape from")
     from raydistill.models.hf import hf_config_dict
 
@@ -92,12 +89,6 @@ def init_target(cfg: Config, teacher_conf) -> tuple[dict, str, list[str]]:
     except ValueError as exc:
         raise ValueError(f"{key}: {exc}") from None
     return target, key, notes
-
-
-def _shape_keys() -> tuple[str, ...]:
-    from raydistill.config import INIT_SHAPE_KEYS
-
-    return INIT_SHAPE_KEYS
 
 
 def check_student_init(cfg: Config) -> dict | None:

@@ -120,6 +120,7 @@ def test_target_is_the_students_own_config_by_default_else_the_shape_or_params()
     # the default target: the student's own config; a student wider than the teacher names its config key
     (["student.kwargs.config.hidden_size=96", "student.kwargs.config.num_attention_heads=6"],
      ["student.kwargs.config.hidden_size 96 is larger than the model's 64"]),
+    (["student.model=mlp", "student.kwargs={}"], ["student.init: give a target shape", "'mlp' has no transformers"]),
     (["teacher.kwargs.config={model_type: gpt_neox, hidden_size: 64, num_hidden_layers: 2, "
       "num_attention_heads: 4, intermediate_size: 128, max_position_embeddings: 64}"],
      ["student.init.from: teacher needs a transformers decoder-only LM", "'gpt_neox'"]),

@@ -72,9 +72,9 @@ def load_teacher_and_data(cfg, storage: Path):
     """(teacher model in eval mode, TeacherArtifact, TextData): trains the teacher if it is not cached."""
     from raydistill.distill.checkpointing import load_weights
     from raydistill.distill.session import ray_session
-    from raydistill.distill.data import text_data
     from raydistill.distill.teachers import ensure_teacher
     from raydistill.models import build_model
+    from raydistill.tasks.causal_lm import text_data
 
     with ray_session():
         art = ensure_teacher(cfg, storage)

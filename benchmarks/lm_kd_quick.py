@@ -22,22 +22,27 @@ import numpy as np
 import torch
 
 from raydistill.config import load_config
-from raydistill.distill.data import text_data
-from raydistill.distill.spec import KDTerms
 from raydistill.distill.loop import build_optimizer, build_scheduler
+from raydistill.distill.spec import StageSpec
+from raydistill.losses import Criterion
 from raydistill.tasks import get_task
+from raydistill.tasks.causal_lm import text_data
 from raydistill.utils import machine_info, write_json_atomic
 
 
-def train_stage(task, info, train, ev, model_spec, kind, epochs, bs, opt_cfg, sched_cfg, grad_clip, kd, *,
+def train_stage(task, info, train, ev, model_spec, kind, epochs, bs, opt_cfg, sched_cfg, grad_clip, cfg, *,
                 teacher=None, seed=0, sparsity=0.0, compression=None, eval_every=0):
     """One stage as the per-worker loop runs it (1 worker): returns (model, metrics)."""
     torch.manual_seed(seed)
     m = task.build_model(model_spec, info)
-    spec = types.SimpleNamespace(kind=kind, task_info=info, offline=False, kd=kd)
+    spec = StageSpec(stage=kind, task="causal_lm", kind=kind, model=model_spec, epochs=epochs, batch_size=bs,
+                     optimizer=opt_cfg, lr_schedule=sched_cfg, seed=seed, progress_dir="", task_info=info,
+                     fused_linear=cfg.distill.fused_linear, **({"terms": tuple(cfg.loss_terms())} if kind == "kd" else {}))
+    teachers = {"main": teacher} if teacher is not None else {}
+    crit = Criterion(spec.terms, student=task.layout(m), teachers={n: task.layout(t) for n, t in teachers.items()})
     steps = max(1, len(train) // bs)
     total = steps * epochs
-    opt = build_optimizer(m.parameters(), opt_cfg)
+    opt = build_optimizer(list(m.parameters()) + list(crit.parameters()), opt_cfg)
     sch = build_scheduler(opt, sched_cfg, total, opt_cfg["lr"])
     pruner = None
     if sparsity > 0:
@@ -45,7 +50,7 @@ def train_stage(task, info, train, ev, model_spec, kind, epochs, bs, opt_cfg, sc
 
         pruner = build_pruner(m, types.SimpleNamespace(sparsity=sparsity, compression=compression), total)
     gs, t0, ls = 0, time.time(), 0.0
-    data = task.prepare({"input_ids": train}, spec, teacher)  # a kd stage: the teacher's outputs, once
+    data = task.prepare({"input_ids": train}, spec, teachers, crit.needs())  # a kd stage: the teacher's outputs, once
     for ep in range(1, epochs + 1):
         g = torch.Generator().manual_seed(seed * 100003 + ep * 1009)  # loop.batches' order (rank 0)
         perm = torch.randperm(len(train), generator=g)
@@ -53,7 +58,7 @@ def train_stage(task, info, train, ev, model_spec, kind, epochs, bs, opt_cfg, sc
         ls = 0.0
         for i in range(steps):
             idx = perm[i * bs:(i + 1) * bs]
-            loss, _ = task.loss(m, {k: v[idx] for k, v in data.items()}, spec, teacher)
+            loss = crit(task.forward(m, {k: v[idx] for k, v in data.items()}, spec, teachers, crit.needs()))
             opt.zero_grad()
             loss.backward()
             if grad_clip:
@@ -99,7 +104,6 @@ def main(argv=None) -> int:
     print(f"train blocks {tuple(train.shape)}, val {len(td.val)}, test {len(td.test)}, vocab {info['vocab_size']}",
           flush=True)
     d, t = cfg.distill, cfg.teacher.training
-    kd = KDTerms(d.temperature, d.alpha, d.divergence, d.beta, "teacher_argmax", d.fused_linear)
     tm = {"model": cfg.teacher.model, "kwargs": dict(cfg.teacher.kwargs)}
     sm = {"model": cfg.student.model, "kwargs": dict(cfg.student.kwargs)}
     stages = a.stages.split(",")
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
             print("teacher (cached)", _short(t_metrics), flush=True)
         else:
             teacher, r = train_stage(task, info, train, ev, tm, "ce", t.epochs, t.batch_size, t.optimizer.model_dump(),
-                                     t.lr_schedule.model_dump(), None, kd, seed=a.seed, eval_every=a.eval_every)
+                                     t.lr_schedule.model_dump(), None, cfg, seed=a.seed, eval_every=a.eval_every)
             t_metrics = r
             print("teacher", _short(r), flush=True)
             if tc is not None:
@@ -123,7 +127,7 @@ def main(argv=None) -> int:
     for s in stages:
         kind = "ce" if s == "baseline" else "kd"
         _, r = train_stage(task, info, train, ev, sm, kind, d.epochs, d.batch_size, d.optimizer.model_dump(),
-                           d.lr_schedule.model_dump(), d.grad_clip, kd, teacher=teacher if kind == "kd" else None,
+                           d.lr_schedule.model_dump(), d.grad_clip, cfg, teacher=teacher if kind == "kd" else None,
                            seed=a.seed, sparsity=cfg.compression.sparsity if s == "kd_sparse" else 0.0,
                            compression=cfg.compression.model_dump(mode="json"), eval_every=a.eval_every)
         res[s] = r

@@ -23,7 +23,8 @@ from typing import Annotated, Any, Literal, Sequence, Union
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator,
+    BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -186,12 +187,79 @@ class ScheduleConfig(_Strict):
 
     name: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup_fraction: float = Field(0.3, ge=0, lt=1, description="onecycle: fraction of steps rising to lr")
+    warmup_steps: int = Field(0, ge=0, description="cosine / constant: optimizer steps of linear warmup from 0 "
+                                                   "to lr (onecycle: use warmup_fraction)")
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.warmup_steps and self.name == "onecycle":
+            raise ValueError("warmup_steps is for cosine / constant; onecycle's warmup is warmup_fraction")
+        return self
 
 
-class TrainingBudget(_Strict):
+# ----------------------------------------------------------------------------------------------------
+# training at scale (issue 22): keys that `distill` and `teacher.training` share
+
+
+class ScaleKeys(_Strict):
+    """Precision, gradient accumulation, activation checkpointing, a step or token budget and step
+    checkpoints of one training stage. ``distill`` and ``teacher.training`` take the same keys. With a
+    budget (``max_steps`` / ``max_tokens``) ``epochs`` is derived from it and must not be set as well."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the forward passes (student and teacher); weights and optimizer "
+                            "state stay float32; fp16 adds a gradient scaler and needs a GPU")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches of batch_size per optimizer step")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward (transformers' gradient_checkpointing_enable)")
+    max_steps: int | None = Field(None, ge=1, description="budget in optimizer steps (instead of epochs)")
+    max_tokens: int | None = Field(None, ge=1, description="causal LM: budget in training tokens (rows x seq_len, "
+                                                           "all workers), rounded up to whole optimizer steps")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="also report and checkpoint every N optimizer steps (a resumed run continues "
+                                "with the next batch); None: once per epoch")
+    log_every_steps: int = Field(10, ge=1, description="a line in the stage's steps.jsonl every N optimizer steps")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        budget = "max_steps" if self.max_steps is not None else "max_tokens" if self.max_tokens is not None else None
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ValueError(f"max_steps ({self.max_steps}) and max_tokens ({self.max_tokens}) are both set: "
+                             "give one budget")
+        epochs = getattr(self, "epochs", None)
+        if budget and epochs is not None and "epochs" in self.model_fields_set:
+            raise ValueError(f"epochs ({epochs}) and {budget} ({getattr(self, budget)}) are both set and may "
+                             f"contradict each other: give one budget (remove epochs, or set it to null)")
+        if budget and epochs is not None:  # the default epochs: the budget decides
+            object.__setattr__(self, "epochs", None)
+        if not budget and epochs is None and hasattr(self, "epochs"):
+            raise ValueError("epochs is null but no max_steps or max_tokens is set: give one budget")
+        return self
+
+
+# the run-only keys never change what is learned; the others left at their defaults are dropped from hashes
+_SCALE_RUN_ONLY = ("gradient_checkpointing", "checkpoint_every_steps", "log_every_steps")
+
+
+def without_scale_defaults(dump: dict) -> dict:
+    """A section's dump (``teacher``, ``distill``, or one with a ``training`` section) without the issue-22
+    keys that do not change what is learned or are at their defaults, so that hashes (the teacher cache,
+    checkpoints) of configs that do not use them stay what they were."""
+    out = dict(dump)
+    if isinstance(out.get("training"), dict):
+        out["training"] = without_scale_defaults(out["training"])
+    for name, f in ScaleKeys.model_fields.items():
+        if name in out and (name in _SCALE_RUN_ONLY or out[name] == f.default):
+            out.pop(name)
+    if isinstance(out.get("lr_schedule"), dict) and not out["lr_schedule"].get("warmup_steps"):
+        out["lr_schedule"] = {k: v for k, v in out["lr_schedule"].items() if k != "warmup_steps"}
+    return out
+
+
+class TrainingBudget(ScaleKeys):
     """How a network is trained with plain cross-entropy (the teacher; the baseline student)."""
 
-    epochs: int = Field(60, ge=1)
+    epochs: int | None = Field(60, ge=1, description="None: derived from max_steps / max_tokens")
     batch_size: int = Field(128, ge=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -201,6 +269,12 @@ class TeacherConfig(ModelSpec):
     checkpoint: str | None = Field(None, description="trained weights (.safetensors or a checkpoint dir); "
                                                      "skips teacher training")
     training: TrainingBudget = Field(default_factory=TrainingBudget)
+    teacher_outputs: str | None = Field(
+        None, description="this teacher's top-k outputs (parquet written by `raydistill teacher-logits`): its "
+                          "logit terms read them instead of running it (at most one teacher of a job)")
+
+
+_TEACHER_NAME = re.compile(r"^[A-Za-z_][\w-]*$")
 
 
 class TransferSetConfig(_Strict):
@@ -213,13 +287,97 @@ class TransferSetConfig(_Strict):
         description="hard-label term for unlabelled rows: the teacher's argmax, or none (soft term only)")
 
 
-class DistillConfig(_Strict):
+# ----------------------------------------------------------------------------------------------------
+# loss terms (raydistill.losses): what a student learns from
+
+
+class _Term(_Strict):
+    weight: float = Field(1.0, ge=0, description="the term's weight in the total loss (0: not computed)")
+
+
+class KDLogitsTerm(_Term):
+    """The teachers' softened output distributions (``ops.kd_loss``)."""
+
+    type: Literal["kd_logits"]
+    teacher: str | None = Field(None, description="the teacher (default: the first of teachers)")
+    teachers: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="several teachers: name -> weight (instead of teacher)")
+    combine: Literal["sum", "mean"] = Field(
+        "sum", description="several teachers: the weighted sum of per-teacher terms, or the term of the "
+                           "weighted mean of their distributions")
+    temperature: float | None = Field(None, gt=0, le=MAX_TEMPERATURE, description="default distill.temperature")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] | None = Field(None, description="default "
+                                                                                           "distill.divergence")
+    beta: float | None = Field(None, gt=0, lt=1, description="default distill.beta")
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if self.teacher is not None and self.teachers is not None:
+            raise ValueError("give teacher (one) or teachers (several, with weights), not both")
+        if self.teachers is not None and not any(w > 0 for w in self.teachers.values()):
+            raise ValueError("teachers: every teacher weight is 0 (or none is given); give one a positive weight")
+        return self
+
+
+class CETerm(_Term):
+    """Cross-entropy with the hard labels."""
+
+    type: Literal["ce"]
+
+
+def _layer_map(v: Any) -> Any:
+    """``uniform``, ``last`` or ``[[student layer, teacher layer], ...]`` (1-based layer numbers)."""
+    if v in ("uniform", "last"):
+        return v
+    ok = isinstance(v, list) and v and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(i, int) and not isinstance(i, bool)
+                                                             and i >= 1 for i in p) for p in v)
+    if not ok:
+        raise ValueError(f"must be 'uniform', 'last' or a list of [student layer, teacher layer] pairs of layer "
+                         f"numbers >= 1, e.g. [[1, 2], [2, 4]]")
+    return [list(p) for p in v]
+
+
+LayerMap = Annotated[Any, BeforeValidator(_layer_map)]
+
+
+class HiddenTerm(_Term):
+    """Hidden states of the student against a teacher's (per-row MSE or cosine)."""
+
+    type: Literal["hidden"]
+    teacher: str | None = Field(None, description="the teacher (default: the first of teachers)")
+    layers: LayerMap = Field("uniform", description="uniform (min(depths) pairs, evenly spaced), last, or "
+                                                    "[[student layer, teacher layer], ...] (1-based)")
+    metric: Literal["mse", "cosine"] = "mse"
+    projection: bool = Field(True, description="learn a linear projection where the widths differ")
+
+
+class RelationTerm(_Term):
+    """Similarity-preserving KD: the batch's Gram matrix of pooled hidden states, student vs teacher."""
+
+    type: Literal["relation"]
+    teacher: str | None = Field(None, description="the teacher (default: the first of teachers)")
+    layers: LayerMap = Field("last", description="as for hidden; default the last layers")
+
+
+TERM_MODELS = {"kd_logits": KDLogitsTerm, "ce": CETerm, "hidden": HiddenTerm, "relation": RelationTerm}
+
+
+def _term_tag(v: Any) -> str | None:
+    """The term union's member: its ``type``."""
+    return v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+
+
+AnyTerm = Annotated[Union[tuple(Annotated[m, Tag(k)] for k, m in TERM_MODELS.items())], Discriminator(_term_tag)]
+
+
+class DistillConfig(ScaleKeys):
     temperature: float = Field(4.0, gt=0, le=MAX_TEMPERATURE,
                                description="softmax temperature; at most 100 (kd_loss's float32 accuracy bound)")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (teacher) term; 1-alpha on hard labels")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = Field(0.5, gt=0, lt=1, description="mixing weight of the jsd divergence")
-    epochs: int = Field(20, ge=1)
+    epochs: int | None = Field(20, ge=1, description="None: derived from max_steps / max_tokens")
     batch_size: int = Field(128, ge=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -231,6 +389,18 @@ class DistillConfig(_Strict):
     fused_linear: bool = Field(True, description="causal LM: fuse lm_head and kd_loss (raydistill.ops."
                                                  "kd_loss_linear) when that op is available")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this (None: off)")
+    terms: list[AnyTerm] | None = Field(
+        None, description="the loss: weighted terms (kd_logits, ce, hidden, relation); None: kd_logits of the "
+                          "first teacher (weight alpha) + ce (weight 1 - alpha)")
+
+    @model_validator(mode="after")
+    def _terms(self):
+        if self.terms is not None:
+            if not self.terms:
+                raise ValueError("terms: an empty list; give at least one term (or leave terms out)")
+            if not any(t.weight > 0 for t in self.terms):
+                raise ValueError("terms: every term's weight is 0; give at least one a positive weight")
+        return self
 
     @model_validator(mode="after")
     def _topk_divergence(self):
@@ -436,6 +606,10 @@ class TextDataConfig(_Strict):
                                                "the Python standard library's own .py sources (on every machine)")
     text_column: str = Field("text", description="jsonl/parquet: the column holding the documents")
     max_bytes: int | None = Field(2_000_000, ge=1000, description="read files (sorted) until this many bytes")
+    skip_bad_files: bool = Field(
+        False, description="a corpus file that is not UTF-8 text (binary, another encoding, NUL bytes) or a "
+                           "jsonl file with a line that is not a JSON object holding text_column: false refuses "
+                           "the corpus, naming the files; true leaves such files out (with a warning)")
     tokenizer: str | None = Field(None, description="a local tokenizer directory (tokenizer.json); None: train "
                                                     "a byte-level BPE on the corpus, saved with the run")
     vocab_size: int = Field(2048, ge=300, description="BPE vocabulary when the tokenizer is trained here")
@@ -463,6 +637,13 @@ class TextDataConfig(_Strict):
     def _tok(cls, v):
         if v is not None and not (Path(v).expanduser() / "tokenizer.json").is_file():
             raise ValueError(f"{v} has no tokenizer.json (a tokenizers / transformers tokenizer directory)")
+        if v is not None:
+            from raydistill.data.text import load_tokenizer
+
+            try:
+                load_tokenizer(v)
+            except ValueError as exc:  # pydantic prefixes the key
+                raise ValueError(str(exc).removeprefix("data.tokenizer: ")) from None
         return v
 
     @property
@@ -498,7 +679,15 @@ class RunConfigModel(_Strict):
     concurrent_stages: bool = Field(True, description="run baseline / dense / sparse students at once")
     debug_crash_at_epoch: int | None = Field(
         None, ge=1, description="testing: a worker exits mid-way through this epoch (first attempt only)")
-
+    # issue 22: experiment tracking, and a crash after an optimizer step (tests of the mid-epoch resume)
+    tracking: Literal["none", "mlflow", "tensorboard"] = Field(
+        "none", description="log config, per-step / per-epoch metrics, the report and the exported student to "
+                            "MLflow or TensorBoard")
+    tracking_uri: str | None = Field(
+        None, description="mlflow: a tracking URI (default sqlite:///<storage>/mlflow.db); tensorboard: a log "
+                          "directory (default <storage>/<name>/tensorboard)")
+    debug_crash_at_step: int | None = Field(
+        None, ge=1, description="testing: a worker exits right after this optimizer step (first attempt only)")
 
     @field_validator("name")
     @classmethod
@@ -515,6 +704,9 @@ class AssistantConfig(ModelSpec):
 
 class Config(_Strict):
     teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(model="cnn1d"))
+    teachers: dict[str, TeacherConfig] | None = Field(
+        None, description="several teachers: name -> teacher (the first is `teacher`, and the teacher of terms "
+                          "that name none); leave out for the one-teacher form `teacher`")
     student: StudentConfig = Field(default_factory=lambda: StudentConfig(model="mlp"))
     assistants: list[AssistantConfig] = Field(default_factory=list, description="teacher -> a1 -> ... -> student")
     data: AnyData = Field(default_factory=DataConfig, description="mnist1d (classification) or text "
@@ -526,7 +718,112 @@ class Config(_Strict):
     search: dict[str, Any] | None = Field(None, description="raw; validated by raydistill.tune")
 
     @model_validator(mode="after")
+    def _teachers(self):
+        if self.teachers is None:
+            return self
+        if not self.teachers:
+            raise ValueError("teachers: an empty mapping; name at least one teacher (or use teacher)")
+        for n in self.teachers:
+            if not _TEACHER_NAME.match(n):
+                raise ValueError(f"teachers: {n!r} is not a valid teacher name (letters, digits, '_', '-')")
+        first = next(iter(self.teachers.values()))
+        if "teacher" in self.model_fields_set and self.teacher != first:
+            raise ValueError("teacher: give teacher (one teacher) or teachers (several), not both")
+        object.__setattr__(self, "teacher", first)  # the one-teacher form reads the first teacher
+        return self
+
+    def teacher_map(self) -> dict[str, TeacherConfig]:
+        """Every teacher by name (the one-teacher form: ``{"main": teacher}``), the first first."""
+        return dict(self.teachers) if self.teachers is not None else {"main": self.teacher}
+
+    def teacher_key(self, name: str) -> str:
+        """The config key of a teacher (``teacher`` or ``teachers.NAME``), for messages."""
+        return "teacher" if self.teachers is None else f"teachers.{name}"
+
+    def offline_teacher(self) -> str | None:
+        """The teacher whose logit terms read cached top-k outputs (``teacher_outputs``), if any."""
+        first = next(iter(self.teacher_map()))
+        if self.distill.teacher_outputs:
+            return first
+        return next((n for n, t in self.teacher_map().items() if t.teacher_outputs), None)
+
+    def teacher_outputs_path(self) -> str | None:
+        name = self.offline_teacher()
+        return None if name is None else (self.distill.teacher_outputs or self.teacher_map()[name].teacher_outputs)
+
+    def loss_terms(self) -> list[dict]:
+        """The student's loss as resolved term specs (``raydistill.losses``): ``distill.terms`` with their
+        defaults filled in (teacher: the first; temperature / divergence / beta: ``distill``'s), or for the
+        one-teacher form ``kd_logits`` (weight alpha) + ``ce`` (weight 1 - alpha)."""
+        d = self.distill
+        first = next(iter(self.teacher_map()))
+        if d.terms is None:
+            return [{"type": "kd_logits", "weight": d.alpha, "teachers": {first: 1.0}, "combine": "sum",
+                     "temperature": d.temperature, "divergence": d.divergence, "beta": d.beta,
+                     "key": "distill.alpha"},
+                    {"type": "ce", "weight": 1.0 - d.alpha, "key": "distill.alpha"}]
+        out = []
+        for i, t in enumerate(d.terms):
+            spec = t.model_dump(mode="json")
+            spec["key"] = f"distill.terms.{i}"
+            if t.type == "kd_logits":
+                spec["teachers"] = dict(t.teachers) if t.teachers is not None else {t.teacher or first: 1.0}
+                spec.pop("teacher")
+                for k in ("temperature", "divergence", "beta"):
+                    if spec[k] is None:
+                        spec[k] = getattr(d, k)
+            elif "teacher" in spec:
+                spec["teacher"] = t.teacher or first
+            out.append(spec)
+        return out
+
+    def _check_terms(self) -> None:
+        """Terms name known teachers; an offline teacher serves logit terms only (and no reverse_kl)."""
+        names = self.teacher_map()
+        offline = self.offline_teacher()
+        if self.distill.teacher_outputs and next(iter(names.values())).teacher_outputs:
+            raise ValueError(f"distill.teacher_outputs: {self.teacher_key(next(iter(names)))}.teacher_outputs is "
+                             "set too; give the first teacher's outputs once")
+        cached = [n for n, t in names.items() if t.teacher_outputs]
+        if len(cached) > 1:
+            raise ValueError(f"{self.teacher_key(cached[1])}.teacher_outputs: only one teacher of a job can read "
+                             f"cached outputs ({self.teacher_key(cached[0])} does already)")
+        for spec in self.loss_terms():
+            key = spec["key"]
+            used = list(spec.get("teachers") or {}) or ([spec["teacher"]] if "teacher" in spec else [])
+            for n in used:
+                if n not in names:
+                    where = f"{key}.teachers.{n}" if "teachers" in spec else f"{key}.teacher"
+                    raise ValueError(f"{where}: unknown teacher {n!r}; the teachers are {', '.join(names)}")
+                if n == offline and spec["type"] != "kd_logits":
+                    raise ValueError(f"{key}.teacher: teacher {n!r} is read from its cached top-k outputs, which "
+                                     f"hold logits only; a {spec['type']} term needs a teacher that runs")
+            if spec["type"] == "kd_logits" and offline in used:
+                if spec["divergence"] == "reverse_kl":
+                    raise ValueError(f"{key}.divergence: 'reverse_kl' cannot be used with teacher {offline!r}'s "
+                                     "top-k outputs (the teacher has zero probability outside its top-k); use "
+                                     "forward_kl or jsd")
+                if spec["combine"] == "mean" and len(used) > 1:
+                    raise ValueError(f"{key}.combine: 'mean' of distributions needs every teacher's full logits; "
+                                     f"teacher {offline!r} has top-k outputs only (use combine: sum)")
+
+    @model_validator(mode="after")
+    def _scale(self):
+        """Training at scale (issue 22): rules between sections."""
+        sections = [("distill", self.distill)] + [(f"{self.teacher_key(n)}.training", t.training)
+                                                  for n, t in self.teacher_map().items()]
+        for key, sec in sections:
+            if sec.precision == "fp16" and not self.scaling.use_gpu:
+                raise ValueError(f"{key}.precision: fp16 needs a GPU (scaling.use_gpu: true); on CPUs torch's "
+                                 f"fp16 matmuls are slower than fp32 and need a loss scaler: use bf16 or fp32")
+            if sec.max_tokens is not None and self.data.task != "causal_lm":
+                raise ValueError(f"{key}.max_tokens: a token budget is for causal LM data (data.name: text); "
+                                 f"use max_steps")
+        return self
+
+    @model_validator(mode="after")
     def _cross(self):
+        self._check_terms()
         if self.student.init.from_ == "teacher":
             _check_init_from_teacher(self)
         if self.scaling.strategy == "fsdp" and self.compression.sparsity > 0:
@@ -592,12 +889,16 @@ def _format_errors(err: ValidationError, source: str) -> str:
             parent = _model_at(raw_loc[:-1])
             allowed = sorted(f.alias or n for n, f in parent.model_fields.items()) if parent else []
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else "unknown key"
-        elif e["type"] == "union_tag_invalid":  # data.name of the tagged union
-            loc, msg = f"{loc}.name", f"must be one of {e['ctx']['expected_tags']} (got {e['ctx']['tag']!r})"
-            lines.append(f"  {loc}: {msg}")
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):  # data.name, distill.terms[i].type
+            field = "name" if loc.startswith("data") else "type"
+            tags = e["ctx"].get("expected_tags") or ", ".join(repr(t) for t in TERM_MODELS)
+            got = f" (got {e['ctx']['tag']!r})" if "tag" in e["ctx"] else " (missing)"
+            lines.append(f"  {loc}.{field}: must be one of {tags}{got}")
             continue
         elif e["type"] == "literal_error":
             msg = msg.replace("Input should be", "must be one of")
+        elif e["type"] == "value_error":  # a model's own check that names one of its keys: "terms: ..."
+            loc, msg = _key_in_message(raw_loc, loc, msg)
         inp = e.get("input")
         got = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(inp, dict) else f" (got {inp!r})"
         lines.append(f"  {loc or '<root>'}: {msg}{got}")
@@ -607,12 +908,28 @@ def _format_errors(err: ValidationError, source: str) -> str:
 _TAGS = {"data": {"mnist1d": DataConfig, "text": TextDataConfig}}
 
 
+def _key_in_message(raw_loc: tuple, loc: str, msg: str) -> tuple[str, str]:
+    """``(distill, "terms: every ...")`` -> ``(distill.terms, "every ...")`` when the message starts with a key
+    of the model at ``loc`` (at the root: with a whole key path, ``distill.terms.0.teacher: ...``)."""
+    m = re.match(r"^([A-Za-z_][\w.]*): ", msg)
+    model = _model_at([p for p in raw_loc if not str(p).startswith("function-after")])
+    if m is None or model is None or m.group(1).split(".")[0] not in model.model_fields:
+        return loc, msg
+    return (f"{loc}.{m.group(1)}" if loc else m.group(1)), msg[m.end():]
+
+
+def _is_term_tag(loc: tuple, i: int) -> bool:
+    """``loc[i]`` is the tag of a ``distill.terms`` member (``distill.terms.0.hidden.layers``)."""
+    return i >= 2 and loc[i] in TERM_MODELS and isinstance(loc[i - 1], int) and loc[i - 2] == "terms"
+
+
 def _drop_tags(loc) -> tuple:
-    """``data.text.path`` -> ``data.path``: the union's tag is not a key the user wrote."""
+    """``data.text.path`` -> ``data.path``, ``distill.terms.0.hidden.layers`` -> ``distill.terms.0.layers``:
+    a union's tag is not a key the user wrote."""
     loc = tuple(loc)
     if len(loc) > 1 and loc[0] in _TAGS and loc[1] in _TAGS[loc[0]]:
-        return (loc[0],) + loc[2:]
-    return loc
+        loc = (loc[0],) + loc[2:]
+    return tuple(p for i, p in enumerate(loc) if not _is_term_tag(loc, i))
 
 
 def _model_at(loc) -> type[BaseModel] | None:
@@ -620,8 +937,13 @@ def _model_at(loc) -> type[BaseModel] | None:
     if len(loc) > 1 and loc[0] in _TAGS and loc[1] in _TAGS[loc[0]]:  # a tagged union's member
         return _TAGS[loc[0]][loc[1]] if len(loc) == 2 else None
     model: Any = Config
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
+            continue
+        if _is_term_tag(loc, i):
+            model = TERM_MODELS[part]
+            continue
+        if model is DistillConfig and part == "terms":  # a union of term models: the tag says which
             continue
         field = model.model_fields.get(str(part)) if isinstance(model, type) else None
         if field is None:

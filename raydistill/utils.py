@@ -1,17 +1,23 @@
-"""Small helpers with one home, below every other layer: atomic JSON writes, the model inside its training
-wrappers, machine info for benchmark JSON."""
+"""Small helpers with one home, below every other layer: atomic JSON writes, directories written for the user
+(replaced only when they are ours), the model inside its training wrappers, machine info for benchmark JSON."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import secrets
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["machine_info", "unwrap_model", "write_json_atomic"]
+__all__ = ["machine_info", "no_space_left", "unwrap_model", "write_json_atomic", "check_output_dir",
+           "replace_dir_atomically", "EXPORT_MARKER"]
+
+EXPORT_MARKER = ".raydistill-export.json"
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> Path:
@@ -25,6 +31,83 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> 
     finally:
         tmp.unlink(missing_ok=True)
     return p
+
+
+def no_space_left(exc: BaseException) -> OSError | bool:
+    """Whether a full disk (``ENOSPC``) is behind ``exc``, through its chain of causes and Ray's wrappers
+    (a worker's error reaches the driver as text): the ``OSError`` when one is found, else True or False."""
+    import errno
+
+    seen: set[int] = set()
+    stack: list = [exc]
+    found = False
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return e
+        found = found or f"[Errno {errno.ENOSPC}]" in str(e) or "No space left on device" in str(e)
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return found
+
+
+def check_output_dir(path: str | os.PathLike, *, key: str = "out_dir", marker: str = EXPORT_MARKER,
+                     error: type[Exception] = ValueError) -> Path:
+    """Check that a directory may be written at ``path`` for the user, before anything is written: it must
+    not be a symbolic link or an existing file, and an existing directory must be empty or an earlier
+    output of ours (it holds ``marker``, which :func:`replace_dir_atomically` writes into every directory it
+    creates). Anything else is ``error`` naming ``key`` and the path: nothing of the user's is replaced.
+    Returns the absolute path (the link itself is refused, not followed)."""
+    p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    if p.is_symlink():
+        raise error(f"{key}: {p} is a symbolic link; refusing to write through or replace it: pass a real directory")
+    if p.exists() and not p.is_dir():
+        raise error(f"{key}: {p} is an existing file, not a directory; refusing to replace it: pass a directory path")
+    if p.is_dir():
+        try:
+            entries = [e.name for e in os.scandir(p)]
+        except OSError as exc:
+            raise error(f"{key}: {p} cannot be read ({exc.strerror or exc})") from None
+        if entries and marker not in entries:
+            shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise error(f"{key}: {p} is not empty ({shown}) and is not an earlier raydistill output (no {marker}); "
+                        "refusing to replace it: choose a new directory, or empty or remove this one yourself")
+    return p
+
+
+def replace_dir_atomically(path: str | os.PathLike, write_fn: Callable[[Path], Any], *, key: str = "out_dir",
+                           marker: str = EXPORT_MARKER, error: type[Exception] = ValueError,
+                           description: str = "") -> Path:
+    """Write a directory for the user at ``path``: :func:`check_output_dir` first, then ``write_fn(tmp)``
+    into a temporary sibling (``.<name>.tmp-*``) that gets ``marker`` and is renamed to ``path``; an earlier
+    output of ours there is replaced only then. On any error (or Ctrl-C) the temporary directory is removed
+    and ``path`` is left as it was. Returns the absolute path."""
+    out = check_output_dir(path, key=key, marker=marker, error=error)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # (not mkdtemp: the directory gets the usual permissions, not 0700)
+    old = None
+    try:
+        write_fn(tmp)
+        (tmp / marker).write_text(json.dumps({"written_by": "raydistill", "what": description,
+                                              "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        check_output_dir(out, key=key, marker=marker, error=error)  # still ours (or absent) at the swap
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old)  # onto the empty placeholder: the earlier output moves aside whole
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)  # put the earlier output back
+            old = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def machine_info(device: str = "cpu", *, repo: str | os.PathLike | None = None) -> dict:

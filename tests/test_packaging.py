@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(900)  # pip wheel gets 600 s of its own
 def test_wheel_bundles_csrc_and_configs(tmp_path):
     out = tmp_path / "wheel"
     proc = subprocess.run(

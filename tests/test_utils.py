@@ -45,3 +45,59 @@ def test_unwrap_model_peels_every_wrapper():
     wrapped = torch.compile(torch.nn.DataParallel(net))  # compile's _orig_mod around DataParallel's .module
     assert wrapped is not net and utils.unwrap_model(wrapped) is net
     assert utils.unwrap_model(torch.nn.DataParallel(torch.nn.DataParallel(net))) is net
+
+
+def _names(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_replace_dir_atomically_replaces_only_its_own_output(tmp_path):
+    import pytest
+
+    def write(files):
+        def fn(tmp: Path):
+            for name, text in files.items():
+                (tmp / name).write_text(text)
+        return fn
+
+    out = tmp_path / "out"
+    assert utils.replace_dir_atomically(out, write({"a.txt": "1"})) == out
+    assert _names(out) == [utils.EXPORT_MARKER, "a.txt"]
+    utils.replace_dir_atomically(out, write({"b.txt": "2"}))  # an earlier output of ours: replaced whole
+    assert _names(out) == [utils.EXPORT_MARKER, "b.txt"] and _names(tmp_path) == ["out"]
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match=r"dest: .*mine is not empty \(notes.txt\) and is not an earlier raydistill"):
+        utils.replace_dir_atomically(mine, write({"x": "1"}), key="dest")
+    (tmp_path / "f").write_text("file")
+    with pytest.raises(KeyError, match="is an existing file"):
+        utils.replace_dir_atomically(tmp_path / "f", write({"x": "1"}), error=KeyError)
+    (tmp_path / "link").symlink_to(out, target_is_directory=True)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        utils.replace_dir_atomically(tmp_path / "link", write({"x": "1"}))
+    assert (mine / "notes.txt").read_text() == "keep" and (tmp_path / "f").read_text() == "file"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    utils.replace_dir_atomically(empty, write({"c": "3"}))  # an empty directory holds nothing to lose
+    assert _names(empty) == [utils.EXPORT_MARKER, "c"]
+    nested = utils.replace_dir_atomically(tmp_path / "new" / "deep", write({"d": "4"}))
+    assert (nested / "d").read_text() == "4"
+    assert _names(tmp_path) == ["empty", "f", "link", "mine", "new", "out"]  # nothing temporary left
+
+
+def test_replace_dir_atomically_leaves_nothing_on_error(tmp_path):
+    import pytest
+
+    out = tmp_path / "out"
+    utils.replace_dir_atomically(out, lambda tmp: (tmp / "old.txt").write_text("old"))
+    for exc in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        def fail(tmp: Path, exc=exc):
+            (tmp / "half.txt").write_text("half")
+            raise exc
+
+        with pytest.raises(type(exc)):
+            utils.replace_dir_atomically(out, fail)
+        assert _names(out) == [utils.EXPORT_MARKER, "old.txt"]  # the earlier output is untouched
+        assert _names(tmp_path) == ["out"]  # and no temporary directory is left beside it

@@ -18,9 +18,12 @@ enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3 };
 // y[n, r] = sum_{k in row r} values[k] * x[n, col[k]] + bias[r]   (x: n_batch x in_f, y: n_batch x out_f,
 // both row-major contiguous). row_order: a permutation of [0, out_f) with rows sorted by decreasing nnz
 // (load balance) or null for the natural order; bias may be null. Returns 0 or a cudaError_t code.
+// The kernels never read outside the pattern's nnz entries or x's in_f rows: a row range is clamped to
+// [0, nnz) and a column outside [0, in_f) is skipped (the host cannot check a device pattern without a
+// sync; the CPU ops and the layers' load-time checks raise on such a pattern instead).
 int spmm_cuda_launch(DType dtype, const void* x, const int32_t* crow, const int32_t* col, const void* values,
                      const void* bias, const int32_t* row_order, void* y, int64_t n_batch, int64_t in_f,
-                     int64_t out_f, void* stream);
+                     int64_t out_f, int64_t nnz, void* stream);
 
 // xT (feat, n_pad) = x (n_batch, feat)^T, zero-padded to n_pad = round_up(n_batch, 8) columns: the layout
 // both launchers take (one kernel instead of a fill and a strided copy).
@@ -29,7 +32,7 @@ int transpose_pad_cuda_launch(DType dtype, const void* x, void* xT, int64_t n_ba
 // dvalues[k] = sum_n dy[n, row_k] * x[n, col_k] for k in [0, nnz); dvalues has the element type dtype.
 int sddmm_cuda_launch(DType dtype, const void* dy, const void* x, const int32_t* crow, const int32_t* col,
                       const int32_t* row_order, void* dvalues, int64_t n_batch, int64_t in_f, int64_t out_f,
-                      void* stream);
+                      int64_t nnz, void* stream);
 
 }  // namespace sparse
 }  // namespace raydistill

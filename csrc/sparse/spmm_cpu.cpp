@@ -531,8 +531,7 @@ at::Tensor spmm_cpu(const at::Tensor& x_, const at::Tensor& crow_, const at::Ten
   const int64_t n = x.size(0), in_f = x.size(1);
   at::Tensor y = at::empty({n, out_features}, x.options());
   if (n == 0 || out_features == 0) return y;
-  TORCH_CHECK_VALUE(crow.data_ptr<int32_t>()[0] == 0 && crow.data_ptr<int32_t>()[out_features] == col.numel(),
-                    "spmm: crow_indices must start at 0 and end at nnz=", col.numel());
+  check_row_pointers("spmm", crow.data_ptr<int32_t>(), out_features, col.numel());
   const int T = pick_tile(n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "raydistill_spmm_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -575,8 +574,7 @@ at::Tensor sddmm_cpu(const at::Tensor& dy_, const at::Tensor& x_, const at::Tens
   check_sddmm_args(dy_, x_, crow_, col_);
   const at::Tensor dy = dy_.contiguous(), x = x_.contiguous(), crow = crow_.contiguous(), col = col_.contiguous();
   const int64_t n = x.size(0), in_f = x.size(1), out_f = dy.size(1), nnz = col.numel();
-  TORCH_CHECK_VALUE(crow.data_ptr<int32_t>()[0] == 0 && crow.data_ptr<int32_t>()[out_f] == nnz,
-                    "sddmm: crow_indices must start at 0 and end at nnz=", nnz);
+  check_row_pointers("sddmm", crow.data_ptr<int32_t>(), out_f, nnz);
   const bool f64 = x.scalar_type() == at::kDouble;
   at::Tensor acc = at::zeros({nnz}, x.options().dtype(f64 ? at::kDouble : at::kFloat));
   if (n > 0 && nnz > 0) {

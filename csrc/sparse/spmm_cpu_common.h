@@ -94,6 +94,22 @@ inline at::Tensor scratch(int64_t numel) {
   return at::empty({numel}, at::TensorOptions().dtype(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat));
 }
 
+// The row pointers of a CSR pattern of `rows` rows and `nnz` stored entries: crow[0] == 0, non-decreasing,
+// crow[rows] == nnz, so that every row's range [crow[r], crow[r+1]) lies inside the column indices and
+// values. O(rows) (one vectorised pass, about a microsecond for 4096 rows): every CPU op checks it before
+// a kernel reads through the pattern, so a crafted crow_indices is a ValueError, never a read outside.
+inline void check_row_pointers(const char* op, const int32_t* crow, int64_t rows, int64_t nnz) {
+  TORCH_CHECK_VALUE(crow[0] == 0 && static_cast<int64_t>(crow[rows]) == nnz, op,
+                    ": crow_indices must start at 0 and end at nnz=", nnz, ", got ", crow[0], "..", crow[rows]);
+  int ok = 1;
+  for (int64_t r = 0; r < rows; ++r) ok &= static_cast<int>(crow[r + 1] >= crow[r]);
+  if (ok) return;
+  int64_t r = 0;
+  while (crow[r + 1] >= crow[r]) ++r;
+  TORCH_CHECK_VALUE(false, op, ": crow_indices must be non-decreasing, got crow_indices[", r + 1, "]=", crow[r + 1],
+                    " < crow_indices[", r, "]=", crow[r]);
+}
+
 inline bool use_avx512() {
   static const bool v = [] {
     if (const char* e = std::getenv("RAYDISTILL_SPMM_ISA"); e && std::strcmp(e, "avx2") == 0) return false;

@@ -77,7 +77,7 @@ template <typename T, int BL>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
 spmm_kernel(const T* __restrict__ xT, const int32_t* __restrict__ crow, const int32_t* __restrict__ col,
             const T* __restrict__ values, const T* __restrict__ bias, const int32_t* __restrict__ row_order,
-            T* __restrict__ y, int64_t n_batch, int64_t np, int64_t out_f) {
+            T* __restrict__ y, int64_t n_batch, int64_t np, int64_t out_f, int32_t in_f, int32_t nnz) {
   using VT = Vec<T>;
   using acc_t = typename VT::acc;
   constexpr int V = VT::V;
@@ -92,7 +92,9 @@ spmm_kernel(const T* __restrict__ xT, const int32_t* __restrict__ crow, const in
   acc_t acc[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) acc[j] = acc_t(0);
-  const int32_t k0 = __ldg(crow + r), k1 = __ldg(crow + r + 1);
+  // a malformed pattern never reads outside: the row's range is clamped to [0, nnz) and a column outside
+  // [0, in_f) counts as a zero weight at column 0 (see spmm.h; in_f >= 1 here)
+  const int32_t k0 = max(__ldg(crow + r), 0), k1 = min(__ldg(crow + r + 1), nnz);
   if (active) {
     int32_t k = k0 + kl;
     // 4 nonzeros per step: their column indices, values and x vectors are all in flight at once (the
@@ -104,6 +106,7 @@ spmm_kernel(const T* __restrict__ xT, const int32_t* __restrict__ crow, const in
       for (int u = 0; u < 4; ++u) {
         c[u] = __ldg(col + k + u * KL);
         v[u] = VT::cvt(values[k + u * KL]);
+        if (static_cast<uint32_t>(c[u]) >= static_cast<uint32_t>(in_f)) { c[u] = 0; v[u] = acc_t(0); }
       }
       acc_t xv[4][V];
 #pragma unroll
@@ -115,9 +118,11 @@ spmm_kernel(const T* __restrict__ xT, const int32_t* __restrict__ crow, const in
       }
     }
     for (; k < k1; k += KL) {
-      const acc_t v = VT::cvt(values[k]);
+      int32_t c = __ldg(col + k);
+      acc_t v = VT::cvt(values[k]);
+      if (static_cast<uint32_t>(c) >= static_cast<uint32_t>(in_f)) { c = 0; v = acc_t(0); }
       acc_t xv[V];
-      VT::load(xT + static_cast<int64_t>(__ldg(col + k)) * np + n0, xv);
+      VT::load(xT + static_cast<int64_t>(c) * np + n0, xv);
 #pragma unroll
       for (int j = 0; j < V; ++j) acc[j] += v * xv[j];
     }
@@ -141,7 +146,7 @@ template <typename T, int BL>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
 sddmm_kernel(const T* __restrict__ dyT, const T* __restrict__ xT, const int32_t* __restrict__ crow,
              const int32_t* __restrict__ col, const int32_t* __restrict__ row_order, T* __restrict__ dvalues,
-             int64_t np, int64_t out_f) {
+             int64_t np, int64_t out_f, int32_t in_f, int32_t nnz) {
   using VT = Vec<T>;
   using acc_t = typename VT::acc;
   constexpr int V = VT::V;
@@ -151,17 +156,18 @@ sddmm_kernel(const T* __restrict__ dyT, const T* __restrict__ xT, const int32_t*
   if (w >= out_f) return;
   const int32_t r = row_order ? row_order[w] : static_cast<int32_t>(w);
   const int bl = lane % BL, kl = lane / BL;
-  const int32_t k0 = crow[r], k1 = crow[r + 1];
+  const int32_t k0 = max(crow[r], 0), k1 = min(crow[r + 1], nnz);  // never outside (see spmm.h)
   const T* d = dyT + static_cast<int64_t>(r) * np;
   // every sub-warp walks its nonzeros in lockstep (same trip count) so the shuffles see all lanes
-  const int32_t len = k1 - k0;
+  const int32_t len = max(k1 - k0, 0);
   const int32_t trips = (len + KL - 1) / KL;
   for (int32_t it = 0; it < trips; ++it) {
     const int32_t k = k0 + it * KL + kl;
     const bool has = k < k1;
     acc_t s = acc_t(0);
-    if (has) {
-      const T* xr = xT + static_cast<int64_t>(col[k]) * np;
+    const int32_t c = has ? col[k] : 0;
+    if (has && static_cast<uint32_t>(c) < static_cast<uint32_t>(in_f)) {
+      const T* xr = xT + static_cast<int64_t>(c) * np;
       for (int64_t n0 = static_cast<int64_t>(bl) * V; n0 < np; n0 += static_cast<int64_t>(BL) * V) {
         acc_t a[V], b[V];
         VT::load(d + n0, a);
@@ -206,7 +212,8 @@ inline int pick_bl(int64_t np, int V) {
 
 template <typename T>
 int spmm_typed(const void* x, const int32_t* crow, const int32_t* col, const void* values, const void* bias,
-               const int32_t* row_order, void* y, int64_t n_batch, int64_t np, int64_t out_f, cudaStream_t s) {
+               const int32_t* row_order, void* y, int64_t n_batch, int64_t np, int64_t out_f, int32_t in_f,
+               int32_t nnz, cudaStream_t s) {
   constexpr int V = Vec<T>::V;
   const int bl = pick_bl(np, V);
   const dim3 block(32 * kWarpsPerBlock);
@@ -216,7 +223,8 @@ int spmm_typed(const void* x, const int32_t* crow, const int32_t* col, const voi
   const T* vp = static_cast<const T*>(values);
   const T* bp = static_cast<const T*>(bias);
   T* yp = static_cast<T*>(y);
-#define RD_LAUNCH(B) spmm_kernel<T, B><<<grid, block, 0, s>>>(xp, crow, col, vp, bp, row_order, yp, n_batch, np, out_f)
+#define RD_LAUNCH(B) \
+  spmm_kernel<T, B><<<grid, block, 0, s>>>(xp, crow, col, vp, bp, row_order, yp, n_batch, np, out_f, in_f, nnz)
   switch (bl) {
     case 1: RD_LAUNCH(1); break;
     case 2: RD_LAUNCH(2); break;
@@ -231,7 +239,7 @@ int spmm_typed(const void* x, const int32_t* crow, const int32_t* col, const voi
 
 template <typename T>
 int sddmm_typed(const void* dy, const void* x, const int32_t* crow, const int32_t* col, const int32_t* row_order,
-                void* dvalues, int64_t np, int64_t out_f, cudaStream_t s) {
+                void* dvalues, int64_t np, int64_t out_f, int32_t in_f, int32_t nnz, cudaStream_t s) {
   constexpr int V = Vec<T>::V;
   const int bl = pick_bl(np, V);
   const dim3 block(32 * kWarpsPerBlock);
@@ -239,7 +247,8 @@ int sddmm_typed(const void* dy, const void* x, const int32_t* crow, const int32_
   const T* dp = static_cast<const T*>(dy);
   const T* xp = static_cast<const T*>(x);
   T* op = static_cast<T*>(dvalues);
-#define RD_LAUNCH(B) sddmm_kernel<T, B><<<grid, block, 0, s>>>(dp, xp, crow, col, row_order, op, np, out_f)
+#define RD_LAUNCH(B) \
+  sddmm_kernel<T, B><<<grid, block, 0, s>>>(dp, xp, crow, col, row_order, op, np, out_f, in_f, nnz)
   switch (bl) {
     case 1: RD_LAUNCH(1); break;
     case 2: RD_LAUNCH(2); break;
@@ -257,16 +266,20 @@ int sddmm_typed(const void* dy, const void* x, const int32_t* crow, const int32_
 // x: x^T padded, (in_f, n_pad) with n_pad = round_up(n_batch, 8); see the header for the rest.
 int spmm_cuda_launch(DType dtype, const void* x, const int32_t* crow, const int32_t* col, const void* values,
                      const void* bias, const int32_t* row_order, void* y, int64_t n_batch, int64_t in_f,
-                     int64_t out_f, void* stream) {
-  (void)in_f;
+                     int64_t out_f, int64_t nnz, void* stream) {
   if (out_f == 0 || n_batch == 0) return 0;
+  // the kernels take int32 sizes for the guards (nnz < 2^31 as the int32 indices; in_f >= 1: the glue
+  // writes the bias itself when there are no inputs)
+  if (in_f < 1 || in_f > 2147483647LL || nnz < 0 || nnz > 2147483647LL) return static_cast<int>(cudaErrorInvalidValue);
+  const int32_t fi = static_cast<int32_t>(in_f), nz = static_cast<int32_t>(nnz);
   const int64_t np = (n_batch + 7) / 8 * 8;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kF32: return spmm_typed<float>(x, crow, col, values, bias, row_order, y, n_batch, np, out_f, s);
-    case DType::kBF16: return spmm_typed<__nv_bfloat16>(x, crow, col, values, bias, row_order, y, n_batch, np, out_f, s);
-    case DType::kF16: return spmm_typed<__half>(x, crow, col, values, bias, row_order, y, n_batch, np, out_f, s);
-    case DType::kF64: return spmm_typed<double>(x, crow, col, values, bias, row_order, y, n_batch, np, out_f, s);
+    case DType::kF32: return spmm_typed<float>(x, crow, col, values, bias, row_order, y, n_batch, np, out_f, fi, nz, s);
+    case DType::kBF16:
+      return spmm_typed<__nv_bfloat16>(x, crow, col, values, bias, row_order, y, n_batch, np, out_f, fi, nz, s);
+    case DType::kF16: return spmm_typed<__half>(x, crow, col, values, bias, row_order, y, n_batch, np, out_f, fi, nz, s);
+    case DType::kF64: return spmm_typed<double>(x, crow, col, values, bias, row_order, y, n_batch, np, out_f, fi, nz, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }
@@ -294,16 +307,17 @@ int transpose_pad_cuda_launch(DType dtype, const void* x, void* xT, int64_t n_ba
 // dy, x: dy^T (out_f, n_pad) and x^T (in_f, n_pad), zero-padded.
 int sddmm_cuda_launch(DType dtype, const void* dy, const void* x, const int32_t* crow, const int32_t* col,
                       const int32_t* row_order, void* dvalues, int64_t n_batch, int64_t in_f, int64_t out_f,
-                      void* stream) {
-  (void)in_f;
+                      int64_t nnz, void* stream) {
   if (out_f == 0) return 0;
+  if (in_f < 0 || in_f > 2147483647LL || nnz < 0 || nnz > 2147483647LL) return static_cast<int>(cudaErrorInvalidValue);
+  const int32_t fi = static_cast<int32_t>(in_f), nz = static_cast<int32_t>(nnz);
   const int64_t np = (n_batch + 7) / 8 * 8;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kF32: return sddmm_typed<float>(dy, x, crow, col, row_order, dvalues, np, out_f, s);
-    case DType::kBF16: return sddmm_typed<__nv_bfloat16>(dy, x, crow, col, row_order, dvalues, np, out_f, s);
-    case DType::kF16: return sddmm_typed<__half>(dy, x, crow, col, row_order, dvalues, np, out_f, s);
-    case DType::kF64: return sddmm_typed<double>(dy, x, crow, col, row_order, dvalues, np, out_f, s);
+    case DType::kF32: return sddmm_typed<float>(dy, x, crow, col, row_order, dvalues, np, out_f, fi, nz, s);
+    case DType::kBF16: return sddmm_typed<__nv_bfloat16>(dy, x, crow, col, row_order, dvalues, np, out_f, fi, nz, s);
+    case DType::kF16: return sddmm_typed<__half>(dy, x, crow, col, row_order, dvalues, np, out_f, fi, nz, s);
+    case DType::kF64: return sddmm_typed<double>(dy, x, crow, col, row_order, dvalues, np, out_f, fi, nz, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

@@ -52,10 +52,14 @@ at::Tensor spmm_cuda(const at::Tensor& x_, const at::Tensor& crow_, const at::Te
   const int64_t n = x_.size(0), in_f = x_.size(1);
   at::Tensor y = at::empty({n, out_features}, x_.options());
   if (n == 0 || out_features == 0) return y;
+  if (in_f == 0) {  // no inputs: y = bias (the kernel needs at least one column of x^T)
+    if (bias) y.copy_(bias->unsqueeze(0).expand({n, out_features})); else y.zero_();
+    return y;
+  }
   const at::Tensor xT = transpose_pad(x_);
   const int err = spmm_cuda_launch(to_dtype(x_.scalar_type()), xT.data_ptr(), crow.data_ptr<int32_t>(),
                                    col.data_ptr<int32_t>(), values.data_ptr(), bias ? bias->data_ptr() : nullptr,
-                                   nullptr, y.data_ptr(), n, in_f, out_features,
+                                   nullptr, y.data_ptr(), n, in_f, out_features, col.numel(),
                                    c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "raydistill::spmm CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
   return y;
@@ -71,7 +75,7 @@ at::Tensor sddmm_cuda(const at::Tensor& dy_, const at::Tensor& x_, const at::Ten
   const at::Tensor xT = transpose_pad(x_), dyT = transpose_pad(dy_);
   const int err = sddmm_cuda_launch(to_dtype(x_.scalar_type()), dyT.data_ptr(), xT.data_ptr(),
                                     crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nullptr, out.data_ptr(), n,
-                                    in_f, out_f, c10::cuda::getCurrentCUDAStream().stream());
+                                    in_f, out_f, col.numel(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "raydistill::sddmm CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
   return out;
 }

@@ -337,8 +337,7 @@ at::Tensor spmm_int8_a16_cpu(const at::Tensor& x_, const at::Tensor& crow_, cons
   }
   const at::Tensor crow = crow_.contiguous(), values = values_.contiguous(), scales = scales_.contiguous();
   const int32_t* cr = crow.data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(cr[0] == 0 && cr[out_features] == values.numel(),
-                    "spmm_int8_a16: crow_indices must start at 0 and end at nnz=", values.numel());
+  cpu::check_row_pointers("spmm_int8_a16", cr, out_features, values.numel());
   at::Tensor col = col_.contiguous();
   const bool generic = std::getenv("RAYDISTILL_SPMM_A16_GENERIC") != nullptr;
   at::Tensor bitmap;  // decoded row by row inside the AVX2 kernel (in_f <= 65536)

@@ -327,8 +327,7 @@ at::Tensor spmm_int8_cpu(const at::Tensor& x_, const at::Tensor& crow_, const at
   at::Tensor y = at::empty({n, out_features}, x.options());
   if (n == 0 || out_features == 0) return y;
   const int32_t* cr = crow.data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(cr[0] == 0 && cr[out_features] == values.numel(),
-                    "spmm_int8: crow_indices must start at 0 and end at nnz=", values.numel());
+  check_row_pointers("spmm_int8", cr, out_features, values.numel());
   if (col.scalar_type() == at::kByte) {
     const uint8_t* bm = col.data_ptr<uint8_t>();
     col = in_f <= 65536 ? decode_bitmap<uint16_t>(bm, cr, out_features, in_f, at::kUInt16)

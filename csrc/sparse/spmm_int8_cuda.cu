@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(32 * kI8WarpsPerBlock)
     spmm_int8_kernel(const scalar_t* __restrict__ x, const int32_t* __restrict__ crow, const idx_t* __restrict__ col,
                      const int8_t* __restrict__ values, const float* __restrict__ scales,
                      const float* __restrict__ bias, scalar_t* __restrict__ y, int64_t n_batch, int64_t in_f,
-                     int64_t out_f) {
+                     int64_t out_f, int64_t nnz) {
   using acc_t = typename I8X<scalar_t>::acc;
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kI8WarpsPerBlock + (threadIdx.x >> 5);
@@ -60,10 +60,12 @@ __global__ void __launch_bounds__(32 * kI8WarpsPerBlock)
   acc_t acc[kI8Batch];
 #pragma unroll
   for (int b = 0; b < kI8Batch; ++b) acc[b] = acc_t(0);
-  const int32_t k0 = crow[r], k1 = crow[r + 1];
+  // never outside (see spmm_int8.h): the row's range clamped to [0, nnz), columns outside [0, in_f) skipped
+  const int64_t k0 = max(static_cast<int64_t>(crow[r]), int64_t(0)), k1 = min(static_cast<int64_t>(crow[r + 1]), nnz);
   const scalar_t* xb = x + n0 * in_f;
-  for (int32_t k = k0 + lane; k < k1; k += 32) {
+  for (int64_t k = k0 + lane; k < k1; k += 32) {
     const int64_t c = static_cast<int64_t>(col[k]);
+    if (c < 0 || c >= in_f) continue;
     const acc_t v = static_cast<acc_t>(values[k]);
 #pragma unroll
     for (int b = 0; b < kI8Batch; ++b)
@@ -82,25 +84,25 @@ __global__ void __launch_bounds__(32 * kI8WarpsPerBlock)
 
 template <typename scalar_t, typename idx_t>
 int launch(const void* x, const int32_t* crow, const void* col, const int8_t* values, const float* scales,
-           const float* bias, void* y, int64_t n_batch, int64_t in_f, int64_t out_f, cudaStream_t stream) {
+           const float* bias, void* y, int64_t n_batch, int64_t in_f, int64_t out_f, int64_t nnz, cudaStream_t stream) {
   const dim3 block(32 * kI8WarpsPerBlock);
   const int64_t gx = (out_f + kI8WarpsPerBlock - 1) / kI8WarpsPerBlock, gy = (n_batch + kI8Batch - 1) / kI8Batch;
   if (gx > 2147483647LL || gy > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   spmm_int8_kernel<scalar_t, idx_t><<<grid, block, 0, stream>>>(
       static_cast<const scalar_t*>(x), crow, static_cast<const idx_t*>(col), values, scales, bias,
-      static_cast<scalar_t*>(y), n_batch, in_f, out_f);
+      static_cast<scalar_t*>(y), n_batch, in_f, out_f, nnz);
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename scalar_t>
 int launch_idx(int col_bytes, const void* x, const int32_t* crow, const void* col, const int8_t* values,
                const float* scales, const float* bias, void* y, int64_t n_batch, int64_t in_f, int64_t out_f,
-               cudaStream_t stream) {
+               int64_t nnz, cudaStream_t stream) {
   if (col_bytes == 2)
-    return launch<scalar_t, uint16_t>(x, crow, col, values, scales, bias, y, n_batch, in_f, out_f, stream);
+    return launch<scalar_t, uint16_t>(x, crow, col, values, scales, bias, y, n_batch, in_f, out_f, nnz, stream);
   if (col_bytes == 4)
-    return launch<scalar_t, int32_t>(x, crow, col, values, scales, bias, y, n_batch, in_f, out_f, stream);
+    return launch<scalar_t, int32_t>(x, crow, col, values, scales, bias, y, n_batch, in_f, out_f, nnz, stream);
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
@@ -108,18 +110,18 @@ int launch_idx(int col_bytes, const void* x, const int32_t* crow, const void* co
 
 int spmm_int8_cuda_launch(Int8XType dtype, const void* x, const int32_t* crow, const void* col, int col_bytes,
                           const int8_t* values, const float* scales, const float* bias, void* y, int64_t n_batch,
-                          int64_t in_f, int64_t out_f, void* stream) {
+                          int64_t in_f, int64_t out_f, int64_t nnz, void* stream) {
   if (n_batch == 0 || out_f == 0) return 0;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case Int8XType::kF32:
-      return launch_idx<float>(col_bytes, x, crow, col, values, scales, bias, y, n_batch, in_f, out_f, s);
+      return launch_idx<float>(col_bytes, x, crow, col, values, scales, bias, y, n_batch, in_f, out_f, nnz, s);
     case Int8XType::kF64:
-      return launch_idx<double>(col_bytes, x, crow, col, values, scales, bias, y, n_batch, in_f, out_f, s);
+      return launch_idx<double>(col_bytes, x, crow, col, values, scales, bias, y, n_batch, in_f, out_f, nnz, s);
     case Int8XType::kBF16:
-      return launch_idx<__nv_bfloat16>(col_bytes, x, crow, col, values, scales, bias, y, n_batch, in_f, out_f, s);
+      return launch_idx<__nv_bfloat16>(col_bytes, x, crow, col, values, scales, bias, y, n_batch, in_f, out_f, nnz, s);
     case Int8XType::kF16:
-      return launch_idx<__half>(col_bytes, x, crow, col, values, scales, bias, y, n_batch, in_f, out_f, s);
+      return launch_idx<__half>(col_bytes, x, crow, col, values, scales, bias, y, n_batch, in_f, out_f, nnz, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

@@ -49,7 +49,7 @@ at::Tensor spmm_int8_cuda(const at::Tensor& x_, const at::Tensor& crow_, const a
   const int err = spmm_int8_cuda_launch(int8_x_type(x.scalar_type()), x.data_ptr(), crow.data_ptr<int32_t>(),
                                         col.data_ptr(), col_bytes, values.data_ptr<int8_t>(), scales.data_ptr<float>(),
                                         bias ? bias->data_ptr<float>() : nullptr, y.data_ptr(), n, in_f, out_features,
-                                        c10::cuda::getCurrentCUDAStream().stream());
+                                        values.numel(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "raydistill::spmm_int8 CUDA launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   return y;

@@ -30,11 +30,10 @@ def _plain_loop(cfg, storage: Path, teacher, epochs: int) -> dict:
     import torch
 
     from raydistill import ops
-    from raydistill.distill.data import load_arrays
     from raydistill.distill.checkpointing import load_weights
     from raydistill.distill.loop import build_optimizer, build_scheduler
-    from raydistill.tasks.classification import predict
     from raydistill.models import build_model
+    from raydistill.tasks.classification import load_arrays, predict
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -40,46 +40,91 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 _LAYER_KEYS = {"in_features": int, "out_features": int, "nnz": int, "bias": bool}
+_NONE = type(None)
 
 
-def _read_sparse_metadata(path) -> dict:
-    """The checked ``sparse_layers`` metadata of a :func:`save_sparse` file; ``ValueError`` naming the file
-    and the problem for a directory, a missing file, a non-safetensors file or crafted metadata."""
+def read_metadata(path, fn: str, fmt: str, what: str) -> dict[str, str]:
+    """The metadata of a raydistill safetensors file; ``ValueError`` naming the file for a directory, a
+    non-safetensors or damaged file, or another format (``FileNotFoundError`` for a missing file). ``fn`` is
+    the function named in the message, ``fmt`` the expected ``format`` and ``what`` its description."""
     from safetensors import SafetensorError, safe_open
 
     p = os.fspath(path)
     if os.path.isdir(p):
-        raise ValueError(f"load_sparse: {p} is a directory; pass the .safetensors file written by save_sparse")
+        raise ValueError(f"{fn}: {p} is a directory; pass the .safetensors file written by {what}")
     if not os.path.isfile(p):
-        raise FileNotFoundError(f"load_sparse: no such file {p}")
+        raise FileNotFoundError(f"{fn}: no such file {p}")
     try:
         with safe_open(p, framework="pt") as f:
             meta = f.metadata() or {}
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"load_sparse: {p} is not a readable safetensors file ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{p} is not a raydistill sparse checkpoint (format={meta.get('format')!r})")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{fn}: {p} is not a readable safetensors file ({exc})") from None
+    if meta.get("format") != fmt:
+        raise ValueError(f"{p} is not a raydistill {what} checkpoint (format={meta.get('format')!r})")
+    return meta
+
+
+def metadata_json(meta: dict, key: str, path, *, default: str | None = None) -> dict:
+    """``meta[key]`` parsed as a JSON object (``default`` when the key is absent; required when None);
+    ``ValueError`` naming the file and the key for a missing key, malformed or too deeply nested JSON."""
+    text = meta.get(key, default)
+    if text is None:
+        raise ValueError(f"{path}: metadata key {key!r} is missing")
     try:
-        layers = json.loads(meta.get("sparse_layers", ""))
+        out = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{p}: metadata 'sparse_layers' is not valid JSON ({exc})") from None
-    if not isinstance(layers, dict):
-        raise ValueError(f"{p}: metadata 'sparse_layers' must be a JSON object, got {type(layers).__name__}")
+        raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: metadata {key!r} is nested too deeply to be a raydistill checkpoint") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: metadata {key!r} must be a JSON object, got {type(out).__name__}")
+    return out
+
+
+def check_layer_entries(layers: dict, key: str, path, rules: dict) -> dict:
+    """Each entry of a ``{layer name: {field: value}}`` metadata table must be an object holding the fields of
+    ``rules`` ({field: allowed types}; an int is >= 0 and never a bool); ``nnz`` at most out x in."""
     for name, info in layers.items():
-        if not isinstance(info, dict) or set(info) < set(_LAYER_KEYS):
-            raise ValueError(f"{p}: metadata 'sparse_layers' entry {name!r} must be an object with keys "
-                             f"{sorted(_LAYER_KEYS)}, got {info!r}")
-        for key, typ in _LAYER_KEYS.items():
-            v = info[key]
-            if typ is int and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise ValueError(f"{p}: metadata 'sparse_layers' entry {name!r}: {key} must be an int >= 0, got {v!r}")
-            if typ is bool and not isinstance(v, bool):
-                raise ValueError(f"{p}: metadata 'sparse_layers' entry {name!r}: {key} must be true or false, "
-                                 f"got {v!r}")
-        if info["nnz"] > info["in_features"] * info["out_features"]:
-            raise ValueError(f"{p}: metadata 'sparse_layers' entry {name!r}: nnz {info['nnz']} exceeds "
+        if not isinstance(info, dict) or not set(rules) <= set(info):
+            raise ValueError(f"{path}: metadata {key!r} entry {name!r} must be an object with keys "
+                             f"{sorted(rules)}, got {info!r}")
+        for field, types in rules.items():
+            v = info[field]
+            ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types) \
+                and not (type(v) is int and v < 0)
+            if not ok:
+                want = " or ".join("null" if t is _NONE else "true or false" if t is bool else
+                                   "an int >= 0" if t is int else f"a {t.__name__}" for t in types)
+                raise ValueError(f"{path}: metadata {key!r} entry {name!r}: {field} must be {want}, got {v!r}")
+        if "nnz" in rules and info["nnz"] > info["in_features"] * info["out_features"]:
+            raise ValueError(f"{path}: metadata {key!r} entry {name!r}: nnz {info['nnz']} exceeds "
                              f"{info['out_features']}x{info['in_features']}")
     return layers
+
+
+def _read_sparse_metadata(path) -> dict:
+    """The checked ``sparse_layers`` metadata of a :func:`save_sparse` file; ``ValueError`` naming the file and
+    the problem for a directory, a missing file, a non-safetensors file or crafted metadata."""
+    meta = read_metadata(path, "load_sparse", FORMAT, "sparse")
+    layers = metadata_json(meta, "sparse_layers", os.fspath(path), default="")
+    return check_layer_entries(layers, "sparse_layers", os.fspath(path), {k: (t,) for k, t in _LAYER_KEYS.items()})
+
+
+def load_tensors_into(base: nn.Module, path, fn: str, *, strict: bool = True) -> None:
+    """Load a safetensors file's tensors into ``base`` (names normalised); every problem of the file (damaged
+    tensors, wrong shapes or dtypes, a malformed sparse pattern: checked by the layers as they load) is a
+    ``ValueError`` naming ``fn``, the file and the layer."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(os.fspath(path))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError / OSError on a damaged file
+        raise ValueError(f"{fn}: cannot read the tensors of {path} ({exc})") from None
+    own = {normalize_name(k): k for k in base.state_dict()}
+    try:
+        base.load_state_dict({own.get(k, k): v for k, v in state.items()}, strict=strict)
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"{fn}: {path}: {exc}") from None
 
 
 def load_sparse(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | os.PathLike, *,
@@ -90,8 +135,6 @@ def load_sparse(model_or_factory: nn.Module | Callable[[], nn.Module], path: str
     pattern (same device/dtype as the layer they replace), then the state dict is loaded. Returns the
     model (the unwrapped one if a DDP-wrapped model was given, which is modified in place).
     """
-    from safetensors.torch import load_file
-
     if isinstance(model_or_factory, nn.Module):
         model = model_or_factory
     elif callable(model_or_factory):
@@ -118,11 +161,5 @@ def load_sparse(model_or_factory: nn.Module | Callable[[], nn.Module], path: str
                           device=mod.weight.device, dtype=mod.weight.dtype)
         parent_name, _, attr = raw.rpartition(".")
         setattr(base.get_submodule(parent_name) if parent_name else base, attr, sl)
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - SafetensorError / OSError on a damaged file
-        raise ValueError(f"load_sparse: cannot read the tensors of {path} ({exc})") from None
-    own = {normalize_name(k): k for k in base.state_dict()}
-    state = {own.get(k, k): v for k, v in state.items()}
-    base.load_state_dict(state, strict=strict)
+    load_tensors_into(base, path, "load_sparse", strict=strict)
     return base

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from raydistill.compress.pruner import normalize_name
-from raydistill.utils import unwrap_model
+from raydistill.utils import check_output_dir, replace_dir_atomically, unwrap_model
 
 __all__ = ["save_compressed", "load_compressed", "FORMAT", "export_compressed_tensors", "CT_MIN_VERSION",
            "CT_INT8_ACTIVATIONS"]
@@ -77,13 +76,46 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, structure: dict |
     save_file(tensors, str(path), metadata=meta)
 
 
+_Q_RULES = {"in_features": (int,), "out_features": (int,), "bits": (int,), "group_size": (int, type(None)),
+            "activations": (str, type(None)), "bias": (bool,)}
+_S_RULES = {"in_features": (int,), "out_features": (int,), "nnz": (int,), "bias": (bool,)}
+
+
+def _read_compressed_metadata(path) -> tuple[dict, list[tuple[str, str, dict]]]:
+    """(structure, [(kind, metadata key, layers)]) of a :func:`save_compressed` file, every key checked:
+    ``ValueError`` naming the file and the key for a directory, a non-safetensors file, malformed or deeply
+    nested JSON, a missing key, an entry that is not an object or a field of the wrong type."""
+    from raydistill.compress.checkpoint import check_layer_entries, metadata_json, read_metadata
+
+    p = os.fspath(path)
+    meta = read_metadata(p, "load_compressed", FORMAT, "compressed")
+    structure = metadata_json(meta, "structure", p, default="{}")
+    for name, width in structure.items():
+        if type(width) is not int or width < 1:
+            raise ValueError(f"{p}: metadata 'structure' entry {name!r} must be a width (an int >= 1), got {width!r}")
+    tables = []
+    for kind, key, default, rules in (("quantized", "quantized_layers", None, _Q_RULES),
+                                      ("sparse", "sparse_layers", None, _S_RULES),
+                                      ("sparse int8", "sparse_int8_layers", "{}", _S_RULES)):
+        layers = check_layer_entries(metadata_json(meta, key, p, default=default), key, p, rules)
+        if kind == "sparse int8":
+            for name, info in layers.items():
+                if not isinstance(info.get("activations"), (str, type(None))):
+                    raise ValueError(f"{p}: metadata {key!r} entry {name!r}: activations must be a string or null, "
+                                     f"got {info['activations']!r}")
+        tables.append((kind, key, layers))
+    return structure, tables
+
+
 def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path: str | os.PathLike) -> nn.Module:
     """Load a :func:`save_compressed` file into a float model of the same architecture (or
     ``factory()``'s): shrink to the saved structure, swap in QuantizedLinear / SparseLinear shells, load
-    the tensors (strict). Returns the (unwrapped) model."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    the tensors (strict). Returns the (unwrapped) model.
 
+    A file that is not one (a directory, not safetensors, another format, malformed metadata, tensors of
+    the wrong shape or dtype, a sparse pattern that is not a valid CSR / bitmap of its layer) is a
+    ``ValueError`` naming the file and the key or layer; nothing of it reaches a kernel unchecked."""
+    from raydistill.compress.checkpoint import load_tensors_into
     from raydistill.compress.convert import _set_submodule
     from raydistill.compress.quantize import QuantizedLinear
     from raydistill.compress.structured import resize_structured
@@ -93,18 +125,15 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
         else model_or_factory
     if not isinstance(model, nn.Module):
         raise TypeError(f"model_or_factory must be an nn.Module or return one, got {type(model).__name__}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a raydistill compressed checkpoint (format={meta.get('format')!r})")
+    structure, tables = _read_compressed_metadata(path)
     base = unwrap_model(model)
-    structure = json.loads(meta.get("structure") or "{}")
     if structure:
-        resize_structured(base, structure)
+        try:
+            resize_structured(base, structure)
+        except ValueError as exc:
+            raise ValueError(f"load_compressed: {path}: metadata 'structure': {exc}") from None
     by_name = {normalize_name(n): (n, m) for n, m in base.named_modules()}
-    for kind, layers in (("quantized", json.loads(meta["quantized_layers"])),
-                         ("sparse", json.loads(meta["sparse_layers"])),
-                         ("sparse int8", json.loads(meta.get("sparse_int8_layers") or "{}"))):
+    for kind, key, layers in tables:
         for name, info in layers.items():
             if name not in by_name:
                 raise ValueError(f"checkpoint {kind} layer {name!r} not found in the model")
@@ -114,19 +143,20 @@ def load_compressed(model_or_factory: nn.Module | Callable[[], nn.Module], path:
             if (mod.in_features, mod.out_features) != (info["in_features"], info["out_features"]):
                 raise ValueError(f"layer {name!r}: checkpoint shape {info['out_features']}x{info['in_features']}, "
                                  f"model {mod.out_features}x{mod.in_features}")
-            if kind == "quantized":
-                new = QuantizedLinear(mod.in_features, mod.out_features, info["bias"], bits=info["bits"],
-                                      group_size=info["group_size"], activations=info["activations"])
-            elif kind == "sparse int8":  # nnz and index dtype are adopted from the tensors on load
-                new = SparseLinearInt8(mod.in_features, mod.out_features, info["nnz"], bias=info["bias"],
-                                       device=mod.weight.device, activations=info.get("activations"))
-            else:
-                new = SparseLinear(mod.in_features, mod.out_features, info["nnz"], bias=info["bias"],
-                                   device=mod.weight.device, dtype=mod.weight.dtype)
+            try:
+                if kind == "quantized":
+                    new = QuantizedLinear(mod.in_features, mod.out_features, info["bias"], bits=info["bits"],
+                                          group_size=info["group_size"], activations=info["activations"])
+                elif kind == "sparse int8":  # nnz and index dtype are adopted from the tensors on load
+                    new = SparseLinearInt8(mod.in_features, mod.out_features, info["nnz"], bias=info["bias"],
+                                           device=mod.weight.device, activations=info.get("activations"))
+                else:
+                    new = SparseLinear(mod.in_features, mod.out_features, info["nnz"], bias=info["bias"],
+                                       device=mod.weight.device, dtype=mod.weight.dtype)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"load_compressed: {path}: metadata {key!r} entry {name!r}: {exc}") from None
             _set_submodule(base, raw, new)
-    state = load_file(str(path))
-    own = {normalize_name(k): k for k in base.state_dict()}
-    base.load_state_dict({own.get(k, k): v for k, v in state.items()}, strict=True)
+    load_tensors_into(base, path, "load_compressed")
     return base
 
 
@@ -226,7 +256,9 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
                               int8_activations: str | None = None) -> dict:
     """Write a transformers causal LM with :class:`QuantizedLinear` layers as a compressed-tensors checkpoint.
 
-    ``out_dir`` (replaced if it exists; written as ``<out_dir>.tmp`` first) gets ``config.json`` (with
+    ``out_dir`` (written into a temporary sibling, then renamed; an existing ``out_dir`` is replaced only when
+    it is an earlier export of ours, marked by ``.raydistill-export.json``: a file, a symbolic link or any other
+    non-empty directory is a ValueError before anything is written) gets ``config.json`` (with
     ``quantization_config``: ``quant_method: compressed-tensors``, ``format``, ``config_groups``, ``ignore``,
     ``quantization_status: compressed``), ``model.safetensors``
     (per quantized layer ``weight_packed`` int32 + ``weight_shape`` for weight-only schemes, ``weight`` int8
@@ -258,6 +290,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
         raise ValueError(f"int8_activations must be one of {CT_INT8_ACTIVATIONS}, got {int8_activations!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_output_dir(out_dir, key="out_dir")  # before any work: a file, a link, someone else's directory
     base = unwrap_model(model)
     if not (hasattr(base, "save_pretrained") and hasattr(base, "config")):
         raise TypeError(f"export_compressed_tensors: {type(base).__name__} is not a transformers model (no "
@@ -323,17 +356,13 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
         layers[name] = {"bits": key[0], "group_size": key[1], "input_activations": key[2],
                         "format": str(getattr(lin.quantization_scheme.format, "value", lin.quantization_scheme.format))}
 
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    work.save_pretrained(str(tmp))
-    compressor.update_config(str(tmp))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    def write(tmp: Path) -> None:
+        work.save_pretrained(str(tmp))
+        compressor.update_config(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    out = replace_dir_atomically(out_dir, write, key="out_dir", description="export_compressed_tensors")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     return {"path": str(out), "format": qc["format"], "quantization_config": qc, "layers": layers,
             "ignore": qc.get("ignore", [])}

@@ -333,6 +333,24 @@ def _replace(root: nn.Module, layers: dict[str, nn.Module], make) -> list[tuple[
     return done
 
 
+def check_selection(fn: str, model: nn.Module, layers: dict, include, exclude, types) -> None:
+    """``ValueError`` naming the argument when nothing is selected: a model with no layer of ``types``, or
+    ``include`` / ``exclude`` patterns that leave none (quantizing nothing in silence hides a typo)."""
+    if layers:
+        return
+    from raydistill.compress.pruner import normalize_name
+    from raydistill.utils import unwrap_model
+
+    kinds = " / ".join(t.__name__ if t is not nn.Linear else "nn.Linear" for t in types)
+    names = [normalize_name(n) for n, m in unwrap_model(model).named_modules() if isinstance(m, types)]
+    if not names:
+        raise ValueError(f"{fn}: model has no {kinds} layer to quantize ({type(unwrap_model(model)).__name__}); "
+                         "nothing would change")
+    given = [f"{a}={v!r}" for a, v in (("include", include), ("exclude", exclude)) if v is not None]
+    raise ValueError(f"{fn}: {' with '.join(given)} leaves no layer to quantize; the model's {kinds} layers "
+                     f"are {names}")
+
+
 def _check_layers(layers: dict[str, nn.Module], bits, group_size, activations) -> None:
     from raydistill.ops.sparse import SparseLinear
 
@@ -351,7 +369,8 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, act
     ``SparseLinear.quantize(bits=8)`` (int8 sparse kernels) when that exists.
 
     Errors (ValueError naming the argument): bits not in 4/8/32, group_size not dividing a layer's
-    in_features, activations not None/'int8', a layer that is already quantized."""
+    in_features, activations not None/'int8', a layer that is already quantized, no layer to quantize (a
+    model without one, or ``include`` / ``exclude`` leaving none)."""
     from raydistill.utils import unwrap_model
     from raydistill.ops.sparse import SparseLinear
 
@@ -364,6 +383,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None, act
     if bits == 32:
         return rep
     layers = _select(base, include, exclude, (nn.Linear, SparseLinear))
+    check_selection("quantize", base, layers, include, exclude, (nn.Linear, SparseLinear))
     _check_layers(layers, bits, group_size, activations)
     sparse = {k: v for k, v in layers.items() if isinstance(v, SparseLinear)}
     if sparse:

@@ -370,6 +370,40 @@ def _top(scores: Tensor, k: int) -> Tensor:
 
 
 @torch.no_grad()
+def _check_calibration(model: nn.Module, calibration: Tensor) -> None:
+    """``calibration`` must be a batch the model runs on: token ids ``(batch, seq)`` in ``[0, vocab)`` for a
+    model with an input embedding (a causal LM), else floats of the model's dtype whose forward works (tried
+    on the first row). ValueError naming ``calibration`` and what is expected (not a raw matmul error)."""
+    params = next(model.parameters(), None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(emb, nn.Embedding):
+        want = f"token ids: an integer tensor of shape (batch, seq) with values in [0, {emb.num_embeddings})"
+        if calibration.is_floating_point() or calibration.is_complex() or calibration.dtype == torch.bool:
+            raise ValueError(f"calibration must be {want}, got dtype {calibration.dtype}")
+        if calibration.dim() != 2:
+            raise ValueError(f"calibration must be {want}, got shape {tuple(calibration.shape)}")
+        lo, hi = int(calibration.min()), int(calibration.max())
+        if lo < 0 or hi >= emb.num_embeddings:
+            raise ValueError(f"calibration must be {want}, got values in [{lo}, {hi}]")
+    else:
+        dtype = params.dtype if params is not None else torch.float32
+        first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+        shape = f"(batch, {first.in_features})" if isinstance(first, nn.Linear) else "(batch, ...)"
+        want = f"a batch of model inputs: {str(dtype).removeprefix('torch.')} of shape {shape} as the model's forward takes"
+        if calibration.dtype != dtype:
+            raise ValueError(f"calibration must be {want}, got dtype {calibration.dtype}")
+    was = model.training
+    model.eval()
+    try:  # one row through the model: a wrong input shape is named here, not deep inside a layer
+        model(calibration[:1].to(params.device if params is not None else calibration.device))
+    except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+        raise ValueError(f"calibration must be {want}; the model cannot run on a {calibration.dtype} tensor of "
+                         f"shape {tuple(calibration.shape)} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
 def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor | None = None, *, include=None,
                      exclude=None, head_unit: str = "kv_group", num_layers: int | float | None = None,
                      hidden_size: int | float | None = None, depth_ranking: str = "block_importance",
@@ -400,6 +434,8 @@ def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor |
         raise ValueError(f"ratio must be a float in [0, 1) (the fraction of hidden units removed), got {ratio!r}")
     if calibration is not None and (not isinstance(calibration, Tensor) or calibration.numel() == 0):
         raise ValueError("calibration must be a non-empty Tensor batch of model inputs, or None")
+    if calibration is not None:
+        _check_calibration(unwrap_model(model), calibration)
     if head_unit not in HEAD_UNITS:
         raise ValueError(f"head_unit must be one of {HEAD_UNITS}, got {head_unit!r}")
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude") or []

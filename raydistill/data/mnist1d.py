@@ -59,9 +59,12 @@ def _cached(cache_dir, key: str, build) -> dict[str, np.ndarray]:
                 return {k: z[k] for k in z.files}
         arrays = build()
         fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+            os.replace(tmp, path)
+        finally:  # a failed write (a full disk) leaves no partial file behind
+            Path(tmp).unlink(missing_ok=True)
         return arrays
 
 

@@ -5,7 +5,11 @@
   of them (searched recursively). ``data.path: null`` is the default corpus: the Python standard
   library's own ``.py`` sources (``sysconfig.get_paths()["stdlib"]``), present on every machine without
   a download -- the default job is a small *code* LM. Files are taken in sorted order until
-  ``data.max_bytes``.
+  ``data.max_bytes``. Every file must be UTF-8 text (no NUL bytes) and every jsonl line a JSON object
+  whose ``data.text_column`` is a string: otherwise the corpus is refused with a :class:`CorpusError`
+  naming the file (and line), or, with ``data.skip_bad_files: true``, such files are left out.
+  :func:`decode_corpus_file` checks one file's bytes while it is read (a Ray Data ``map_batches`` step);
+  :func:`check_corpus_heads` checks the head of each file before Ray starts.
 * **Tokenizer**: ``data.tokenizer`` (a local directory with ``tokenizer.json``), or a byte-level BPE of
   ``data.vocab_size`` trained on the corpus with ``tokenizers`` and saved with the run
   (``<storage>/tokenizers/<hash>/tokenizer.json``); special tokens ``<|endoftext|>`` (ends every
@@ -28,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from raydistill.config import ConfigError
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"
@@ -80,30 +86,157 @@ def _kind(f: Path) -> str:
     return "text" if f.suffix in TEXT_SUFFIXES else "json" if f.suffix in JSON_SUFFIXES else "parquet"
 
 
-def read_corpus(files: list[Path], text_column: str = "text"):
-    """A Ray dataset with one document per row in column ``text``."""
+class CorpusError(ConfigError):
+    """A corpus file is not what ``data.path`` allows: the message names the file (and line)."""
+
+
+SKIP_HINT = "set data.skip_bad_files: true to leave such files out"
+
+
+def decode_corpus_file(path, data: bytes, *, text_column: str = "text", partial: bool = False) -> list[str]:
+    """The documents in one text or jsonl corpus file, given its bytes: the whole file (``.txt``, ``.py``,
+    ...) or one per line (``.jsonl`` / ``.json``: the ``text_column`` string of each JSON object; blank lines
+    are skipped). Raises :class:`CorpusError` naming the file and line when the bytes are not UTF-8 text
+    (binary, other encodings, NUL bytes) or a jsonl line is not such an object. ``partial``: ``data`` is
+    only the head of the file, so a character or line cut at its end is not an error."""
+    path = str(path)
+    mv = memoryview(data)
+    try:
+        text = str(mv, "utf-8")
+    except UnicodeDecodeError as exc:
+        if partial and exc.start >= len(data) - 3 and exc.reason == "unexpected end of data":
+            text = str(mv[: exc.start], "utf-8")
+        else:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise CorpusError(f"data.path: {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}, "
+                              f"offset {exc.start}): binary files and other encodings are refused; "
+                              f"{SKIP_HINT}") from None
+    nul = text.find("\0")
+    if nul >= 0:
+        raise CorpusError(f"data.path: {path} is binary (a NUL byte at line {text.count(chr(10), 0, nul) + 1}); "
+                          f"{SKIP_HINT}")
+    if Path(path).suffix not in JSON_SUFFIXES:
+        return [text]
+    lines = text.split("\n")
+    if partial and not text.endswith("\n"):
+        lines = lines[:-1]
+    docs = []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"data.path: {path} line {no} is not valid JSON ({exc.msg} at column {exc.colno}); "
+                              f"a jsonl corpus holds one JSON object per line; {SKIP_HINT}") from None
+        if not isinstance(obj, dict):
+            raise CorpusError(f"data.path: {path} line {no} is a JSON {type(obj).__name__}, not an object; a jsonl "
+                              f"corpus holds one JSON object per line; {SKIP_HINT}")
+        doc = obj.get(text_column)
+        if not isinstance(doc, str):
+            what = f"has no {text_column!r}" if text_column not in obj else \
+                f"holds a JSON {type(doc).__name__} in {text_column!r}"
+            raise CorpusError(f"data.text_column: {path} line {no} {what}, not a string (keys: {sorted(obj)[:10]})")
+        docs.append(doc)
+    return docs
+
+
+HEAD_BYTES = 8 * 1024
+HEADS_BUDGET_BYTES = 16 * 1024 * 1024
+
+
+def check_corpus_heads(files: list[Path], text_column: str = "text", head_bytes: int = HEAD_BYTES,
+                       budget_bytes: int = HEADS_BUDGET_BYTES) -> list[str]:
+    """:func:`decode_corpus_file` on the first ``head_bytes`` of each text / jsonl file, until ``budget_bytes``
+    have been read (cheap, before Ray starts: a binary file shows in its first bytes; the rest of the corpus
+    is checked while Ray Data reads it); the problems, one message per bad file."""
+    bad = []
+    for f in files:
+        if _kind(f) == "parquet" or budget_bytes <= 0:
+            continue
+        with open(f, "rb") as fh:
+            head = fh.read(head_bytes + 1)
+        budget_bytes -= len(head)
+        try:
+            decode_corpus_file(f, head[:head_bytes], text_column=text_column, partial=len(head) > head_bytes)
+        except CorpusError as exc:
+            bad.append(str(exc))
+    return bad
+
+
+def read_corpus(files: list[Path], text_column: str = "text", *, skip_bad_files: bool = False):
+    """A Ray dataset with one document per row in column ``text``; each text / jsonl file is checked while it
+    is read (:class:`_DecodeFiles`)."""
     import ray.data
 
     kind = _kind(files[0])
     paths = [str(f) for f in files]
-    if kind == "text":
-        ds = ray.data.read_binary_files(paths)
-        return ds.map_batches(_decode, batch_format="numpy")
-    ds = ray.data.read_json(paths, lines=True) if kind == "json" else ray.data.read_parquet(paths)
+    if kind in ("text", "json"):
+        ds = ray.data.read_binary_files(paths, include_paths=True)
+        return ds.map_batches(_DecodeFiles(text_column, skip_bad_files), batch_format="numpy")
+    ds = ray.data.read_parquet(paths)
     cols = ds.columns()
     if text_column not in cols:
         raise ValueError(f"data.text_column: {text_column!r} is not a column of {files[0]} (columns: {cols})")
     return ds.select_columns([text_column]).rename_columns({text_column: "text"})
 
 
-def _decode(batch: dict) -> dict:
-    return {"text": np.array([bytes(b).decode("utf-8", errors="replace") for b in batch["bytes"]], dtype=object)}
+class _DecodeFiles:
+    """Ray Data batch function: rows of (``path``, ``bytes``) -> documents; a bad file raises its
+    :class:`CorpusError` (or is left out, logged in the worker's log, with ``skip_bad_files``)."""
+
+    def __init__(self, text_column: str, skip_bad_files: bool):
+        self.text_column, self.skip = text_column, skip_bad_files
+
+    def __call__(self, batch: dict) -> dict:
+        docs: list[str] = []
+        for path, data in zip(batch["path"], batch["bytes"]):
+            try:
+                docs.extend(decode_corpus_file(path, bytes(data), text_column=self.text_column))
+            except CorpusError as exc:
+                if not self.skip:
+                    raise
+                import logging
+
+                logging.getLogger("raydistill").warning("skipped (data.skip_bad_files): %s", exc)
+        return {"text": np.array(docs, dtype=object)}
+
+
+def corpus_error(exc: BaseException) -> CorpusError | None:
+    """The :class:`CorpusError` behind ``exc``, if any: Ray Data reports a batch function's exception as a
+    ``RayTaskError(UserCodeException)`` that holds only the remote traceback's text."""
+    marker = f"{CorpusError.__module__}.{CorpusError.__qualname__}: "
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CorpusError):
+            return CorpusError(*e.args)
+        text = str(e)
+        if marker in text:
+            return CorpusError(text.split(marker, 1)[1].splitlines()[0])
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
+
+
+def load_tokenizer(tokenizer_dir):
+    """The ``tokenizers.Tokenizer`` of ``tokenizer_dir/tokenizer.json``; ``ValueError`` naming
+    ``data.tokenizer`` and the file when it is missing or not a tokenizer (not JSON, a foreign format)."""
+    from tokenizers import Tokenizer
+
+    f = Path(tokenizer_dir).expanduser() / "tokenizer.json"
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ValueError(f"data.tokenizer: {f} is not a tokenizers / transformers tokenizer file ({why})") from None
 
 
 def tokenizer_vocab_size(tokenizer_dir) -> int:
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(Path(tokenizer_dir).expanduser() / "tokenizer.json")).get_vocab_size()
+    return load_tokenizer(tokenizer_dir).get_vocab_size()
 
 
 def train_bpe(texts, vocab_size: int, out_dir: Path) -> Path:
@@ -118,16 +251,17 @@ def train_bpe(texts, vocab_size: int, out_dir: Path) -> Path:
     tok.train_from_iterator(texts, trainer=trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "tokenizer.json.tmp"
-    tok.save(str(tmp))
-    os.replace(tmp, out_dir / "tokenizer.json")
+    try:
+        tok.save(str(tmp))
+        os.replace(tmp, out_dir / "tokenizer.json")
+    finally:  # a failed write (a full disk) leaves no partial file behind
+        tmp.unlink(missing_ok=True)
     return out_dir
 
 
 def special_ids(tokenizer_dir) -> tuple[int, int]:
     """(eos_id, pad_id) of a tokenizer; a tokenizer without ``<pad>`` pads with its EOS."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    tok = load_tokenizer(tokenizer_dir)
     eos = tok.token_to_id(EOS)
     if eos is None:
         for cand in ("</s>", "<eos>", "[SEP]"):
@@ -144,9 +278,7 @@ class TokenizePack:
     """Ray Data callable class: documents -> packed ``input_ids`` blocks (one tokenizer per actor)."""
 
     def __init__(self, tokenizer_dir: str, seq_len: int):
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+        self.tok = load_tokenizer(tokenizer_dir)
         self.eos, self.pad = special_ids(tokenizer_dir)
         self.seq_len = int(seq_len)
 
@@ -209,6 +341,19 @@ def _ordered():
         opts.preserve_order = old
 
 
+@contextlib.contextmanager
+def _corpus_errors():
+    """A bad corpus file found while Ray Data reads it surfaces as its :class:`CorpusError` (a
+    ``ConfigError``: rc 2 from the CLI), not as Ray's wrapper of a failed task."""
+    try:
+        yield
+    except Exception as exc:
+        err = corpus_error(exc)
+        if err is None:
+            raise
+        raise err from None
+
+
 def prepare_text(data, storage: Path) -> TextData:
     """Tokenizer (given or trained) + packed, split blocks for ``data`` (a ``TextDataConfig``), cached under
     ``storage``. Needs Ray (Ray Data reads and tokenizes the corpus)."""
@@ -222,18 +367,20 @@ def prepare_text(data, storage: Path) -> TextData:
     else:
         tok_hash = hashlib.sha256(f"bpe:{data.vocab_size}:{fh}".encode()).hexdigest()[:12]
         tok_dir = storage / "tokenizers" / tok_hash
+    skip = bool(getattr(data, "skip_bad_files", False))
     key = hashlib.sha256(json.dumps([fh, tok_hash, data.seq_len, data.val_fraction, data.seed,
-                                     data.text_column]).encode()).hexdigest()[:12]
+                                     data.text_column, *(["skip_bad_files"] if skip else [])]).encode()
+                         ).hexdigest()[:12]
     cache = storage / "datasets" / f"text-{key}.npz"
     cache.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache) + ".lock"), _ordered():
+    with FileLock(str(cache) + ".lock"), _ordered(), _corpus_errors():
         ds = None
         if not (tok_dir / "tokenizer.json").is_file():
-            ds = read_corpus(files, data.text_column).materialize()
+            ds = read_corpus(files, data.text_column, skip_bad_files=skip).materialize()
             texts = (str(t) for b in ds.iter_batches(batch_size=64, batch_format="numpy") for t in b["text"])
             train_bpe(texts, data.vocab_size, tok_dir)
         if not cache.is_file():
-            ds = ds if ds is not None else read_corpus(files, data.text_column)
+            ds = ds if ds is not None else read_corpus(files, data.text_column, skip_bad_files=skip)
             blocks = ds.map_batches(TokenizePack, fn_constructor_kwargs={"tokenizer_dir": str(tok_dir),
                                                                          "seq_len": data.seq_len},
                                     batch_size=32, batch_format="numpy", concurrency=1)
@@ -246,8 +393,11 @@ def prepare_text(data, storage: Path) -> TextData:
                 raise ValueError(f"data.path: the corpus gives only {len(arr)} blocks of data.seq_len="
                                  f"{data.seq_len} tokens; use a larger corpus or a smaller seq_len")
             tmp = cache.with_suffix(".tmp.npz")
-            np.savez(tmp, train=arr[n_held:], val=arr[: n_held // 2], test=arr[n_held // 2: n_held])
-            os.replace(tmp, cache)
+            try:
+                np.savez(tmp, train=arr[n_held:], val=arr[: n_held // 2], test=arr[n_held // 2: n_held])
+                os.replace(tmp, cache)
+            finally:  # a failed write (a full disk) leaves no partial file behind
+                tmp.unlink(missing_ok=True)
     z = np.load(cache)
     eos, pad = special_ids(tok_dir)
     train = z["train"]

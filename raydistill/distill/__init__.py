@@ -4,7 +4,8 @@ Public API (imports are lazy: ``import raydistill.distill`` does not import Ray 
 
     ray_session(address=None, num_cpus=None)                 # context manager: start/join + shut down Ray
     ensure_teacher(cfg, storage_path) -> TeacherArtifact     # train through Ray Train or load the cache
-    build_student_trainer(cfg, teacher, *, storage_path, name, callbacks=None, num_workers=None,
+    ensure_teachers(cfg, storage_path) -> {name: TeacherArtifact}   # every teacher of `teachers`
+    build_student_trainer(cfg, teachers, *, storage_path, name, callbacks=None, num_workers=None,
                           resources_per_worker=None) -> ray.train.torch.TorchTrainer
     evaluate_checkpoint(cfg, checkpoint_path) -> dict
     run_distill(cfg, *, storage_path=None, name=None, address=None) -> dict   # the whole job
@@ -20,6 +21,7 @@ _EXPORTS = {
     "ray_session": "raydistill.distill.session",
     "TeacherArtifact": "raydistill.distill.spec",
     "ensure_teacher": "raydistill.distill.teachers",
+    "ensure_teachers": "raydistill.distill.teachers",
     "build_student_trainer": "raydistill.distill.stages",
     "build_baseline_trainer": "raydistill.distill.stages",
     "build_teacher_trainer": "raydistill.distill.stages",

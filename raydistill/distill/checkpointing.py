@@ -174,19 +174,22 @@ def read_checkpoint(directory) -> dict:
 
 
 def _epoch_of(d: Path) -> tuple:
+    """(epochs done, optimizer steps done, mtime): a step checkpoint in the middle of an epoch (issue 22)
+    sorts after the previous epoch's and before its own epoch's end."""
     try:
-        ep = int(json.loads((d / META_FILE).read_text()).get("epoch", -1))
+        meta = json.loads((d / META_FILE).read_text())
+        ep, step = int(meta.get("epoch", -1)), int(meta.get("global_step") or 0)
     except (OSError, ValueError, TypeError, AttributeError):
-        ep = -1
+        ep, step = -1, 0
     try:
         mt = d.stat().st_mtime
     except OSError:
         mt = 0.0
-    return ep, mt
+    return ep, step, mt
 
 
 def checkpoint_dirs(run_dir) -> list[Path]:
-    """Ray Train's checkpoint directories in ``run_dir``, newest (highest epoch, then mtime) first."""
+    """Ray Train's checkpoint directories in ``run_dir``, newest (highest epoch, then step, then mtime) first."""
     root = Path(run_dir)
     if not root.is_dir():
         return []
@@ -207,8 +210,8 @@ def restore(ray_checkpoint_dir, run_dir, *, warn: Callable[[str], None] | None =
             cands.append(d)
     if ray_checkpoint_dir is not None and len(cands) > 1:
         # Ray's checkpoint first; older ones only as fallbacks (never a newer unregistered directory)
-        ep = _epoch_of(cands[0])[0]
-        cands = [cands[0]] + [c for c in cands[1:] if _epoch_of(c)[0] <= ep]
+        ep = _epoch_of(cands[0])[:2]
+        cands = [cands[0]] + [c for c in cands[1:] if _epoch_of(c)[:2] <= ep]
     for i, d in enumerate(cands):
         try:
             ck = read_checkpoint(d)

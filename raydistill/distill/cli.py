@@ -56,6 +56,14 @@ def _check_name_and_storage(args, name: str, storage) -> None:
     check_storage(storage, "--storage-path" if args.storage_path else "run.storage_path")
 
 
+def _quiet_log_errors() -> None:
+    """A log handler that cannot write (a full disk) drops the record instead of printing a traceback for
+    each one: the command's own error line says what went wrong."""
+    import logging
+
+    logging.raiseExceptions = False
+
+
 def _fail(prog: str, msg: str, code: int) -> int:
     print(f"{prog}: error: {msg}", file=sys.stderr)
     return code
@@ -70,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from raydistill.config import ConfigError
 
+    _quiet_log_errors()
     try:
         cfg = _load(args)
     except (ConfigError, _UsageError) as exc:
@@ -99,85 +108,82 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - an interrupted run may surface as any error
         if interrupts.interrupted():
             return _fail(prog, stopped, interrupts.EXIT_INTERRUPTED)
-        return _error(prog, exc, log_path)
+        return _error(prog, exc, log_path, storage)
     _print_summary(report)
     print(Path(report["run_dir"]) / "report.json")
     return 0
 
 
-def _error(prog: str, exc: BaseException, log_path: Path) -> int:
+def _error(prog: str, exc: BaseException, log_path: Path | None, storage: Path | None = None) -> int:
+    """One clear line for a failed run (rc 2 for a config error, else 1); the traceback goes to the log
+    when the log can be written, and writing it never raises."""
     from raydistill.config import ConfigError
     from raydistill.distill.pipeline import StageFailed
+    from raydistill.utils import no_space_left
 
     if isinstance(exc, ConfigError):
         return _fail(prog, str(exc), 2)
-    if isinstance(exc, StageFailed):
-        return _fail(prog, f"{exc}\nfull log: {log_path}", 1)
     if not isinstance(exc, Exception):
         raise exc
-    # one clear line; the traceback goes to the log
-    import logging
+    full = no_space_left(exc)
+    if full:
+        where = getattr(full, "filename", None) or storage or (log_path and log_path.parent)
+        _append_log(log_path, exc)
+        return _fail(prog, f"no space left on device writing to {where}; what was written before it (finished "
+                           f"epochs' checkpoints, caches) is kept: free space there and run the same command "
+                           f"again", 1)
+    if isinstance(exc, StageFailed):
+        return _fail(prog, f"{exc}\nfull log: {log_path}", 1)
+    msg = f"{type(exc).__name__}: {exc}"
+    if log_path is not None:
+        msg += f"\nfull log: {log_path}" if _append_log(log_path, exc) else "\n(the log could not be written)"
+    return _fail(prog, msg, 1)
+
+
+def _append_log(log_path: Path | None, exc: BaseException) -> bool:
+    """Append ``exc``'s traceback to the run's log; False (never an exception) if that fails."""
     import traceback
 
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as fh:
-        fh.write("".join(traceback.format_exception(exc)))
-    logging.getLogger("raydistill").debug("failed", exc_info=True)
-    return _fail(prog, f"{type(exc).__name__}: {exc}\nfull log: {log_path}", 1)
+    if log_path is None:
+        return False
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as fh:
+            fh.write("".join(traceback.format_exception(exc)))
+        return True
+    except OSError:
+        return False
 
 
 def _print_summary(r: dict) -> None:
-    """The final table on stderr (stage names in full, also in a log or CI, where the console is not a
-    terminal and would otherwise be 80 columns wide), then the verdict on distillation."""
+    """The report's table (the task's columns, ``raydistill.distill.report.stage_rows``) on stderr (stage names
+    in full, also in a log or CI, where the console is not a terminal and would otherwise be 80 columns
+    wide), then the verdict on distillation."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    from raydistill.distill.report import _latency, _teacher_ci, _with_ci, pruned_vs_random_text, stage_label
+    from raydistill.distill.report import UNDER_LOAD_NOTE, cell, pruned_vs_random_text, stage_rows
+    from raydistill.tasks import get_task
 
     console = Console(stderr=True, **({} if sys.stderr.isatty() else {"width": 200}))
+    cols = get_task(r["task"]).report_columns
     t = Table(title=f"raydistill run {r['name']} ({r['wall_seconds']:.0f} s)")
-    teacher = "teacher" + (" (cached)" if r["teacher"].get("cached") else "")
-    if r.get("task") == "causal_lm":
-        for col in ("stage", "test perplexity (95% CI)", "next-token acc", "teacher agreement", "sparsity",
-                    "nonzero params"):
-            t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
-        tm = r["teacher"].get("metrics") or {}
-        t.add_row(teacher, _with_ci(tm.get("perplexity"), _teacher_ci(r), "{:.2f}"),
-                  f"{r['teacher']['accuracy']:.2%}", "", "", "")
-        for key in ("baseline", "dense_student", "student"):
-            if key in r:
-                e = r[key]
-                t.add_row(stage_label(r, key), _with_ci(e["perplexity"], e.get("perplexity_ci95"), "{:.2f}"),
-                          f"{e['next_token_accuracy']:.2%}", f"{e.get('teacher_agreement', float('nan')):.2%}",
-                          f"{e['sparsity']:.1%}", f"{e['nonzero_params']:,}")
-    else:
-        cols = ("stage", "test accuracy (95% CI)", "macro recall", "macro F1", "sparsity", "compression",
-                "bytes", "ms/b1", "ms/b256")
-        for col in cols:
-            t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
-        t.add_row(teacher, _with_ci(r["teacher"]["accuracy"], _teacher_ci(r), "{:.2%}"), *[""] * (len(cols) - 2))
-
-        def fmt(v, f):
-            return "" if v is None else format(v, f)
-
-        rows = [(a["stage"], a) for a in r.get("assistants", [])]
-        rows += [(k, r[k]) for k in ("baseline", "dense_student", "dense_student_ptq", "student") if k in r]
-        for key, e in rows:
-            t.add_row(key, _with_ci(e["accuracy"], e.get("accuracy_ci95"), "{:.2%}"), fmt(e.get("macro_recall"), ".3f"),
-                      fmt(e.get("macro_f1"), ".3f"), fmt(e.get("sparsity"), ".1%"),
-                      fmt(e.get("compression_ratio"), ".2f") + "x", fmt(e.get("model_bytes"), ","),
-                      _latency(e, "latency_ms_b1").replace("\\", ""), _latency(e, "latency_ms_b256").replace("\\", ""))
+    for col in ("stage", *(h for h, _, _ in cols)):
+        t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
+    cached = {f"teacher:{n}" for n, m in (r.get("teachers") or {}).items() if m.get("cached")}
+    cached |= {"teacher"} if r["teacher"].get("cached") else set()
+    rows = stage_rows(r)
+    for stage, _, e in rows:
+        t.add_row(stage + (" (cached)" if stage in cached else ""), *(cell(e, k, f, mark="*") for _, k, f in cols))
     console.print(t)
     if r.get("pruned_vs_random_init"):
-        console.print(pruned_vs_random_text(r["pruned_vs_random_init"]), highlight=False)
-    if any(isinstance(e, dict) and e.get("latency_under_load") for e in r.values()):
-        console.print("* latency measured while other processes used the CPU: not the model's latency",
-                      highlight=False)
+        console.print(pruned_vs_random_text(r), highlight=False)
+    if any(e.get("latency_under_load") for _, _, e in rows):
+        console.print(f"* latency {UNDER_LOAD_NOTE}", highlight=False)
     v = r.get("verdict") or {}
     if v.get("summary"):
         style = {"helped": "green", "hurt": "bold red"}.get(v.get("verdict"), "yellow")
-        from rich.text import Text
-
         console.print(Text(v["summary"][0].upper() + v["summary"][1:] + ".", style=style))
 
 
@@ -194,10 +200,14 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from raydistill.config import ConfigError
 
+    _quiet_log_errors()
     try:
         cfg = _load(args)
-        if args.topk is not None and cfg.data.task == "classification" and not 1 <= args.topk <= 10:
-            raise _UsageError(f"--topk must be in 1..10 (MNIST-1D has 10 classes), got {args.topk}")
+        from raydistill.tasks import get_task
+
+        top = get_task(cfg.data.task).max_topk
+        if args.topk is not None and top is not None and not 1 <= args.topk <= top:
+            raise _UsageError(f"--topk must be in 1..{top} (the task has {top} classes), got {args.topk}")
         if args.topk is not None and args.topk < 1:
             raise _UsageError(f"--topk must be >= 1, got {args.topk}")
         if args.concurrency is not None and args.concurrency < 1:
@@ -209,9 +219,10 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
 
     storage = resolve_storage(args.storage_path, cfg)
     try:
-        from raydistill.distill.preflight import check_models, check_storage
+        from raydistill.distill.preflight import check_inputs, check_models, check_storage
 
         check_storage(storage, "--storage-path" if args.storage_path else "run.storage_path")
+        check_inputs(cfg, teacher_outputs=False)
         check_models(cfg)
     except ConfigError as exc:
         return _fail(prog, str(exc), 2)
@@ -223,6 +234,6 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail(prog, "interrupted", 130)
     except Exception as exc:  # noqa: BLE001
-        return _fail(prog, f"{type(exc).__name__}: {exc}", 1)
+        return _error(prog, exc, None, storage)
     print(out)
     return 0

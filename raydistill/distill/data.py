@@ -1,6 +1,5 @@
-"""The datasets of each stage, from the config: MNIST-1D arrays (labelled rows, the transfer set, offline
-teacher outputs) or the packed text corpus, as Ray Data datasets; the storage root and the task's
-``task_info``.
+"""The datasets of each stage, from the config: the task's own (``Task.datasets``), with the train rows of a
+distillation stage read from an offline teacher's top-k outputs when the job has one; the storage root.
 """
 
 from __future__ import annotations
@@ -8,129 +7,57 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from raydistill.config import Config, ConfigError
+
 
 def resolve_storage(storage_path: str | os.PathLike | None, cfg: Config | None = None) -> Path:
     p = storage_path or (cfg.run.storage_path if cfg is not None else None) or "runs"
     return Path(p).expanduser().resolve()
 
 
-def data_cache(storage: Path) -> Path:
-    return storage / "datasets"
-
-
-def load_arrays(cfg: Config, storage: Path):
-    from raydistill.data import load_mnist1d, load_transfer_set
-
-    split = load_mnist1d(cfg.data, data_cache(storage))
-    transfer = load_transfer_set(cfg.data, cfg.distill.transfer_set, data_cache(storage))
-    return split, transfer
-
-
-def _eval_datasets(split) -> dict:
-    from raydistill.data import to_ray_dataset
-
-    # one small dataset (split column: 0 = val, 1 = test) -> one Ray Data execution per worker start
-    return {"eval": to_ray_dataset(
-        x=np.concatenate([split.x_val, split.x_test]), y=np.concatenate([split.y_val, split.y_test]),
-        split=np.concatenate([np.zeros(len(split.y_val), np.int64), np.ones(len(split.y_test), np.int64)]))}
-
-
-def labelled_datasets(cfg: Config, storage: Path) -> tuple[dict, int]:
-    from raydistill.data import to_ray_dataset
-
-    split, _ = load_arrays(cfg, storage)
-    return {"train": to_ray_dataset(x=split.x_train, y=split.y_train), **_eval_datasets(split)}, len(split.y_train)
-
-
-def distill_datasets(cfg: Config, storage: Path) -> tuple[dict, int]:
-    """Labelled train rows + unlabelled transfer rows (``y = -1``), or the offline teacher-output parquet."""
-    from raydistill.data import read_teacher_outputs, to_ray_dataset
-    from raydistill.data.ray_data import UNLABELLED
-
-    split, transfer = load_arrays(cfg, storage)
-    if cfg.distill.teacher_outputs:
-        path = Path(cfg.distill.teacher_outputs).expanduser()
-        if not path.exists():
-            raise ConfigError(f"distill.teacher_outputs: {path} does not exist (write it with "
-                              "`raydistill teacher-logits CONFIG`)")
-        ds = read_teacher_outputs(str(path.resolve())).materialize()
-        return {"train": ds, **_eval_datasets(split)}, ds.count()
-    x = np.concatenate([split.x_train, transfer])
-    y = np.concatenate([split.y_train, np.full(len(transfer), UNLABELLED, np.int64)])
-    return {"train": to_ray_dataset(x=x, y=y), **_eval_datasets(split)}, len(y)
-
-
-def text_data(cfg: Config, storage: Path):
-    """Causal LM: the tokenized, packed corpus (Ray Data; cached) -- see ``raydistill.data.text``."""
-    from raydistill.data.text import prepare_text
-    from raydistill.models.hf import check_vocab, hf_config_dict
-
-    # one tokenizer and one packed corpus per storage root, shared by the teacher cache and every run
-    root = resolve_storage(cfg.run.storage_path) if cfg.run.storage_path else storage
-    td = prepare_text(cfg.data, root)
-    for key, spec in (("teacher", cfg.teacher), ("student", cfg.student)):
-        if spec.model == "hf":  # a trained BPE may be smaller than data.vocab_size: check again
-            conf = hf_config_dict(spec.kwargs)
-            try:
-                check_vocab(f"{key}.kwargs", conf.get("vocab_size"), td.vocab_size)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-    return td
-
-
 def task_info(cfg: Config, storage: Path) -> dict:
-    if cfg.data.task != "causal_lm":
-        return {}
-    td = text_data(cfg, storage)
-    return {**td.info(), "seq_len": cfg.data.seq_len}
+    from raydistill.tasks import get_task
 
-
-def lm_datasets(cfg: Config, storage: Path) -> tuple[dict, int]:
-    """Packed ``input_ids`` blocks: train, and one eval dataset (split column: 0 = val, 1 = test)."""
-    from raydistill.data import to_ray_dataset
-
-    td = text_data(cfg, storage)
-    ev = np.concatenate([td.val, td.test])
-    split = np.concatenate([np.zeros(len(td.val), np.int64), np.ones(len(td.test), np.int64)])
-    eval_ds = {"eval": to_ray_dataset(input_ids=ev.astype(np.int64), split=split)}
-    if cfg.distill.teacher_outputs:
-        path = Path(cfg.distill.teacher_outputs).expanduser()
-        if not path.exists():
-            raise ConfigError(f"distill.teacher_outputs: {path} does not exist (write it with "
-                              "`raydistill teacher-logits CONFIG`)")
-        from raydistill.data import read_teacher_outputs
-
-        ds = read_teacher_outputs(str(path.resolve())).materialize()
-        return {"train": ds, **eval_ds}, ds.count()
-    return {"train": to_ray_dataset(input_ids=td.train.astype(np.int64)), **eval_ds}, len(td.train)
+    return get_task(cfg.data.task).task_info(cfg, storage)
 
 
 def stage_datasets(cfg: Config, storage: Path, kind: str) -> tuple[dict, int]:
-    if cfg.data.task == "causal_lm":
-        if kind == "ce":
-            return lm_datasets(cfg.model_copy(update={"distill": cfg.distill.model_copy(
-                update={"teacher_outputs": None})}), storage)
-        return lm_datasets(cfg, storage)
-    return labelled_datasets(cfg, storage) if kind == "ce" else distill_datasets(cfg, storage)
+    """``{"train", "eval"}`` Ray datasets of a stage and its train rows: ``kind`` ``ce`` the labelled rows,
+    ``kd`` the distillation rows (with the transfer set where the task has one), or the offline teacher's
+    top-k outputs (``teacher_outputs``), which hold the rows themselves."""
+    from raydistill.tasks import get_task
 
+    task = get_task(cfg.data.task)
+    path = _teacher_outputs(cfg) if kind == "kd" else None
+    datasets, rows = task.datasets(cfg, storage, transfer=kind == "kd" and path is None)
+    if path is not None:
+        from raydistill.data import read_teacher_outputs
 
-# ----------------------------------------------------------------------------------------------------
+        datasets["train"] = read_teacher_outputs(str(path)).materialize()
+        rows = datasets["train"].count()
+    return datasets, rows
 
 
 def distill_rows(cfg: Config, storage: Path) -> int:
-    if cfg.data.task == "causal_lm" and not cfg.distill.teacher_outputs:
-        return len(text_data(cfg, storage).train)
-    if cfg.distill.teacher_outputs:
+    """The train rows of the distillation stages (the baseline matches their optimizer steps)."""
+    path = _teacher_outputs(cfg)
+    if path is not None:
         import pyarrow.parquet as pq
 
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in _parquet_files(cfg.distill.teacher_outputs))
-    return int(cfg.data.num_train - max(1, round(cfg.data.num_train * cfg.data.val_fraction))
-               + cfg.distill.transfer_set.size)
+        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    from raydistill.tasks import get_task
+
+    return get_task(cfg.data.task).train_rows(cfg, storage, transfer=True)
 
 
-def _parquet_files(path) -> list[Path]:
-    p = Path(path)
-    return sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+def _teacher_outputs(cfg: Config) -> Path | None:
+    raw = cfg.teacher_outputs_path()
+    if raw is None:
+        return None
+    path = Path(raw).expanduser()
+    if not path.exists():
+        key = "distill.teacher_outputs" if cfg.distill.teacher_outputs else \
+            f"{cfg.teacher_key(cfg.offline_teacher())}.teacher_outputs"
+        raise ConfigError(f"{key}: {path} does not exist (write it with `raydistill teacher-logits CONFIG`)")
+    return path.resolve()

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from raydistill.config import Config
-from raydistill.distill.data import data_cache, resolve_storage, task_info, text_data
+from raydistill.distill.data import resolve_storage, task_info
 from raydistill.distill.spec import model_dict
+
 
 def final_checkpoint_dir(result, storage_path: Path, name: str) -> Path:
     """The directory of the run's latest checkpoint (from the Result, else the newest on disk)."""
@@ -34,25 +33,21 @@ def checkpoint_meta(path) -> dict:
     return json.loads((Path(path) / CKPT_META).read_text())
 
 
-
 def load_checkpoint_model(cfg: Config, checkpoint_path, model: dict | None = None, *, convert: bool = True):
-    """The model of a checkpoint (resized to its ``structure`` when structurally pruned; its pruned layers
-    converted to ``SparseLinear`` when ``convert``), its size report, its meta and the task."""
+    """The model of a checkpoint (built as its stage built it: resized to its ``structure`` when
+    structurally pruned; its pruned layers converted to ``SparseLinear`` when ``convert``), its size
+    report, its meta and the task."""
     from raydistill.compress import compress, model_sparsity_report
     from raydistill.distill.checkpointing import load_masks, load_weights
+    from raydistill.distill.steps import build_student
     from raydistill.tasks import get_task
 
     ck = Path(checkpoint_path)
     meta = checkpoint_meta(ck) if (ck / "meta.json").is_file() else {}
     spec = model or meta.get("model") or model_dict(cfg.student)
     task = get_task(cfg.data.task)
-    storage = resolve_storage(cfg.run.storage_path)
-    info = meta.get("task_info") or task_info(cfg, storage)
-    net = task.build_model(spec, info)
-    if meta.get("structure"):  # a structurally pruned student (issue 12): its smaller shapes first
-        from raydistill.compress.structured import resize_structured
-
-        resize_structured(net, meta["structure"])
+    info = meta.get("task_info") or task_info(cfg, resolve_storage(cfg.run.storage_path))
+    net = build_student(task, spec, info, structure=meta.get("structure"))
     load_weights(net, ck)
     masks = load_masks(ck) if ck.is_dir() else None
     rep = compress(net, masks=masks) if masks and convert else model_sparsity_report(net, masks=masks)
@@ -65,15 +60,15 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
     """Test metrics and size of a checkpoint, with its pruned layers converted to ``SparseLinear``
     (``raydistill.compress.compress`` with the checkpoint's masks) and, with ``quantize`` (a
     ``compression.quantize`` dict), its Linear layers quantized
-    (:func:`raydistill.distill.steps.finalize_student`). Classification: accuracy, macro F1 /
-    precision / recall. Causal LM: perplexity, next_token_accuracy, teacher_agreement (against the
-    checkpoint's teacher when ``teacher`` is True, against ``teacher`` when it is a ``TeacherArtifact``) and a
-    few greedy ``samples``. With ``latency``: ``latency_ms_b{B}``, the median CPU eval forward time of the
-    task's input batches (``Task.latency_input``: batch 1 and 256 of a classifier, one sequence of
-    ``data.seq_len`` tokens of a causal LM). ``model_bytes`` counts real bit widths (codes, scales, CSR indices).
-    ``export``: also write the compressed model there (:func:`raydistill.compress.save_compressed`)."""
-    import torch
-
+    (:func:`raydistill.distill.steps.finalize_student`). The task's test metrics (``Task.test_metrics``:
+    classification accuracy, macro F1 / precision / recall; causal LM perplexity, next_token_accuracy,
+    teacher_agreement -- against the checkpoint's teacher when ``teacher`` is True, against ``teacher``
+    when it is a ``TeacherArtifact`` -- and a few greedy ``samples``; each with its 95% interval and, under
+    ``"_items"``, the per-item results that the verdict pairs), ``latency_ms_b{B}``
+    (:func:`raydistill.distill.steps.measure_latency` at the task's ``latency_batches``: batch 1 and 256 of a
+    classifier, one sequence of ``data.seq_len`` tokens of a causal LM; when ``latency`` and the task times one).
+    ``model_bytes`` counts real bit widths (codes, scales, CSR indices). ``export``: also write the
+    compressed model there (:func:`raydistill.compress.save_compressed`)."""
     net, rep, meta, task, info = load_checkpoint_model(cfg, checkpoint_path, model, convert=not quantize)
     steps: dict = {}
     if quantize:
@@ -82,18 +77,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
         # rep: params, sparsity, fp32 dense bytes of the float model; then masks -> sparse, quantize
         steps = finalize_student(net, load_masks_of(checkpoint_path), quantize)
     storage = resolve_storage(cfg.run.storage_path)
-    if task.name == "causal_lm":
-        out = _evaluate_lm(cfg, net, meta, info, storage, teacher=teacher, samples=samples)
-        out["tokens_per_s"] = (meta.get("metrics") or {}).get("tokens_per_s")
-    else:
-        from raydistill.data import load_mnist1d
-        from raydistill.tasks.classification import classification_metrics, predict
-
-        split = load_mnist1d(cfg.data, data_cache(storage))
-        x_test = torch.from_numpy(split.x_test)
-        pred = predict(net, x_test).argmax(1).numpy()
-        out = classification_metrics(pred, split.y_test)
-        out.update(_classification_items(cfg, pred, split.y_test, x_test, teacher))
+    out = task.test_metrics(cfg, net, storage, info, teacher=lambda: _teacher_model(task, meta, info, teacher),
+                            samples=samples)
+    for key in (f"{task.throughput_unit}_per_s", "terms"):  # training figures of the checkpoint's last epoch
+        if key in (meta.get("metrics") or {}):
+            out[key] = meta["metrics"][key]
     out.update(sparsity=float(rep.total_sparsity), compression_ratio=float(rep.compression_ratio),
                params=int(rep.params), nonzero_params=int(rep.nonzero_params),
                dense_bytes=int(rep.dense_bytes), compressed_bytes=int(rep.compressed_bytes),
@@ -134,24 +122,6 @@ def checkpoint_latency(cfg: Config, checkpoint_path, *, quantize: dict | None = 
     return measure_latency(net, lambda b: task.latency_input(info, b), task.latency_batches)
 
 
-def _classification_items(cfg: Config, pred, y, x, teacher) -> dict:
-    """The accuracy's 95% bootstrap interval over test examples, and (``"_items"``) each example's
-    correctness -- the teacher's too when ``teacher`` is a trained teacher -- for paired comparisons."""
-    from raydistill.tasks.classification import predict
-    from raydistill.tasks.stats import mean_ci
-
-    correct = (np.asarray(pred) == np.asarray(y)).astype(np.float64)
-    items = {"correct": correct.tolist()}
-    if teacher is not None and teacher is not True and getattr(teacher, "path", None):
-        from raydistill.distill.checkpointing import load_weights
-        from raydistill.models import build_model
-
-        t_net = build_model(teacher.model)
-        load_weights(t_net, teacher.path)
-        items["teacher_correct"] = (predict(t_net, x).argmax(1).numpy() == np.asarray(y)).astype(np.float64).tolist()
-    return {"accuracy_ci95": mean_ci(correct), "eval_examples": int(len(correct)), "_items": items}
-
-
 def load_masks_of(checkpoint_path) -> dict | None:
     """The pruning masks of a checkpoint directory (None: a weights file or no masks)."""
     from raydistill.distill.checkpointing import load_masks
@@ -160,30 +130,15 @@ def load_masks_of(checkpoint_path) -> dict | None:
     return load_masks(ck) if ck.is_dir() else None
 
 
-def _evaluate_lm(cfg: Config, net, meta: dict, info: dict, storage: Path, *, teacher: bool, samples: bool) -> dict:
-    import torch
-    from tokenizers import Tokenizer
+def _teacher_model(task, meta: dict, info: dict, teacher):
+    """The teacher to compare with: True -> the checkpoint's own (its first teacher), a TeacherArtifact
+    (anything with .path and .model) -> that one, else None."""
+    from raydistill.distill.checkpointing import load_weights
 
-    from raydistill.tasks.causal_lm import greedy_samples, lm_metrics
-
-    td = text_data(cfg, storage)
-    t_net = None
-    # True: the checkpoint's own teacher; a TeacherArtifact (anything with .path and .model): that one
     tref = meta.get("teacher") if teacher is True else \
         {"path": teacher.path, "model": teacher.model} if teacher else None
-    if tref:
-        from raydistill.distill.checkpointing import load_weights
-        from raydistill.tasks import get_task
-
-        t_net = get_task("causal_lm").build_model(tref["model"], info)
-        load_weights(t_net, tref["path"])
-        t_net.eval()
-    test = torch.as_tensor(td.test.astype(np.int64))
-    out = lm_metrics(net, test, td.pad_id, td.vocab_size, teacher=t_net, items=True)
-    if samples and cfg.data.samples:
-        tok = Tokenizer.from_file(str(Path(td.tokenizer_dir) / "tokenizer.json"))
-        prompts = [row[: 16].tolist() for row in td.test[: cfg.data.samples]]
-        conts = greedy_samples(net, prompts, new_tokens=32, vocab=td.vocab_size, eos_id=td.eos_id,
-                               max_len=cfg.data.seq_len)
-        out["samples"] = [{"prompt": tok.decode(p), "continuation": tok.decode(c)} for p, c in zip(prompts, conts)]
-    return out
+    if not tref:
+        return None
+    net = task.build_model(tref["model"], info)
+    load_weights(net, tref["path"])
+    return net.eval()

@@ -1,10 +1,12 @@
-"""The whole ``raydistill distill`` job: teacher (cached) -> assistants -> baseline / dense / sparse students
+"""The whole ``raydistill distill`` job: teachers (cached) -> assistants -> baseline / dense / sparse students
 -> evaluation -> ``report.json``, ``report.md`` and ``curves.png`` under ``<storage>/<name>/``.
 
 Stages (each its own Ray Train run under ``<storage>/<name>/<stage>``)::
 
-    teacher        cross-entropy, cached under <storage>/teachers/<hash> and reused by later runs
-    assistant_i    distilled from the previous link of the chain (Mirzadeh et al., 2020), dense
+    teacher        cross-entropy, cached under <storage>/teachers/<hash> and reused by later runs (one per
+                   teacher of ``teachers``)
+    assistant_i    distilled from the previous link of the chain (Mirzadeh et al., 2020), dense: each link
+                   takes the first teacher's place in the loss terms
     baseline       the student from scratch, cross-entropy on labelled rows, same budget
     dense_student  distilled from random init, sparsity 0 (only with a compression recipe or
                    ``student.init.from: teacher``)
@@ -38,7 +40,8 @@ from raydistill.distill.report import build_report, write_report
 from raydistill.distill.runlock import run_lock
 from raydistill.distill.spec import TeacherArtifact
 from raydistill.distill.stages import build_baseline_trainer, build_student_trainer
-from raydistill.distill.teachers import artifact_from_checkpoint, ensure_teacher, teacher_hash
+from raydistill.distill.teachers import artifact_from_checkpoint, ensure_teacher, teacher_hash, teacher_log
+from raydistill.tasks import get_task
 
 log = logging.getLogger("raydistill")
 
@@ -61,7 +64,8 @@ def _short_error(exc: BaseException) -> str:
 
 def _comparable(cfg: Config) -> dict:
     d = cfg.model_dump(mode="json")
-    for k in ("storage_path", "name", "num_to_keep", "max_failures", "concurrent_stages", "debug_crash_at_epoch"):
+    for k in ("storage_path", "name", "num_to_keep", "max_failures", "concurrent_stages", "debug_crash_at_epoch",
+              "debug_crash_at_step", "tracking", "tracking_uri"):
         d["run"].pop(k, None)
     d.pop("search", None)
     d.pop("scaling", None)
@@ -114,7 +118,15 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
     run_dir = storage / name
     preflight(cfg, storage, name)  # name, storage, models: a ConfigError before Ray starts
     with run_lock(run_dir):  # a second run with the same name fails here, at once
-        return _run_locked(cfg, storage, name, run_dir, address, progress, t0)
+        if cfg.run.tracking == "none":
+            return _run_locked(cfg, storage, name, run_dir, address, progress, t0)
+        from raydistill.distill.tracking import Tracker  # run.tracking (issue 22): opened before Ray starts
+
+        teacher_dir = None if cfg.teacher.checkpoint else storage / "teachers" / teacher_hash(cfg)
+        with Tracker(cfg, storage, name, run_dir, teacher_dir) as tracker:
+            report = _run_locked(cfg, storage, name, run_dir, address, progress, t0)
+            tracker.finish(report)
+            return report
 
 
 def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, progress: bool, t0: float) -> dict:
@@ -130,23 +142,24 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
             log.info("ray resources: %s", ray.cluster_resources())
             corpus = _corpus_size(cfg, storage, prog)
             calibration = student_init.calibration(cfg, storage)  # student.init.from: teacher (else None)
-            teacher = _teacher(cfg, storage, prog, timings)
-            current, assistants = _assistants(cfg, teacher, run_dir, prog, timings)
-            cfg_s, pruned = _student_init(cfg, teacher, calibration, storage, run_dir, prog, timings)
+            teachers = _teachers(cfg, storage, prog, timings)
+            current, assistants = _assistants(cfg, teachers, run_dir, prog, timings)
+            cfg_s, pruned = _student_init(cfg, teachers, calibration, storage, run_dir, prog, timings)
             plan = _StudentPlan(cfg_s, pruned)
             results, structured_report = _students(cfg_s, plan, current, storage, run_dir, prog, timings)
         # evaluation + report (Ray is down; evaluation is local and cheap)
-        evals = _evaluate_students(cfg_s, plan, results, current, run_dir)
-        report = build_report(cfg, name, run_dir, teacher, assistants, evals, plan.sparse, structured_report,
+        evals = _evaluate_students(cfg_s, plan, results, next(iter(current.values())), run_dir)
+        report = build_report(cfg, name, run_dir, teachers, assistants, evals, plan.sparse, structured_report,
                               timings, corpus, student_init=pruned.report if pruned else None)
-        if cfg.data.task == "causal_lm":
+        if get_task(cfg.data.task).exports_pretrained:
             from raydistill.distill.export import export_student
 
             report["export"] = str(export_student(cfg, final_checkpoint_dir(results["student"], run_dir, "student"),
                                                   run_dir / "export" / "student"))
         report["wall_seconds"] = time.time() - t0
-        teacher_log = None if cfg.teacher.checkpoint else storage / "teachers" / teacher_hash(cfg) / "epochs.jsonl"
-        write_report(report, run_dir, plan.stages + [a["stage"] for a in assistants], teacher_log)
+        logs = {_teacher_stage(cfg, n): teacher_log(cfg, storage, n) for n in teachers}
+        write_report(report, run_dir, plan.stages + [a["stage"] for a in assistants],
+                     {k: v for k, v in logs.items() if v is not None})
         log.info("report: %s", run_dir / "report.json")
         return report
 
@@ -167,8 +180,8 @@ def _job_log(path: Path):
 
 
 def _corpus_size(cfg: Config, storage: Path, prog: Progress) -> dict:
-    """Training tokens (causal LM) and the teacher's parameters; a warning before training when the corpus
-    is small for the teacher (:func:`raydistill.distill.verdict.corpus_warning`)."""
+    """Training tokens (causal LM) and the first teacher's parameters; a warning before training when the
+    corpus is small for the teacher (:func:`raydistill.distill.verdict.corpus_warning`)."""
     from raydistill.distill.data import task_info
     from raydistill.distill.verdict import corpus_warning
 
@@ -186,7 +199,6 @@ def _teacher_params(cfg: Config, info: dict) -> int | None:
     import torch
 
     from raydistill.distill.spec import model_dict
-    from raydistill.tasks import get_task
 
     try:
         with torch.device("meta"):
@@ -199,34 +211,45 @@ def _teacher_params(cfg: Config, info: dict) -> int | None:
     return int(count_params(net))
 
 
-def _teacher(cfg: Config, storage: Path, prog: Progress, timings: dict) -> TeacherArtifact:
-    """The trained teacher (cached, or trained now through Ray Train)."""
-    ts = time.time()
-    if not cfg.teacher.checkpoint:
-        prog.add("teacher", storage / "teachers" / teacher_hash(cfg) / "epochs.jsonl", cfg.teacher.training.epochs)
-    try:
-        teacher = ensure_teacher(cfg, storage)
-    except (ConfigError, KeyboardInterrupt):
-        raise
-    except BaseException as exc:
-        if interrupts.interrupted():
-            raise KeyboardInterrupt from exc
-        if isinstance(exc, StageFailed):
+def _teacher_stage(cfg: Config, name: str) -> str:
+    """A teacher's stage name in progress and curves: ``teacher``, or ``teacher:NAME`` of several."""
+    return "teacher" if len(cfg.teacher_map()) == 1 else f"teacher:{name}"
+
+
+def _teachers(cfg: Config, storage: Path, prog: Progress, timings: dict) -> dict[str, TeacherArtifact]:
+    """Every trained teacher, by name (cached, or trained now through Ray Train)."""
+    out = {}
+    for name in cfg.teacher_map():
+        stage, ts = _teacher_stage(cfg, name), time.time()
+        tlog = teacher_log(cfg, storage, name)
+        if tlog is not None:
+            prog.add(stage, tlog, cfg.teacher_map()[name].training.epochs)
+        try:
+            teacher = ensure_teacher(cfg, storage, teacher=name)
+        except (ConfigError, KeyboardInterrupt):
             raise
-        log.error("teacher failed:\n%s", "".join(traceback.format_exception(exc)))
-        raise StageFailed("teacher", exc) from exc
-    note = f"test ppl {teacher.metrics['perplexity']:.2f}" if "perplexity" in teacher.metrics else \
-        f"test {teacher.accuracy:.3f}"
-    prog.done("teacher", note + ("  (cached)" if teacher.cached else ""))
-    timings["teacher"] = time.time() - ts
-    return teacher
+        except BaseException as exc:
+            if interrupts.interrupted():
+                raise KeyboardInterrupt from exc
+            if isinstance(exc, StageFailed):
+                raise
+            log.error("%s failed:\n%s", stage, "".join(traceback.format_exception(exc)))
+            raise StageFailed(stage, exc) from exc
+        note = f"test ppl {teacher.metrics['perplexity']:.2f}" if "perplexity" in teacher.metrics else \
+            f"test {teacher.accuracy:.3f}"
+        prog.done(stage, note + ("  (cached)" if teacher.cached else ""))
+        timings[stage] = time.time() - ts
+        out[name] = teacher
+    return out
 
 
-def _assistants(cfg: Config, teacher: TeacherArtifact, run_dir: Path, prog: Progress,
-                timings: dict) -> tuple[TeacherArtifact, list[dict]]:
-    """The teacher-assistant chain, in order: each link distilled (dense) from the previous one. Returns the
-    last link (the student's teacher) and each assistant's evaluation."""
-    current, assistants = teacher, []
+def _assistants(cfg: Config, teachers: dict[str, TeacherArtifact], run_dir: Path, prog: Progress,
+                timings: dict) -> tuple[dict[str, TeacherArtifact], list[dict]]:
+    """The teacher-assistant chain, in order: each link distilled (dense) from the previous one, which takes
+    the first teacher's place among the teachers. Returns the student's teachers (the last link in the
+    first one's place) and each assistant's evaluation."""
+    first = next(iter(teachers))
+    current, assistants = dict(teachers), []
     for i, a in enumerate(cfg.assistants, 1):
         stage = f"assistant_{i}"
         ts = time.time()
@@ -235,16 +258,16 @@ def _assistants(cfg: Config, teacher: TeacherArtifact, run_dir: Path, prog: Prog
         tr = build_student_trainer(cfg, current, storage_path=run_dir, name=stage, stage=stage,
                                    model=spec, sparsity=0.0, epochs=a.epochs)
         ck = final_checkpoint_dir(_fit(tr, stage), run_dir, stage)
-        current = artifact_from_checkpoint(ck, model=spec, stage=stage)
+        current[first] = artifact_from_checkpoint(ck, model=spec, stage=stage)
         assistants.append({"stage": stage, **spec, **evaluate_checkpoint(cfg, ck, model=spec)})
         prog.done(stage)
         timings[stage] = time.time() - ts
     return current, assistants
 
 
-def _student_init(cfg: Config, teacher: TeacherArtifact, calibration, storage: Path, run_dir: Path, prog: Progress,
-                  timings: dict) -> tuple[Config, "student_init.PrunedStudent | None"]:
-    """``student.init.from: teacher``: the teacher pruned to the student's shape, saved under the run
+def _student_init(cfg: Config, teachers: dict[str, TeacherArtifact], calibration, storage: Path, run_dir: Path,
+                  prog: Progress, timings: dict) -> tuple[Config, "student_init.PrunedStudent | None"]:
+    """``student.init.from: teacher``: the (first) teacher pruned to the student's shape, saved under the run
     (:mod:`raydistill.distill.student_init`); the config of the student stages."""
     if calibration is None:
         return cfg, None
@@ -252,7 +275,7 @@ def _student_init(cfg: Config, teacher: TeacherArtifact, calibration, storage: P
 
     ts = time.time()
     prog.add("pruned_teacher", run_dir / student_init.PRUNED_DIR / "epochs.jsonl", 1)
-    cfg_s, pruned = student_init.student_from_teacher(cfg, teacher, calibration, run_dir / student_init.PRUNED_DIR,
+    cfg_s, pruned = student_init.student_from_teacher(cfg, next(iter(teachers.values())), calibration, run_dir / student_init.PRUNED_DIR,
                                                       info=task_info(cfg, storage))
     r = pruned.report
     note = (f"{r['shape_after']['num_hidden_layers']} x {r['shape_after']['hidden_size']}, {r['params_after']:,} "
@@ -284,7 +307,7 @@ class _StudentPlan:
         self.quantize = self.recipe["quantize"].model_dump(mode="json") if "quantize" in self.recipe else None
 
 
-def _students(cfg: Config, plan: _StudentPlan, teacher: TeacherArtifact, storage: Path, run_dir: Path,
+def _students(cfg: Config, plan: _StudentPlan, teachers: dict[str, TeacherArtifact], storage: Path, run_dir: Path,
               prog: Progress, timings: dict) -> tuple[dict[str, Any], dict | None]:
     """Train the baseline, dense and compressed students; their Ray results and the prune_structured report."""
     from raydistill.distill.steps import student_extras
@@ -296,7 +319,7 @@ def _students(cfg: Config, plan: _StudentPlan, teacher: TeacherArtifact, storage
             return build_baseline_trainer(cfg, storage_path=run_dir, name=stage, resources_per_worker=resources)
         ft = plan.qat_ft and stage == "student"  # QAT fine-tuning: its own epochs and peak lr
         return build_student_trainer(
-            cfg, teacher, storage_path=run_dir, name=stage, stage=stage,
+            cfg, teachers, storage_path=run_dir, name=stage, stage=stage,
             model=plan.pruned.model if plan.pruned and stage == "student" else None,
             sparsity=None if stage == "student" else 0.0, resources_per_worker=resources,
             extras=extras, epochs=plan.q_step.epochs if ft else None, lr=plan.q_step.lr if ft else None)
@@ -345,19 +368,10 @@ def _fit_all(trainers: dict, prog: Progress, *, concurrent: bool = False) -> dic
 def _structured_init(cfg: Config, storage: Path, dense: Path, run_dir: Path) -> tuple[str, dict, dict]:
     """prune_structured: the dense distilled student pruned to the recipe's widths, ranked on a calibration
     batch of training rows."""
-    import torch
-
     from raydistill.distill.steps import structured_init
 
-    if cfg.data.task == "causal_lm":  # calibration: packed training blocks of token ids
-        from raydistill.distill.data import text_data
-
-        x_cal = text_data(cfg, storage).train.astype("int64")
-    else:
-        from raydistill.distill.data import load_arrays
-
-        x_cal = load_arrays(cfg, storage)[0].x_train
-    init_path, widths, rep = structured_init(cfg, dense, run_dir / "structured_init", torch.from_numpy(x_cal))
+    x_cal = get_task(cfg.data.task).calibration_inputs(cfg, storage)
+    init_path, widths, rep = structured_init(cfg, dense, run_dir / "structured_init", x_cal)
     log.info("prune_structured: widths %s", widths)
     return init_path, widths, rep
 

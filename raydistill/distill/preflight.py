@@ -2,13 +2,18 @@
 the key or argument (the CLI exits 2), not minutes later inside a stage.
 
     check_storage(path, key)   the storage path is (or can be made) a writable directory
-    check_models(cfg)          every model imports and builds with its kwargs; pruning patterns match layers;
-                               student.init's target fits the teacher
+    check_models(cfg)          every model imports and builds with its kwargs; loss terms fit the models'
+                               layers; pruning patterns match layers; student.init's target fits the teacher
+    check_inputs(cfg)          the files the config names: every teacher's checkpoint and teacher_outputs, and
+                               the task's data (a text corpus: the head of every file)
+    check_scale(cfg, storage, name)   training at scale and tracking (issue 22)
     preflight(cfg, storage, name, storage_key)   all of the above plus the run name
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -17,35 +22,47 @@ from raydistill.config import Config, ConfigError, validate_run_name
 
 
 def check_storage(path, key: str = "run.storage_path") -> Path:
-    """``path`` is a directory this process can write to (created if missing)."""
+    """``path`` is a directory this process can write to (created if missing), with room for a few bytes."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{key}: {p} is a file, not a directory; pass a directory for runs and checkpoints")
+    probe = None
     try:
         p.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".raydistill-write-probe-", dir=p)
-        os.close(fd)
-        os.unlink(probe)
+        with os.fdopen(fd, "wb") as fh:  # an empty file needs no room: write some, so a full disk shows here
+            fh.write(b"\0" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
     except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ConfigError(f"{key}: no space left on device at {p}; free some space or pass another "
+                              f"directory") from None
         raise ConfigError(f"{key}: {p} is not a writable directory ({exc.strerror or exc})") from None
+    finally:
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
     return p
 
 
 def check_models(cfg: Config) -> None:
-    """Import and build the teacher, the assistants and the student once (a wrong import path or factory
-    kwargs fail here, not after the teacher has trained), and check the compression patterns against
-    the student's layers."""
-    from raydistill.models import build_model
+    """Import and build the teachers, the assistants and the student once (a wrong import path or factory
+    kwargs fail here, not after the teacher has trained), check the loss terms against their layers and
+    the compression patterns against the student's layers."""
+    from raydistill.tasks import get_task
 
-    specs = [("teacher", cfg.teacher), *((f"assistants[{i}]", a) for i, a in enumerate(cfg.assistants)),
-             ("student", cfg.student)]
+    task = get_task(cfg.data.task)
+    specs = [*((cfg.teacher_key(n), t) for n, t in cfg.teacher_map().items()),
+             *((f"assistants[{i}]", a) for i, a in enumerate(cfg.assistants)), ("student", cfg.student)]
     built = {}
     for key, spec in specs:
         try:
-            built[key] = build_model({"model": spec.model, "kwargs": dict(spec.kwargs)})
+            built[key] = task.build_model({"model": spec.model, "kwargs": dict(spec.kwargs)}, task.probe_info())
         except Exception as exc:  # noqa: BLE001 - a user factory may raise anything
             raise ConfigError(f"{key}.model: cannot build {spec.model!r} with kwargs {dict(spec.kwargs)}: "
                               f"{type(exc).__name__}: {exc}") from None
+    check_terms(cfg, task, built)
     comp = cfg.compression
     if comp.sparsity > 0 and (comp.include or comp.exclude):
         from raydistill.compress.pruner import check_patterns_match
@@ -66,8 +83,89 @@ def check_models(cfg: Config) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def check_terms(cfg: Config, task, built: dict) -> None:
+    """The loss terms against the models of every distillation stage (each assistant, then the student,
+    learning from the previous link in the first teacher's place): teachers, layers and widths that exist
+    (``ValueError`` of ``raydistill.losses`` -> ``ConfigError`` naming the term's key)."""
+    from raydistill.losses import Criterion
+
+    names = list(cfg.teacher_map())
+    online = {n: task.layout(built[cfg.teacher_key(n)]) for n in names if n != cfg.offline_teacher()}
+    students = [f"assistants[{i}]" for i in range(len(cfg.assistants))] + ["student"]
+    for key in students:
+        try:
+            crit = Criterion(cfg.loss_terms(), student=task.layout(built[key]), teachers=online)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} ({key} learning)" if key != "student" else str(exc)) from None
+        if cfg.scaling.strategy == "fsdp" and any(True for _ in crit.parameters()):
+            raise ConfigError("scaling.strategy: fsdp cannot train the learned projections of hidden terms "
+                              "(student and teacher layers of different widths); use ddp")
+        if names[0] in online:  # the next link learns from this one in the first teacher's place
+            online = {**online, names[0]: task.layout(built[key])}
+
+
+def check_inputs(cfg: Config, *, teacher_outputs: bool = True) -> None:
+    """The files the config names exist and look right (``ConfigError`` naming the key): the teacher's
+    checkpoint, the offline teacher outputs (``teacher_outputs=False``: not read by this command), and the
+    text corpus, whose files' heads are checked here (the rest is checked while Ray Data reads it)."""
+    from raydistill.distill.checkpointing import MODEL_FILE
+    from raydistill.tasks import get_task
+
+    for name, tc in cfg.teacher_map().items():
+        key = cfg.teacher_key(name)
+        if tc.checkpoint:
+            p = Path(tc.checkpoint).expanduser()
+            if not p.exists():
+                raise ConfigError(f"{key}.checkpoint: {p} does not exist (a {MODEL_FILE} file or a checkpoint "
+                                  "directory holding one)")
+            if p.is_dir() and not (p / MODEL_FILE).is_file():
+                raise ConfigError(f"{key}.checkpoint: the directory {p} holds no {MODEL_FILE}")
+    out = cfg.teacher_outputs_path()
+    if out and teacher_outputs:
+        key = "distill.teacher_outputs" if cfg.distill.teacher_outputs else \
+            f"{cfg.teacher_key(cfg.offline_teacher())}.teacher_outputs"
+        p = Path(out).expanduser()
+        hint = "write it with `raydistill teacher-logits CONFIG`"
+        if not p.exists():
+            raise ConfigError(f"{key}: {p} does not exist ({hint})")
+        if p.is_dir() and not any(p.rglob("*.parquet")):
+            raise ConfigError(f"{key}: the directory {p} holds no .parquet files ({hint})")
+    get_task(cfg.data.task).check_data(cfg)
+
+
+def check_scale(cfg: Config, storage, name: str) -> None:
+    """Issue 22: ``gradient_checkpointing`` only for models that support it (built on the meta device: no
+    memory, no time), and ``run.tracking``'s backend installed with a writable store. (Contradicting budgets
+    and fp16 without a GPU are rejected when the config loads.)"""
+    import torch
+
+    from raydistill.distill.precision import enable_gradient_checkpointing
+    from raydistill.models import build_model
+
+    models = []
+    for name, tc in cfg.teacher_map().items():
+        if tc.training.gradient_checkpointing and not tc.checkpoint:
+            key = cfg.teacher_key(name)
+            models.append((f"{key}.training.gradient_checkpointing", key, tc))
+    if cfg.distill.gradient_checkpointing:
+        models += [("distill.gradient_checkpointing", f"assistants[{i}]", a) for i, a in enumerate(cfg.assistants)]
+        models.append(("distill.gradient_checkpointing", "student", cfg.student))
+    for key, who, spec in models:
+        with torch.device("meta"):
+            net = build_model({"model": spec.model, "kwargs": dict(spec.kwargs)})
+        try:
+            enable_gradient_checkpointing(net)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: the {who} ({spec.model!r}) cannot use it: {exc}") from None
+    from raydistill.distill.tracking import check_tracking
+
+    check_tracking(cfg, storage, name)
+
+
 def preflight(cfg: Config, storage, name: str, *, storage_key: str = "run.storage_path",
               name_key: str = "run.name") -> None:
     validate_run_name(name, name_key)
     check_storage(storage, storage_key)
+    check_inputs(cfg)
     check_models(cfg)
+    check_scale(cfg, storage, name)

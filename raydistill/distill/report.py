@@ -9,18 +9,22 @@ from pathlib import Path
 from raydistill.utils import write_json_atomic
 
 
-def build_report(cfg, name: str, run_dir: Path, teacher, assistants: list[dict], evals: dict[str, dict],
+def build_report(cfg, name: str, run_dir: Path, teachers: dict, assistants: list[dict], evals: dict[str, dict],
                  sparse: bool, structured_report: dict | None, timings: dict, corpus: dict | None = None, *,
                  student_init: dict | None = None) -> dict:
-    """The report dict of a job (``report.json``): every stage's evaluation, the headline comparisons and
-    the verdict on distillation (:func:`raydistill.distill.verdict.distillation_verdict`) -- of the student
-    distilled from random init when there is one (``dense_student``). ``student_init``: the pruning report
-    of a student made from the teacher (``student.init.from: teacher``): the report then also compares it
-    with the student distilled from random init (``pruned_vs_random_init``, paired over test items)."""
+    """The report dict of a job (``report.json``): every teacher's and stage's evaluation, the headline
+    comparisons (``Task.compare``: accuracy points, or a perplexity ratio - 1) and the verdict on
+    distillation (:func:`raydistill.distill.verdict.distillation_verdict`) -- of the student distilled from
+    random init when there is one (``dense_student``). ``student_init``: the pruning report of a student
+    made from the teacher (``student.init.from: teacher``): the report then also compares it with the
+    student distilled from random init (``pruned_vs_random_init``, paired over test items)."""
     from raydistill.distill.verdict import compare_stages, distillation_verdict, strip_items
+    from raydistill.tasks import get_task
 
+    task = get_task(cfg.data.task)
+    first = next(iter(teachers.values()))
     corpus = corpus or {}
-    lm = cfg.data.task == "causal_lm"
+    lm = task.metric == "perplexity"  # paired over items' NLL, else correct
     has_dense = "dense_student" in evals
     verdict = distillation_verdict(evals, lm=lm, distilled="dense_student" if has_dense else "student", **corpus)
     pruned_vs_random = compare_stages(evals, "student", "dense_student", lm=lm) if student_init else None
@@ -29,7 +33,9 @@ def build_report(cfg, name: str, run_dir: Path, teacher, assistants: list[dict],
         a.pop("_items", None)
     report = {
         "name": name, "run_dir": str(run_dir), "task": cfg.data.task,
-        "teacher": {**teacher.to_dict(), "accuracy": teacher.accuracy},
+        "teacher": {**first.to_dict(), "accuracy": first.accuracy},
+        "teachers": {n: {**t.to_dict(), "accuracy": t.accuracy} for n, t in teachers.items()},
+        "loss_terms": [{k: v for k, v in t.items() if k != "key"} for t in cfg.loss_terms()],
         "assistants": assistants,
         "baseline": evals["baseline"],
         "student": evals["student"],
@@ -46,23 +52,17 @@ def build_report(cfg, name: str, run_dir: Path, teacher, assistants: list[dict],
     if pruned_vs_random is not None:
         report["pruned_vs_random_init"] = pruned_vs_random
     sparse = sparse and not student_init  # the student differs from dense_student in its init too
-    if lm:
-        report["perplexity_vs_baseline"] = evals["student"]["perplexity"] / evals["baseline"]["perplexity"] - 1
-        if sparse:
-            report["sparse_vs_dense"] = evals["student"]["perplexity"] / evals["dense_student"]["perplexity"] - 1
-    else:
-        report["gain_over_baseline"] = evals["student"]["accuracy"] - evals["baseline"]["accuracy"]
-        if sparse:
-            report["sparse_vs_dense"] = evals["student"]["accuracy"] - evals["dense_student"]["accuracy"]
+    report[task.baseline_key] = task.compare(evals["student"], evals["baseline"])
+    if sparse:
+        report["sparse_vs_dense"] = task.compare(evals["student"], evals["dense_student"])
     return report
 
 
-def write_report(report: dict, run_dir: Path, stages: list[str], teacher_log: Path | None) -> None:
-    """``curves.png`` from the stages' ``epochs.jsonl`` (and the teacher's, when it trained), then
-    ``report.json`` and ``report.md``."""
+def write_report(report: dict, run_dir: Path, stages: list[str], teacher_logs: dict[str, Path]) -> None:
+    """``curves.png`` from the stages' ``epochs.jsonl`` (and those of the teachers trained here:
+    ``{stage name: log}``), then ``report.json`` and ``report.md``."""
     curves = {s: _read_log(run_dir / s / "epochs.jsonl") for s in stages}
-    if teacher_log is not None:
-        curves["teacher"] = _read_log(teacher_log)
+    curves.update({s: _read_log(p) for s, p in teacher_logs.items()})
     report["curves_png"] = str(_plot(curves, run_dir / "curves.png"))
     write_json_atomic(run_dir / "report.json", report)
     (run_dir / "report.md").write_text(report_markdown(report))
@@ -115,81 +115,79 @@ def _plot(curves: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
+def stage_rows(r: dict) -> list[tuple[str, str, dict]]:
+    """(stage, model, metrics) of every row of a report table: the teachers, assistants and students."""
+    teachers = r.get("teachers") or {"main": r["teacher"]}
+    rows = [("teacher" if len(teachers) == 1 else f"teacher:{n}", (t.get("model") or {}).get("model", "?"),
+             {"accuracy": t.get("accuracy"), **(t.get("metrics") or {})}) for n, t in teachers.items()]
+    ci = _teacher_ci(r)  # the verdict's interval of the student's teacher on the same test items
+    if ci:
+        rows[0][2].update({f"{k}_ci95": ci for k in ("accuracy", "perplexity") if k in rows[0][2]})
+    rows += [(a["stage"], a["model"], a) for a in r.get("assistants", [])]
+    smodel = ((r.get("config") or {}).get("student") or {}).get("model", "?")
+    rows += [(stage_label(r, k), smodel, r[k]) for k in ("baseline", "dense_student", "dense_student_ptq", "student")
+             if k in r]
+    return rows
+
+
+def fmt(v, f: str) -> str:
+    return "" if v is None else f.format(v)
+
+
+def cell(e: dict, key: str, f: str, mark: str = "\\*") -> str:
+    """A table cell: the value, its 95% interval when the evaluation has one (``<key>_ci95``), and ``mark``
+    on a latency read while other processes used the CPU (``latency_under_load``)."""
+    if e.get(key) is None:
+        return ""
+    return _with_ci(e[key], e.get(f"{key}_ci95"), f) + \
+        (mark if key.startswith("latency_ms") and e.get("latency_under_load") else "")
+
+
+UNDER_LOAD_NOTE = ("measured while other processes used more than a quarter of the machine's CPU time: the reading "
+                   "is the machine's contention, not the model's latency; time it again on an idle machine")
+
+
 def report_markdown(r: dict) -> str:
-    if r.get("task") == "causal_lm":
-        return _report_markdown_lm(r)
-    fmt = (lambda v, f: "" if v is None else f.format(v))
-    rows = [("teacher", r["teacher"]["model"].get("model", "?"),
-             {"accuracy": r["teacher"]["accuracy"], "accuracy_ci95": _teacher_ci(r)})]
-    for a in r.get("assistants", []):
-        rows.append((a["stage"], a["model"], a))
-    cfg = r["config"]
-    smodel = cfg["student"]["model"]
-    for key in ("baseline", "dense_student", "dense_student_ptq", "student"):
-        if key in r:
-            rows.append((key, smodel, r[key]))
-    lines = [f"# raydistill run `{r['name']}`", "",
-             "| stage | model | test accuracy | macro F1 | macro precision | macro recall | sparsity | compression "
-             "| bytes | bytes vs dense student | ms/batch 1 | ms/batch 256 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    ref = (r.get("dense_student") or {}).get("model_bytes")
-    for st, m, e in rows:
-        rel = e.get("model_bytes") / ref if ref and e.get("model_bytes") else None
-        lines.append(f"| {st} | {m} | {_with_ci(e.get('accuracy'), e.get('accuracy_ci95'), '{:.2%}')} | "
-                     f"{fmt(e.get('macro_f1'), '{:.3f}')} | "
-                     f"{fmt(e.get('macro_precision'), '{:.3f}')} | {fmt(e.get('macro_recall'), '{:.3f}')} | "
-                     f"{fmt(e.get('sparsity'), '{:.1%}')} | {fmt(e.get('compression_ratio'), '{:.2f}x')} | "
-                     f"{fmt(e.get('model_bytes'), '{:,}')} | {fmt(rel, '{:.1%}')} | "
-                     f"{_latency(e, 'latency_ms_b1')} | {_latency(e, 'latency_ms_b256')} |")
+    from raydistill.tasks import get_task
+
+    task = get_task(r["task"])
+    cols = task.report_columns
+    lines = [f"# raydistill run `{r['name']}` ({r['task']})", "",
+             "| stage | model | " + " | ".join(h for h, _, _ in cols) + " |",
+             "|---|---|" + "---:|" * len(cols)]
+    rows = stage_rows(r)
+    for st, model, e in rows:
+        lines.append(f"| {st} | {model} | " + " | ".join(cell(e, k, f) for _, k, f in cols) + " |")
     lines += _verdict_lines(r)
     if any(e.get("latency_under_load") for _, _, e in rows):
-        lines += ["", "\\* measured while other processes used more than a quarter of the machine's CPU time: the "
-                  "reading is the machine's contention, not the model's latency; time it again on an idle machine "
-                  "(`latency_spread_ms_*`, `latency_other_cpu` and `latency_loadavg` in report.json)"]
-    lines += ["", f"- compression steps: {', '.join(r.get('compression_steps') or []) or 'none'}",
-              f"- distilled student vs baseline: {r['gain_over_baseline'] * 100:+.1f} points"]
+        lines += ["", f"\\* {UNDER_LOAD_NOTE} (`latency_spread_ms_*`, `latency_other_cpu` and `latency_loadavg` "
+                  "in report.json)"]
+    terms = ", ".join(f"{t['type']}" + (f" ({', '.join(t['teachers'])})" if t.get("teachers") else
+                                        f" ({t['teacher']})" if t.get("teacher") else "") + f" x{t['weight']:g}"
+                      for t in r.get("loss_terms", []))
+    values = ", ".join(f"{k} {v:.4g}" for k, v in (r["student"].get("terms") or {}).items())
+    lines += ["", f"- loss terms: {terms or 'n/a'}" + (f"; the student's last epoch: {values}" if values else ""),
+              f"- compression steps: {', '.join(r.get('compression_steps') or []) or 'none'}",
+              f"- {'student (pruned from the teacher, distilled)' if r.get('student_init') else 'distilled student'}"
+              f" vs baseline: {task.compare_text.format(100 * r[task.baseline_key])}"
+              + (f" ({r['student']['eval_tokens']:,} test tokens)" if r["student"].get("eval_tokens") else "")]
     if "sparse_vs_dense" in r:
-        lines.append(f"- compressed vs dense distilled student: {r['sparse_vs_dense'] * 100:+.1f} points")
+        lines.append(f"- compressed vs dense distilled student: {task.compare_text.format(100 * r['sparse_vs_dense'])}")
     s = r["student"]
     if "projected_sparse_int8_bytes" in s:
         lines.append(f"- student bytes as int8 SparseLinear (projected, int16 indices): "
                      f"{s['projected_sparse_int8_bytes']:,}")
-    lines += [f"- student parameters: {s['nonzero_params']:,} nonzero of {s['params']:,}",
-              f"- wall time: {r['wall_seconds']:.0f} s", "", "![curves](curves.png)", ""]
-    return "\n".join(lines)
-
-
-def _report_markdown_lm(r: dict) -> str:
-    fmt = (lambda v, f: "" if v is None else f.format(v))
-    lines = [f"# raydistill run `{r['name']}` (causal LM)", "",
-             "| stage | test perplexity (95% CI) | next-token accuracy | teacher agreement | tokens/s | sparsity "
-             "| compression |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    t = r["teacher"].get("metrics") or {}
-    lines.append(f"| teacher | {_with_ci(t.get('perplexity'), _teacher_ci(r), '{:.2f}')} | "
-                 f"{fmt(t.get('next_token_accuracy'), '{:.2%}')} "
-                 "| | | | |")
-    for key in ("baseline", "dense_student", "student"):
-        if key in r:
-            e = r[key]
-            lines.append(f"| {stage_label(r, key)} | {_with_ci(e['perplexity'], e.get('perplexity_ci95'), '{:.2f}')} | "
-                         f"{e['next_token_accuracy']:.2%} | "
-                         f"{fmt(e.get('teacher_agreement'), '{:.2%}')} | {fmt(e.get('tokens_per_s'), '{:,.0f}')} | "
-                         f"{e['sparsity']:.1%} | {e['compression_ratio']:.2f}x |")
-    lines += _verdict_lines(r)
-    ev = r["student"].get("eval_tokens")
-    who = "student (pruned from the teacher, distilled)" if r.get("student_init") else "distilled student"
-    lines += ["", f"- {who} vs baseline: perplexity {r['perplexity_vs_baseline'] * 100:+.1f}%"
-              + (f" ({ev:,} test tokens)" if ev else "")]
-    if "sparse_vs_dense" in r:
-        lines.append(f"- sparse vs dense distilled student: perplexity {r['sparse_vs_dense'] * 100:+.1f}%")
+    lines.append(f"- student parameters: {s['nonzero_params']:,} nonzero of {s['params']:,}")
     lines += student_init_lines(r)
     if r.get("export"):
         lines.append(f"- exported student (save_pretrained + tokenizer): `{r['export']}`")
-    lines += [f"- wall time: {r['wall_seconds']:.0f} s", "", "## greedy samples (student)", ""]
-    for smp in r["student"].get("samples", []):
-        lines += ["```", smp["prompt"] + "→" + smp["continuation"], "```"]
-    lines += ["", "![curves](curves.png)", ""]
+    lines += [f"- wall time: {r['wall_seconds']:.0f} s", ""]
+    if s.get("samples"):
+        lines += ["## greedy samples (student)", ""]
+        for smp in s["samples"]:
+            lines += ["```", smp["prompt"] + "→" + smp["continuation"], "```"]
+        lines.append("")
+    lines += ["![curves](curves.png)", ""]
     return "\n".join(lines)
 
 
@@ -218,15 +216,19 @@ def student_init_lines(r: dict) -> list[str]:
            f"{si['calibration_perplexity_pruned']:.2f} (pruned, before distillation)"
            + (f"; removed layers {si['removed_layers']}" if si.get("removed_layers") else "")]
     out += [f"  - {n}" for n in si.get("notes") or []]
-    d = r.get("pruned_vs_random_init")
-    if d:  # a student made from the teacher is a decoder LM: the change is in perplexity
-        out.append(f"- {pruned_vs_random_text(d)}")
+    if r.get("pruned_vs_random_init"):
+        out.append(f"- {pruned_vs_random_text(r)}")
     return out
 
 
-def pruned_vs_random_text(d: dict) -> str:
-    return (f"pruned from the teacher vs random init, both distilled: perplexity {d['change']:+.1%} "
-            f"(95% CI {d['ci95'][0]:+.1%} .. {d['ci95'][1]:+.1%})")
+def pruned_vs_random_text(r: dict) -> str:
+    """The student made from the teacher against the one distilled from random init (``Task.compare_text``)."""
+    from raydistill.tasks import get_task
+
+    d, text = r["pruned_vs_random_init"], get_task(r["task"]).compare_text
+    lo, hi = d["ci95"]
+    return (f"pruned from the teacher vs random init, both distilled: {text.format(100 * d['change'])} "
+            f"(95% CI {100 * lo:+.1f} .. {100 * hi:+.1f})")
 
 
 def _with_ci(v, ci, f: str) -> str:
@@ -236,11 +238,6 @@ def _with_ci(v, ci, f: str) -> str:
     if not ci or any(c is None or c != c for c in ci):
         return f.format(v)
     return f"{f.format(v)} ({f.format(ci[0])}-{f.format(ci[1])})"
-
-
-def _latency(e: dict, key: str) -> str:
-    v = e.get(key)
-    return "" if v is None else f"{v:.3f}" + ("\\*" if e.get("latency_under_load") else "")
 
 
 def _teacher_ci(r: dict):

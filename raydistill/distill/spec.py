@@ -14,18 +14,6 @@ from typing import Any, Literal
 
 
 @dataclass(frozen=True)
-class KDTerms:
-    """The distillation loss: ``alpha * T^2 * D(teacher, student) + (1 - alpha) * CE`` (see ``ops.kd_loss``)."""
-
-    temperature: float
-    alpha: float
-    divergence: str
-    beta: float
-    hard_labels: Literal["teacher_argmax", "none"] = "teacher_argmax"
-    fused_linear: bool = False  # causal LM: lm_head + kd_loss fused (ops.kd_loss_linear), no logits tensor
-
-
-@dataclass(frozen=True)
 class TeacherRef:
     """A frozen teacher: a checkpoint directory (or .safetensors file) and the model that loads it."""
 
@@ -56,7 +44,7 @@ def model_dict(m) -> dict:
 @dataclass(frozen=True)
 class StageSpec:
     stage: str                              # teacher | baseline | dense_student | student | assistant_i
-    task: Literal["classification", "causal_lm"]
+    task: str                               # a name of raydistill.tasks.TASKS
     kind: Literal["ce", "kd"]               # ce: labels only (teacher, baseline); kd: distillation
     model: dict                             # {"model": name, "kwargs": {...}}
     epochs: int
@@ -67,10 +55,13 @@ class StageSpec:
     progress_dir: str                       # rank 0 appends epochs.jsonl here
     sparsity: float = 0.0
     compression: dict | None = None         # CompressionConfig dump when sparsity > 0
-    kd: KDTerms | None = None
-    teacher: TeacherRef | None = None       # online teacher (None: ce, or offline top-k outputs)
-    teacher_hash: str | None = None
-    offline: bool = False                   # kd from top-k teacher outputs (parquet)
+    # the loss: resolved term specs (raydistill.losses; Config.loss_terms()); a ce stage: [ce]
+    terms: tuple[dict, ...] = ({"type": "ce", "weight": 1.0},)
+    teachers: dict[str, TeacherRef] = field(default_factory=dict)   # the teachers that run (by name)
+    teacher_hashes: dict[str, str] = field(default_factory=dict)    # every teacher's config hash
+    offline_teacher: str | None = None      # the teacher read from top-k outputs (parquet columns)
+    hard_labels: Literal["teacher_argmax", "none"] = "teacher_argmax"   # unlabelled rows (classification)
+    fused_linear: bool = False              # causal LM: lm_head + kd_loss fused (ops.kd_loss_linear)
     steps_per_epoch: int | None = None      # None: this worker's rows // batch_size
     materialize: bool = True
     rows_per_worker: int = 0
@@ -86,18 +77,43 @@ class StageSpec:
     init_from: str | None = None
     qat: dict | None = None
     quantize: dict | None = None
+    # training at scale (issue 22; raydistill.config.ScaleKeys): autocast dtype, micro-batches per optimizer
+    # step, activation checkpointing, the budget in optimizer steps (None: epochs), step reports
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
+    max_steps: int | None = None
+    checkpoint_every_steps: int | None = None
+    log_every_steps: int = 10
+    debug_crash_at_step: int | None = None
     config_hash: str = ""
 
     # fields that do not change what the stage learns
     _RUN_ONLY = ("progress_dir", "threads", "materialize", "rows_per_worker", "debug_crash_at_epoch",
-                 "config_hash", "strategy")
+                 "config_hash", "strategy", "gradient_checkpointing", "checkpoint_every_steps", "log_every_steps",
+                 "debug_crash_at_step")
+    # issue 22's fields that change what is learned, left out of the hash at these defaults (so the hashes
+    # of stages that do not use them, and the checkpoints written before them, stay valid)
+    _NEW_DEFAULTS = {"precision": "fp32", "grad_accum_steps": 1, "max_steps": None}
 
     def learning_fields(self) -> dict:
         d = dataclasses.asdict(self)
         for k in self._RUN_ONLY:
             d.pop(k, None)
-        d.pop("teacher", None)  # its path moves with the storage; teacher_hash identifies it
+        if d.get("max_steps") is not None:
+            d.pop("epochs")  # derived from max_steps and the rows per worker: the budget is max_steps
+        for k, v in self._NEW_DEFAULTS.items():
+            if d.get(k) == v:
+                d.pop(k)
+        if isinstance(d.get("lr_schedule"), dict) and not d["lr_schedule"].get("warmup_steps"):
+            d["lr_schedule"] = {k: v for k, v in d["lr_schedule"].items() if k != "warmup_steps"}
+        d.pop("teachers", None)  # their paths move with the storage; teacher_hashes identify them
         return d
+
+    @property
+    def offline(self) -> bool:
+        """Distillation from top-k teacher outputs (the train rows carry them)."""
+        return self.offline_teacher is not None
 
     def replace(self, **changes) -> "StageSpec":
         return dataclasses.replace(self, **changes)

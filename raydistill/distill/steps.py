@@ -9,7 +9,8 @@
                       evaluation converts to QuantizedLinear (the same numbers); ``mode: ptq``: the
                       evaluation quantizes the distilled float student.
 
-Worker entry points: :func:`prepare_student` (shapes, init weights, QAT) and :func:`size_metrics`.
+Worker and driver: :func:`build_student` (the one builder of a stage's student: shapes, init weights,
+QAT). Worker entry points: :func:`size_metrics`, :func:`final_metrics`.
 Driver entry points: :func:`student_extras`, :func:`structured_init`, :func:`finalize_student`,
 :func:`measure_latency`, :func:`check_recipe`.
 """
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["prepare_student", "student_extras", "search_extras", "final_metrics", "structured_init", "finalize_student", "measure_latency",
+__all__ = ["build_student", "student_extras", "search_extras", "final_metrics", "structured_init", "finalize_student", "measure_latency",
            "size_metrics", "projected_nbytes", "check_recipe", "storage_nbytes"]
 
 
@@ -59,24 +60,26 @@ def search_extras(cfg) -> dict:
     return student_extras(cfg, structure=structure)
 
 
-def prepare_student(model: nn.Module, spec, *, resuming: bool) -> nn.Module:
-    """Worker side (``loop.setup``), right after building the model from the ``StageSpec`` ``spec``:
-    pruned shapes, the pruned init weights (fresh start only; a resume loads its checkpoint afterwards),
-    fake quantization for QAT."""
+def build_student(task, model: dict, info: dict, *, structure: dict | None = None, qat: dict | None = None,
+                  init_from: str | None = None) -> nn.Module:
+    """A stage's student as its ``StageSpec`` describes it (the worker's set-up, the FSDP evaluation copy
+    and the driver's checkpoint evaluation all build it here): ``task.build_model``, then the pruned shapes
+    (``structure``), the weights it starts from (``init_from``: a fresh start only; a resume loads its
+    checkpoint afterwards) and fake quantization for QAT (``qat``)."""
     from raydistill.compress.quantize import prepare_qat
     from raydistill.compress.structured import resize_structured
 
-    if spec.structure:
-        resize_structured(model, spec.structure)
-    if spec.init_from and not resuming:
+    net = task.build_model(model, info)
+    if structure:
+        resize_structured(net, structure)
+    if init_from:
         from raydistill.distill.checkpointing import load_weights
 
-        load_weights(model, spec.init_from)
-    if spec.qat:
-        q = spec.qat
-        prepare_qat(model, q["bits"], q["group_size"], q["activations"], include=q.get("include"),
-                    exclude=q.get("exclude"))
-    return model
+        load_weights(net, init_from)
+    if qat:
+        prepare_qat(net, qat["bits"], qat["group_size"], qat["activations"], include=qat.get("include"),
+                    exclude=qat.get("exclude"))
+    return net
 
 
 def structured_init(cfg, dense_checkpoint, out_dir, calibration: torch.Tensor | None) -> tuple[str, dict, dict]:
@@ -84,13 +87,14 @@ def structured_init(cfg, dense_checkpoint, out_dir, calibration: torch.Tensor | 
     weights to ``out_dir``. Returns (path, widths, report dict)."""
     from raydistill.compress.structured import prune_structured
     from raydistill.distill.checkpointing import load_weights, save_checkpoint_dir
-    from raydistill.models import build_model
+    from raydistill.distill.spec import model_dict
+    from raydistill.tasks import get_task
 
     s = dict(cfg.compression.steps())["prune_structured"]
     meta_file = Path(dense_checkpoint) / "meta.json"
     info = (json.loads(meta_file.read_text()).get("task_info") or {}) if meta_file.is_file() else {}
-    # a causal LM's vocabulary: the checkpoint's task_info (the tokenizer's)
-    net = build_model(cfg.student, vocab_size=info.get("vocab_size"))
+    # the checkpoint's task_info (a causal LM's vocabulary: the tokenizer's)
+    net = get_task(cfg.data.task).build_model(model_dict(cfg.student), info)
     load_weights(net, dense_checkpoint)
     cal = None
     if s.ranking == "activation":
@@ -270,17 +274,19 @@ def check_recipe(cfg) -> None:
     a group size that does not divide a layer's in_features, a structured ratio that removes every unit."""
     from raydistill.compress.quantize import check_scheme
     from raydistill.compress.structured import prune_structured
-    from raydistill.models import build_model
+    from raydistill.distill.spec import model_dict
+    from raydistill.tasks import TASKS, get_task
 
     steps = dict(cfg.compression.steps())
     if not steps:
         return
-    task = getattr(cfg.data, "task", "classification")
-    if "quantize" in steps and task != "classification":
-        raise ValueError(f"compression.quantize: the 'quantize' step is implemented for data.task 'classification' "
-                         f"only, not {task!r}; remove it (prune and prune_structured work for every task)")
-    # an LM student's vocabulary only changes the embedding and head, which prune_structured never touches
-    net = build_model(cfg.student, vocab_size=128) if task == "causal_lm" else build_model(cfg.student)
+    task = get_task(cfg.data.task)
+    if "quantize" in steps and not task.supports_quantize:
+        ok = [n for n in TASKS if get_task(n).supports_quantize]
+        raise ValueError(f"compression.quantize: the 'quantize' step is implemented for data.task "
+                         f"{' and '.join(repr(n) for n in ok)} only, not "
+                         f"{task.name!r}; remove it (prune and prune_structured work for every task)")
+    net = task.build_model(model_dict(cfg.student), task.probe_info())
     s = steps.get("prune_structured")
     if s is not None:
         try:
@@ -291,7 +297,15 @@ def check_recipe(cfg) -> None:
     if q is not None:
         from raydistill.compress.pruner import select_linear_layers
 
-        for name, mod in select_linear_layers(net, q.include, q.exclude).items():
+        selected = select_linear_layers(net, q.include, q.exclude)
+        if not selected:  # quantize() would refuse it after training; say it before
+            from raydistill.compress.quantize import check_selection
+
+            try:
+                check_selection("quantize", net, selected, q.include, q.exclude, (nn.Linear,))
+            except ValueError as exc:
+                raise ValueError(f"compression.quantize.{'exclude' if q.exclude else 'include'}: {exc}") from None
+        for name, mod in selected.items():
             try:
                 check_scheme(q.bits, q.group_size, q.activations, mod.in_features, name)
             except ValueError as exc:

@@ -122,9 +122,9 @@ def calibration(cfg: Config, storage: Path):
     corpus has fewer training blocks."""
     if not from_teacher(cfg):
         return None
-    from raydistill.distill.data import text_data
+    from raydistill.tasks import get_task
 
-    return calibration_from_blocks(cfg, text_data(cfg, storage).train)
+    return calibration_from_blocks(cfg, get_task(cfg.data.task).calibration_inputs(cfg, storage))
 
 
 def calibration_from_blocks(cfg: Config, blocks):

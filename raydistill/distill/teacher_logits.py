@@ -13,12 +13,12 @@ per packed block (raw logits over the tokenizer's ids). Sorted by value, descend
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from raydistill.config import Config, ConfigError
+from raydistill.utils import check_output_dir, replace_dir_atomically
 
 
 class TeacherTopK:
@@ -79,10 +79,14 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
     if not 1 <= k <= (10 if not lm else 1 << 20):
         raise ConfigError(f"distill.topk must be in 1..10 (10 classes), got {k}")
     storage = resolve_storage(storage_path, cfg)
+    out_key = "--output" if output else "teacher-logits output directory"
+    if output:  # before Ray starts
+        check_output_dir(output, key=out_key, error=ConfigError)
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": str(storage)})})
     with ray_session(address=address) as ray:
         teacher = ensure_teacher(cfg, storage)
-        out = Path(output).expanduser().resolve() if output else default_output(storage, teacher.config_hash, k)
+        out = Path(output).expanduser().absolute() if output else default_output(storage, teacher.config_hash, k)
+        check_output_dir(out, key=out_key, error=ConfigError)
         gpus = ray.cluster_resources().get("GPU", 0)
         n, actor_cpus = _pool_size(ray, concurrency, gpus)
         from ray.data import DataContext
@@ -109,12 +113,11 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
             # fractional CPUs: the actors leave room for the read / write tasks of the same pipeline (and
             # for whatever else runs on the cluster), or on a small node the pool can starve the pipeline
             num_gpus=1 if gpus > 0 else None, num_cpus=None if gpus > 0 else actor_cpus)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        _run_with_deadline(lambda: ds.write_parquet(str(tmp)), timeout_s, ray)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        # a temporary sibling renamed into place; an existing directory is replaced only when it is an
+        # earlier output of ours (its marker), never a file, a link or someone else's directory
+        out = replace_dir_atomically(out, lambda tmp: _run_with_deadline(lambda: ds.write_parquet(str(tmp)),
+                                                                          timeout_s, ray),
+                                     key=out_key, error=ConfigError, description="teacher-logits")
     return out
 
 

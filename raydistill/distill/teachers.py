@@ -1,8 +1,10 @@
-"""The teachers of a job: trained through Ray Train with cross-entropy and cached under
-``<storage>/teachers/<hash>``, or loaded from ``teacher.checkpoint``; an assistant's checkpoint as the
-next link's teacher.
+"""The teachers of a job (``teacher``, or ``teachers``: name -> teacher): each trained through Ray Train
+with cross-entropy and cached under ``<storage>/teachers/<hash>``, or loaded from its ``checkpoint`` (a
+checkpoint directory, a ``.safetensors`` file, or the ``from_pretrained`` directory of ``kwargs.pretrained``);
+an assistant's checkpoint as the next link's teacher.
 
-    ensure_teacher(cfg, storage_path) -> TeacherArtifact
+    ensure_teachers(cfg, storage_path) -> {name: TeacherArtifact}
+    ensure_teacher(cfg, storage_path, teacher=None) -> TeacherArtifact      # one (None: the first)
 """
 
 from __future__ import annotations
@@ -21,22 +23,46 @@ from raydistill.utils import write_json_atomic
 TEACHER_FILE = "teacher.json"
 
 
-def teacher_hash(cfg: Config) -> str:
-    return config_hash({"teacher": cfg.teacher.model_dump(mode="json", exclude={"checkpoint"}),
+def teacher_hash(cfg: Config, teacher: str | None = None) -> str:
+    """What teacher ``teacher`` (None: the first) learns from: its model, training budget, data and seed
+    (issue 22's keys at their defaults and ``teacher_outputs`` left out: the hash of before)."""
+    from raydistill.config import without_scale_defaults
+
+    tc = _config(cfg, teacher)
+    return config_hash({"teacher": without_scale_defaults(tc.model_dump(mode="json",
+                                                                         exclude={"checkpoint", "teacher_outputs"})),
                         "data": cfg.data.model_dump(mode="json", exclude={"materialize"}),
                         "seed": cfg.run.seed})
 
 
-def ensure_teacher(cfg: Config, storage_path, *, callbacks=None, num_workers=None,
+def teacher_log(cfg: Config, storage, teacher: str | None = None) -> Path | None:
+    """The per-epoch log of a teacher trained here (None: loaded from a checkpoint)."""
+    if _config(cfg, teacher).checkpoint:
+        return None
+    return resolve_storage(storage) / "teachers" / teacher_hash(cfg, teacher) / "epochs.jsonl"
+
+
+def _config(cfg: Config, teacher: str | None):
+    return cfg.teacher_map()[teacher or next(iter(cfg.teacher_map()))]
+
+
+def ensure_teachers(cfg: Config, storage_path, **kw) -> dict[str, TeacherArtifact]:
+    """Every teacher of the job, by name, in the config's order (:func:`ensure_teacher`)."""
+    return {name: ensure_teacher(cfg, storage_path, teacher=name, **kw) for name in cfg.teacher_map()}
+
+
+def ensure_teacher(cfg: Config, storage_path, *, teacher: str | None = None, callbacks=None, num_workers=None,
                    resources_per_worker=None) -> TeacherArtifact:
-    """The trained teacher: ``teacher.checkpoint`` if set, else the cached one under
-    ``<storage>/teachers/<hash>`` (hash of the teacher's model, training budget, data and seed), training
-    it through Ray Train (plain cross-entropy) first if it is not there yet. Concurrent callers (Tune
-    trials) serialise on a file lock, so the teacher is trained once."""
+    """A trained teacher (``teacher``: its name; None: the first): its ``checkpoint`` if set, else the cached
+    one under ``<storage>/teachers/<hash>`` (:func:`teacher_hash`), training it through Ray Train (plain
+    cross-entropy) first if it is not there yet. Concurrent callers (Tune trials) serialise on a file
+    lock, so a teacher is trained once."""
     storage = resolve_storage(storage_path)
-    if cfg.teacher.checkpoint:
-        return _external_teacher(cfg, storage)
-    h = teacher_hash(cfg)
+    name = teacher or next(iter(cfg.teacher_map()))
+    tc = _config(cfg, name)
+    if tc.checkpoint:
+        return _external_teacher(cfg, storage, name)
+    h = teacher_hash(cfg, name)
     root = storage / "teachers"
     tdir = root / h
     root.mkdir(parents=True, exist_ok=True)
@@ -54,7 +80,7 @@ def ensure_teacher(cfg: Config, storage_path, *, callbacks=None, num_workers=Non
         with ray_session():
             trainer = build_teacher_trainer(cfg, storage_path=root, name=h, callbacks=callbacks,
                                             num_workers=num_workers, resources_per_worker=resources_per_worker,
-                                            data_root=storage)
+                                            data_root=storage, teacher=name)
             from raydistill.distill.interrupts import fit
 
             result = fit(trainer)  # off the main thread, so Ctrl-C stays the job's (distill/interrupts.py)
@@ -65,7 +91,7 @@ def ensure_teacher(cfg: Config, storage_path, *, callbacks=None, num_workers=Non
         shutil.copytree(ck, final)
         meta = checkpoint_meta(final)
         art = TeacherArtifact(path=str(final), accuracy=_accuracy(meta["metrics"]), config_hash=h,
-                              model=model_dict(cfg.teacher), metrics=_test_metrics(meta["metrics"]))
+                              model=model_dict(tc), metrics=_test_metrics(meta["metrics"]))
         write_json_atomic(info, art.to_dict())
         return art
 
@@ -83,14 +109,16 @@ def _test_metrics(metrics: dict) -> dict:
     return {k: metrics[k] for k in _TEST_KEYS if k in metrics}
 
 
-def _external_teacher(cfg: Config, storage: Path) -> TeacherArtifact:
-    path = Path(cfg.teacher.checkpoint).expanduser().resolve()
+def _external_teacher(cfg: Config, storage: Path, name: str) -> TeacherArtifact:
+    tc = _config(cfg, name)
+    path = Path(tc.checkpoint).expanduser().resolve()
     try:
-        ev = evaluate_checkpoint(cfg, path, model=model_dict(cfg.teacher), teacher=False, samples=False)
+        ev = evaluate_checkpoint(cfg, path, model=model_dict(tc), teacher=False, samples=False)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise ConfigError(f"teacher.checkpoint: cannot load {path} into {cfg.teacher.model!r}: {exc}") from None
+        raise ConfigError(f"{cfg.teacher_key(name)}.checkpoint: cannot load {path} into {tc.model!r}: {exc}") \
+            from None
     return TeacherArtifact(path=str(path), accuracy=_accuracy(ev), config_hash=config_hash(
-        {"checkpoint": str(path), "mtime": path.stat().st_mtime}), model=model_dict(cfg.teacher),
+        {"checkpoint": str(path), "mtime": path.stat().st_mtime}), model=model_dict(tc),
         metrics=_test_metrics(ev))
 
 

@@ -1,10 +1,10 @@
 """The per-worker Ray Train loop (``train_fn_per_worker``) shared by every stage of every task.
 
 ``train_fn_per_worker({"spec": StageSpec})`` trains any stage: ``kind="ce"`` (labels only: the teacher,
-the from-scratch baseline) or ``kind="kd"`` (distillation from an online teacher or offline top-k
-teacher outputs), optionally pruning gradually; what is task-specific (batches, teacher and student
-outputs, loss terms, metrics) is behind ``raydistill.tasks``, the loop's pieces are in
-``raydistill.distill.loop``.
+the from-scratch baseline) or ``kind="kd"`` (distillation from online teachers or offline top-k teacher
+outputs), optionally pruning gradually; the loss is the stage's weighted terms (``raydistill.losses``),
+what is task-specific (batches, teacher and student outputs, metrics) is behind ``raydistill.tasks``, the
+loop's pieces are in ``raydistill.distill.loop``.
 
 The checkpoints it writes (``raydistill.distill.checkpointing.save_checkpoint_dir``): a directory holds
 ``model.safetensors``, ``masks.safetensors`` (pruned stages),
@@ -38,7 +38,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     spec = config["spec"]                  # a StageSpec (raydistill.distill.spec)
     stage = loop.setup(spec)               # model (+ resume from ray.train.get_checkpoint()), teacher, data,
                                            # optimizer, schedule, pruner
-    for epoch in range(stage.start_epoch + 1, spec.epochs + 1):
+    for epoch in range(stage.start_epoch + 1, stage.spec.epochs + 1):  # epochs: of the budget (budget.py)
         train = loop.train_epoch(stage, epoch)
         metrics = loop.evaluate(stage, epoch, train)
         loop.report(stage, epoch, metrics)  # ray.train.report(metrics, checkpoint=...) + epochs.jsonl

@@ -72,3 +72,17 @@ def build_model(spec: Any, *, in_features: int = 40, num_classes: int = 10, voca
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def hidden_modules(model) -> list:
+    """The modules whose outputs are a classifier's hidden states, in order (loss terms on hidden states
+    address them 1-based): ``model.hidden_modules()`` when the model defines it, else every ``nn.Linear``
+    but the last (the output layer)."""
+    import torch.nn as nn
+
+    from raydistill.utils import unwrap_model
+
+    base = unwrap_model(model)
+    if callable(getattr(base, "hidden_modules", None)):
+        return list(base.hidden_modules())
+    return [m for m in base.modules() if isinstance(m, nn.Linear)][:-1]

@@ -43,7 +43,7 @@ def hf_config_dict(kwargs: dict) -> dict[str, Any]:
         cfg_file = d / "config.json"
         if not cfg_file.is_file():
             raise ValueError(f"kwargs.pretrained: {d} has no config.json (not a transformers model directory)")
-        return _read_json(cfg_file, "kwargs.pretrained")
+        return _no_custom_code(_read_json(cfg_file, "kwargs.pretrained"), "kwargs.pretrained", cfg_file)
     conf = kwargs["config"]
     if isinstance(conf, str):
         conf = _read_json(Path(conf).expanduser(), "kwargs.config")
@@ -51,7 +51,23 @@ def hf_config_dict(kwargs: dict) -> dict[str, Any]:
         raise ValueError(f"kwargs.config must be a mapping or a JSON file path, got {type(conf).__name__}")
     if "model_type" not in conf:
         raise ValueError("kwargs.config needs model_type (e.g. llama, gpt2)")
-    return dict(conf)
+    return _no_custom_code(dict(conf), "kwargs.config", "the config")
+
+
+def _no_custom_code(conf: dict, key: str, where) -> dict:
+    """A config that names its own model code (``auto_map``: transformers would import ``.py`` files shipped
+    with the model, i.e. run them) is refused: raydistill builds only the model classes transformers ships.
+    Every load also passes ``trust_remote_code=False``, so such code never runs either way."""
+    if "auto_map" in conf:
+        d = Path(where).parent if isinstance(where, Path) else None
+        py = sorted(p.name for p in d.glob("*.py")) if d is not None and d.is_dir() else []
+        shipped = f" and the directory ships {', '.join(py[:5])}{', ...' if len(py) > 5 else ''}" if py else ""
+        am = conf["auto_map"]
+        names = sorted(map(str, am)) if isinstance(am, dict) else am
+        raise ValueError(f"{key}: {where} has auto_map (custom model code: {names!r}){shipped}; "
+                         "raydistill never runs code from a model directory (trust_remote_code=False): use a model "
+                         "type that transformers ships (its model_type, without auto_map)")
+    return conf
 
 
 def _read_json(path: Path, key: str) -> dict:
@@ -88,12 +104,13 @@ def check_vocab(key: str, model_vocab: int | None, tokenizer_vocab: int) -> None
 
 def check_lm_models(cfg) -> None:
     """Cross-checks of a causal-LM config before anything runs: ``data.seq_len`` within every hf model's
-    maximum positions; the tokenizer's vocabulary fitting every model (up to padding)."""
+    maximum positions; the tokenizer's vocabulary fitting every model (up to padding): every teacher shares
+    the student's tokenizer, else the error names the teacher's key."""
     from raydistill.data.text import tokenizer_vocab_size
 
     data = cfg.data
     n_tok = tokenizer_vocab_size(data.tokenizer) if data.tokenizer else None
-    specs = [("teacher", cfg.teacher), ("student", cfg.student)] + \
+    specs = [(cfg.teacher_key(n), t) for n, t in cfg.teacher_map().items()] + [("student", cfg.student)] + \
         [(f"assistants.{i}", a) for i, a in enumerate(cfg.assistants)]
     for key, spec in specs:
         if spec.model != "hf":
@@ -129,13 +146,13 @@ def build_hf(kwargs: dict, vocab_size: int | None = None):
         hf_logging.disable_progress_bar()  # "Loading weights" bars in a job's output, once per model built
         d = str(Path(str(kwargs["pretrained"])).expanduser())
         hf_config_dict(kwargs)
-        model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True, trust_remote_code=False)
     else:
         conf = hf_config_dict(kwargs)
         if conf.get("vocab_size") is None and vocab_size is not None:
             conf["vocab_size"] = int(vocab_size)
         conf.setdefault("use_cache", False)
         model_type = conf.pop("model_type")
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **conf))
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **conf), trust_remote_code=False)
     model.config.use_cache = False
     return model

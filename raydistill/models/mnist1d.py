@@ -25,6 +25,10 @@ class CNN1D(nn.Module):
             length = (length + 2 * pad - kernel_size) // 2 + 1
         self.fc = nn.Linear(channels * length, num_classes)
 
+    def hidden_modules(self) -> list[nn.Module]:
+        """Hidden states for distillation: the four conv layers' outputs (pooled over positions by the task)."""
+        return [self.conv1, self.conv2, self.conv3, self.conv4]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(1)
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):

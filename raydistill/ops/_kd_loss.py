@@ -117,6 +117,8 @@ def _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_in
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:  # the ops' schemas take an int64
+        raise ValueError(f"ignore_index must be in [-2**63, 2**63 - 1] (an int64), got {ignore_index}")
     if not isinstance(t2_scaling, bool):
         raise TypeError(f"t2_scaling must be a bool, got {type(t2_scaling).__name__}")
 

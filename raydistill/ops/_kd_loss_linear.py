@@ -145,13 +145,17 @@ def _validate(student_hidden, student_weight, student_bias, teacher_hidden, teac
     _check_chunk_size(chunk_size)
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _check_chunk_size(chunk_size) -> None:
     if chunk_size is None:
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
         raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 (rows per chunk) or None (automatic), got {chunk_size}")
+    if not 1 <= chunk_size <= INT64_MAX:  # the op's schema takes an int64
+        raise ValueError(f"chunk_size must be in [1, 2**63 - 1] (rows per chunk; any value >= the number of rows "
+                         f"is one chunk) or None (automatic), got {chunk_size}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,6 +353,15 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
          teacher_topk_logits, teacher_topk_indices, labels, temperature, alpha, divergence, beta, reduction,
          ignore_index, t2_scaling, chunk_size) -> Tensor:
+    low = _autocast_dtype(student_hidden)
+    if low is not None:  # under torch.autocast: the matmuls' inputs in its dtype, as for a plain linear layer
+        cast = [None if t is None or t.dtype != torch.float32 else t.to(low)
+                for t in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)]
+        keep = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        args = [c if c is not None else k for c, k in zip(cast, keep)]
+        with torch.autocast(student_hidden.device.type, enabled=False):
+            return _run(*args, teacher_topk_logits, teacher_topk_indices, labels, temperature, alpha, divergence,
+                        beta, reduction, ignore_index, t2_scaling, chunk_size)
     topk = teacher_topk_logits is not None
     _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_index, t2_scaling, topk=topk)
     _validate(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -384,6 +397,17 @@ def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_w
                DIVERGENCES[divergence], kw["beta"], _RED[reduction], kw["ignore_index"], t2_scaling,
                int(chunk_size), mask)[0]
     return loss.reshape(lead) if reduction == "none" else loss
+
+
+def _autocast_dtype(t) -> torch.dtype | None:
+    """The autocast dtype when ``torch.autocast`` is on for ``t``'s device and ``t`` is float32, else None."""
+    if not isinstance(t, Tensor) or t.dtype != torch.float32:
+        return None
+    dev = t.device.type
+    try:
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        return None
 
 
 def _logits(hidden, weight, bias, V, dtype=None):

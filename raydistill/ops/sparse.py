@@ -33,6 +33,7 @@ __all__ = [
     "csr_from_dense",
     "csr_transpose",
     "check_csr",
+    "check_row_pointers",
     "SparseLinearInt8",
     "sparse_linear_int8",
     "sparse_linear_int8_reference",
@@ -49,6 +50,29 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # ----------------------------------------------------------------------------------------------------
 # CSR helpers
 # ----------------------------------------------------------------------------------------------------
+
+
+def check_row_pointers(crow_indices: Tensor, nnz: int, cols: int | None = None,
+                       col_indices: Tensor | None = None) -> None:
+    """The rules a kernel needs to stay inside a CSR pattern, O(rows + nnz): ``crow_indices`` starts at 0,
+    is non-decreasing and ends at ``nnz``; with ``col_indices``, every column is in ``[0, cols)``.
+    ValueError naming the tensor and the rule (what the CPU ops check in C++ on every call)."""
+    crow = crow_indices.detach().to("cpu", torch.int64)
+    if crow.numel() == 0:
+        raise ValueError("crow_indices must have rows+1 >= 1 entries, got none")
+    if crow[0].item() != 0 or crow[-1].item() != nnz:
+        raise ValueError(f"crow_indices must start at 0 and end at nnz={nnz}, "
+                         f"got {crow[0].item()}..{crow[-1].item()}")
+    dec = (crow[1:] < crow[:-1]).nonzero()
+    if dec.numel():
+        r = int(dec[0, 0])
+        raise ValueError(f"crow_indices must be non-decreasing, got crow_indices[{r + 1}]={int(crow[r + 1])} < "
+                         f"crow_indices[{r}]={int(crow[r])}")
+    if col_indices is not None and col_indices.numel():
+        col = col_indices.detach()
+        lo, hi = int(col.min()), int(col.max())
+        if lo < 0 or hi >= cols:
+            raise ValueError(f"col_indices out of range [0, {cols}): min {lo}, max {hi}")
 
 
 def check_csr(crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int], *,
@@ -72,14 +96,8 @@ def check_csr(crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int],
     crow = crow_indices.detach().to("cpu", torch.int64)
     col = col_indices.detach().to("cpu", torch.int64)
     nnz = col.numel()
-    if crow[0].item() != 0 or crow[-1].item() != nnz:
-        raise ValueError(f"crow_indices must start at 0 and end at nnz={nnz}, "
-                         f"got {crow[0].item()}..{crow[-1].item()}")
-    if rows > 0 and bool((crow[1:] < crow[:-1]).any()):
-        raise ValueError("crow_indices must be non-decreasing")
+    check_row_pointers(crow, nnz, cols, col)
     if nnz:
-        if int(col.min()) < 0 or int(col.max()) >= cols:
-            raise ValueError(f"col_indices out of range [0, {cols}): min {int(col.min())}, max {int(col.max())}")
         # strictly increasing inside each row: a decrease/equality is allowed only at a row start
         row_start = torch.zeros(nnz, dtype=torch.bool)
         starts = crow[:-1][crow[:-1] < nnz]
@@ -141,6 +159,36 @@ def csr_transpose(crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, i
     t_crow = torch.zeros(cols + 1, dtype=torch.int64, device=dev)
     t_crow[1:] = torch.cumsum(counts, 0)
     return t_crow.to(INDEX_DTYPE), t_col.to(INDEX_DTYPE), perm.to(INDEX_DTYPE)
+
+
+def _check_bounds(crow_indices: Tensor, col_indices: Tensor, values: Tensor, cols: int) -> None:
+    """What the PyTorch reference paths need (ValueError instead of an index error or a device assert):
+    the row pointers and columns of :func:`check_row_pointers` and one value per column index."""
+    if col_indices.dim() != 1 or values.dim() != 1 or col_indices.numel() != values.numel():
+        raise ValueError(f"col_indices and values must be 1-D with nnz entries each, got shapes "
+                         f"{tuple(col_indices.shape)} and {tuple(values.shape)}")
+    check_row_pointers(crow_indices, values.numel(), cols, col_indices)
+
+
+def _version_key(*tensors: Tensor) -> tuple:
+    """Identity and in-place version of tensors: a cached check stays valid while this key is the same."""
+    return tuple((t.data_ptr(), t._version, t.device, tuple(t.shape), t.dtype) for t in tensors if t is not None)
+
+
+def _check_dtypes(tensors: dict, rules: dict) -> None:
+    """Each tensor of ``tensors`` ({name: tensor or None}) has a dtype of ``rules[name]`` ((dtypes, ndim or
+    None)) and that rank; ValueError naming the tensor and the rule."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        dtypes, ndim = rules[name]
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, "
+                             f"got {str(t.dtype).removeprefix('torch.')}")
+        if ndim is not None and t.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
 def _rows_of(crow_indices: Tensor, nnz: int) -> Tensor:
@@ -286,6 +334,8 @@ def sparse_linear(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: 
     if check:
         check_csr(crow_indices, col_indices, (out_features, x.shape[-1]), values=values)
     if not _use_compiled(x):
+        if not check:  # the compiled CPU op checks these itself (O(rows)); the reference path here
+            _check_bounds(crow_indices, col_indices, values, x.shape[-1])
         return sparse_linear_reference(x, crow_indices, col_indices, values, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -333,6 +383,36 @@ class _CSRSizes:
     @property
     def sparsity(self) -> float:
         return 1.0 - self.density if self.in_features * self.out_features else 0.0
+
+    # checks of the layer's own tensors: at load, and once per change before a CUDA call -------------------
+    _RULES: dict = {}  # {tensor name: (dtypes, ndim or None)}, what check_pattern and a loaded file must meet
+
+    def _check_once(self) -> None:
+        """:meth:`check_pattern`, again only when one of its tensors changed (identity or in-place version)."""
+        key = self._check_key()
+        if getattr(self, "_checked_key", None) != key:
+            self.check_pattern()
+            object.__setattr__(self, "_checked_key", key)
+
+    def _checked_load(self, state_dict: dict, prefix: str, error_msgs: list, load) -> None:
+        """``load()`` (adopt the file's sizes, copy) between the dtype / rank rules of the file's tensors (before
+        anything is copied: a float crow_indices would be cast silently) and :meth:`check_pattern` of the
+        result, each a ValueError naming the layer; a pattern from a file is checked once here, not per call."""
+        layer = f"{type(self).__name__} {prefix[:-1] or '(root)'!r}"
+        try:
+            _check_dtypes({n: state_dict[prefix + n] for n in self._RULES if prefix + n in state_dict}, self._RULES)
+        except ValueError as exc:
+            raise ValueError(f"{layer}: {exc}") from None
+        n_err = len(error_msgs)
+        load()
+        if len(error_msgs) == n_err and any(prefix + n in state_dict for n in self._RULES):
+            try:
+                self.check_pattern()
+            except ValueError as exc:
+                raise ValueError(f"{layer}: {exc}") from None
+
+
+_PATTERN_BUFFERS = ("crow_indices", "col_indices", "t_crow_indices", "t_col_indices", "t_perm")
 
 
 class SparseLinear(_CSRSizes, nn.Module):
@@ -409,19 +489,45 @@ class SparseLinear(_CSRSizes, nn.Module):
         self.values = nn.Parameter(values.detach().to(dev, self.values.dtype).clone().contiguous(),
                                    requires_grad=self.values.requires_grad)
 
+    def check_pattern(self) -> None:
+        """Validate the layer's pattern (ValueError naming the tensor and the rule): ``crow_indices`` /
+        ``col_indices`` a CSR pattern of (out_features, in_features) (:func:`check_csr`: int32, monotone row
+        pointers from 0 to nnz, columns in range, sorted within rows), ``values`` nnz entries, and
+        ``t_crow_indices`` / ``t_col_indices`` / ``t_perm`` exactly its transpose (:func:`csr_transpose`).
+        Runs when a state dict is loaded and, on CUDA, once per change of the buffers before a call (the
+        CPU kernels check the row pointers and columns themselves; the CUDA kernels cannot without a sync)."""
+        _check_dtypes({n: getattr(self, n) for n in self._RULES}, self._RULES)
+        check_csr(self.crow_indices, self.col_indices, (self.out_features, self.in_features), values=self.values)
+        if self.bias is not None and tuple(self.bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(self.bias.shape)}")
+        want = csr_transpose(self.crow_indices, self.col_indices, (self.out_features, self.in_features))
+        for name, w in zip(("t_crow_indices", "t_col_indices", "t_perm"), want):
+            if not torch.equal(getattr(self, name).detach().cpu(), w.cpu()):
+                raise ValueError(f"{name} must be the transpose of the pattern (csr_transpose of crow_indices, "
+                                 "col_indices)")
+
+    _RULES = {**{n: ((INDEX_DTYPE,), 1) for n in _PATTERN_BUFFERS}, "values": (_FLOAT_DTYPES, 1),
+              "bias": (_FLOAT_DTYPES, 1)}
+
+    def _check_key(self) -> tuple:  # the values change every step; only their number matters here
+        return _version_key(*(getattr(self, n) for n in _PATTERN_BUFFERS)) + (self.values.numel(),)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A checkpoint may hold a different pattern (nnz): adopt its sizes before the copy.
-        key = prefix + "col_indices"
-        if key in state_dict and state_dict[key].numel() != self.col_indices.numel():
-            nnz = state_dict[key].numel()
-            dev = self.values.device
-            for name in ("col_indices", "t_col_indices", "t_perm"):
-                setattr(self, name, torch.zeros(nnz, dtype=INDEX_DTYPE, device=dev))
-            self.values = nn.Parameter(torch.zeros(nnz, dtype=self.values.dtype, device=dev),
-                                       requires_grad=self.values.requires_grad)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        def load():
+            # A checkpoint may hold a different pattern (nnz): adopt its sizes before the copy.
+            key = prefix + "col_indices"
+            if key in state_dict and state_dict[key].numel() != self.col_indices.numel():
+                nnz = state_dict[key].numel()
+                dev = self.values.device
+                for name in ("col_indices", "t_col_indices", "t_perm"):
+                    setattr(self, name, torch.zeros(nnz, dtype=INDEX_DTYPE, device=dev))
+                self.values = nn.Parameter(torch.zeros(nnz, dtype=self.values.dtype, device=dev),
+                                           requires_grad=self.values.requires_grad)
+            super(SparseLinear, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                            unexpected_keys, error_msgs)
+
+        self._checked_load(state_dict, prefix, error_msgs, load)
 
     # use ------------------------------------------------------------------------------------------
 
@@ -430,7 +536,9 @@ class SparseLinear(_CSRSizes, nn.Module):
             raise ValueError(f"x must have last dim in_features={self.in_features}, got {tuple(x.shape)}")
         if x.is_cuda and x.dtype == self.values.dtype and not torch.compiler.is_compiling() \
                 and _compiled_for("cuda"):
-            # The layer's own buffers were validated when the pattern was set: no per-call checks here.
+            # The pattern is checked once (again only after a buffer changed): the CUDA kernels and the
+            # dense path's scatter would otherwise read through a malformed one without a word.
+            self._check_once()
             from raydistill.ops.sparse_dispatch import choose_path
 
             if choose_path(self, x) == "dense":
@@ -602,6 +710,7 @@ def column_index_dtype(in_features: int) -> torch.dtype:
 
 
 INDEX_FORMATS = ("csr", "bitmap")
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
 def bitmap_nbytes(out_features: int, in_features: int) -> int:
@@ -757,6 +866,11 @@ def sparse_linear_int8(x: Tensor, crow_indices: Tensor, col_indices: Tensor, val
         check_csr(crow_indices, cols, (out_features, x.shape[-1]), values=values)
     if (x.requires_grad and torch.is_grad_enabled()) or not _int8_compiled_for(x.device.type) \
             or (bitmap and x.device.type != "cpu"):  # the bitmap layout has a CPU kernel only
+        if not check:  # what the reference needs to stay inside the pattern (the CPU kernels check it in C++)
+            cols = _columns(col_indices, x.shape[-1])
+            if bitmap and cols.numel() != values.numel():
+                raise ValueError(f"the col_indices bitmap has {cols.numel()} set bits but values has {values.numel()}")
+            _check_bounds(crow_indices, cols, values, x.shape[-1])
         return sparse_linear_int8_reference(x, crow_indices, col_indices, values, scales, bias, activations)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -858,20 +972,66 @@ class SparseLinearInt8(_CSRSizes, nn.Module):
         raise ValueError(f"quantize(bits={bits!r}): this layer is already quantized (SparseLinearInt8, int8 values "
                          "with per-row scales); quantize the float SparseLinear instead")
 
+    def check_pattern(self) -> None:
+        """Validate the layer's tensors (ValueError naming the tensor and the rule): int32 ``crow_indices``
+        (out_features+1 entries, monotone from 0 to nnz), int8 ``values`` (nnz), fp32 ``scales`` and
+        ``bias`` (out_features); CSR ``col_indices`` (uint16 / int32, nnz, in [0, in_features), sorted within
+        rows) or a uint8 row bitmap of shape (out_features, ceil(in_features / 8)) with no bit at or beyond
+        in_features and ``crow[r+1] - crow[r]`` bits set in row r. Runs when a state dict is loaded and, on
+        CUDA, once per change of the buffers before a call (the CPU kernels check these themselves)."""
+        _check_dtypes({n: getattr(self, n) for n in self._RULES}, self._RULES)
+        rows = self.out_features
+        for name in ("scales", "bias"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (rows,):
+                raise ValueError(f"{name} must have shape ({rows},), got {tuple(t.shape)}")
+        if self.crow_indices.numel() != rows + 1:
+            raise ValueError(f"crow_indices must have out_features+1={rows + 1} entries, got "
+                             f"{self.crow_indices.numel()}")
+        if self.col_indices.dtype != torch.uint8:
+            check_csr(self.crow_indices, self.col_indices.to(torch.int64), (rows, self.in_features), values=self.values)
+            return
+        wb = (self.in_features + 7) // 8
+        if tuple(self.col_indices.shape) != (rows, wb):
+            raise ValueError(f"a uint8 col_indices bitmap must have shape ({rows}, {wb}) (out_features, "
+                             f"ceil(in_features / 8)), got {tuple(self.col_indices.shape)}")
+        check_row_pointers(self.crow_indices, self.values.numel())
+        bm = self.col_indices.detach().cpu()
+        if self.in_features % 8 and rows and bool((bm[:, -1] >> (self.in_features % 8)).any()):
+            raise ValueError(f"the col_indices bitmap has bits set at or beyond in_features={self.in_features}")
+        per_row = _POPCOUNT[bm.to(torch.int32)].sum(1, dtype=torch.int64)
+        want = self.crow_indices.detach().cpu().to(torch.int64).diff()
+        if not torch.equal(per_row, want):
+            r = int((per_row != want).nonzero()[0, 0])
+            raise ValueError(f"the col_indices bitmap disagrees with crow_indices: row {r} has {int(per_row[r])} bits "
+                             f"set, crow_indices gives it {int(want[r])} values (a row's set bits must number "
+                             "crow[r+1] - crow[r])")
+
+    _RULES = {"crow_indices": ((torch.int32,), 1), "col_indices": ((torch.uint16, torch.int32, torch.uint8), None),
+              "values": ((torch.int8,), 1), "scales": ((torch.float32,), 1), "bias": ((torch.float32,), 1)}
+
+    def _check_key(self) -> tuple:
+        return _version_key(self.crow_indices, self.col_indices, self.values, self.scales, self.bias)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # a checkpoint may hold another pattern (nnz) or index width: adopt its sizes and dtypes first
-        for name in ("col_indices", "values"):
-            t = state_dict.get(prefix + name)
-            cur = getattr(self, name)
-            if isinstance(t, Tensor) and (t.shape != cur.shape or t.dtype != cur.dtype):
-                setattr(self, name, torch.zeros(t.shape, dtype=t.dtype, device=cur.device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        def load():
+            # a checkpoint may hold another pattern (nnz) or index width: adopt its sizes and dtypes first
+            for name in ("col_indices", "values"):
+                t = state_dict.get(prefix + name)
+                cur = getattr(self, name)
+                if isinstance(t, Tensor) and (t.shape != cur.shape or t.dtype != cur.dtype):
+                    setattr(self, name, torch.zeros(t.shape, dtype=t.dtype, device=cur.device))
+            super(SparseLinearInt8, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                                                missing_keys, unexpected_keys, error_msgs)
+
+        self._checked_load(state_dict, prefix, error_msgs, load)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dim in_features={self.in_features}, got {tuple(x.shape)}")
+        if x.device.type != "cpu" and not torch.compiler.is_compiling():
+            self._check_once()  # the CUDA kernel cannot raise on a malformed pattern (see spmm_int8.h)
         return sparse_linear_int8(x, self.crow_indices, self.col_indices, self.values, self.scales, self.bias,
                                   activations=self.activations)
 

@@ -1,5 +1,6 @@
-"""What differs between tasks, behind one small interface (``Task``): how batches are made, how teacher
-and student outputs are produced, the loss terms and the metrics. ``get_task(name)`` returns one.
+"""What differs between tasks, behind one interface (``Task``): data, how batches are made, how teacher and
+student outputs are produced (what loss terms read), metrics, evaluation and report columns.
+``get_task(name)`` returns one (``TASKS``: name -> class).
 
 * ``classification`` (MNIST-1D): rows ``x`` -> ``(B, C)`` logits; metrics accuracy, macro precision /
   recall / F1.
@@ -12,16 +13,18 @@ from __future__ import annotations
 from raydistill.tasks.base import IGNORE_INDEX, Task
 
 
+# task name (``Config.data.task``) -> "module:class"
+TASKS = {"classification": "raydistill.tasks.classification:ClassificationTask",
+         "causal_lm": "raydistill.tasks.causal_lm:CausalLMTask"}
+
+
 def get_task(name: str) -> Task:
-    if name == "classification":
-        from raydistill.tasks.classification import ClassificationTask
+    import importlib
 
-        return ClassificationTask()
-    if name == "causal_lm":
-        from raydistill.tasks.causal_lm import CausalLMTask
-
-        return CausalLMTask()
-    raise ValueError(f"unknown task {name!r}; use classification or causal_lm")
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; use one of {', '.join(TASKS)}")
+    mod, _, cls = TASKS[name].partition(":")
+    return getattr(importlib.import_module(mod), cls)()
 
 
-__all__ = ["IGNORE_INDEX", "Task", "get_task"]
+__all__ = ["IGNORE_INDEX", "TASKS", "Task", "get_task"]

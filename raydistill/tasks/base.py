@@ -1,30 +1,84 @@
-"""The task interface the per-worker loop talks to."""
+"""The task interface: everything the generic code (the per-worker loop, the driver's stages, evaluation,
+the report, the Tune search) asks of a task by name, so that none of it branches on which task it runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from raydistill.losses.outputs import Needs, Outputs, StepOutputs
+from raydistill.losses.terms import Layout
+
 IGNORE_INDEX = -100
 
 
 class Task:
-    """One task (classification, causal LM). The loop calls, in order: ``build_model`` (student and
-    teacher), ``prepare`` (on the worker's materialised shard, or on every streamed batch),
-    ``loss`` per step, ``evaluate`` on rank 0 after every epoch."""
+    """One task (classification, causal LM).
+
+    Worker: ``build_model`` (student and teachers), ``prepare`` (on the worker's materialised shard, or
+    on every streamed batch: the teachers' outputs that are worth keeping), ``forward`` per step (the
+    outputs the criterion's terms need, ``StepOutputs``), ``evaluate`` on rank 0 after every epoch.
+    Driver: ``task_info``, ``datasets``, ``train_rows``, ``calibration_inputs``, ``test_metrics``; the
+    report and the search read the class attributes."""
 
     name: str = ""
-    metric: str = ""              # the headline metric in reports
+    metric: str = ""              # the headline test metric in reports and searches
     higher_is_better: bool = True
+    metric_label: str = ""        # its axis label
+    metric_fmt: str = ".4f"
+    baseline_key: str = ""        # report key of the distilled student against the baseline (compare())
+    throughput_unit: str = "samples"   # train metrics report <unit>_per_s
+    reported_metrics: tuple[str, ...] = ()   # per-epoch metrics only this task reports
+    report_columns: tuple[tuple[str, str, str], ...] = ()   # (header, metric key, "{:format}") of report tables
+    compare_text = "{:+.1f}"      # how 100 * compare(new, ref) reads in the report
     float_columns: tuple[str, ...] = ()
-    latency_batches: tuple[int, ...] = (1,)   # batch sizes the CPU latency is measured at
+    uses_transfer_set: bool = False    # distillation rows include distill.transfer_set
+    supports_quantize: bool = False    # compression.quantize is implemented for it
+    exports_pretrained: bool = False   # the student exports with save_pretrained (raydistill.distill.export)
+    max_topk: int | None = None        # the most logits `raydistill teacher-logits` can keep per row
+    latency_batches: tuple[int, ...] = (1,)   # batch sizes the CPU latency is measured at (latency_input)
 
-    def latency_input(self, task_info: dict, batch: int) -> torch.Tensor | None:
+    # -- driver: data and evaluation ------------------------------------------------------------------
+    def task_info(self, cfg, storage: Path) -> dict:
+        """What models and batches of this task need to know about the data (vocabulary, ...)."""
+        return {}
+
+    def check_data(self, cfg) -> None:
+        """Before Ray starts: the task's data as the config names it (``ConfigError`` naming the key)."""
+
+    def probe_info(self) -> dict:
+        """A ``task_info`` for building models before any data exists (config checks)."""
+        return {}
+
+    def datasets(self, cfg, storage: Path, *, transfer: bool) -> tuple[dict, int]:
+        """Ray datasets ``{"train": ..., "eval": ...}`` (eval's ``split`` column: 0 val, 1 test) and the train
+        rows; ``transfer``: the distillation rows (with the transfer set, where the task has one)."""
+        raise NotImplementedError
+
+    def train_rows(self, cfg, storage: Path, *, transfer: bool) -> int:
+        """The rows of ``datasets(...)["train"]`` without building it."""
+        raise NotImplementedError
+
+    def calibration_inputs(self, cfg, storage: Path) -> torch.Tensor:
+        """Training inputs for activation statistics (structured pruning's ranking)."""
+        raise NotImplementedError
+
+    def test_metrics(self, cfg, model, storage: Path, info: dict, *, teacher=None, samples: bool = True) -> dict:
+        """The test split's metrics of a (converted) model on the driver."""
+        raise NotImplementedError
+
+    def latency_input(self, info: dict, batch: int) -> torch.Tensor | None:
         """A batch of inputs to time the model's forward on (None: latency is not measured)."""
         return None
 
+    def compare(self, new: dict, ref: dict) -> float:
+        """``new`` against ``ref`` on the headline metric: a difference (accuracy points) or a ratio - 1."""
+        raise NotImplementedError
+
+    # -- worker -----------------------------------------------------------------------------------------
     def train_columns(self, offline: bool) -> list[str]:
         raise NotImplementedError
 
@@ -34,14 +88,49 @@ class Task:
     def build_model(self, model: dict, task_info: dict):
         raise NotImplementedError
 
-    def prepare(self, batch: dict, spec, teacher) -> dict:
-        """Attach what the loss needs (e.g. the teacher's outputs) and drop rows the stage cannot use."""
+    def layout(self, model) -> Layout:
+        """The model's hidden layers (widths), as loss terms on hidden states address them."""
+        return Layout(())
+
+    def outputs(self, model, batch: dict, need: Needs, spec) -> Outputs:
+        """Run ``model`` on the batch for what ``need`` asks (gradients as the caller's mode allows)."""
+        raise NotImplementedError
+
+    def cached_outputs(self, batch: dict, name: str, need: Needs, model) -> Outputs | None:
+        """Teacher ``name``'s outputs kept in the batch by ``prepare`` (None: not kept, run the teacher)."""
+        return None
+
+    def targets(self, batch: dict, spec) -> dict[str, Any]:
+        """``StepOutputs`` fields of the batch: labels, mask, kd_mask, vocab, count."""
+        raise NotImplementedError
+
+    def prepare(self, batch: dict, spec, teachers: dict, needs: dict) -> dict:
+        """Attach what the loss needs once (e.g. the teachers' outputs) and drop rows the stage cannot use."""
         return batch
 
-    def loss(self, model, batch: dict, spec, teacher) -> tuple[torch.Tensor, int]:
-        """The stage's loss on one batch (student forward included) and the items it counted
-        (rows or tokens, for throughput)."""
-        raise NotImplementedError
+    def forward(self, model, batch: dict, spec, teachers: dict, needs: dict) -> StepOutputs:
+        """The student's outputs (with gradients) and each teacher's (without) that ``needs`` asks for
+        (``{None: student's Needs, name: teacher's}``), with the batch's labels and masks."""
+        student = self.outputs(model, batch, needs.get(None, Needs()), spec)
+        outs = {}
+        for name, need in needs.items():
+            if name is None:
+                continue
+            if name == spec.offline_teacher:
+                outs[name] = Outputs(topk=(batch["topk_values"], batch["topk_indices"]))
+                continue
+            cached = self.cached_outputs(batch, name, need, teachers[name])
+            if cached is None:
+                with torch.no_grad():
+                    cached = self.outputs(teachers[name], batch, need, spec)
+            outs[name] = cached
+        return StepOutputs(student=student, teachers=outs, **self.targets(batch, spec))
+
+    def loss(self, model, batch: dict, spec, teachers: dict, criterion) -> tuple[torch.Tensor, int]:
+        """The stage's loss on one batch (the student's forward included) and the items it counted (rows or
+        tokens, for throughput): ``criterion`` (a ``raydistill.losses.Criterion``) over :meth:`forward`."""
+        out = self.forward(model, batch, spec, teachers, criterion.needs())
+        return criterion(out), out.count
 
     def evaluate(self, model, data: dict, teacher=None, task_info: dict | None = None) -> dict[str, Any]:
         raise NotImplementedError
@@ -63,3 +152,8 @@ def shard_arrays(shard, columns) -> dict[str, np.ndarray]:
             if c in batch:
                 parts[c].append(np.asarray(batch[c]))
     return {c: np.concatenate(v) for c, v in parts.items() if v}
+
+
+def teacher_key(name: str, what: str) -> str:
+    """The batch column holding teacher ``name``'s kept output ``what`` (``logits``, ``last``, ``h3``)."""
+    return f"teacher.{name}.{what}"

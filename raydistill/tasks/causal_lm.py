@@ -1,8 +1,9 @@
 """Causal LM: packed ``input_ids`` blocks ``(B, S)`` -> ``(B, S, V)`` logits; every position predicts the
 next token (the last position and ``<pad>`` targets are ``ignore_index``).
 
-Distillation is per token: ``kd_loss`` over ``(B, S, V)`` (online teacher) or ``kd_loss_topk`` over the
-teacher's top-k logits per token (offline, parquet), alpha-mixed with next-token cross-entropy.
+Distillation is per token: the loss terms (``raydistill.losses``) read ``(B, S, V)`` logits, or the last
+hidden states and the lm_head (``kd_loss_linear``: no logits tensor), or an offline teacher's top-k
+logits per token (parquet), and the hidden states of any layer (padding excluded).
 
 Padded vocabularies: teacher and student may have more output ids than the tokenizer (padding, e.g.
 32000 -> 32064); both are sliced to the tokenizer's ids (the ids no token maps to are left out, which is
@@ -13,15 +14,21 @@ beyond padding before Ray starts.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 
-from raydistill.tasks.base import IGNORE_INDEX, Task
+from raydistill.losses.outputs import Needs, Outputs
+from raydistill.losses.terms import Layout
+from raydistill.tasks.base import IGNORE_INDEX, Task, teacher_key
+from raydistill.utils import unwrap_model
 
-# the most bytes of teacher hidden states a worker keeps for its materialised shard (``CausalLMTask.prepare``);
-# a larger shard runs the teacher at every step instead
+# the most bytes of teacher hidden states a worker keeps for its materialised shard (``CausalLMTask.prepare``,
+# all teachers together); a larger shard runs the teacher at every step instead
 TEACHER_HIDDEN_MAX_BYTES = 1 << 30
 
 
@@ -32,24 +39,15 @@ def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _is_hf(model) -> bool:
-    from raydistill.utils import unwrap_model
-
     return hasattr(unwrap_model(model), "config") and hasattr(unwrap_model(model), "generation_config")
 
 
-def _hidden_and_head(model, input_ids: torch.Tensor):
-    """(last hidden states (B, S, H), lm_head weight, lm_head bias) of a transformers causal LM, computed
-    through the model's own forward (so DDP / FSDP wrappers see the call) with the logits of one position
-    only; None for other models."""
-    from raydistill.utils import unwrap_model
-
+def _linear_head(model) -> torch.nn.Linear | None:
+    """The ``lm_head`` of a transformers causal LM when it is an ``nn.Linear`` (what ``kd_loss_linear`` fuses)."""
     if not _is_hf(model):
         return None
     head = unwrap_model(model).get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        return None
-    out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1], head.weight, head.bias
+    return head if isinstance(head, torch.nn.Linear) else None
 
 
 def next_token_labels(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -71,14 +69,101 @@ class CausalLMTask(Task):
     name = "causal_lm"
     metric = "perplexity"
     higher_is_better = False
+    metric_label = "test perplexity (lower is better)"
+    metric_fmt = ".2f"
+    baseline_key = "perplexity_vs_baseline"
+    throughput_unit = "tokens"
+    reported_metrics = ("val_perplexity", "perplexity", "next_token_accuracy", "teacher_agreement", "tokens_per_s",
+                        "latency_ms_b1")
+    report_columns = (("test perplexity (95% CI)", "perplexity", "{:.2f}"),
+                      ("next-token accuracy", "next_token_accuracy", "{:.2%}"),
+                      ("teacher agreement", "teacher_agreement", "{:.2%}"), ("tokens/s", "tokens_per_s", "{:,.0f}"),
+                      ("sparsity", "sparsity", "{:.1%}"), ("compression", "compression_ratio", "{:.2f}x"))
+    compare_text = "perplexity {:+.1f}%"
     float_columns = ("topk_values",)
+    exports_pretrained = True
     latency_batches = (1,)  # one sequence of data.seq_len tokens: what serving a request costs
 
-    def latency_input(self, task_info: dict, batch: int) -> torch.Tensor:
+    # -- driver -----------------------------------------------------------------------------------------
+    def task_info(self, cfg, storage: Path) -> dict:
+        return {**text_data(cfg, storage).info(), "seq_len": cfg.data.seq_len}
+
+    def check_data(self, cfg) -> None:
+        """The head of every corpus file: binary / non-UTF-8 files and malformed jsonl lines named (the rest is
+        checked while Ray Data reads them); ``data.skip_bad_files`` leaves them out with a warning."""
+        import logging
+
+        from raydistill.config import ConfigError
+        from raydistill.data.text import SKIP_HINT, check_corpus_heads, corpus_files
+
+        data = cfg.data
+        try:
+            files = corpus_files(data.path, data.max_bytes)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        bad = check_corpus_heads(files, data.text_column)
+        if not bad:
+            return
+        if data.skip_bad_files:
+            if len(bad) == len(files):
+                raise ConfigError(f"data.path: no file of the corpus can be read as text (data.skip_bad_files "
+                                  f"leaves them all out): {bad[0]}")
+            for msg in bad:
+                logging.getLogger("raydistill").warning("skipped (data.skip_bad_files: true): %s",
+                                                        msg.split("; ")[0].removeprefix("data.path: "))
+            return
+        more = f" (and {len(bad) - 5} more files)" if len(bad) > 5 else ""
+        lines = "\n  ".join(m.replace(f"; {SKIP_HINT}", "") for m in bad[:5])
+        raise ConfigError(f"data.path: {len(bad)} corpus file(s) cannot be used{more} ({SKIP_HINT}):\n  {lines}")
+
+    def probe_info(self) -> dict:
+        # a vocabulary only changes the embedding and the head, which no config check looks at
+        return {"vocab_size": 128}
+
+    def datasets(self, cfg, storage: Path, *, transfer: bool) -> tuple[dict, int]:
+        """Packed ``input_ids`` blocks: train, and one eval dataset (split column: 0 = val, 1 = test)."""
+        from raydistill.data import to_ray_dataset
+
+        td = text_data(cfg, storage)
+        ev = np.concatenate([td.val, td.test])
+        split = np.concatenate([np.zeros(len(td.val), np.int64), np.ones(len(td.test), np.int64)])
+        return {"train": to_ray_dataset(input_ids=td.train.astype(np.int64)),
+                "eval": to_ray_dataset(input_ids=ev.astype(np.int64), split=split)}, len(td.train)
+
+    def train_rows(self, cfg, storage: Path, *, transfer: bool) -> int:
+        return len(text_data(cfg, storage).train)
+
+    def calibration_inputs(self, cfg, storage: Path) -> torch.Tensor:
+        """Packed training blocks of token ids."""
+        return torch.from_numpy(text_data(cfg, storage).train.astype("int64"))
+
+    def test_metrics(self, cfg, model, storage: Path, info: dict, *, teacher=None, samples: bool = True) -> dict:
+        """Perplexity (with its 95% interval and per-block ``"_items"``), next-token accuracy,
+        ``teacher_agreement`` (``teacher()``: the teacher module or None) and a few greedy ``samples`` on the
+        test blocks."""
+        from tokenizers import Tokenizer
+
+        td = text_data(cfg, storage)
+        test = torch.as_tensor(td.test.astype(np.int64))
+        out = lm_metrics(model, test, td.pad_id, td.vocab_size, teacher=teacher() if teacher else None, items=True)
+        if samples and cfg.data.samples:
+            tok = Tokenizer.from_file(str(Path(td.tokenizer_dir) / "tokenizer.json"))
+            prompts = [row[: 16].tolist() for row in td.test[: cfg.data.samples]]
+            conts = greedy_samples(model, prompts, new_tokens=32, vocab=td.vocab_size, eos_id=td.eos_id,
+                                   max_len=cfg.data.seq_len)
+            out["samples"] = [{"prompt": tok.decode(p), "continuation": tok.decode(c)}
+                              for p, c in zip(prompts, conts)]
+        return out
+
+    def latency_input(self, info: dict, batch: int) -> torch.Tensor:
         """Random token ids ``(batch, seq_len)`` of the tokenizer's vocabulary."""
         g = torch.Generator().manual_seed(0)
-        return torch.randint(0, int(task_info["vocab_size"]), (batch, int(task_info["seq_len"])), generator=g)
+        return torch.randint(0, int(info["vocab_size"]), (batch, int(info["seq_len"])), generator=g)
 
+    def compare(self, new: dict, ref: dict) -> float:
+        return new["perplexity"] / ref["perplexity"] - 1
+
+    # -- worker -----------------------------------------------------------------------------------------
     def train_columns(self, offline: bool) -> list[str]:
         return ["input_ids"] + (["topk_values", "topk_indices"] if offline else [])
 
@@ -90,86 +175,92 @@ class CausalLMTask(Task):
 
         return build_model(model, vocab_size=int(task_info["vocab_size"]))
 
-    @torch.no_grad()
-    def prepare(self, batch: dict, spec, teacher, chunk: int = 16) -> dict:
-        """Online distillation through the fused loss: run the teacher once over the worker's rows and keep
-        its last hidden states (``teacher_hidden``, ``(N, S, H)`` float32) next to ``input_ids``. The teacher
-        is frozen and deterministic, so every epoch's soft targets are the same; computing them once
-        instead of at every step saves all but one of the teacher forwards (the teacher is the larger model:
-        most of a distillation step's cost). ``loss`` then uses them with the teacher's lm_head weights.
-        Skipped (the teacher runs at every step) when the states would exceed
-        ``TEACHER_HIDDEN_MAX_BYTES``, for offline outputs, without ``distill.fused_linear``, or when the
-        teacher is no transformers causal LM with a linear lm_head."""
-        if spec.kind != "kd" or spec.offline or teacher is None or not spec.kd.fused_linear \
-                or "teacher_hidden" in batch:
-            return batch
+    def layout(self, model) -> Layout:
+        """A transformers model: ``num_hidden_layers`` layers of ``hidden_size`` (layer i: ``hidden_states[i]``);
+        any other module has no addressable hidden layers."""
+        if not _is_hf(model):
+            return Layout(())
+        c = unwrap_model(model).config
+        return Layout((int(c.hidden_size),) * int(c.num_hidden_layers))
+
+    def outputs(self, model, batch: dict, need: Needs, spec) -> Outputs:
+        """The model through its own (DDP / FSDP) wrapper. With the output layer welcome (``need.head``,
+        ``distill.fused_linear``, a transformers model with a linear ``lm_head``) or no logits wanted, only
+        one position's logits are computed (``logits_to_keep=1``) and the head is (last hidden states,
+        lm_head weight, bias); else the logits, sliced to the tokenizer's ids."""
         ids = batch["input_ids"]
-        parts = []
-        for i in range(0, len(ids), chunk):
-            t = _hidden_and_head(teacher, ids[i:i + chunk])
-            if t is None:
-                return batch
-            parts.append(t[0].float())
-            if i == 0 and parts[0][0].numel() * 4 * len(ids) > TEACHER_HIDDEN_MAX_BYTES:
-                return batch
-        if not parts:
-            return batch
-        return {**batch, "teacher_hidden": torch.cat(parts)}
+        head = _linear_head(model) if need.logits and need.head and spec is not None and spec.fused_linear else None
+        if not _is_hf(model):
+            if need.hidden:
+                raise ValueError("hidden states are read from transformers models only")
+            return Outputs(logits=shared_vocab(lm_logits(model, ids), int(spec.task_info["vocab_size"])))
+        if head is not None or not need.logits:
+            out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+            hs = out.hidden_states
+            return Outputs(head=(hs[-1], head.weight, head.bias) if head is not None else None,
+                           hidden={i: hs[i] for i in need.hidden})
+        out = model(input_ids=ids, output_hidden_states=True) if need.hidden else model(input_ids=ids)
+        return Outputs(logits=shared_vocab(out.logits, int(spec.task_info["vocab_size"])),
+                       hidden={i: out.hidden_states[i] for i in need.hidden})
 
-    def loss(self, model, batch: dict, spec, teacher) -> tuple[torch.Tensor, int]:
-        info = spec.task_info
-        ids = batch["input_ids"]
-        labels = next_token_labels(ids, int(info["pad_id"]))
-        n_tok = int((labels != IGNORE_INDEX).sum())
-        vocab = int(info["vocab_size"])
-        if spec.kind == "kd" and spec.kd.fused_linear:
-            fused = self._fused_loss(model, ids, labels, vocab, batch, spec, teacher)
-            if fused is not None:
-                return fused, n_tok
-        logits = shared_vocab(lm_logits(model, ids), vocab)
-        if spec.kind == "ce":
-            return F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX), n_tok
-        from raydistill import ops
-
-        kd = spec.kd
-        kw = dict(temperature=kd.temperature, alpha=kd.alpha, divergence=kd.divergence, beta=kd.beta,
-                  ignore_index=IGNORE_INDEX)
-        if spec.offline:
-            return ops.kd_loss_topk(logits, batch["topk_values"], batch["topk_indices"], labels, **kw), n_tok
-        with torch.no_grad():
-            t = shared_vocab(lm_logits(teacher, ids), vocab)
-        return ops.kd_loss(logits, t, labels, **kw), n_tok
-
-    @staticmethod
-    def _fused_loss(model, ids, labels, vocab: int, batch: dict, spec, teacher):
-        """``distill.fused_linear``: the student's (and teacher's) last hidden states go through
-        ``ops.kd_loss_linear(_topk)`` with the lm_head weights, so no (tokens x V) logits tensor exists.
-        The models still run through their (DDP / FSDP) wrappers, asked for hidden states and the logits of
-        one position only (``logits_to_keep=1``). None when the model is no transformers causal LM with a
-        linear lm_head (the caller then materialises the logits)."""
-        from raydistill import ops
-
-        s = _hidden_and_head(model, ids)
-        if s is None:
+    def cached_outputs(self, batch: dict, name: str, need: Needs, model) -> Outputs | None:
+        hidden = {i: batch.get(teacher_key(name, f"h{i}")) for i in need.hidden}
+        last = batch.get(teacher_key(name, "last"))
+        if any(h is None for h in hidden.values()) or (need.logits and last is None):
             return None
-        h_s, w_s, b_s = s
-        kw = dict(temperature=spec.kd.temperature, alpha=spec.kd.alpha, divergence=spec.kd.divergence,
-                  beta=spec.kd.beta, ignore_index=IGNORE_INDEX, student_bias=None if b_s is None else b_s[:vocab])
-        if spec.offline:
-            return ops.kd_loss_linear_topk(h_s, w_s[:vocab], batch["topk_values"], batch["topk_indices"], labels, **kw)
-        if "teacher_hidden" in batch:  # computed once by prepare
-            from raydistill.utils import unwrap_model
+        head = _linear_head(model) if need.logits else None
+        return Outputs(head=(last, head.weight, head.bias) if head is not None else None, hidden=hidden)
 
-            head = unwrap_model(teacher).get_output_embeddings()
-            h_t, w_t, b_t = batch["teacher_hidden"], head.weight, head.bias
-        else:
-            with torch.no_grad():
-                t = _hidden_and_head(teacher, ids)
-            if t is None:
-                return None
-            h_t, w_t, b_t = t
-        return ops.kd_loss_linear(h_s, w_s[:vocab], h_t.detach(), w_t.detach(), labels, teacher_bias=None if b_t is None
-                                  else b_t.detach(), **kw)
+    def targets(self, batch: dict, spec) -> dict[str, Any]:
+        ids = batch["input_ids"]
+        pad = int(spec.task_info["pad_id"])
+        labels = next_token_labels(ids, pad)
+        return {"labels": labels, "mask": ids != pad, "vocab": int(spec.task_info["vocab_size"]),
+                "ignore_index": IGNORE_INDEX, "count": int((labels != IGNORE_INDEX).sum())}
+
+    @torch.no_grad()
+    def prepare(self, batch: dict, spec, teachers: dict, needs: dict, chunk: int = 16) -> dict:
+        """Run each teacher once over the worker's rows and keep what its terms read
+        (``teacher.<name>.last``: the last hidden states for the fused ``kd_loss_linear``;
+        ``teacher.<name>.h<i>``: hidden layer i; ``(N, S, H)``, float32, or bf16 / fp16 for a teacher in that
+        dtype: ``distill.precision``) next to ``input_ids``. The teachers
+        are frozen and deterministic, so every epoch's targets are the same; computing them once instead of
+        at every step saves all but one of the teacher forwards (a teacher is the larger model: most of a
+        distillation step's cost). Not kept (the teacher runs at every step): logits (a teacher whose terms
+        need them materialised, without ``distill.fused_linear``, or with no linear lm_head), and states
+        beyond ``TEACHER_HIDDEN_MAX_BYTES`` in all."""
+        ids = batch["input_ids"]
+        budget = TEACHER_HIDDEN_MAX_BYTES
+        for name, need in needs.items():
+            if name is None or name not in teachers:
+                continue
+            teacher = teachers[name]
+            last = need.logits
+            if not _is_hf(teacher) or (last and not (need.head and spec.fused_linear
+                                                     and _linear_head(teacher) is not None)):
+                continue
+            depth = self.layout(teacher).depth  # hidden_states[depth] is the last hidden state: kept once
+            keys = (["last"] if last else []) + [f"h{i}" for i in sorted(need.hidden) if not (last and i == depth)]
+            if not keys or all(teacher_key(name, k) in batch for k in keys):
+                continue
+            # kept in a bf16 / fp16 teacher's own dtype (distill.precision: half the bytes), else float32
+            half = next(teacher.parameters()).dtype in (torch.bfloat16, torch.float16)
+            nbytes = len(keys) * ids.numel() * int(unwrap_model(teacher).config.hidden_size) * (2 if half else 4)
+            if nbytes > budget:
+                continue
+            budget -= nbytes
+            parts: dict[str, list] = {k: [] for k in keys}
+            for i in range(0, len(ids), chunk):
+                hs = teacher(input_ids=ids[i:i + chunk], output_hidden_states=True, logits_to_keep=1).hidden_states
+                for k in keys:
+                    h = hs[-1] if k == "last" else hs[int(k[1:])]
+                    parts[k].append(h if h.dtype in (torch.bfloat16, torch.float16) else h.float())
+            if len(ids):
+                kept = {teacher_key(name, k): torch.cat(v) for k, v in parts.items()}
+                if last and depth in need.hidden:
+                    kept[teacher_key(name, f"h{depth}")] = kept[teacher_key(name, "last")]
+                batch = {**batch, **kept}
+        return batch
 
     @torch.no_grad()
     def evaluate(self, model, data: dict, teacher=None, task_info: dict | None = None,
@@ -187,6 +278,25 @@ class CausalLMTask(Task):
             else:
                 out.update(m)
         return out
+
+
+def text_data(cfg, storage: Path):
+    """The tokenized, packed corpus (Ray Data; cached) -- see ``raydistill.data.text``. One tokenizer and one
+    packed corpus per storage root, shared by the teacher cache and every run."""
+    from raydistill.config import ConfigError
+    from raydistill.data.text import prepare_text
+    from raydistill.models.hf import check_vocab, hf_config_dict
+
+    root = Path(cfg.run.storage_path).expanduser().resolve() if cfg.run.storage_path else storage
+    td = prepare_text(cfg.data, root)
+    models = [(cfg.teacher_key(n), t) for n, t in cfg.teacher_map().items()] + [("student", cfg.student)]
+    for key, spec in models:
+        if spec.model == "hf":  # a trained BPE may be smaller than data.vocab_size: check again
+            try:
+                check_vocab(f"{key}.kwargs", hf_config_dict(spec.kwargs).get("vocab_size"), td.vocab_size)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+    return td
 
 
 @torch.no_grad()

@@ -1,30 +1,101 @@
 """Classification (MNIST-1D): rows ``x`` (float vectors) -> ``(B, C)`` logits; labels ``y`` (-1: an
-unlabelled transfer-set row, which the teacher labels)."""
+unlabelled transfer-set row, which the teacher labels).
+
+Hidden states (``hidden`` / ``relation`` terms): the outputs of the model's hidden modules
+(``raydistill.models.hidden_modules``: a CNN's conv layers, an MLP's hidden ``nn.Linear`` layers), conv
+maps averaged over positions, so a CNN teacher's features reach an MLP student through a projection.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from raydistill.tasks.base import IGNORE_INDEX, Task
+from raydistill.losses.outputs import Needs, Outputs
+from raydistill.losses.terms import Layout
+from raydistill.tasks.base import IGNORE_INDEX, Task, teacher_key
 
 
 class ClassificationTask(Task):
     name = "classification"
     metric = "accuracy"
     higher_is_better = True
+    metric_label = "test accuracy"
+    metric_fmt = ".4f"
+    baseline_key = "gain_over_baseline"
+    throughput_unit = "samples"
+    reported_metrics = ("val_accuracy", "accuracy", "macro_f1", "macro_precision", "macro_recall",
+                        "samples_per_s", "latency_ms_b1", "latency_ms_b256")
+    report_columns = (("test accuracy (95% CI)", "accuracy", "{:.2%}"), ("macro F1", "macro_f1", "{:.3f}"),
+                      ("macro precision", "macro_precision", "{:.3f}"), ("macro recall", "macro_recall", "{:.3f}"),
+                      ("sparsity", "sparsity", "{:.1%}"), ("compression", "compression_ratio", "{:.2f}x"),
+                      ("bytes", "model_bytes", "{:,}"), ("ms/batch 1", "latency_ms_b1", "{:.3f}"),
+                      ("ms/batch 256", "latency_ms_b256", "{:.3f}"))
+    compare_text = "{:+.1f} points"
     float_columns = ("x", "topk_values")
+    uses_transfer_set = True
+    supports_quantize = True
+    max_topk = 10
     latency_batches = (1, 256)
 
-    def latency_input(self, task_info: dict, batch: int) -> torch.Tensor:
-        """A random ``(batch, in_features)`` float batch (MNIST-1D: 40 features)."""
+    # -- driver -----------------------------------------------------------------------------------------
+    def task_info(self, cfg, storage: Path) -> dict:
+        return {}
+
+    def datasets(self, cfg, storage: Path, *, transfer: bool) -> tuple[dict, int]:
+        """Labelled train rows (+ the unlabelled transfer rows, ``y = -1``, when ``transfer``) and one eval
+        dataset (split column: 0 = val, 1 = test: one Ray Data execution per worker start)."""
+        from raydistill.data import to_ray_dataset
+        from raydistill.data.ray_data import UNLABELLED
+
+        split, extra = load_arrays(cfg, storage)
+        ev = to_ray_dataset(
+            x=np.concatenate([split.x_val, split.x_test]), y=np.concatenate([split.y_val, split.y_test]),
+            split=np.concatenate([np.zeros(len(split.y_val), np.int64), np.ones(len(split.y_test), np.int64)]))
+        x, y = split.x_train, split.y_train
+        if transfer:
+            x = np.concatenate([x, extra])
+            y = np.concatenate([y, np.full(len(extra), UNLABELLED, np.int64)])
+        return {"train": to_ray_dataset(x=x, y=y), "eval": ev}, len(y)
+
+    def train_rows(self, cfg, storage: Path, *, transfer: bool) -> int:
+        d = cfg.data
+        return int(d.num_train - max(1, round(d.num_train * d.val_fraction))
+                   + (cfg.distill.transfer_set.size if transfer else 0))
+
+    def calibration_inputs(self, cfg, storage: Path) -> torch.Tensor:
+        return torch.from_numpy(load_arrays(cfg, storage)[0].x_train)
+
+    def test_metrics(self, cfg, model, storage: Path, info: dict, *, teacher=None, samples: bool = True) -> dict:
+        """Accuracy (with its 95% bootstrap interval over test examples), macro F1 / precision / recall, and
+        under ``"_items"`` each example's correctness -- the teacher's too (``teacher()``: the teacher module
+        or None) -- for paired comparisons (``raydistill.distill.verdict``)."""
+        from raydistill.data import load_mnist1d
+        from raydistill.tasks.stats import mean_ci
+
+        split = load_mnist1d(cfg.data, storage / "datasets")
+        x = torch.from_numpy(split.x_test)
+        pred = predict(model, x).argmax(1).numpy()
+        correct = (pred == np.asarray(split.y_test)).astype(np.float64)
+        items = {"correct": correct.tolist()}
+        t_net = teacher() if teacher else None
+        if t_net is not None:
+            items["teacher_correct"] = (predict(t_net, x).argmax(1).numpy() == split.y_test).astype(np.float64).tolist()
+        return {**classification_metrics(pred, split.y_test), "accuracy_ci95": mean_ci(correct),
+                "eval_examples": int(len(correct)), "_items": items}
+
+    def latency_input(self, info: dict, batch: int) -> torch.Tensor:
         from raydistill.data.mnist1d import IN_FEATURES
 
-        return torch.randn(batch, int(task_info.get("in_features", IN_FEATURES)))
+        return torch.randn(batch, IN_FEATURES)
 
+    def compare(self, new: dict, ref: dict) -> float:
+        return new["accuracy"] - ref["accuracy"]
+
+    # -- worker -----------------------------------------------------------------------------------------
     def train_columns(self, offline: bool) -> list[str]:
         return ["x", "y"] + (["topk_values", "topk_indices"] if offline else [])
 
@@ -36,45 +107,68 @@ class ClassificationTask(Task):
 
         return build_model(model)
 
-    def prepare(self, batch: dict, spec, teacher) -> dict:
-        if teacher is not None and "t" not in batch:
-            batch["t"] = predict(teacher, batch["x"])
-        if spec.kind == "kd" and spec.kd.hard_labels == "teacher_argmax":
-            top1 = batch["t"].argmax(1) if "t" in batch else batch["topk_indices"][:, 0]
-            batch["y"] = torch.where(batch["y"] < 0, top1, batch["y"])
+    def layout(self, model) -> Layout:
+        from raydistill.data.mnist1d import IN_FEATURES
+
+        p = next(iter(model.parameters()), None)
+        x = torch.zeros(2, IN_FEATURES, device=p.device if p is not None else "cpu",
+                        dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+        was = model.training
+        model.eval()  # a probe: no batch-norm statistics move
+        with torch.no_grad():
+            out = self.outputs(model, {"x": x}, Needs(hidden=frozenset(range(1, 1 + len(_modules(model))))), None)
+        model.train(was)
+        return Layout(tuple(int(out.hidden[i].shape[-1]) for i in sorted(out.hidden)))
+
+    def outputs(self, model, batch: dict, need: Needs, spec) -> Outputs:
+        caught: dict[int, Any] = {}
+        handles = [m.register_forward_hook(lambda _m, _i, out, i=i: caught.__setitem__(i, out))
+                   for i, m in enumerate(_modules(model) if need.hidden else [], 1) if i in need.hidden]
+        try:
+            logits = model(batch["x"])
+        finally:
+            for h in handles:
+                h.remove()
+        missing = sorted(set(need.hidden) - set(caught))
+        if missing:
+            raise ValueError(f"hidden layers {missing} did not run in the model's forward")
+        return Outputs(logits=logits if need.logits else None, hidden={i: _pool(v) for i, v in caught.items()})
+
+    def cached_outputs(self, batch: dict, name: str, need: Needs, model) -> Outputs | None:
+        keys = ([teacher_key(name, "logits")] if need.logits else []) + \
+            [teacher_key(name, f"h{i}") for i in sorted(need.hidden)]
+        if not all(k in batch for k in keys):
+            return None
+        return Outputs(logits=batch.get(teacher_key(name, "logits")) if need.logits else None,
+                       hidden={i: batch[teacher_key(name, f"h{i}")] for i in need.hidden})
+
+    def targets(self, batch: dict, spec) -> dict[str, Any]:
+        y = batch["y"]
+        labelled = y >= 0
+        n = len(y)
+        return {"labels": torch.where(labelled, y, torch.full_like(y, IGNORE_INDEX)),
+                "mask": torch.ones(n, dtype=torch.bool, device=y.device),
+                "kd_mask": None if bool(labelled.all()) else torch.ones(n, dtype=torch.bool, device=y.device),
+                "vocab": int(spec.task_info.get("num_classes", 10)), "ignore_index": IGNORE_INDEX, "count": n}
+
+    def prepare(self, batch: dict, spec, teachers: dict, needs: dict) -> dict:
+        """The teachers' outputs for every row, once (``predict`` in eval mode); unlabelled rows get the
+        first teacher's argmax as their hard label (``transfer_set.hard_labels: teacher_argmax``); a
+        labels-only stage drops them."""
+        for name, need in needs.items():
+            if name is None or name not in teachers or self.cached_outputs(batch, name, need, None) is not None:
+                continue
+            out = _predict_outputs(self, teachers[name], batch["x"], Needs(True, False, need.hidden))
+            batch[teacher_key(name, "logits")] = out.logits
+            batch.update({teacher_key(name, f"h{i}"): h for i, h in out.hidden.items()})
+        if spec.kind == "kd" and spec.hard_labels == "teacher_argmax":
+            top1 = _first_teacher_top1(batch, spec, needs)
+            if top1 is not None:
+                batch["y"] = torch.where(batch["y"] < 0, top1, batch["y"])
         if spec.kind == "ce":  # labels only: drop the unlabelled transfer rows
             keep = batch["y"] >= 0
             batch = {k: v[keep] for k, v in batch.items()}
         return batch
-
-    def loss(self, model, batch: dict, spec, teacher) -> tuple[torch.Tensor, int]:
-        logits = model(batch["x"])
-        n = len(batch["x"])
-        if spec.kind == "ce":
-            return F.cross_entropy(logits, batch["y"]), n
-        from raydistill import ops
-
-        kd = spec.kd
-        kw = dict(temperature=kd.temperature, divergence=kd.divergence, beta=kd.beta, ignore_index=IGNORE_INDEX)
-        if spec.offline:
-            def call(rows, labels, alpha):
-                return ops.kd_loss_topk(logits[rows], batch["topk_values"][rows], batch["topk_indices"][rows],
-                                        labels, alpha=alpha, **kw)
-        else:
-            def call(rows, labels, alpha):
-                return ops.kd_loss(logits[rows], batch["t"][rows], labels, alpha=alpha, **kw)
-        y = batch["y"]
-        lab = y >= 0
-        if bool(lab.all()):
-            return call(slice(None), y, kd.alpha), n
-        # hard_labels == "none": unlabelled rows get the soft term only (alpha = 1 for them)
-        n_l = int(lab.sum())
-        total = logits.new_zeros((), dtype=torch.float32)
-        if n_l:
-            total = total + n_l * call(lab, y[lab], kd.alpha)
-        if n - n_l:
-            total = total + (n - n_l) * call(~lab, None, 1.0)
-        return total / n, n
 
     def evaluate(self, model, data: dict, teacher=None, task_info: dict | None = None) -> dict[str, Any]:
         """``val_accuracy`` on the val split; accuracy, macro precision / recall / F1 on the test split."""
@@ -84,6 +178,54 @@ class ClassificationTask(Task):
         va = classification_metrics(predict(model, val["x"]).argmax(1).cpu().numpy(), val["y"].cpu().numpy())
         te = classification_metrics(predict(model, test["x"]).argmax(1).cpu().numpy(), test["y"].cpu().numpy())
         return {"val_accuracy": va["accuracy"], **te}
+
+
+def load_arrays(cfg, storage: Path):
+    """The MNIST-1D split and the unlabelled transfer set (cached under ``<storage>/datasets``)."""
+    from raydistill.data import load_mnist1d, load_transfer_set
+
+    split = load_mnist1d(cfg.data, storage / "datasets")
+    transfer = load_transfer_set(cfg.data, cfg.distill.transfer_set, storage / "datasets")
+    return split, transfer
+
+
+def _modules(model) -> list:
+    from raydistill.models import hidden_modules
+
+    return hidden_modules(model)
+
+
+def _pool(out) -> torch.Tensor:
+    """A hidden module's output as one vector per row: conv maps ``(B, C, L)`` averaged over positions."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.flatten(2).mean(-1) if out.dim() > 2 else out
+
+
+def _first_teacher_top1(batch: dict, spec, needs: dict) -> torch.Tensor | None:
+    """The argmax of the first teacher whose logits the stage reads (offline: its top-1 index)."""
+    for name, need in needs.items():
+        if name is None or not need.logits:
+            continue
+        if name == spec.offline_teacher:
+            return batch["topk_indices"][:, 0]
+        key = teacher_key(name, "logits")
+        if key in batch:
+            return batch[key].argmax(1)
+    return None
+
+
+@torch.no_grad()
+def _predict_outputs(task: ClassificationTask, model, x: torch.Tensor, need: Needs,
+                     batch_size: int = 4096) -> Outputs:
+    was = model.training
+    model.eval()
+    parts = [task.outputs(model, {"x": x[i:i + batch_size]}, need, None) for i in range(0, len(x), batch_size)]
+    model.train(was)
+    if not parts:
+        return Outputs(logits=torch.zeros(0, 10, device=x.device), hidden={})
+    return Outputs(logits=torch.cat([p.logits for p in parts]),
+                   hidden={i: torch.cat([p.hidden[i] for p in parts]) for i in parts[0].hidden})
 
 
 @torch.no_grad()

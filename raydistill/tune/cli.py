@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -13,6 +14,25 @@ SAVED_CONFIG = "search_config.yaml"  # the resolved config of a search, inside i
 STATE_FILE = "search_state.json"
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def check_models_and_terms(spec, base: dict) -> None:
+    """Before Ray starts: the models and loss terms of the base config (``check_models``), and of each
+    value a loss-term or teacher key can draw (hidden-layer maps, teacher weights): a layer that does not
+    exist fails here, naming the search key, not in a trial."""
+    from raydistill.config import ConfigError, config_from_dict
+    from raydistill.distill.preflight import check_models
+    from raydistill.tune.space import SearchSpaceError, apply_trial_config
+
+    check_models(config_from_dict(base))
+    for key, dim in spec.space.items():
+        if not key.startswith(("distill.terms.", "teachers.")):
+            continue
+        for value in dim.values_to_check():
+            try:
+                check_models(config_from_dict(apply_trial_config(base, {key: value})))
+            except ConfigError as exc:
+                raise SearchSpaceError(f"search.space.{key}: value {value!r}: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,28 +167,63 @@ def main(argv: list[str] | None = None) -> int:
         base = cfg.model_dump(mode="json")
         check_space_against_config(spec, base, type(cfg).model_validate)
         check_metrics_for_task(spec, cfg.data.task)
+        check_models_and_terms(spec, base)
+        from raydistill.distill.preflight import check_inputs
         from raydistill.distill.student_init import check_student_init
 
         # student.init.from: teacher: every searched target shape fits the teacher (issue 21)
         check_space_combinations(spec, base, type(cfg).model_validate, check_student_init, "student.init.")
-    except SearchSpaceError as e:
+        check_inputs(cfg)  # teacher checkpoint / outputs and the corpus's files, before Ray starts
+    except (SearchSpaceError, ConfigError) as e:
         _err(console, str(e))
         return EXIT_USAGE
 
     if exp_dir is None:
         name = args.name or f"{cfg.run.name}_search_{time.strftime('%Y%m%d-%H%M%S')}"
         exp_dir = _root(cfg) / name
+        from raydistill.utils import check_output_dir
+
+        try:  # a file, a symbolic link or someone else's non-empty directory is never written into
+            check_output_dir(exp_dir, key="--name" if args.name else "search directory", marker=SAVED_CONFIG,
+                             error=ConfigError)
+        except ConfigError as exc:
+            _err(console, str(exc))
+            return EXIT_USAGE
         if exp_dir.exists() and any(exp_dir.iterdir()):
             _err(console, f"{exp_dir} already holds a search; pass --resume to continue it or a new --name")
             return EXIT_USAGE
 
-    from raydistill.tune.runner import run_search
+    try:  # run.tracking: the backend installed, its store writable (before Ray starts; issue 22)
+        from raydistill.distill.tracking import check_tracking
 
-    return run_search(
-        cfg, spec, exp_dir=exp_dir, address=args.address, resume=args.resume, console=console,
-        interrupt_after=args.interrupt_after_trials, t_start=t_start,
-        saved_config_name=SAVED_CONFIG, state_name=STATE_FILE,
-    )
+        check_tracking(cfg, exp_dir.parent, exp_dir.name)
+        if cfg.distill.epochs is None:
+            raise ConfigError("distill.max_steps / distill.max_tokens: a search compares trials at whole epochs "
+                              "(ASHA's time unit, the report's epochs); give distill.epochs instead")
+    except ConfigError as e:
+        _err(console, str(e))
+        return EXIT_USAGE
+
+    from raydistill.tune.runner import run_search
+    from raydistill.utils import no_space_left
+
+    logging.raiseExceptions = False  # a log that cannot be written (a full disk) is not a traceback per record
+    try:
+        return run_search(
+            cfg, spec, exp_dir=exp_dir, address=args.address, resume=args.resume, console=console,
+            interrupt_after=args.interrupt_after_trials, t_start=t_start,
+            saved_config_name=SAVED_CONFIG, state_name=STATE_FILE,
+        )
+    except ConfigError as e:  # e.g. no Ray cluster at --address, a bad corpus file found while reading it
+        _err(console, str(e))
+        return EXIT_USAGE
+    except Exception as e:
+        full = no_space_left(e)
+        if not full:
+            raise
+        _err(console, f"no space left on device writing to {getattr(full, 'filename', None) or exp_dir}; "
+                      f"finished trials are kept: free space there and continue with --resume")
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

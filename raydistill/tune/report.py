@@ -21,6 +21,7 @@ Rows are plain dicts (see :data:`TRIAL_COLUMNS`), so everything here is testable
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -57,12 +58,19 @@ PERPLEXITY = Quality("perplexity", "min", "test perplexity (lower is better)", "
 
 
 def quality_for(task: str) -> Quality:
-    """The front's quality metric of a task (``Config.data.task``)."""
-    if task == "causal_lm":
-        return PERPLEXITY
-    if task == "classification":
-        return ACCURACY
-    raise ValueError(f"no search quality metric for task {task!r}")
+    """The front's quality metric of a task (``Config.data.task``): its headline test metric and direction
+    (``raydistill.tasks.Task.metric``, ``higher_is_better``)."""
+    from raydistill.tasks import get_task
+
+    try:
+        t = get_task(task)
+    except ValueError:
+        raise ValueError(f"no search quality metric for task {task!r}") from None
+    latency = f"latency_ms_b{max(t.latency_batches)}"  # the task's largest timed batch
+    for q in (ACCURACY, PERPLEXITY):
+        if q.key == t.metric:
+            return dataclasses.replace(q, latency=latency)
+    return Quality(t.metric, "max" if t.higher_is_better else "min", t.metric_label, t.metric_fmt, latency)
 
 # Always present, in this order, after the searched parameters.
 CONFIG_COLUMNS = ("temperature", "alpha", "sparsity")

@@ -262,7 +262,8 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
         console.print(f"results: {exp_dir}")
 
         t0 = time.monotonic()
-        teacher = d.ensure_teacher(cfg, str(teacher_root))
+        teachers = d.ensure_teachers(cfg, str(teacher_root))
+        teacher = next(iter(teachers.values()))  # the first: the reference line of pareto.png
         state.teacher_path = str(teacher.path)
         tq = teacher.metrics.get(quality.key, teacher.accuracy if quality.key == "accuracy" else None)
         state.teacher_score = None if tq is None else float(tq)
@@ -274,11 +275,14 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
         state.save(state_path)
 
         rpw = plan.resources_per_worker(cfg.scaling.resources_per_worker)
-        driver = make_trial_driver(base, teacher, train_storage=str(exp_dir / "train"),
+        driver = make_trial_driver(base, teachers, train_storage=str(exp_dir / "train"),
                                    plan_workers=plan.num_workers, resources_per_worker=rpw,
                                    build_config=build)
         trainable = tune.with_resources(driver, {"cpu": plan.driver_cpu})
         callbacks: list[Any] = [ProgressPrinter(epochs, names, total, spec.metric, quality.key)]
+        from raydistill.tune.tracking import tune_callbacks
+
+        callbacks += tune_callbacks(cfg, storage_root, name)  # run.tracking: Ray's MLflow / TensorBoard loggers
         if interrupt_after:
             callbacks.append(InterruptAfter(interrupt_after))
 
@@ -319,8 +323,12 @@ def run_search(cfg, spec: SearchSpec, *, exp_dir: Path, address: str | None, res
 
     rows = trial_rows(trials, base, spec, build)
     remeasure_latency(rows, base, build, console)
-    return write_report(rows, spec, cfg, exp_dir, state, console=console, interrupted=interrupted,
+    code = write_report(rows, spec, cfg, exp_dir, state, console=console, interrupted=interrupted,
                         build=build, dump=dump_config)
+    from raydistill.tune.tracking import log_search_summary
+
+    log_search_summary(cfg, storage_root, name, exp_dir)
+    return code
 
 
 def write_report(rows, spec: SearchSpec, cfg, exp_dir: Path, state: SearchState, *, console,

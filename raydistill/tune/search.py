@@ -119,7 +119,7 @@ def plan_resources(
 
 
 def distill_api():
-    """The pipeline's public API, ``raydistill.distill`` (ray_session, ensure_teacher,
+    """The pipeline's public API, ``raydistill.distill`` (ray_session, ensure_teachers,
     build_student_trainer, build_baseline_trainer, evaluate_checkpoint; lazily imported)."""
     import raydistill.distill as d
 
@@ -132,9 +132,10 @@ def search_extras(cfg) -> dict:
     return extras(cfg)
 
 
-def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_workers: int,
+def make_trial_driver(base: dict, teachers: Any, *, train_storage: str, plan_workers: int,
                       resources_per_worker: dict[str, float], build_config: Callable[[dict], Any]):
-    """The Tune trainable: one full distillation (Ray Train) per trial, reports forwarded to Tune."""
+    """The Tune trainable: one full distillation (Ray Train) per trial, reports forwarded to Tune.
+    ``teachers``: name -> ``TeacherArtifact`` (or the first teacher's alone), trained once before the trials."""
 
     def distill_trial(config: dict) -> None:
         from ray import tune
@@ -153,12 +154,13 @@ def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_work
         # (the trial's placement-group cleaner has exited), its CPUs stay reserved, and the search hangs.
         # Measured here: 2 such groups leaked in a 24-trial search, which then waited forever.
         cfg.run.max_failures = 0
-        cfg, model = trial_student(cfg, teacher, Path(train_storage), trial_id)
+        cfg, model = trial_student(cfg, teachers, Path(train_storage), trial_id)
         trainer = distill_api().build_student_trainer(
-            cfg, teacher, model=model,
+            cfg, teachers, model=model,
             storage_path=train_storage,
             name=f"trial_{trial_id}",  # stable across retries -> Ray Train resumes from its checkpoint
-            callbacks=[TuneReportCallback()],
+            callbacks=[_epoch_reports_only(TuneReportCallback()) if cfg.distill.checkpoint_every_steps
+                       else TuneReportCallback()],
             num_workers=plan_workers,
             resources_per_worker=resources_per_worker,
             extras=search_extras(cfg),  # bits (QAT) and structured width of the trial's student
@@ -168,11 +170,11 @@ def make_trial_driver(base: dict, teacher: Any, *, train_storage: str, plan_work
     return distill_trial
 
 
-def trial_student(cfg, teacher: Any, train_storage: Path, trial_id: str) -> tuple[Any, dict | None]:
-    """A trial's student: with ``student.init.from: teacher`` the teacher pruned to the trial's target shape
-    (on the trial's driver, saved under ``<train>/pruned/trial_<id>``; a retried trial prunes again, the
-    same way), else the config's own. Returns (the config of the trial's stages, the student's model or
-    None)."""
+def trial_student(cfg, teachers: Any, train_storage: Path, trial_id: str) -> tuple[Any, dict | None]:
+    """A trial's student: with ``student.init.from: teacher`` the first of ``teachers`` pruned to the trial's
+    target shape (on the trial's driver, saved under ``<train>/pruned/trial_<id>``; a retried trial prunes
+    again, the same way), else the config's own. Returns (the config of the trial's stages, the student's
+    model or None)."""
     from raydistill.distill import student_init
 
     calibration = student_init.calibration(cfg, train_storage)
@@ -180,10 +182,28 @@ def trial_student(cfg, teacher: Any, train_storage: Path, trial_id: str) -> tupl
         return cfg, None
     from raydistill.distill.data import task_info
 
-    cfg_s, pruned = student_init.student_from_teacher(cfg, teacher, calibration,
+    first = next(iter(teachers.values())) if isinstance(teachers, dict) else teachers
+    cfg_s, pruned = student_init.student_from_teacher(cfg, first, calibration,
                                                       train_storage / "pruned" / f"trial_{trial_id}",
                                                       info=task_info(cfg, train_storage))
     return cfg_s, pruned.model
+
+
+def _epoch_reports_only(inner):
+    """A Ray Train callback passing only the epoch reports on to ``inner`` (Tune's report callback): ASHA and
+    the searcher compare epochs; the step reports of ``distill.checkpoint_every_steps`` (issue 22) only
+    checkpoint the trial's own Ray Train run."""
+    from ray.train import UserCallback
+
+    class EpochReports(UserCallback):
+        def __init__(self, cb):
+            self.cb = cb
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if not metrics[0].get("step_report"):
+                self.cb.after_report(run_context, metrics, checkpoint)
+
+    return EpochReports(inner)
 
 
 def make_scheduler(spec: SearchSpec, epochs: int):

@@ -4,8 +4,9 @@ A search config is a complete distill config (what ``raydistill distill`` takes)
 section.  ``raydistill.config`` keeps ``search`` as a raw dict; this module owns its schema::
 
     search:
-      space:                               # config key path -> distribution
+      space:                               # config key path -> distribution (list entries by index)
         distill.temperature: {dist: loguniform, low: 1.0, high: 20.0}
+        distill.terms.2.weight: {dist: uniform, low: 0.0, high: 1.0}      # a loss term's weight
         distill.alpha:       {dist: uniform, low: 0.0, high: 1.0}
         compression.sparsity: {dist: choice, values: [0.0, 0.5, 0.8, 0.9, 0.95]}
       metric: val_accuracy                 # what ASHA / single-objective searchers optimise
@@ -235,12 +236,22 @@ def parse_search(raw: dict | None) -> SearchSpec:
 _MISSING = object()
 
 
+def _step(cur: Any, part: str) -> tuple[Any, Any]:
+    """(container key, child) of one path segment: a mapping's key or a list's index
+    (``distill.terms.1.weight``); ``_MISSING`` when there is none."""
+    if isinstance(cur, dict) and part in cur:
+        return part, cur[part]
+    if isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+        return int(part), cur[int(part)]
+    return None, _MISSING
+
+
 def _get_path(data: dict, path: str) -> Any:
     cur: Any = data
     for part in path.split("."):
-        if not isinstance(cur, dict) or part not in cur:
+        _, cur = _step(cur, part)
+        if cur is _MISSING:
             return _MISSING
-        cur = cur[part]
     return cur
 
 
@@ -249,8 +260,8 @@ def _set_path(data: dict, path: str, value: Any) -> dict:
     cur = out
     parts = path.split(".")
     for part in parts[:-1]:
-        cur = cur[part]
-    cur[parts[-1]] = value
+        cur = _step(cur, part)[1]
+    cur[_step(cur, parts[-1])[0]] = value
     return out
 
 
@@ -274,14 +285,23 @@ def check_space_against_config(
         if cur is _MISSING:
             sections = ", ".join(k for k in base if k != "search")
             parent, _, leaf = key.rpartition(".")
+            while "." in parent and _get_path(base, parent) is _MISSING:  # the deepest key that exists
+                parent = parent.rpartition(".")[0]
             hint = ""
             if parent:
                 p = _get_path(base, parent)
                 if isinstance(p, dict):
                     hint = f" ({parent} has: {', '.join(sorted(p))})"
+                elif isinstance(p, list):
+                    hint = f" ({parent} is a list of {len(p)}: indices 0..{len(p) - 1})"
+                elif p is None:
+                    hint = f" ({parent} is not set: write it in the config to search inside it)"
             else:
                 hint = f" (top-level sections: {sections})"
             raise SearchSpaceError(f"{where}: not a config key{hint}")
+        if key == "distill.alpha" and _get_path(base, "distill.terms") not in (None, _MISSING):
+            raise SearchSpaceError(f"{where}: distill.terms is set, so distill.alpha weighs nothing; search the "
+                                   "terms' weights instead (distill.terms.<i>.weight)")
         if isinstance(cur, dict):
             raise SearchSpaceError(f"{where}: is a config section, not a value; name a key inside it "
                                    f"({', '.join(sorted(cur))})")
@@ -327,26 +347,29 @@ def check_space_combinations(spec: SearchSpec, base: dict, validate: Callable[[d
     return n
 
 
-# What each task reports per epoch that only it reports, and the metrics whose direction is fixed.
-TASK_ONLY_METRICS = {
-    "classification": ("val_accuracy", "accuracy", "macro_f1", "macro_precision", "macro_recall",
-                       "samples_per_s", "latency_ms_b1", "latency_ms_b256"),
-    "causal_lm": ("val_perplexity", "perplexity", "next_token_accuracy", "teacher_agreement", "tokens_per_s"),
-}
+# The metrics whose direction is fixed (what each task alone reports: ``raydistill.tasks.Task.reported_metrics``).
 LOWER_IS_BETTER = ("val_perplexity", "perplexity", "train_loss", "model_bytes", "latency_ms_b1", "latency_ms_b256")
 HIGHER_IS_BETTER = ("val_accuracy", "accuracy", "macro_f1", "macro_precision", "macro_recall",
                     "next_token_accuracy", "teacher_agreement", "compression_ratio", "sparsity")
+
+
+def task_only_metrics() -> dict[str, tuple[str, ...]]:
+    """task name -> the per-epoch metrics only it reports."""
+    from raydistill.tasks import TASKS, get_task
+
+    return {name: get_task(name).reported_metrics for name in TASKS}
 
 
 def check_metrics_for_task(spec: SearchSpec, task: str) -> None:
     """``search.metric`` / ``search.searcher.objectives`` must be reported by the config's task
     (``data.task``) and, where the direction is fixed, optimised the right way: a causal LM's search
     minimises ``val_perplexity``, a classifier's maximises ``val_accuracy``."""
-    others = {m for t, ms in TASK_ONLY_METRICS.items() if t != task for m in ms} - set(TASK_ONLY_METRICS.get(task, ()))
+    only = task_only_metrics()
+    others = {m for t, ms in only.items() if t != task for m in ms} - set(only.get(task, ()))
     pairs = [("search.metric", spec.metric, spec.mode, "search.mode")]
     pairs += [(f"search.searcher.objectives.{m}", m, mode, f"search.searcher.objectives.{m}")
               for m, mode in (spec.searcher.objectives or {}).items()]
-    ours = ", ".join(TASK_ONLY_METRICS.get(task, ()))
+    ours = ", ".join(only.get(task, ()))
     for where, metric, mode, mode_key in pairs:
         if metric in others:
             raise SearchSpaceError(f"{where}: {metric!r} is not reported by a {task} task (data.task); "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +246,43 @@ def test_missing_library_is_an_import_error_naming_the_package(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # import fails as if not installed
     with pytest.raises(ImportError, match=r"compressed-tensors package.*pip install 'compressed-tensors>=0\.20\.1'"):
         export_compressed_tensors(model, tmp_path / "ct")
+
+
+def test_export_replaces_only_its_own_earlier_export(tmp_path):
+    """Nothing of the user's is lost: a directory holding anything else, an existing file or a symbolic link
+    is refused before any work (ValueError naming out_dir); an earlier export (its marker) is replaced whole;
+    no temporary directory is left beside it, also when the export fails half way."""
+    from raydistill.utils import EXPORT_MARKER
+
+    model = _llama()
+    quantize(model, bits=8, exclude=["lm_head"])
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"out_dir: .*mine is not empty \(notes.txt\) and is not an earlier"):
+        export_compressed_tensors(model, user)
+    assert (user / "notes.txt").read_text() == "keep me" and sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="out_dir: .*file is an existing file"):
+        export_compressed_tensors(model, tmp_path / "file")
+    (tmp_path / "link").symlink_to(user, target_is_directory=True)
+    with pytest.raises(ValueError, match="out_dir: .*link is a symbolic link"):
+        export_compressed_tensors(model, tmp_path / "link")
+
+    out = tmp_path / "ct"
+    export_compressed_tensors(model, out)
+    assert (out / EXPORT_MARKER).is_file() and (out / "config.json").is_file()
+    (out / "stale.bin").write_bytes(b"0")  # a file from the earlier export goes with it
+    export_compressed_tensors(model, out)
+    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "file", "link", "mine"]  # no temporaries
+
+    class Broken:
+        def save_pretrained(self, path):
+            (Path(path) / "half.json").write_text("{")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        export_compressed_tensors(model, out, tokenizer=Broken())
+    assert (out / "model.safetensors").is_file() and not (out / "half.json").exists()  # the earlier export stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "file", "link", "mine"]

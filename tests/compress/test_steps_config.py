@@ -162,12 +162,14 @@ def test_evaluate_checkpoint_applies_structure_masks_and_quantize(tmp_path):
 
 
 def test_search_extras_and_worker_side_steps(seeded):
-    """Tune trial: bits -> QAT spec, structured ratio -> widths; prepare_student builds those shapes
+    """Tune trial: bits -> QAT spec, structured ratio -> widths; build_student builds those shapes
     with FakeQuantLinear; final_metrics times a converted copy and leaves the training model alone."""
+    import torch
+
     from raydistill.compress import FakeQuantLinear
-    from raydistill.distill.steps import final_metrics, prepare_student, search_extras, size_metrics
+    from raydistill.distill.steps import build_student, final_metrics, search_extras, size_metrics
     from raydistill.distill.spec import StageSpec
-    from raydistill.models import build_model
+    from raydistill.tasks import get_task
 
     cfg = load_config(REPO / "tune_configs" / "mnist1d_compress_search.yaml",
                       ["compression.quantize.bits=4", "compression.structured.ratio=0.75"])
@@ -176,7 +178,7 @@ def test_search_extras_and_worker_side_steps(seeded):
     spec = StageSpec(stage="student", task="classification", kind="kd",
                      model={"model": "mlp", "kwargs": dict(cfg.student.kwargs)}, epochs=1, batch_size=8,
                      optimizer={}, lr_schedule={}, seed=0, progress_dir="unused", **ex)
-    net = prepare_student(build_model(spec.model), spec, resuming=False)
+    net = build_student(get_task("classification"), spec.model, {}, structure=spec.structure, qat=spec.qat)
     assert [type(m).__name__ for m in net.net] == ["FakeQuantLinear", "ReLU"] * 2 + ["FakeQuantLinear"]
     assert net.net[0].weight.shape == (128, 40) and net.net[2].weight.shape == (128, 128)
     assert isinstance(net.net[4], FakeQuantLinear) and net.net[4].bits == 4

@@ -51,7 +51,8 @@ def _file(tmp_path, name="f.txt", text="x"):
 @pytest.mark.parametrize("case", [
     "storage_is_file", "storage_not_writable", "storage_key_is_file", "empty_yaml", "unimportable_model",
     "bad_factory_kwargs", "inf_temperature", "huge_temperature", "bool_epochs", "exclude_matches_nothing",
-    "bad_assistant_model",
+    "bad_assistant_model", "steps_and_epochs", "steps_and_tokens", "fp16_on_cpu", "tokens_for_mnist",
+    "checkpointing_mlp_student", "checkpointing_mlp_teacher", "tracking_uri_not_writable", "tracking_dir_is_file",
 ])
 def test_bad_input_exits_2_naming_the_key(run_cli, tmp_path, case):
     f = _file(tmp_path)
@@ -71,6 +72,22 @@ def test_bad_input_exits_2_naming_the_key(run_cli, tmp_path, case):
                                     ["compression.exclude", "'haed'", "matches no"]),
         "bad_assistant_model": ([TINY, "--set", "assistants=[{model: mlp, kwargs: {nope: 1}}]"],
                                 ["assistants[0].model", "nope"]),
+        # issue 22: budgets that contradict each other, fp16 on a CPU, checkpointing a model without it, a
+        # tracking store that cannot be written
+        "steps_and_epochs": ([TINY, "--set", "distill.max_steps=100"], ["distill", "epochs (4)", "max_steps (100)"]),
+        "steps_and_tokens": ([TINY, "--set", "teacher.training.max_steps=5", "--set", "teacher.training.max_tokens=9",
+                              "--set", "teacher.training.epochs=null"], ["teacher.training", "max_tokens (9)"]),
+        "fp16_on_cpu": ([TINY, "--set", "distill.precision=fp16"], ["distill.precision", "fp16 needs a GPU"]),
+        "tokens_for_mnist": ([TINY, "--set", "distill.epochs=null", "--set", "distill.max_tokens=1000"],
+                             ["distill.max_tokens", "causal LM"]),
+        "checkpointing_mlp_student": ([TINY, "--set", "distill.gradient_checkpointing=true"],
+                                      ["distill.gradient_checkpointing", "student", "'mlp'"]),
+        "checkpointing_mlp_teacher": ([TINY, "--set", "teacher.training.gradient_checkpointing=true"],
+                                      ["teacher.training.gradient_checkpointing", "teacher"]),
+        "tracking_uri_not_writable": ([TINY, "--set", "run.tracking=mlflow", "--set",
+                                       f"run.tracking_uri=sqlite:///{f}/mlflow.db"], ["run.tracking_uri", str(f)]),
+        "tracking_dir_is_file": ([TINY, "--set", "run.tracking=tensorboard", "--set", f"run.tracking_uri={f}"],
+                                 ["run.tracking_uri", "is a file"]),
     }[case]
     if case.startswith("storage"):
         rc, err = run_cli(*args, storage_arg=False)
@@ -145,3 +162,96 @@ def test_run_lock_is_released_when_its_holder_is_killed(tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+# ---- files the config names: refused before Ray starts (issue 19) ----------------------------------------
+
+LM_TINY = str(REPO / "tune_configs" / "lm_tiny.yaml")
+
+
+def _prose(rng, n_words=3000) -> str:
+    words = ["the", "teacher", "student", "learns", "from", "soft", "targets", "of", "a", "larger", "model",
+             "with", "temperature", "and", "alpha", "while", "pruning", "weights", "café", "naïve", "→"]
+    return " ".join(words[int(i)] for i in rng.integers(0, len(words), n_words)) + "\n"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    import numpy as np
+
+    d = tmp_path / "corpus"
+    d.mkdir()
+    rng = np.random.default_rng(int.from_bytes(__import__("os").urandom(4), "little"))
+    (d / "a_good.txt").write_text(_prose(rng), encoding="utf-8")
+    return d, rng
+
+
+def test_binary_and_non_utf8_corpus_files_are_refused_by_name(run_cli, corpus):
+    import shutil
+
+    d, rng = corpus
+    shutil.copyfile("/bin/ls", d / "ls.txt")
+    (d / "random.txt").write_bytes(b"\xff\xfe" + rng.bytes(5000))  # 0xff is never valid UTF-8
+    (d / "latin1.md").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (d / "nul.py").write_bytes(b"x = 1\n\x00\x00\n")  # valid UTF-8, but binary
+    rc, err = run_cli(LM_TINY, "--set", f"data.path={d}", "--set", "data.max_bytes=null")
+    assert rc == 2, err
+    assert "TRIPWIRE" not in err and "Traceback" not in err
+    for name in ("ls.txt", "random.txt", "latin1.md", "nul.py"):
+        assert name in err, (name, err)
+    assert "a_good.txt" not in err and "data.path" in err and "data.skip_bad_files" in err
+    assert "4 corpus file(s)" in err and "line 2" in err  # nul.py: the NUL byte's line
+
+
+def test_skip_bad_files_leaves_them_out_and_goes_on(run_cli, corpus, caplog):
+    import shutil
+
+    d, _ = corpus
+    shutil.copyfile("/bin/ls", d / "ls.txt")
+    with caplog.at_level("WARNING", logger="raydistill"):
+        rc, err = run_cli(LM_TINY, "--set", f"data.path={d}", "--set", "data.skip_bad_files=true")
+    assert rc == 1 and "TRIPWIRE" in err, err  # accepted: the run went on to start Ray
+    assert any("ls.txt" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+    # a corpus of bad files only is still refused
+    (d / "a_good.txt").unlink()
+    rc, err = run_cli(LM_TINY, "--set", f"data.path={d}", "--set", "data.skip_bad_files=true")
+    assert rc == 2 and "no file of the corpus" in err and "ls.txt" in err, err
+
+
+def test_malformed_jsonl_line_names_file_and_line(run_cli, tmp_path, corpus):
+    import json
+
+    _, rng = corpus
+    f = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": _prose(rng, 50)}) for _ in range(6)]
+    lines[3] = lines[3][:-5] + "oops}"
+    f.write_text("\n".join(lines) + "\n")
+    rc, err = run_cli(LM_TINY, "--set", f"data.path={f}")
+    assert rc == 2, err
+    assert "docs.jsonl line 4 is not valid JSON" in err and "teacher" not in err and "Traceback" not in err
+    lines[3] = json.dumps({"body": "no text key"})
+    f.write_text("\n".join(lines) + "\n")
+    rc, err = run_cli(LM_TINY, "--set", f"data.path={f}")
+    assert rc == 2 and "data.text_column" in err and "line 4" in err and "'text'" in err, err
+
+
+def test_tokenizer_json_that_is_not_json_names_the_key(run_cli, tmp_path):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{ this is not json")
+    rc, err = run_cli(LM_TINY, "--set", f"data.tokenizer={tok}")
+    assert rc == 2, err
+    assert "data.tokenizer" in err and str(tok / "tokenizer.json") in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", ["outputs_missing", "outputs_empty_dir", "checkpoint_missing",
+                                  "checkpoint_dir_without_weights"])
+def test_teacher_files_are_checked_before_ray(run_cli, tmp_path, case):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    key, value = {"outputs_missing": ("distill.teacher_outputs", tmp_path / "nope"),
+                  "outputs_empty_dir": ("distill.teacher_outputs", empty),
+                  "checkpoint_missing": ("teacher.checkpoint", tmp_path / "nope.safetensors"),
+                  "checkpoint_dir_without_weights": ("teacher.checkpoint", empty)}[case]
+    rc, err = run_cli(TINY, "--set", f"{key}={value}")
+    assert rc == 2 and key in err and str(value) in err and "TRIPWIRE" not in err, err

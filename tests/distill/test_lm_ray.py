@@ -27,7 +27,7 @@ def test_lm_distil_crash_resume_export_roundtrip(ray_local, lm_storage):
     from raydistill.config import load_config
     from raydistill.distill import build_student_trainer, ensure_teacher, evaluate_checkpoint
     from raydistill.distill.export import SPARSE_FILE, export_student
-    from raydistill.distill.data import text_data
+    from raydistill.tasks.causal_lm import text_data
     from raydistill.distill.evaluate import load_checkpoint_model
     from raydistill.tasks.causal_lm import lm_logits
 
@@ -84,7 +84,7 @@ def test_lm_teacher_logits_top128_parquet_and_offline_distillation(ray_local, lm
     from raydistill.config import load_config
     from raydistill.distill import build_student_trainer, ensure_teacher
     from raydistill.distill.teacher_logits import write_teacher_outputs
-    from raydistill.distill.data import text_data
+    from raydistill.tasks.causal_lm import text_data
     from raydistill.distill.evaluate import load_checkpoint_model
     from raydistill.tasks.causal_lm import lm_logits
 

@@ -20,7 +20,7 @@ def _log(path: Path) -> list[dict]:
 def test_end_to_end_distill_report(ray_local, storage, tiny):
     from raydistill.distill import run_distill
 
-    cfg = tiny()
+    cfg = tiny("run.tracking=mlflow", f"run.tracking_uri=file:{storage / 'mlruns'}")  # issue 22: tracked
     r = run_distill(cfg, storage_path=storage, name="e2e", progress=False)
     run_dir = storage / "e2e"
     assert json.loads((run_dir / "report.json").read_text())["student"] == r["student"]
@@ -43,6 +43,26 @@ def test_end_to_end_distill_report(ray_local, storage, tiny):
         assert [m["epoch"] for m in rows] == [1, 2, 3, 4]
         for key in ("train_loss", "val_accuracy", "accuracy", "sparsity", "compression_ratio", "lr"):
             assert np.isfinite(rows[-1][key])
+
+    # run.tracking=mlflow, read back with MLflow's client: the job's run (config as params, the report and the
+    # exported student as artifacts) and one nested run per stage with every epoch's metrics
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"file:{storage / 'mlruns'}")
+    exp = client.get_experiment_by_name("raydistill")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`raydistill.run` = 'e2e'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    job = runs[0]
+    assert job.data.params["distill.epochs"] == "4" and job.data.params["student.model"] == "mlp"
+    arts = {a.path for a in client.list_artifacts(job.info.run_id)}
+    assert {"report.json", "report.md", "curves.png", "config.yaml", "student"} <= arts
+    assert [a.path for a in client.list_artifacts(job.info.run_id, "student")] == ["student/student.safetensors"]
+    stages = {c.info.run_name: c for c in client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{job.info.run_id}'")}
+    assert {"baseline", "dense_student", "student", "teacher"} <= set(stages)
+    acc = client.get_metric_history(stages["student"].info.run_id, "accuracy")
+    want = [m["accuracy"] for m in _log(run_dir / "student" / "epochs.jsonl")]
+    assert [m.value for m in sorted(acc, key=lambda m: m.step)] == pytest.approx(want)
 
 
 def _student_trainer(cfg, storage, name):

@@ -73,7 +73,7 @@ def test_bad_init_config_names_the_key(overrides, words):
 
 
 def test_a_shape_without_from_teacher_and_a_non_transformers_teacher_are_errors():
-    with pytest.raises(ConfigError, match=r"student.init: hidden_size: a target shape needs from: teacher"):
+    with pytest.raises(ConfigError, match=r"student.init.hidden_size: a target shape needs from: teacher"):
         load_config(LM_TINY, ["student.init.hidden_size=16"])
     with pytest.raises(ConfigError, match=r"student.init.from: teacher prunes a transformers decoder LM; "
                                           r"teacher.model is 'cnn1d'"):

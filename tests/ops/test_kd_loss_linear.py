@@ -307,7 +307,14 @@ def test_bad_inputs_raise(seeded):
         (lambda: kd_loss_linear(sh, sw, th[..., :5], tw), ValueError, "teacher_hidden hidden size 5"),
         (lambda: kd_loss_linear(sh, sw[:, :5], th, tw), ValueError, "student_hidden hidden size"),
         (lambda: kd_loss_linear(sh, sw, th, tw[:96]), ValueError, "V_t=96 rows, fewer than"),
-        (lambda: kd_loss_linear(sh, sw, th, tw, chunk_size=0), ValueError, "chunk_size must be >= 1"),
+        (lambda: kd_loss_linear(sh, sw, th, tw, chunk_size=0), ValueError, r"chunk_size must be in \[1, 2\*\*63 - 1\]"),
+        (lambda: kd_loss_linear(sh, sw, th, tw, chunk_size=10**20), ValueError,
+         r"chunk_size must be in \[1, 2\*\*63 - 1\] .*got 100000000000000000000"),
+        (lambda: KDLossLinear(chunk_size=2**63), ValueError, r"chunk_size must be in \[1, 2\*\*63 - 1\]"),
+        (lambda: kd_loss_linear(sh, sw, th, tw, y, alpha=0.5, ignore_index=10**20), ValueError,
+         r"ignore_index must be in \[-2\*\*63, 2\*\*63 - 1\]"),
+        (lambda: kd_loss_linear_topk(sh, sw, vals, idx, y, alpha=0.5, ignore_index=-2**64), ValueError,
+         "ignore_index must be in"),
         (lambda: kd_loss_linear(sh, sw, th, tw, chunk_size=2.5), TypeError, "chunk_size"),
         (lambda: kd_loss_linear(sh, sw, th, tw, chunk_size=True), TypeError, "chunk_size"),
         (lambda: kd_loss_linear(sh, sw, th, tw, y[:, :5], alpha=0.5), ValueError, "labels shape"),
@@ -339,6 +346,8 @@ def test_bad_inputs_raise(seeded):
     for fn, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             fn()
+    # the largest int64 is valid: one chunk, the same loss as the automatic chunking
+    torch.testing.assert_close(kd_loss_linear(sh, sw, th, tw, chunk_size=2**63 - 1), kd_loss_linear(sh, sw, th, tw))
 
 
 def test_fallback_when_extension_disabled():

@@ -223,21 +223,49 @@ def test_state_dict_round_trip_and_dtype(ext, seeded):
     assert _rel(y, sl(x).detach()) < 2e-2
 
 
-def test_parameters_are_values_and_bias_and_ddp(ext, seeded, tmp_path):
-    import torch.distributed as dist
+_DDP_CHILD = """
+import faulthandler, gc, sys
+import torch, torch.distributed as dist
+from torch import nn
+from raydistill._build import op_backend
+from raydistill.ops.sparse import SparseLinear
 
-    _, mask, sl = _layer(seeded)
-    names = [n for n, _ in sl.named_parameters()]
-    assert names == ["values", "bias"]
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        ddp = nn.parallel.DistributedDataParallel(sl)
-        x = torch.randn(4, 14, generator=seeded)
-        ddp(x).sum().backward()
-        assert sl.values.grad is not None and sl.values.grad.shape == (int(mask.sum()),)
-        assert torch.allclose(sl.bias.grad, torch.full((10,), 4.0))
-    finally:
-        dist.destroy_process_group()
+faulthandler.dump_traceback_later(float(sys.argv[3]), exit=True)  # a hang prints its stacks and ends
+assert op_backend("spmm", "cpu") == "compiled", op_backend("spmm", "cpu")
+g = torch.Generator().manual_seed(int(sys.argv[2]))
+lin = nn.Linear(14, 10)
+mask = torch.rand(10, 14, generator=g) < 0.4
+sl = SparseLinear.from_dense(lin, mask)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+ddp = nn.parallel.DistributedDataParallel(sl)
+x = torch.randn(4, 14, generator=g)
+ddp(x).sum().backward()
+assert sl.values.grad is not None and sl.values.grad.shape == (int(mask.sum()),), sl.values.grad
+assert torch.allclose(sl.bias.grad, torch.full((10,), 4.0)), sl.bias.grad
+dense = x.t() @ torch.ones(4, 10)  # d(sum(x W^T))/dW = ones^T x, kept where the mask is set
+assert torch.allclose(sl.values.grad, dense.t()[mask], atol=1e-5)
+del ddp  # release DDP's Reducer (it holds the group) before the group is destroyed
+gc.collect()
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_parameters_are_values_and_bias_and_ddp(ext, seeded, tmp_path):
+    """DDP over SparseLinear: its parameters are exactly (values, bias) and both get gradients.
+
+    The gloo process group lives in a child process with a time limit: a group created and torn down in the
+    pytest process once hung the whole suite in ``~ProcessGroupGloo`` (joining its thread while DDP's Reducer
+    was freed), depending on what ran before in the same process."""
+    import subprocess
+    import sys
+
+    _, _, sl = _layer(seeded)
+    assert [n for n, _ in sl.named_parameters()] == ["values", "bias"]
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=seeded))
+    r = subprocess.run([sys.executable, "-c", _DDP_CHILD, str(tmp_path / "store"), str(seed), "100"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout, r.stderr[-4000:])
 
 
 def test_fallback_when_extension_disabled(seeded):

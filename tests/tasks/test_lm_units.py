@@ -10,7 +10,8 @@ import torch
 
 from raydistill.config import ConfigError, load_config
 from raydistill.data.text import corpus_files, pack, train_bpe
-from raydistill.distill.spec import KDTerms, StageSpec
+from raydistill.distill.spec import StageSpec
+from raydistill.losses import Criterion
 from raydistill.tasks import IGNORE_INDEX, get_task
 from raydistill.tasks.causal_lm import lm_metrics, next_token_labels, shared_vocab
 from raydistill.tasks.classification import classification_metrics
@@ -54,12 +55,33 @@ def test_padded_vocab_slice_equals_minus_inf_mask():
         shared_vocab(torch.randn(2, 8), vocab)
 
 
+KD_TERMS = ({"type": "kd_logits", "weight": 0.7, "teachers": {"main": 1.0}, "temperature": 2.0,
+             "divergence": "forward_kl", "beta": 0.5}, {"type": "ce", "weight": 0.3})
+
+
 def _lm_spec(kind="kd", offline=False, pad=0, vocab=40, fused=False):
     return StageSpec(stage="s", task="causal_lm", kind=kind, model={"model": "hf", "kwargs": {"config": TINY_LLAMA}},
                      epochs=1, batch_size=2, optimizer={}, lr_schedule={}, seed=0, progress_dir="/tmp",
-                     kd=KDTerms(2.0, 0.7, "forward_kl", 0.5, fused_linear=fused) if kind == "kd" else None,
-                     offline=offline,
+                     **({"terms": KD_TERMS} if kind == "kd" else {}), fused_linear=fused,
+                     offline_teacher="main" if offline else None,
                      task_info={"vocab_size": vocab, "pad_id": pad, "eos_id": 1})
+
+
+def _criterion(task, spec, student, teacher):
+    teachers = {"main": teacher} if teacher is not None else {}
+    return Criterion(spec.terms, student=task.layout(student),
+                     teachers={n: task.layout(t) for n, t in teachers.items()}), teachers
+
+
+def _loss(task, student, batch, spec, teacher):
+    """One step's loss as the per-worker loop computes it: the spec's criterion over the task's outputs."""
+    crit, teachers = _criterion(task, spec, student, teacher)
+    return task.loss(student, batch, spec, teachers, crit)
+
+
+def _prepare(task, batch, spec, teacher, **kw):
+    crit, teachers = _criterion(task, spec, task.build_model(spec.model, spec.task_info), teacher)
+    return task.prepare(batch, spec, teachers, crit.needs(), **kw)
 
 
 def test_causal_lm_task_loss_matches_reference_and_metrics():
@@ -73,7 +95,7 @@ def test_causal_lm_task_loss_matches_reference_and_metrics():
                                spec.task_info)  # padded teacher vocabulary
     ids = torch.randint(2, 40, (3, 9))
     ids[0, 6:] = 0  # padding at the end of a block
-    loss, n = task.loss(student, {"input_ids": ids}, spec, teacher)
+    loss, n = _loss(task, student, {"input_ids": ids}, spec, teacher)
     assert n == 3 * 8 - 3
     lab = next_token_labels(ids, 0)
     ref = ops.kd_loss_reference(student(input_ids=ids).logits.double(),
@@ -83,7 +105,7 @@ def test_causal_lm_task_loss_matches_reference_and_metrics():
     loss.backward()
     assert student.lm_head.weight.grad is not None and student.lm_head.weight.grad.abs().sum() > 0
     # ce stage: plain next-token cross-entropy over non-pad targets
-    ce, _ = task.loss(student, {"input_ids": ids}, _lm_spec("ce"), None)
+    ce, _ = _loss(task, student, {"input_ids": ids}, _lm_spec("ce"), None)
     want = torch.nn.functional.cross_entropy(student(input_ids=ids).logits.reshape(-1, 40), lab.reshape(-1))
     torch.testing.assert_close(ce, want)
     m = lm_metrics(student, ids, 0, 40, teacher=student)
@@ -112,7 +134,7 @@ def test_fused_linear_loss_equals_materialised_logits(offline):
     losses = []
     for spec in (plain, fused):
         student.zero_grad(set_to_none=True)
-        loss, _ = task.loss(student, batch, spec, None if offline else teacher)
+        loss, _ = _loss(task, student, batch, spec, None if offline else teacher)
         loss.backward()
         losses.append(loss.detach())
         grads.append({k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None})
@@ -135,8 +157,8 @@ def test_prepare_computes_the_teacher_once_and_gives_the_online_loss(monkeypatch
                                spec.task_info).eval()
     ids = torch.randint(2, 40, (5, 9))
     ids[3, 6:] = 0
-    shard = task.prepare({"input_ids": ids}, spec, teacher, chunk=2)
-    assert shard["teacher_hidden"].shape == (5, 9, TINY_LLAMA["hidden_size"])
+    shard = _prepare(task, {"input_ids": ids}, spec, teacher, chunk=2)
+    assert shard["teacher.main.last"].shape == (5, 9, TINY_LLAMA["hidden_size"])
     assert shard["input_ids"] is ids
     idx = torch.tensor([4, 1, 3])
     calls = []
@@ -145,25 +167,27 @@ def test_prepare_computes_the_teacher_once_and_gives_the_online_loss(monkeypatch
     for batch in ({"input_ids": ids[idx]}, {k: v[idx] for k, v in shard.items()}):
         calls.clear()
         student.zero_grad(set_to_none=True)
-        loss, n = task.loss(student, batch, spec, teacher)
+        loss, n = _loss(task, student, batch, spec, teacher)
         loss.backward()
         losses.append(loss.detach())
         grads.append({k: p.grad.clone() for k, p in student.named_parameters()})
-        assert len(calls) == (0 if "teacher_hidden" in batch else 1)
+        assert len(calls) == (0 if "teacher.main.last" in batch else 1)
     hook.remove()
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
     # nothing cached for cross-entropy stages, offline outputs, the materialised-logits path, a shard
     # whose states would exceed the cap, or a teacher that is no transformers model
-    for s in (_lm_spec("ce"), _lm_spec(offline=True, fused=True), _lm_spec(fused=False)):
-        assert "teacher_hidden" not in task.prepare({"input_ids": ids}, s, teacher)
+    key = "teacher.main.last"
+    assert key not in _prepare(task, {"input_ids": ids}, _lm_spec("ce"), None)
+    for s in (_lm_spec(offline=True, fused=True), _lm_spec(fused=False)):
+        assert key not in _prepare(task, {"input_ids": ids}, s, None if s.offline else teacher)
     monkeypatch.setattr(clm, "TEACHER_HIDDEN_MAX_BYTES", 5 * 9 * TINY_LLAMA["hidden_size"] * 4 - 1)
-    assert "teacher_hidden" not in task.prepare({"input_ids": ids}, spec, teacher)
+    assert key not in _prepare(task, {"input_ids": ids}, spec, teacher)
     monkeypatch.setattr(clm, "TEACHER_HIDDEN_MAX_BYTES", 5 * 9 * TINY_LLAMA["hidden_size"] * 4)
-    assert "teacher_hidden" in task.prepare({"input_ids": ids}, spec, teacher)
+    assert key in _prepare(task, {"input_ids": ids}, spec, teacher)
     plain = torch.nn.Sequential(torch.nn.Embedding(40, 8), torch.nn.Linear(8, 40, bias=False))
-    assert "teacher_hidden" not in task.prepare({"input_ids": ids}, spec, plain)
+    assert key not in _prepare(task, {"input_ids": ids}, spec, plain)
 
 
 def test_classification_macro_precision_recall():
@@ -191,7 +215,7 @@ def test_config_union_and_lm_input_errors(tmp_path):
     cases = [
         (["data.path=" + str(tmp_path / "nope")], "data.path: .*does not exist"),
         (["data.seq_len=100"], r"data.seq_len \(100\) exceeds teacher.kwargs.config max positions \(64\)"),
-        (["student.kwargs={pretrained: " + str(tmp_path) + "}"], "student: kwargs.pretrained: .* has no config.json"),
+        (["student.kwargs={pretrained: " + str(tmp_path) + "}"], "student.kwargs.pretrained: .* has no config.json"),
         (["student.kwargs.config.vocab_size=100"], "student.kwargs.config: vocab_size 100 is smaller"),
         (["data.nosuch=1"], "data.nosuch: unknown key; allowed keys here: .*seq_len"),
         (["data.name=csv"], r"data.name: must be one of .mnist1d., .text. \(got .csv.\)"),

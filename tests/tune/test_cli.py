@@ -36,6 +36,25 @@ def _write(tmp_path, mutate) -> Path:
         (lambda d: d["search"].update({"metric": "val_perplexity", "mode": "min"}),
          "search.metric: 'val_perplexity' is not reported by a classification task"),
         (lambda d: d["search"].update({"mode": "min"}), "search.mode: val_accuracy is higher-is-better"),
+        # loss terms: the weights of a list entry, and the layers a term can draw, are checked before Ray
+        (lambda d: d["search"]["space"].update({"distill.terms.1.weight": {"dist": "uniform", "low": 0, "high": 1}}),
+         "search.space.distill.terms.1.weight: not a config key (distill.terms is not set"),
+        (lambda d: (d["distill"].update({"terms": [{"type": "kd_logits"}, {"type": "hidden"}]}),
+                    d["search"]["space"].pop("distill.alpha"),
+                    d["search"]["space"].update({"distill.terms.2.weight": {"dist": "uniform", "low": 0, "high": 1}})),
+         "search.space.distill.terms.2.weight: not a config key (distill.terms is a list of 2: indices 0..1)"),
+        (lambda d: (d["distill"].update({"terms": [{"type": "kd_logits"}, {"type": "ce"}]})),
+         "search.space.distill.alpha: distill.terms is set, so distill.alpha weighs nothing"),
+        (lambda d: (d["distill"].update({"terms": [{"type": "kd_logits"}, {"type": "hidden"}]}),
+                    d["search"]["space"].pop("distill.alpha"),
+                    d["search"]["space"].update({"distill.terms.1.layers": {
+                        "dist": "choice", "values": ["uniform", [[1, 1]], [[1, 9]]]}})),
+         "search.space.distill.terms.1.layers: value [[1, 9]]: distill.terms.1.layers: layer 9 of the teacher"),
+        # issue 22: a step budget (ASHA compares epochs), a tracking store that cannot be used
+        (lambda d: d["distill"].update({"epochs": None, "max_steps": 50}), "distill.max_steps / distill.max_tokens"),
+        (lambda d: d.setdefault("run", {}).update({"tracking": "mlflow", "tracking_uri": "ftp://host/x"}),
+         "run.tracking_uri: 'ftp://host/x'"),
+        (lambda d: d.setdefault("run", {}).update({"tracking_uri": "somewhere"}), "run.tracking is 'none'"),
     ],
 )
 def test_bad_config_fails_before_ray(tmp_path, capsys, monkeypatch, mutate, words):
@@ -133,3 +152,26 @@ def test_shape_search_checks_every_target_against_the_teacher_before_ray(tmp_pat
     out = capsys.readouterr().out
     assert words in out, out
     assert not started and not (tmp_path / "runs").exists()
+
+
+def test_search_directory_that_is_a_file_a_link_or_someone_elses_is_refused(tmp_path, capsys, monkeypatch):
+    import ray
+
+    from raydistill.tune.cli import main
+
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append((a, k)))
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "afile").write_text("mine")
+    (root / "other").mkdir()
+    (root / "other" / "notes.txt").write_text("mine")
+    (root / "link").symlink_to(root / "other", target_is_directory=True)
+    for name, words in (("afile", "afile is an existing file"), ("link", "link is a symbolic link"),
+                        ("other", "other is not empty (notes.txt) and is not an earlier raydistill output")):
+        assert main([str(TINY), "--storage-path", str(root), "--name", name]) == 2
+        out = capsys.readouterr().out.replace("\n", "")
+        assert "--name: " in out and words in out, out
+    assert not started
+    assert (root / "afile").read_text() == "mine" and (root / "other" / "notes.txt").read_text() == "mine"

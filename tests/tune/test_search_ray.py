@@ -102,7 +102,8 @@ def wait_all_placement_groups_removed(ray, timeout_s: float = 60.0) -> dict:
 def test_search_more_trials_than_cpus_asha_stops_some_and_finishes(ray_2cpu, storage):
     ray = ray_2cpu
     assert ray.cluster_resources()["CPU"] == 2
-    rc, wall = run_tune(str(TINY), "--storage-path", str(storage), "--name", "e2e", "--num-samples", "6")
+    rc, wall = run_tune(str(TINY), "--storage-path", str(storage), "--name", "e2e", "--num-samples", "6",
+                        "--set", "run.tracking=tensorboard")
     exp = storage / "e2e"
     assert rc == 0, f"raydistill tune returned {rc} after {wall:.0f}s"
 
@@ -143,6 +144,18 @@ def test_search_more_trials_than_cpus_asha_stops_some_and_finishes(ray_2cpu, sto
 
     png = exp / "pareto.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+    # run.tracking=tensorboard (issue 22): Ray's TBX logger wrote every trial's epochs under <search>/tensorboard,
+    # read back with TensorBoard's own EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for r in rows:
+        ea = EventAccumulator(str(exp / "tensorboard" / r["trial_id"])).Reload()
+        tag = next(t for t in ea.Tags()["scalars"] if t.endswith("/accuracy"))
+        vals = ea.Scalars(tag)
+        assert len(vals) == int(r["epochs_run"]) and vals[-1].value == pytest.approx(float(r["accuracy"]))
+    summary = EventAccumulator(str(exp / "tensorboard" / "search"), size_guidance={"tensors": 0}).Reload()
+    assert "pareto.json/text_summary" in summary.Tags()["tensors"]
 
     from raydistill.config import load_config
 

@@ -212,3 +212,32 @@ def test_every_combination_of_a_shape_search_is_checked_against_the_teacher():
                                                r"num_attention_heads 4 does not divide student.init.hidden_size 30"):
         check_space_combinations(bad, base, config_from_dict, check_student_init, "student.init.")
     assert check_space_combinations(bad, base, config_from_dict, check_student_init, "nothing.") == 0
+
+
+def test_loss_term_weights_layers_and_teacher_weights_are_searchable_by_path():
+    """``distill.terms.<i>.<key>`` addresses a list entry: its weight, its layer map (a choice of lists) and a
+    kd_logits term's teacher weights are checked against the config and written into a trial's config."""
+    base = config_from_dict({
+        "teachers": {"main": {"model": "cnn1d"}, "second": {"model": "mlp"}},
+        "distill": {"terms": [{"type": "kd_logits", "teachers": {"main": 1.0, "second": 0.5}},
+                              {"type": "ce", "weight": 0.5}, {"type": "hidden", "weight": 0.1}]}}).model_dump(mode="json")
+    raw = {"space": {"distill.terms.0.teachers.second": {"dist": "uniform", "low": 0.0, "high": 2.0},
+                     "distill.terms.1.weight": {"dist": "uniform", "low": 0.0, "high": 1.0},
+                     "distill.terms.2.layers": {"dist": "choice", "values": ["uniform", "last", [[2, 4]]]}}}
+    spec = parse_search(raw)
+    check_space_against_config(spec, base, config_from_dict)
+    cfg = config_from_dict(apply_trial_config(base, {"distill.terms.1.weight": 0.25,
+                                                     "distill.terms.2.layers": [[2, 4]],
+                                                     "distill.terms.0.teachers.second": 1.5}))
+    kd, ce, hid = cfg.loss_terms()
+    assert ce["weight"] == 0.25 and hid["layers"] == [[2, 4]] and kd["teachers"] == {"main": 1.0, "second": 1.5}
+    assert base["distill"]["terms"][1]["weight"] == 0.5  # the base is not modified
+    assert short_names(list(raw["space"])) == {"distill.terms.0.teachers.second": "second",
+                                               "distill.terms.1.weight": "weight", "distill.terms.2.layers": "layers"}
+    bad = parse_search({"space": {"distill.terms.1.weight": {"dist": "uniform", "low": -1.0, "high": 1.0}}})
+    with pytest.raises(SearchSpaceError, match=r"search.space.distill.terms.1.weight: value -1.0 is not valid"):
+        check_space_against_config(bad, base, config_from_dict)
+    bad = parse_search({"space": {"distill.terms.2.layers": {"dist": "choice", "values": ["middle"]}}})
+    with pytest.raises(SearchSpaceError, match=r"search.space.distill.terms.2.layers: value 'middle'"):
+        check_space_against_config(bad, base, config_from_dict)
+

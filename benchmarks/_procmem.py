@@ -1,0 +1,55 @@
+"""Helpers the per-process benchmarks share: run one measurement in a fresh (spawned) process, and its
+memory: the RSS now, the peak RSS (``VmHWM``) since a reset through ``/proc/self/clear_refs``."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+from raydistill.bench.kd_loss import _reset_peak_rss, _rss_bytes  # /proc/self/status, clear_refs
+
+
+def rss() -> int:
+    got = _rss_bytes("VmRSS")
+    if got is not None:
+        return got
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def reset_peak() -> bool:
+    """Reset the process's peak RSS to its current RSS (Linux); False where that is not possible."""
+    return _reset_peak_rss()
+
+
+def peak() -> int:
+    """Peak RSS in bytes since the last :func:`reset_peak` (else since the process started)."""
+    got = _rss_bytes("VmHWM")
+    if got is not None:
+        return got
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child(fn, args, q) -> None:
+    try:
+        q.put(("ok", fn(*args)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        import traceback
+
+        q.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a spawned process (its own memory and threads); its result, or RuntimeError with
+    the child's traceback. ``fn`` must be importable (a module-level function)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(fn, args, q))
+    p.start()
+    status, val = q.get()
+    p.join()
+    if status != "ok":
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)}: {val}")
+    return val

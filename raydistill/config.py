@@ -845,8 +845,9 @@ class Config(_Strict):
 def _check_init_from_teacher(cfg: "Config") -> None:
     """``student.init.from: teacher`` against the rest of the config (the shapes are checked against the
     teacher's config before Ray starts: raydistill.distill.student_init.check_student_init)."""
-    if cfg.teacher.model != "hf":
-        raise ValueError(f"student.init.from: teacher prunes a transformers decoder LM; teacher.model is "
+    if cfg.teacher.model != "hf":  # the first teacher (of teachers) is the one pruned
+        key = cfg.teacher_key(next(iter(cfg.teacher_map())))
+        raise ValueError(f"student.init.from: teacher prunes a transformers decoder LM; {key}.model is "
                          f"{cfg.teacher.model!r}, not 'hf'")
     steps = dict(cfg.compression.steps())
     if "prune_structured" in steps:

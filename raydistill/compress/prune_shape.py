@@ -49,7 +49,7 @@ from raydistill.compress.structured_width import (WIDTH_RANKINGS, activation_sta
 from raydistill.compress.structured import _heads, _top
 
 __all__ = ["SHAPE_KEYS", "ShapeReport", "prune_to_shape", "resolve_target", "check_prune_target", "model_shape",
-           "student_target", "make_student_from_teacher", "shape_for_params", "config_params"]
+           "pruned_config", "student_target", "make_student_from_teacher", "shape_for_params", "config_params"]
 
 SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
               "intermediate_size", "head_dim")
@@ -159,6 +159,21 @@ def resolve_target(model, target, *, strict: bool = True, key: str = "target") -
     return out
 
 
+def pruned_config(model, shape: dict) -> dict:
+    """The config dict of ``model`` (a model, config or config dict) pruned to ``shape`` (absolute: the keys
+    of :data:`SHAPE_KEYS` that change are set, per-layer lists cut to the new depth -- which entries stay is
+    chosen by the pruning; the count is what a model built from it needs). No checks:
+    :func:`check_prune_target` checks the shape."""
+    conf = _config(model)
+    cur = model_shape(conf)
+    d = conf.to_dict() | {k: shape[k] for k in SHAPE_KEYS if shape.get(k) is not None and shape[k] != cur[k]}
+    d.pop("transformers_version", None)
+    for pk in PER_LAYER_CONFIG_KEYS:
+        if isinstance(d.get(pk), list) and len(d[pk]) == cur["num_hidden_layers"]:
+            d[pk] = d[pk][:shape["num_hidden_layers"]]
+    return d
+
+
 def check_prune_target(model, target, *, key: str = "target", strict: bool = True) -> dict:
     """Everything about pruning ``model`` (a model, config or config dict, e.g. a teacher's before it is
     built) to ``target`` that its config decides: the absolute shape (:func:`resolve_target`), the
@@ -177,11 +192,7 @@ def check_prune_target(model, target, *, key: str = "target", strict: bool = Tru
         raise ValueError(f"{key}.{k}: {what} supports model_type {', '.join(types)}, not {conf.model_type!r}")
     if "num_hidden_layers" in changed:
         check_depth_model(conf)
-    d = conf.to_dict() | {k: shape[k] for k in changed}
-    d.pop("transformers_version", None)
-    for pk in PER_LAYER_CONFIG_KEYS:  # which entries stay is chosen later; the count is what is checked here
-        if isinstance(d.get(pk), list) and len(d[pk]) == cur["num_hidden_layers"]:
-            d[pk] = d[pk][:shape["num_hidden_layers"]]
+    d = pruned_config(conf, shape)
     try:
         type(conf).from_dict(d)
     except Exception as exc:  # the config class's own validation (strict dataclass, validate_architecture)

@@ -2,6 +2,7 @@
 Minitron recipe: Muralidharan et al. 2024, arXiv 2407.14679), on the driver.
 
     check_student_init(cfg)                 before Ray: the target against the teacher's config (ConfigError)
+    shape_model(cfg)                        before Ray: the student it makes, as a model spec (random weights)
     init_target(cfg, teacher_config)        the pruning target: student.init's shape / params, else the
                                             student's own config
     calibration(cfg, storage)               the seeded sample of packed training blocks it is ranked on
@@ -103,8 +104,8 @@ def check_student_init(cfg: Config) -> dict | None:
 
     try:
         conf = teacher_config(cfg)
-    except ValueError as exc:
-        raise ConfigError(f"teacher.{exc}") from None
+    except ValueError as exc:  # the first teacher's (of teachers) is the one pruned
+        raise ConfigError(f"{cfg.teacher_key(next(iter(cfg.teacher_map())))}.{exc}") from None
     if conf.get("model_type") not in DEPTH_MODEL_TYPES or conf.get("is_encoder_decoder"):
         raise ConfigError(f"student.init.from: teacher needs a transformers decoder-only LM whose layer layout "
                           f"pruning knows (model_type {', '.join(DEPTH_MODEL_TYPES)}); the teacher has model_type "
@@ -114,6 +115,18 @@ def check_student_init(cfg: Config) -> dict | None:
         return check_prune_target(conf, target, key=key)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def shape_model(cfg: Config) -> dict | None:
+    """Before Ray starts: the model spec of the student that ``from: teacher`` will make (the teacher's
+    config at the target shape, random weights; :func:`check_student_init` first), for the config checks
+    that build the student (loss-term layers and widths). None without ``from: teacher``."""
+    shape = check_student_init(cfg)
+    if shape is None:
+        return None
+    from raydistill.compress.prune_shape import pruned_config
+
+    return {"model": "hf", "kwargs": {"config": pruned_config(teacher_config(cfg), shape)}}
 
 
 def calibration(cfg: Config, storage: Path):

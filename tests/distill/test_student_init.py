@@ -80,6 +80,29 @@ def test_a_shape_without_from_teacher_and_a_non_transformers_teacher_are_errors(
         load_config(None, ["student.init.from=teacher"])
 
 
+def test_the_teacher_pruned_is_the_first_of_several_and_errors_name_it():
+    from raydistill.config import config_from_dict
+
+    llama = {"model": "hf", "kwargs": {"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                                  "num_hidden_layers": 2, "num_attention_heads": 4}}}
+    with pytest.raises(ConfigError, match=r"student.init.from: teacher prunes a transformers decoder LM; "
+                                          r"teachers.main.model is 'cnn1d'"):
+        config_from_dict({"teachers": {"main": {"model": "cnn1d"}, "big": llama},
+                          "student": {"model": "mlp", "init": {"from": "teacher"}}})
+
+
+def test_loss_terms_are_checked_against_the_student_that_pruning_makes():
+    """Before Ray: with ``from: teacher`` the hidden term's layer map is checked against the target shape
+    (2 layers here, the student's own config has 1), not against the student's config."""
+    from raydistill.distill.preflight import check_models
+
+    terms = "distill.terms=[{type: kd_logits, weight: 0.5}, {type: ce, weight: 0.5}, " \
+            "{type: hidden, weight: 0.1, layers: [[2, 2]]}]"
+    check_models(_cfg(terms, "student.init.num_hidden_layers=2", "student.init.hidden_size=0.5"))
+    with pytest.raises(ConfigError, match=r"distill.terms.2.layers: layer 2 of the student does not exist"):
+        check_models(_cfg(terms))  # the default target: the student's own config, 1 layer
+
+
 # ---- the target ------------------------------------------------------------------------------------
 
 
@@ -230,3 +253,53 @@ def test_cli_refuses_a_bad_target_before_ray(run_cli, overrides, words):
     for w in words:
         assert w in err, (w, err)
     assert "TRIPWIRE" not in err and "Traceback" not in err
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+
+def test_report_compares_the_three_students_and_the_pruned_one_with_random_init(tmp_path, capsys):
+    """build_report with a student made from the teacher: the verdict is of the student distilled from random
+    init, ``pruned_vs_random_init`` is the paired change of the pruned student against it (not the sparse
+    comparison), and report.md / the terminal label what each student started from."""
+    import numpy as np
+
+    from raydistill.distill.cli import _print_summary
+    from raydistill.distill.report import build_report, report_markdown
+    from raydistill.distill.spec import TeacherArtifact
+
+    rng = np.random.default_rng(0)
+    tok = np.full(40, 31.0)
+    d = rng.normal(4.0, 0.8, 40)  # per-block NLL per token
+
+    def ev(nll, params=1000):
+        return {"perplexity": float(np.exp((nll * tok).sum() / tok.sum())), "eval_tokens": int(tok.sum()),
+                "next_token_accuracy": 0.3, "sparsity": 0.0, "compression_ratio": 1.0, "params": params,
+                "nonzero_params": params,
+                "_items": {"nll": (nll * tok).tolist(), "tokens": tok.tolist(), "teacher_nll": ((d - 1) * tok).tolist()}}
+
+    evals = {"baseline": ev(d), "dense_student": ev(d - 0.05 + rng.normal(0, 0.01, 40)),
+             "student": ev(d - 0.3 + rng.normal(0, 0.01, 40))}
+    want = evals["student"]["perplexity"] / evals["dense_student"]["perplexity"] - 1
+    shape = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2,
+             "head_dim": 16, "intermediate_size": 64}
+    si = {"shape_before": shape | {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                                   "num_key_value_heads": 4, "intermediate_size": 128},
+          "shape_after": shape, "params_after": 1000, "calibration_blocks": 6, "removed_layers": [1],
+          "calibration_perplexity_teacher": 20.0, "calibration_perplexity_pruned": 80.0, "notes": []}
+    teacher = TeacherArtifact(path=str(tmp_path), accuracy=0.4, config_hash="x", model={"model": "hf"},
+                              metrics={"perplexity": 30.0})
+    r = build_report(_cfg(), "run", tmp_path, {"main": teacher}, [], evals, False, None, {}, student_init=si)
+    assert r["verdict"]["distilled_stage"] == "dense_student" and "sparse_vs_dense" not in r
+    assert r["pruned_vs_random_init"]["change"] == pytest.approx(want, rel=1e-9)
+    assert r["pruned_vs_random_init"]["ci95"][1] < 0  # 0.3 nats per token better on every block
+    assert r["perplexity_vs_baseline"] == pytest.approx(evals["student"]["perplexity"] / evals["baseline"]["perplexity"] - 1)
+    r["wall_seconds"] = 1.0
+    md = report_markdown(r)
+    for text in ("| baseline (from scratch) |", "| dense_student (random init) |", "| student (pruned from the teacher) |",
+                 "student (pruned from the teacher, distilled) vs baseline", "2 x 64 pruned to 1 layer x 32",
+                 f"pruned from the teacher vs random init, both distilled: perplexity {100 * want:+.1f}%"):
+        assert text in md, (text, md)
+    _print_summary(r)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "student (pruned from the teacher)" in err and "pruned from the teacher vs random init" in err

@@ -78,7 +78,8 @@ class CausalLMTask(Task):
     report_columns = (("test perplexity (95% CI)", "perplexity", "{:.2f}"),
                       ("next-token accuracy", "next_token_accuracy", "{:.2%}"),
                       ("teacher agreement", "teacher_agreement", "{:.2%}"), ("tokens/s", "tokens_per_s", "{:,.0f}"),
-                      ("sparsity", "sparsity", "{:.1%}"), ("compression", "compression_ratio", "{:.2f}x"))
+                      ("sparsity", "sparsity", "{:.1%}"), ("compression", "compression_ratio", "{:.2f}x"),
+                      ("ms/sequence", "latency_ms_b1", "{:.2f}"))
     compare_text = "perplexity {:+.1f}%"
     float_columns = ("topk_values",)
     exports_pretrained = True

@@ -275,8 +275,8 @@ def _student_init(cfg: Config, teachers: dict[str, TeacherArtifact], calibration
 
     ts = time.time()
     prog.add("pruned_teacher", run_dir / student_init.PRUNED_DIR / "epochs.jsonl", 1)
-    cfg_s, pruned = student_init.student_from_teacher(cfg, next(iter(teachers.values())), calibration, run_dir / student_init.PRUNED_DIR,
-                                                      info=task_info(cfg, storage))
+    cfg_s, pruned = student_init.student_from_teacher(cfg, next(iter(teachers.values())), calibration,
+                                                      run_dir / student_init.PRUNED_DIR, info=task_info(cfg, storage))
     r = pruned.report
     note = (f"{r['shape_after']['num_hidden_layers']} x {r['shape_after']['hidden_size']}, {r['params_after']:,} "
             f"params, calibration ppl {r['calibration_perplexity_pruned']:.1f}")

@@ -30,12 +30,12 @@ def custom_code_dir(tmp_path):
 
 def test_a_directory_with_auto_map_is_refused_naming_the_key(custom_code_dir):
     d, sentinel = custom_code_dir
-    with pytest.raises(ConfigError, match=r"teacher: kwargs.pretrained: .*config.json has auto_map \(custom model code"
+    with pytest.raises(ConfigError, match=r"teacher\.kwargs\.pretrained: .*config.json has auto_map \(custom model code"
                                           r".*ships configuration_evil.py, modeling_evil.py.*trust_remote_code=False"):
         load_config("lm_tiny", [f"teacher.kwargs={{pretrained: {d}}}"])
     with pytest.raises(ValueError, match="kwargs.pretrained: .*has auto_map"):
         build_hf({"pretrained": str(d)})
-    with pytest.raises(ConfigError, match="student: kwargs.config: .*has auto_map"):
+    with pytest.raises(ConfigError, match=r"student\.kwargs\.config: .*has auto_map"):
         load_config("lm_tiny", ["student.kwargs.config.auto_map={AutoModelForCausalLM: x.Y}"])
     assert not sentinel.exists()
 

@@ -31,13 +31,16 @@ from raydistill.utils import machine_info, write_json_atomic
 
 
 def train_stage(task, info, train, ev, model_spec, kind, epochs, bs, opt_cfg, sched_cfg, grad_clip, cfg, *,
-                teacher=None, seed=0, sparsity=0.0, compression=None, eval_every=0):
-    """One stage as the per-worker loop runs it (1 worker): returns (model, metrics)."""
+                teacher=None, seed=0, sparsity=0.0, compression=None, eval_every=0, offline=None):
+    """One stage as the per-worker loop runs it (1 worker): returns (model, metrics). ``offline``: the
+    decoded columns of a teacher-output cache (``topk_values``, ``topk_indices``[, ``topk_tail``]) for the
+    ``train`` blocks, which the first teacher's ``kd_logits`` terms read instead of running a teacher."""
     torch.manual_seed(seed)
     m = task.build_model(model_spec, info)
     spec = StageSpec(stage=kind, task="causal_lm", kind=kind, model=model_spec, epochs=epochs, batch_size=bs,
                      optimizer=opt_cfg, lr_schedule=sched_cfg, seed=seed, progress_dir="", task_info=info,
-                     fused_linear=cfg.distill.fused_linear, **({"terms": tuple(cfg.loss_terms())} if kind == "kd" else {}))
+                     fused_linear=cfg.distill.fused_linear, **({"terms": tuple(cfg.loss_terms())} if kind == "kd" else {}),
+                     offline_teacher="main" if offline is not None else None)
     teachers = {"main": teacher} if teacher is not None else {}
     crit = Criterion(spec.terms, student=task.layout(m), teachers={n: task.layout(t) for n, t in teachers.items()})
     steps = max(1, len(train) // bs)
@@ -50,7 +53,8 @@ def train_stage(task, info, train, ev, model_spec, kind, epochs, bs, opt_cfg, sc
 
         pruner = build_pruner(m, types.SimpleNamespace(sparsity=sparsity, compression=compression), total)
     gs, t0, ls = 0, time.time(), 0.0
-    data = task.prepare({"input_ids": train}, spec, teachers, crit.needs())  # a kd stage: the teacher's outputs, once
+    # a kd stage: the teacher's outputs, once (or the offline teacher's, given)
+    data = task.prepare({"input_ids": train, **(offline or {})}, spec, teachers, crit.needs())
     for ep in range(1, epochs + 1):
         g = torch.Generator().manual_seed(seed * 100003 + ep * 1009)  # loop.batches' order (rank 0)
         perm = torch.randperm(len(train), generator=g)

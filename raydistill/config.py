@@ -386,6 +386,9 @@ class DistillConfig(ScaleKeys):
         None, description="parquet written by `raydistill teacher-logits`: distil from its top-k logits "
                           "(kd_loss_topk) instead of running the teacher online")
     topk: int = Field(10, ge=1, description="logits kept per row (per token) by `raydistill teacher-logits`")
+    topk_tail: bool | None = Field(
+        None, description="teacher_outputs: add the teacher's mass outside the top-k to the loss (a rest bucket); "
+                          "null: when the cache has it at distill.temperature; true: required; false: never")
     fused_linear: bool = Field(True, description="causal LM: fuse lm_head and kd_loss (raydistill.ops."
                                                  "kd_loss_linear) when that op is available")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this (None: off)")
@@ -750,6 +753,12 @@ class Config(_Strict):
     def teacher_outputs_path(self) -> str | None:
         name = self.offline_teacher()
         return None if name is None else (self.distill.teacher_outputs or self.teacher_map()[name].teacher_outputs)
+
+    def teacher_outputs_key(self) -> str:
+        """The config key that names the offline teacher's cache (for messages)."""
+        if self.distill.teacher_outputs:
+            return "distill.teacher_outputs"
+        return f"{self.teacher_key(self.offline_teacher() or next(iter(self.teacher_map())))}.teacher_outputs"
 
     def loss_terms(self) -> list[dict]:
         """The student's loss as resolved term specs (``raydistill.losses``): ``distill.terms`` with their

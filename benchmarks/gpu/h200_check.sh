@@ -22,7 +22,8 @@ from raydistill._build import load_extension, op_backend
 s = load_extension(verbose=False); print(s)
 print({op: op_backend(op, 'cuda') for op in ('kd_loss_fwd', 'kd_loss_topk_fwd', 'spmm', 'sddmm')})" 2>&1 | tail -5 | tee "$OUT/build.log" ;;
     test) timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_devices.py -k cuda 2>&1 | tail -25 | tee "$OUT/tests.log"
-          ls tests/ops/test_kd_loss_linear.py >/dev/null 2>&1 && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/ops/test_kd_loss_linear.py -k cuda 2>&1 | tail -8 | tee -a "$OUT/tests.log" ;;
+          ls tests/ops/test_kd_loss_linear.py >/dev/null 2>&1 && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/ops/test_kd_loss_linear.py -k cuda 2>&1 | tail -8 | tee -a "$OUT/tests.log"
+          ls tests/ops/test_kd_loss_tail.py >/dev/null 2>&1 && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/ops/test_kd_loss_tail.py -k cuda 2>&1 | tail -8 | tee -a "$OUT/tests.log" ;;
     sweep) timeout 150 python3 benchmarks/gpu/kd_cluster_sweep.py --out "$OUT/kd_cluster_sweep.json" 2>&1 | tail -40 ;;
     kd) RAYDISTILL_KD_KERNEL=cluster timeout 180 python3 -m raydistill.cli bench kd-loss --device cuda --reps 10 --quick --out "$OUT/kd_loss_cuda.json" 2>&1 | tail -30 ;;
     spmm) timeout 240 python3 -m raydistill.cli bench spmm --device cuda --out "$OUT/spmm_cuda.json" 2>&1 | tail -45 ;;

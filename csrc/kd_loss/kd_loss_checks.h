@@ -64,6 +64,21 @@ inline at::Tensor prepare_scale(const std::optional<at::Tensor>& scale, const at
   return scale->to(at::kFloat).contiguous();
 }
 
+// teacher_topk_tail: optional 1-D float tensor of length rows, log of the teacher's probability mass outside
+// its top-k entries (<= 0; -inf: none). Returns a contiguous tensor of `acc` (float32, or float64 for float64
+// inputs), or undefined.
+inline at::Tensor prepare_tail(const std::optional<at::Tensor>& tail, int64_t rows, const at::Device& dev,
+                               at::ScalarType acc) {
+  if (!tail.has_value() || !tail->defined()) return at::Tensor();
+  const at::Tensor& t = *tail;
+  TORCH_CHECK_TYPE(is_io_float(t.scalar_type()), "kd_loss_topk: teacher_topk_tail must be float32, bfloat16, "
+                   "float16 or float64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == rows, "kd_loss_topk: teacher_topk_tail must have shape (", rows,
+                    ",) (one value per row), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == dev, "kd_loss_topk: teacher_topk_tail must be on ", dev, ", got ", t.device());
+  return t.to(acc).contiguous();
+}
+
 // Folds a host-side scale into the parameters (the CPU kernels: the scale tensor lives on the host).
 inline void fold_scale(KDParams& p, const at::Tensor& scale) {
   if (!scale.defined()) return;

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "kd_loss/kd_loss.h"
 #include "kd_loss/kd_loss_checks.h"
@@ -369,17 +370,48 @@ A kd_row(const S* x, const T* t, int64_t V, int64_t label, const RowParams<A>& r
   return loss;
 }
 
+// Student mass outside the k entries, sum_{i not in idx} P_s_i, summed directly over those entries (not as
+// 1 - mass on the k entries, which loses everything below float's 1e-7 to cancellation). `outside` is a
+// per-thread scratch row of V ones; the k entries are zeroed for the pass and restored after it.
+template <typename A, typename S>
+A student_rest_mass(const S* x, const int64_t* idx, int64_t V, int64_t K, A inv_t, const LSE<A>& cs) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  thread_local std::vector<A> outside;
+  if (static_cast<int64_t>(outside.size()) < V) outside.assign(static_cast<size_t>(V), A(1));
+  for (int64_t j = 0; j < K; ++j) outside[idx[j]] = A(0);
+  const Vec vinv(inv_t), vsm(cs.m), vsl(cs.l), zero(A(0));
+  RowSum<A> rest;
+  for (int64_t i = 0; i < V; i += W) {
+    const int64_t n = std::min<int64_t>(W, V - i);
+    const Vec ps = vexp((load<A>(x + i, n, neg_inf<A>()) - vsm) * vinv - vsl);
+    rest.add(masked(ps, load<A>(outside.data() + i, n, A(0)) != zero));
+  }
+  for (int64_t j = 0; j < K; ++j) outside[idx[j]] = A(1);
+  return rest.get();
+}
+
 // One top-k row: teacher distribution over k (logit, index) pairs, student over the full vocabulary.
 // Indices are assumed distinct within a row.
+//
+// tail (nullptr: none): log R, the teacher's probability mass outside the k entries at this temperature.
+// The teacher is then (1 - R) softmax(tk / T) on the k entries plus a "rest" bucket of mass R, compared
+// with the student's k probabilities and its rest mass Q = sum of P_s outside the k entries:
+//   forward_kl: sum_j P_j (log P_j - log P_s_j) + R (log R - log Q)
+//   jsd:        the same buckets, M_rest = beta R + (1 - beta) Q
+// d loss / d x_i outside the k entries: coef/T * P_s_i * (1 - R/Q) (forward_kl), coef/T * P_s_i * (g_rest - G)
+// (jsd, g_rest = (1-beta)(log Q - log M_rest)): the teacher's rest mass spread like the student's.
 template <int DIV, typename A, typename S, typename T>
 A kd_topk_row(const S* x, const T* tk, const int64_t* idx, int64_t V, int64_t K, int64_t label,
-              const RowParams<A>& rp, S* grad) {
+              const RowParams<A>& rp, S* grad, const A* tail) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
   LSE<A> ct, cs, c1;
   stats_pass<A>(x, static_cast<const T*>(nullptr), V, rp, ct, cs, c1);
   // Teacher log-sum-exp over the k entries.
   A div = 0, gsum = 0, c_out = 0;
+  A base = rp.gcoef;  // gradient factor of P_s_i outside the k entries
+  A lw = 0;           // log(1 - R): the teacher's log mass on the k entries
   if (rp.need_div) {
     A mx = neg_inf<A>();
     bool nan = false;
@@ -396,9 +428,16 @@ A kd_topk_row(const S* x, const T* tk, const int64_t* idx, int64_t V, int64_t K,
       ct.m = mx;
       ct.l = std::log(z);
     }
+    A r_t = 0, lr_t = neg_inf<A>(), q_rest = 0;  // teacher rest mass R, log R; student rest mass Q
+    if (tail != nullptr) {
+      lr_t = *tail;
+      r_t = std::exp(lr_t);
+      lw = std::log(-std::expm1(lr_t));  // NaN for log R > 0 or NaN: the row's loss is NaN
+      q_rest = student_rest_mass<A>(x, idx, V, K, rp.inv_t, cs);
+    }
     A ps_k = 0;  // student mass on the k entries (jsd)
     for (int64_t j = 0; j < K; ++j) {
-      const A lpt = (static_cast<A>(tk[j]) - ct.m) * rp.inv_t - ct.l;
+      const A lpt = (static_cast<A>(tk[j]) - ct.m) * rp.inv_t - ct.l + lw;
       const A lps = (static_cast<A>(x[idx[j]]) - cs.m) * rp.inv_t - cs.l;
       const A pt = std::exp(lpt);
       if constexpr (DIV == kForwardKL) {
@@ -414,26 +453,39 @@ A kd_topk_row(const S* x, const T* tk, const int64_t* idx, int64_t V, int64_t K,
         ps_k += ps;
       }
     }
-    if constexpr (DIV == kJSD) {
+    if (tail != nullptr) {  // the rest bucket (R != 0 is also true for a NaN tail: the row is NaN)
+      const A lq = std::log(q_rest);
+      if constexpr (DIV == kForwardKL) {
+        if (r_t != 0) div += r_t * (lr_t - lq);
+        base = q_rest > 0 ? rp.gcoef * (A(1) - r_t / q_rest) : rp.gcoef;
+      } else {
+        const A lm = std::log(rp.beta * r_t + rp.one_m_beta * q_rest);
+        if (r_t != 0) div += rp.beta * r_t * (lr_t - lm);
+        c_out = q_rest > 0 ? rp.one_m_beta * (lq - lm) : A(0);  // g_rest
+        div += q_rest * c_out;
+        gsum += q_rest * c_out;
+      }
+    } else if constexpr (DIV == kJSD) {
       // Outside the k entries M = (1-beta) P_s: KL(P_s||M) there is -P_s log(1-beta).
       c_out = -rp.one_m_beta * std::log(rp.one_m_beta);  // g_i outside the k entries
       const A rest = std::max(A(0), A(1) - ps_k);
       div += rest * c_out;  // (1-beta) * rest * (-log(1-beta))
       gsum += rest * c_out;
     }
+    if constexpr (DIV == kJSD) base = rp.gcoef * (c_out - gsum);
   }
   A loss = rp.need_div ? rp.coef * div : A(0);
   if (rp.need_ce) loss += rp.ce_w * ((c1.m - static_cast<A>(x[label])) + c1.l);
 
   if (grad != nullptr) {
     const Vec vinv(rp.inv_t), vsm(cs.m), vsl(cs.l), zero(A(0));
-    const Vec vbase(DIV == kJSD ? rp.gcoef * (c_out - gsum) : rp.gcoef);
+    const Vec vbase(base);
     for (int64_t i = 0; i < V; i += W) {
       const int64_t n = std::min<int64_t>(W, V - i);
       const Vec xr = load<A>(x + i, n, neg_inf<A>());
       Vec ps = zero, g = zero;
       if (rp.need_div || (rp.need_ce && !rp.sep_ce)) ps = vexp((xr - vsm) * vinv - vsl);
-      if (rp.need_div) g = vbase * ps;
+      if (rp.need_div) g = tail != nullptr ? masked(vbase * ps, ps != zero) : vbase * ps;
       g = add_ce_grad(g, xr, ps, rp, c1, i, n, label);
       store(g, grad + i, n);
     }
@@ -443,7 +495,7 @@ A kd_topk_row(const S* x, const T* tk, const int64_t* idx, int64_t V, int64_t K,
         const A xv = static_cast<A>(x[v]);
         const A lps = (xv - cs.m) * rp.inv_t - cs.l;
         const A ps = std::exp(lps);
-        const A pt = std::exp((static_cast<A>(tk[j]) - ct.m) * rp.inv_t - ct.l);
+        const A pt = std::exp((static_cast<A>(tk[j]) - ct.m) * rp.inv_t - ct.l + lw);
         A g;
         if constexpr (DIV == kForwardKL) {
           g = rp.gcoef * (ps - pt);
@@ -850,7 +902,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_impl(
     const at::Tensor& student_in, const at::Tensor& topk_in, const at::Tensor& indices_in,
     const std::optional<at::Tensor>& labels, double temperature, double alpha, int64_t divergence, double beta,
     int64_t ignore_index, bool t2_scaling, bool compute_grad, const std::optional<at::Tensor>& scale,
-    const at::Tensor* grad_out) {
+    const at::Tensor* grad_out, const std::optional<at::Tensor>& tail_in) {
   check_scalars(temperature, alpha, divergence, beta);
   TORCH_CHECK_VALUE(divergence != kReverseKL,
                     "kd_loss_topk: divergence reverse_kl is not supported with a top-k teacher");
@@ -875,6 +927,13 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_impl(
                         "), got ", ip[q]);
   }
   const bool dbl = student_in.scalar_type() == at::kDouble || topk_in.scalar_type() == at::kDouble;
+  const at::Tensor tail = prepare_tail(tail_in, rows, student_in.device(), dbl ? at::kDouble : at::kFloat);
+  if (tail.defined()) {
+    const at::Tensor bad = at::isnan(tail) | (tail > 0);
+    TORCH_CHECK_VALUE(!bad.any().item<bool>(), "kd_loss_topk: teacher_topk_tail must be <= 0 (the log of a "
+                      "probability mass <= 1) and not NaN; row ", bad.nonzero().select(1, 0)[0].item<int64_t>(),
+                      " has ", at::masked_select(tail, bad)[0].item<double>());
+  }
   at::Tensor student = unit_last_stride(dbl ? student_in.to(at::kDouble) : student_in);
   const int64_t sx = row_stride(student);
   at::Tensor topk = (dbl ? topk_in.to(at::kDouble) : topk_in).contiguous();
@@ -895,12 +954,14 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_impl(
     const T* ts = topk.data_ptr<T>();
     A* lp = loss.data_ptr<A>();
     S* gp = compute_grad ? grad.data_ptr<S>() : nullptr;
+    const A* tp = tail.defined() ? tail.data_ptr<A>() : nullptr;
     dispatch_div(divergence, [&](auto div_c) {
       constexpr int DIV = decltype(div_c)::value;
       if constexpr (DIV != kReverseKL) {
         for_rows<A, S>(rows, V, lab, ignore_index, lp, gp, [&](int64_t r, int64_t label, S* g) {
           const RowParams<A> rp = row_params<A>(p, lab.defined());
-          return kd_topk_row<DIV, A, S, T>(xs + r * sx, ts + r * K, ip + r * K, V, K, label, rp, g);
+          return kd_topk_row<DIV, A, S, T>(xs + r * sx, ts + r * K, ip + r * K, V, K, label, rp, g,
+                                           tp ? tp + r : nullptr);
         });
       }
     });
@@ -936,17 +997,19 @@ at::Tensor kd_loss_fwd_out_cpu(const at::Tensor& student, const at::Tensor& teac
 std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
     const at::Tensor& student, const at::Tensor& topk, const at::Tensor& indices,
     const std::optional<at::Tensor>& labels, double temperature, double alpha, int64_t divergence, double beta,
-    int64_t ignore_index, bool t2_scaling, bool compute_grad, const std::optional<at::Tensor>& scale) {
+    int64_t ignore_index, bool t2_scaling, bool compute_grad, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& tail) {
   return kd_loss_topk_fwd_impl(student, topk, indices, labels, temperature, alpha, divergence, beta, ignore_index,
-                               t2_scaling, compute_grad, scale, nullptr);
+                               t2_scaling, compute_grad, scale, nullptr, tail);
 }
 
 at::Tensor kd_loss_topk_fwd_out_cpu(const at::Tensor& student, const at::Tensor& topk, const at::Tensor& indices,
                                     const std::optional<at::Tensor>& labels, double temperature, double alpha,
                                     int64_t divergence, double beta, int64_t ignore_index, bool t2_scaling,
-                                    const std::optional<at::Tensor>& scale, at::Tensor& grad_out) {
+                                    const std::optional<at::Tensor>& scale, at::Tensor& grad_out,
+                                    const std::optional<at::Tensor>& tail) {
   return std::get<0>(kd_loss_topk_fwd_impl(student, topk, indices, labels, temperature, alpha, divergence, beta,
-                                           ignore_index, t2_scaling, true, scale, &grad_out));
+                                           ignore_index, t2_scaling, true, scale, &grad_out, tail));
 }
 
 }  // namespace
@@ -961,7 +1024,7 @@ TORCH_LIBRARY_FRAGMENT(raydistill, m) {
   m.def(
       "kd_loss_topk_fwd(Tensor student, Tensor teacher_topk, Tensor teacher_topk_indices, Tensor? labels, "
       "float temperature, float alpha, int divergence, float beta, int ignore_index, bool t2_scaling, "
-      "bool compute_grad, Tensor? scale=None) -> (Tensor, Tensor)");
+      "bool compute_grad, Tensor? scale=None, Tensor? teacher_topk_tail=None) -> (Tensor, Tensor)");
   // CPU only: the gradient goes into a caller-owned buffer (kd_loss_linear's chunks); returns the row losses.
   m.def(
       "kd_loss_fwd_out(Tensor student, Tensor teacher, Tensor? labels, float temperature, float alpha, "
@@ -970,7 +1033,7 @@ TORCH_LIBRARY_FRAGMENT(raydistill, m) {
   m.def(
       "kd_loss_topk_fwd_out(Tensor student, Tensor teacher_topk, Tensor teacher_topk_indices, Tensor? labels, "
       "float temperature, float alpha, int divergence, float beta, int ignore_index, bool t2_scaling, "
-      "Tensor? scale, Tensor(a!) grad_out) -> Tensor");
+      "Tensor? scale, Tensor(a!) grad_out, Tensor? teacher_topk_tail=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(raydistill, CPU, m) {

@@ -286,6 +286,40 @@ __global__ void __launch_bounds__(kBlock, 1) kd_loss_kernel(const KDLaunchArgs a
     l1 = sl;
   }
 
+  // ---- top-k teacher with a tail (log R: its mass outside the k entries): the teacher's k probabilities
+  // are scaled by 1 - R (lw = log(1 - R)), and the student's mass outside the k entries, q_rest, is summed
+  // directly over those entries (a bitmap of the k indices in dynamic shared memory), not as 1 - its mass
+  // on the k entries (float cancellation). Formulas: kd_topk_row in kd_loss_cpu.cpp.
+  const bool has_tail = TOPK && c.need_div && a.tail != nullptr;
+  A lr_t = neg_inf<A>(), r_t = 0, lw = 0, q_rest = 0;
+  if (has_tail) {
+    extern __shared__ __align__(16) unsigned char kd_dyn_smem[];
+    const int64_t words = (V + 31) / 32;
+    uint32_t* bits = reinterpret_cast<uint32_t*>(kd_dyn_smem) + (threadIdx.x / TPR) * words;
+    for (int64_t w = lane; w < words; w += TPR) bits[w] = 0u;
+    team_sync<TPR>();
+    for (int64_t j = lane; j < a.k; j += TPR) {
+      const int64_t v = a.topk_indices[row * a.k + j];
+      if (v >= 0 && v < V) atomicOr(bits + (v >> 5), 1u << (v & 31));
+    }
+    team_sync<TPR>();
+    A part = 0;
+    for (int64_t i = static_cast<int64_t>(lane) * kChunk; i < V; i += static_cast<int64_t>(TPR) * kChunk) {
+      const int n = static_cast<int>(V - i < kChunk ? V - i : kChunk);
+      A xv[kChunk];
+      load8<A>(x + i, n, vx, neg_inf<A>(), xv);
+#pragma unroll
+      for (int k = 0; k < kChunk; ++k) {
+        const int64_t v = i + k;
+        if (k < n && !((bits[v >> 5] >> (v & 31)) & 1u)) part += fexp((xv[k] - sm) * c.inv_t - sl);
+      }
+    }
+    q_rest = team_sum<TPR>(part, smem);
+    lr_t = static_cast<const A*>(a.tail)[row];
+    r_t = fexp(lr_t);
+    lw = flog(-expm1(lr_t));  // NaN for log R > 0 or NaN: the row's loss is NaN
+  }
+
   // ---- pass 2: divergence (and the forward-KL gradient)
   A div = 0, gsum = 0, c_out = 0;
   const bool fused_grad = grad && c.need_div && div_kind == kForwardKL && !TOPK;
@@ -336,7 +370,7 @@ __global__ void __launch_bounds__(kBlock, 1) kd_loss_kernel(const KDLaunchArgs a
           part = A(NAN);
           continue;
         }
-        const A lpt = (cvt<A>(t[j]) - tm) * c.inv_t - tl;
+        const A lpt = (cvt<A>(t[j]) - tm) * c.inv_t - tl + lw;
         const A lps = (cvt<A>(x[v]) - sm) * c.inv_t - sl;
         const A pt = fexp(lpt);
         if (div_kind == kForwardKL) {
@@ -357,10 +391,20 @@ __global__ void __launch_bounds__(kBlock, 1) kd_loss_kernel(const KDLaunchArgs a
     gsum = team_sum<TPR>(gpart, smem);
     if (TOPK && div_kind == kJSD) {
       const A ps_k = team_sum<TPR>(c_out, smem);
-      c_out = -c.omb * flog(c.omb);  // g_i outside the k entries
-      const A rest = fmax(A(0), A(1) - ps_k);
-      div += rest * c_out;
-      gsum += rest * c_out;
+      if (has_tail) {  // buckets: M_rest = beta R + (1 - beta) q_rest
+        const A lm = flog(c.beta * r_t + c.omb * q_rest);
+        if (r_t != A(0)) div += c.beta * r_t * (lr_t - lm);
+        c_out = q_rest > A(0) ? c.omb * (flog(q_rest) - lm) : A(0);  // g_i outside the k entries
+        div += q_rest * c_out;
+        gsum += q_rest * c_out;
+      } else {
+        c_out = -c.omb * flog(c.omb);  // g_i outside the k entries
+        const A rest = fmax(A(0), A(1) - ps_k);
+        div += rest * c_out;
+        gsum += rest * c_out;
+      }
+    } else if (has_tail && r_t != A(0)) {
+      div += r_t * (lr_t - flog(q_rest));  // forward_kl: R (log R - log q_rest)
     }
   }
   if (lane == 0) {
@@ -383,7 +427,10 @@ __global__ void __launch_bounds__(kBlock, 1) kd_loss_kernel(const KDLaunchArgs a
         A gk = 0;
         if (c.need_div) {
           if (TOPK) {
-            gk = (div_kind == kJSD ? c.gcoef * (c_out - gsum) : c.gcoef) * ps;
+            // forward_kl with a tail: the teacher's rest mass spread like the student's, P_s_i (1 - R / q_rest)
+            const A base = div_kind == kJSD ? c.gcoef * (c_out - gsum)
+                           : (has_tail && q_rest > A(0)) ? c.gcoef * (A(1) - r_t / q_rest) : c.gcoef;
+            gk = (has_tail && ps == A(0)) ? A(0) : base * ps;
           } else if (div_kind == kReverseKL) {
             const A lpt = (tv[k] - tm) * c.inv_t - tl;
             gk = ps != A(0) ? c.gcoef * ps * (lps - lpt - div) : A(0);
@@ -407,7 +454,7 @@ __global__ void __launch_bounds__(kBlock, 1) kd_loss_kernel(const KDLaunchArgs a
         const A xv = cvt<A>(x[v]);
         const A lps = (xv - sm) * c.inv_t - sl;
         const A ps = fexp(lps);
-        const A pt = fexp((cvt<A>(t[j]) - tm) * c.inv_t - tl);
+        const A pt = fexp((cvt<A>(t[j]) - tm) * c.inv_t - tl + lw);
         A gk;
         if (div_kind == kForwardKL) {
           gk = c.gcoef * (ps - pt);
@@ -422,15 +469,33 @@ __global__ void __launch_bounds__(kBlock, 1) kd_loss_kernel(const KDLaunchArgs a
   }
 }
 
+// Dynamic shared memory of a launch: the bitmaps of the top-k entries (one per row of the block) when the
+// top-k teacher has a tail; above the default 48 KiB per block the kernel is opted in to more.
+template <typename K>
+cudaError_t tail_smem(K kernel, const KDLaunchArgs& a, int rows_per_block, size_t& bytes) {
+  bytes = 0;
+  if (a.tail == nullptr || a.topk_indices == nullptr) return cudaSuccess;
+  bytes = static_cast<size_t>(rows_per_block) * static_cast<size_t>((a.V + 31) / 32) * sizeof(uint32_t);
+  if (bytes <= (48u << 10)) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
 template <typename S, typename T, typename A, bool TOPK>
 cudaError_t launch_typed(const KDLaunchArgs& a, cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;
+  size_t smem = 0;
   if (a.V >= 1024) {
-    kd_loss_kernel<S, T, A, kBlock, TOPK><<<static_cast<unsigned>(a.rows), kBlock, 0, stream>>>(a);
+    auto kern = kd_loss_kernel<S, T, A, kBlock, TOPK>;
+    const cudaError_t e = tail_smem(kern, a, 1, smem);
+    if (e != cudaSuccess) return e;
+    kern<<<static_cast<unsigned>(a.rows), kBlock, smem, stream>>>(a);
   } else {
     constexpr int kRowsPerBlock = kBlock / 32;
     const int64_t blocks = (a.rows + kRowsPerBlock - 1) / kRowsPerBlock;
-    kd_loss_kernel<S, T, A, 32, TOPK><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(a);
+    auto kern = kd_loss_kernel<S, T, A, 32, TOPK>;
+    const cudaError_t e = tail_smem(kern, a, kRowsPerBlock, smem);
+    if (e != cudaSuccess) return e;
+    kern<<<static_cast<unsigned>(blocks), kBlock, smem, stream>>>(a);
   }
   return cudaGetLastError();
 }

@@ -22,6 +22,10 @@ struct KDLaunchArgs {
   int student_dtype, teacher_dtype;  // IODType; float64 only as (kF64, kF64)
   bool student_aligned, teacher_aligned, grad_aligned;  // row starts 16-byte aligned: vector loads/stores
   const float* scale;  // device scalar multiplying every row loss and gradient (e.g. 1 / valid rows), or null
+  // (rows,) log of the teacher's mass outside its top-k entries (float; double for float64 inputs), or null.
+  // Top-k only; the generic kernel handles it (the cluster kernel declines), with a bitmap of the row's k
+  // entries in dynamic shared memory (V / 8 bytes per row).
+  const void* tail;
   KDParams p;
 };
 

@@ -585,6 +585,7 @@ cudaError_t kd_loss_cuda_launch_cluster(const KDLaunchArgs& a, cudaStream_t stre
   if (!a.student_aligned || (a.grad && !a.grad_aligned)) return cudaErrorNotSupported;
   if (!a.topk_indices && !a.teacher_aligned) return cudaErrorNotSupported;
   if (a.topk_indices && a.p.divergence == kReverseKL) return cudaErrorNotSupported;
+  if (a.tail != nullptr) return cudaErrorNotSupported;  // the top-k teacher's rest bucket: generic kernel
   const int vec = a.student_dtype == kF32 ? 4 : 8;
   if (a.V % vec != 0) return cudaErrorNotSupported;
   if (a.rows > (int64_t{1} << 31) / 16) return cudaErrorNotSupported;

@@ -36,7 +36,8 @@ std::tuple<at::Tensor, at::Tensor> run_cuda(const at::Tensor& student_in, const 
                                             const at::Tensor* indices_in, const std::optional<at::Tensor>& labels,
                                             double temperature, double alpha, int64_t divergence, double beta,
                                             int64_t ignore_index, bool t2_scaling, bool compute_grad,
-                                            const std::optional<at::Tensor>& scale_in) {
+                                            const std::optional<at::Tensor>& scale_in,
+                                            const std::optional<at::Tensor>& tail_in = std::nullopt) {
   check_scalars(temperature, alpha, divergence, beta);
   const bool topk = indices_in != nullptr;
   TORCH_CHECK_VALUE(!topk || divergence != kReverseKL,
@@ -66,6 +67,9 @@ std::tuple<at::Tensor, at::Tensor> run_cuda(const at::Tensor& student_in, const 
   const at::Tensor scale = prepare_scale(scale_in, student_in.device());
 
   const bool dbl = student_in.scalar_type() == at::kDouble || teacher_in.scalar_type() == at::kDouble;
+  // a tail > 0 or NaN is not checked here (that would sync with the device): the row's loss comes out NaN
+  const at::Tensor tail = prepare_tail(tail_in, rows, student_in.device(), dbl ? at::kDouble : at::kFloat);
+  TORCH_CHECK_VALUE(topk || !tail.defined(), "kd_loss: a tail is only defined for a top-k teacher");
   at::Tensor student = unit_last_stride(dbl ? student_in.to(at::kDouble) : student_in);
   at::Tensor teacher = dbl ? teacher_in.to(at::kDouble) : teacher_in;
   teacher = topk ? teacher.contiguous() : unit_last_stride(teacher);
@@ -92,9 +96,11 @@ std::tuple<at::Tensor, at::Tensor> run_cuda(const at::Tensor& student_in, const 
     a.teacher_aligned = !topk && aligned16(teacher, a.teacher_row_stride);
     a.grad_aligned = compute_grad && aligned16(grad, V);
     a.scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
+    a.tail = tail.defined() ? tail.data_ptr() : nullptr;
     a.p = make_params(temperature, alpha, divergence, beta, ignore_index, t2_scaling, lab.defined(), compute_grad);
     const cudaError_t err = kd_loss_cuda_launch(a, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess, "kd_loss: CUDA kernel launch failed: ", cudaGetErrorString(err));
+    TORCH_CHECK(err == cudaSuccess, "kd_loss: CUDA kernel launch failed: ", cudaGetErrorString(err),
+                tail.defined() ? " (a top-k teacher with a tail needs V / 8 bytes of shared memory per row)" : "");
   }
   if (compute_grad && grad.scalar_type() != student_in.scalar_type()) grad = grad.to(student_in.scalar_type());
   return {loss, grad};
@@ -114,9 +120,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cuda(const at::Tensor& stude
                                                          const std::optional<at::Tensor>& labels,
                                                          double temperature, double alpha, int64_t divergence,
                                                          double beta, int64_t ignore_index, bool t2_scaling,
-                                                         bool compute_grad, const std::optional<at::Tensor>& scale) {
+                                                         bool compute_grad, const std::optional<at::Tensor>& scale,
+                                                         const std::optional<at::Tensor>& tail) {
   return run_cuda(student, teacher_topk, &indices, labels, temperature, alpha, divergence, beta, ignore_index,
-                  t2_scaling, compute_grad, scale);
+                  t2_scaling, compute_grad, scale, tail);
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
 """Ray Data helpers: NumPy arrays <-> Arrow tables (tensor columns) <-> ``ray.data.Dataset``.
 
 Rows carry ``x`` (float32 vector), ``y`` (int64 label, -1 for unlabelled transfer rows) and, for offline
-teacher outputs, ``topk_values`` / ``topk_indices``. The same column layout is what
-``raydistill teacher-logits`` writes to parquet, so a distillation reads either source the same way.
+teacher outputs, ``topk_values`` / ``topk_indices`` (/ ``topk_tail``): what ``raydistill teacher-logits``'s
+shards decode to (``raydistill.data.topk_cache``), so a distillation reads either source the same way.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def to_ray_dataset(**columns: np.ndarray):
     return ray.data.from_arrow(arrays_to_table(**columns))
 
 
-def read_teacher_outputs(path: str):
-    """The parquet written by ``raydistill teacher-logits`` as a Ray dataset (works on shared storage)."""
-    import ray.data
+def read_teacher_outputs(path: str, *, tail: bool = True):
+    """The shards written by ``raydistill teacher-logits`` as a lazy Ray dataset, checked and decoded in Ray Data
+    (``raydistill.data.topk_cache``: ``topk_values``, ``topk_indices`` and, with ``tail``, ``topk_tail``)."""
+    from raydistill.data.topk_cache import open_cache, read_dataset
 
-    return ray.data.read_parquet(str(path))
+    return read_dataset(open_cache(path), tail=tail)

@@ -189,14 +189,26 @@ def _print_summary(r: dict) -> None:
 
 def teacher_logits_main(argv: list[str] | None = None) -> int:
     prog = "raydistill teacher-logits"
-    p = _Parser(prog=prog, description="Run the (cached) teacher once over the labelled train rows and the "
-                                       "transfer set with Ray Data map_batches on a pool of actors; write "
-                                       "top-k logits + indices to parquet (use with distill.teacher_outputs).")
+    p = _Parser(prog=prog, description="Run the (cached) teacher once over the train rows (and the transfer "
+                                       "set) with Ray Data map_batches on a pool of actors; write its top-k "
+                                       "log-probabilities, ids and tail mass as compressed parquet shards (use "
+                                       "with distill.teacher_outputs). An interrupted run, run again, keeps its "
+                                       "finished shards.")
     _common(p)
-    p.add_argument("--output", "-o", default=None, help="parquet directory (default <storage>/teacher_outputs/"
-                                                        "<teacher-hash>-k<topk>)")
-    p.add_argument("--topk", type=int, default=None, help="logits kept per row (default distill.topk)")
+    p.add_argument("--output", "-o", default=None, help="shard directory (default <storage>/teacher_outputs/"
+                                                        "<teacher-hash>-k<topk>-<codec>)")
+    p.add_argument("--topk", type=int, default=None, help="entries kept per token (default distill.topk)")
     p.add_argument("--concurrency", type=int, default=None, help="teacher actors (default: 1 on < 4 CPUs, else CPUs/2, max 4)")
+    p.add_argument("--codec", choices=["q8", "raw"], default="q8",
+                   help="q8: packed ids + 8-bit values (default); raw: float32 / int32, exact")
+    p.add_argument("--value-levels", type=int, default=None,
+                   help="q8: quantisation levels per value, 2..256 (default: from k, for KL ~7.5e-4)")
+    p.add_argument("--shard-rows", type=int, default=None,
+                   help="input rows per shard (default: 65536 tokens' worth of rows: blocks of a corpus, MNIST-1D rows)")
+    p.add_argument("--no-tail", action="store_true", help="do not store the mass outside the top-k")
+    p.add_argument("--tail-temperature", type=float, default=None,
+                   help="temperature of the stored tail (default distill.temperature; the loss must use it)")
+    p.add_argument("--compression-level", type=int, default=9, help="parquet zstd level (default 9)")
     args = p.parse_args(argv)
     from raydistill.config import ConfigError
 
@@ -212,10 +224,21 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
             raise _UsageError(f"--topk must be >= 1, got {args.topk}")
         if args.concurrency is not None and args.concurrency < 1:
             raise _UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
+        if args.shard_rows is not None and args.shard_rows < 1:
+            raise _UsageError(f"--shard-rows must be >= 1, got {args.shard_rows}")
+        if args.tail_temperature is not None and not 0 < args.tail_temperature <= 100:
+            raise _UsageError(f"--tail-temperature must be in (0, 100], got {args.tail_temperature}")
+        from raydistill.data.topk_codec import CodecSpec
+
+        try:
+            t = args.tail_temperature or cfg.distill.temperature
+            spec = CodecSpec(name=args.codec, value_levels=args.value_levels, gamma=min(1.0, 0.5 / t))
+        except ValueError as exc:
+            raise _UsageError(f"--value-levels: {exc}") from None
     except (ConfigError, _UsageError) as exc:
         return _fail(prog, str(exc), 2)
-    from raydistill.distill.teacher_logits import write_teacher_outputs
     from raydistill.distill.data import resolve_storage
+    from raydistill.distill.teacher_logits import summary_line, write_teacher_outputs
 
     storage = resolve_storage(args.storage_path, cfg)
     try:
@@ -228,12 +251,20 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
         return _fail(prog, str(exc), 2)
     try:
         out = write_teacher_outputs(cfg, storage_path=storage, output=args.output, topk=args.topk,
-                                    concurrency=args.concurrency, address=args.address)
+                                    concurrency=args.concurrency, address=args.address, codec=spec,
+                                    shard_rows=args.shard_rows, tail=not args.no_tail,
+                                    tail_temperature=args.tail_temperature,
+                                    compression_level=args.compression_level)
     except ConfigError as exc:
         return _fail(prog, str(exc), 2)
     except KeyboardInterrupt:
         return _fail(prog, "interrupted", 130)
     except Exception as exc:  # noqa: BLE001
         return _error(prog, exc, None, storage)
+    import json
+
+    from raydistill.data.topk_cache import REPORT_FILE
+
+    print(summary_line(json.loads((out / REPORT_FILE).read_text()), out), file=sys.stderr)
     print(out)
     return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from raydistill.config import Config, ConfigError
+from raydistill.config import Config
 
 
 def resolve_storage(storage_path: str | os.PathLike | None, cfg: Config | None = None) -> Path:
@@ -24,40 +24,30 @@ def task_info(cfg: Config, storage: Path) -> dict:
 def stage_datasets(cfg: Config, storage: Path, kind: str) -> tuple[dict, int]:
     """``{"train", "eval"}`` Ray datasets of a stage and its train rows: ``kind`` ``ce`` the labelled rows,
     ``kd`` the distillation rows (with the transfer set where the task has one), or the offline teacher's
-    top-k outputs (``teacher_outputs``), which hold the rows themselves."""
+    top-k outputs (``teacher_outputs``), which hold the rows themselves: checked against the config (and the
+    tokenizer, where the task has one), read and decoded by Ray Data (``raydistill.distill.offline``)."""
     from raydistill.tasks import get_task
 
     task = get_task(cfg.data.task)
-    path = _teacher_outputs(cfg) if kind == "kd" else None
-    datasets, rows = task.datasets(cfg, storage, transfer=kind == "kd" and path is None)
-    if path is not None:
-        from raydistill.data import read_teacher_outputs
+    offline = kind == "kd" and cfg.teacher_outputs_path() is not None
+    datasets, rows = task.datasets(cfg, storage, transfer=kind == "kd" and not offline)
+    if offline:
+        from raydistill.distill.offline import offline_dataset
 
-        datasets["train"] = read_teacher_outputs(str(path)).materialize()
-        rows = datasets["train"].count()
+        ds, rows = offline_dataset(cfg, task.task_info(cfg, storage).get("tokenizer_dir"))
+        # read + decoded now, by Ray Data tasks into the object store (the driver holds references only),
+        # before the trainer's workers hold their CPUs: on a small node the read tasks of a lazy dataset can
+        # wait forever behind the workers and any actor still holding a fraction of a CPU
+        datasets["train"] = ds.materialize()
     return datasets, rows
 
 
 def distill_rows(cfg: Config, storage: Path) -> int:
     """The train rows of the distillation stages (the baseline matches their optimizer steps)."""
-    path = _teacher_outputs(cfg)
-    if path is not None:
-        import pyarrow.parquet as pq
+    if cfg.teacher_outputs_path() is not None:
+        from raydistill.distill.offline import check_teacher_outputs
 
-        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        return check_teacher_outputs(cfg).rows
     from raydistill.tasks import get_task
 
     return get_task(cfg.data.task).train_rows(cfg, storage, transfer=True)
-
-
-def _teacher_outputs(cfg: Config) -> Path | None:
-    raw = cfg.teacher_outputs_path()
-    if raw is None:
-        return None
-    path = Path(raw).expanduser()
-    if not path.exists():
-        key = "distill.teacher_outputs" if cfg.distill.teacher_outputs else \
-            f"{cfg.teacher_key(cfg.offline_teacher())}.teacher_outputs"
-        raise ConfigError(f"{key}: {path} does not exist (write it with `raydistill teacher-logits CONFIG`)")
-    return path.resolve()

@@ -40,7 +40,7 @@ from raydistill.distill.report import build_report, write_report
 from raydistill.distill.runlock import run_lock
 from raydistill.distill.spec import TeacherArtifact
 from raydistill.distill.stages import build_baseline_trainer, build_student_trainer
-from raydistill.distill.teachers import artifact_from_checkpoint, ensure_teacher, teacher_hash, teacher_log
+from raydistill.distill.teachers import artifact_from_checkpoint, ensure_teacher, teacher_log
 from raydistill.tasks import get_task
 
 log = logging.getLogger("raydistill")
@@ -122,8 +122,7 @@ def run_distill(cfg: Config, *, storage_path=None, name: str | None = None, addr
             return _run_locked(cfg, storage, name, run_dir, address, progress, t0)
         from raydistill.distill.tracking import Tracker  # run.tracking (issue 22): opened before Ray starts
 
-        teacher_dir = None if cfg.teacher.checkpoint else storage / "teachers" / teacher_hash(cfg)
-        with Tracker(cfg, storage, name, run_dir, teacher_dir) as tracker:
+        with Tracker(cfg, storage, name, run_dir, _teacher_logs(cfg, storage)) as tracker:
             report = _run_locked(cfg, storage, name, run_dir, address, progress, t0)
             tracker.finish(report)
             return report
@@ -157,9 +156,7 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
             report["export"] = str(export_student(cfg, final_checkpoint_dir(results["student"], run_dir, "student"),
                                                   run_dir / "export" / "student"))
         report["wall_seconds"] = time.time() - t0
-        logs = {_teacher_stage(cfg, n): teacher_log(cfg, storage, n) for n in teachers}
-        write_report(report, run_dir, plan.stages + [a["stage"] for a in assistants],
-                     {k: v for k, v in logs.items() if v is not None})
+        write_report(report, run_dir, plan.stages + [a["stage"] for a in assistants], _teacher_logs(cfg, storage))
         log.info("report: %s", run_dir / "report.json")
         return report
 
@@ -214,6 +211,12 @@ def _teacher_params(cfg: Config, info: dict) -> int | None:
 def _teacher_stage(cfg: Config, name: str) -> str:
     """A teacher's stage name in progress and curves: ``teacher``, or ``teacher:NAME`` of several."""
     return "teacher" if len(cfg.teacher_map()) == 1 else f"teacher:{name}"
+
+
+def _teacher_logs(cfg: Config, storage: Path) -> dict[str, Path]:
+    """Each teacher trained by this job (not loaded from a checkpoint): its stage name -> its per-epoch log."""
+    logs = {_teacher_stage(cfg, n): teacher_log(cfg, storage, n) for n in cfg.teacher_map()}
+    return {k: v for k, v in logs.items() if v is not None}
 
 
 def _teachers(cfg: Config, storage: Path, prog: Progress, timings: dict) -> dict[str, TeacherArtifact]:

@@ -4,8 +4,10 @@ the key or argument (the CLI exits 2), not minutes later inside a stage.
     check_storage(path, key)   the storage path is (or can be made) a writable directory
     check_models(cfg)          every model imports and builds with its kwargs; loss terms fit the models'
                                layers; pruning patterns match layers; student.init's target fits the teacher
-    check_inputs(cfg)          the files the config names: every teacher's checkpoint and teacher_outputs, and
-                               the task's data (a text corpus: the head of every file)
+    check_inputs(cfg)          the files the config names: every teacher's checkpoint, the offline teacher's
+                               outputs (every shard's footer and metadata against the config:
+                               raydistill.distill.offline) and the task's data (a text corpus: the head of
+                               every file)
     check_scale(cfg, storage, name)   training at scale and tracking (issue 22)
     preflight(cfg, storage, name, storage_key)   all of the above plus the run name
 """
@@ -106,9 +108,10 @@ def check_terms(cfg: Config, task, built: dict) -> None:
 
 
 def check_inputs(cfg: Config, *, teacher_outputs: bool = True) -> None:
-    """The files the config names exist and look right (``ConfigError`` naming the key): the teacher's
+    """The files the config names exist and look right (``ConfigError`` naming the key): every teacher's
     checkpoint, the offline teacher outputs (``teacher_outputs=False``: not read by this command), and the
-    text corpus, whose files' heads are checked here (the rest is checked while Ray Data reads it)."""
+    task's data (``Task.check_data``: a text corpus's file heads; the rest is checked while Ray Data reads
+    it)."""
     from raydistill.distill.checkpointing import MODEL_FILE
     from raydistill.tasks import get_task
 
@@ -121,16 +124,10 @@ def check_inputs(cfg: Config, *, teacher_outputs: bool = True) -> None:
                                   "directory holding one)")
             if p.is_dir() and not (p / MODEL_FILE).is_file():
                 raise ConfigError(f"{key}.checkpoint: the directory {p} holds no {MODEL_FILE}")
-    out = cfg.teacher_outputs_path()
-    if out and teacher_outputs:
-        key = "distill.teacher_outputs" if cfg.distill.teacher_outputs else \
-            f"{cfg.teacher_key(cfg.offline_teacher())}.teacher_outputs"
-        p = Path(out).expanduser()
-        hint = "write it with `raydistill teacher-logits CONFIG`"
-        if not p.exists():
-            raise ConfigError(f"{key}: {p} does not exist ({hint})")
-        if p.is_dir() and not any(p.rglob("*.parquet")):
-            raise ConfigError(f"{key}: the directory {p} holds no .parquet files ({hint})")
+    if cfg.teacher_outputs_path() and teacher_outputs:  # every shard's footer and metadata against the config
+        from raydistill.distill.offline import check_teacher_outputs
+
+        check_teacher_outputs(cfg)
     get_task(cfg.data.task).check_data(cfg)
 
 

@@ -35,6 +35,8 @@ def _result_hash(cfg: Config, spec: StageSpec) -> str:
     payload["transfer_set"] = cfg.distill.transfer_set.model_dump(mode="json") \
         if spec.kind == "kd" and _task(cfg).uses_transfer_set else None
     payload["teacher_outputs"] = cfg.teacher_outputs_path() if spec.offline else None
+    if spec.offline and cfg.distill.topk_tail is not None:
+        payload["topk_tail"] = cfg.distill.topk_tail
     return config_hash(payload)
 
 

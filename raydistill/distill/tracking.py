@@ -162,8 +162,10 @@ class Tracker:
     """Follows ``<run_dir>/<stage>/{epochs,steps}.jsonl`` (and the teacher's) on a thread and logs them;
     :meth:`finish` logs the report and the exported student and closes the runs."""
 
-    def __init__(self, cfg: Config, storage, name: str, run_dir: Path, teacher_dir: Path | None = None):
-        self.cfg, self.name, self.run_dir, self.teacher_dir = cfg, name, Path(run_dir), teacher_dir
+    def __init__(self, cfg: Config, storage, name: str, run_dir: Path, teacher_logs: dict[str, Path] | None = None):
+        """``teacher_logs``: each teacher trained by this job, its stage name -> its ``epochs.jsonl``."""
+        self.cfg, self.name, self.run_dir = cfg, name, Path(run_dir)
+        self.teacher_logs = dict(teacher_logs or {})
         self.kind, self.uri = cfg.run.tracking, tracking_uri(cfg, storage, name)
         self._follows: dict[str, list[_Follow]] = {}
         self._stop = threading.Event()
@@ -199,8 +201,7 @@ class Tracker:
     def _stage_dirs(self) -> dict[str, Path]:
         dirs = {p.parent.name: p.parent for p in self.run_dir.glob("*/epochs.jsonl")}
         dirs.update({p.parent.name: p.parent for p in self.run_dir.glob("*/steps.jsonl")})
-        if self.teacher_dir is not None and (self.teacher_dir / "epochs.jsonl").is_file():
-            dirs["teacher"] = self.teacher_dir
+        dirs.update({stage: log.parent for stage, log in self.teacher_logs.items() if log.is_file()})
         return dirs
 
     def poll(self) -> None:

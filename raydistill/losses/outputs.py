@@ -16,7 +16,8 @@ from torch import Tensor
 class Needs:
     """What a term needs from one model on a batch.
 
-    ``logits``: the output distribution: ``Outputs.logits``, or for an offline teacher ``Outputs.topk``.
+    ``logits``: the output distribution: ``Outputs.logits``, or for an offline teacher ``Outputs.topk`` (and
+    ``Outputs.topk_tail`` where its cache has the tail and ``distill.topk_tail`` lets the loss use it).
     ``head``: ``Outputs.head`` (the last hidden states and the output layer) serves as well, so that a fused
     ``kd_loss_linear`` never materialises the logits; the task gives it where the model has such a layer
     and the stage fuses (``distill.fused_linear``). ``hidden``: the hidden states of these layers (1-based:
@@ -40,6 +41,7 @@ class Outputs:
     logits: Tensor | None = None                        # (..., V) over the tokenizer's / classes' ids
     head: tuple[Tensor, Tensor, Tensor | None] | None = None  # (last hidden (..., H), weight (V', H), bias)
     topk: tuple[Tensor, Tensor] | None = None           # offline teacher: (..., k) logits and their ids
+    topk_tail: Tensor | None = None                     # offline teacher: (...) log of its mass outside the top-k
     hidden: dict[int, Tensor] = field(default_factory=dict)  # layer -> (..., H_layer)
 
 

@@ -2,7 +2,8 @@
 unweighted value on a batch's ``StepOutputs``:
 
 ``kd_logits``  the teacher's softened distribution (``ops.kd_loss``: forward / reverse KL or JSD at a
-               temperature, scaled by T^2; ``kd_loss_topk`` from an offline top-k cache; ``kd_loss_linear``
+               temperature, scaled by T^2; ``kd_loss_topk`` from an offline top-k cache (with the teacher's
+               mass outside the top-k as a rest bucket when the cache has it); ``kd_loss_linear``
                when the task gives the last hidden states and the output layer). Several teachers:
                ``combine: sum`` is the weighted sum of per-teacher terms, ``combine: mean`` distils the
                weighted mean of their distributions.
@@ -89,7 +90,7 @@ def soft_loss(out: StepOutputs, s: Outputs, t: Outputs, *, alpha: float, tempera
               beta: float) -> Tensor:
     """``alpha * T^2 * D(teacher, student) + (1 - alpha) * CE`` over the soft rows in ONE kernel call:
     ``kd_loss_linear(_topk)`` when the student gives its output layer (and the teacher its output layer or a
-    top-k cache), else ``kd_loss(_topk)`` on logits. ``alpha < 1`` needs every soft row labelled."""
+    top-k cache, with its tail mass when given), else ``kd_loss(_topk)`` on logits. ``alpha < 1`` needs every soft row labelled."""
     from raydistill import ops
 
     kw = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, ignore_index=out.ignore_index)
@@ -103,13 +104,14 @@ def soft_loss(out: StepOutputs, s: Outputs, t: Outputs, *, alpha: float, tempera
         kw["student_bias"] = None if b_s is None else b_s[:out.vocab]
         if t.topk is not None:
             return ops.kd_loss_linear_topk(h_s, w_s[:out.vocab], _rows(t.topk[0], rows), _rows(t.topk[1], rows),
-                                           labels, **kw)
+                                           labels, teacher_topk_tail=_rows(t.topk_tail, rows), **kw)
         h_t, w_t, b_t = t.head
         return ops.kd_loss_linear(h_s, w_s[:out.vocab], _rows(h_t, rows).detach(), w_t.detach(), labels,
                                   teacher_bias=None if b_t is None else b_t.detach(), **kw)
     logits = _rows(logits_of(s, out.vocab), rows)
     if t.topk is not None:
-        return ops.kd_loss_topk(logits, _rows(t.topk[0], rows), _rows(t.topk[1], rows), labels, **kw)
+        return ops.kd_loss_topk(logits, _rows(t.topk[0], rows), _rows(t.topk[1], rows), labels,
+                                teacher_topk_tail=_rows(t.topk_tail, rows), **kw)
     return ops.kd_loss(logits, _rows(logits_of(t, out.vocab), rows).detach(), labels, **kw)
 
 

@@ -37,6 +37,23 @@ under ``torch.compile`` where data-dependent checks are skipped). Supported dive
 ``ValueError``: KL(P_s || P_t) is +inf whenever the student puts any mass outside the k entries,
 which with a softmax student is always.
 
+Top-k teacher with its tail (``teacher_topk_tail``, optional): ``(...)`` per row, the log of the teacher's
+probability mass outside its k entries **at the loss temperature T**, :math:`\tau = \log R \le 0`
+(``-inf``: no mass outside). The teacher is then the k entries with probabilities
+:math:`(1 - R)\,\mathrm{softmax}(t/T)` plus one "rest" bucket of mass :math:`R`, and the student is its k
+probabilities plus its own mass outside them, :math:`Q = \sum_{i \notin \text{top-k}} P_{s,i}`:
+
+* ``forward_kl``: :math:`\sum_j P_{t,j} (\log P_{t,j} - \log P_{s,j}) + R (\log R - \log Q)`
+* ``jsd``: the same ``jsd`` over these k + 1 buckets (:math:`M_{rest} = \beta R + (1-\beta) Q`).
+
+Both equal the full-vocabulary divergence against a teacher whose rest mass is spread over the other
+tokens like the student's (:math:`P_{t,i} = R\,P_{s,i} / Q` outside the top-k), so the gradient outside
+the top-k is :math:`P_{s,i} (1 - R/Q)` (forward KL, times ``coef / T``). Without a tail (or with
+``tau = -inf``) the teacher's k probabilities sum to 1, as before. The tail depends on the temperature
+(the top-k logits do not: any shift of a row is the same distribution), so a cache must store it at the
+temperature of the loss (see ``raydistill.data.topk_codec``). A tail ``> 0`` (a mass above 1) or NaN
+raises ``ValueError``.
+
 Backends: the fused C++ (CPU, at::vec + at::parallel_for) and CUDA kernels compute the row losses and
 d loss / d student in one call (the gradient only when the student requires grad), so backward only
 scales the stored gradient by the upstream gradient. When the extension is unavailable the same
@@ -133,7 +150,7 @@ def _check_logits(name: str, t) -> None:
         raise ValueError(f"{name} must have at least one dimension (..., V), got a 0-d tensor")
 
 
-def _validate(student, teacher, labels, alpha, ignore_index, *, topk_indices=None) -> None:
+def _validate(student, teacher, labels, alpha, ignore_index, *, topk_indices=None, topk_tail=None) -> None:
     _check_logits("student_logits", student)
     tname = "teacher_logits" if topk_indices is None else "teacher_topk_logits"
     _check_logits(tname, teacher)
@@ -149,6 +166,7 @@ def _validate(student, teacher, labels, alpha, ignore_index, *, topk_indices=Non
                              f"{tuple(student.shape)} (same leading shape and vocabulary size)")
     else:
         _check_topk(teacher, topk_indices, student.shape[:-1], V, student.device)
+        _check_tail(topk_tail, student.shape[:-1], student.device)
     _check_labels(labels, student.shape[:-1], V, alpha, ignore_index, student.device)
 
 
@@ -183,6 +201,29 @@ def _check_topk(teacher, topk_indices, lead, V, device, lead_name="student_logit
                 row = int(dup.any(dim=1).nonzero()[0, 0])
                 raise ValueError(f"teacher_topk_indices must be distinct within a row; row {row} (flattened) "
                                  f"repeats index {int(s_[row, 1:][dup[row]][0])}")
+
+
+def _check_tail(tail, lead, device, lead_name="student_logits") -> None:
+    """``teacher_topk_tail``: None, or a float tensor of the leading shape ``lead``, values <= 0 (the log of a
+    probability mass <= 1) and not NaN (the value check is skipped inside torch.compile)."""
+    if tail is None:
+        return
+    if not isinstance(tail, Tensor):
+        raise TypeError(f"teacher_topk_tail must be a torch.Tensor or None, got {type(tail).__name__}")
+    if tail.dtype not in _FLOATS:
+        raise TypeError(f"teacher_topk_tail must be a floating-point tensor (float32, bfloat16, float16 or "
+                        f"float64), got {tail.dtype}")
+    if tail.shape != lead:
+        raise ValueError(f"teacher_topk_tail shape {tuple(tail.shape)} must equal the leading shape of {lead_name} "
+                         f"{tuple(lead)} (one value per row: the log of the teacher's mass outside its top-k)")
+    if tail.device != device:
+        raise ValueError(f"teacher_topk_tail must be on the same device as {lead_name} ({device}), got {tail.device}")
+    if not torch.compiler.is_compiling() and tail.numel() > 0:
+        bad = torch.isnan(tail) | (tail > 0)
+        if bool(bad.any()):
+            row = int(bad.reshape(-1).nonzero()[0, 0])
+            raise ValueError(f"teacher_topk_tail must be <= 0 (the log of a probability mass <= 1) and not NaN; "
+                             f"row {row} (flattened) is {float(tail.reshape(-1)[row])}")
 
 
 def _check_labels(labels, lead, V, alpha, ignore_index, device, lead_name="student_logits") -> None:
@@ -231,15 +272,31 @@ def _divergence(lpt: Tensor, lps: Tensor, divergence: str, beta: float) -> Tenso
     return beta * _xlogy_diff(pt, lpt, lm) + (1 - beta) * _xlogy_diff(ps, lps, lm)
 
 
+def _topk_tail_divergence(lps: Tensor, lpt: Tensor, idx: Tensor, tail: Tensor, divergence: str,
+                          beta: float) -> Tensor:
+    """The divergence between the k + 1 buckets (top-k entries + rest) of the teacher, ``(1 - R) softmax`` on the
+    k entries and ``R = exp(tail)`` outside, and of the student, its k probabilities and its mass outside them."""
+    tau = tail.reshape(-1, 1).to(lps.dtype)
+    lw = torch.log(-torch.expm1(tau))  # log(1 - R)
+    outside = torch.ones_like(lps, dtype=torch.bool).scatter(-1, idx, False)
+    lq_rest = torch.logsumexp(torch.where(outside, lps, torch.full_like(lps, -math.inf)), dim=-1, keepdim=True)
+    lp_b = torch.cat([lpt + lw, tau], dim=-1)
+    lq_b = torch.cat([lps.gather(-1, idx), lq_rest], dim=-1)
+    return _divergence(lp_b, lq_b, divergence, beta)
+
+
 def _reference_impl(student, teacher, labels, topk_indices, *, temperature, alpha, divergence, beta,
-                    reduction, ignore_index, t2_scaling, compute_dtype) -> Tensor:
+                    reduction, ignore_index, t2_scaling, compute_dtype, topk_tail=None) -> Tensor:
     V = student.shape[-1]
     lead = student.shape[:-1]
     x = student.reshape(-1, V).to(compute_dtype)
     t = teacher.detach().reshape(-1, teacher.shape[-1]).to(compute_dtype)
     lps = torch.log_softmax(x / temperature, dim=-1)
     lpt = torch.log_softmax(t / temperature, dim=-1)
-    if topk_indices is not None:
+    if topk_tail is not None:
+        div = _topk_tail_divergence(lps, lpt, topk_indices.reshape(-1, topk_indices.shape[-1]).long(),
+                                    topk_tail.detach(), divergence, beta)
+    elif topk_indices is not None:
         idx = topk_indices.reshape(-1, topk_indices.shape[-1]).long()
         if divergence == "forward_kl":
             div = _xlogy_diff(lpt.exp(), lpt, lps.gather(-1, idx))
@@ -280,16 +337,20 @@ def _out_dtype(student: Tensor, teacher: Tensor) -> torch.dtype:
 
 def kd_loss_reference(student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=1.0,
                       divergence="forward_kl", beta=0.5, reduction="mean", ignore_index=-100,
-                      t2_scaling=True, teacher_topk_indices=None) -> Tensor:
+                      t2_scaling=True, teacher_topk_indices=None, teacher_topk_tail=None) -> Tensor:
     """float64 pure-PyTorch reference of :func:`kd_loss` (and of :func:`kd_loss_topk` when
-    ``teacher_topk_indices`` is given). Same arguments and semantics; the loss is float64."""
+    ``teacher_topk_indices`` is given, with ``teacher_topk_tail``). Same arguments and semantics; the loss is
+    float64."""
+    if teacher_topk_tail is not None and teacher_topk_indices is None:
+        raise ValueError("teacher_topk_tail needs teacher_topk_indices (a top-k teacher)")
     _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_index, t2_scaling,
                       topk=teacher_topk_indices is not None)
-    _validate(student_logits, teacher_logits, labels, alpha, ignore_index, topk_indices=teacher_topk_indices)
+    _validate(student_logits, teacher_logits, labels, alpha, ignore_index, topk_indices=teacher_topk_indices,
+              topk_tail=teacher_topk_tail)
     return _reference_impl(student_logits, teacher_logits, labels, teacher_topk_indices,
                            temperature=float(temperature), alpha=float(alpha), divergence=divergence,
                            beta=float(beta), reduction=reduction, ignore_index=int(ignore_index),
-                           t2_scaling=t2_scaling, compute_dtype=torch.float64)
+                           t2_scaling=t2_scaling, compute_dtype=torch.float64, topk_tail=teacher_topk_tail)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,7 +365,7 @@ def _fake_fwd(student, teacher, labels, temperature, alpha, divergence, beta, ig
 
 
 def _fake_topk_fwd(student, teacher_topk, teacher_topk_indices, labels, temperature, alpha, divergence, beta,
-                   ignore_index, t2_scaling, compute_grad, scale=None):
+                   ignore_index, t2_scaling, compute_grad, scale=None, teacher_topk_tail=None):
     return _fake_fwd(student, teacher_topk, labels, temperature, alpha, divergence, beta, ignore_index,
                      t2_scaling, compute_grad)
 
@@ -339,7 +400,7 @@ def _backward_full(ctx, grad_loss, grad_grad):
 
 
 def _backward_topk(ctx, grad_loss, grad_grad):
-    return (_backward(ctx, grad_loss, grad_grad),) + (None,) * 11
+    return (_backward(ctx, grad_loss, grad_grad),) + (None,) * 12
 
 
 # Reductions "mean"/"sum" (the usual training call) run through one more op that returns the reduced
@@ -349,9 +410,9 @@ def _backward_topk(ctx, grad_loss, grad_grad):
 # and re-writing the rows x V gradient. Checking "exactly 1" reads one number from the device (a sync on
 # CUDA). Under torch.compile the scaling stays (out of place, fusable).
 
-def _reduced_impl(student: Tensor, teacher: Tensor, topk_indices: Tensor | None, labels: Tensor | None,
-                  temperature: float, alpha: float, divergence: int, beta: float, ignore_index: int,
-                  t2_scaling: bool, compute_grad: bool, mean: bool) -> tuple[Tensor, Tensor]:
+def _reduced_impl(student: Tensor, teacher: Tensor, topk_indices: Tensor | None, topk_tail: Tensor | None,
+                  labels: Tensor | None, temperature: float, alpha: float, divergence: int, beta: float,
+                  ignore_index: int, t2_scaling: bool, compute_grad: bool, mean: bool) -> tuple[Tensor, Tensor]:
     scale = None
     if mean:
         if labels is not None:
@@ -365,12 +426,12 @@ def _reduced_impl(student: Tensor, teacher: Tensor, topk_indices: Tensor | None,
     else:
         row, grad = torch.ops.raydistill.kd_loss_topk_fwd(student, teacher, topk_indices, labels, temperature,
                                                           alpha, divergence, beta, ignore_index, t2_scaling,
-                                                          compute_grad, scale)
+                                                          compute_grad, scale, topk_tail)
     return row.sum(), grad
 
 
-def _reduced_fake(student, teacher, topk_indices, labels, temperature, alpha, divergence, beta, ignore_index,
-                  t2_scaling, compute_grad, mean):
+def _reduced_fake(student, teacher, topk_indices, topk_tail, labels, temperature, alpha, divergence, beta,
+                  ignore_index, t2_scaling, compute_grad, mean):
     loss = student.new_empty((), dtype=_out_dtype(student, teacher))
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
     return loss, grad
@@ -379,7 +440,7 @@ def _reduced_fake(student, teacher, topk_indices, labels, temperature, alpha, di
 def _reduced_backward(ctx, grad_loss, _grad_grad):
     (g,) = ctx.saved_tensors
     if grad_loss is None:
-        return (None,) * 12
+        return (None,) * 13
     if g.numel() == 0 and ctx.student_numel != 0:
         raise RuntimeError("kd_loss: backward needs the gradient computed in forward (compute_grad=True); "
                            "the student did not require grad when the loss was computed")
@@ -389,7 +450,7 @@ def _reduced_backward(ctx, grad_loss, _grad_grad):
         out = g  # already d loss / d student: nothing to scale
     else:
         out = g.mul_(grad_loss.to(g.dtype))  # private to this graph (see _backward)
-    return (out,) + (None,) * 11
+    return (out,) + (None,) * 12
 
 
 def _reduced_setup(ctx, inputs, output):
@@ -413,31 +474,32 @@ if _EXT:
 # public API
 
 def _run(student, teacher, labels, topk_indices, temperature, alpha, divergence, beta, reduction, ignore_index,
-         t2_scaling) -> Tensor:
+         t2_scaling, topk_tail=None) -> Tensor:
     topk = topk_indices is not None
     _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_index, t2_scaling, topk=topk)
-    _validate(student, teacher, labels, alpha, ignore_index, topk_indices=topk_indices)
+    _validate(student, teacher, labels, alpha, ignore_index, topk_indices=topk_indices, topk_tail=topk_tail)
     temperature, alpha, beta, ignore_index = float(temperature), float(alpha), float(beta), int(ignore_index)
     if not _compiled(student.device, topk):
         return _reference_impl(student, teacher, labels, topk_indices, temperature=temperature, alpha=alpha,
                                divergence=divergence, beta=beta, reduction=reduction, ignore_index=ignore_index,
-                               t2_scaling=t2_scaling, compute_dtype=_out_dtype(student, teacher))
+                               t2_scaling=t2_scaling, compute_dtype=_out_dtype(student, teacher), topk_tail=topk_tail)
     V = student.shape[-1]
     lead = student.shape[:-1]
     x = student.reshape(-1, V)
     t = teacher.detach().reshape(-1, teacher.shape[-1])
     lab = labels.reshape(-1) if labels is not None else None
+    tail = topk_tail.detach().reshape(-1) if topk_tail is not None else None
     compute_grad = bool(torch.is_grad_enabled() and student.requires_grad)
     div = DIVERGENCES[divergence]
     if reduction != "none" and _out_dtype(student, teacher) != torch.float64:
-        loss, _ = _kd_loss_reduced(x, t, topk_indices.reshape(-1, topk_indices.shape[-1]) if topk else None, lab,
-                                   temperature, alpha, div, beta, ignore_index, t2_scaling, compute_grad,
+        loss, _ = _kd_loss_reduced(x, t, topk_indices.reshape(-1, topk_indices.shape[-1]) if topk else None, tail,
+                                   lab, temperature, alpha, div, beta, ignore_index, t2_scaling, compute_grad,
                                    reduction in ("mean", "batchmean"))
         return loss
     if topk:
         idx = topk_indices.reshape(-1, topk_indices.shape[-1])
         row, _ = torch.ops.raydistill.kd_loss_topk_fwd(x, t, idx, lab, temperature, alpha, div, beta,
-                                                       ignore_index, t2_scaling, compute_grad)
+                                                       ignore_index, t2_scaling, compute_grad, None, tail)
     else:
         row, _ = torch.ops.raydistill.kd_loss_fwd(x, t, lab, temperature, alpha, div, beta, ignore_index,
                                                   t2_scaling, compute_grad)
@@ -475,13 +537,19 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
 def kd_loss_topk(student_logits: Tensor, teacher_topk_logits: Tensor, teacher_topk_indices: Tensor,
                  labels: Tensor | None = None, *, temperature: float = 1.0, alpha: float = 1.0,
                  divergence: str = "forward_kl", beta: float = 0.5, reduction: str = "mean",
-                 ignore_index: int = -100, t2_scaling: bool = True) -> Tensor:
+                 ignore_index: int = -100, t2_scaling: bool = True,
+                 teacher_topk_tail: Tensor | None = None) -> Tensor:
     r""":func:`kd_loss` with a top-k teacher: ``P_t = softmax(teacher_topk_logits / T)`` over the k given
     entries, at ``teacher_topk_indices`` (``(..., k)`` int64/int32, distinct per row), zero elsewhere;
     ``P_s`` over the full student vocabulary. ``divergence``: ``forward_kl`` or ``jsd``; ``reverse_kl``
-    raises ``ValueError`` (it is +inf whenever the student has mass outside the k entries)."""
+    raises ``ValueError`` (it is +inf whenever the student has mass outside the k entries).
+
+    ``teacher_topk_tail``: optional ``(...)`` float tensor, the log of the teacher's probability mass outside
+    its k entries at temperature ``temperature`` (<= 0; ``-inf``: none). The teacher is then ``(1 - R)
+    softmax(teacher_topk_logits / T)`` on the k entries plus a rest bucket of mass ``R = exp(tail)``, compared
+    with the student's mass outside the k entries (see the module docstring)."""
     return _run(student_logits, teacher_topk_logits, labels, teacher_topk_indices, temperature, alpha, divergence,
-                beta, reduction, ignore_index, t2_scaling)
+                beta, reduction, ignore_index, t2_scaling, teacher_topk_tail)
 
 
 class _KDLossOptions(nn.Module):

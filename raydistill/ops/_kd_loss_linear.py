@@ -48,6 +48,7 @@ from raydistill.ops._kd_loss import (
     DIVERGENCES,
     _check_labels,
     _check_logits,
+    _check_tail,
     _check_topk,
     _compiled,
     _KDLossOptions,
@@ -127,10 +128,13 @@ def _check_linear(prefix: str, hidden, weight, bias, device=None) -> None:
 
 
 def _validate(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-              teacher_topk_logits, teacher_topk_indices, labels, alpha, ignore_index, chunk_size) -> None:
+              teacher_topk_logits, teacher_topk_indices, labels, alpha, ignore_index, chunk_size,
+              teacher_topk_tail=None) -> None:
     _check_linear("student", student_hidden, student_weight, student_bias)
     device, lead, V = student_hidden.device, student_hidden.shape[:-1], student_weight.shape[0]
     if teacher_topk_logits is None:
+        if teacher_topk_tail is not None:
+            raise ValueError("teacher_topk_tail needs a top-k teacher (teacher_topk_logits / teacher_topk_indices)")
         _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias, device)
         if teacher_hidden.shape[:-1] != lead:
             raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} must equal "
@@ -141,6 +145,7 @@ def _validate(student_hidden, student_weight, student_bias, teacher_hidden, teac
     else:
         _check_logits("teacher_topk_logits", teacher_topk_logits)
         _check_topk(teacher_topk_logits, teacher_topk_indices, lead, V, device, lead_name="student_hidden")
+        _check_tail(teacher_topk_tail, lead, device, lead_name="student_hidden")
     _check_labels(labels, lead, V, alpha, ignore_index, device, lead_name="student_hidden")
     _check_chunk_size(chunk_size)
 
@@ -190,7 +195,7 @@ def _linear_out(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor
 
 def _chunked(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
              teacher_topk_logits, teacher_topk_indices, labels, row_weight, temperature, alpha, divergence, beta,
-             reduction, ignore_index, t2_scaling, chunk_size, grad_mask):
+             reduction, ignore_index, t2_scaling, chunk_size, grad_mask, teacher_topk_tail=None):
     sh, sw, sb = student_hidden.contiguous(), student_weight.contiguous(), student_bias
     rows, H = sh.shape
     V = sw.shape[0]
@@ -230,12 +235,15 @@ def _chunked(student_hidden, student_weight, student_bias, teacher_hidden, teach
         lab = None if labels is None else labels[c0:c1]
         g = None if g_buf is None else g_buf[:c1 - c0]
         if topk:
+            tl = None if teacher_topk_tail is None else teacher_topk_tail[c0:c1]
             if g is None:
                 row, g = torch.ops.raydistill.kd_loss_topk_fwd(s, tv[c0:c1], ti[c0:c1], lab, temperature, alpha,
-                                                               divergence, beta, ignore_index, t2_scaling, need)
+                                                               divergence, beta, ignore_index, t2_scaling, need,
+                                                               None, tl)
             else:
                 row = torch.ops.raydistill.kd_loss_topk_fwd_out(s, tv[c0:c1], ti[c0:c1], lab, temperature, alpha,
-                                                                divergence, beta, ignore_index, t2_scaling, None, g)
+                                                                divergence, beta, ignore_index, t2_scaling, None, g,
+                                                                tl)
         else:
             t = _linear_out(th[c0:c1], tw, tb, t_buf[:c1 - c0])
             if g is None:
@@ -285,8 +293,8 @@ def _chunked(student_hidden, student_weight, student_bias, teacher_hidden, teach
 _SCHEMA = ("(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor? teacher_hidden, "
            "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_topk_logits, Tensor? teacher_topk_indices, "
            "Tensor? labels, Tensor? row_weight, float temperature, float alpha, int divergence, float beta, "
-           "int reduction, int ignore_index, bool t2_scaling, int chunk_size, int grad_mask) "
-           "-> (Tensor, Tensor, Tensor, Tensor)")
+           "int reduction, int ignore_index, bool t2_scaling, int chunk_size, int grad_mask, "
+           "Tensor? teacher_topk_tail=None) -> (Tensor, Tensor, Tensor, Tensor)")
 
 _op = torch.library.custom_op("raydistill::kd_loss_linear_fwd", _chunked, mutates_args=(), schema=_SCHEMA)
 
@@ -294,7 +302,7 @@ _op = torch.library.custom_op("raydistill::kd_loss_linear_fwd", _chunked, mutate
 @_op.register_fake
 def _fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
           teacher_topk_logits, teacher_topk_indices, labels, row_weight, temperature, alpha, divergence, beta,
-          reduction, ignore_index, t2_scaling, chunk_size, grad_mask):
+          reduction, ignore_index, t2_scaling, chunk_size, grad_mask, teacher_topk_tail=None):
     rows, H = student_hidden.shape
     V = student_weight.shape[0]
     t_dtype = (teacher_topk_logits if teacher_topk_logits is not None else teacher_hidden).dtype
@@ -314,20 +322,20 @@ def _setup_context(ctx, inputs, output):
     ctx.grad_mask = inputs[18]
     ctx.has_bias = inputs[2] is not None
     if ctx.reduction == _NONE:  # backward recomputes the chunks with the upstream row weights
-        ctx.save_for_backward(*inputs[:9])
-        ctx.scalars = inputs[10:]
+        ctx.save_for_backward(*inputs[:9], inputs[19])
+        ctx.scalars = inputs[10:19]
     else:
         ctx.save_for_backward(*output[1:])
 
 
 def _backward(ctx, grad_loss, *_unused):
-    n_inputs = 19
+    n_inputs = 20
     if grad_loss is None:
         return (None,) * n_inputs
     mask = ctx.grad_mask
     if ctx.reduction == _NONE:
         saved = ctx.saved_tensors
-        _, gh, gw, gb = _op(*saved, grad_loss.detach(), *ctx.scalars)
+        _, gh, gw, gb = _op(*saved[:9], grad_loss.detach(), *ctx.scalars, saved[9])
     else:
         gh, gw, gb = ctx.saved_tensors
         if (gh.numel() + gw.numel() + gb.numel()) == 0 and mask:
@@ -352,7 +360,7 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 
 def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
          teacher_topk_logits, teacher_topk_indices, labels, temperature, alpha, divergence, beta, reduction,
-         ignore_index, t2_scaling, chunk_size) -> Tensor:
+         ignore_index, t2_scaling, chunk_size, teacher_topk_tail=None) -> Tensor:
     low = _autocast_dtype(student_hidden)
     if low is not None:  # under torch.autocast: the matmuls' inputs in its dtype, as for a plain linear layer
         cast = [None if t is None or t.dtype != torch.float32 else t.to(low)
@@ -361,17 +369,18 @@ def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_w
         args = [c if c is not None else k for c, k in zip(cast, keep)]
         with torch.autocast(student_hidden.device.type, enabled=False):
             return _run(*args, teacher_topk_logits, teacher_topk_indices, labels, temperature, alpha, divergence,
-                        beta, reduction, ignore_index, t2_scaling, chunk_size)
+                        beta, reduction, ignore_index, t2_scaling, chunk_size, teacher_topk_tail)
     topk = teacher_topk_logits is not None
     _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_index, t2_scaling, topk=topk)
     _validate(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-              teacher_topk_logits, teacher_topk_indices, labels, alpha, ignore_index, chunk_size)
+              teacher_topk_logits, teacher_topk_indices, labels, alpha, ignore_index, chunk_size, teacher_topk_tail)
     kw = dict(temperature=float(temperature), alpha=float(alpha), divergence=divergence, beta=float(beta),
               reduction=reduction, ignore_index=int(ignore_index), t2_scaling=t2_scaling)
     V = student_weight.shape[0]
     if not _compiled(student_hidden.device, topk):
         return _materialised(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                             teacher_bias, teacher_topk_logits, teacher_topk_indices, labels, **kw)
+                             teacher_bias, teacher_topk_logits, teacher_topk_indices, labels,
+                             teacher_topk_tail=teacher_topk_tail, **kw)
     lead = student_hidden.shape[:-1]
     H = student_hidden.shape[-1]
     rows = math.prod(lead)
@@ -393,9 +402,10 @@ def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_w
     mask = ((_G_HIDDEN if grad and student_hidden.requires_grad else 0)
             | (_G_WEIGHT if grad and student_weight.requires_grad else 0)
             | (_G_BIAS if grad and student_bias is not None and student_bias.requires_grad else 0))
+    tail = None if teacher_topk_tail is None else teacher_topk_tail.detach().reshape(rows)
     loss = _op(sh, student_weight, student_bias, th, tw, tb, tv, ti, lab, None, kw["temperature"], kw["alpha"],
                DIVERGENCES[divergence], kw["beta"], _RED[reduction], kw["ignore_index"], t2_scaling,
-               int(chunk_size), mask)[0]
+               int(chunk_size), mask, tail)[0]
     return loss.reshape(lead) if reduction == "none" else loss
 
 
@@ -419,12 +429,13 @@ def _logits(hidden, weight, bias, V, dtype=None):
 
 
 def _materialised(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                  teacher_topk_logits, teacher_topk_indices, labels, **kw) -> Tensor:
+                  teacher_topk_logits, teacher_topk_indices, labels, teacher_topk_tail=None, **kw) -> Tensor:
     """The fallback without a compiled kd_loss kernel: both logits materialised, then kd_loss(_topk)."""
     V = student_weight.shape[0]
     student = _logits(student_hidden, student_weight, student_bias, V)
     if teacher_topk_logits is not None:
-        return kd_loss_topk(student, teacher_topk_logits, teacher_topk_indices, labels, **kw)
+        return kd_loss_topk(student, teacher_topk_logits, teacher_topk_indices, labels,
+                            teacher_topk_tail=teacher_topk_tail, **kw)
     with torch.no_grad():
         teacher = _logits(teacher_hidden, teacher_weight, teacher_bias, V)
     return kd_loss(student, teacher, labels, **kw)
@@ -461,19 +472,22 @@ def kd_loss_linear_topk(student_hidden: Tensor, student_weight: Tensor, teacher_
                         teacher_topk_indices: Tensor, labels: Tensor | None = None, *,
                         student_bias: Tensor | None = None, temperature: float = 1.0, alpha: float = 1.0,
                         divergence: str = "forward_kl", beta: float = 0.5, reduction: str = "mean",
-                        ignore_index: int = -100, t2_scaling: bool = True, chunk_size: int | None = None) -> Tensor:
+                        ignore_index: int = -100, t2_scaling: bool = True, chunk_size: int | None = None,
+                        teacher_topk_tail: Tensor | None = None) -> Tensor:
     r""":func:`kd_loss_topk` of ``student_hidden @ student_weight.T (+ student_bias)`` against a cached top-k
-    teacher (``(..., k)`` logits and vocabulary indices), without materialising the student logits.
+    teacher (``(..., k)`` logits and vocabulary indices, optionally ``teacher_topk_tail``: ``(...)``, the log
+    of its mass outside the k entries at this temperature), without materialising the student logits.
     ``divergence``: ``forward_kl`` or ``jsd``. Other arguments as in :func:`kd_loss_linear`."""
     return _run(student_hidden, student_weight, student_bias, None, None, None, teacher_topk_logits,
                 teacher_topk_indices, labels, temperature, alpha, divergence, beta, reduction, ignore_index,
-                t2_scaling, chunk_size)
+                t2_scaling, chunk_size, teacher_topk_tail)
 
 
 def kd_loss_linear_reference(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
                              *, student_bias=None, teacher_bias=None, teacher_topk_logits=None,
                              teacher_topk_indices=None, temperature=1.0, alpha=1.0, divergence="forward_kl",
-                             beta=0.5, reduction="mean", ignore_index=-100, t2_scaling=True) -> Tensor:
+                             beta=0.5, reduction="mean", ignore_index=-100, t2_scaling=True,
+                             teacher_topk_tail=None) -> Tensor:
     """float64 reference of :func:`kd_loss_linear` (or of :func:`kd_loss_linear_topk` when
     ``teacher_topk_logits``/``teacher_topk_indices`` are given instead of the teacher hidden states and
     weight): both logits materialised in float64, then :func:`kd_loss_reference`. Differentiable (autograd)
@@ -481,7 +495,7 @@ def kd_loss_linear_reference(student_hidden, student_weight, teacher_hidden=None
     topk = teacher_topk_logits is not None
     _validate_scalars(temperature, alpha, divergence, beta, reduction, ignore_index, t2_scaling, topk=topk)
     _validate(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-              teacher_topk_logits, teacher_topk_indices, labels, alpha, ignore_index, None)
+              teacher_topk_logits, teacher_topk_indices, labels, alpha, ignore_index, None, teacher_topk_tail)
     V = student_weight.shape[0]
     f64 = torch.float64
     student = _logits(student_hidden, student_weight, student_bias, V, f64)
@@ -489,7 +503,8 @@ def kd_loss_linear_reference(student_hidden, student_weight, teacher_hidden=None
               ignore_index=ignore_index, t2_scaling=t2_scaling)
     if topk:
         return kd_loss_reference(student, teacher_topk_logits.detach().to(f64), labels,
-                                 teacher_topk_indices=teacher_topk_indices, **kw)
+                                 teacher_topk_indices=teacher_topk_indices, teacher_topk_tail=None
+                                 if teacher_topk_tail is None else teacher_topk_tail.detach().to(f64), **kw)
     teacher = _logits(teacher_hidden.detach(), teacher_weight.detach(),
                       None if teacher_bias is None else teacher_bias.detach(), V, f64)
     return kd_loss_reference(student, teacher, labels, **kw)
@@ -522,9 +537,9 @@ class KDLossLinear(_KDLossOptions):
 
     def forward_topk(self, student_hidden: Tensor, student_weight: Tensor, teacher_topk_logits: Tensor,
                      teacher_topk_indices: Tensor, labels: Tensor | None = None,
-                     student_bias: Tensor | None = None) -> Tensor:
+                     student_bias: Tensor | None = None, teacher_topk_tail: Tensor | None = None) -> Tensor:
         return kd_loss_linear_topk(student_hidden, student_weight, teacher_topk_logits, teacher_topk_indices, labels,
-                                   student_bias=student_bias, **self._kw())
+                                   student_bias=student_bias, teacher_topk_tail=teacher_topk_tail, **self._kw())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

@@ -39,6 +39,7 @@ class Task:
     supports_quantize: bool = False    # compression.quantize is implemented for it
     exports_pretrained: bool = False   # the student exports with save_pretrained (raydistill.distill.export)
     max_topk: int | None = None        # the most logits `raydistill teacher-logits` can keep per row
+    teacher_batch_rows: int = 256      # input rows per teacher forward in `raydistill teacher-logits`
     latency_batches: tuple[int, ...] = (1,)   # batch sizes the CPU latency is measured at (latency_input)
 
     # -- driver: data and evaluation ------------------------------------------------------------------
@@ -76,6 +77,24 @@ class Task:
 
     def compare(self, new: dict, ref: dict) -> float:
         """``new`` against ``ref`` on the headline metric: a difference (accuracy points) or a ratio - 1."""
+        raise NotImplementedError
+
+    # -- teacher outputs (`raydistill teacher-logits`) --------------------------------------------------
+    def teacher_inputs(self, cfg, storage: Path) -> tuple[dict[str, np.ndarray], dict]:
+        """The rows a teacher labels for offline distillation, in their fixed order (NumPy columns, the
+        cache's input columns), and the task info."""
+        raise NotImplementedError
+
+    def tokens_per_row(self, inputs: dict[str, np.ndarray]) -> int:
+        """Output distributions per input row (a causal LM: one per position)."""
+        return 1
+
+    def output_size(self, info: dict) -> int:
+        """The ids of the output distribution (classes, the tokenizer's vocabulary)."""
+        raise NotImplementedError
+
+    def teacher_logits(self, model, rows: dict[str, np.ndarray], device, info: dict) -> torch.Tensor:
+        """``model``'s logits ``(rows, [S,] output_size)`` on a slice of :meth:`teacher_inputs`' rows."""
         raise NotImplementedError
 
     # -- worker -----------------------------------------------------------------------------------------
@@ -117,7 +136,8 @@ class Task:
             if name is None:
                 continue
             if name == spec.offline_teacher:
-                outs[name] = Outputs(topk=(batch["topk_values"], batch["topk_indices"]))
+                outs[name] = Outputs(topk=(batch["topk_values"], batch["topk_indices"]),
+                                     topk_tail=batch.get("topk_tail"))  # in the batch when the loss uses it
                 continue
             cached = self.cached_outputs(batch, name, need, teachers[name])
             if cached is None:

@@ -3,7 +3,8 @@ next token (the last position and ``<pad>`` targets are ``ignore_index``).
 
 Distillation is per token: the loss terms (``raydistill.losses``) read ``(B, S, V)`` logits, or the last
 hidden states and the lm_head (``kd_loss_linear``: no logits tensor), or an offline teacher's top-k
-logits per token (parquet), and the hidden states of any layer (padding excluded).
+log-probabilities per token (a compressed cache, with its tail mass when present: ``kd_loss_topk``), and the
+hidden states of any layer (padding excluded).
 
 Padded vocabularies: teacher and student may have more output ids than the tokenizer (padding, e.g.
 32000 -> 32064); both are sliced to the tokenizer's ids (the ids no token maps to are left out, which is
@@ -81,8 +82,9 @@ class CausalLMTask(Task):
                       ("sparsity", "sparsity", "{:.1%}"), ("compression", "compression_ratio", "{:.2f}x"),
                       ("ms/sequence", "latency_ms_b1", "{:.2f}"))
     compare_text = "perplexity {:+.1f}%"
-    float_columns = ("topk_values",)
+    float_columns = ("topk_values", "topk_tail")
     exports_pretrained = True
+    teacher_batch_rows = 16
     latency_batches = (1,)  # one sequence of data.seq_len tokens: what serving a request costs
 
     # -- driver -----------------------------------------------------------------------------------------
@@ -164,9 +166,25 @@ class CausalLMTask(Task):
     def compare(self, new: dict, ref: dict) -> float:
         return new["perplexity"] / ref["perplexity"] - 1
 
+    # -- teacher outputs --------------------------------------------------------------------------------
+    def teacher_inputs(self, cfg, storage: Path) -> tuple[dict[str, np.ndarray], dict]:
+        """The packed train blocks (``input_ids`` int32 ``(n, S)``)."""
+        td = text_data(cfg, storage)
+        return {"input_ids": np.ascontiguousarray(td.train, dtype=np.int32)}, self.task_info(cfg, storage)
+
+    def tokens_per_row(self, inputs: dict[str, np.ndarray]) -> int:
+        return int(inputs["input_ids"].shape[1])
+
+    def output_size(self, info: dict) -> int:
+        return int(info["vocab_size"])
+
+    def teacher_logits(self, model, rows: dict[str, np.ndarray], device, info: dict) -> torch.Tensor:
+        ids = torch.as_tensor(rows["input_ids"], dtype=torch.int64, device=device)
+        return shared_vocab(lm_logits(model, ids), int(info["vocab_size"]))
+
     # -- worker -----------------------------------------------------------------------------------------
     def train_columns(self, offline: bool) -> list[str]:
-        return ["input_ids"] + (["topk_values", "topk_indices"] if offline else [])
+        return ["input_ids"] + (["topk_values", "topk_indices", "topk_tail"] if offline else [])
 
     def eval_columns(self) -> list[str]:
         return ["input_ids", "split"]

@@ -35,10 +35,11 @@ class ClassificationTask(Task):
                       ("bytes", "model_bytes", "{:,}"), ("ms/batch 1", "latency_ms_b1", "{:.3f}"),
                       ("ms/batch 256", "latency_ms_b256", "{:.3f}"))
     compare_text = "{:+.1f} points"
-    float_columns = ("x", "topk_values")
+    float_columns = ("x", "topk_values", "topk_tail")
     uses_transfer_set = True
     supports_quantize = True
     max_topk = 10
+    teacher_batch_rows = 2048
     latency_batches = (1, 256)
 
     # -- driver -----------------------------------------------------------------------------------------
@@ -95,9 +96,26 @@ class ClassificationTask(Task):
     def compare(self, new: dict, ref: dict) -> float:
         return new["accuracy"] - ref["accuracy"]
 
+    # -- teacher outputs --------------------------------------------------------------------------------
+    def teacher_inputs(self, cfg, storage: Path) -> tuple[dict[str, np.ndarray], dict]:
+        """MNIST-1D's train rows then the transfer set (``x`` float32, ``y`` int64, -1 for the unlabelled
+        transfer rows)."""
+        from raydistill.data.ray_data import UNLABELLED
+
+        split, transfer = load_arrays(cfg, storage)
+        x = np.concatenate([split.x_train, transfer]).astype(np.float32)
+        y = np.concatenate([split.y_train, np.full(len(transfer), UNLABELLED, np.int64)]).astype(np.int64)
+        return {"x": x, "y": y}, self.task_info(cfg, storage)
+
+    def output_size(self, info: dict) -> int:
+        return int(info.get("num_classes", 10))
+
+    def teacher_logits(self, model, rows: dict[str, np.ndarray], device, info: dict) -> torch.Tensor:
+        return model(torch.as_tensor(rows["x"], dtype=torch.float32, device=device))
+
     # -- worker -----------------------------------------------------------------------------------------
     def train_columns(self, offline: bool) -> list[str]:
-        return ["x", "y"] + (["topk_values", "topk_indices"] if offline else [])
+        return ["x", "y"] + (["topk_values", "topk_indices", "topk_tail"] if offline else [])
 
     def eval_columns(self) -> list[str]:
         return ["x", "y", "split"]
@@ -149,7 +167,7 @@ class ClassificationTask(Task):
         return {"labels": torch.where(labelled, y, torch.full_like(y, IGNORE_INDEX)),
                 "mask": torch.ones(n, dtype=torch.bool, device=y.device),
                 "kd_mask": None if bool(labelled.all()) else torch.ones(n, dtype=torch.bool, device=y.device),
-                "vocab": int(spec.task_info.get("num_classes", 10)), "ignore_index": IGNORE_INDEX, "count": n}
+                "vocab": self.output_size(spec.task_info), "ignore_index": IGNORE_INDEX, "count": n}
 
     def prepare(self, batch: dict, spec, teachers: dict, needs: dict) -> dict:
         """The teachers' outputs for every row, once (``predict`` in eval mode); unlabelled rows get the
@@ -203,12 +221,12 @@ def _pool(out) -> torch.Tensor:
 
 
 def _first_teacher_top1(batch: dict, spec, needs: dict) -> torch.Tensor | None:
-    """The argmax of the first teacher whose logits the stage reads (offline: its top-1 index)."""
+    """The argmax of the first teacher whose logits the stage reads (offline: the top-1 of its top-k)."""
     for name, need in needs.items():
         if name is None or not need.logits:
             continue
         if name == spec.offline_teacher:
-            return batch["topk_indices"][:, 0]
+            return offline_argmax(batch)
         key = teacher_key(name, "logits")
         if key in batch:
             return batch[key].argmax(1)
@@ -236,6 +254,11 @@ def predict(model, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
         torch.zeros(0, 10)
     model.train(was)
     return out
+
+
+def offline_argmax(batch: dict) -> torch.Tensor:
+    """The teacher's top-1 class from its cached top-k (``topk_indices`` are not sorted by value)."""
+    return batch["topk_indices"].gather(1, batch["topk_values"].argmax(1, keepdim=True)).squeeze(1)
 
 
 def classification_metrics(pred: np.ndarray, y: np.ndarray, num_classes: int = 10) -> dict[str, float]:

@@ -78,10 +78,16 @@ def test_lm_distil_crash_resume_export_roundtrip(ray_local, lm_storage):
     assert tok(text)["input_ids"] == Tokenizer.from_file(td.tokenizer_dir + "/tokenizer.json").encode(text).ids
 
 
-def test_lm_teacher_logits_top128_parquet_and_offline_distillation(ray_local, lm_storage):
-    import pyarrow.parquet as pq
+def test_lm_teacher_logits_compressed_resumed_and_offline_distillation(ray_local, lm_storage):
+    """k = 128 through the q8 codec in 4 shards: an interrupted run (its actor dies after one shard), run again,
+    writes exactly the shards of an uninterrupted run; the decoded outputs match the online teacher within
+    the codec's steps; the report records bytes / token, tokens / s and fidelity; a student distils from the
+    cache with its tail."""
+    import math
 
     from raydistill.config import load_config
+    from raydistill.data.topk_cache import REPORT_FILE, read_shard, shard_files
+    from raydistill.data.topk_codec import topk_from_logits
     from raydistill.distill import build_student_trainer, ensure_teacher
     from raydistill.distill.teacher_logits import write_teacher_outputs
     from raydistill.tasks.causal_lm import text_data
@@ -90,21 +96,42 @@ def test_lm_teacher_logits_top128_parquet_and_offline_distillation(ray_local, lm
 
     cfg = load_config("lm_tiny", [*TINY, f"run.storage_path={lm_storage}"])
     teacher = ensure_teacher(cfg, lm_storage)  # cached by the previous test when it ran first
-    out = write_teacher_outputs(cfg, storage_path=lm_storage, topk=128, concurrency=1)
-    tab = pq.read_table(out).to_pandas()
     td = text_data(cfg, lm_storage)
-    assert len(tab) == len(td.train)
-    ids = torch.as_tensor(np.stack(tab["input_ids"].to_numpy()[:3]))
-    vals = torch.as_tensor(np.stack([np.stack(v) for v in tab["topk_values"].to_numpy()[:3]]))
-    idx = torch.as_tensor(np.stack([np.stack(v) for v in tab["topk_indices"].to_numpy()[:3]]))
-    assert vals.shape == (3, 32, 128) and idx.shape == (3, 32, 128)
+    shard_rows = math.ceil(len(td.train) / 4)
+    kw = dict(storage_path=lm_storage, topk=128, concurrency=1, shard_rows=shard_rows)
+    full = write_teacher_outputs(cfg, output=lm_storage / "tl_full", **kw)
+    with pytest.raises(Exception, match="debug_fail_after_shards"):
+        write_teacher_outputs(cfg, output=lm_storage / "tl_resumed", debug_fail_after_shards=1, **kw)
+    assert len(shard_files(lm_storage / "tl_resumed")) == 1
+    resumed = write_teacher_outputs(cfg, output=lm_storage / "tl_resumed", **kw)
+    files = shard_files(full)
+    assert len(files) == 4 and [f.name for f in shard_files(resumed)] == [f.name for f in files]
+    for f in files:  # byte for byte
+        assert (resumed / f.name).read_bytes() == f.read_bytes(), f.name
+    rep = json.loads((resumed / REPORT_FILE).read_text())
+    assert rep["resumed_shards"] == 1 and rep["written_shards"] == 3 and rep["tokens"] == td.train.size
+    assert rep["bytes"] == sum(f.stat().st_size for f in files) and rep["tokens_per_s"] > 0
+    assert rep["bytes_per_token"] < 250 and 0 < rep["fidelity"]["kl_topk"] < 1e-3
+    assert 0 < rep["fidelity"]["kl_with_tail"] < 1e-3 and rep["fidelity"]["temperature"] == 2.0
+
+    out = read_shard(files[0])
+    ids = torch.as_tensor(out["input_ids"][:3])
     net, *_ = load_checkpoint_model(cfg, teacher.path, model=teacher.model)
     with torch.no_grad():
-        want_v, want_i = lm_logits(net.eval(), ids)[..., :td.vocab_size].topk(128, dim=-1)
-    torch.testing.assert_close(vals, want_v, rtol=1e-4, atol=1e-4)
-    assert (idx[..., :5] == want_i[..., :5]).float().mean() > 0.99  # ties deep in the tail may swap
-    cfg2 = load_config("lm_tiny", [*TINY, f"run.storage_path={lm_storage}", f"distill.teacher_outputs={out}",
-                                   "distill.epochs=1", "compression.sparsity=0"])
+        want_v, want_i, want_t = topk_from_logits(lm_logits(net.eval(), ids)[..., :td.vocab_size], 128, 2.0)
+    got_i = torch.as_tensor(out["topk_indices"][:3])
+    assert (got_i == want_i.sort(-1).values).float().mean() > 0.99  # ties deep in the tail may swap
+    got_v = torch.as_tensor(out["topk_values"][:3]).gather(-1, got_i.argsort(-1))
+    want_sorted = want_v.gather(-1, want_i.argsort(-1))
+    step = 1 / (rep["codec"]["value_levels"] - 1)
+    gamma = rep["codec"]["gamma"]
+    assert ((got_v * gamma).exp() - (want_sorted * gamma).exp()).abs().max() <= step  # (matched where ids agree)
+    torch.testing.assert_close(torch.as_tensor(out["topk_tail"][:3]).exp().sqrt(), want_t.exp().sqrt(),
+                               atol=1 / 255, rtol=0)
+
+    cfg2 = load_config("lm_tiny", [*TINY, f"run.storage_path={lm_storage}", f"distill.teacher_outputs={full}",
+                                   "distill.topk=128", "distill.topk_tail=true", "distill.epochs=1",
+                                   "compression.sparsity=0"])
     res = build_student_trainer(cfg2, teacher, storage_path=lm_storage / "ft", name="offline").fit()
     meta = json.loads((Path(res.checkpoint.path) / "meta.json").read_text())
     assert meta["offline"] is True and meta["teacher"] is None

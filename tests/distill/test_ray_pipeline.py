@@ -99,36 +99,39 @@ def test_rerun_with_same_name_resumes_interrupted_run(ray_local, storage, tiny):
 
 
 def test_offline_topk_teacher_outputs_round_trip(ray_local, storage, tiny):
-    import pyarrow.parquet as pq
-
     from raydistill import ops
+    from raydistill.data.topk_cache import read_shard, shard_files
+    from raydistill.data.topk_codec import topk_from_logits
     from raydistill.distill import build_student_trainer, ensure_teacher
     from raydistill.distill.teacher_logits import write_teacher_outputs
     from raydistill.distill.worker import load_weights, predict
     from raydistill.models import build_model
 
     cfg = tiny()
-    out = write_teacher_outputs(cfg, storage_path=storage, topk=4, concurrency=1)
-    tab = pq.read_table(out).to_pandas()
+    out = write_teacher_outputs(cfg, storage_path=storage, topk=4, concurrency=1, codec="raw")
+    parts = [read_shard(f) for f in shard_files(out)]
+    tab = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
     n_rows = 900 + cfg.distill.transfer_set.size  # train (1000 minus 10% val) + transfer
-    assert len(tab) == n_rows and (tab["y"] == -1).sum() == cfg.distill.transfer_set.size
-    x = torch.tensor(np.stack(tab["x"].to_numpy()), dtype=torch.float32)
-    vals = torch.tensor(np.stack(tab["topk_values"].to_numpy()))
-    idx = torch.tensor(np.stack(tab["topk_indices"].to_numpy()))
-    y = torch.tensor(tab["y"].to_numpy())
+    assert len(tab["y"]) == n_rows and (tab["y"] == -1).sum() == cfg.distill.transfer_set.size
+    x = torch.tensor(tab["x"], dtype=torch.float32)
+    vals, idx, tail = (torch.tensor(tab[c]) for c in ("topk_values", "topk_indices", "topk_tail"))
+    y = torch.tensor(tab["y"])
     teacher = ensure_teacher(cfg, storage)
     net = build_model(teacher.model)
     load_weights(net, teacher.path)
-    online_vals, online_idx = predict(net, x).topk(4, dim=1)
-    assert torch.equal(idx, online_idx)
-    torch.testing.assert_close(vals, online_vals, rtol=1e-5, atol=1e-5)
+    online_vals, online_idx, online_tail = topk_from_logits(predict(net, x), 4, cfg.distill.temperature)
+    order = online_idx.argsort(1)  # the cache's entries come sorted by id
+    assert torch.equal(idx, online_idx.gather(1, order))
+    torch.testing.assert_close(vals, online_vals.gather(1, order), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tail, online_tail, rtol=1e-5, atol=1e-5)
     student = torch.randn(len(x), 10)
     labels = torch.where(y < 0, torch.full_like(y, -100), y)
-    kw = dict(temperature=2.0, alpha=0.7)
-    assert float(ops.kd_loss_topk(student, vals, idx, labels, **kw)) == pytest.approx(
-        float(ops.kd_loss_topk(student, online_vals, online_idx, labels, **kw)), rel=1e-5)
+    kw = dict(temperature=cfg.distill.temperature, alpha=0.7)
+    assert float(ops.kd_loss_topk(student, vals, idx, labels, teacher_topk_tail=tail, **kw)) == pytest.approx(
+        float(ops.kd_loss_topk(student, online_vals, online_idx, labels, teacher_topk_tail=online_tail, **kw)),
+        rel=1e-5)
     # and a distillation reads them (kd_loss_topk path) instead of running the teacher
-    cfg2 = tiny(f"distill.teacher_outputs={out}", "distill.epochs=1")
+    cfg2 = tiny(f"distill.teacher_outputs={out}", "distill.epochs=1", "distill.topk=4")
     res = build_student_trainer(cfg2, teacher, storage_path=storage / "ft", name="offline").fit()
     meta = json.loads((Path(res.checkpoint.path) / "meta.json").read_text())
     assert meta["metrics"]["accuracy"] > 0.2 and meta["offline"] is True  # 1 epoch: ~0.3 measured

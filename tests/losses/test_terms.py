@@ -208,6 +208,56 @@ def test_topk_teacher_and_unlabelled_rows():
     close(grads(got, s)[0], grads(ref, s)[0])
 
 
+def ref_kd_topk_tail(s, vals, idx, tail, rows, temperature=T):
+    """Forward KL with the rest bucket, from the definition: the teacher is (1 - R) softmax(vals / T) on its k
+    ids plus R = exp(tail) on the rest; the student's rest is its softmax mass outside those ids. Times T^2,
+    averaged over ``rows``."""
+    lps = torch.log_softmax(s / temperature, -1)
+    r = tail.exp()
+    q = (1 - r).unsqueeze(-1) * torch.softmax(vals / temperature, -1)
+    p_k = lps.gather(-1, idx)
+    p_rest = torch.log1p(-p_k.exp().sum(-1))
+    d = (q * (q.log() - p_k)).sum(-1) + r * (tail - p_rest)
+    return temperature ** 2 * d[rows].mean()
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_topk_teacher_tail_reaches_the_fused_pair(head):
+    """An offline top-k teacher with its tail (``Outputs.topk_tail``, what a cache's ``topk_tail`` column
+    becomes): the fused kd_logits + ce call (``kd_loss_topk``, or ``kd_loss_linear_topk`` on the output
+    layer) equals w_kd * (forward KL with the rest bucket) + w_ce * CE, values and gradients; without the
+    tail the loss differs (the tail is not dropped on the way)."""
+    torch.manual_seed(4)
+    V, k, H = 12, 4, 5
+    labels, mask = lm_batch(V=V)
+    full = rand(3, 7, V)
+    vals, idx = full.topk(k, dim=-1)
+    perm = torch.randperm(k)
+    vals, idx = vals[..., perm], idx[..., perm]  # the cache keeps ids ascending, not by value
+    tail = torch.log(torch.rand(3, 7, dtype=torch.float64) * 0.5 + 0.05)
+    if head:
+        h, w, b = rand(3, 7, H, grad=True), rand(V + 3, H, grad=True), rand(V + 3, grad=True)
+        student, params = Outputs(head=(h, w, b)), (h, w, b)
+        s = h @ w[:V].T + b[:V]
+    else:
+        s = rand(3, 7, V, grad=True)
+        student, params = Outputs(logits=s), (s,)
+
+    def step(t):
+        return StepOutputs(student=student, teachers={"main": Outputs(topk=(vals, idx), topk_tail=t)},
+                           labels=labels, mask=mask, vocab=V)
+
+    crit = Criterion([kd_spec(weight=0.7), ce_spec(weight=0.3)])
+    assert crit.pair == (0, 1)
+    got = crit(step(tail))
+    ref = 0.7 * ref_kd_topk_tail(s, vals, idx, tail, labels != IGN) + 0.3 * ref_ce(s, labels)
+    close(got, ref)
+    for a, r in zip(grads(got, *params), grads(ref, *params)):
+        close(a, r)
+    without = crit(step(None))
+    assert abs(float(without.detach()) - float(got.detach())) > 1e-3
+
+
 def test_several_teachers_weighted_sum_and_mean_of_distributions():
     torch.manual_seed(4)
     V = 12

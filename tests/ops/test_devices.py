@@ -74,6 +74,35 @@ def test_kd_loss_topk_on_device(ext, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [300, 5003])  # a warp per row / a block per row on CUDA
+def test_kd_loss_topk_tail_on_device(ext, device, divergence, dtype, V):
+    """The top-k teacher with its tail (mass outside the top-k): CUDA's shared-memory bitmap of the k ids."""
+    _assert_backend("kd_loss_topk_fwd", device)
+    g, n, k, T = _gen(), 9, 40, 1.5
+    s = (torch.randn(n, V, generator=g) * 2).to(dtype)
+    t = torch.randn(n, V, generator=g, dtype=F64) * 2
+    vals, idx = t.topk(k, dim=-1)
+    tail = torch.log1p(-torch.softmax(t / T, -1).gather(-1, idx).sum(-1))
+    y = torch.randint(0, V, (n,), generator=g)
+    y[2] = -100
+    sd = s.detach().clone().to(device).requires_grad_(True)
+    kw = dict(temperature=T, alpha=0.6, divergence=divergence, reduction="sum")
+    loss = kd_loss_topk(sd, vals.float().to(device), idx.to(device), y.to(device),
+                        teacher_topk_tail=tail.float().to(device), **kw)
+    loss.backward()
+    s64 = s.detach().to(F64).requires_grad_(True)
+    ref = kd_loss_reference(s64, vals, y, teacher_topk_indices=idx, teacher_topk_tail=tail, **kw)
+    ref.backward()
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(loss.cpu().to(F64), ref.detach(), rtol=rtol, atol=1e-5)
+    scale = s64.grad.abs().max().item()
+    torch.testing.assert_close(sd.grad.cpu().to(F64), s64.grad, rtol=rtol, atol=rtol * scale + 1e-6)
+    assert sd.grad[2].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 5, 64])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 def test_sparse_linear_on_device(ext, device, batch, sparsity):

@@ -1,0 +1,370 @@
+"""The on-disk format of offline teacher outputs (``raydistill teacher-logits``): a directory of parquet
+shards, each self-describing, and the readers that decode them in the data loader.
+
+Layout::
+
+    <dir>/part-<start>-<stop>.parquet    rows [start, stop) of the teacher's input, in input order
+    <dir>/teacher_logits.json            the run's report (bytes per token, tokens/s, fidelity, shards)
+
+One parquet row per input row (a packed block of ``tokens_per_row`` tokens for a causal LM, one example for
+classification) with the input columns (``input_ids`` int32 ``(S,)``; or ``x``, ``y``) and the codec's
+columns: ``raw`` stores ``topk_values`` float32, ``topk_indices`` int32 (``(S, k)`` / ``(k,)``) and
+``topk_tail`` float32; ``q8`` stores one binary value per row and field, ``topk_indices_q8``,
+``topk_values_q8``, ``topk_tail_q8`` (``raydistill.data.topk_codec``). The file's key-value metadata
+``raydistill.topk_cache`` is a JSON object::
+
+    {"format": "raydistill.topk_cache", "version": 1, "codec": {name, value_levels, gamma, ...},
+     "k", "vocab_size", "task", "tokens_per_row", "rows", "start", "stop", "input_columns",
+     "teacher_hash", "tokenizer_hash", "tail_temperature" (null: no tail)}
+
+Decoded batches (:func:`decode_batch`, also run inside Ray Data ``map_batches``) always have
+``topk_values`` float32 (log-probabilities at temperature 1, ``(..., k)``), ``topk_indices`` int64 (ascending
+per token) and, when the cache has a tail and it is asked for, ``topk_tail`` float32 (log of the mass
+outside the top-k at the cache's ``tail_temperature``). A directory written before this format (no
+metadata: raw top-k logits and int64 ids) is read as it is, as format version 0.
+
+Every error names the file and what is wrong (:class:`CacheError`, a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from raydistill.data.topk_codec import CodecError, CodecSpec, decode
+
+FORMAT = "raydistill.topk_cache"
+VERSION = 1
+META_KEY = b"raydistill.topk_cache"
+REPORT_FILE = "teacher_logits.json"
+SHARD_RE = re.compile(r"^part-(\d{10})-(\d{10})\.parquet$")
+Q8_FIELDS = ("indices", "values", "tail")
+
+
+class CacheError(ValueError):
+    """A teacher-output cache that cannot be used: the message names the file (or key) and the problem."""
+
+
+def shard_name(start: int, stop: int) -> str:
+    return f"part-{start:010d}-{stop:010d}.parquet"
+
+
+def shard_plan(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(n_rows)`` in shards of ``shard_rows`` rows."""
+    return [(a, min(n_rows, a + shard_rows)) for a in range(0, n_rows, shard_rows)]
+
+
+def tokenizer_hash(tokenizer_dir) -> str:
+    """Identity of a tokenizer: sha256 of its ``tokenizer.json`` (first 16 hex digits)."""
+    return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16]
+
+
+@dataclass
+class CacheMeta:
+    """What a shard says about itself (the ``raydistill.topk_cache`` metadata)."""
+
+    codec: dict
+    k: int
+    vocab_size: int
+    task: str
+    tokens_per_row: int
+    rows: int
+    start: int
+    stop: int
+    input_columns: list[str] = field(default_factory=list)
+    teacher_hash: str | None = None
+    tokenizer_hash: str | None = None
+    tail_temperature: float | None = None
+    version: int = VERSION
+    format: str = FORMAT
+
+    @property
+    def spec(self) -> CodecSpec:
+        return CodecSpec.from_dict(self.codec)
+
+    @property
+    def has_tail(self) -> bool:
+        return self.tail_temperature is not None
+
+    def identity(self) -> dict:
+        """The fields every shard of one cache shares."""
+        d = asdict(self)
+        for key in ("rows", "start", "stop"):
+            d.pop(key)
+        return d
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+def _tensor_column(arr: np.ndarray):
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    arr = np.ascontiguousarray(arr)
+    return ArrowTensorArray.from_numpy(arr) if arr.ndim > 1 else pa.array(arr)
+
+
+def _row_binary(b: np.ndarray, per_token: np.ndarray, rows: int):
+    """One binary value per row from a byte stream of all tokens (row-major) and each token's byte count."""
+    import pyarrow as pa
+
+    per_row = per_token.reshape(rows, -1).sum(1)
+    offsets = np.r_[0, np.cumsum(per_row)].astype(np.int64)
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), rows, [None, pa.py_buffer(offsets),
+                                                                      pa.py_buffer(np.ascontiguousarray(b))])
+
+
+def shard_table(meta: CacheMeta, inputs: dict[str, np.ndarray], values: np.ndarray, indices: np.ndarray,
+                tail: np.ndarray | None):
+    """The parquet table of one shard: ``inputs`` (row columns) and the top-k outputs ``(rows, [S,] k)``
+    (``tail``: ``(rows, [S])`` or None) encoded with the (resolved) ``meta.codec``."""
+    import pyarrow as pa
+
+    from raydistill.data.topk_codec import encode
+
+    spec = meta.spec
+    rows, k = len(values), meta.k
+    cols = {name: _tensor_column(arr) for name, arr in inputs.items()}
+    if spec.name == "raw":  # (entries sorted by id, as q8 decodes them)
+        order = np.argsort(indices, axis=-1, kind="stable")
+        cols["topk_values"] = _tensor_column(np.take_along_axis(values, order, -1).astype(np.float32))
+        cols["topk_indices"] = _tensor_column(np.take_along_axis(indices, order, -1).astype(np.int32))
+        if tail is not None:
+            cols["topk_tail"] = _tensor_column(tail.astype(np.float32))
+    else:
+        enc = encode(values.reshape(-1, k), indices.reshape(-1, k), None if tail is None else tail.reshape(-1),
+                     meta.vocab_size, spec)
+        for name, (b, per_token) in enc.items():
+            cols[f"topk_{name}_q8"] = _row_binary(b, per_token, rows)
+    table = pa.table(cols)
+    return table.replace_schema_metadata({META_KEY: meta.to_json()})
+
+
+def write_shard(path: Path, table, *, compression: str = "zstd", compression_level: int | None = 9) -> int:
+    """Write ``table`` to ``path`` atomically (a temporary name in the same directory, then a rename), with
+    page checksums; returns the file's size in bytes."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression=compression, compression_level=compression_level,
+                   use_dictionary=False, write_page_checksum=True, write_statistics=False)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+def read_meta(path) -> CacheMeta | None:
+    """The metadata of one shard (None for a file of the pre-metadata format); :class:`CacheError` naming the
+    file when it is no readable parquet (truncated, corrupted) or its metadata is malformed or of an unknown
+    version / codec."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        md = pq.read_metadata(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged footer
+        raise CacheError(f"{path}: not a readable parquet file (truncated or corrupted?): {exc}") from None
+    raw = (md.metadata or {}).get(META_KEY)
+    if raw is None:
+        return None
+    try:
+        d = json.loads(raw)
+    except ValueError:
+        raise CacheError(f"{path}: metadata key {META_KEY.decode()!r} is not valid JSON") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise CacheError(f"{path}: metadata key {META_KEY.decode()!r} is not a {FORMAT} header")
+    version = d.get("version")
+    if version != VERSION:
+        raise CacheError(f"{path}: {FORMAT} version {version!r} is not supported by this raydistill (it reads "
+                         f"version {VERSION} and the unversioned format before it); rewrite the cache with "
+                         "`raydistill teacher-logits` or upgrade raydistill")
+    try:
+        meta = CacheMeta(**d)
+        spec = meta.spec
+    except (TypeError, ValueError) as exc:
+        raise CacheError(f"{path}: bad {META_KEY.decode()!r} metadata: {exc}") from None
+    if spec.name == "q8" and (spec.value_levels is None or spec.index_coding == "auto"):
+        raise CacheError(f"{path}: codec parameters not resolved: {meta.codec}")
+    if md.num_rows != meta.rows:
+        raise CacheError(f"{path}: holds {md.num_rows} rows, its metadata says {meta.rows}")
+    return meta
+
+
+def shard_files(path) -> list[Path]:
+    """The parquet files of a cache directory (or the file itself), sorted."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    return sorted(f for f in p.rglob("*.parquet") if f.is_file() and not f.name.startswith("."))
+
+
+def _binary_column_bytes(col) -> np.ndarray:
+    """All values of a binary column (a numpy object array of bytes, or an Arrow (large) binary array) as one
+    uint8 array."""
+    if isinstance(col, np.ndarray):
+        return np.frombuffer(b"".join(bytes(c) for c in col), np.uint8)
+    import pyarrow as pa
+
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    col = col.cast(pa.large_binary())
+    _, offsets, data = col.buffers()
+    off = np.frombuffer(offsets, np.int64)[col.offset:col.offset + len(col) + 1]
+    return np.frombuffer(data, np.uint8)[off[0]:off[-1]] if len(col) else np.zeros(0, np.uint8)
+
+
+def decode_batch(batch: dict, meta: CacheMeta | dict | None, *, tail: bool = True, source: str = "") -> dict:
+    """A batch of cache rows (numpy columns, e.g. from Ray Data) -> the input columns plus ``topk_values``,
+    ``topk_indices`` and (``tail`` and the cache has one) ``topk_tail``. ``meta`` None: the pre-metadata format
+    (passed through). Damaged payloads raise :class:`CacheError` naming ``source`` (or the batch's ``path``)."""
+    if meta is None:
+        return {k: v for k, v in batch.items() if k != "path"}
+    if isinstance(meta, dict):
+        meta = CacheMeta(**meta)
+    src = source or (str(batch["path"][0]) if "path" in batch and len(batch["path"]) else "teacher outputs")
+    out = {c: np.asarray(batch[c]) for c in meta.input_columns}
+    if "input_ids" in out:
+        out["input_ids"] = out["input_ids"].astype(np.int64)
+    spec = meta.spec
+    lead = len(next(iter(batch.values())))
+    shape = (lead, meta.tokens_per_row) if meta.task == "causal_lm" else (lead,)
+    k = meta.k
+    if spec.name == "raw":
+        out["topk_values"] = np.asarray(batch["topk_values"], np.float32).reshape(*shape, k)
+        out["topk_indices"] = np.asarray(batch["topk_indices"]).astype(np.int64).reshape(*shape, k)
+        if tail and meta.has_tail:
+            out["topk_tail"] = np.asarray(batch["topk_tail"], np.float32).reshape(shape)
+        return out
+    payload = {f: _binary_column_bytes(batch[f"topk_{f}_q8"]) for f in Q8_FIELDS
+               if f"topk_{f}_q8" in batch and (f != "tail" or tail)}
+    n = int(np.prod(shape))
+    try:
+        vals, idx, tl = decode(payload, n, k, meta.vocab_size, spec)
+    except CodecError as exc:
+        raise CacheError(f"{src}: corrupted top-k payload: {exc}") from None
+    out["topk_values"] = vals.reshape(*shape, k)
+    out["topk_indices"] = idx.reshape(*shape, k)
+    if tl is not None:
+        out["topk_tail"] = tl.reshape(shape)
+    return out
+
+
+def read_shard(path, *, tail: bool = True) -> dict[str, np.ndarray]:
+    """One shard, decoded (numpy columns)."""
+    import pyarrow.parquet as pq
+
+    meta = read_meta(path)
+    try:
+        table = pq.read_table(path, page_checksum_verification=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CacheError(f"{path}: cannot read its pages (corrupted?): {exc}") from None
+    from raydistill.data.ray_data import table_to_arrays
+
+    packed = [c for c in table.column_names if c.endswith("_q8")]
+    arrays = table_to_arrays(table.drop_columns(packed))
+    arrays.update({c: table.column(c) for c in packed})
+    return decode_batch(arrays, meta, tail=tail, source=str(path))
+
+
+@dataclass
+class CacheInfo:
+    """A checked cache directory: its shards, their common metadata (None: the pre-metadata format) and
+    the number of input rows."""
+
+    path: Path
+    files: list[Path]
+    meta: CacheMeta | None
+    rows: int
+
+
+def open_cache(path, *, key: str = "distill.teacher_outputs") -> CacheInfo:
+    """Check every shard of a cache (footer, metadata, sizes recorded in the report, shards that agree with
+    each other and cover their rows without gaps) without reading the data pages; errors name ``key`` and the
+    file."""
+    import pyarrow.parquet as pq
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CacheError(f"{key}: {p} does not exist (write it with `raydistill teacher-logits CONFIG`)")
+    files = shard_files(p)
+    if not files:
+        raise CacheError(f"{key}: {p} holds no parquet shards")
+    report = {}
+    if p.is_dir() and (p / REPORT_FILE).is_file():
+        try:
+            report = {s["file"]: s for s in json.loads((p / REPORT_FILE).read_text()).get("shards", [])}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CacheError(f"{key}: {p / REPORT_FILE} is not a valid teacher-logits report") from None
+    metas = []
+    for f in files:
+        want = report.get(f.name, {}).get("bytes")
+        if want is not None and f.stat().st_size != want:
+            raise CacheError(f"{key}: {f} is {f.stat().st_size} bytes, the run wrote {want} (truncated or "
+                             "modified); rerun `raydistill teacher-logits` to rewrite it")
+        metas.append(read_meta(f))
+    if all(m is None for m in metas):
+        rows = sum(pq.read_metadata(f).num_rows for f in files)
+        return CacheInfo(p, files, None, rows)
+    if any(m is None for m in metas):
+        bad = files[[m is None for m in metas].index(True)]
+        raise CacheError(f"{key}: {bad} has no {META_KEY.decode()!r} metadata while other shards of {p} do "
+                         "(a mix of caches)")
+    first = metas[0]
+    for f, m in zip(files, metas):
+        if m.identity() != first.identity():
+            diff = sorted(a for a, b in m.identity().items() if first.identity()[a] != b)
+            raise CacheError(f"{key}: {f} differs from {files[0].name} in {diff} (shards of different runs in "
+                             f"one directory)")
+        if SHARD_RE.match(f.name) and f.name != shard_name(m.start, m.stop):
+            raise CacheError(f"{key}: {f} holds rows [{m.start}, {m.stop}) but is named for another range")
+    spans = sorted((m.start, m.stop) for m in metas)
+    pos = 0
+    for a, b in spans:
+        if a != pos:
+            what = "missing" if a > pos else "overlapping"
+            raise CacheError(f"{key}: {p}: rows [{min(a, pos)}, {max(a, pos)}) {what} between shards (an "
+                             "unfinished teacher-logits run? rerun it: finished shards are kept)")
+        pos = b
+    return CacheInfo(p, files, first, pos)
+
+
+def check_cache(info: CacheInfo, *, k: int | None = None, teacher_hash: str | None = None,
+                tokenizer_hash: str | None = None, vocab_size: int | None = None, task: str | None = None,
+                key: str = "distill.teacher_outputs") -> None:
+    """The cache matches what the config asks for; each mismatch names the config key and the cache's file."""
+    m = info.meta
+    f = info.files[0]
+    if m is None:
+        return
+    checks = [(task, m.task, "data (task)"), (k, m.k, "distill.topk"), (vocab_size, m.vocab_size, "the vocabulary size"),
+              (teacher_hash, m.teacher_hash, "the teacher (teacher.* / data.* / run.seed)"),
+              (tokenizer_hash, m.tokenizer_hash, "the tokenizer (data.tokenizer / data.*)")]
+    for want, have, what in checks:
+        if want is not None and have is not None and want != have:
+            raise CacheError(f"{key}: {f} was written for {what} = {have!r}, the config asks for {want!r}; "
+                             "write a cache for this config with `raydistill teacher-logits`")
+
+
+def read_dataset(info: CacheInfo, *, tail: bool = True):
+    """The cache as a lazy Ray dataset that streams the shards and decodes them in ``map_batches`` (in the
+    Ray Data tasks that feed the workers, not on the driver)."""
+    import ray.data
+
+    ds = ray.data.read_parquet([str(f) for f in info.files], include_paths=info.meta is not None)
+    if info.meta is None:
+        return ds
+    meta = asdict(info.meta)
+    return ds.map_batches(decode_batch, batch_format="numpy", fn_kwargs={"meta": meta, "tail": tail},
+                          zero_copy_batch=True)

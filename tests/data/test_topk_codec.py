@@ -1,0 +1,158 @@
+"""The top-k codecs (raydistill.data.topk_codec): round trips on random rows (hypothesis), the quantisation
+bounds, the KL the q8 codec is designed for, damaged payloads."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raydistill.data import topk_codec as C
+
+
+def _rows(rng, n, V, k, scale=3.0):
+    """Top-k log-probabilities (T = 1), ids and tails of random teacher logits."""
+    logits = torch.from_numpy(rng.standard_normal((n, V)) * scale)
+    v, i, t = C.topk_from_logits(logits, k, 1.0)
+    return v.numpy(), i.numpy(), t.numpy()
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 40), V=st.integers(1, 700), kfrac=st.floats(0.0, 1.0), coding=st.sampled_from(C.INDEX_CODINGS),
+       levels=st.one_of(st.none(), st.integers(2, 256)), gamma=st.floats(0.1, 1.0), scale=st.floats(0.1, 8.0),
+       seed=st.integers(0, 2**32 - 1))
+def test_q8_round_trip(n, V, kfrac, coding, levels, gamma, scale, seed):
+    rng = np.random.default_rng(seed)
+    k = max(1, min(V, int(round(kfrac * V))))
+    v, i, t = _rows(rng, n, V, k, scale)
+    spec = C.CodecSpec(value_levels=levels, gamma=gamma, index_coding=coding).resolved(k, V)
+    assert spec.index_coding in ("bitmap", "gaps") and 2 <= spec.value_levels <= 256
+    enc = C.encode(v, i, t, V, spec)
+    assert set(enc) == {"indices", "values", "tail"}
+    for b, per_token in enc.values():
+        assert b.dtype == np.uint8 and per_token.shape == (n,) and per_token.sum() == len(b)
+    dv, di, dt = C.decode({f: b for f, (b, _) in enc.items()}, n, k, V, spec)
+    assert di.dtype == np.int64 and dv.dtype == np.float32 and dv.shape == di.shape == (n, k)
+    # ids: exactly the same set, ascending
+    np.testing.assert_array_equal(di, np.sort(i, 1))
+    if n and k > 1:
+        assert (np.diff(di, axis=1) > 0).all()
+    # values (matched by id): within half a step of u = p ** gamma (code 0: in its bin)
+    want = np.take_along_axis(v, np.argsort(i, 1), 1).astype(np.float64)
+    step = 1.0 / (spec.value_levels - 1)
+    u, ud = np.exp(gamma * want), np.exp(gamma * dv.astype(np.float64))
+    zero = u < step / 2
+    assert (np.abs(u - ud)[~zero] <= step / 2 + 1e-5).all()
+    assert np.allclose(ud[zero], step / 4, rtol=1e-4)
+    # tail: within half a step of sqrt(R)
+    r, rd = np.exp(t.astype(np.float64)), np.exp(dt.astype(np.float64))
+    big = np.sqrt(r) >= 0.5 / 255
+    assert (np.abs(np.sqrt(r) - np.sqrt(rd))[big] <= 0.5 / 255 + 1e-6).all()
+    assert (rd[~big] < 2e-6).all() and np.isfinite(dt).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=st.lists(st.integers(0, 2**40), max_size=50))
+def test_varint_round_trip(x):
+    arr = np.array(x, np.int64)
+    b, nb = C._varint_encode(arr)
+    assert nb.sum() == len(b) and all(int(n) == max(1, math.ceil(int(v).bit_length() / 7)) for v, n in zip(x, nb))
+    np.testing.assert_array_equal(C._varint_decode(b, len(x)), arr)
+
+
+def test_gaps_coding_handles_large_vocabularies():
+    rng = np.random.default_rng(1)
+    V, k = 200_003, 64
+    i = np.stack([rng.choice(V, k, replace=False) for _ in range(5)])
+    spec = C.CodecSpec(index_coding="auto").resolved(k, V)
+    assert spec.index_coding == "gaps"
+    b, _ = C.encode_indices(np.sort(i, 1), V, spec)
+    np.testing.assert_array_equal(C.decode_indices(b, 5, k, V, spec), np.sort(i, 1))
+
+
+@pytest.mark.parametrize("k", [16, 128])
+@pytest.mark.parametrize("levels", [64, 170])
+def test_q8_kl_matches_its_design_rule(k, levels):
+    """KL(exact || decoded) of the q8 values ~ k / (6 (L - 1)^2) whatever the teacher (the rule
+    value_levels=None uses), on LM-like rows (a few large probabilities and a long tail)."""
+    rng = np.random.default_rng()
+    V = 1024
+    logits = torch.from_numpy(rng.standard_normal((2000, V)) * 2.5 + rng.gumbel(size=(2000, V)) * 1.5)
+    v, i, t = (a.numpy() for a in C.topk_from_logits(logits, k, 1.0))
+    spec = C.CodecSpec(value_levels=levels).resolved(k, V)
+    dv, di, dt = C.decode({f: b for f, (b, _) in C.encode(v, i, t, V, spec).items()}, len(v), k, V, spec)
+    fid = C.fidelity(v, i, t, dv, di, dt)
+    rule = k / (6 * (levels - 1) ** 2)
+    assert 0.5 * rule < fid["kl_topk"] < 1.5 * rule, (fid, rule)
+    assert 0 < fid["kl_with_tail"] < 1.5 * rule
+
+
+def test_default_codec_fidelity_below_1e3_nats():
+    rng = np.random.default_rng()
+    V, k = 1024, 128
+    logits = torch.from_numpy(rng.standard_normal((1000, V)) * 3.0)
+    v, i, t = (a.numpy() for a in C.topk_from_logits(logits, k, 1.0))
+    spec = C.CodecSpec().resolved(k, V)
+    dv, di, dt = C.decode({f: b for f, (b, _) in C.encode(v, i, t, V, spec).items()}, len(v), k, V, spec)
+    fid = C.fidelity(v, i, t, dv, di, dt)
+    assert fid["kl_topk"] < 1e-3 and fid["kl_with_tail"] < 1e-3
+    # a mismatched id set is an infinite KL, not a small number
+    assert C.fidelity(v, i, t, dv, (di + 1) % V, dt)["kl_topk"] == math.inf
+
+
+def test_topk_from_logits_matches_float64():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=g, dtype=torch.float64) * 4
+    for T in (0.5, 1.0, 3.0):
+        v, i, t = C.topk_from_logits(logits.float(), 7, T)
+        lp = torch.log_softmax(logits, -1)
+        torch.testing.assert_close(v.double(), lp.gather(-1, i), rtol=1e-6, atol=1e-5)
+        mass = torch.softmax(logits / T, -1).gather(-1, i).sum(-1)
+        torch.testing.assert_close(t.double(), torch.log1p(-mass), rtol=1e-4, atol=1e-5)
+    _, _, t = C.topk_from_logits(logits.float(), 50, 1.0)
+    assert torch.isneginf(t).all()
+    assert C.topk_from_logits(logits.float(), 3, None)[2] is None
+
+
+def test_damaged_payloads_raise_codec_error():
+    rng = np.random.default_rng(4)
+    V, k, n = 300, 20, 6
+    v, i, t = _rows(rng, n, V, k)
+    for coding in ("bitmap", "gaps"):
+        spec = C.CodecSpec(index_coding=coding).resolved(k, V)
+        enc = {f: b for f, (b, _) in C.encode(v, i, t, V, spec).items()}
+        cases = [({**enc, "indices": enc["indices"][:-3]}, "index"),
+                 ({**enc, "values": enc["values"][:-1]}, "values: .* bytes"),
+                 ({**enc, "tail": enc["tail"][:2]}, "tail"),
+                 ({**enc, "values": np.full_like(enc["values"], 255)}, "outside the codec")]
+        if coding == "bitmap":
+            flipped = enc["indices"].copy()
+            flipped[0] ^= 0x01
+            cases.append(({**enc, "indices": flipped}, "ids set, expected k"))
+            # one id moved from token 1 to token 0: the total is still n * k
+            w = (V + 7) // 8
+            moved = enc["indices"].copy().reshape(n, w)
+            bits0, bits1 = np.unpackbits(moved[0], count=V), np.unpackbits(moved[1], count=V)
+            bits0[np.flatnonzero(bits0 == 0)[0]] = 1
+            bits1[np.flatnonzero(bits1)[0]] = 0
+            moved[0], moved[1] = np.packbits(bits0), np.packbits(bits1)
+            cases.append(({**enc, "indices": moved.reshape(-1)}, "token 0 has 21 ids set"))
+        for payload, pat in cases:
+            with pytest.raises(C.CodecError, match=pat):
+                C.decode(payload, n, k, V, spec)
+
+
+def test_codec_spec_validation():
+    for kw, pat in (({"name": "zip"}, "codec must be one of"), ({"value_levels": 300}, "value_levels"),
+                    ({"value_levels": 1}, "value_levels"), ({"gamma": 0}, "gamma"), ({"gamma": 1.5}, "gamma"),
+                    ({"index_coding": "rle"}, "index_coding"), ({"target_kl": -1}, "target_kl")):
+        with pytest.raises(ValueError, match=pat):
+            C.CodecSpec(**kw)
+    with pytest.raises(ValueError, match="unknown codec parameters"):
+        C.CodecSpec.from_dict({"name": "q8", "bits": 4})
+    assert C.CodecSpec().resolved(128, 1024).value_levels == 170  # sqrt(128 / (6 * 7.5e-4)) + 1
+    assert C.CodecSpec().resolved(4096, 10**6).value_levels == 256  # capped at one byte

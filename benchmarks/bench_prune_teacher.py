@@ -22,12 +22,19 @@ tie and counts as not losing; the depth rankings must also beat the expected ran
 perplexity over all 6 (each measured; the JSON lists them and each ranking's place among them).
 Writes benchmarks/results/prune_teacher.json (machine, load average, git commit).
 
-**Distillation (``--distill``; needs the pipeline's ``student.init: {from: teacher}``).** Per seed, two
-``raydistill distill`` runs of the config: the student pruned from the teacher and distilled, and the
-same-shape student distilled from random init (the config as shipped: its ``dense_student``); plus depth
-only (a 2 x 256 student pruned from the teacher and distilled). Targets: pruned+distilled perplexity >= 10%
-below random-init distilled; the depth-only one within 10% of the teacher. Writes
-benchmarks/results/prune_teacher_distill.json.
+**Distillation (``--distill``, instead of the above).** Per seed, two ``raydistill distill`` runs of the
+config with ``student.init.from: teacher``, the teacher above (``teacher.checkpoint``: the same for every
+seed), ``compression.sparsity=0`` (every student dense), ``run.seed`` and ``student.init.seed`` = the seed:
+
+* ``student_shape``: the config's student shape (2 x 128): its ``student`` is the teacher pruned to it and
+  distilled, its ``dense_student`` the same shape distilled from random init, its ``baseline`` that shape
+  from scratch;
+* ``depth_only``: ``student.init.num_hidden_layers`` = the student's layers, the teacher's width (2 x 256).
+
+Every student of a run trains the same epochs on the same blocks. Targets: ``student_shape``'s pruned
+student at least 10% below its random-init one (test perplexity), on every seed; ``depth_only``'s pruned
+student within 10% of the teacher's perplexity, on every seed. Writes
+benchmarks/results/prune_teacher_distill.json; ``--reuse-runs`` reads runs that already finished.
 """
 
 from __future__ import annotations
@@ -65,9 +72,9 @@ def load_teacher_and_data(cfg, storage: Path):
     """(teacher model in eval mode, TeacherArtifact, TextData): trains the teacher if it is not cached."""
     from raydistill.distill.checkpointing import load_weights
     from raydistill.distill.session import ray_session
-    from raydistill.tasks.causal_lm import text_data
     from raydistill.distill.teachers import ensure_teacher
     from raydistill.models import build_model
+    from raydistill.tasks.causal_lm import text_data
 
     with ray_session():
         art = ensure_teacher(cfg, storage)
@@ -185,45 +192,80 @@ def every_layer_subset(teacher, keep: int, ppl) -> list[dict]:
 
 
 def distillation(args, argv) -> int:
-    """Pruned-and-distilled vs random-init distilled students (needs ``student.init: {from: teacher}``)."""
-    from raydistill.config import ConfigError, load_config
-    import yaml
+    """Pruned-and-distilled vs random-init distilled students: ``raydistill distill`` runs with
+    ``student.init.from: teacher`` (see the module doc)."""
+    import json
 
+    from raydistill.config import load_config
     from raydistill.distill import run_distill
+    from raydistill.distill.session import ray_session
+    from raydistill.distill.teachers import ensure_teacher
     from raydistill.utils import machine_info, write_json_atomic
 
     machine = machine_info("cpu")
     base = load_config(args.config, args.overrides)
-    teacher_shape = {k: base.teacher.kwargs["config"][k] for k in ("hidden_size", "intermediate_size",
-                                                                  "num_attention_heads", "num_key_value_heads")}
-    depth_only = yaml.safe_dump({**base.student.kwargs["config"], **teacher_shape}, default_flow_style=True,
-                                width=1 << 16).strip()
-    runs = {"random_init": [], "pruned": ["student.init={from: teacher}"],
-            "depth_only_pruned": ["student.init={from: teacher}", f"student.kwargs.config={depth_only}"]}
-    rows = []
-    t_all = time.time()
+    storage = Path(args.storage_path).expanduser().resolve()
+    with ray_session():
+        art = ensure_teacher(base, storage)  # trained with run.seed of the config; the same for every seed
+    layers = base.student.kwargs["config"]["num_hidden_layers"]
+    runs = {"student_shape": ["student.init.from=teacher"],
+            "depth_only": ["student.init.from=teacher", f"student.init.num_hidden_layers={layers}"]}
+    rows, t_all = [], time.time()
+    out = {"machine": machine, "command": " ".join(["python", "benchmarks/bench_prune_teacher.py",
+                                                    *(argv or sys.argv[1:])]),
+           "config": args.config, "overrides": args.overrides, "calibration_blocks": args.calibration_blocks,
+           "teacher": {"checkpoint_hash": art.config_hash, **art.metrics}, "rows": rows}
     for seed in args.seeds:
         row = {"seed": seed}
         for name, extra in runs.items():
-            try:
-                cfg = load_config(args.config, [*args.overrides, *extra, f"run.seed={seed}"])
-            except ConfigError as exc:
-                raise SystemExit(f"--distill needs the pipeline's student.init (from: teacher): {exc}") from None
-            r = run_distill(cfg, storage_path=args.storage_path, name=f"prune_teacher_{name}_seed{seed}",
-                            progress=False)
-            row[name] = {"dense_student": r["dense_student"]["perplexity"], "baseline": r["baseline"]["perplexity"],
-                         "teacher": r["teacher"]["metrics"].get("perplexity"), "run_dir": r["run_dir"]}
-        row["pruned_vs_random_init"] = row["pruned"]["dense_student"] / row["random_init"]["dense_student"] - 1
-        row["depth_only_vs_teacher"] = row["depth_only_pruned"]["dense_student"] / row["pruned"]["teacher"] - 1
+            over = [*args.overrides, *extra, "compression.sparsity=0", f"teacher.checkpoint={art.path}",
+                    f"run.seed={seed}", f"student.init.seed={seed}",
+                    f"student.init.calibration_blocks={args.calibration_blocks}"]
+            cfg = load_config(args.config, over)
+            run_name = f"prune_teacher_{name}_seed{seed}"
+            done = storage / run_name / "report.json"
+            t0 = time.time()
+            if args.reuse_runs and done.is_file():
+                r = json.loads(done.read_text())
+            else:
+                r = run_distill(cfg, storage_path=storage, name=run_name, progress=False)
+            si = r["student_init"]
+            row[name] = {
+                **{st: {"perplexity": r[st]["perplexity"], "perplexity_ci95": r[st].get("perplexity_ci95"),
+                        "params": r[st]["params"], "latency_ms_b1": r[st].get("latency_ms_b1")}
+                   for st in ("baseline", "dense_student", "student")},
+                "teacher_perplexity": r["teacher"]["metrics"]["perplexity"],
+                "pruned_vs_random_init": r["pruned_vs_random_init"],
+                "shape": si["shape_after"], "removed_layers": si["removed_layers"],
+                "calibration_perplexity_pruned": si["calibration_perplexity_pruned"],
+                "overrides": over, "run_dir": r["run_dir"], "wall_seconds": r.get("wall_seconds"),
+                "bench_seconds": time.time() - t0, "loadavg": os.getloadavg()}
+            print(f"seed {seed} {name}: " + ", ".join(f"{st} {row[name][st]['perplexity']:.2f}"
+                                                      for st in ("baseline", "dense_student", "student"))
+                  + f" (teacher {row[name]['teacher_perplexity']:.2f})", flush=True)
+        ss, d = row["student_shape"], row["depth_only"]
+        row["pruned_vs_random_init"] = ss["student"]["perplexity"] / ss["dense_student"]["perplexity"] - 1
+        row["depth_only_vs_teacher"] = d["student"]["perplexity"] / d["teacher_perplexity"] - 1
         rows.append(row)
-        print(row, flush=True)
-        write_json_atomic(args.out_distill, {
-            "machine": machine, "loadavg_at_end": os.getloadavg(), "rows": rows,
-            "command": " ".join(["python", "benchmarks/bench_prune_teacher.py", *(argv or sys.argv[1:])]),
-            "total_wall_seconds": time.time() - t_all,
-            "targets_met": {"pruned_10pct_below_random_init": all(r["pruned_vs_random_init"] <= -0.10 for r in rows),
-                            "depth_only_within_10pct_of_teacher": all(r["depth_only_vs_teacher"] <= 0.10
-                                                                      for r in rows)}})
+        out.update(loadavg_at_end=os.getloadavg(), total_wall_seconds=time.time() - t_all, targets_met={
+            "pruned_10pct_below_random_init": all(r["pruned_vs_random_init"] <= -0.10 for r in rows),
+            "depth_only_within_10pct_of_teacher": all(r["depth_only_vs_teacher"] <= 0.10 for r in rows)})
+        write_json_atomic(args.out_distill, out)
+    print(f"\nteacher test perplexity {art.metrics['perplexity']:.2f}; every student: distill.epochs="
+          f"{base.distill.epochs}, batch {base.distill.batch_size}, the same training blocks\n")
+    print("| student | seed | baseline (from scratch) | distilled from random init | pruned from the teacher, "
+          "distilled | pruned vs random init | pruned vs teacher |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        for name in runs:
+            e = r[name]
+            sh = e["shape"]
+            print(f"| {sh['num_hidden_layers']} x {sh['hidden_size']} ({name}) | {r['seed']} | "
+                  f"{e['baseline']['perplexity']:.2f} | {e['dense_student']['perplexity']:.2f} | "
+                  f"{e['student']['perplexity']:.2f} | "
+                  f"{e['student']['perplexity'] / e['dense_student']['perplexity'] - 1:+.1%} | "
+                  f"{e['student']['perplexity'] / e['teacher_perplexity'] - 1:+.1%} |")
+    print(f"\ntargets: {out['targets_met']}\nresults: {args.out_distill}")
     return 0
 
 
@@ -238,13 +280,15 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default=str(results_dir() / "prune_teacher.json"))
     ap.add_argument("--distill", action="store_true",
-                    help="also distil the pruned students (needs student.init: {from: teacher} in the pipeline)")
+                    help="distil the pruned students (raydistill distill runs with student.init.from=teacher) "
+                         "instead of measuring pruning alone")
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="--distill: read the report.json of a run that already finished instead of running it")
     ap.add_argument("--out-distill", default=str(results_dir() / "prune_teacher_distill.json"))
     args = ap.parse_args(argv)
     if args.calibration_blocks < 1:
         ap.error("--calibration-blocks must be at least 1")
-    rc = pruning_only(args, argv)
-    return distillation(args, argv) if args.distill and rc == 0 else rc
+    return distillation(args, argv) if args.distill else pruning_only(args, argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 __all__ = [
-    "AssistantConfig", "CompressionConfig", "QuantizeConfig", "StructuredPruneConfig", "Config", "ConfigError",
+    "AssistantConfig", "StudentConfig", "StudentInitConfig", "CompressionConfig", "QuantizeConfig", "StructuredPruneConfig", "Config", "ConfigError",
     "DataConfig", "DistillConfig", "MnistDataConfig", "TextDataConfig",
     "ModelSpec", "OptimizerConfig", "RunConfigModel", "ScalingConfigModel", "ScheduleConfig",
     "TeacherConfig", "TrainingBudget", "TransferSetConfig", "apply_overrides", "config_hash",
@@ -101,6 +101,78 @@ class ModelSpec(_Strict):
 
             check_hf_kwargs(self.kwargs)  # ValueError naming kwargs.config / kwargs.pretrained
         return self
+
+
+# the target-shape keys of student.init (transformers config names; raydistill.compress.prune_shape.SHAPE_KEYS
+# without head_dim, which pruning keeps)
+INIT_SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                   "intermediate_size")
+
+
+class StudentInitConfig(_Strict):
+    """``student.init``: where the student's weights start. ``from: random`` (default): the student's own
+    config, random weights. ``from: teacher``: the trained teacher (a transformers decoder LM) pruned to the
+    target shape on a calibration sample of the training blocks (Minitron: Muralidharan et al. 2024), saved
+    with the run and distilled; the baseline and a student distilled from random init get the same shape.
+    Target: the shape keys given here (an int: a size; a float in (0, 1]: the fraction of the teacher's
+    kept; a key not given keeps the teacher's size), or ``params`` with or without ``num_hidden_layers``
+    (the width axes solved for that parameter count), or, with neither, the student's own config."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              populate_by_name=True, serialize_by_alias=True)
+
+    from_: Literal["random", "teacher"] = Field("random", alias="from",
+                                                description="random weights, or the teacher pruned to the target")
+    num_hidden_layers: int | float | None = Field(None, description="decoder layers kept (int) or fraction")
+    hidden_size: int | float | None = Field(None, description="embedding channels kept (int) or fraction")
+    num_attention_heads: int | float | None = Field(None, description="query heads kept (int) or fraction")
+    num_key_value_heads: int | float | None = Field(None, description="KV heads kept (int) or fraction")
+    intermediate_size: int | float | None = Field(None, description="MLP units kept (int) or fraction")
+    params: int | float | None = Field(None, description="parameter count (int) or fraction of the teacher's: "
+                                       "the width axes (hidden size, heads, intermediate size) are solved for it "
+                                       "at num_hidden_layers (the teacher's if not given)")
+    depth_ranking: Literal["block_importance", "perplexity", "random"] = Field(
+        "block_importance", description="which layers go: 1 - cos(in, out) of each layer, the calibration "
+        "perplexity increase when it alone is skipped, or random")
+    width_ranking: Literal["activation", "random"] = Field(
+        "activation", description="which channels / heads / MLP units go: activation importance, or random")
+    contiguous: bool = Field(False, description="remove one window of consecutive layers")
+    calibration_blocks: int = Field(64, ge=1, description="training blocks (data.seq_len tokens each) the "
+                                    "rankings are measured on, drawn with seed")
+    seed: int = Field(0, description="picks the calibration blocks (and the random rankings)")
+
+    @field_validator(*INIT_SHAPE_KEYS, "params")
+    @classmethod
+    def _size(cls, v):
+        if v is None:
+            return v
+        if isinstance(v, float) and not 0.0 < v <= 1.0:
+            raise ValueError("a float is the fraction of the teacher's size kept and must be in (0, 1]")
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1 (a size) or a float in (0, 1] (a fraction)")
+        return v
+
+    @model_validator(mode="after")
+    def _target(self):
+        given = self.shape()
+        if self.from_ == "random" and (given or self.params is not None):
+            keys = sorted(given) + (["params"] if self.params is not None else [])
+            raise ValueError(f"{', '.join(keys)}: a target shape needs from: teacher (from: random builds the "
+                             "student's own config)")
+        width = sorted(set(given) - {"num_hidden_layers"})
+        if self.params is not None and width:
+            raise ValueError(f"params solves the width axes; give params (with num_hidden_layers or not) or "
+                             f"{', '.join(width)}, not both")
+        return self
+
+    def shape(self) -> dict:
+        """The target-shape keys given (size or fraction)."""
+        return {k: getattr(self, k) for k in INIT_SHAPE_KEYS if getattr(self, k) is not None}
+
+
+class StudentConfig(ModelSpec):
+    init: StudentInitConfig = Field(default_factory=StudentInitConfig,
+                                    description="random weights, or the teacher pruned to a target shape")
 
 
 class OptimizerConfig(_Strict):
@@ -662,7 +734,7 @@ class Config(_Strict):
     teachers: dict[str, TeacherConfig] | None = Field(
         None, description="several teachers: name -> teacher (the first is `teacher`, and the teacher of terms "
                           "that name none); leave out for the one-teacher form `teacher`")
-    student: ModelSpec = Field(default_factory=lambda: ModelSpec(model="mlp"))
+    student: StudentConfig = Field(default_factory=lambda: StudentConfig(model="mlp"))
     assistants: list[AssistantConfig] = Field(default_factory=list, description="teacher -> a1 -> ... -> student")
     data: AnyData = Field(default_factory=DataConfig, description="mnist1d (classification) or text "
                                                                  "(causal LM): the task follows")
@@ -785,6 +857,8 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _cross(self):
         self._check_terms()
+        if self.student.init.from_ == "teacher":
+            _check_init_from_teacher(self)
         if self.scaling.strategy == "fsdp" and self.compression.sparsity > 0:
             raise ValueError("scaling.strategy: fsdp shards the weights that gradual pruning scores; use "
                              "strategy ddp with compression.sparsity > 0 (or set compression.sparsity: 0)")
@@ -799,6 +873,24 @@ class Config(_Strict):
             raise ValueError("distill.transfer_set.seed must differ from data.seed (else the transfer set "
                              "repeats the labelled data)")
         return self
+
+
+def _check_init_from_teacher(cfg: "Config") -> None:
+    """``student.init.from: teacher`` against the rest of the config (the shapes are checked against the
+    teacher's config before Ray starts: raydistill.distill.student_init.check_student_init)."""
+    if cfg.teacher.model != "hf":  # the first teacher (of teachers) is the one pruned
+        key = cfg.teacher_key(next(iter(cfg.teacher_map())))
+        raise ValueError(f"student.init.from: teacher prunes a transformers decoder LM; {key}.model is "
+                         f"{cfg.teacher.model!r}, not 'hf'")
+    steps = dict(cfg.compression.steps())
+    if "prune_structured" in steps:
+        raise ValueError("student.init.from: teacher already prunes the teacher to the student's shape; remove "
+                         "compression.structured (prune_structured shrinks the dense distilled student, which "
+                         "starts from random weights)")
+    q = steps.get("quantize")
+    if q is not None and q.mode == "qat" and q.start == "dense_student":
+        raise ValueError("student.init.from: teacher: compression.quantize.start 'dense_student' would fine-tune "
+                         "the student distilled from random init, not the pruned teacher; use start 'scratch'")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -829,7 +921,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parent = _model_at(raw_loc[:-1])
-            allowed = sorted(parent.model_fields) if parent else []
+            allowed = sorted(f.alias or n for n, f in parent.model_fields.items()) if parent else []
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else "unknown key"
         elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):  # data.name, distill.terms[i].type
             field = "name" if loc.startswith("data") else "type"

@@ -13,7 +13,8 @@ Public API (a contract for the distillation pipeline):
   :class:`QuantizedLinear`, :class:`FakeQuantLinear`
 * structured pruning: :func:`prune_structured`, :func:`resize_structured`; to a target shape (layers, hidden
   size, heads, KV heads, intermediate size; the Minitron recipe): :func:`prune_to_shape` -> :class:`ShapeReport`,
-  :func:`make_student_from_teacher`, :func:`student_target`
+  :func:`make_student_from_teacher`, :func:`student_target`, :func:`shape_for_params` (the width for a
+  parameter count at a depth), :func:`config_params`
 """
 
 from raydistill.compress.checkpoint import load_sparse, save_sparse
@@ -25,7 +26,8 @@ from raydistill.compress.export import export_compressed_tensors, load_compresse
 from raydistill.compress.quantize import (FakeQuantLinear, QuantizationReport, QuantizedLinear, prepare_qat,
                                           quantize)
 from raydistill.compress.structured import StructuredReport, prune_structured, resize_structured
-from raydistill.compress.prune_shape import ShapeReport, make_student_from_teacher, prune_to_shape, student_target
+from raydistill.compress.prune_shape import (ShapeReport, config_params, make_student_from_teacher, prune_to_shape,
+                                             shape_for_params, student_target)
 
 __all__ = [
     "magnitude_mask", "global_magnitude_masks", "nm_mask", "block_mask", "compute_masks",
@@ -33,5 +35,6 @@ __all__ = [
     "LayerReport", "csr_nbytes", "save_sparse", "load_sparse", "normalize_name", "select_linear_layers",
     "quantize", "prepare_qat", "QuantizedLinear", "FakeQuantLinear", "QuantizationReport", "prune_structured",
     "resize_structured", "StructuredReport", "save_compressed", "load_compressed", "export_compressed_tensors",
-    "prune_to_shape", "ShapeReport", "make_student_from_teacher", "student_target",
+    "prune_to_shape", "ShapeReport", "make_student_from_teacher", "student_target", "shape_for_params",
+    "config_params",
 ]

@@ -27,6 +27,8 @@ Public API::
     model_shape(model_or_config) -> dict
     student_target(teacher_model, student_config) -> (target, notes)   # a student config as a pruning target
     make_student_from_teacher(teacher_model, target, calibration, **kw) -> (student, ShapeReport)
+    shape_for_params(model_or_config, params, num_hidden_layers=None) -> dict   # width solved for a size
+    config_params(model_or_config, shape=None) -> int                         # parameters of a (pruned) shape
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from raydistill.compress.structured_width import (WIDTH_RANKINGS, activation_sta
 from raydistill.compress.structured import _heads, _top
 
 __all__ = ["SHAPE_KEYS", "ShapeReport", "prune_to_shape", "resolve_target", "check_prune_target", "model_shape",
-           "student_target", "make_student_from_teacher"]
+           "pruned_config", "student_target", "make_student_from_teacher", "shape_for_params", "config_params"]
 
 SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
               "intermediate_size", "head_dim")
@@ -157,6 +159,21 @@ def resolve_target(model, target, *, strict: bool = True, key: str = "target") -
     return out
 
 
+def pruned_config(model, shape: dict) -> dict:
+    """The config dict of ``model`` (a model, config or config dict) pruned to ``shape`` (absolute: the keys
+    of :data:`SHAPE_KEYS` that change are set, per-layer lists cut to the new depth -- which entries stay is
+    chosen by the pruning; the count is what a model built from it needs). No checks:
+    :func:`check_prune_target` checks the shape."""
+    conf = _config(model)
+    cur = model_shape(conf)
+    d = conf.to_dict() | {k: shape[k] for k in SHAPE_KEYS if shape.get(k) is not None and shape[k] != cur[k]}
+    d.pop("transformers_version", None)
+    for pk in PER_LAYER_CONFIG_KEYS:
+        if isinstance(d.get(pk), list) and len(d[pk]) == cur["num_hidden_layers"]:
+            d[pk] = d[pk][:shape["num_hidden_layers"]]
+    return d
+
+
 def check_prune_target(model, target, *, key: str = "target", strict: bool = True) -> dict:
     """Everything about pruning ``model`` (a model, config or config dict, e.g. a teacher's before it is
     built) to ``target`` that its config decides: the absolute shape (:func:`resolve_target`), the
@@ -175,11 +192,7 @@ def check_prune_target(model, target, *, key: str = "target", strict: bool = Tru
         raise ValueError(f"{key}.{k}: {what} supports model_type {', '.join(types)}, not {conf.model_type!r}")
     if "num_hidden_layers" in changed:
         check_depth_model(conf)
-    d = conf.to_dict() | {k: shape[k] for k in changed}
-    d.pop("transformers_version", None)
-    for pk in PER_LAYER_CONFIG_KEYS:  # which entries stay is chosen later; the count is what is checked here
-        if isinstance(d.get(pk), list) and len(d[pk]) == cur["num_hidden_layers"]:
-            d[pk] = d[pk][:shape["num_hidden_layers"]]
+    d = pruned_config(conf, shape)
     try:
         type(conf).from_dict(d)
     except Exception as exc:  # the config class's own validation (strict dataclass, validate_architecture)
@@ -320,6 +333,75 @@ def make_student_from_teacher(teacher_model: nn.Module, target, calibration: Ten
     rep = prune_to_shape(student, target, calibration, **kwargs)
     rep.notes = notes
     return student, rep
+
+
+def config_params(model, shape: dict | None = None) -> int:
+    """The parameter count of ``model`` (a model, config or config dict) with the shape keys of ``shape``
+    (absolute sizes, e.g. from :func:`resolve_target`) written into its config: the model is built on the
+    meta device (no memory, no weights), so the count is exact for any model type (tied embeddings once)."""
+    from transformers import AutoModelForCausalLM
+
+    conf = copy.deepcopy(_config(model))
+    for k, v in (shape or {}).items():
+        setattr(conf, k, int(v))
+    for pk in PER_LAYER_CONFIG_KEYS:
+        if isinstance(getattr(conf, pk, None), list):
+            setattr(conf, pk, getattr(conf, pk)[: conf.num_hidden_layers])
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(conf)
+    return _params(net)
+
+
+def _width(cur: dict, hidden: int) -> dict:
+    """The width axes for a hidden size: KV heads, query heads (the model's query heads per KV head kept)
+    and intermediate size scaled with ``hidden / cur["hidden_size"]``."""
+    w = hidden / cur["hidden_size"]
+    g = cur["num_attention_heads"] // cur["num_key_value_heads"]
+    kv = min(cur["num_key_value_heads"], max(1, round(cur["num_key_value_heads"] * w)))
+    return {"hidden_size": hidden, "num_attention_heads": kv * g, "num_key_value_heads": kv,
+            "intermediate_size": min(cur["intermediate_size"], max(1, round(cur["intermediate_size"] * w)))}
+
+
+_WINDOW = 6  # hidden sizes looked at on each side of where the parameter count crosses the budget
+
+
+def shape_for_params(model, params, num_hidden_layers=None, *, key: str = "target") -> dict:
+    """A target shape of about ``params`` parameters (an int, or a float in (0, 1]: the fraction of the
+    model's) at ``num_hidden_layers`` (int or fraction kept; None: the model's): the width axes -- hidden
+    size, heads, KV heads, intermediate size -- shrink together by one factor (the query heads per KV head
+    kept), and the hidden size whose parameter count (:func:`config_params`) is nearest ``params`` is taken
+    among those its head count divides (bisection to where the count crosses ``params``, then the nearest
+    of the candidates around it: the head count moves in steps). Searching ``num_hidden_layers`` at a fixed ``params`` trades depth
+    for width at equal size. ValueError naming ``<key>.params`` when ``params`` is out of reach at that
+    depth (more than the full width has, or less than the narrowest)."""
+    if isinstance(params, bool) or not isinstance(params, (int, float)):
+        raise ValueError(f"{key}.params must be an int (a parameter count) or a float in (0, 1], got {params!r}")
+    cur = model_shape(model)
+    layers = resolve_target(model, {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers},
+                            key=key)["num_hidden_layers"]
+    if isinstance(params, float):
+        if not 0.0 < params <= 1.0:
+            raise ValueError(f"{key}.params: a float is the fraction of the model's parameters and must be in "
+                             f"(0, 1], got {params}")
+        params = round(params * config_params(model))
+    hiddens = [h for h in range(1, cur["hidden_size"] + 1) if h % _width(cur, h)["num_attention_heads"] == 0]
+
+    def count(h):
+        return config_params(model, {"num_hidden_layers": layers, **_width(cur, h)})
+
+    lo, hi = 0, len(hiddens) - 1
+    if count(hiddens[hi]) < params * 0.98 or count(hiddens[lo]) > params * 1.02:
+        raise ValueError(f"{key}.params: {params:,} parameters are out of reach at {layers} layers: from "
+                         f"{count(hiddens[lo]):,} (hidden size {hiddens[lo]}) to {count(hiddens[hi]):,} (the full "
+                         f"width); change num_hidden_layers or params")
+    while hi - lo > 1:  # the count grows with the hidden size (up to head-count steps): bisect to params
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(hiddens[mid]) <= params else (lo, mid)
+    # the head count changes in steps, so the count is not monotone between them: the nearest of the
+    # candidates around the crossing
+    near = hiddens[max(0, lo - _WINDOW): hi + _WINDOW + 1]
+    best = min(near, key=lambda h: (abs(count(h) - params), h))
+    return {"num_hidden_layers": layers, **_width(cur, best)}
 
 
 def _layers_path(base: nn.Module) -> str:

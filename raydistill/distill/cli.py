@@ -163,7 +163,7 @@ def _print_summary(r: dict) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from raydistill.distill.report import UNDER_LOAD_NOTE, cell, stage_rows
+    from raydistill.distill.report import UNDER_LOAD_NOTE, cell, pruned_vs_random_text, stage_rows
     from raydistill.tasks import get_task
 
     console = Console(stderr=True, **({} if sys.stderr.isatty() else {"width": 200}))
@@ -177,6 +177,8 @@ def _print_summary(r: dict) -> None:
     for stage, _, e in rows:
         t.add_row(stage + (" (cached)" if stage in cached else ""), *(cell(e, k, f, mark="*") for _, k, f in cols))
     console.print(t)
+    if r.get("pruned_vs_random_init"):
+        console.print(pruned_vs_random_text(r), highlight=False)
     if any(e.get("latency_under_load") for _, _, e in rows):
         console.print(f"* latency {UNDER_LOAD_NOTE}", highlight=False)
     v = r.get("verdict") or {}

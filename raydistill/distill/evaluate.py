@@ -64,8 +64,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
     classification accuracy, macro F1 / precision / recall; causal LM perplexity, next_token_accuracy,
     teacher_agreement -- against the checkpoint's teacher when ``teacher`` is True, against ``teacher``
     when it is a ``TeacherArtifact`` -- and a few greedy ``samples``; each with its 95% interval and, under
-    ``"_items"``, the per-item results that the verdict pairs), ``latency_ms_b1`` / ``latency_ms_b256``
-    (:func:`raydistill.distill.steps.measure_latency`, when ``latency`` and the task times one).
+    ``"_items"``, the per-item results that the verdict pairs), ``latency_ms_b{B}``
+    (:func:`raydistill.distill.steps.measure_latency` at the task's ``latency_batches``: batch 1 and 256 of a
+    classifier, one sequence of ``data.seq_len`` tokens of a causal LM; when ``latency`` and the task times one).
     ``model_bytes`` counts real bit widths (codes, scales, CSR indices). ``export``: also write the
     compressed model there (:func:`raydistill.compress.save_compressed`)."""
     net, rep, meta, task, info = load_checkpoint_model(cfg, checkpoint_path, model, convert=not quantize)
@@ -105,7 +106,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
         save_compressed(net, export, structure=meta.get("structure"))
         out["export"] = str(export)
     if latency and task.latency_input(info, 1) is not None:
-        out.update(measure_latency(net, lambda b: task.latency_input(info, b)))
+        out.update(measure_latency(net, lambda b: task.latency_input(info, b), task.latency_batches))
     return out
 
 
@@ -118,7 +119,7 @@ def checkpoint_latency(cfg: Config, checkpoint_path, *, quantize: dict | None = 
     net, _, _, task, info = load_checkpoint_model(cfg, checkpoint_path, convert=not quantize)
     if quantize:
         finalize_student(net, load_masks_of(checkpoint_path), quantize)
-    return measure_latency(net, lambda b: task.latency_input(info, b))
+    return measure_latency(net, lambda b: task.latency_input(info, b), task.latency_batches)
 
 
 def load_masks_of(checkpoint_path) -> dict | None:

@@ -447,14 +447,16 @@ def gather_unsharded(st: Stage):
 
 
 def compression_metrics(st: Stage, net, epoch: int) -> dict:
-    """Compression steps (issue 12): the student's bytes after its recipe every epoch, and (classification)
-    at the last epoch the CPU latency of a converted copy (masks -> SparseLinear, quantize)."""
+    """Compression steps (issue 12): the student's bytes after its recipe every epoch, and at the last epoch
+    the CPU latency of a converted copy (masks -> SparseLinear, quantize) on the task's input batches."""
     from raydistill.distill.steps import final_metrics, size_metrics
 
     masks = st.pruner.masks if st.pruner is not None else None
     out = size_metrics(net, st.spec, masks)
-    if epoch == st.spec.epochs and st.task.latency_input(st.spec.task_info, 1) is not None:
-        out.update(final_metrics(net, st.spec, masks, lambda b: st.task.latency_input(st.spec.task_info, b)))
+    info = st.spec.task_info
+    if epoch == st.spec.epochs and st.task.latency_input(info, 1) is not None:
+        out.update(final_metrics(net, st.spec, masks, lambda b: st.task.latency_input(info, b),
+                                 st.task.latency_batches))
     return out
 
 

@@ -8,8 +8,14 @@ Stages (each its own Ray Train run under ``<storage>/<name>/<stage>``)::
     assistant_i    distilled from the previous link of the chain (Mirzadeh et al., 2020), dense: each link
                    takes the first teacher's place in the loss terms
     baseline       the student from scratch, cross-entropy on labelled rows, same budget
-    dense_student  distilled, sparsity 0 (only when compression.sparsity > 0)
-    student        distilled while pruned to compression.sparsity, then converted to SparseLinear
+    dense_student  distilled from random init, sparsity 0 (only with a compression recipe or
+                   ``student.init.from: teacher``)
+    student        the job's student: starts from ``student.init`` (random, or the teacher pruned to the
+                   student's shape: ``<run>/pruned_student``, see ``student_init``), distilled while pruned
+                   to compression.sparsity, then converted to SparseLinear
+
+With ``student.init.from: teacher`` the baseline and dense_student get the pruned student's shape (random
+weights), so the report compares three students of one shape.
 
 Baseline, dense_student and student are independent, so by default they run as concurrent trainers
 (``run.concurrent_stages``), each worker getting a share of the CPUs.
@@ -25,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from raydistill.config import Config, ConfigError, config_hash, dump_config
-from raydistill.distill import interrupts
+from raydistill.distill import interrupts, student_init
 from raydistill.distill.data import resolve_storage
 from raydistill.distill.evaluate import evaluate_checkpoint, final_checkpoint_dir
 from raydistill.distill.preflight import preflight
@@ -134,14 +140,16 @@ def _run_locked(cfg: Config, storage: Path, name: str, run_dir: Path, address, p
         with ray_session(address=address) as ray, Progress(enabled=progress) as prog:
             log.info("ray resources: %s", ray.cluster_resources())
             corpus = _corpus_size(cfg, storage, prog)
+            calibration = student_init.calibration(cfg, storage)  # student.init.from: teacher (else None)
             teachers = _teachers(cfg, storage, prog, timings)
             current, assistants = _assistants(cfg, teachers, run_dir, prog, timings)
-            plan = _StudentPlan(cfg)
-            results, structured_report = _students(cfg, plan, current, storage, run_dir, prog, timings)
+            cfg_s, pruned = _student_init(cfg, teachers, calibration, storage, run_dir, prog, timings)
+            plan = _StudentPlan(cfg_s, pruned)
+            results, structured_report = _students(cfg_s, plan, current, storage, run_dir, prog, timings)
         # evaluation + report (Ray is down; evaluation is local and cheap)
-        evals = _evaluate_students(cfg, plan, results, next(iter(current.values())), run_dir)
+        evals = _evaluate_students(cfg_s, plan, results, next(iter(current.values())), run_dir)
         report = build_report(cfg, name, run_dir, teachers, assistants, evals, plan.sparse, structured_report,
-                              timings, corpus)
+                              timings, corpus, student_init=pruned.report if pruned else None)
         if get_task(cfg.data.task).exports_pretrained:
             from raydistill.distill.export import export_student
 
@@ -260,15 +268,38 @@ def _assistants(cfg: Config, teachers: dict[str, TeacherArtifact], run_dir: Path
     return current, assistants
 
 
+def _student_init(cfg: Config, teachers: dict[str, TeacherArtifact], calibration, storage: Path, run_dir: Path,
+                  prog: Progress, timings: dict) -> tuple[Config, "student_init.PrunedStudent | None"]:
+    """``student.init.from: teacher``: the (first) teacher pruned to the student's shape, saved under the run
+    (:mod:`raydistill.distill.student_init`); the config of the student stages."""
+    if calibration is None:
+        return cfg, None
+    from raydistill.distill.data import task_info
+
+    ts = time.time()
+    prog.add("pruned_teacher", run_dir / student_init.PRUNED_DIR / "epochs.jsonl", 1)
+    cfg_s, pruned = student_init.student_from_teacher(cfg, next(iter(teachers.values())), calibration,
+                                                      run_dir / student_init.PRUNED_DIR, info=task_info(cfg, storage))
+    r = pruned.report
+    note = (f"{r['shape_after']['num_hidden_layers']} x {r['shape_after']['hidden_size']}, {r['params_after']:,} "
+            f"params, calibration ppl {r['calibration_perplexity_pruned']:.1f}")
+    log.info("student.init: the teacher pruned to %s (%s)", r["shape_after"], note)
+    prog.done("pruned_teacher", note)
+    timings["student_init"] = time.time() - ts
+    return cfg_s, pruned
+
+
 class _StudentPlan:
     """Which student stages run and in what order. Baseline, dense_student (only with a compression
-    recipe) and student are independent and run at once, except that the student starts from the dense
-    student with ``prune_structured`` or QAT fine-tuning (``quantize: {start: dense_student}``)."""
+    recipe or a student made from the teacher) and student are independent and run at once, except that
+    the student starts from the dense student with ``prune_structured`` or QAT fine-tuning
+    (``quantize: {start: dense_student}``). ``pruned``: the student's init made from the teacher."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, pruned: "student_init.PrunedStudent | None" = None):
         self.recipe = dict(cfg.compression.steps())  # checked against the student by preflight
         self.sparse = bool(self.recipe)
-        self.stages = ["baseline"] + (["dense_student"] if self.sparse else []) + ["student"]
+        self.pruned = pruned
+        self.stages = ["baseline"] + (["dense_student"] if self.sparse or pruned else []) + ["student"]
         q = self.recipe.get("quantize")
         self.q_step = q
         self.qat_ft = q is not None and q.mode == "qat" and q.start == "dense_student"
@@ -292,6 +323,7 @@ def _students(cfg: Config, plan: _StudentPlan, teachers: dict[str, TeacherArtifa
         ft = plan.qat_ft and stage == "student"  # QAT fine-tuning: its own epochs and peak lr
         return build_student_trainer(
             cfg, teachers, storage_path=run_dir, name=stage, stage=stage,
+            model=plan.pruned.model if plan.pruned and stage == "student" else None,
             sparsity=None if stage == "student" else 0.0, resources_per_worker=resources,
             extras=extras, epochs=plan.q_step.epochs if ft else None, lr=plan.q_step.lr if ft else None)
 

@@ -3,7 +3,7 @@ the key or argument (the CLI exits 2), not minutes later inside a stage.
 
     check_storage(path, key)   the storage path is (or can be made) a writable directory
     check_models(cfg)          every model imports and builds with its kwargs; loss terms fit the models'
-                               layers; pruning patterns match layers
+                               layers; pruning patterns match layers; student.init's target fits the teacher
     check_inputs(cfg)          the files the config names: every teacher's checkpoint, the offline teacher's
                                outputs (every shard's footer and metadata against the config:
                                raydistill.distill.offline) and the task's data (a text corpus: the head of
@@ -51,16 +51,20 @@ def check_storage(path, key: str = "run.storage_path") -> Path:
 def check_models(cfg: Config) -> None:
     """Import and build the teachers, the assistants and the student once (a wrong import path or factory
     kwargs fail here, not after the teacher has trained), check the loss terms against their layers and
-    the compression patterns against the student's layers."""
+    the compression patterns against the student's layers. With ``student.init.from: teacher`` the target
+    shape is checked against the teacher first, and the student built is the one pruning will make."""
+    from raydistill.distill.student_init import shape_model
     from raydistill.tasks import get_task
 
     task = get_task(cfg.data.task)
+    pruned = shape_model(cfg)  # None unless student.init.from: teacher (issue 21)
     specs = [*((cfg.teacher_key(n), t) for n, t in cfg.teacher_map().items()),
              *((f"assistants[{i}]", a) for i, a in enumerate(cfg.assistants)), ("student", cfg.student)]
     built = {}
     for key, spec in specs:
+        model = pruned if key == "student" and pruned else {"model": spec.model, "kwargs": dict(spec.kwargs)}
         try:
-            built[key] = task.build_model({"model": spec.model, "kwargs": dict(spec.kwargs)}, task.probe_info())
+            built[key] = task.build_model(model, task.probe_info())
         except Exception as exc:  # noqa: BLE001 - a user factory may raise anything
             raise ConfigError(f"{key}.model: cannot build {spec.model!r} with kwargs {dict(spec.kwargs)}: "
                               f"{type(exc).__name__}: {exc}") from None

@@ -10,18 +10,24 @@ from raydistill.utils import write_json_atomic
 
 
 def build_report(cfg, name: str, run_dir: Path, teachers: dict, assistants: list[dict], evals: dict[str, dict],
-                 sparse: bool, structured_report: dict | None, timings: dict, corpus: dict | None = None) -> dict:
+                 sparse: bool, structured_report: dict | None, timings: dict, corpus: dict | None = None, *,
+                 student_init: dict | None = None) -> dict:
     """The report dict of a job (``report.json``): every teacher's and stage's evaluation, the headline
     comparisons (``Task.compare``: accuracy points, or a perplexity ratio - 1) and the verdict on
-    distillation (:func:`raydistill.distill.verdict.distillation_verdict`)."""
-    from raydistill.distill.verdict import distillation_verdict, strip_items
+    distillation (:func:`raydistill.distill.verdict.distillation_verdict`) -- of the student distilled from
+    random init when there is one (``dense_student``). ``student_init``: the pruning report of a student
+    made from the teacher (``student.init.from: teacher``): the report then also compares it with the
+    student distilled from random init (``pruned_vs_random_init``, paired over test items)."""
+    from raydistill.distill.verdict import compare_stages, distillation_verdict, strip_items
     from raydistill.tasks import get_task
 
     task = get_task(cfg.data.task)
     first = next(iter(teachers.values()))
     corpus = corpus or {}
-    verdict = distillation_verdict(evals, lm=task.metric == "perplexity",  # paired over items' NLL, else correct
-                                   distilled="dense_student" if sparse else "student", **corpus)
+    lm = task.metric == "perplexity"  # paired over items' NLL, else correct
+    has_dense = "dense_student" in evals
+    verdict = distillation_verdict(evals, lm=lm, distilled="dense_student" if has_dense else "student", **corpus)
+    pruned_vs_random = compare_stages(evals, "student", "dense_student", lm=lm) if student_init else None
     strip_items(evals)
     for a in assistants:
         a.pop("_items", None)
@@ -33,7 +39,8 @@ def build_report(cfg, name: str, run_dir: Path, teachers: dict, assistants: list
         "assistants": assistants,
         "baseline": evals["baseline"],
         "student": evals["student"],
-        **({"dense_student": evals["dense_student"]} if sparse else {}),
+        **({"dense_student": evals["dense_student"]} if has_dense else {}),
+        **({"student_init": student_init} if student_init else {}),
         **({"dense_student_ptq": evals["dense_student_ptq"]} if "dense_student_ptq" in evals else {}),
         "compression_steps": [t for t, _ in cfg.compression.steps()],
         **({"prune_structured": structured_report} if structured_report else {}),
@@ -42,6 +49,9 @@ def build_report(cfg, name: str, run_dir: Path, teachers: dict, assistants: list
         "corpus": corpus,
         "verdict": verdict,
     }
+    if pruned_vs_random is not None:
+        report["pruned_vs_random_init"] = pruned_vs_random
+    sparse = sparse and not student_init  # the student differs from dense_student in its init too
     report[task.baseline_key] = task.compare(evals["student"], evals["baseline"])
     if sparse:
         report["sparse_vs_dense"] = task.compare(evals["student"], evals["dense_student"])
@@ -115,7 +125,8 @@ def stage_rows(r: dict) -> list[tuple[str, str, dict]]:
         rows[0][2].update({f"{k}_ci95": ci for k in ("accuracy", "perplexity") if k in rows[0][2]})
     rows += [(a["stage"], a["model"], a) for a in r.get("assistants", [])]
     smodel = ((r.get("config") or {}).get("student") or {}).get("model", "?")
-    rows += [(k, smodel, r[k]) for k in ("baseline", "dense_student", "dense_student_ptq", "student") if k in r]
+    rows += [(stage_label(r, k), smodel, r[k]) for k in ("baseline", "dense_student", "dense_student_ptq", "student")
+             if k in r]
     return rows
 
 
@@ -157,7 +168,8 @@ def report_markdown(r: dict) -> str:
     values = ", ".join(f"{k} {v:.4g}" for k, v in (r["student"].get("terms") or {}).items())
     lines += ["", f"- loss terms: {terms or 'n/a'}" + (f"; the student's last epoch: {values}" if values else ""),
               f"- compression steps: {', '.join(r.get('compression_steps') or []) or 'none'}",
-              f"- distilled student vs baseline: {task.compare_text.format(100 * r[task.baseline_key])}"
+              f"- {'student (pruned from the teacher, distilled)' if r.get('student_init') else 'distilled student'}"
+              f" vs baseline: {task.compare_text.format(100 * r[task.baseline_key])}"
               + (f" ({r['student']['eval_tokens']:,} test tokens)" if r["student"].get("eval_tokens") else "")]
     if "sparse_vs_dense" in r:
         lines.append(f"- compressed vs dense distilled student: {task.compare_text.format(100 * r['sparse_vs_dense'])}")
@@ -166,6 +178,7 @@ def report_markdown(r: dict) -> str:
         lines.append(f"- student bytes as int8 SparseLinear (projected, int16 indices): "
                      f"{s['projected_sparse_int8_bytes']:,}")
     lines.append(f"- student parameters: {s['nonzero_params']:,} nonzero of {s['params']:,}")
+    lines += student_init_lines(r)
     if r.get("export"):
         lines.append(f"- exported student (save_pretrained + tokenizer): `{r['export']}`")
     lines += [f"- wall time: {r['wall_seconds']:.0f} s", ""]
@@ -176,6 +189,46 @@ def report_markdown(r: dict) -> str:
         lines.append("")
     lines += ["![curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+STAGE_LABELS_FROM_TEACHER = {"baseline": "baseline (from scratch)", "dense_student": "dense_student (random init)",
+                             "student": "student (pruned from the teacher)"}
+
+
+def stage_label(r: dict, key: str) -> str:
+    """A student stage's name in tables; with a student made from the teacher, what each one started from."""
+    return STAGE_LABELS_FROM_TEACHER.get(key, key) if r.get("student_init") else key
+
+
+def student_init_lines(r: dict) -> list[str]:
+    """report.md lines on a student made from the teacher: the pruned shape and the comparison with the
+    student distilled from random init."""
+    si = r.get("student_init")
+    if not si:
+        return []
+    a, b = si["shape_after"], si["shape_before"]
+    out = [f"- student made from the teacher: {b['num_hidden_layers']} x {b['hidden_size']} pruned to "
+           f"{a['num_hidden_layers']} layer{'s' * (a['num_hidden_layers'] != 1)} x {a['hidden_size']} "
+           f"({a['num_attention_heads']} heads, "
+           f"{a['num_key_value_heads']} KV heads of {a['head_dim']}, intermediate {a['intermediate_size']}; "
+           f"{si['params_after']:,} parameters) on {si['calibration_blocks']} calibration blocks; "
+           f"calibration perplexity {si['calibration_perplexity_teacher']:.2f} (teacher) -> "
+           f"{si['calibration_perplexity_pruned']:.2f} (pruned, before distillation)"
+           + (f"; removed layers {si['removed_layers']}" if si.get("removed_layers") else "")]
+    out += [f"  - {n}" for n in si.get("notes") or []]
+    if r.get("pruned_vs_random_init"):
+        out.append(f"- {pruned_vs_random_text(r)}")
+    return out
+
+
+def pruned_vs_random_text(r: dict) -> str:
+    """The student made from the teacher against the one distilled from random init (``Task.compare_text``)."""
+    from raydistill.tasks import get_task
+
+    d, text = r["pruned_vs_random_init"], get_task(r["task"]).compare_text
+    lo, hi = d["ci95"]
+    return (f"pruned from the teacher vs random init, both distilled: {text.format(100 * d['change'])} "
+            f"(95% CI {100 * lo:+.1f} .. {100 * hi:+.1f})")
 
 
 def _with_ci(v, ci, f: str) -> str:

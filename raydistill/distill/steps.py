@@ -204,9 +204,10 @@ def size_metrics(model: nn.Module, spec, masks: dict | None) -> dict:
     return {"model_bytes": projected_nbytes(model, masks, bits, q.get("group_size")), "bits": bits}
 
 
-def final_metrics(model: nn.Module, spec, masks: dict | None, make_input) -> dict:
-    """Worker, last epoch: CPU latency (batch 1 and 256; ``make_input(batch)`` gives the inputs) of a
-    converted copy of the student (masks -> SparseLinear, quantize) -- the model that the evaluation stores. Taken while the worker's own training
+def final_metrics(model: nn.Module, spec, masks: dict | None, make_input, batches: tuple[int, ...] = (1, 256)) -> dict:
+    """Worker, last epoch: CPU latency (``batches``; ``make_input(batch)``: an input batch, the task's
+    ``Task.latency_input``) of a converted copy of the student (masks ->
+    SparseLinear, quantize) -- the model that the evaluation stores. Taken while the worker's own training
     (and, in a search, other trials) may still run: ``latency_under_load`` says whether other processes
     took CPU time during the reading (:func:`measure_latency`)."""
     from raydistill.utils import unwrap_model
@@ -214,7 +215,7 @@ def final_metrics(model: nn.Module, spec, masks: dict | None, make_input) -> dic
     net = copy.deepcopy(unwrap_model(model)).cpu()
     q = spec.quantize  # FakeQuantLinear layers (QAT) are converted by quantize like nn.Linear
     finalize_student(net, {k: v.cpu() for k, v in (masks or {}).items()} or None, q)
-    return measure_latency(net, make_input, repeats=15)
+    return measure_latency(net, make_input, batches, repeats=15)
 
 
 # a latency reading during which other processes used more than this fraction of the machine's CPU time is
@@ -224,8 +225,9 @@ UNDER_LOAD_CPU_FRACTION = 0.25
 
 def measure_latency(model: nn.Module, make_input, batches: tuple[int, ...] = (1, 256), *,
                     repeats: int = 31, warmup: int = 5) -> dict:
-    """CPU latency of one eval forward of a batch (``make_input(batch)``: the task's
-    ``Task.latency_input``), warm, ``repeats`` calls per batch size: ``latency_ms_b{B}`` (median), ``latency_spread_ms_b{B}`` ([10th, 90th] percentile),
+    """CPU latency of one eval forward of the batch ``make_input(B)`` (the task's ``Task.latency_input``: a
+    classifier's ``(B, in_features)`` floats, a causal LM's ``(B, seq_len)`` token ids), warm, ``repeats``
+    calls per batch size ``B`` of ``batches``: ``latency_ms_b{B}`` (median), ``latency_spread_ms_b{B}`` ([10th, 90th] percentile),
     ``latency_threads``, ``latency_loadavg`` (1/5/15 min), ``latency_other_cpu`` (the fraction of the
     machine's CPU time that other processes used while it was measured, from the system's and this
     process's CPU counters, hypervisor steal included) and ``latency_under_load`` (that fraction above

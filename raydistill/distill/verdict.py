@@ -56,6 +56,14 @@ def _paired(lm: bool, a: dict, b: dict, key_a: str = None) -> dict | None:
     return stats.paired_mean_difference(ca, ib["correct"])
 
 
+def compare_stages(evals: dict[str, dict], new: str, ref: str, *, lm: bool) -> dict | None:
+    """Stage ``new`` against stage ``ref`` on the same test items (paired bootstrap): ``{"change", "ci95"}``
+    (perplexity: ratio - 1; accuracy: difference), or None without per-item results."""
+    if new not in evals or ref not in evals:
+        return None
+    return _paired(lm, evals[new], evals[ref])
+
+
 def distillation_verdict(evals: dict[str, dict], *, lm: bool, distilled: str, train_tokens: int | None = None,
                          teacher_params: int | None = None) -> dict:
     """``{"verdict": helped | hurt | inconclusive | unknown, "summary", "causes", "suggestions",

@@ -141,6 +141,9 @@ def build_hf(kwargs: dict, vocab_size: int | None = None):
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     if "pretrained" in kwargs:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars in a job's output, once per model built
         d = str(Path(str(kwargs["pretrained"])).expanduser())
         hf_config_dict(kwargs)
         model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True, trust_remote_code=False)

@@ -40,6 +40,7 @@ class Task:
     exports_pretrained: bool = False   # the student exports with save_pretrained (raydistill.distill.export)
     max_topk: int | None = None        # the most logits `raydistill teacher-logits` can keep per row
     teacher_batch_rows: int = 256      # input rows per teacher forward in `raydistill teacher-logits`
+    latency_batches: tuple[int, ...] = (1,)   # batch sizes the CPU latency is measured at (latency_input)
 
     # -- driver: data and evaluation ------------------------------------------------------------------
     def task_info(self, cfg, storage: Path) -> dict:

@@ -75,15 +75,18 @@ class CausalLMTask(Task):
     metric_fmt = ".2f"
     baseline_key = "perplexity_vs_baseline"
     throughput_unit = "tokens"
-    reported_metrics = ("val_perplexity", "perplexity", "next_token_accuracy", "teacher_agreement", "tokens_per_s")
+    reported_metrics = ("val_perplexity", "perplexity", "next_token_accuracy", "teacher_agreement", "tokens_per_s",
+                        "latency_ms_b1")
     report_columns = (("test perplexity (95% CI)", "perplexity", "{:.2f}"),
                       ("next-token accuracy", "next_token_accuracy", "{:.2%}"),
                       ("teacher agreement", "teacher_agreement", "{:.2%}"), ("tokens/s", "tokens_per_s", "{:,.0f}"),
-                      ("sparsity", "sparsity", "{:.1%}"), ("compression", "compression_ratio", "{:.2f}x"))
+                      ("sparsity", "sparsity", "{:.1%}"), ("compression", "compression_ratio", "{:.2f}x"),
+                      ("ms/sequence", "latency_ms_b1", "{:.2f}"))
     compare_text = "perplexity {:+.1f}%"
     float_columns = ("topk_values", "topk_tail")
     exports_pretrained = True
     teacher_batch_rows = 16
+    latency_batches = (1,)  # one sequence of data.seq_len tokens: what serving a request costs
 
     # -- driver -----------------------------------------------------------------------------------------
     def task_info(self, cfg, storage: Path) -> dict:
@@ -167,6 +170,11 @@ class CausalLMTask(Task):
             out["samples"] = [{"prompt": tok.decode(p), "continuation": tok.decode(c)}
                               for p, c in zip(prompts, conts)]
         return out
+
+    def latency_input(self, info: dict, batch: int) -> torch.Tensor:
+        """Random token ids ``(batch, seq_len)`` of the tokenizer's vocabulary."""
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, int(info["vocab_size"]), (batch, int(info["seq_len"])), generator=g)
 
     def compare(self, new: dict, ref: dict) -> float:
         return new["perplexity"] / ref["perplexity"] - 1

@@ -40,6 +40,7 @@ class ClassificationTask(Task):
     supports_quantize = True
     max_topk = 10
     teacher_batch_rows = 2048
+    latency_batches = (1, 256)
 
     # -- driver -----------------------------------------------------------------------------------------
     def task_info(self, cfg, storage: Path) -> dict:

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         SearchSpaceError,
         check_metrics_for_task,
         check_space_against_config,
+        check_space_combinations,
         parse_search,
     )
 
@@ -168,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         check_metrics_for_task(spec, cfg.data.task)
         check_models_and_terms(spec, base)
         from raydistill.distill.preflight import check_inputs
+        from raydistill.distill.student_init import check_student_init
 
+        # student.init.from: teacher: every searched target shape fits the teacher (issue 21)
+        check_space_combinations(spec, base, type(cfg).model_validate, check_student_init, "student.init.")
         check_inputs(cfg)  # teacher checkpoint / outputs and the corpus's files, before Ray starts
     except (SearchSpaceError, ConfigError) as e:
         _err(console, str(e))

@@ -6,6 +6,9 @@
                        from-scratch baseline's quality.
 * ``pareto.png``       quality vs compression ratio for every trial, front highlighted, teacher and
                        from-scratch baseline as horizontal lines.
+* ``pareto_size.png``  when the trials' students differ in parameter count (a search over
+                       ``student.init``'s target shape): quality vs parameters and vs CPU latency, each
+                       front highlighted.
 
 The quality is the task's test metric (:func:`quality_for`): ``accuracy`` (maximised) for classification,
 ``perplexity`` (minimised) for a causal LM.
@@ -18,6 +21,7 @@ Rows are plain dicts (see :data:`TRIAL_COLUMNS`), so everything here is testable
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -35,6 +39,7 @@ class Quality:
     mode: str      # "max" | "min"
     label: str     # axis label
     fmt: str       # number format
+    latency: str = "latency_ms_b256"   # the latency its fronts use (the task's largest timed batch)
 
     @property
     def objective(self) -> str:
@@ -49,7 +54,7 @@ class Quality:
 
 
 ACCURACY = Quality("accuracy", "max", "test accuracy", ".4f")
-PERPLEXITY = Quality("perplexity", "min", "test perplexity (lower is better)", ".2f")
+PERPLEXITY = Quality("perplexity", "min", "test perplexity (lower is better)", ".2f", "latency_ms_b1")
 
 
 def quality_for(task: str) -> Quality:
@@ -61,16 +66,17 @@ def quality_for(task: str) -> Quality:
         t = get_task(task)
     except ValueError:
         raise ValueError(f"no search quality metric for task {task!r}") from None
+    latency = f"latency_ms_b{max(t.latency_batches)}"  # the task's largest timed batch
     for q in (ACCURACY, PERPLEXITY):
         if q.key == t.metric:
-            return q
-    return Quality(t.metric, "max" if t.higher_is_better else "min", t.metric_label, t.metric_fmt)
+            return dataclasses.replace(q, latency=latency)
+    return Quality(t.metric, "max" if t.higher_is_better else "min", t.metric_label, t.metric_fmt, latency)
 
 # Always present, in this order, after the searched parameters.
 CONFIG_COLUMNS = ("temperature", "alpha", "sparsity")
 METRIC_COLUMNS = ("accuracy", "val_accuracy", "perplexity", "val_perplexity", "next_token_accuracy",
                   "teacher_agreement", "compression_ratio", "achieved_sparsity", "train_loss", "lr",
-                  "bits", "model_bytes", "latency_ms_b1", "latency_ms_b256", "latency_under_load")
+                  "bits", "model_bytes", "model_params", "latency_ms_b1", "latency_ms_b256", "latency_under_load")
 # written only when some trial reports them (a classification search has no perplexity column)
 TASK_COLUMNS = ("accuracy", "val_accuracy", "perplexity", "val_perplexity", "next_token_accuracy",
                 "teacher_agreement")
@@ -83,8 +89,8 @@ TRIAL_COLUMNS = (
 )
 FRONT_FIELDS = (
     "trial_id", "temperature", "alpha", "sparsity", "accuracy", "compression_ratio", "achieved_sparsity",
-    "val_accuracy", "epochs_run", "stopped_early", "checkpoint_path", "bits", "model_bytes", "latency_ms_b256",
-    "latency_under_load",
+    "val_accuracy", "epochs_run", "stopped_early", "checkpoint_path", "bits", "model_bytes", "model_params",
+    "latency_ms_b1", "latency_ms_b256", "latency_under_load",
 )
 LM_FRONT_FIELDS = ("perplexity", "val_perplexity", "next_token_accuracy", "teacher_agreement")
 
@@ -140,10 +146,71 @@ def compute_front(rows: Sequence[dict], objectives: Sequence[str] = OBJECTIVES) 
 
 
 def compute_fronts(rows: Sequence[dict], quality: Quality = ACCURACY) -> dict[str, list[dict]]:
-    """The fronts over (quality, bytes at real bit widths) and (quality, CPU latency at batch 256);
-    trials without those metrics take no part (a causal LM reports no latency)."""
+    """The fronts over (quality, bytes at real bit widths), (quality, parameters) and (quality, CPU latency:
+    batch 256 of a classifier, one sequence of a causal LM); trials without those metrics take no part."""
     return {f"{quality.key}_bytes": compute_front(rows, quality.objectives("-model_bytes")),
-            f"{quality.key}_latency": compute_front(rows, quality.objectives("-latency_ms_b256"))}
+            f"{quality.key}_params": compute_front(rows, quality.objectives("-model_params")),
+            f"{quality.key}_latency": compute_front(rows, quality.objectives(f"-{quality.latency}"))}
+
+
+def sizes_differ(rows: Sequence[dict]) -> bool:
+    """The trials' students differ in parameter count (a search over the student's shape)."""
+    return len({r.get("model_params") for r in front_candidates(rows, ("model_params",))}) > 1
+
+
+def plot_size_fronts(rows: Sequence[dict], fronts: dict[str, list[dict]], path: Path, *, quality: Quality = ACCURACY,
+                     teacher: float | None = None, title: str = "") -> Path:
+    """Quality against parameters and against CPU latency, one panel each, every finished trial and its
+    front (``fronts``: :func:`compute_fronts`), labelled with the trial's searched values."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    q = quality.key
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
+    for ax, (x, label, front) in zip(axes, (
+            ("model_params", "parameters", fronts.get(f"{q}_params", [])),
+            (quality.latency, f"CPU latency, ms ({quality.latency.removeprefix('latency_ms_')})",
+             fronts.get(f"{q}_latency", [])))):
+        cands = front_candidates(rows, (quality.objective, x))
+        ax.scatter([r[x] for r in cands], [r[q] for r in cands], s=26, color="tab:blue", alpha=0.7, label="trial")
+        if front:
+            pts = sorted(front, key=lambda r: r[x])
+            ax.step([r[x] for r in pts], [r[q] for r in pts], where="post", color="tab:red", lw=1.2, alpha=0.7)
+            ax.scatter([r[x] for r in pts], [r[q] for r in pts], s=70, facecolors="none", edgecolors="tab:red",
+                       lw=1.8, zorder=3, label="Pareto front")
+        for r in cands:
+            ax.annotate(" ".join(f"{k}={v}" for k, v in r.get("params", {}).items()), (r[x], r[q]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=6, color="dimgray")
+        if _finite(teacher):
+            ax.axhline(float(teacher), color="tab:green", ls="--", lw=1.2, label=f"teacher ({float(teacher):{quality.fmt}})")
+        ax.set_xlabel(label)
+        ax.set_ylabel(quality.label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(title or f"{q} vs size and latency")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def size_front_table(front: Sequence[dict], *, quality: Quality = ACCURACY, title: str = "Pareto front"):
+    """A front over parameters (or latency) as a table: the trial's searched values, quality, parameters,
+    latency."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c, j in (("trial", "left"), ("searched", "left"), (quality.key, "right"), ("parameters", "right"),
+                 (quality.latency, "right")):
+        t.add_column(c, justify=j)
+    for r in front:
+        t.add_row(str(r["trial_id"]), " ".join(f"{k}={v}" for k, v in r.get("params", {}).items()),
+                  _fmt(r.get(quality.key), quality.fmt), _fmt(r.get("model_params"), ",.0f"),
+                  _fmt(r.get(quality.latency), ".2f"))
+    return t
 
 
 def _finite(v: Any) -> bool:

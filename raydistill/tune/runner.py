@@ -350,6 +350,14 @@ def write_report(rows, spec: SearchSpec, cfg, exp_dir: Path, state: SearchState,
     console.print(rep.front_table(front, **refs,
                                   title=f"Pareto front ({quality.key} vs compression), {len(front)} of "
                                         f"{summary['trials']} trials"))
+    if rep.sizes_differ(rows):  # a search over the student's shape: the fronts over parameters and latency
+        fronts = rep.compute_fronts(rows, quality)
+        rep.plot_size_fronts(rows, fronts, exp_dir / "pareto_size.png", quality=quality, teacher=state.teacher_score,
+                             title=f"{exp_dir.name}: {quality.key} vs parameters and CPU latency")
+        for what, key in (("parameters", "params"), ("CPU latency", "latency")):
+            f = fronts[f"{quality.key}_{key}"]
+            console.print(rep.size_front_table(f, quality=quality, title=f"Pareto front ({quality.key} vs {what}), "
+                                                                         f"{len(f)} of {summary['trials']} trials"))
     console.print(
         f"trials {summary['trials']}: finished {summary['finished']} (stopped early {summary['stopped_early']}, "
         f"{100 * summary['stopped_fraction']:.0f}%), errored {summary['errored']}, unfinished {summary['unfinished']}"
@@ -371,7 +379,8 @@ def write_report(rows, spec: SearchSpec, cfg, exp_dir: Path, state: SearchState,
                       f"temperature={best['temperature']:.3g}, alpha={best['alpha']:.3f}, "
                       f"sparsity={best['sparsity']:.3f}) -> {best_path}\n"
                       f"  reproduce: raydistill distill {best_path}")
-    console.print(f"wrote {exp_dir}/{{trials.csv, pareto.json, pareto.png" + (", best_config.yaml}" if best else "}"))
+    console.print(f"wrote {exp_dir}/{{trials.csv, pareto.json, pareto.png"
+                  + (", pareto_size.png" if rep.sizes_differ(rows) else "") + (", best_config.yaml}" if best else "}"))
     if interrupted:
         console.print(f"[yellow]search interrupted; continue with: raydistill tune --resume "
                       f"--storage-path {exp_dir.parent} --name {exp_dir.name}[/yellow]")

@@ -154,8 +154,9 @@ def make_trial_driver(base: dict, teachers: Any, *, train_storage: str, plan_wor
         # (the trial's placement-group cleaner has exited), its CPUs stay reserved, and the search hangs.
         # Measured here: 2 such groups leaked in a 24-trial search, which then waited forever.
         cfg.run.max_failures = 0
+        cfg, model = trial_student(cfg, teachers, Path(train_storage), trial_id)
         trainer = distill_api().build_student_trainer(
-            cfg, teachers,
+            cfg, teachers, model=model,
             storage_path=train_storage,
             name=f"trial_{trial_id}",  # stable across retries -> Ray Train resumes from its checkpoint
             callbacks=[_epoch_reports_only(TuneReportCallback()) if cfg.distill.checkpoint_every_steps
@@ -167,6 +168,25 @@ def make_trial_driver(base: dict, teachers: Any, *, train_storage: str, plan_wor
         trainer.fit()
 
     return distill_trial
+
+
+def trial_student(cfg, teachers: Any, train_storage: Path, trial_id: str) -> tuple[Any, dict | None]:
+    """A trial's student: with ``student.init.from: teacher`` the first of ``teachers`` pruned to the trial's
+    target shape (on the trial's driver, saved under ``<train>/pruned/trial_<id>``; a retried trial prunes
+    again, the same way), else the config's own. Returns (the config of the trial's stages, the student's
+    model or None)."""
+    from raydistill.distill import student_init
+
+    calibration = student_init.calibration(cfg, train_storage)
+    if calibration is None:
+        return cfg, None
+    from raydistill.distill.data import task_info
+
+    first = next(iter(teachers.values())) if isinstance(teachers, dict) else teachers
+    cfg_s, pruned = student_init.student_from_teacher(cfg, first, calibration,
+                                                      train_storage / "pruned" / f"trial_{trial_id}",
+                                                      info=task_info(cfg, train_storage))
+    return cfg_s, pruned.model
 
 
 def _epoch_reports_only(inner):
@@ -316,6 +336,7 @@ def trial_rows(trials: list, base: dict, spec: SearchSpec, build_config: Callabl
             "compression_ratio": _num(last.get("compression_ratio")),
             "bits": _num(last.get("bits")),
             "model_bytes": _num(last.get("model_bytes")),
+            "model_params": _num(last.get("params")),
             "latency_ms_b1": _num(last.get("latency_ms_b1")),
             "latency_ms_b256": _num(last.get("latency_ms_b256")),
             "latency_under_load": last.get("latency_under_load"),
@@ -335,10 +356,11 @@ def remeasure_latency(rows: list[dict], base: dict, build_config: Callable[[dict
     """The trials' CPU latency measured again after the search, one checkpoint at a time on an otherwise
     idle driver: a trial's own last-epoch reading was taken while other trials trained. Rows get the new
     ``latency_ms_b1`` / ``latency_ms_b256`` and ``latency_under_load`` (other processes still took CPU time
-    during the reading). Rows without a latency (a causal LM) or a checkpoint are left as they are."""
+    during the reading). Rows without a latency or a checkpoint are left as they are."""
     from raydistill.distill.evaluate import checkpoint_latency
 
-    todo = [r for r in rows if r.get("latency_ms_b256") is not None and r.get("checkpoint_path")
+    keys = ("latency_ms_b1", "latency_ms_b256")
+    todo = [r for r in rows if any(r.get(k) is not None for k in keys) and r.get("checkpoint_path")
             and Path(r["checkpoint_path"]).is_dir()]
     if todo and console is not None:
         console.print(f"timing {len(todo)} trial checkpoints one at a time (CPU latency after the search)")
@@ -347,7 +369,7 @@ def remeasure_latency(rows: list[dict], base: dict, build_config: Callable[[dict
         q = cfg.compression.steps()
         q = dict(q).get("quantize")
         lat = checkpoint_latency(cfg, r["checkpoint_path"], quantize=q.model_dump(mode="json") if q else None)
-        r.update({k: lat[k] for k in ("latency_ms_b1", "latency_ms_b256", "latency_under_load")})
+        r.update({k: lat[k] for k in (*keys, "latency_under_load") if k in lat})
 
 
 def _reconcile_checkpoint(row: dict, epochs_cfg: int) -> None:

@@ -315,6 +315,38 @@ def check_space_against_config(
                 raise SearchSpaceError(f"{where}: value {value!r} is not valid for this key: {e}") from None
 
 
+MAX_CHECKED_COMBINATIONS = 256
+
+
+def check_space_combinations(spec: SearchSpec, base: dict, validate: Callable[[dict], Any],
+                             check: Callable[[Any], Any], prefix: str) -> int:
+    """Every combination of the values the space can draw for the keys under ``prefix`` (choices and grids
+    in full, ranges at their checked values), written into ``base``, validated and passed to ``check`` (e.g.
+    the student's target shape against the teacher: an axis, heads dividing the hidden size), so a trial
+    that cannot start fails here, naming its values. Skipped (0) above ``MAX_CHECKED_COMBINATIONS``.
+    Returns how many were checked."""
+    import itertools
+
+    keys = [k for k in spec.space if k.startswith(prefix)]
+    if not keys:
+        return 0
+    values = [spec.space[k].values_to_check() for k in keys]
+    if math.prod(len(v) for v in values) > MAX_CHECKED_COMBINATIONS:
+        return 0
+    n = 0
+    for combo in itertools.product(*values):
+        data = base
+        for k, v in zip(keys, combo):
+            data = _set_path(data, k, v)
+        where = ", ".join(f"{k}={v!r}" for k, v in zip(keys, combo))
+        try:
+            check(validate(data))
+        except (ValidationError, ValueError) as e:
+            raise SearchSpaceError(f"search.space ({where}): {e}") from None
+        n += 1
+    return n
+
+
 # The metrics whose direction is fixed (what each task alone reports: ``raydistill.tasks.Task.reported_metrics``).
 LOWER_IS_BETTER = ("val_perplexity", "perplexity", "train_loss", "model_bytes", "latency_ms_b1", "latency_ms_b256")
 HIGHER_IS_BETTER = ("val_accuracy", "accuracy", "macro_f1", "macro_precision", "macro_recall",

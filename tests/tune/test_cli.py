@@ -129,6 +129,31 @@ def test_lm_search_by_name_checks_its_metric_before_ray(tmp_path, capsys, monkey
     assert "config file not found" not in out and not started
 
 
+@pytest.mark.parametrize("space, words", [
+    ("{student.init.num_hidden_layers: {dist: grid, values: [2, 8]}}",
+     "search.space (student.init.num_hidden_layers=8): student.init.num_hidden_layers 8 is larger than the "
+     "model's 4"),
+    ("{student.init.params: {dist: grid, values: [0.25, 0.0001]}, "
+     "student.init.num_hidden_layers: {dist: grid, values: [1, 4]}}",
+     "search.space (student.init.params=0.0001, student.init.num_hidden_layers=1): student.init.params"),
+])
+def test_shape_search_checks_every_target_against_the_teacher_before_ray(tmp_path, capsys, monkeypatch, space,
+                                                                          words):
+    """`raydistill tune lm_prune_search`: a searched target shape the teacher cannot be pruned to fails
+    before Ray, naming the trial's values and the rule."""
+    import ray
+
+    from raydistill.tune.cli import main
+
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append((a, k)))
+    assert main(["lm_prune_search", "--storage-path", str(tmp_path / "runs"), "--set", f"search.space={space}"]) == 2
+    out = capsys.readouterr().out
+    assert words in out, out
+    assert not started and not (tmp_path / "runs").exists()
+
+
 def test_search_directory_that_is_a_file_a_link_or_someone_elses_is_refused(tmp_path, capsys, monkeypatch):
     import ray
 

@@ -100,7 +100,8 @@ def test_lm_front_minimises_perplexity(tmp_path):
     fronts = rep.compute_fronts(LM_ROWS, q)
     # by bytes, l3 (2400 bytes) is smaller than l2: both on the bytes front; no latency for an LM
     assert {k: [r["trial_id"] for r in v] for k, v in fronts.items()} == {
-        "perplexity_bytes": ["l1", "l2", "l3"], "perplexity_latency": []}
+        "perplexity_bytes": ["l1", "l2", "l3"], "perplexity_params": [], "perplexity_latency": []}
+    assert not rep.sizes_differ(LM_ROWS)  # no parameter counts: not a shape search
     assert rep.select_best(LM_ROWS, "val_perplexity", "min")["trial_id"] == "l1"
     assert rep.select_best(LM_ROWS, "val_perplexity", "min", min_sparsity=0.5)["trial_id"] == "l2"
 
@@ -118,6 +119,51 @@ def test_lm_front_minimises_perplexity(tmp_path):
     assert "| perplexity |" in rep.front_markdown(front, q) and "| 28.00 |" in rep.front_markdown(front, q)
     with pytest.raises(ValueError, match="no search quality metric"):
         rep.quality_for("segmentation")
+
+
+def shape_row(tid, layers, ppl, params, ms, *, status="TERMINATED"):
+    r = lm_row(tid, 0.0, ppl, 1.0, status=status)
+    r["params"] = {"num_hidden_layers": layers}
+    r["overrides"] = {"student.init.num_hidden_layers": layers}
+    r.update(model_params=params, latency_ms_b1=ms)
+    return r
+
+
+SHAPE_ROWS = [
+    shape_row("s1", 1, 40.0, 660_000, 1.0),
+    shape_row("s2", 2, 36.0, 655_000, 1.6),   # smaller and better than s1: s1 is off the parameter front
+    shape_row("s4", 4, 35.0, 690_000, 2.9),
+    shape_row("s8", 8, 34.0, 2_000_000, 6.0),
+    shape_row("sx", 3, None, None, None, status="ERROR"),
+]
+
+
+def test_shape_search_fronts_over_parameters_and_latency(tmp_path):
+    """A search over student.init's shape: every trial is dense (compression 1x), so the fronts that tell
+    the trials apart are perplexity vs parameters and perplexity vs one sequence's CPU latency."""
+    from rich.console import Console
+
+    q = rep.quality_for("causal_lm")
+    assert q.latency == "latency_ms_b1" and rep.quality_for("classification").latency == "latency_ms_b256"
+    assert rep.sizes_differ(SHAPE_ROWS)
+    fronts = rep.compute_fronts(SHAPE_ROWS, q)
+    # sorted along the front: size down, perplexity up
+    assert [r["trial_id"] for r in fronts["perplexity_params"]] == ["s8", "s4", "s2"]
+    assert [r["trial_id"] for r in fronts["perplexity_latency"]] == ["s8", "s4", "s2", "s1"]  # s1 is the fastest
+    png = rep.plot_size_fronts(SHAPE_ROWS, fronts, tmp_path / "pareto_size.png", quality=q, teacher=17.0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    c = Console(record=True, width=140)
+    c.print(rep.size_front_table(fronts["perplexity_params"], quality=q, title="front"))
+    out = c.export_text()
+    assert "num_hidden_layers=2" in out and "655,000" in out and "1.60" in out
+    rep.write_trials_csv(SHAPE_ROWS, tmp_path / "trials.csv")
+    with open(tmp_path / "trials.csv") as f:
+        got = list(csv.DictReader(f))
+    assert got[1]["model_params"] == "655000" and got[1]["num_hidden_layers"] == "2"
+    rep.write_pareto_json([], tmp_path / "pareto.json", teacher=17.0, baseline=None, quality=q,
+                          extra={"fronts": {k: [rep._front_row(r) for r in v] for k, v in fronts.items()}})
+    doc = json.loads((tmp_path / "pareto.json").read_text())
+    assert [p["model_params"] for p in doc["fronts"]["perplexity_params"]] == [2_000_000, 690_000, 655_000]
 
 
 def test_extra_searched_param_gets_a_column(tmp_path):

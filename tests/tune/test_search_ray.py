@@ -284,7 +284,10 @@ def test_lm_search_minimises_perplexity(ray_2cpu, storage, tmp_path):
     on = {p["trial_id"] for p in doc["front"]}
     for p in pts:  # the front is exactly the trials no other trial beats on (lower perplexity, more compression)
         assert (p["trial_id"] in on) == (not any(dominates(q, p, objectives) for q in pts)), (p, pts)
-    assert set(doc["fronts"]) == {"perplexity_bytes", "perplexity_latency"}
+    assert set(doc["fronts"]) == {"perplexity_bytes", "perplexity_params", "perplexity_latency"}
+    # one sequence's CPU latency, timed again after the search; the students have one shape (no size fronts)
+    assert all(float(r["latency_ms_b1"]) > 0 and r["latency_ms_b256"] == "" for r in rows)
+    assert float(dense["model_params"]) == float(sparse["model_params"]) and not (exp / "pareto_size.png").exists()
 
     best = load_config(exp / "best_config.yaml")
     best_row = min(rows, key=lambda r: float(r["val_perplexity"]))

@@ -9,6 +9,7 @@ from raydistill.tune.space import (
     SearchSpaceError,
     apply_trial_config,
     check_space_against_config,
+    check_space_combinations,
     grid_size,
     parse_search,
     short_names,
@@ -189,6 +190,28 @@ def test_grouped_asha_compares_trials_only_within_their_group():
 def test_group_by_validation(sched, words):
     with pytest.raises(SearchSpaceError, match=words):
         parse_search({**GOOD, "scheduler": sched})
+
+
+def test_every_combination_of_a_shape_search_is_checked_against_the_teacher():
+    """student.init keys searched together: a combination that cannot be pruned from the teacher (heads
+    not dividing the hidden size) fails before Ray, naming the combination and the rule; a good grid passes."""
+    from raydistill.config import load_config
+    from raydistill.distill.student_init import check_student_init
+
+    cfg = load_config("lm_tiny", ["student.init.from=teacher"])
+    base = cfg.model_dump(mode="json")
+    good = parse_search({"space": {"student.init.num_hidden_layers": {"dist": "grid", "values": [1, 2]},
+                                   "student.init.hidden_size": {"dist": "grid", "values": [32, 64]}}})
+    check_space_against_config(good, base, config_from_dict)
+    assert check_space_combinations(good, base, config_from_dict, check_student_init, "student.init.") == 4
+    bad = parse_search({"space": {"student.init.hidden_size": {"dist": "grid", "values": [32, 30]},
+                                  "student.init.num_attention_heads": {"dist": "choice", "values": [2, 4]}}})
+    check_space_against_config(bad, base, config_from_dict)  # each value alone is a valid config value
+    with pytest.raises(SearchSpaceError, match=r"search.space \(student.init.hidden_size=30, "
+                                               r"student.init.num_attention_heads=4\): student.init."
+                                               r"num_attention_heads 4 does not divide student.init.hidden_size 30"):
+        check_space_combinations(bad, base, config_from_dict, check_student_init, "student.init.")
+    assert check_space_combinations(bad, base, config_from_dict, check_student_init, "nothing.") == 0
 
 
 def test_loss_term_weights_layers_and_teacher_weights_are_searchable_by_path():

@@ -149,7 +149,7 @@ def _student(cfg, task, info, ev, data: dict, seed: int, epochs: int | None = No
 def _ray_data_seconds(cache: Path, tail: bool) -> float:
     """Streaming the whole cache through Ray Data (read + decode in map_batches) into numpy batches, as a
     worker's data loader does: seconds."""
-    from raydistill.data.ray_data import read_teacher_outputs
+    from raydistill.data.topk_cache import read_teacher_outputs
     from raydistill.distill.session import ray_session
 
     with ray_session(num_cpus=2):

@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from raydistill.errors import ConfigError
+
 __all__ = [
     "AssistantConfig", "StudentConfig", "StudentInitConfig", "CompressionConfig", "QuantizeConfig", "StructuredPruneConfig", "Config", "ConfigError",
     "DataConfig", "DistillConfig", "MnistDataConfig", "TextDataConfig",
@@ -34,10 +36,6 @@ __all__ = [
     "TeacherConfig", "TrainingBudget", "TransferSetConfig", "apply_overrides", "config_hash",
     "default_config_path", "dump_config", "load_config", "validate_run_name", "MAX_TEMPERATURE",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is not valid; the message names the key path and what is allowed."""
 
 
 class _Strict(BaseModel):

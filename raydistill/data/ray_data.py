@@ -2,7 +2,7 @@
 
 Rows carry ``x`` (float32 vector), ``y`` (int64 label, -1 for unlabelled transfer rows) and, for offline
 teacher outputs, ``topk_values`` / ``topk_indices`` (/ ``topk_tail``): what ``raydistill teacher-logits``'s
-shards decode to (``raydistill.data.topk_cache``), so a distillation reads either source the same way.
+shards decode to (``raydistill.data.topk_cache.read_teacher_outputs``), so a distillation reads either source the same way.
 """
 
 from __future__ import annotations
@@ -45,10 +45,3 @@ def to_ray_dataset(**columns: np.ndarray):
 
     return ray.data.from_arrow(arrays_to_table(**columns))
 
-
-def read_teacher_outputs(path: str, *, tail: bool = True):
-    """The shards written by ``raydistill teacher-logits`` as a lazy Ray dataset, checked and decoded in Ray Data
-    (``raydistill.data.topk_cache``: ``topk_values``, ``topk_indices`` and, with ``tail``, ``topk_tail``)."""
-    from raydistill.data.topk_cache import open_cache, read_dataset
-
-    return read_dataset(open_cache(path), tail=tail)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raydistill.config import ConfigError
+from raydistill.errors import ConfigError
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"

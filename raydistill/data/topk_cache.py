@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raydistill.data.ray_data import table_to_arrays
 from raydistill.data.topk_codec import CodecError, CodecSpec, decode
 
 FORMAT = "raydistill.topk_cache"
@@ -270,7 +271,6 @@ def read_shard(path, *, tail: bool = True) -> dict[str, np.ndarray]:
         table = pq.read_table(path, page_checksum_verification=True)
     except Exception as exc:  # noqa: BLE001
         raise CacheError(f"{path}: cannot read its pages (corrupted?): {exc}") from None
-    from raydistill.data.ray_data import table_to_arrays
 
     packed = [c for c in table.column_names if c.endswith("_q8")]
     arrays = table_to_arrays(table.drop_columns(packed))
@@ -368,3 +368,9 @@ def read_dataset(info: CacheInfo, *, tail: bool = True):
     meta = asdict(info.meta)
     return ds.map_batches(decode_batch, batch_format="numpy", fn_kwargs={"meta": meta, "tail": tail},
                           zero_copy_batch=True)
+
+
+def read_teacher_outputs(path: str, *, tail: bool = True):
+    """The shards written by ``raydistill teacher-logits`` as a lazy Ray dataset, checked and decoded in Ray Data
+    (``topk_values``, ``topk_indices`` and, with ``tail``, ``topk_tail``)."""
+    return read_dataset(open_cache(path), tail=tail)

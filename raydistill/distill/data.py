@@ -1,18 +1,47 @@
 """The datasets of each stage, from the config: the task's own (``Task.datasets``), with the train rows of a
-distillation stage read from an offline teacher's top-k outputs when the job has one; the storage root.
+distillation stage read from an offline teacher's top-k outputs when the job has one; the storage root and its
+check (a writable directory with room).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import tempfile
 from pathlib import Path
 
-from raydistill.config import Config
+from raydistill.config import Config, ConfigError
 
 
 def resolve_storage(storage_path: str | os.PathLike | None, cfg: Config | None = None) -> Path:
     p = storage_path or (cfg.run.storage_path if cfg is not None else None) or "runs"
     return Path(p).expanduser().resolve()
+
+
+def check_storage(path, key: str = "run.storage_path") -> Path:
+    """``path`` is a directory this process can write to (created if missing), with room for a few bytes."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{key}: {p} is a file, not a directory; pass a directory for runs and checkpoints")
+    probe = None
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".raydistill-write-probe-", dir=p)
+        with os.fdopen(fd, "wb") as fh:  # an empty file needs no room: write some, so a full disk shows here
+            fh.write(b"\0" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ConfigError(f"{key}: no space left on device at {p}; free some space or pass another "
+                              f"directory") from None
+        raise ConfigError(f"{key}: {p} is not a writable directory ({exc.strerror or exc})") from None
+    finally:
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+    return p
 
 
 def task_info(cfg: Config, storage: Path) -> dict:

@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from raydistill.config import Config, ConfigError, config_hash
+from raydistill.distill.spec import teacher_hash
 from raydistill.data.topk_cache import CacheError, CacheInfo, CacheMeta, check_cache, open_cache, tokenizer_hash
 
 log = logging.getLogger("raydistill")
@@ -26,8 +27,6 @@ def expected_teacher_hash(cfg: Config) -> str | None:
     """The teacher identity ``raydistill teacher-logits`` records for the offline teacher of this config (the
     hash of that teacher trained here, or of its external ``checkpoint``; None when that checkpoint is
     missing, which its own check reports)."""
-    from raydistill.distill.teachers import teacher_hash
-
     name = cfg.offline_teacher()
     ck = cfg.teacher_map()[name].checkpoint
     if ck:

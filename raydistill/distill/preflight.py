@@ -14,38 +14,11 @@ the key or argument (the CLI exits 2), not minutes later inside a stage.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
-import tempfile
 from pathlib import Path
 
 from raydistill.config import Config, ConfigError, validate_run_name
-
-
-def check_storage(path, key: str = "run.storage_path") -> Path:
-    """``path`` is a directory this process can write to (created if missing), with room for a few bytes."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{key}: {p} is a file, not a directory; pass a directory for runs and checkpoints")
-    probe = None
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".raydistill-write-probe-", dir=p)
-        with os.fdopen(fd, "wb") as fh:  # an empty file needs no room: write some, so a full disk shows here
-            fh.write(b"\0" * 4096)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise ConfigError(f"{key}: no space left on device at {p}; free some space or pass another "
-                              f"directory") from None
-        raise ConfigError(f"{key}: {p} is not a writable directory ({exc.strerror or exc})") from None
-    finally:
-        if probe is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(probe)
-    return p
+from raydistill.distill.data import check_storage
+from raydistill.distill.tracking import check_tracking
 
 
 def check_models(cfg: Config) -> None:
@@ -155,8 +128,6 @@ def check_scale(cfg: Config, storage, name: str) -> None:
             enable_gradient_checkpointing(net)
         except ValueError as exc:
             raise ConfigError(f"{key}: the {who} ({spec.model!r}) cannot use it: {exc}") from None
-    from raydistill.distill.tracking import check_tracking
-
     check_tracking(cfg, storage, name)
 
 

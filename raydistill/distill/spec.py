@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from raydistill.config import Config, config_hash, without_scale_defaults
+
 
 @dataclass(frozen=True)
 class TeacherRef:
@@ -117,3 +119,18 @@ class StageSpec:
 
     def replace(self, **changes) -> "StageSpec":
         return dataclasses.replace(self, **changes)
+
+
+def teacher_config(cfg: Config, teacher: str | None = None):
+    """The config of teacher ``teacher`` (None: the first of ``teacher`` / ``teachers``)."""
+    return cfg.teacher_map()[teacher or next(iter(cfg.teacher_map()))]
+
+
+def teacher_hash(cfg: Config, teacher: str | None = None) -> str:
+    """What teacher ``teacher`` (None: the first) learns from: its model, training budget, data and seed
+    (issue 22's keys at their defaults and ``teacher_outputs`` left out: the hash of before)."""
+    tc = teacher_config(cfg, teacher)
+    return config_hash({"teacher": without_scale_defaults(tc.model_dump(mode="json",
+                                                                         exclude={"checkpoint", "teacher_outputs"})),
+                        "data": cfg.data.learning_dump(),
+                        "seed": cfg.run.seed})

@@ -16,34 +16,18 @@ from pathlib import Path
 from raydistill.config import Config, ConfigError, config_hash
 from raydistill.distill.data import resolve_storage
 from raydistill.distill.evaluate import checkpoint_meta, evaluate_checkpoint, final_checkpoint_dir
-from raydistill.distill.spec import TeacherArtifact, model_dict
+from raydistill.distill.spec import TeacherArtifact, model_dict, teacher_config, teacher_hash
 from raydistill.distill.stages import build_teacher_trainer
 from raydistill.utils import write_json_atomic
 
 TEACHER_FILE = "teacher.json"
 
 
-def teacher_hash(cfg: Config, teacher: str | None = None) -> str:
-    """What teacher ``teacher`` (None: the first) learns from: its model, training budget, data and seed
-    (issue 22's keys at their defaults and ``teacher_outputs`` left out: the hash of before)."""
-    from raydistill.config import without_scale_defaults
-
-    tc = _config(cfg, teacher)
-    return config_hash({"teacher": without_scale_defaults(tc.model_dump(mode="json",
-                                                                         exclude={"checkpoint", "teacher_outputs"})),
-                        "data": cfg.data.learning_dump(),
-                        "seed": cfg.run.seed})
-
-
 def teacher_log(cfg: Config, storage, teacher: str | None = None) -> Path | None:
     """The per-epoch log of a teacher trained here (None: loaded from a checkpoint)."""
-    if _config(cfg, teacher).checkpoint:
+    if teacher_config(cfg, teacher).checkpoint:
         return None
     return resolve_storage(storage) / "teachers" / teacher_hash(cfg, teacher) / "epochs.jsonl"
-
-
-def _config(cfg: Config, teacher: str | None):
-    return cfg.teacher_map()[teacher or next(iter(cfg.teacher_map()))]
 
 
 def ensure_teachers(cfg: Config, storage_path, **kw) -> dict[str, TeacherArtifact]:
@@ -59,7 +43,7 @@ def ensure_teacher(cfg: Config, storage_path, *, teacher: str | None = None, cal
     lock, so a teacher is trained once."""
     storage = resolve_storage(storage_path)
     name = teacher or next(iter(cfg.teacher_map()))
-    tc = _config(cfg, name)
+    tc = teacher_config(cfg, name)
     if tc.checkpoint:
         return _external_teacher(cfg, storage, name)
     h = teacher_hash(cfg, name)
@@ -110,7 +94,7 @@ def _test_metrics(metrics: dict) -> dict:
 
 
 def _external_teacher(cfg: Config, storage: Path, name: str) -> TeacherArtifact:
-    tc = _config(cfg, name)
+    tc = teacher_config(cfg, name)
     path = Path(tc.checkpoint).expanduser().resolve()
     try:
         ev = evaluate_checkpoint(cfg, path, model=model_dict(tc), teacher=False, samples=False)

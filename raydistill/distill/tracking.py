@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from raydistill.config import Config, ConfigError
+from raydistill.distill.data import check_storage
 
 EXPERIMENT = "raydistill"
 # bookkeeping keys of the jsonl lines that are no metrics
@@ -105,8 +106,6 @@ def check_tracking(cfg: Config, storage, name: str) -> None:
 
 
 def _writable_dir(p: Path, key: str) -> None:
-    from raydistill.distill.preflight import check_storage
-
     check_storage(p, key)
 
 

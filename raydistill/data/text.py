@@ -731,7 +731,9 @@ def _tokenizer(data, good: list[Path], pieces: list[Piece], fs, base: str, skip:
         with fs.open_input_stream(path) as fh:
             return tok_hash, fh.read().decode(), []
     chosen = sample_pieces(pieces, sample, data.seed) if binding else pieces
-    task = ray.remote(num_cpus=1, max_retries=0)(_train_tokenizer_task)
+    # scheduling_strategy "DEFAULT": never inside the caller's placement group (a Tune trial's holds a
+    # fraction of a CPU, and Ray would place a captured child task there: "cannot fit into any bundles")
+    task = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy="DEFAULT")(_train_tokenizer_task)
     text, bad = ray.get(task.remote([p.__dict__ for p in chosen], data.text_column, skip, data.vocab_size))
     if text is None:
         return tok_hash, None, bad

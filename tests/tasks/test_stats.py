@@ -17,14 +17,18 @@ def _blocks(rng, m, mu=3.0, sd=0.5, tokens=63):
     return nll, tok
 
 
-def test_perplexity_ci_brackets_the_estimate_and_shrinks_with_more_blocks():
-    rng = np.random.default_rng(int.from_bytes(np.random.bytes(4), "little"))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_perplexity_ci_brackets_the_estimate_and_shrinks_with_more_blocks(seed):
+    rng = np.random.default_rng(seed)  # fixed draws: a statistical bound must not fail by chance
     nll, tok = _blocks(rng, 400)
     ppl = math.exp(nll.sum() / tok.sum())
     lo, hi = stats.perplexity_ci(nll, tok)
     assert lo < ppl < hi
     lo4, hi4 = stats.perplexity_ci(nll[:25], tok[:25])
-    assert (hi4 - lo4) > 2.5 * (hi - lo)  # 16x fewer blocks: about 4x wider
+    # 16x fewer blocks: about 4x wider, in relative (log) terms (the width of a perplexity interval scales with
+    # the perplexity, which differs between the first 25 blocks and all 400). Over seeds 0-299 the ratio was
+    # 2.3 at least and 3.85 in the median; an interval that did not shrink gives 1.
+    assert math.log(hi4 / lo4) > 2.0 * math.log(hi / lo)
 
 
 def test_identical_blocks_give_a_zero_width_interval():

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
-from raydistill.bench.kd_loss import _reset_peak_rss, _rss_bytes  # /proc/self/status, clear_refs
+from raydistill.bench.kd_loss import _reset_peak_rss  # /proc/self/clear_refs
+from raydistill.utils import proc_status_bytes as _rss_bytes  # /proc/self/status
 
 
 def rss() -> int:

@@ -22,8 +22,8 @@ not the whole split.
 **The rehearsal** (``--ray``; issue 22 point 4)::
 
     PYTHONPATH=. python benchmarks/bench_lm_scale.py --ray [--corpus-mb 100] [--student 8x512]
-        [--teacher 16x640] [--vocab 32000] [--seq 512] [--batch 4] [--steps 30] [--warmup 3] [--workers 2]
-        [--val-fraction 0.002] [--variants fp32,bf16,fp32+ckpt,bf16+ckpt] [--storage runs] [--out FILE]
+        [--teacher 16x640] [--vocab 32000] [--seq 512] [--batch 16] [--steps 2] [--warmup 1] [--workers 2]
+        [--val-fraction 0.0005] [--variants fp32,bf16,fp32+ckpt,bf16+ckpt] [--storage runs] [--out FILE]
 
 A corpus of ``--corpus-mb`` MB that exists on every machine (the ``.py`` sources of the standard library
 and the installed packages as jsonl, ``benchmarks/bench_corpus_scale.py``'s) is prepared by the pipeline
@@ -34,8 +34,18 @@ in a fresh driver process: a step budget (``distill.max_steps`` = ``--warmup`` +
 cosine), forward KL + CE (alpha 0.5, T 1) through the fused ``kd_loss_linear``, from a teacher with random
 initial weights (the same for every variant: comparing precisions needs no trained teacher). Reported:
 tokens/s of the last epoch report (all workers), the validation and test perplexity after the budget, the
-peak RSS of every Ray Train worker (``VmHWM``, sampled every 0.5 s while it runs) and of the driver. Writes
-a table and ``benchmarks/results/lm_rehearsal.json``.
+peak RSS of every Ray Train worker (``VmHWM``, sampled every 0.5 s while it runs: the whole process, Ray's and
+torch's runtime included) and of the driver, and **the training's own memory**: rank 0's peak RSS after the
+last step minus its RSS when its first step began (``peak_memory_mib - start_memory_mib`` of the run's
+``steps.jsonl``: gradients, optimizer state, activations, the teacher's outputs; not the runtime, the models'
+weights or the data). Writes a table and ``benchmarks/results/lm_rehearsal.json``.
+
+Why a micro-batch of 16 x 512 tokens: mixed precision (fp32 master weights and optimizer state) and activation
+checkpointing shrink the activations, not the states, so their savings show where activations are most of the
+memory, as they are when users fill a GPU with micro-batches. At 4 x 512 the fixed part (the runtime, fp32
+weights, AdamW state: about 3 GB of a 3.6 GB peak) hides them (``--batch 4``: see NOTES.md). Three optimizer steps
+(the peak is reached from the second on: AdamW's state exists and a step's activations with it) keep a variant
+near 15 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -94,8 +104,8 @@ def run_variant(variant: str, a: dict, data: dict) -> dict:
             "student_params": params, "teacher_params": sum(p.numel() for p in teacher.parameters())}
 
 
-REHEARSAL = {"student": "8x512", "teacher": "16x640", "vocab": 32000, "seq": 512, "batch": 4, "steps": 30,
-             "warmup": 3}
+REHEARSAL = {"student": "8x512", "teacher": "16x640", "vocab": 32000, "seq": 512, "batch": 16, "steps": 2,
+             "warmup": 1}
 LOCAL = {"student": "2x256", "teacher": "4x256", "vocab": 4096, "seq": 256, "batch": 8, "steps": 20, "warmup": 2}
 
 
@@ -210,13 +220,17 @@ def rehearsal_variant(variant: str, a: dict, corpus: str) -> dict:
     steps = [json.loads(x) for x in (run_dir / STEPS_LOG).read_text().splitlines()]
     last = epochs[-1]
     workers = poll.train_workers()
+    trained = steps[-1]  # rank 0's memory after the last step, before the epoch's evaluation
+    start, peak = trained.get("start_memory_mib"), trained.get("peak_memory_mib")
     return {"variant": variant, "tokens_per_s": last.get("tokens_per_s"), "fit_s": fit_s, "prepare_s": prep_s,
             "global_step": last.get("global_step"), "epochs": len(epochs), "train_loss": last.get("train_loss"),
             "val_perplexity": last.get("val_perplexity"), "test_perplexity": last.get("perplexity"),
             "step_losses": [m["loss"] for m in steps],
             "worker_peak_rss_mib": [w["peak_rss_mib"] for w in workers],
             "worker_peak_rss_mib_max": max((w["peak_rss_mib"] for w in workers), default=None),
-            "workers": workers, "driver_peak_rss_mib": driver_peak / 2**20, "driver_rss_before_fit_mib": rss0 / 2**20,
+            "workers": workers, "rank0_start_rss_mib": start, "rank0_peak_rss_mib_training": peak,
+            "rank0_training_mib": None if start is None or peak is None else peak - start,
+            "driver_peak_rss_mib": driver_peak / 2**20, "driver_rss_before_fit_mib": rss0 / 2**20,
             "train_blocks": td.train_blocks, "train_tokens": td.num_tokens, "train_shards": len(td.train_files),
             "vocab_size": td.vocab_size}
 
@@ -242,7 +256,8 @@ def rehearsal(args) -> int:
                            "time": time.time()})  # a run stopped part-way keeps the variants done
         print(f"{v:10s} {r['tokens_per_s'] or 0:8.0f} tok/s  {r['global_step']} steps in {r['fit_s']:.0f} s  "
               f"workers peak {', '.join(f'{x:.0f}' for x in r['worker_peak_rss_mib'])} MiB  driver peak "
-              f"{r['driver_peak_rss_mib']:.0f} MiB  val ppl {r['val_perplexity']:.2f}  test ppl "
+              f"{r['driver_peak_rss_mib']:.0f} MiB  rank 0 training {r['rank0_training_mib'] or 0:.0f} MiB above "
+              f"{r['rank0_start_rss_mib'] or 0:.0f}  val ppl {r['val_perplexity']:.2f}  test ppl "
               f"{r['test_perplexity']:.2f}  load {load0[0]:.1f}", flush=True)
     by = {r["variant"]: r for r in rows}
     ratios = {}
@@ -250,7 +265,10 @@ def rehearsal(args) -> int:
                       ("bf16+ckpt", "bf16", "ckpt_vs_none_bf16")):
         if x in by and y in by and by[x]["worker_peak_rss_mib_max"] and by[y]["worker_peak_rss_mib_max"]:
             ratios[f"{key}_worker_peak"] = by[x]["worker_peak_rss_mib_max"] / by[y]["worker_peak_rss_mib_max"]
+            if by[x]["rank0_training_mib"] and by[y]["rank0_training_mib"]:
+                ratios[f"{key}_training_memory"] = by[x]["rank0_training_mib"] / by[y]["rank0_training_mib"]
             ratios[f"{key}_val_perplexity"] = by[x]["val_perplexity"] / by[y]["val_perplexity"] - 1
+            ratios[f"{key}_test_perplexity"] = by[x]["test_perplexity"] / by[y]["test_perplexity"] - 1
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
     out = Path(args.out) if args.out else results_dir() / "lm_rehearsal.json"
@@ -273,7 +291,7 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus-mb", type=int, default=100, help="--ray: the corpus size")
     ap.add_argument("--workers", type=int, default=2, help="--ray: Ray Train workers")
     ap.add_argument("--num-cpus", type=int, default=None, help="--ray: CPUs of the local Ray instance")
-    ap.add_argument("--val-fraction", type=float, default=0.002, help="--ray: held-out blocks (val + test)")
+    ap.add_argument("--val-fraction", type=float, default=0.0005, help="--ray: held-out blocks (val + test)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

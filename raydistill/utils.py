@@ -172,6 +172,39 @@ def cuda_median_ms(fn, *, reps: int = 10, warmup: int = 3, calls: int = 1) -> fl
     return statistics.median(times)
 
 
+def proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``: the peak RSS) in bytes; None where
+    there is no such file (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def memory_mib(device=None) -> dict[str, float]:
+    """This process's memory now and at its peak, in MiB: on CUDA ``torch.cuda.memory_allocated`` and
+    ``max_memory_allocated`` (what the caching allocator handed out), elsewhere the resident set
+    (``VmRSS``) and its peak (``VmHWM``; ``ru_maxrss`` where there is no ``/proc``)."""
+    if device is not None and getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        return {"now": torch.cuda.memory_allocated(device) / 2**20,
+                "peak": torch.cuda.max_memory_allocated(device) / 2**20}
+    now, peak = proc_status_bytes("VmRSS"), proc_status_bytes("VmHWM")
+    if now is None or peak is None:
+        import resource
+
+        import psutil
+
+        now = psutil.Process().memory_info().rss
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"now": now / 2**20, "peak": peak / 2**20}
+
+
 def unwrap_model(model):
     """The model inside DDP/DataParallel/torch.compile wrappers (the model itself when it has none)."""
     from torch import nn

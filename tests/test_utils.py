@@ -101,3 +101,16 @@ def test_replace_dir_atomically_leaves_nothing_on_error(tmp_path):
             utils.replace_dir_atomically(out, fail)
         assert _names(out) == [utils.EXPORT_MARKER, "old.txt"]  # the earlier output is untouched
         assert _names(tmp_path) == ["out"]  # and no temporary directory is left beside it
+
+
+def test_memory_mib_follows_the_resident_set_and_its_peak():
+    import numpy as np
+
+    before = utils.memory_mib()
+    assert 0 < before["now"] <= before["peak"]
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    during = utils.memory_mib()
+    assert during["now"] >= before["now"] + 56, (before, during)
+    del block
+    after = utils.memory_mib()
+    assert after["peak"] >= during["now"] - 1 and after["now"] < during["now"] - 32, (during, after)

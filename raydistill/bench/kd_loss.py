@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from raydistill.utils import machine_info as _machine_info, results_dir
+from raydistill.utils import machine_info as _machine_info, proc_status_bytes, results_dir
 
 T_DEFAULT = 2.0
 ALPHA_DEFAULT = 0.5
@@ -89,17 +89,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _rss_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def _reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -137,9 +126,9 @@ def _peak_extra(step, device) -> int | None:
         return torch.cuda.max_memory_allocated(device) - base
     if not _reset_peak_rss():
         return None
-    base = _rss_bytes("VmRSS")
+    base = proc_status_bytes("VmRSS")
     step()
-    peak = _rss_bytes("VmHWM")
+    peak = proc_status_bytes("VmHWM")
     return None if base is None or peak is None else max(0, peak - base)
 
 

@@ -27,6 +27,7 @@ from raydistill.distill.precision import Precision
 from raydistill.distill.spec import StageSpec
 from raydistill.tasks import Task, get_task
 from raydistill.tasks.base import shard_arrays
+from raydistill.utils import memory_mib
 
 CRASH_MARKER = ".debug_crash_done"
 STEPS_LOG = "steps.jsonl"   # rank 0: a line every log_every_steps optimizer steps and at each step checkpoint
@@ -63,6 +64,7 @@ class Stage:
     attempt: int = field(default_factory=os.getpid)
     t_fn: float = field(default_factory=time.time)
     timings: dict = field(default_factory=dict)
+    memory_start_mib: float | None = None   # the worker's memory when its first step begins (models loaded)
 
     @property
     def progress_dir(self) -> Path:
@@ -155,6 +157,7 @@ def setup(spec: StageSpec) -> Stage:
     # setup_seconds: the whole set-up; data_seconds: from the teacher's loading on (shards, and with a
     # teacher the one pass that computes its outputs, CausalLMTask.prepare)
     st.timings = {"setup_seconds": time.time() - st.t_fn, "data_seconds": time.time() - t0}
+    st.memory_start_mib = memory_mib(device)["now"]
     return st
 
 
@@ -343,7 +346,14 @@ def epoch_train_metrics(st: Stage, pos: DataPosition) -> dict:
     dt = max(pos.seconds, 1e-9)
     return {"train_loss": pos.loss_sum / max(1, pos.steps),
             f"{st.task.throughput_unit}_per_s": pos.items * st.world / dt, "epoch_seconds": pos.seconds,
-            "total_steps": st.budget.total_steps}
+            "total_steps": st.budget.total_steps, **_memory(st)}
+
+
+def _memory(st: Stage) -> dict:
+    """This worker's memory (MiB; rank 0's goes to the logs): its peak so far (the process's peak resident
+    set on CPU, the allocator's peak on CUDA) and what it held when its first step began (models, teachers,
+    data loaded; the peak above it is what training itself takes: gradients, optimizer state, activations)."""
+    return {"peak_memory_mib": memory_mib(st.device)["peak"], "start_memory_mib": st.memory_start_mib}
 
 
 def after_step(st: Stage, epoch: int, loss: float) -> None:

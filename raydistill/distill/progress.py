@@ -150,9 +150,10 @@ class Progress:
 
 
 def _rate_text(m: dict) -> str:
+    mem = f"  peak {m['peak_memory_mib'] / 1024:.2f} GiB" if m.get("peak_memory_mib") else ""
     if m.get("tokens_per_s"):
-        return f"{m['tokens_per_s']:,.0f} tok/s"
-    return f"{m['samples_per_s']:,.0f} samples/s" if m.get("samples_per_s") else ""
+        return f"{m['tokens_per_s']:,.0f} tok/s{mem}"
+    return f"{m['samples_per_s']:,.0f} samples/s{mem}" if m.get("samples_per_s") else mem.strip()
 
 
 def _epoch_text(m: dict) -> str:

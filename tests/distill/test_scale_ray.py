@@ -65,6 +65,11 @@ def test_step_budget_accumulation_and_mid_epoch_resume_is_exact(ray_local, tmp_p
     assert list(steps_a) == list(range(1, budget + 1)) and list(epochs_a) == [1, 2, 3]
     assert [epochs_a[e]["global_step"] for e in (1, 2, 3)] == [spe, 2 * spe, budget]
     assert all(m["total_steps"] == budget for m in epochs_a.values())
+    # every line carries the worker's memory: its peak so far, never below what it held at its first step
+    mem = [(m["start_memory_mib"], m["peak_memory_mib"]) for m in [*steps_a.values(), *epochs_a.values()]]
+    assert all(0 < start <= peak for start, peak in mem), mem
+    peaks = [p for _, p in mem[:budget]]  # a peak only grows (the kernel's counters are approximate: 1 MiB)
+    assert all(b >= a - 1.0 for a, b in zip(peaks, peaks[1:])), peaks
     lrs = [steps_a[s]["lr"] for s in range(1, budget + 1)]
     peak = cfg.distill.optimizer.lr
     assert lrs[:3] == pytest.approx([peak / 3, 2 * peak / 3, peak])  # linear warmup over 3 steps ...

@@ -318,10 +318,11 @@ def test_progress_counts_steps_of_the_budget_with_tokens_per_s_and_eta(tmp_path,
     prog.poll()
     _append(d / "steps.jsonl", {"epoch": 1, "global_step": 4, "total_steps": 10, "tokens_per_s": 1000.0})
     _append(d / "epochs.jsonl", {"epoch": 1, "epochs": 3, "global_step": 4, "total_steps": 10, "train_loss": 2.0,
-                                 "val_perplexity": 9.0, "perplexity": 9.5, "sparsity": 0.0, "tokens_per_s": 1234.0})
+                                 "val_perplexity": 9.0, "perplexity": 9.5, "sparsity": 0.0, "tokens_per_s": 1234.0,
+                                 "peak_memory_mib": 3584.0})
     prog.poll()
     err = capsys.readouterr().err
-    assert "[student] epoch 1/3  step 4/10" in err and "1,234 tok/s" in err and "eta " in err, err
+    assert "[student] epoch 1/3  step 4/10" in err and "1,234 tok/s  peak 3.50 GiB" in err and "eta " in err, err
     eta = float(err.split("eta ")[1].split("s")[0])
     assert eta >= 0
     assert prog._stages["student"]["total"] == 10 and prog._stages["student"]["step"] == 4

@@ -92,8 +92,7 @@ class CausalLMTask(Task):
     def task_info(self, cfg, storage: Path) -> dict:
         """The tokenizer's ids and the block counts, and ``materialize``: whether workers hold the train split
         in memory (``data.materialize``, or by its size when unset; ``stage_spec`` takes it out)."""
-        td = text_data(cfg, storage)
-        return {**td.info(), "seq_len": cfg.data.seq_len, "materialize": td.materialize}
+        return _task_info(cfg, text_data(cfg, storage))
 
     def check_data(self, cfg) -> None:
         """``data.cache_path`` (writable, or a known URI), and the head of every corpus file: binary / non-UTF-8
@@ -101,7 +100,7 @@ class CausalLMTask(Task):
         ``data.skip_bad_files`` leaves them out with a warning."""
         import logging
 
-        from raydistill.config import ConfigError
+        from raydistill.errors import ConfigError
         from raydistill.data.text import SKIP_HINT, check_corpus_heads, corpus_files
 
         data = cfg.data
@@ -157,13 +156,13 @@ class CausalLMTask(Task):
         """Perplexity (with its 95% interval and per-block ``"_items"``), next-token accuracy,
         ``teacher_agreement`` (``teacher()``: the teacher module or None) and a few greedy ``samples`` on the
         test blocks."""
-        from tokenizers import Tokenizer
+        from raydistill.data.text import load_tokenizer
 
         td = text_data(cfg, storage)
         test = torch.as_tensor(td.test.astype(np.int64))
         out = lm_metrics(model, test, td.pad_id, td.vocab_size, teacher=teacher() if teacher else None, items=True)
         if samples and cfg.data.samples:
-            tok = Tokenizer.from_file(str(Path(td.tokenizer_dir) / "tokenizer.json"))
+            tok = load_tokenizer(td.tokenizer_dir)
             prompts = [row[: 16].tolist() for row in td.test[: cfg.data.samples]]
             conts = greedy_samples(model, prompts, new_tokens=32, vocab=td.vocab_size, eos_id=td.eos_id,
                                    max_len=cfg.data.seq_len)
@@ -183,7 +182,7 @@ class CausalLMTask(Task):
     def teacher_inputs(self, cfg, storage: Path) -> tuple[dict[str, np.ndarray], dict]:
         """The packed train blocks (``input_ids`` int32 ``(n, S)``)."""
         td = text_data(cfg, storage)
-        return {"input_ids": np.ascontiguousarray(td.train, dtype=np.int32)}, self.task_info(cfg, storage)
+        return {"input_ids": np.ascontiguousarray(td.train, dtype=np.int32)}, _task_info(cfg, td)
 
     def tokens_per_row(self, inputs: dict[str, np.ndarray]) -> int:
         return int(inputs["input_ids"].shape[1])
@@ -312,10 +311,15 @@ class CausalLMTask(Task):
         return out
 
 
+def _task_info(cfg, td) -> dict:
+    """``CausalLMTask.task_info`` of a prepared corpus ``td`` (``text_data``)."""
+    return {**td.info(), "seq_len": cfg.data.seq_len, "materialize": td.materialize}
+
+
 def text_data(cfg, storage: Path):
     """The tokenized, packed corpus (Ray Data; cached) -- see ``raydistill.data.text``. One tokenizer and one
     packed corpus per storage root, shared by the teacher cache and every run."""
-    from raydistill.config import ConfigError
+    from raydistill.errors import ConfigError
     from raydistill.data.text import prepare_corpus
     from raydistill.models.hf import check_vocab, hf_config_dict
 

@@ -36,6 +36,11 @@ def expected_teacher_hash(cfg: Config) -> str | None:
 
 
 def check_teacher_outputs(cfg: Config, tokenizer_dir=None) -> CacheInfo:
+    return _checked(cfg, tokenizer_dir)[0]
+
+
+def _checked(cfg: Config, tokenizer_dir=None) -> tuple[CacheInfo, bool]:
+    """The checked cache and :func:`use_tail`'s answer for it (its tail check, and warning, run once)."""
     key = cfg.teacher_outputs_key()
     try:
         info = open_cache(cfg.teacher_outputs_path(), key=key)
@@ -43,8 +48,7 @@ def check_teacher_outputs(cfg: Config, tokenizer_dir=None) -> CacheInfo:
                     tokenizer_hash=tokenizer_hash(tokenizer_dir) if tokenizer_dir else None, key=key)
     except CacheError as exc:
         raise ConfigError(str(exc)) from None
-    use_tail(cfg, info.meta, info.files[0])
-    return info
+    return info, use_tail(cfg, info.meta, info.files[0])
 
 
 def _offline_temperatures(cfg: Config) -> dict[float, str]:
@@ -94,5 +98,5 @@ def offline_dataset(cfg: Config, tokenizer_dir=None):
     number of rows."""
     from raydistill.data.topk_cache import read_dataset
 
-    info = check_teacher_outputs(cfg, tokenizer_dir)
-    return read_dataset(info, tail=use_tail(cfg, info.meta)), info.rows
+    info, tail = _checked(cfg, tokenizer_dir)
+    return read_dataset(info, tail=tail), info.rows

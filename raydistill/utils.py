@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["machine_info", "no_space_left", "unwrap_model", "write_json_atomic", "check_output_dir",
+__all__ = ["machine_info", "new_jsonl_lines", "no_space_left", "unwrap_model", "write_json_atomic", "check_output_dir",
            "replace_dir_atomically", "EXPORT_MARKER"]
 
 EXPORT_MARKER = ".raydistill-export.json"
@@ -31,6 +31,25 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> 
     finally:
         tmp.unlink(missing_ok=True)
     return p
+
+
+def new_jsonl_lines(path: str | os.PathLike, offset: int) -> tuple[list[dict], int]:
+    """The complete lines appended to the jsonl file ``path`` since byte ``offset``, parsed (a line still
+    being written waits for the next call, a line that is no JSON is skipped), and the offset after them."""
+    p = Path(path)
+    if not p.is_file():
+        return [], offset
+    with open(p, "rb") as fh:
+        fh.seek(offset)
+        chunk = fh.read()
+    chunk = chunk[: chunk.rfind(b"\n") + 1]
+    out = []
+    for line in chunk.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            continue
+    return out, offset + len(chunk)
 
 
 def no_space_left(exc: BaseException) -> OSError | bool:

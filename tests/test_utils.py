@@ -114,3 +114,18 @@ def test_memory_mib_follows_the_resident_set_and_its_peak():
     del block
     after = utils.memory_mib()
     assert after["peak"] >= during["now"] - 1 and after["now"] < during["now"] - 32, (during, after)
+
+
+def test_new_jsonl_lines_reads_complete_lines_once(tmp_path):
+    p = tmp_path / "steps.jsonl"
+    assert utils.new_jsonl_lines(p, 0) == ([], 0)  # no file yet
+    first = json.dumps({"stage": "Schüler", "global_step": 1}, ensure_ascii=False) + "\n"
+    p.write_text(first + "not json\n" + '{"global_step": 2', encoding="utf-8")  # the last line still being written
+    lines, off = utils.new_jsonl_lines(p, 0)
+    assert lines == [{"stage": "Schüler", "global_step": 1}]
+    assert off == len((first + "not json\n").encode())  # bytes, not characters: the next read starts right
+    with open(p, "a", encoding="utf-8") as fh:
+        fh.write(', "loss": 0.5}\n{"global_step": 3}\n')
+    lines, off2 = utils.new_jsonl_lines(p, off)
+    assert [m["global_step"] for m in lines] == [2, 3] and lines[0]["loss"] == 0.5
+    assert off2 == p.stat().st_size and utils.new_jsonl_lines(p, off2) == ([], off2)

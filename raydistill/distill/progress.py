@@ -4,11 +4,12 @@ optimizer steps of its budget (a terminal) or one plain line per epoch (logs, CI
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from pathlib import Path
+
+from raydistill.utils import new_jsonl_lines
 
 log = logging.getLogger("raydistill")
 
@@ -79,21 +80,8 @@ class Progress:
 
     @staticmethod
     def _new_lines(path: Path, st: dict, key: str) -> list[dict]:
-        if not path.is_file():
-            return []
-        with open(path) as fh:
-            fh.seek(st[key])
-            chunk = fh.read()
-            if not chunk.endswith("\n"):
-                chunk = chunk[: chunk.rfind("\n") + 1]
-            st[key] += len(chunk)
-        out = []
-        for line in chunk.splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
+        lines, st[key] = new_jsonl_lines(path, st[key])
+        return lines
 
     def _step(self, st: dict, m: dict) -> None:
         """Steps of the budget done, and when the first one was seen (the ETA's rate)."""

@@ -29,6 +29,7 @@ from typing import Any
 
 from raydistill.config import Config, ConfigError
 from raydistill.distill.data import check_storage
+from raydistill.utils import new_jsonl_lines
 
 EXPERIMENT = "raydistill"
 # bookkeeping keys of the jsonl lines that are no metrics
@@ -121,19 +122,9 @@ class _Follow:
         self.path, self.key, self.offset, self.last = path, key, 0, None
 
     def new_lines(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        with open(self.path) as fh:
-            fh.seek(self.offset)
-            chunk = fh.read()
-        chunk = chunk[: chunk.rfind("\n") + 1]
-        self.offset += len(chunk.encode())
+        lines, self.offset = new_jsonl_lines(self.path, self.offset)
         out = []
-        for line in chunk.splitlines():
-            try:
-                m = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for m in lines:
             x = m.get(self.key)
             if x is None or (self.last is not None and x <= self.last):
                 continue

@@ -21,6 +21,7 @@ directory per trial, plus the search's report files (:func:`log_search_summary`)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -30,6 +31,8 @@ from typing import Any
 from raydistill.config import Config, ConfigError
 from raydistill.distill.data import check_storage
 from raydistill.utils import new_jsonl_lines
+
+log = logging.getLogger("raydistill")
 
 EXPERIMENT = "raydistill"
 # bookkeeping keys of the jsonl lines that are no metrics
@@ -93,7 +96,7 @@ def check_tracking(cfg: Config, storage, name: str) -> None:
         if "://" in uri:
             raise ConfigError(f"run.tracking_uri: {uri!r}: TensorBoard logs to a local directory here (torch's "
                               f"SummaryWriter); give a path")
-        _writable_dir(Path(uri), key)
+        check_storage(Path(uri), key)
         return
     path, is_db = _local_path(uri)
     if path is None:
@@ -101,13 +104,9 @@ def check_tracking(cfg: Config, storage, name: str) -> None:
     if is_db:
         if path.exists() and (path.is_dir() or not os.access(path, os.W_OK)):
             raise ConfigError(f"{key}: {uri!r}: {path} is not a writable database file")
-        _writable_dir(path.parent, key)
+        check_storage(path.parent, key)
     else:
-        _writable_dir(path, key)
-
-
-def _writable_dir(p: Path, key: str) -> None:
-    check_storage(p, key)
+        check_storage(path, key)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,11 +181,16 @@ class Tracker:
             self._thread.join(timeout=10)
 
     def _loop(self) -> None:
+        warned = False
         while not self._stop.wait(2.0):
             try:
                 self.poll()
-            except Exception:  # noqa: BLE001 - tracking never stops the job; the final poll reports errors
-                pass
+            except Exception as exc:  # noqa: BLE001 - tracking never stops the job; the final poll raises
+                # the lines of a failed poll are not logged again: say so once, in the job's log
+                log.log(logging.DEBUG if warned else logging.WARNING, "run.tracking: logging to %s failed (%s: "
+                        "%s); metrics of that poll are missing there", self.kind, type(exc).__name__, exc,
+                        exc_info=warned)
+                warned = True
 
     def _stage_dirs(self) -> dict[str, Path]:
         dirs = {p.parent.name: p.parent for p in self.run_dir.glob("*/epochs.jsonl")}

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["machine_info", "new_jsonl_lines", "no_space_left", "unwrap_model", "write_json_atomic", "check_output_dir",
+__all__ = ["error_line", "machine_info", "new_jsonl_lines", "no_space_left", "unwrap_model", "write_json_atomic", "check_output_dir",
            "replace_dir_atomically", "EXPORT_MARKER"]
 
 EXPORT_MARKER = ".raydistill-export.json"
@@ -31,6 +31,14 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> 
     finally:
         tmp.unlink(missing_ok=True)
     return p
+
+
+def error_line(text: str, limit: int = 400) -> str:
+    """The line of an error's text (a traceback, Ray's wrapper of a worker's error) that names it: the last
+    one mentioning an ``Error`` or ``Exception``, else the last line; at most ``limit`` characters."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    named = [ln for ln in lines if "Error" in ln or "Exception" in ln]
+    return (named[-1] if named else lines[-1] if lines else "")[:limit]
 
 
 def new_jsonl_lines(path: str | os.PathLike, offset: int) -> tuple[list[dict], int]:

@@ -129,3 +129,12 @@ def test_new_jsonl_lines_reads_complete_lines_once(tmp_path):
     lines, off2 = utils.new_jsonl_lines(p, off)
     assert [m["global_step"] for m in lines] == [2, 3] and lines[0]["loss"] == 0.5
     assert off2 == p.stat().st_size and utils.new_jsonl_lines(p, off2) == ([], off2)
+
+
+def test_error_line_names_the_error_of_a_wrapped_traceback():
+    text = ("ray::TrainWorker.run() (pid=7)\n  File \"x.py\", line 3, in f\n    raise OSError(28)\n"
+            "OSError: [Errno 28] No space left on device\n\nduring handling, the worker exited\n")
+    assert utils.error_line(text) == "OSError: [Errno 28] No space left on device"
+    assert utils.error_line(text, 7) == "OSError"
+    assert utils.error_line("\n  just a message \n\n") == "just a message"  # nothing names an error: the last line
+    assert utils.error_line("") == ""

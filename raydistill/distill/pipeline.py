@@ -42,6 +42,7 @@ from raydistill.distill.spec import TeacherArtifact
 from raydistill.distill.stages import build_baseline_trainer, build_student_trainer
 from raydistill.distill.teachers import artifact_from_checkpoint, ensure_teacher, teacher_log
 from raydistill.tasks import get_task
+from raydistill.utils import error_line
 
 log = logging.getLogger("raydistill")
 
@@ -53,13 +54,8 @@ class StageFailed(RuntimeError):
 
 
 def _short_error(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    # Ray wraps worker errors; the last non-empty line is usually the real one
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "Error" in ln or "Exception" in ln:
-            return ln[:400]
-    return lines[-1][:400] if lines else type(exc).__name__
+    # Ray wraps worker errors; the last line naming an error is usually the real one
+    return error_line(str(exc)) or type(exc).__name__
 
 
 def _comparable(cfg: Config) -> dict:

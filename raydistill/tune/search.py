@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raydistill.tune.space import SearchSpec, apply_trial_config, short_names
+from raydistill.utils import error_line
 
 # Ray resource quantities are fixed-point with 1e-4 granularity.
 _RES_STEP = 1e-4
@@ -320,7 +321,7 @@ def trial_rows(trials: list, base: dict, spec: SearchSpec, build_config: Callabl
         err = ""
         if status == "ERROR":
             ef = getattr(t, "error_file", None) or ""
-            err = _first_error_line(ef)
+            err = _error_file_line(ef)
         rows.append({
             "trial_id": t.trial_id,
             "status": status,
@@ -404,13 +405,12 @@ def _reconcile_checkpoint(row: dict, epochs_cfg: int) -> None:
         row["stopped_early"] = bool(row["status"] == "TERMINATED" and int(ep) < epochs_cfg)
 
 
-def _first_error_line(path: str) -> str:
+def _error_file_line(path: str) -> str:
+    """The line of a trial's error file that names its error (:func:`raydistill.utils.error_line`)."""
     try:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+        return error_line(Path(path).read_text(), 300)
     except OSError:
         return "error (no error file)"
-    tail = [ln for ln in lines if "Error" in ln or "Exception" in ln]
-    return (tail[-1] if tail else (lines[-1] if lines else ""))[:300]
 
 
 @dataclass

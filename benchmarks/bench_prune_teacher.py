@@ -69,7 +69,7 @@ def shapes(teacher, student_config: dict) -> dict:
 
 
 def load_teacher_and_data(cfg, storage: Path):
-    """(teacher model in eval mode, TeacherArtifact, TextData): trains the teacher if it is not cached."""
+    """(teacher model in eval mode, TeacherArtifact, CorpusInfo): trains the teacher if it is not cached."""
     from raydistill.distill.checkpointing import load_weights
     from raydistill.distill.session import ray_session
     from raydistill.distill.teachers import ensure_teacher

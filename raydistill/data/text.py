@@ -234,12 +234,8 @@ def train_bpe(texts, vocab_size: int, out_dir: Path) -> Path:
     return out_dir
 
 
-def special_ids(tokenizer_dir) -> tuple[int, int]:
-    """(eos_id, pad_id) of a tokenizer; a tokenizer without ``<pad>`` pads with its EOS."""
-    return _special_ids(load_tokenizer(tokenizer_dir), tokenizer_dir)
-
-
 def _special_ids(tok, tokenizer_dir) -> tuple[int, int]:
+    """(eos_id, pad_id) of a tokenizer; a tokenizer without ``<pad>`` pads with its EOS."""
     eos = tok.token_to_id(EOS)
     if eos is None:
         for cand in ("</s>", "<eos>", "[SEP]"):
@@ -634,9 +630,6 @@ class CorpusInfo:
 def _read_shards(batch: dict, *, root: str) -> dict:
     fs, base = filesystem(root)
     return {"input_ids": read_blocks(fs, [f"{base}/{f}" for f in batch["file"]])}
-
-
-TextData = CorpusInfo  # the former name
 
 
 def prepare_corpus(data, storage) -> CorpusInfo:

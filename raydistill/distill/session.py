@@ -221,17 +221,3 @@ def _init_with_retry(ray, address, kwargs, attempts: int = 3) -> None:
                 port = _free_port()
                 kwargs["dashboard_port"] = port
                 os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-
-
-def ray_log_dir() -> str | None:
-    """The current Ray session's log directory (workers' stdout/stderr), if Ray is running locally."""
-    try:
-        import ray
-
-        ctx = ray.get_runtime_context()
-        node = getattr(ray, "_private", None) and ray._private.worker.global_worker.node
-        if node is not None:
-            return node.get_logs_dir_path()
-        return getattr(ctx, "gcs_address", None)
-    except Exception:
-        return None

@@ -14,9 +14,6 @@ from raydistill.utils import unwrap_model
 
 __all__ = ["LayerReport", "CompressionReport", "compress", "model_sparsity_report", "csr_nbytes"]
 
-INDEX_BYTES = 4  # int32 row pointers and column indices
-
-
 @dataclass
 class LayerReport:
     """One compressed layer's weight (bias excluded; biases count under the model totals)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from raydistill.config import Config, config_hash
 from raydistill.distill.data import distill_rows, resolve_storage, stage_datasets, task_info
-from raydistill.distill.spec import StageSpec, TeacherArtifact, TeacherRef, model_dict
+from raydistill.distill.spec import StageSpec, TeacherArtifact, TeacherRef, model_dict, teacher_config
 
 def _threads(resources: dict | None) -> int:
     cpu = (resources or {}).get("CPU", 1)
@@ -160,7 +160,7 @@ def _workers_and_threads(cfg: Config, num_workers, resources_per_worker) -> tupl
 def build_teacher_trainer(cfg: Config, *, storage_path, name: str, callbacks=None, num_workers=None,
                           resources_per_worker=None, data_root=None, teacher: str | None = None):
     """Teacher ``teacher`` (a name of ``Config.teacher_map()``; None: the first) trained with cross-entropy."""
-    tc = cfg.teacher_map()[teacher or next(iter(cfg.teacher_map()))]
+    tc = teacher_config(cfg, teacher)
     storage = resolve_storage(storage_path)
     data_storage = resolve_storage(data_root) if data_root else storage
     datasets, rows = stage_datasets(cfg, data_storage, "ce")

@@ -256,12 +256,17 @@ def _get_path(data: dict, path: str) -> Any:
 
 
 def _set_path(data: dict, path: str, value: Any) -> dict:
+    """A deep copy of ``data`` with the existing key ``path`` set to ``value`` (SearchSpaceError if there is
+    no such key: ``_step`` would otherwise give the key None and the value would be written under it)."""
     out = copy.deepcopy(data)
     cur = out
     parts = path.split(".")
     for part in parts[:-1]:
         cur = _step(cur, part)[1]
-    cur[_step(cur, parts[-1])[0]] = value
+    key, old = _step(cur, parts[-1])
+    if old is _MISSING:
+        raise SearchSpaceError(f"search.space.{path}: not a config key")
+    cur[key] = value
     return out
 
 

@@ -241,3 +241,14 @@ def test_loss_term_weights_layers_and_teacher_weights_are_searchable_by_path():
     with pytest.raises(SearchSpaceError, match=r"search.space.distill.terms.2.layers: value 'middle'"):
         check_space_against_config(bad, base, config_from_dict)
 
+
+
+def test_set_path_refuses_a_key_the_config_does_not_have():
+    from raydistill.tune.space import _set_path
+
+    base = config_from_dict({"distill": {"terms": [{"type": "kd_logits"}, {"type": "ce", "weight": 0.5}]}}
+                            ).model_dump(mode="json")
+    assert _set_path(base, "distill.terms.1.weight", 0.25)["distill"]["terms"][1]["weight"] == 0.25
+    for missing in ("distill.nope", "distill.terms.2.weight", "distill.terms.x.weight", "nope.weight"):
+        with pytest.raises(SearchSpaceError, match=f"search.space.{missing}: not a config key"):
+            _set_path(base, missing, 1.0)  # was: written under the key None (or a TypeError)

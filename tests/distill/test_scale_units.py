@@ -287,6 +287,34 @@ def test_tracking_tensorboard_event_files_read_back(tmp_path):
     assert report["export"] in texts["export/text_summary"]
 
 
+def test_tracking_background_failure_is_logged_not_swallowed(tmp_path, caplog):
+    """A poll of the tracking thread that fails (a server gone) loses its lines: the job's log says so once."""
+    import logging
+    import time
+
+    from raydistill.config import load_config
+    from raydistill.distill.tracking import Tracker
+
+    run, _ = _fake_run(tmp_path)
+    cfg = load_config("lm_tiny", ["run.tracking=tensorboard"])
+    caplog.set_level(logging.DEBUG, logger="raydistill")
+    with Tracker(cfg, tmp_path / "runs", "job", run) as tr:
+        def down(*a, **k):
+            raise ConnectionError("tracking server went away")
+
+        tr._backend.log = down
+        _append(run / "student" / "steps.jsonl", {"epoch": 1, "global_step": 1, "loss": 1.0})
+        deadline = time.time() + 30
+        while time.time() < deadline and sum("went away" in r.getMessage() for r in caplog.records) < 2:
+            _append(run / "student" / "steps.jsonl", {"epoch": 1, "global_step": int(time.time() * 1e3), "loss": 1.0})
+            time.sleep(0.2)
+        tr._backend.log = lambda *a, **k: None
+    hits = [r for r in caplog.records if "went away" in r.getMessage()]
+    assert len(hits) >= 2, "the thread's failed polls were not logged"
+    assert [r.levelno for r in hits][:2] == [logging.WARNING, logging.DEBUG]  # warned once, then quietly
+    assert "run.tracking: logging to tensorboard failed (ConnectionError" in hits[0].getMessage()
+
+
 def test_tracking_default_uris_and_unwritable_store(tmp_path):
     from raydistill.config import ConfigError, load_config
     from raydistill.distill.tracking import check_tracking, tracking_uri

@@ -17,7 +17,14 @@ Codecs (the name and parameters are recorded in every shard, see ``topk_cache``)
 ``raw``
     float32 values, int32 ids, float32 tail: exact (12 bytes an entry before parquet's compression).
 
-``q8`` (the default)
+``cm`` (what ``auto``, the default of ``raydistill teacher-logits``, picks for a vocabulary of at most
+``CM_MAX_VOCAB`` ids; ``q8`` above)
+    q8's codes (ids, values at ``value_levels``, tail byte), range-coded under an adaptive context model over
+    a shard's tokens in order, conditioned on each token's input id (``raydistill.data.topk_cm``): one stream
+    per shard, decoded whole (:func:`encode_cm`, :func:`decode_cm`). Decoded values are bit-identical to q8's
+    at the same levels.
+
+``q8``
     * ids: sorted per token, then either a bitmap of the vocabulary (``V / 8`` bytes a token; used when
       ``V <= 8 k``) or their gaps (``id_j - id_{j-1} - 1``) as LEB128 varints (one byte for gaps below 128);
     * values: one byte each, :math:`c = \mathrm{round}((L - 1)\, p^{\gamma})` with ``L = value_levels``

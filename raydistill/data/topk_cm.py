@@ -41,7 +41,7 @@ MAX_VOCAB = 4096       # the (input id x vocabulary id) count tables are V x V
 A_MEMBER = 2.0         # pseudo-count of the shard prior in P(v | x)
 B_VALUE = 1.0          # pseudo-count of the shard mean in the predicted code
 W_COUNT = 50           # categorical probabilities ~ W_COUNT * count + 1 (a pseudo-count of 1 / W_COUNT)
-NB, NCB, NP, NA = 32, 4, 4, 16   # value contexts: predicted-code buckets, count buckets, P buckets, anchors
+NB, NCB, NP, NA = 16, 4, 4, 16   # value contexts: predicted-code buckets, count buckets, P buckets, anchors
 P_BITS = 16            # membership probabilities are classed on a 2^-16 grid
 
 

@@ -80,9 +80,9 @@ def test_lm_distil_crash_resume_export_roundtrip(ray_local, lm_storage):
 
 def test_lm_teacher_logits_compressed_resumed_and_offline_distillation(ray_local, lm_storage):
     """k = 128 through the default codec (cm at this vocabulary) in 4 shards: an interrupted run (its actor dies
-    after one shard), run again, writes exactly the shards of an uninterrupted run; the decoded outputs match the online teacher within
-    the codec's steps; the report records bytes / token, tokens / s and fidelity; a student distils from the
-    cache with its tail."""
+    after one shard), run again, writes exactly the shards of an uninterrupted run; the decoded outputs match the
+    online teacher within the codec's steps; the report records bytes / token, tokens / s and fidelity; a
+    student distils from the cache (read one shard per Ray Data task) with its tail."""
     import math
 
     from raydistill.config import load_config

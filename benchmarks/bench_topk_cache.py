@@ -12,12 +12,13 @@ or ``raydistill teacher-logits lm_default`` put them there; the teacher is train
   ``--legacy DIR`` is given, and the q8 codec's frontier (value levels x bytes x KL(exact || decoded) over
   **all** tokens, the raw cache's float32 log-probabilities as the exact ones).
 * ``epoch``: one training epoch of the distilled student (lm_default's settings) from each cache, side by
-  side in this process (raw, q8, q8 + tail, cm, then again): the data-loader part (read + decode every shard into tensors)
+  side in this process (raw, q8, q8 + tail, cm, then again): the data-loader part (read + decode every shard
+  into tensors)
   and the optimizer steps, timed separately.
 * ``students``: the student distilled from raw, from q8 and from q8 with the tail, ``--seeds`` each, with the
   pipeline's loss, optimizer, schedule and batch order (``benchmarks/lm_kd_quick.py``): test perplexity
   and the ratio q8 / raw per seed.
-* ``resume``: a q8 pass interrupted after one shard (``debug_fail_after_shards``), run again, against an
+* ``resume``: a pass with the default codec interrupted after one shard (``debug_fail_after_shards``), run again, against an
   uninterrupted pass: sha256 of every shard.
 
 Prints a table per part and writes everything, with the machine and load average, to ``--out``.

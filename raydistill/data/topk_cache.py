@@ -12,8 +12,8 @@ columns: ``raw`` stores ``topk_values`` float32, ``topk_indices`` int32 (``(S, k
 ``topk_tail`` float32; ``q8`` stores one binary value per row and field, ``topk_indices_q8``,
 ``topk_values_q8``, ``topk_tail_q8`` (``raydistill.data.topk_codec``); ``cm`` stores the shard's whole stream
 in the first row of ``topk_cm`` (the other rows empty): its context model runs over the shard's tokens in
-order, so a ``cm`` shard is decoded whole (:func:`read_dataset` reads one shard per Ray Data task). The file's key-value metadata
-``raydistill.topk_cache`` is a JSON object::
+order, so a ``cm`` shard is decoded whole (:func:`read_dataset` reads one shard per Ray Data task). The file's
+key-value metadata ``raydistill.topk_cache`` is a JSON object::
 
     {"format": "raydistill.topk_cache", "version": 1, "codec": {name, value_levels, gamma, ...},
      "k", "vocab_size", "task", "tokens_per_row", "rows", "start", "stop", "input_columns",

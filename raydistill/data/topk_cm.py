@@ -13,7 +13,8 @@ chunk is decoded with a few vectorised NumPy steps and a few hundred calls of ``
 decoder (one per probability class / context, each over all the chunk's symbols of that class). For a token
 with input id ``x`` (the input token at that position; 0 for tasks without input ids):
 
-* header: a CRC-32 of the rest of the stream, the number of tokens, a CRC-32 of the input ids; per vocabulary id ``v`` its membership rate in the shard (uint16) and its mean code (uint8);
+* header: a CRC-32 of the rest of the stream, the number of tokens, a CRC-32 of the input ids; per vocabulary
+  id ``v`` its membership rate in the shard (uint16) and its mean code (uint8);
 * ``tail`` (when the cache has one): its byte, from the counts of the tails coded so far;
 * ``anchor``: the token's lower-median value code (an extra symbol; it tells how flat the distribution is),
   from the counts of anchors so far;
@@ -190,7 +191,8 @@ def encode(idx: np.ndarray, codes: np.ndarray, tail: np.ndarray | None, x: np.nd
             enc.encode(fc[u:w], model.categorical(model.h_value[c]))
         np.add.at(model.h_value, (ctx, cc.reshape(-1)), 1)
         model.update(xi, ii, cc, anc, ti)
-    body = np.concatenate([np.array([n, _inputs_crc(x)], "<u4").view(np.uint8), q0.view(np.uint8), m0b, enc.get_compressed().astype("<u4").view(np.uint8)])
+    words = enc.get_compressed().astype("<u4").view(np.uint8)
+    body = np.concatenate([np.array([n, _inputs_crc(x)], "<u4").view(np.uint8), q0.view(np.uint8), m0b, words])
     return np.concatenate([np.array([zlib.crc32(body)], "<u4").view(np.uint8), body])
 
 

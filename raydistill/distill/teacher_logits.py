@@ -1,6 +1,6 @@
 """Offline teacher outputs: run the teacher once over the distillation rows with Ray Data and keep, per token,
-its top-k log-probabilities, their ids and the log of its mass outside them, compressed (``q8``, about a
-tenth of the raw bytes) or raw, in parquet shards that ``distill.teacher_outputs`` reads through
+its top-k log-probabilities, their ids and the log of its mass outside them, compressed (``cm`` by default for
+vocabularies up to 4096 ids, else ``q8``; a sixth to a fifth of the raw bytes) or raw, in parquet shards that ``distill.teacher_outputs`` reads through
 ``kd_loss_topk`` instead of running the teacher in every step of every run.
 
 The job: the input rows (``Task.teacher_inputs``: the packed train blocks of a causal LM; MNIST-1D's train rows
@@ -240,8 +240,8 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
                           tail_temperature: float | None = None, compression: str = "zstd",
                           compression_level: int | None = 9, debug_fail_after_shards: int | None = None) -> Path:
     """Train/load the teacher, then write its top-k outputs over the train (+ transfer) rows as parquet shards
-    (resuming an interrupted run); returns the directory. ``codec``: ``"auto"`` (default: ``"cm"`` for a vocabulary of at most
-    4096 ids, else ``"q8"``), ``"cm"``, ``"q8"``, ``"raw"`` or a
+    (resuming an interrupted run); returns the directory. ``codec``: ``"auto"`` (default: ``"cm"`` for a
+    vocabulary of at most 4096 ids, else ``"q8"``), ``"cm"``, ``"q8"``, ``"raw"`` or a
     :class:`~raydistill.data.topk_codec.CodecSpec`; ``tail``: store the log mass outside the top-k at
     ``tail_temperature`` (default ``distill.temperature``). ``debug_fail_after_shards`` (tests): each teacher
     actor raises after writing that many shards, an interrupted run."""

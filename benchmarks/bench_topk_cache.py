@@ -18,8 +18,8 @@ or ``raydistill teacher-logits lm_default`` put them there; the teacher is train
 * ``students``: the student distilled from raw, from q8 and from q8 with the tail, ``--seeds`` each, with the
   pipeline's loss, optimizer, schedule and batch order (``benchmarks/lm_kd_quick.py``): test perplexity
   and the ratio q8 / raw per seed.
-* ``resume``: a pass with the default codec interrupted after one shard (``debug_fail_after_shards``), run again, against an
-  uninterrupted pass: sha256 of every shard.
+* ``resume``: a pass with the default codec interrupted after one shard (``debug_fail_after_shards``), run
+  again, against an uninterrupted pass: sha256 of every shard.
 
 Prints a table per part and writes everything, with the machine and load average, to ``--out``.
 """

@@ -1,7 +1,7 @@
 """Offline teacher outputs: run the teacher once over the distillation rows with Ray Data and keep, per token,
 its top-k log-probabilities, their ids and the log of its mass outside them, compressed (``cm`` by default for
-vocabularies up to 4096 ids, else ``q8``; a sixth to a fifth of the raw bytes) or raw, in parquet shards that ``distill.teacher_outputs`` reads through
-``kd_loss_topk`` instead of running the teacher in every step of every run.
+vocabularies up to 4096 ids, else ``q8``; a sixth to a fifth of the raw bytes) or raw, in parquet shards that
+``distill.teacher_outputs`` reads through ``kd_loss_topk`` instead of running the teacher in every step of every run.
 
 The job: the input rows (``Task.teacher_inputs``: the packed train blocks of a causal LM; MNIST-1D's train rows
 and transfer set) are cut into shards of ``shard_rows`` rows; a Ray Data dataset of the shards still to write flows through

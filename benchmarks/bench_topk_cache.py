@@ -1,5 +1,5 @@
-"""Offline teacher outputs at k = 128 on ``lm_default``'s corpus and teacher (issue 23): the compressed (q8)
-cache against the uncompressed (raw) one.
+"""Offline teacher outputs at k = 128 on ``lm_default``'s corpus and teacher (issue 23): the compressed (cm, the
+default, and q8) caches against the uncompressed (raw) one.
 
     PYTHONPATH=. python benchmarks/bench_topk_cache.py --storage runs [--parts size,epoch,students,resume]
         [--seeds 0,1,2] [--out benchmarks/results/topk_cache.json]
@@ -7,18 +7,19 @@ cache against the uncompressed (raw) one.
 ``--storage`` holds ``lm_default``'s tokenized corpus and cached teacher (``raydistill distill lm_default``
 or ``raydistill teacher-logits lm_default`` put them there; the teacher is trained first if missing). Parts:
 
-* ``size``: writes the raw and the q8 cache with ``raydistill teacher-logits`` (Ray Data, 1 actor; kept in
-  ``<storage>/bench_topk/<codec>-<shard rows>`` and reused), then bytes / token of both, the legacy format's bytes if
+* ``size``: writes the raw, the q8 and the cm cache with ``raydistill teacher-logits`` (Ray Data, 1 actor; kept in
+  ``<storage>/bench_topk/<codec>-<shard rows>`` and reused), then bytes / token of each, the legacy format's bytes if
   ``--legacy DIR`` is given, and the q8 codec's frontier (value levels x bytes x KL(exact || decoded) over
   **all** tokens, the raw cache's float32 log-probabilities as the exact ones).
 * ``epoch``: one training epoch of the distilled student (lm_default's settings) from each cache, side by
-  side in this process (raw, q8, raw, q8): the data-loader part (read + decode every shard into tensors)
+  side in this process (raw, q8, q8 + tail, cm, then again): the data-loader part (read + decode every shard
+  into tensors)
   and the optimizer steps, timed separately.
 * ``students``: the student distilled from raw, from q8 and from q8 with the tail, ``--seeds`` each, with the
   pipeline's loss, optimizer, schedule and batch order (``benchmarks/lm_kd_quick.py``): test perplexity
   and the ratio q8 / raw per seed.
-* ``resume``: a q8 pass interrupted after one shard (``debug_fail_after_shards``), run again, against an
-  uninterrupted pass: sha256 of every shard.
+* ``resume``: a pass with the default codec interrupted after one shard (``debug_fail_after_shards``), run
+  again, against an uninterrupted pass: sha256 of every shard.
 
 Prints a table per part and writes everything, with the machine and load average, to ``--out``.
 """
@@ -68,7 +69,7 @@ def write_caches(cfg, storage: Path, shard_rows: int | None) -> dict[str, Path]:
     from raydistill.distill.teacher_logits import write_teacher_outputs
 
     out = {}
-    for codec in ("raw", "q8"):
+    for codec in ("raw", "q8", "cm"):
         d = storage / "bench_topk" / f"{codec}-{shard_rows or 'default'}"
         t0 = time.time()
         write_teacher_outputs(cfg, storage_path=storage, output=d, topk=K, concurrency=1, codec=codec,
@@ -111,7 +112,7 @@ def part_size(caches: dict, legacy: str | None) -> dict:
                      "kl_rule": K / (6 * (levels - 1) ** 2)})
     res["frontier"] = rows
     print("\n| cache | bytes/token | KL top-k | KL with tail |\n|---|---:|---:|---:|")
-    for name in ("legacy", "raw", "q8"):
+    for name in ("legacy", "raw", "q8", "cm"):
         if name in res:
             f = res[name].get("fidelity", {})
             kl = [f"{f[key]:.2e}" if f.get(key) is not None else "-" for key in ("kl_topk", "kl_with_tail")]
@@ -163,7 +164,8 @@ def _ray_data_seconds(cache: Path, tail: bool) -> float:
 
 def part_epoch(cfg, storage, caches, repeats: int = 3) -> dict:
     task, td, info, ev = _setup(cfg, storage)
-    runs = {"raw": (caches["raw"], False), "q8": (caches["q8"], False), "q8_tail": (caches["q8"], True)}
+    runs = {"raw": (caches["raw"], False), "q8": (caches["q8"], False), "q8_tail": (caches["q8"], True),
+            "cm": (caches["cm"], False)}
     res = {name: [] for name in runs}
     for name, (cache, tail) in runs.items():
         res[f"{name}_ray_data_s"] = _ray_data_seconds(cache, tail)

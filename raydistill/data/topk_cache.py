@@ -10,8 +10,10 @@ One parquet row per input row (a packed block of ``tokens_per_row`` tokens for a
 classification) with the input columns (``input_ids`` int32 ``(S,)``; or ``x``, ``y``) and the codec's
 columns: ``raw`` stores ``topk_values`` float32, ``topk_indices`` int32 (``(S, k)`` / ``(k,)``) and
 ``topk_tail`` float32; ``q8`` stores one binary value per row and field, ``topk_indices_q8``,
-``topk_values_q8``, ``topk_tail_q8`` (``raydistill.data.topk_codec``). The file's key-value metadata
-``raydistill.topk_cache`` is a JSON object::
+``topk_values_q8``, ``topk_tail_q8`` (``raydistill.data.topk_codec``); ``cm`` stores the shard's whole stream
+in the first row of ``topk_cm`` (the other rows empty): its context model runs over the shard's tokens in
+order, so a ``cm`` shard is decoded whole (:func:`read_dataset` reads one shard per Ray Data task). The file's
+key-value metadata ``raydistill.topk_cache`` is a JSON object::
 
     {"format": "raydistill.topk_cache", "version": 1, "codec": {name, value_levels, gamma, ...},
      "k", "vocab_size", "task", "tokens_per_row", "rows", "start", "stop", "input_columns",
@@ -38,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from raydistill.data.ray_data import table_to_arrays
-from raydistill.data.topk_codec import CodecError, CodecSpec, decode
+from raydistill.data.topk_codec import CodecError, CodecSpec, decode, decode_cm
 
 FORMAT = "raydistill.topk_cache"
 VERSION = 1
@@ -46,6 +48,7 @@ META_KEY = b"raydistill.topk_cache"
 REPORT_FILE = "teacher_logits.json"
 SHARD_RE = re.compile(r"^part-(\d{10})-(\d{10})\.parquet$")
 Q8_FIELDS = ("indices", "values", "tail")
+CM_COLUMN = "topk_cm"
 
 
 class CacheError(ValueError):
@@ -125,6 +128,15 @@ def _row_binary(b: np.ndarray, per_token: np.ndarray, rows: int):
                                                                       pa.py_buffer(np.ascontiguousarray(b))])
 
 
+def _context_ids(inputs: dict, n_tok: int) -> np.ndarray:
+    """The input id of each token (cm's context): ``input_ids`` when the rows have them, else zeros."""
+    if "input_ids" in inputs:
+        x = np.asarray(inputs["input_ids"]).reshape(-1)
+        if len(x) == n_tok:
+            return x.astype(np.int64)
+    return np.zeros(n_tok, np.int64)
+
+
 def shard_table(meta: CacheMeta, inputs: dict[str, np.ndarray], values: np.ndarray, indices: np.ndarray,
                 tail: np.ndarray | None):
     """The parquet table of one shard: ``inputs`` (row columns) and the top-k outputs ``(rows, [S,] k)``
@@ -142,6 +154,16 @@ def shard_table(meta: CacheMeta, inputs: dict[str, np.ndarray], values: np.ndarr
         cols["topk_indices"] = _tensor_column(np.take_along_axis(indices, order, -1).astype(np.int32))
         if tail is not None:
             cols["topk_tail"] = _tensor_column(tail.astype(np.float32))
+    elif spec.name == "cm":
+        import pyarrow as pa
+
+        from raydistill.data.topk_codec import encode_cm
+
+        n_tok = values.reshape(-1, k).shape[0]
+        x = _context_ids(inputs, n_tok)
+        stream = encode_cm(values.reshape(-1, k), indices.reshape(-1, k), None if tail is None else tail.reshape(-1),
+                           x, meta.vocab_size, spec)
+        cols[CM_COLUMN] = pa.array([stream.tobytes()] + [b""] * (rows - 1), pa.large_binary())
     else:
         enc = encode(values.reshape(-1, k), indices.reshape(-1, k), None if tail is None else tail.reshape(-1),
                      meta.vocab_size, spec)
@@ -197,7 +219,8 @@ def read_meta(path) -> CacheMeta | None:
         spec = meta.spec
     except (TypeError, ValueError) as exc:
         raise CacheError(f"{path}: bad {META_KEY.decode()!r} metadata: {exc}") from None
-    if spec.name == "q8" and (spec.value_levels is None or spec.index_coding == "auto"):
+    if spec.name == "auto" or (spec.name in ("q8", "cm") and (spec.value_levels is None
+                                                                or spec.index_coding == "auto")):
         raise CacheError(f"{path}: codec parameters not resolved: {meta.codec}")
     if md.num_rows != meta.rows:
         raise CacheError(f"{path}: holds {md.num_rows} rows, its metadata says {meta.rows}")
@@ -248,6 +271,8 @@ def decode_batch(batch: dict, meta: CacheMeta | dict | None, *, tail: bool = Tru
         if tail and meta.has_tail:
             out["topk_tail"] = np.asarray(batch["topk_tail"], np.float32).reshape(shape)
         return out
+    if spec.name == "cm":
+        return _decode_cm_batch(batch, meta, out, shape, tail, src)
     payload = {f: _binary_column_bytes(batch[f"topk_{f}_q8"]) for f in Q8_FIELDS
                if f"topk_{f}_q8" in batch and (f != "tail" or tail)}
     n = int(np.prod(shape))
@@ -262,6 +287,33 @@ def decode_batch(batch: dict, meta: CacheMeta | dict | None, *, tail: bool = Tru
     return out
 
 
+def _decode_cm_batch(batch: dict, meta: CacheMeta, out: dict, shape: tuple, tail: bool, src: str) -> dict:
+    import pyarrow as pa
+
+    col = batch[CM_COLUMN]
+    if isinstance(col, (pa.ChunkedArray, pa.Array)):
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        lengths = np.asarray(pa.compute.binary_length(col))
+        first = col[0].as_py() if len(col) else b""
+    else:
+        lengths = np.array([len(c) for c in col])
+        first = bytes(col[0]) if len(col) else b""
+    if len(lengths) and (lengths[0] == 0 or lengths[1:].any()):
+        raise CacheError(f"{src}: a 'cm' shard is decoded whole, from its first row (this batch has "
+                         f"{len(lengths)} of its rows, the stream in row {int(np.argmax(lengths > 0))})")
+    n, k = int(np.prod(shape)), meta.k
+    x = _context_ids(out, n)
+    try:
+        vals, idx, tl = decode_cm(np.frombuffer(first, np.uint8), n, k, meta.has_tail, x, meta.vocab_size, meta.spec)
+    except CodecError as exc:
+        raise CacheError(f"{src}: corrupted top-k payload: {exc}") from None
+    out["topk_values"] = vals.reshape(*shape, k)
+    out["topk_indices"] = idx.reshape(*shape, k)
+    if tail and tl is not None:
+        out["topk_tail"] = tl.reshape(shape)
+    return out
+
+
 def read_shard(path, *, tail: bool = True) -> dict[str, np.ndarray]:
     """One shard, decoded (numpy columns)."""
     import pyarrow.parquet as pq
@@ -272,7 +324,7 @@ def read_shard(path, *, tail: bool = True) -> dict[str, np.ndarray]:
     except Exception as exc:  # noqa: BLE001
         raise CacheError(f"{path}: cannot read its pages (corrupted?): {exc}") from None
 
-    packed = [c for c in table.column_names if c.endswith("_q8")]
+    packed = [c for c in table.column_names if c.endswith("_q8") or c == CM_COLUMN]
     arrays = table_to_arrays(table.drop_columns(packed))
     arrays.update({c: table.column(c) for c in packed})
     return decode_batch(arrays, meta, tail=tail, source=str(path))
@@ -362,12 +414,20 @@ def read_dataset(info: CacheInfo, *, tail: bool = True):
     Ray Data tasks that feed the workers, not on the driver)."""
     import ray.data
 
+    if info.meta is not None and info.meta.spec.name == "cm":  # decoded whole: one shard per task
+        ds = ray.data.from_items([{"path": str(f)} for f in info.files])
+        return ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"tail": tail})
     ds = ray.data.read_parquet([str(f) for f in info.files], include_paths=info.meta is not None)
     if info.meta is None:
         return ds
     meta = asdict(info.meta)
     return ds.map_batches(decode_batch, batch_format="numpy", fn_kwargs={"meta": meta, "tail": tail},
                           zero_copy_batch=True)
+
+
+def _read_shards(batch: dict, *, tail: bool) -> dict:
+    parts = [read_shard(p, tail=tail) for p in batch["path"]]
+    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
 
 def read_teacher_outputs(path: str, *, tail: bool = True):

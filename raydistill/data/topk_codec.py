@@ -17,7 +17,14 @@ Codecs (the name and parameters are recorded in every shard, see ``topk_cache``)
 ``raw``
     float32 values, int32 ids, float32 tail: exact (12 bytes an entry before parquet's compression).
 
-``q8`` (the default)
+``cm`` (what ``auto``, the default of ``raydistill teacher-logits``, picks for a vocabulary of at most
+``CM_MAX_VOCAB`` ids; ``q8`` above)
+    q8's codes (ids, values at ``value_levels``, tail byte), range-coded under an adaptive context model over
+    a shard's tokens in order, conditioned on each token's input id (``raydistill.data.topk_cm``): one stream
+    per shard, decoded whole (:func:`encode_cm`, :func:`decode_cm`). Decoded values are bit-identical to q8's
+    at the same levels.
+
+``q8``
     * ids: sorted per token, then either a bitmap of the vocabulary (``V / 8`` bytes a token; used when
       ``V <= 8 k``) or their gaps (``id_j - id_{j-1} - 1``) as LEB128 varints (one byte for gaps below 128);
     * values: one byte each, :math:`c = \mathrm{round}((L - 1)\, p^{\gamma})` with ``L = value_levels``
@@ -39,14 +46,16 @@ strings that ``topk_cache`` groups per parquet row, :func:`decode` takes them ba
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-CODECS = ("q8", "raw")
+CODECS = ("auto", "cm", "q8", "raw")  # auto: cm when the vocabulary allows (CM_MAX_VOCAB), else q8
+CODEC_VERSIONS = {"auto": (1,), "cm": (1,), "q8": (1,), "raw": (1,)}  # the versions of each codec this raydistill reads
 INDEX_CODINGS = ("auto", "bitmap", "gaps")
 DEFAULT_TARGET_KL = 7.5e-4
 TAIL_LEVELS = 256
+CM_MAX_VOCAB = 4096  # cm's (input id x vocabulary id) count tables are V x V
 MIN_AUTO_LEVELS = 64  # value_levels=None never goes below (small k: a few bytes a token either way)
 
 
@@ -63,6 +72,8 @@ class CodecSpec:
     gamma: float = 0.5                # q8: companding exponent (u = p ** gamma); 1 / (2 T) suits a loss at T
     index_coding: str = "auto"        # q8: auto | bitmap | gaps
     target_kl: float = DEFAULT_TARGET_KL  # q8: the KL(exact || decoded) value_levels=None aims at
+    chunk_tokens: int = 1024          # cm: tokens coded with one model state (the model adapts between chunks)
+    codec_version: int = 1            # the codec's format version (cm: its context model, topk_cm.MODEL_VERSION)
 
     def __post_init__(self):
         if self.name not in CODECS:
@@ -78,18 +89,32 @@ class CodecSpec:
             raise ValueError(f"index_coding must be one of {list(INDEX_CODINGS)}, got {self.index_coding!r}")
         if not (isinstance(self.target_kl, (int, float)) and float(self.target_kl) > 0):
             raise ValueError(f"target_kl must be a number > 0, got {self.target_kl!r}")
+        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be an int >= 1, got {self.chunk_tokens!r}")
+        if self.codec_version not in CODEC_VERSIONS[self.name]:
+            raise ValueError(f"codec {self.name!r} version {self.codec_version!r} is not supported by this raydistill "
+                             f"(it reads versions {list(CODEC_VERSIONS[self.name])}); rewrite the cache with "
+                             "`raydistill teacher-logits` or upgrade raydistill")
 
     def resolved(self, k: int, vocab_size: int) -> "CodecSpec":
         """The spec with ``value_levels`` and ``index_coding`` fixed for this k and vocabulary."""
-        if self.name != "q8":
+        if self.name == "raw":
             return self
+        if self.name == "auto":
+            return replace(self, name="cm" if vocab_size <= CM_MAX_VOCAB else "q8").resolved(k, vocab_size)
+        if self.name == "cm" and vocab_size > CM_MAX_VOCAB:
+            raise ValueError(f"codec 'cm' models every vocabulary id after every input id (V x V counts): it takes "
+                             f"a vocabulary of at most {CM_MAX_VOCAB}, this one has {vocab_size}; use 'q8'")
         levels = self.value_levels
         if levels is None:  # KL ~ k / (6 (L-1)^2)
             levels = int(min(256, max(MIN_AUTO_LEVELS, math.ceil(math.sqrt(k / (6.0 * self.target_kl))) + 1)))
         coding = self.index_coding
         if coding == "auto":
             coding = "bitmap" if vocab_size <= 8 * k else "gaps"
-        return CodecSpec(self.name, levels, float(self.gamma), coding, float(self.target_kl))
+        if self.name == "cm":
+            coding = "bitmap"  # cm codes one membership bit per vocabulary id
+        return CodecSpec(self.name, levels, float(self.gamma), coding, float(self.target_kl), int(self.chunk_tokens),
+                         int(self.codec_version))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -269,6 +294,36 @@ def decode(payload: dict[str, np.ndarray], n: int, k: int, vocab_size: int, spec
             raise CodecError(f"tail: {len(payload['tail'])} bytes for {n} tokens, expected {n}")
         tail = decode_tail(payload["tail"])
     return vals, idx, tail
+
+
+def encode_cm(values: np.ndarray, indices: np.ndarray, tail: np.ndarray | None, inputs: np.ndarray, vocab_size: int,
+              spec: CodecSpec) -> np.ndarray:
+    """One shard's ``cm`` stream (uint8) of ``(n, k)`` values / indices (and ``(n,)`` tail) of ``n`` tokens in
+    shard order; ``inputs`` ``(n,)``: each token's input id (the context the model conditions on; zeros when
+    the task has none). The codes are q8's at ``spec.value_levels``."""
+    from raydistill.data import topk_cm
+
+    if spec.name != "cm":
+        raise ValueError(f"encode_cm() is for the cm codec, got {spec.name!r}")
+    order = np.argsort(indices, axis=1, kind="stable")
+    idx = np.take_along_axis(indices, order, 1).astype(np.int64)
+    codes = encode_values(np.take_along_axis(values, order, 1), spec)
+    tcodes = None if tail is None else encode_tail(np.asarray(tail).reshape(-1))
+    return topk_cm.encode(idx, codes, tcodes, np.asarray(inputs, np.int64).reshape(-1), vocab_size,
+                          _levels(spec), spec.chunk_tokens)
+
+
+def decode_cm(stream: np.ndarray, n: int, k: int, has_tail: bool, inputs: np.ndarray, vocab_size: int,
+              spec: CodecSpec):
+    """``(values (n, k) float32, indices (n, k) int64, tail (n,) float32 or None)`` of the first ``n`` tokens of
+    a ``cm`` stream (:class:`CodecError` when it does not decode)."""
+    from raydistill.data import topk_cm
+
+    if len(inputs) != n:
+        raise CodecError(f"{len(inputs)} input ids for {n} tokens")
+    idx, codes, tcodes = topk_cm.decode(stream, n, k, has_tail, np.asarray(inputs, np.int64).reshape(-1),
+                                        vocab_size, _levels(spec), spec.chunk_tokens)
+    return decode_values(codes, spec), idx, None if tcodes is None else decode_tail(tcodes)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -199,10 +199,12 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
                                                         "<teacher-hash>-k<topk>-<codec>)")
     p.add_argument("--topk", type=int, default=None, help="entries kept per token (default distill.topk)")
     p.add_argument("--concurrency", type=int, default=None, help="teacher actors (default: 1 on < 4 CPUs, else CPUs/2, max 4)")
-    p.add_argument("--codec", choices=["q8", "raw"], default="q8",
-                   help="q8: packed ids + 8-bit values (default); raw: float32 / int32, exact")
+    p.add_argument("--codec", choices=["auto", "cm", "q8", "raw"], default="auto",
+                   help="cm: q8's codes range-coded under a context model (~90 bytes a token at k=128, V=1024; "
+                        "vocabularies <= 4096); q8: packed ids + 8-bit values; raw: float32 / int32, exact; "
+                        "auto (default): cm where the vocabulary allows, else q8")
     p.add_argument("--value-levels", type=int, default=None,
-                   help="q8: quantisation levels per value, 2..256 (default: from k, for KL ~7.5e-4)")
+                   help="cm / q8: quantisation levels per value, 2..256 (default: from k, for KL ~7.5e-4)")
     p.add_argument("--shard-rows", type=int, default=None,
                    help="input rows per shard (default: 65536 tokens' worth of rows: blocks of a corpus, MNIST-1D rows)")
     p.add_argument("--no-tail", action="store_true", help="do not store the mass outside the top-k")

@@ -1,7 +1,7 @@
 """Offline teacher outputs: run the teacher once over the distillation rows with Ray Data and keep, per token,
-its top-k log-probabilities, their ids and the log of its mass outside them, compressed (``q8``, about a
-tenth of the raw bytes) or raw, in parquet shards that ``distill.teacher_outputs`` reads through
-``kd_loss_topk`` instead of running the teacher in every step of every run.
+its top-k log-probabilities, their ids and the log of its mass outside them, compressed (``cm`` by default for
+vocabularies up to 4096 ids, else ``q8``; a sixth to a fifth of the raw bytes) or raw, in parquet shards that
+``distill.teacher_outputs`` reads through ``kd_loss_topk`` instead of running the teacher in every step of every run.
 
 The job: the input rows (``Task.teacher_inputs``: the packed train blocks of a causal LM; MNIST-1D's train rows
 and transfer set) are cut into shards of ``shard_rows`` rows; a Ray Data dataset of the shards still to write flows through
@@ -125,7 +125,7 @@ class TeacherShardWriter:
         return {key: np.array([s[key] for s in stats]) for key in stats[0]} if stats else {}
 
 
-def default_output(storage: Path, teacher_hash: str, topk: int, codec: str = "q8") -> Path:
+def default_output(storage: Path, teacher_hash: str, topk: int, codec: str = "cm") -> Path:
     return storage / "teacher_outputs" / f"{teacher_hash}-k{topk}-{codec}"
 
 
@@ -135,7 +135,7 @@ def codec_spec(codec: str | CodecSpec | None, temperature: float) -> CodecSpec:
     if isinstance(codec, CodecSpec):
         return codec
     try:
-        return CodecSpec(name=codec or "q8", gamma=min(1.0, 0.5 / float(temperature)))
+        return CodecSpec(name=codec or "auto", gamma=min(1.0, 0.5 / float(temperature)))
     except ValueError as exc:
         raise ConfigError(f"--codec: {exc}") from None
 
@@ -240,7 +240,8 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
                           tail_temperature: float | None = None, compression: str = "zstd",
                           compression_level: int | None = 9, debug_fail_after_shards: int | None = None) -> Path:
     """Train/load the teacher, then write its top-k outputs over the train (+ transfer) rows as parquet shards
-    (resuming an interrupted run); returns the directory. ``codec``: ``"q8"`` (default) or ``"raw"`` or a
+    (resuming an interrupted run); returns the directory. ``codec``: ``"auto"`` (default: ``"cm"`` for a
+    vocabulary of at most 4096 ids, else ``"q8"``), ``"cm"``, ``"q8"``, ``"raw"`` or a
     :class:`~raydistill.data.topk_codec.CodecSpec`; ``tail``: store the log mass outside the top-k at
     ``tail_temperature`` (default ``distill.temperature``). ``debug_fail_after_shards`` (tests): each teacher
     actor raises after writing that many shards, an interrupted run."""
@@ -271,17 +272,21 @@ def write_teacher_outputs(cfg: Config, *, storage_path=None, output=None, topk: 
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": str(storage)})})
     with ray_session(address=address) as ray:
         teacher = ensure_teacher(cfg, storage)
-        out = Path(output).expanduser().absolute() if output else default_output(storage, teacher.config_hash, k,
-                                                                                  spec.name)
-        check_output_dir(out, key=out_key, error=ConfigError)  # empty, or an earlier output of ours
         inputs, info = task.teacher_inputs(cfg, storage)
         V = task.output_size(info)
         if k > V:
             raise ConfigError(f"distill.topk ({k}) exceeds the output distribution's {V} ids (the vocabulary)")
+        try:
+            resolved = spec.resolved(k, V)
+        except ValueError as exc:
+            raise ConfigError(f"--codec: {exc}") from None
+        out = Path(output).expanduser().absolute() if output else default_output(storage, teacher.config_hash, k,
+                                                                                  resolved.name)
+        check_output_dir(out, key=out_key, error=ConfigError)  # empty, or an earlier output of ours
         n_rows = len(next(iter(inputs.values())))
         per_row = task.tokens_per_row(inputs)
         rows_per_shard = int(shard_rows or max(1, TOKENS_PER_SHARD // per_row))
-        template = CacheMeta(codec=spec.resolved(k, V).to_dict(), k=k, vocab_size=V, task=cfg.data.task,
+        template = CacheMeta(codec=resolved.to_dict(), k=k, vocab_size=V, task=cfg.data.task,
                              tokens_per_row=per_row, rows=0, start=0, stop=0, input_columns=list(inputs),
                              teacher_hash=teacher.config_hash,
                              tokenizer_hash=tokenizer_hash(info["tokenizer_dir"]) if info.get("tokenizer_dir") else None,

@@ -55,7 +55,7 @@ def _write(d: Path, start, stop, rng, codec="q8", tail_t=1.0, **kw):
     return path, ids, v, i, t
 
 
-@pytest.mark.parametrize("codec", ["q8", "raw"])
+@pytest.mark.parametrize("codec", ["cm", "q8", "raw"])
 @pytest.mark.parametrize("tail", [True, False])
 def test_shard_round_trip(tmp_path, codec, tail):
     rng = np.random.default_rng()
@@ -79,6 +79,48 @@ def test_shard_round_trip(tmp_path, codec, tail):
     if tail:
         assert fid["kl_with_tail"] < 2e-3
         assert out["topk_tail"].shape == (5, S) and "topk_tail" not in read_shard(path, tail=False)
+
+
+def test_cm_shard_decodes_whole_and_matches_q8(tmp_path):
+    """cm and q8 shards of the same outputs decode to the same ids and values; a batch of a cm shard's rows that
+    does not start at its first row (where the stream is) is refused, naming the file; damage names the file."""
+    import pyarrow as pa
+
+    (tmp_path / "q8").mkdir()
+    (tmp_path / "cm").mkdir()
+    pq8, *_ = _write(tmp_path / "q8", 0, 30, np.random.default_rng(3), "q8")
+    pcm, *_ = _write(tmp_path / "cm", 0, 30, np.random.default_rng(3), "cm")
+    a, b = read_shard(pq8), read_shard(pcm)
+    for c in ("input_ids", "topk_indices", "topk_values", "topk_tail"):
+        np.testing.assert_array_equal(a[c], b[c])
+    table = pq.read_table(pcm)
+    meta = read_meta(pcm)
+    batch = {"input_ids": np.asarray(table.column("input_ids").to_pylist()),
+             "topk_cm": table.column("topk_cm").slice(5)}
+    batch["input_ids"] = batch["input_ids"][5:]
+    with pytest.raises(CacheError, match=f"{pcm.name}: a 'cm' shard is decoded whole"):
+        decode_batch(batch, meta, source=str(pcm))
+    # a flipped byte in the stream (parquet written without page checksums, so the codec's own CRC speaks)
+    col = table.column("topk_cm").to_pylist()
+    bad = bytearray(col[0])
+    bad[len(bad) // 2] ^= 0xFF
+    t2 = table.set_column(table.column_names.index("topk_cm"), "topk_cm",
+                          pa.array([bytes(bad)] + col[1:], pa.large_binary()))
+    pq.write_table(t2, pcm)
+    with pytest.raises(CacheError, match=f"{pcm.name}: corrupted top-k payload: .*CRC-32 mismatch"):
+        read_shard(pcm)
+
+
+def test_q8_shard_without_the_new_codec_fields_still_reads(tmp_path):
+    """A q8 shard written before cm existed (its codec metadata without chunk_tokens / codec_version)."""
+    path, ids, v, i, t = _write(tmp_path, 0, 5, np.random.default_rng(1), "q8")
+    table = pq.read_table(path)
+    d = json.loads(table.schema.metadata[META_KEY])
+    codec = {key: d["codec"][key] for key in ("name", "value_levels", "gamma", "index_coding", "target_kl")}
+    pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps({**d, "codec": codec}).encode()}), path)
+    out = read_shard(path)
+    np.testing.assert_array_equal(out["topk_indices"], np.sort(i, -1))
+    assert read_meta(path).spec.codec_version == 1
 
 
 def test_q8_is_much_smaller_than_raw(tmp_path):
@@ -157,7 +199,8 @@ def test_unknown_version_and_bad_metadata(tmp_path):
     d = json.loads(table.schema.metadata[META_KEY])
     for change, pat in (({"version": 2}, "version 2 is not supported"), ({"format": "x"}, "not a raydistill.topk_cache"),
                         ({"codec": {**d["codec"], "name": "zip"}}, "bad .* metadata: codec must be one of"),
-                        ({"rows": 6}, "holds 5 rows, its metadata says 6")):
+                        ({"rows": 6}, "holds 5 rows, its metadata says 6"),
+                        ({"codec": {**d["codec"], "codec_version": 9}}, "codec 'q8' version 9 is not supported")):
         pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps({**d, **change}).encode()}), path)
         with pytest.raises(CacheError, match=f"{path.name}: .*{pat}"):
             read_meta(path)

@@ -156,3 +156,101 @@ def test_codec_spec_validation():
         C.CodecSpec.from_dict({"name": "q8", "bits": 4})
     assert C.CodecSpec().resolved(128, 1024).value_levels == 170  # sqrt(128 / (6 * 7.5e-4)) + 1
     assert C.CodecSpec().resolved(4096, 10**6).value_levels == 256  # capped at one byte
+
+
+# --------------------------------------------------------------------------------------------------
+# cm: q8's codes under a context model, range-coded
+
+def _context_rows(rng, n, V, k, n_inputs=20, noise=0.5):
+    """Teacher outputs that depend on the input token (as an LM's do): logits = a row of a table picked by the
+    token's input id, plus noise; returns (values, ids, tail, input ids)."""
+    n_inputs = min(n_inputs, V)
+    table = rng.standard_normal((n_inputs, V)) * 3.0
+    x = rng.integers(0, n_inputs, n)
+    logits = torch.from_numpy(table[x] + noise * rng.standard_normal((n, V)))
+    v, i, t = C.topk_from_logits(logits, k, 1.0)
+    return v.numpy(), i.numpy(), t.numpy(), x
+
+
+@pytest.mark.parametrize("V,k,n,chunk,tail", [(300, 24, 500, 64, True), (300, 24, 500, 1000, False),
+                                              (50, 50, 70, 16, False), (1, 1, 5, 2, False), (700, 3, 0, 8, True),
+                                              (1024, 128, 300, 128, True)])
+def test_cm_round_trip_gives_q8s_codes(V, k, n, chunk, tail):
+    """Exact ids, and values bit-identical to q8's at the same levels, over several chunks (the model adapts
+    between them), with and without the tail."""
+    rng = np.random.default_rng()
+    v, i, t, x = _context_rows(rng, n, V, k)
+    t = t if tail and k < V else None
+    spec = C.CodecSpec(name="cm", chunk_tokens=chunk).resolved(k, V)
+    q8 = C.CodecSpec(name="q8", value_levels=spec.value_levels, index_coding="bitmap").resolved(k, V)
+    stream = C.encode_cm(v, i, t, x, V, spec)
+    dv, di, dt = C.decode_cm(stream, n, k, t is not None, x, V, spec)
+    qv, qi, qt = C.decode({f: b for f, (b, _) in C.encode(v, i, t, V, q8).items()}, n, k, V, q8)
+    np.testing.assert_array_equal(di, qi)
+    np.testing.assert_array_equal(di, np.sort(i, 1))
+    np.testing.assert_array_equal(dv, qv)
+    if t is not None:
+        np.testing.assert_array_equal(dt, qt)
+    else:
+        assert dt is None
+
+
+def test_cm_kl_and_its_context_model():
+    """KL(exact || decoded) within the q8 rule at the default levels, and the context model pays: when the
+    outputs depend on the input token, cm is far smaller than q8's bytes and than the same rows with the
+    input ids hidden from it."""
+    rng = np.random.default_rng()
+    V, k, n = 1024, 128, 3000
+    v, i, t, x = _context_rows(rng, n, V, k, n_inputs=8, noise=0.3)
+    spec = C.CodecSpec(name="cm").resolved(k, V)
+    stream = C.encode_cm(v, i, t, x, V, spec)
+    dv, di, dt = C.decode_cm(stream, n, k, True, x, V, spec)
+    fid = C.fidelity(v, i, t, dv, di, dt)
+    rule = k / (6 * (spec.value_levels - 1) ** 2)
+    assert 0.5 * rule < fid["kl_topk"] < 1.5 * rule and fid["kl_topk"] < 1e-3
+    q8_bytes = V // 8 + k + 1
+    blind = C.encode_cm(v, i, t, np.zeros(n, np.int64), V, spec)
+    assert len(stream) / n < 0.5 * q8_bytes, len(stream) / n
+    assert len(stream) < 0.8 * len(blind), (len(stream), len(blind))
+
+
+def test_cm_damaged_streams_raise_codec_error():
+    rng = np.random.default_rng(5)
+    V, k, n = 300, 20, 200
+    v, i, t, x = _context_rows(rng, n, V, k)
+    spec = C.CodecSpec(name="cm", chunk_tokens=50).resolved(k, V)
+    s = C.encode_cm(v, i, t, x, V, spec)
+    for pos in (1, 5, 10, 12 + 2 * V + 3, len(s) // 2, len(s) - 1):  # the CRC, the header, the coded words
+        bad = s.copy()
+        bad[pos] ^= 0x10
+        with pytest.raises(C.CodecError, match="CRC-32 mismatch"):
+            C.decode_cm(bad, n, k, True, x, V, spec)
+    with pytest.raises(C.CodecError, match="CRC-32 mismatch"):
+        C.decode_cm(s[:-4], n, k, True, x, V, spec)
+    with pytest.raises(C.CodecError, match="truncated"):
+        C.decode_cm(s[:-3], n, k, True, x, V, spec)
+    with pytest.raises(C.CodecError, match="header"):
+        C.decode_cm(s[:100], n, k, True, x, V, spec)
+    with pytest.raises(C.CodecError, match="input ids"):
+        C.decode_cm(s, n, k, True, x[:-1], V, spec)
+    with pytest.raises(C.CodecError, match="holds 200 tokens, 400 expected"):
+        C.decode_cm(s, 2 * n, k, True, np.r_[x, x], V, spec)
+    # other input ids than the stream's context would decode to garbage: refused
+    with pytest.raises(C.CodecError, match="input ids differ"):
+        C.decode_cm(s, n, k, True, (x + 1) % 20, V, spec)
+
+
+def test_cm_spec_versions_and_vocabulary():
+    with pytest.raises(ValueError, match="codec 'cm' version 2 is not supported"):
+        C.CodecSpec(name="cm", codec_version=2)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        C.CodecSpec(name="cm", chunk_tokens=0)
+    with pytest.raises(ValueError, match="at most 4096"):
+        C.CodecSpec(name="cm").resolved(128, 5000)
+    assert C.CodecSpec(name="auto").resolved(128, 1024).name == "cm"
+    assert C.CodecSpec(name="auto").resolved(128, 32000).name == "q8"
+    r = C.CodecSpec(name="cm").resolved(128, 1024)
+    assert (r.value_levels, r.index_coding, r.codec_version) == (170, "bitmap", 1)
+    # a q8 spec recorded before these fields existed still reads
+    old = {"name": "q8", "value_levels": 170, "gamma": 0.5, "index_coding": "bitmap", "target_kl": 7.5e-4}
+    assert C.CodecSpec.from_dict(old).codec_version == 1

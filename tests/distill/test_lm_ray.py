@@ -79,10 +79,10 @@ def test_lm_distil_crash_resume_export_roundtrip(ray_local, lm_storage):
 
 
 def test_lm_teacher_logits_compressed_resumed_and_offline_distillation(ray_local, lm_storage):
-    """k = 128 through the q8 codec in 4 shards: an interrupted run (its actor dies after one shard), run again,
-    writes exactly the shards of an uninterrupted run; the decoded outputs match the online teacher within
-    the codec's steps; the report records bytes / token, tokens / s and fidelity; a student distils from the
-    cache with its tail."""
+    """k = 128 through the default codec (cm at this vocabulary) in 4 shards: an interrupted run (its actor dies
+    after one shard), run again, writes exactly the shards of an uninterrupted run; the decoded outputs match the
+    online teacher within the codec's steps; the report records bytes / token, tokens / s and fidelity; a
+    student distils from the cache (read one shard per Ray Data task) with its tail."""
     import math
 
     from raydistill.config import load_config
@@ -111,7 +111,7 @@ def test_lm_teacher_logits_compressed_resumed_and_offline_distillation(ray_local
     rep = json.loads((resumed / REPORT_FILE).read_text())
     assert rep["resumed_shards"] == 1 and rep["written_shards"] == 3 and rep["tokens"] == td.train.size
     assert rep["bytes"] == sum(f.stat().st_size for f in files) and rep["tokens_per_s"] > 0
-    assert rep["bytes_per_token"] < 250 and 0 < rep["fidelity"]["kl_topk"] < 1e-3
+    assert rep["codec"]["name"] == "cm" and rep["bytes_per_token"] < 250 and 0 < rep["fidelity"]["kl_topk"] < 1e-3
     assert 0 < rep["fidelity"]["kl_with_tail"] < 1e-3 and rep["fidelity"]["temperature"] == 2.0
 
     out = read_shard(files[0])

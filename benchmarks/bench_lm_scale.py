@@ -22,7 +22,7 @@ not the whole split.
 **The rehearsal** (``--ray``; issue 22 point 4)::
 
     PYTHONPATH=. python benchmarks/bench_lm_scale.py --ray [--corpus-mb 100] [--student 8x512]
-        [--teacher 16x640] [--vocab 32000] [--seq 512] [--batch 16] [--steps 2] [--warmup 1] [--workers 2]
+        [--teacher 16x640] [--vocab 32000] [--seq 512] [--batch 12] [--steps 2] [--warmup 1] [--workers 2]
         [--val-fraction 0.0005] [--variants fp32,bf16,fp32+ckpt,bf16+ckpt] [--storage runs] [--out FILE]
 
 A corpus of ``--corpus-mb`` MB that exists on every machine (the ``.py`` sources of the standard library
@@ -40,10 +40,11 @@ last step minus its RSS when its first step began (``peak_memory_mib - start_mem
 ``steps.jsonl``: gradients, optimizer state, activations, the teacher's outputs; not the runtime, the models'
 weights or the data). Writes a table and ``benchmarks/results/lm_rehearsal.json``.
 
-Why a micro-batch of 16 x 512 tokens: mixed precision (fp32 master weights and optimizer state) and activation
+Why a micro-batch of 12 x 512 tokens: mixed precision (fp32 master weights and optimizer state) and activation
 checkpointing shrink the activations, not the states, so their savings show where activations are most of the
 memory, as they are when users fill a GPU with micro-batches. At 4 x 512 the fixed part (the runtime, fp32
-weights, AdamW state: about 3 GB of a 3.6 GB peak) hides them (``--batch 4``: see NOTES.md). Three optimizer steps
+weights, AdamW state: about 3 GB of a 3.6 GB peak) hides them (``--batch 4``: see NOTES.md); 16 x 512 (6.7 GB a
+worker) ran out of a 24 GiB machine shared with other jobs. Three optimizer steps
 (the peak is reached from the second on: AdamW's state exists and a step's activations with it) keep a variant
 near 15 minutes on 2 cores.
 """
@@ -104,7 +105,7 @@ def run_variant(variant: str, a: dict, data: dict) -> dict:
             "student_params": params, "teacher_params": sum(p.numel() for p in teacher.parameters())}
 
 
-REHEARSAL = {"student": "8x512", "teacher": "16x640", "vocab": 32000, "seq": 512, "batch": 16, "steps": 2,
+REHEARSAL = {"student": "8x512", "teacher": "16x640", "vocab": 32000, "seq": 512, "batch": 12, "steps": 2,
              "warmup": 1}
 LOCAL = {"student": "2x256", "teacher": "4x256", "vocab": 4096, "seq": 256, "batch": 8, "steps": 20, "warmup": 2}
 

@@ -35,7 +35,7 @@ import zlib
 
 import numpy as np
 
-from raydistill.data.topk_codec import CodecError
+from raydistill.errors import CodecError
 
 MODEL_VERSION = 1
 MAX_VOCAB = 4096       # the (input id x vocabulary id) count tables are V x V

@@ -50,6 +50,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from raydistill.errors import CodecError
+
 CODECS = ("auto", "cm", "q8", "raw")  # auto: cm when the vocabulary allows (CM_MAX_VOCAB), else q8
 CODEC_VERSIONS = {"auto": (1,), "cm": (1,), "q8": (1,), "raw": (1,)}  # the versions of each codec this raydistill reads
 INDEX_CODINGS = ("auto", "bitmap", "gaps")
@@ -57,10 +59,6 @@ DEFAULT_TARGET_KL = 7.5e-4
 TAIL_LEVELS = 256
 CM_MAX_VOCAB = 4096  # cm's (input id x vocabulary id) count tables are V x V
 MIN_AUTO_LEVELS = 64  # value_levels=None never goes below (small k: a few bytes a token either way)
-
-
-class CodecError(ValueError):
-    """Encoded data that does not decode (a corrupted or truncated payload); the caller names the file."""
 
 
 @dataclass(frozen=True)

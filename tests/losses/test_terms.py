@@ -362,6 +362,36 @@ def test_every_term_together_is_the_weighted_sum():
     assert vals["hidden:main"] == pytest.approx(float(ref_hidden(hs, ht, w, mask, "mse").detach()), rel=1e-12)
 
 
+def test_the_steps_forward_records_each_terms_value_without_changing_the_loss_or_its_gradients():
+    """``criterion(out, values=d)`` (the epoch's last step: the logs' term values) gives the same total and
+    gradients bit for bit, and fills ``d`` with each term's unweighted value, the fused kd_logits + ce pair
+    split into its two terms: equal to ``values()`` and to the float64 references."""
+    torch.manual_seed(11)
+    V = 9
+    labels, mask = lm_batch(V=V)
+    s, t = rand(3, 7, V, grad=True), rand(3, 7, V)
+    hs, ht = rand(3, 7, 4, grad=True), rand(3, 7, 3)
+    specs = [kd_spec(weight=0.7), ce_spec(0.3), layer_spec(weight=0.25, layers=[[1, 1]]),
+             layer_spec("relation", weight=1.0, layers=[[1, 1]])]
+    crit = Criterion(specs, student=Layout((4,)), teachers={"main": Layout((3,))}).double()
+    assert crit.pair == (0, 1)
+    out = StepOutputs(student=Outputs(logits=s, hidden={1: hs}), teachers={"main": Outputs(logits=t, hidden={1: ht})},
+                      labels=labels, mask=mask, vocab=V)
+    w = crit.terms[2].projections[0].weight
+    plain = crit(out)
+    rec: dict = {}
+    recorded = crit(out, values=rec)
+    assert torch.equal(recorded, plain)
+    for a, b in zip(grads(recorded, s, hs, w), grads(plain, s, hs, w)):
+        assert torch.equal(a, b)
+    assert set(rec) == set(crit.labels) and all(not v.requires_grad for v in rec.values())
+    assert {k: float(v) for k, v in rec.items()} == pytest.approx(crit.values(out), rel=1e-12)
+    refs = {"kd_logits:main": ref_kd(s, t, labels != IGN), "ce": ref_ce(s, labels),
+            "hidden:main": ref_hidden(hs, ht, w, mask, "mse"), "relation:main": ref_relation(hs, ht, mask)}
+    for k, r in refs.items():
+        assert float(rec[k]) == pytest.approx(float(r.detach()), rel=1e-9), k
+
+
 def test_layer_maps_and_their_errors_name_the_key():
     s4, t2, t6 = Layout((8,) * 4), Layout((8,) * 2), Layout((8,) * 6)
     assert resolve_layers("uniform", s4, t6, "k", "main") == [(1, 2), (2, 3), (3, 5), (4, 6)]

@@ -286,14 +286,14 @@ class CausalLMTask(Task):
                 continue
             budget -= nbytes
             parts: dict[str, list] = {k: [] for k in keys}
-            # only the last hidden state: the decoder alone (no lm_head, no per-layer states kept)
+            # only the last hidden state: the decoder alone (no lm_head, no per-layer states kept); no KV cache
             core = unwrap_model(teacher)
             decoder = core.base_model if keys == ["last"] and core.base_model is not core else None
             rows = chunk or max(1, TEACHER_PASS_TOKENS // (1 if decoder is not None else 2) // max(1, ids.shape[1]))
             for i in range(0, len(ids), rows):
                 x = ids[i:i + rows]
-                hs = ((decoder(input_ids=x).last_hidden_state,) if decoder is not None
-                      else teacher(input_ids=x, output_hidden_states=True, logits_to_keep=1).hidden_states)
+                hs = ((decoder(input_ids=x, use_cache=False).last_hidden_state,) if decoder is not None else
+                      teacher(input_ids=x, output_hidden_states=True, logits_to_keep=1, use_cache=False).hidden_states)
                 for k in keys:
                     h = hs[-1] if k == "last" else hs[int(k[1:])]
                     parts[k].append(h if h.dtype in (torch.bfloat16, torch.float16) else h.float())

@@ -306,9 +306,14 @@ def train_epoch(st: Stage, epoch: int) -> dict:
                                                                                    rows=st.position.rows)
     t0 = time.time() - pos.seconds
     k = st.spec.grad_accum_steps
+    # each loss term's value on the epoch's last stepped micro-batch (the epoch's metrics), read off that
+    # step's own forward: the step planned to be the epoch's last records them into `values`
+    values: dict = {}
+    record = None  # the micro-batch whose forward records them
 
     def micro_loss(batch):  # the stage's loss terms on one micro-batch (student forward included)
-        return st.task.loss(st.model, batch, st.spec, st.teachers, st.criterion)
+        return st.task.loss(st.model, batch, st.spec, st.teachers, st.criterion,
+                            values=values if batch is record else None)
 
     group: list[dict] = []
     last = None  # the epoch's last stepped micro-batch: each term's value on it goes to the epoch's metrics
@@ -317,6 +322,8 @@ def train_epoch(st: Stage, epoch: int) -> dict:
         group.append(batch)
         if len(group) < k:
             continue
+        if i + k >= st.steps or st.global_step + 1 >= st.budget.total_steps:  # no step follows in this epoch
+            record = batch
         loss, n = optimizer_step(st.model, st.opt, group, micro_loss, st.precision, grad_clip=st.spec.grad_clip,
                                  world=st.world, extra_params=list(st.criterion.parameters()))
         last = batch
@@ -331,11 +338,14 @@ def train_epoch(st: Stage, epoch: int) -> dict:
         after_step(st, epoch, loss)
         if st.global_step >= st.budget.total_steps:
             break
-    return {**epoch_train_metrics(st, pos), "terms": term_values(st, last)}
+    terms = {n: float(v) for n, v in values.items()} if last is not None and last is record \
+        else term_values(st, last)  # (a streamed shard that ended early: its last step did not record them)
+    return {**epoch_train_metrics(st, pos), "terms": terms}
 
 
 def term_values(st: Stage, batch: dict | None) -> dict[str, float]:
-    """Each loss term's value, on its own, on the epoch's last batch (no gradient; for the logs)."""
+    """Each loss term's value, on its own, on ``batch`` with the current weights (no gradient; for the logs),
+    where the epoch's last step did not record them."""
     if batch is None:
         return {}
     with torch.no_grad(), st.precision.autocast():

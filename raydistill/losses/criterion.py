@@ -3,6 +3,7 @@
     criterion = Criterion(spec.terms, student=task.layout(student), teachers={name: task.layout(t), ...})
     needs = criterion.needs()                 # {None: student's Needs, teacher name: its Needs}
     loss = criterion(outputs)                 # total = sum_i weight_i * term_i(outputs)
+    loss = criterion(outputs, values=vals)    # the same, and vals[label] = each term's value (detached)
     criterion.values(outputs)                 # {label: value} of each term, for the logs
 
 A ``ce`` term and the first one-teacher ``kd_logits`` term run as ONE fused kernel call,
@@ -58,7 +59,11 @@ class Criterion(nn.Module):
     def teacher_names(self) -> list[str]:
         return [w for w in self.needs() if w is not None]
 
-    def forward(self, out: StepOutputs) -> Tensor:
+    def forward(self, out: StepOutputs, values: dict[str, Tensor] | None = None) -> Tensor:
+        """The weighted total. ``values``: a dict that also receives each term's unweighted value on this
+        batch (detached scalars, as :meth:`values` gives them): the terms computed on their own are read off
+        this forward at no cost; the fused ``kd_logits`` + ``ce`` pair is computed term by term once more
+        (without gradient)."""
         total: Tensor | None = None
         skip: tuple[int, ...] = ()
         if self.pair is not None and out.all_labelled():
@@ -69,10 +74,16 @@ class Criterion(nn.Module):
             if scale != 1.0:
                 total = total * scale
             skip = self.pair
+            if values is not None:
+                with torch.no_grad():
+                    values.update({self.labels[i]: self.terms[i](out).detach() for i in skip})
         for i, term in enumerate(self.terms):
             if i in skip:
                 continue
-            v = term(out) if term.weight == 1.0 else term.weight * term(out)
+            v = term(out)
+            if values is not None:
+                values[self.labels[i]] = v.detach()
+            v = v if term.weight == 1.0 else term.weight * v
             total = v if total is None else total + v
         return total
 

@@ -74,7 +74,13 @@ def logits_of(o: Outputs, vocab: int) -> Tensor:
     if o.head is None:
         raise ValueError("the task gave neither logits nor the output layer for a logit term")
     h, w, b = o.head
-    return F.linear(h, w[:vocab], None if b is None else b[:vocab])
+    return F.linear(h, first_rows(w, vocab), first_rows(b, vocab))
+
+
+def first_rows(x: Tensor | None, n: int) -> Tensor | None:
+    """``x[:n]`` (an output layer's first ``n`` ids), ``x`` itself when it has no more: no slice in the
+    autograd graph, whose backward would write the whole weight's gradient into a fresh zero tensor."""
+    return x if x is None or x.shape[0] == n else x[:n]
 
 
 def f32(x: Tensor) -> Tensor:
@@ -101,12 +107,13 @@ def soft_loss(out: StepOutputs, s: Outputs, t: Outputs, *, alpha: float, tempera
     if s.head is not None and (t.head is not None or t.topk is not None):
         h_s, w_s, b_s = s.head
         h_s = _rows(h_s, rows)
-        kw["student_bias"] = None if b_s is None else b_s[:out.vocab]
+        kw["student_bias"] = first_rows(b_s, out.vocab)
+        w_s = first_rows(w_s, out.vocab)
         if t.topk is not None:
-            return ops.kd_loss_linear_topk(h_s, w_s[:out.vocab], _rows(t.topk[0], rows), _rows(t.topk[1], rows),
+            return ops.kd_loss_linear_topk(h_s, w_s, _rows(t.topk[0], rows), _rows(t.topk[1], rows),
                                            labels, teacher_topk_tail=_rows(t.topk_tail, rows), **kw)
         h_t, w_t, b_t = t.head
-        return ops.kd_loss_linear(h_s, w_s[:out.vocab], _rows(h_t, rows).detach(), w_t.detach(), labels,
+        return ops.kd_loss_linear(h_s, w_s, _rows(h_t, rows).detach(), w_t.detach(), labels,
                                   teacher_bias=None if b_t is None else b_t.detach(), **kw)
     logits = _rows(logits_of(s, out.vocab), rows)
     if t.topk is not None:

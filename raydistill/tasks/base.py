@@ -146,11 +146,13 @@ class Task:
             outs[name] = cached
         return StepOutputs(student=student, teachers=outs, **self.targets(batch, spec))
 
-    def loss(self, model, batch: dict, spec, teachers: dict, criterion) -> tuple[torch.Tensor, int]:
+    def loss(self, model, batch: dict, spec, teachers: dict, criterion,
+             values: dict | None = None) -> tuple[torch.Tensor, int]:
         """The stage's loss on one batch (the student's forward included) and the items it counted (rows or
-        tokens, for throughput): ``criterion`` (a ``raydistill.losses.Criterion``) over :meth:`forward`."""
+        tokens, for throughput): ``criterion`` (a ``raydistill.losses.Criterion``) over :meth:`forward`.
+        ``values``: a dict that receives each term's value on the batch (``Criterion.forward``)."""
         out = self.forward(model, batch, spec, teachers, criterion.needs())
-        return criterion(out), out.count
+        return criterion(out, values=values), out.count
 
     def evaluate(self, model, data: dict, teacher=None, task_info: dict | None = None) -> dict[str, Any]:
         raise NotImplementedError

@@ -32,6 +32,10 @@ from raydistill.utils import unwrap_model
 # all teachers together); a larger shard runs the teacher at every step instead
 TEACHER_HIDDEN_MAX_BYTES = 1 << 30
 EVAL_LOGITS_MAX_BYTES = 128 << 20  # lm_metrics: rows per batch so that one float32 logits tensor stays below
+# the teacher pass (``CausalLMTask.prepare``): tokens per teacher forward, half as many when the states of every
+# layer come back. Fewer, larger matmuls: with 2 threads on a shared CPU the pass costs ~35% less CPU time at
+# 64 rows x 256 tokens than at 16 rows (benchmarks/results/NOTES.md, issue 22)
+TEACHER_PASS_TOKENS = 1 << 14
 
 
 def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -250,7 +254,7 @@ class CausalLMTask(Task):
                 "ignore_index": IGNORE_INDEX, "count": int((labels != IGNORE_INDEX).sum())}
 
     @torch.no_grad()
-    def prepare(self, batch: dict, spec, teachers: dict, needs: dict, chunk: int = 16) -> dict:
+    def prepare(self, batch: dict, spec, teachers: dict, needs: dict, chunk: int | None = None) -> dict:
         """Run each teacher once over the worker's rows and keep what its terms read
         (``teacher.<name>.last``: the last hidden states for the fused ``kd_loss_linear``;
         ``teacher.<name>.h<i>``: hidden layer i; ``(N, S, H)``, float32, or bf16 / fp16 for a teacher in that
@@ -281,8 +285,14 @@ class CausalLMTask(Task):
                 continue
             budget -= nbytes
             parts: dict[str, list] = {k: [] for k in keys}
-            for i in range(0, len(ids), chunk):
-                hs = teacher(input_ids=ids[i:i + chunk], output_hidden_states=True, logits_to_keep=1).hidden_states
+            # only the last hidden state: the decoder alone (no lm_head, no per-layer states kept); no KV cache
+            core = unwrap_model(teacher)
+            decoder = core.base_model if keys == ["last"] and core.base_model is not core else None
+            rows = chunk or max(1, TEACHER_PASS_TOKENS // (1 if decoder is not None else 2) // max(1, ids.shape[1]))
+            for i in range(0, len(ids), rows):
+                x = ids[i:i + rows]
+                hs = ((decoder(input_ids=x, use_cache=False).last_hidden_state,) if decoder is not None else
+                      teacher(input_ids=x, output_hidden_states=True, logits_to_keep=1, use_cache=False).hidden_states)
                 for k in keys:
                     h = hs[-1] if k == "last" else hs[int(k[1:])]
                     parts[k].append(h if h.dtype in (torch.bfloat16, torch.float16) else h.float())

@@ -448,3 +448,74 @@ def test_teacher_pass_of_a_bf16_teacher_keeps_bf16_hidden_states_and_the_loss_ma
         cached = _loss(task, student, pre, spec, teacher)[0]
         online = _loss(task, student, {"input_ids": ids}, spec, teacher)[0]
     assert cached.item() == online.item()
+
+
+def _local_stage(task, spec, student, teacher, train, steps: int, shard=None):
+    """A one-worker ``Stage`` as ``loop.setup`` builds it, without Ray."""
+    from raydistill.distill.budget import Budget
+    from raydistill.distill.loop import Stage, build_optimizer, build_scheduler
+
+    teachers = _teachers(teacher)
+    crit = _criterion(task, spec, student, teacher)
+    opt = build_optimizer(student.parameters(), {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0})
+    return Stage(spec=spec, task=task, rank=0, world=1, device=torch.device("cpu"), base=student, model=student,
+                 teachers=teachers, criterion=crit, train=train, eval={}, shard=shard, steps=steps, opt=opt,
+                 sched=build_scheduler(opt, {"name": "constant", "warmup_fraction": 0.0}, 100, 1e-2),
+                 precision=Precision("fp32", "cpu"),
+                 budget=Budget(epochs=1, micro_per_epoch=steps, steps_per_epoch=steps, total_steps=100))
+
+
+class _Shard:
+    """A streamed shard that holds fewer batches than the epoch plans."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def iter_torch_batches(self, **kw):
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_epoch_term_values_come_from_its_last_steps_forward_with_no_extra_forward(seeded, tmp_path, accum):
+    """The epoch's ``terms`` are each term's value on its last stepped micro-batch as that step computed it
+    (weights before the update; the fused kd_logits + ce pair split): equal to ``Criterion.values`` on that
+    micro-batch with a copy of the student taken before the step, and no student forward beyond the
+    steps'. A streamed shard that ends before the planned last step: one forward after it, on the last
+    micro-batch with the updated weights."""
+    from raydistill.distill.loop import batches, train_epoch
+    from raydistill.tasks import get_task
+
+    task = get_task("causal_lm")
+    spec = _spec("kd", fused=True).replace(batch_size=2, grad_accum_steps=accum, progress_dir=str(tmp_path))
+    teacher = _lm(1).float().requires_grad_(False)
+    student = _lm(0).float()
+    ids = _blocks(seeded)
+    crit = _criterion(task, spec, student, teacher)
+    with torch.no_grad():
+        train = task.prepare({"input_ids": ids}, spec, _teachers(teacher), crit.needs())
+    st = _local_stage(task, spec, student, teacher, train, steps=accum)  # one optimizer step
+    last = list(batches(st, 1))[-1]
+    before = copy.deepcopy(student)
+    calls = []
+    student.register_forward_hook(lambda *a: calls.append(1))
+    out = train_epoch(st, 1)
+    assert len(calls) == accum
+    assert set(out["terms"]) == {"kd_logits:main", "ce"}
+    with torch.no_grad():
+        ref = st.criterion.values(task.forward(before, last, spec, st.teachers, st.criterion.needs()))
+    assert out["terms"] == pytest.approx(ref, rel=1e-6)
+    with torch.no_grad():
+        after = st.criterion.values(task.forward(student, last, spec, st.teachers, st.criterion.needs()))
+    assert out["terms"] != pytest.approx(after, rel=1e-6)  # the update moved them: these are the step's own
+
+    # streamed, the shard ends after one of the epoch's two planned optimizer steps: the fallback forward
+    rows = [{"input_ids": ids[i:i + 2]} for i in range(0, 2 * accum, 2)]
+    st2 = _local_stage(task, spec, _lm(0).float(), teacher, None, steps=2 * accum, shard=_Shard(rows))
+    calls2 = []
+    st2.model.register_forward_hook(lambda *a: calls2.append(1))
+    out2 = train_epoch(st2, 1)
+    assert len(calls2) == accum + 1 and st2.global_step == 1
+    with torch.no_grad():
+        b = task.prepare({"input_ids": rows[-1]["input_ids"]}, spec, st2.teachers, st2.criterion.needs())
+        ref2 = st2.criterion.values(task.forward(st2.model, b, spec, st2.teachers, st2.criterion.needs()))
+    assert out2["terms"] == pytest.approx(ref2, rel=1e-6)

@@ -339,19 +339,24 @@ def test_relation_term_matches_the_reference():
     close(crit(out), ((gram(x) - gram(y)) ** 2).sum() / 25)
 
 
-def test_every_term_together_is_the_weighted_sum():
-    torch.manual_seed(7)
-    V = 8
+def _every_term(seed: int, V: int, specs: list):
+    """A criterion of ``specs`` (kd_logits, ce, hidden and relation on layer 1 of a 4-wide student and a 3-wide
+    teacher) over fresh float64 outputs: (criterion, outputs, s, t, hs, ht, labels, mask, projection)."""
+    torch.manual_seed(seed)
     labels, mask = lm_batch(V=V)
     s, t = rand(3, 7, V, grad=True), rand(3, 7, V)
     hs, ht = rand(3, 7, 4, grad=True), rand(3, 7, 3)
-    specs = [kd_spec(weight=0.5), ce_spec(0.5), layer_spec(weight=0.1, layers=[[1, 1]]),
-             layer_spec("relation", weight=0.2, layers=[[1, 1]]), {**ce_spec(0.0), "key": "distill.terms.4"}]
     crit = Criterion(specs, student=Layout((4,)), teachers={"main": Layout((3,))}).double()
-    assert crit.labels == ["kd_logits:main", "ce", "hidden:main", "relation:main"]  # weight 0: not computed
     out = StepOutputs(student=Outputs(logits=s, hidden={1: hs}), teachers={"main": Outputs(logits=t, hidden={1: ht})},
                       labels=labels, mask=mask, vocab=V)
-    w = crit.terms[2].projections[0].weight
+    return crit, out, s, t, hs, ht, labels, mask, crit.terms[2].projections[0].weight
+
+
+def test_every_term_together_is_the_weighted_sum():
+    specs = [kd_spec(weight=0.5), ce_spec(0.5), layer_spec(weight=0.1, layers=[[1, 1]]),
+             layer_spec("relation", weight=0.2, layers=[[1, 1]]), {**ce_spec(0.0), "key": "distill.terms.4"}]
+    crit, out, s, t, hs, ht, labels, mask, w = _every_term(7, 8, specs)
+    assert crit.labels == ["kd_logits:main", "ce", "hidden:main", "relation:main"]  # weight 0: not computed
     ref = 0.5 * ref_kd(s, t, labels != IGN) + 0.5 * ref_ce(s, labels) + 0.1 * ref_hidden(hs, ht, w, mask, "mse") \
         + 0.2 * ref_relation(hs, ht, mask)
     got = crit(out)
@@ -360,6 +365,28 @@ def test_every_term_together_is_the_weighted_sum():
         close(a, r)
     vals = crit.values(out)
     assert vals["hidden:main"] == pytest.approx(float(ref_hidden(hs, ht, w, mask, "mse").detach()), rel=1e-12)
+
+
+def test_the_steps_forward_records_each_terms_value_without_changing_the_loss_or_its_gradients():
+    """``criterion(out, values=d)`` (the epoch's last step: the logs' term values) gives the same total and
+    gradients bit for bit, and fills ``d`` with each term's unweighted value, the fused kd_logits + ce pair
+    split into its two terms: equal to ``values()`` and to the float64 references."""
+    specs = [kd_spec(weight=0.7), ce_spec(0.3), layer_spec(weight=0.25, layers=[[1, 1]]),
+             layer_spec("relation", weight=1.0, layers=[[1, 1]])]
+    crit, out, s, t, hs, ht, labels, mask, w = _every_term(11, 9, specs)
+    assert crit.pair == (0, 1)
+    plain = crit(out)
+    rec: dict = {}
+    recorded = crit(out, values=rec)
+    assert torch.equal(recorded, plain)
+    for a, b in zip(grads(recorded, s, hs, w), grads(plain, s, hs, w)):
+        assert torch.equal(a, b)
+    assert set(rec) == set(crit.labels) and all(not v.requires_grad for v in rec.values())
+    assert {k: float(v) for k, v in rec.items()} == pytest.approx(crit.values(out), rel=1e-12)
+    refs = {"kd_logits:main": ref_kd(s, t, labels != IGN), "ce": ref_ce(s, labels),
+            "hidden:main": ref_hidden(hs, ht, w, mask, "mse"), "relation:main": ref_relation(hs, ht, mask)}
+    for k, r in refs.items():
+        assert float(rec[k]) == pytest.approx(float(r.detach()), rel=1e-9), k
 
 
 def test_layer_maps_and_their_errors_name_the_key():

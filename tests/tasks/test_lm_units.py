@@ -217,6 +217,37 @@ def test_prepare_computes_the_teacher_once_and_gives_the_online_loss(monkeypatch
     assert key not in _prepare(task, {"input_ids": ids}, spec, plain)
 
 
+def test_teacher_pass_runs_the_decoder_alone_in_chunks_of_its_token_budget(monkeypatch):
+    """The teacher pass keeps the states the whole model returns (``hidden_states``), whatever the chunking:
+    with only the last state kept, through the decoder alone (no lm_head) at ``TEACHER_PASS_TOKENS`` tokens
+    per forward; with a hidden-layer term too, through the model (every layer's states) at half as many."""
+    import raydistill.tasks.causal_lm as clm
+
+    torch.manual_seed(3)
+    task = get_task("causal_lm")
+    teacher = task.build_model({"model": "hf", "kwargs": {"config": dict(TINY_LLAMA, num_hidden_layers=2)}},
+                               _lm_spec().task_info).eval()
+    ids = torch.randint(2, 40, (5, 9))
+    ids[3, 6:] = 0
+    with torch.no_grad():
+        full = teacher(input_ids=ids, output_hidden_states=True).hidden_states
+    calls = {"model": 0, "decoder": 0}
+    teacher.register_forward_hook(lambda *a: calls.__setitem__("model", calls["model"] + 1))
+    teacher.base_model.register_forward_hook(lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1))
+    monkeypatch.setattr(clm, "TEACHER_PASS_TOKENS", 2 * 9)  # two rows of 9 tokens per forward
+
+    got = _prepare(task, {"input_ids": ids}, _lm_spec(fused=True), teacher)
+    assert calls == {"model": 0, "decoder": 3}
+    torch.testing.assert_close(got["teacher.main.last"], full[-1], rtol=1e-5, atol=1e-6)
+
+    hidden = {"type": "hidden", "weight": 0.5, "teacher": "main", "layers": [[1, 1]], "metric": "mse"}
+    calls.update(model=0, decoder=0)
+    got = _prepare(task, {"input_ids": ids}, _lm_spec(fused=True).replace(terms=KD_TERMS + (hidden,)), teacher)
+    assert calls == {"model": 5, "decoder": 5}  # one row per forward (the decoder runs inside the model)
+    torch.testing.assert_close(got["teacher.main.last"], full[-1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["teacher.main.h1"], full[1], rtol=1e-5, atol=1e-6)
+
+
 def test_classification_macro_precision_recall():
     y = np.array([0, 0, 1, 1, 2, 2])
     p = np.array([0, 1, 1, 1, 2, 0])

@@ -6,16 +6,11 @@ from __future__ import annotations
 import multiprocessing as mp
 
 from raydistill.bench.kd_loss import _reset_peak_rss  # /proc/self/clear_refs
-from raydistill.utils import proc_status_bytes as _rss_bytes  # /proc/self/status
+from raydistill.utils import memory_mib  # VmRSS / VmHWM, with the fallbacks off Linux
 
 
 def rss() -> int:
-    got = _rss_bytes("VmRSS")
-    if got is not None:
-        return got
-    import psutil
-
-    return psutil.Process().memory_info().rss
+    return int(memory_mib()["now"] * 2**20)
 
 
 def reset_peak() -> bool:
@@ -25,12 +20,7 @@ def reset_peak() -> bool:
 
 def peak() -> int:
     """Peak RSS in bytes since the last :func:`reset_peak` (else since the process started)."""
-    got = _rss_bytes("VmHWM")
-    if got is not None:
-        return got
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return int(memory_mib()["peak"] * 2**20)
 
 
 def _child(fn, args, q) -> None:

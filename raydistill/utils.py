@@ -199,17 +199,27 @@ def cuda_median_ms(fn, *, reps: int = 10, warmup: int = 3, calls: int = 1) -> fl
     return statistics.median(times)
 
 
+def _proc_status_bytes() -> dict[str, int]:
+    """Every ``kB`` field of ``/proc/self/status`` in bytes, from one read; empty where there is no such file
+    (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            out[name] = int(parts[0]) * 1024
+    return out
+
+
 def proc_status_bytes(field: str) -> int | None:
     """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``: the peak RSS) in bytes; None where
     there is no such file (not Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_status_bytes().get(field)
 
 
 def memory_mib(device=None) -> dict[str, float]:
@@ -221,7 +231,8 @@ def memory_mib(device=None) -> dict[str, float]:
 
         return {"now": torch.cuda.memory_allocated(device) / 2**20,
                 "peak": torch.cuda.max_memory_allocated(device) / 2**20}
-    now, peak = proc_status_bytes("VmRSS"), proc_status_bytes("VmHWM")
+    status = _proc_status_bytes()  # one read for both
+    now, peak = status.get("VmRSS"), status.get("VmHWM")
     if now is None or peak is None:
         import resource
 

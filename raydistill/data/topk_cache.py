@@ -414,8 +414,9 @@ def read_dataset(info: CacheInfo, *, tail: bool = True):
     decoding it whole (:func:`read_shard`; in the tasks that feed the workers, not on the driver: nothing is
     read here), rows in shard order. The tasks take no CPU from Ray's scheduler: they run while the training
     workers hold the node's CPUs (and a Tune trial's driver a fraction of one), where a task asking for a CPU
-    would wait forever on a small node (``read_parquet`` would, with its metadata tasks); Ray Data's
-    streaming backpressure bounds the decoded shards in flight."""
+    would wait forever on a small node (``read_parquet`` would, with its metadata tasks). A decoded shard
+    stays in the object store until it is read; how far the tasks run ahead of the readers is Ray Data's
+    streaming backpressure (up to its object-store budget)."""
     import ray.data
 
     ds = ray.data.from_items([{"path": str(f)} for f in info.files], override_num_blocks=len(info.files))

@@ -68,7 +68,8 @@ def test_step_budget_accumulation_and_mid_epoch_resume_is_exact(ray_local, tmp_p
     trainer = build_student_trainer(cfg, teacher, storage_path=tmp_path / "ft", name="straight")
     assert trainer.train_loop_config["spec"].materialize is not streamed
     assert trainer.train_loop_config["spec"].offline is offline
-    assert not isinstance(trainer.datasets["train"], MaterializedDataset)  # read while the workers train
+    # streamed (the offline cache too): read while the workers train, not into the object store before
+    assert isinstance(trainer.datasets["train"], MaterializedDataset) is not streamed
     res_a = trainer.fit()
     crash = load_config("lm_tiny", base + [f"distill.max_steps={budget}", f"run.debug_crash_at_step={crash_at}",
                                            "run.max_failures=1"])

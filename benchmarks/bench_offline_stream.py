@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _procmem  # noqa: E402
 
 K, V, S, SHARD_ROWS = 128, 2048, 128, 256
 
@@ -44,13 +47,12 @@ def _write_cache(d: Path, rows: int, seed: int = 0) -> None:
         write_shard(d / shard_name(a, b), shard_table(meta, {"input_ids": ids}, v, i, t))
 
 
-class PlasmaSampler:
+class PlasmaSampler(_procmem.Poller):
     """The peak of the Raylet's plasma (object store) usage, sampled in a thread."""
 
-    def __init__(self, address: str, every_s: float = 0.05):
-        self.address, self.every_s, self.peak_mib = address, every_s, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def __init__(self, address: str, every: float = 0.05):
+        super().__init__(every)
+        self.address, self.peak_mib = address, 0.0
 
     def usage_mib(self) -> float:
         from ray._private.internal_api import memory_summary
@@ -58,18 +60,7 @@ class PlasmaSampler:
         m = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(address=self.address, stats_only=True))
         return float(m.group(1)) if m else 0.0
 
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak_mib = max(self.peak_mib, self.usage_mib())
-            self._stop.wait(self.every_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    def _sample(self) -> None:
         self.peak_mib = max(self.peak_mib, self.usage_mib())
 
 

@@ -1,9 +1,11 @@
 """Helpers the per-process benchmarks share: run one measurement in a fresh (spawned) process, and its
-memory: the RSS now, the peak RSS (``VmHWM``) since a reset through ``/proc/self/clear_refs``."""
+memory: the RSS now, the peak RSS (``VmHWM``) since a reset through ``/proc/self/clear_refs``; a poller that
+samples something in a thread while a measurement runs."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 
 from raydistill.bench.kd_loss import _reset_peak_rss  # /proc/self/clear_refs
 from raydistill.utils import memory_mib  # VmRSS / VmHWM, with the fallbacks off Linux
@@ -44,3 +46,28 @@ def in_fresh_process(fn, *args):
     if status != "ok":
         raise RuntimeError(f"{getattr(fn, '__name__', fn)}: {val}")
     return val
+
+
+class Poller:
+    """A context manager calling ``self._sample()`` every ``every`` seconds in a thread while its block runs,
+    and once more at its end (subclasses keep what they sample)."""
+
+    def __init__(self, every: float):
+        self.every, self._stop = every, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()

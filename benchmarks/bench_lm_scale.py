@@ -110,15 +110,13 @@ REHEARSAL = {"student": "8x512", "teacher": "16x640", "vocab": 32000, "seq": 512
 LOCAL = {"student": "2x256", "teacher": "4x256", "vocab": 4096, "seq": 256, "batch": 8, "steps": 20, "warmup": 2}
 
 
-class _PeakPoller:
+class _PeakPoller(_procmem.Poller):
     """Samples the peak RSS (``VmHWM``) of every Ray process under this driver every ``every`` seconds (a
     thread): the largest value seen per process, with its title (``ray::RayTrainWorker...``)."""
 
     def __init__(self, every: float = 0.5):
-        import threading
-
-        self.every, self.seen, self._stop = every, {}, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(every)
+        self.seen = {}
 
     def _sample(self) -> None:
         import psutil
@@ -134,19 +132,6 @@ class _PeakPoller:
             hwm = next((int(x.split()[1]) * 1024 for x in status.splitlines() if x.startswith("VmHWM:")), 0)
             old = self.seen.get(p.pid, {"peak_rss_mib": 0.0})
             self.seen[p.pid] = {"title": title, "peak_rss_mib": max(old["peak_rss_mib"], hwm / 2**20)}
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self._sample()
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
     def train_workers(self) -> list[dict]:
         return [dict(v, pid=k) for k, v in self.seen.items() if "TrainWorker" in v["title"]]

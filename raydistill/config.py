@@ -625,7 +625,8 @@ class TextDataConfig(_Strict):
     materialize: bool | None = Field(
         None, description="true: workers hold their shard of the train split in memory; false: they stream it "
                           "from the parquet shards (a shuffle buffer, any corpus size); null: true when the "
-                          "train split is at most 4M tokens")
+                          "train split is at most 4M tokens (read from an offline teacher's cache: when it is at "
+                          "most 1 GiB decoded)")
     tokenizer_sample_bytes: int = Field(
         32 << 20, ge=1000, description="the BPE is trained on a seeded sample of about this many bytes of the "
                                        "corpus (all of it when smaller)")

@@ -19,7 +19,7 @@ key-value metadata ``raydistill.topk_cache`` is a JSON object::
      "k", "vocab_size", "task", "tokens_per_row", "rows", "start", "stop", "input_columns",
      "teacher_hash", "tokenizer_hash", "tail_temperature" (null: no tail)}
 
-Decoded batches (:func:`decode_batch`, also run inside Ray Data ``map_batches``) always have
+Decoded batches (:func:`decode_batch`, run on each shard by :func:`read_dataset`'s Ray Data tasks) always have
 ``topk_values`` float32 (log-probabilities at temperature 1, ``(..., k)``), ``topk_indices`` int64 (ascending
 per token) and, when the cache has a tail and it is asked for, ``topk_tail`` float32 (log of the mass
 outside the top-k at the cache's ``tail_temperature``). A directory written before this format (no
@@ -410,19 +410,17 @@ def check_cache(info: CacheInfo, *, k: int | None = None, teacher_hash: str | No
 
 
 def read_dataset(info: CacheInfo, *, tail: bool = True):
-    """The cache as a lazy Ray dataset that streams the shards and decodes them in ``map_batches`` (in the
-    Ray Data tasks that feed the workers, not on the driver)."""
+    """The cache as a lazy Ray dataset that streams the shards, one Ray Data task per shard reading and
+    decoding it whole (:func:`read_shard`; in the tasks that feed the workers, not on the driver: nothing is
+    read here), rows in shard order. The tasks take no CPU from Ray's scheduler: they run while the training
+    workers hold the node's CPUs (and a Tune trial's driver a fraction of one), where a task asking for a CPU
+    would wait forever on a small node (``read_parquet`` would, with its metadata tasks). A decoded shard
+    stays in the object store until it is read; how far the tasks run ahead of the readers is Ray Data's
+    streaming backpressure (up to its object-store budget)."""
     import ray.data
 
-    if info.meta is not None and info.meta.spec.name == "cm":  # decoded whole: one shard per task
-        ds = ray.data.from_items([{"path": str(f)} for f in info.files])
-        return ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"tail": tail})
-    ds = ray.data.read_parquet([str(f) for f in info.files], include_paths=info.meta is not None)
-    if info.meta is None:
-        return ds
-    meta = asdict(info.meta)
-    return ds.map_batches(decode_batch, batch_format="numpy", fn_kwargs={"meta": meta, "tail": tail},
-                          zero_copy_batch=True)
+    ds = ray.data.from_items([{"path": str(f)} for f in info.files], override_num_blocks=len(info.files))
+    return ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"tail": tail}, num_cpus=0)
 
 
 def _read_shards(batch: dict, *, tail: bool) -> dict:

@@ -230,13 +230,9 @@ def teacher_logits_main(argv: list[str] | None = None) -> int:
             raise _UsageError(f"--shard-rows must be >= 1, got {args.shard_rows}")
         if args.tail_temperature is not None and not 0 < args.tail_temperature <= 100:
             raise _UsageError(f"--tail-temperature must be in (0, 100], got {args.tail_temperature}")
-        from raydistill.data.topk_codec import CodecSpec
+        from raydistill.distill.teacher_logits import codec_spec
 
-        try:
-            t = args.tail_temperature or cfg.distill.temperature
-            spec = CodecSpec(name=args.codec, value_levels=args.value_levels, gamma=min(1.0, 0.5 / t))
-        except ValueError as exc:
-            raise _UsageError(f"--value-levels: {exc}") from None
+        spec = codec_spec(args.codec, args.tail_temperature or cfg.distill.temperature, value_levels=args.value_levels)
     except (ConfigError, _UsageError) as exc:
         return _fail(prog, str(exc), 2)
     from raydistill.distill.data import resolve_storage

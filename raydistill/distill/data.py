@@ -10,6 +10,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 from raydistill.config import Config, ConfigError
 
@@ -50,25 +51,34 @@ def task_info(cfg: Config, storage: Path) -> dict:
     return get_task(cfg.data.task).task_info(cfg, storage)
 
 
-def stage_datasets(cfg: Config, storage: Path, kind: str) -> tuple[dict, int]:
-    """``{"train", "eval"}`` Ray datasets of a stage and its train rows: ``kind`` ``ce`` the labelled rows,
-    ``kd`` the distillation rows (with the transfer set where the task has one), or the offline teacher's
-    top-k outputs (``teacher_outputs``), which hold the rows themselves: checked against the config (and the
-    tokenizer, where the task has one), read and decoded by Ray Data (``raydistill.distill.offline``)."""
+class StageData(NamedTuple):
+    """A stage's Ray datasets (``{"train", "eval"}``), its train rows, and ``materialize``: whether workers hold
+    their shard of the train rows in memory, where the stage's data decides it (an offline teacher's cache:
+    :func:`raydistill.distill.offline.hold_in_memory`); None leaves it to the task (``task_info``)."""
+
+    datasets: dict
+    rows: int
+    materialize: bool | None = None
+
+
+def stage_datasets(cfg: Config, storage: Path, kind: str) -> StageData:
+    """The Ray datasets of a stage: ``kind`` ``ce`` the labelled rows, ``kd`` the distillation rows (with the
+    transfer set where the task has one), or the offline teacher's top-k outputs (``teacher_outputs``),
+    which hold the rows themselves (the task's own train rows are not built then): checked against the
+    config (and the tokenizer, where the task has one), read and decoded lazily by Ray Data tasks that
+    stream them to the workers while they train (``raydistill.data.topk_cache.read_dataset``: the tasks take
+    no CPU, so they cannot wait behind the workers for one)."""
     from raydistill.tasks import get_task
 
     task = get_task(cfg.data.task)
-    offline = kind == "kd" and cfg.teacher_outputs_path() is not None
-    datasets, rows = task.datasets(cfg, storage, transfer=kind == "kd" and not offline)
-    if offline:
-        from raydistill.distill.offline import offline_dataset
+    if kind == "kd" and cfg.teacher_outputs_path() is not None:
+        from raydistill.distill.offline import hold_in_memory, offline_dataset
 
-        ds, rows = offline_dataset(cfg, task.task_info(cfg, storage).get("tokenizer_dir"))
-        # read + decoded now, by Ray Data tasks into the object store (the driver holds references only),
-        # before the trainer's workers hold their CPUs: on a small node the read tasks of a lazy dataset can
-        # wait forever behind the workers and any actor still holding a fraction of a CPU
-        datasets["train"] = ds.materialize()
-    return datasets, rows
+        ds, info = offline_dataset(cfg, task.task_info(cfg, storage).get("tokenizer_dir"))
+        return StageData({"train": ds, "eval": task.eval_dataset(cfg, storage)}, info.rows,
+                         hold_in_memory(cfg, info))
+    datasets, rows = task.datasets(cfg, storage, transfer=kind == "kd")
+    return StageData(datasets, rows)
 
 
 def distill_rows(cfg: Config, storage: Path) -> int:

@@ -56,7 +56,7 @@ def load_checkpoint_model(cfg: Config, checkpoint_path, model: dict | None = Non
 
 def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None, *, teacher=True,
                         samples: bool = True, quantize: dict | None = None, latency: bool = True,
-                        export: str | None = None) -> dict:
+                        export: str | None = None, teachers: TeacherModels | None = None) -> dict:
     """Test metrics and size of a checkpoint, with its pruned layers converted to ``SparseLinear``
     (``raydistill.compress.compress`` with the checkpoint's masks) and, with ``quantize`` (a
     ``compression.quantize`` dict), its Linear layers quantized
@@ -68,7 +68,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
     (:func:`raydistill.distill.steps.measure_latency` at the task's ``latency_batches``: batch 1 and 256 of a
     classifier, one sequence of ``data.seq_len`` tokens of a causal LM; when ``latency`` and the task times one).
     ``model_bytes`` counts real bit widths (codes, scales, CSR indices). ``export``: also write the
-    compressed model there (:func:`raydistill.compress.save_compressed`)."""
+    compressed model there (:func:`raydistill.compress.save_compressed`). ``teachers``: the run's
+    :class:`TeacherModels` (the teacher is built once for all the checkpoints it evaluates; None: built for
+    this call)."""
     net, rep, meta, task, info = load_checkpoint_model(cfg, checkpoint_path, model, convert=not quantize)
     steps: dict = {}
     if quantize:
@@ -77,7 +79,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path, model: dict | None = None,
         # rep: params, sparsity, fp32 dense bytes of the float model; then masks -> sparse, quantize
         steps = finalize_student(net, load_masks_of(checkpoint_path), quantize)
     storage = resolve_storage(cfg.run.storage_path)
-    out = task.test_metrics(cfg, net, storage, info, teacher=lambda: _teacher_model(task, meta, info, teacher),
+    teachers = teachers if teachers is not None else TeacherModels()
+    out = task.test_metrics(cfg, net, storage, info, teacher=lambda: teachers.get(task, meta, info, teacher),
                             samples=samples)
     for key in (f"{task.throughput_unit}_per_s", "terms"):  # training figures of the checkpoint's last epoch
         if key in (meta.get("metrics") or {}):
@@ -130,15 +133,29 @@ def load_masks_of(checkpoint_path) -> dict | None:
     return load_masks(ck) if ck.is_dir() else None
 
 
-def _teacher_model(task, meta: dict, info: dict, teacher):
-    """The teacher to compare with: True -> the checkpoint's own (its first teacher), a TeacherArtifact
-    (anything with .path and .model) -> that one, else None."""
-    from raydistill.distill.checkpointing import load_weights
+class TeacherModels:
+    """The teachers one evaluation run compares its checkpoints with, each built and loaded once: pass one
+    to every :func:`evaluate_checkpoint` of the run (the students of a pipeline against the same teacher);
+    it lives as long as the run holds it, never across runs or configs."""
 
-    tref = meta.get("teacher") if teacher is True else \
-        {"path": teacher.path, "model": teacher.model} if teacher else None
-    if not tref:
-        return None
-    net = task.build_model(tref["model"], info)
-    load_weights(net, tref["path"])
-    return net.eval()
+    def __init__(self):
+        self._nets: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self._nets)
+
+    def get(self, task, meta: dict, info: dict, teacher):
+        """The teacher to compare with: True -> the checkpoint's own (its first teacher), a
+        TeacherArtifact (anything with .path and .model) -> that one, else None."""
+        from raydistill.distill.checkpointing import load_weights
+
+        tref = meta.get("teacher") if teacher is True else \
+            {"path": teacher.path, "model": teacher.model} if teacher else None
+        if not tref:
+            return None
+        key = json.dumps([str(tref["path"]), tref["model"], info], sort_keys=True, default=str)
+        if key not in self._nets:
+            net = task.build_model(tref["model"], info)
+            load_weights(net, tref["path"])
+            self._nets[key] = net.eval()
+        return self._nets[key]

@@ -5,7 +5,8 @@ it against the config, and reading it.
                                                      coverage) and that they were written for this config's
                                                      task, k, teacher and tokenizer; ConfigError otherwise
     use_tail(cfg, meta)                              whether the loss gets the cache's tail
-    offline_dataset(cfg, tokenizer_dir=None)         (Ray dataset streaming + decoding the shards, rows)
+    offline_dataset(cfg, tokenizer_dir=None)         (Ray dataset streaming + decoding the shards, CacheInfo)
+    hold_in_memory(cfg, info)                        whether workers hold the decoded cache or stream it
 
 The checks without ``tokenizer_dir`` read only the shards' footers and run before Ray starts (preflight);
 the dataset builders call them again with the tokenizer once it is known (before any training starts).
@@ -21,6 +22,9 @@ from raydistill.distill.spec import teacher_hash
 from raydistill.data.topk_cache import CacheError, CacheInfo, CacheMeta, check_cache, open_cache, tokenizer_hash
 
 log = logging.getLogger("raydistill")
+
+# data.materialize unset: workers hold the decoded cache in memory up to this size (all workers together)
+OFFLINE_MATERIALIZE_MAX_BYTES = 1 << 30
 
 
 def expected_teacher_hash(cfg: Config) -> str | None:
@@ -94,9 +98,31 @@ def use_tail(cfg: Config, meta: CacheMeta | None, file=None) -> bool:
 
 
 def offline_dataset(cfg: Config, tokenizer_dir=None):
-    """The checked cache as a Ray dataset (shards streamed and decoded in Ray Data ``map_batches``) and its
-    number of rows."""
+    """The checked cache as a lazy Ray dataset (shards streamed and decoded in Ray Data tasks) and the
+    :class:`CacheInfo` it reads."""
     from raydistill.data.topk_cache import read_dataset
 
     info, tail = _checked(cfg, tokenizer_dir)
-    return read_dataset(info, tail=tail), info.rows
+    return read_dataset(info, tail=tail), info
+
+
+def decoded_bytes(info: CacheInfo) -> int:
+    """About what the cache's rows take decoded in memory: per token (a classification row) k float32
+    values and int64 indices, the float32 tail and 8 bytes an input column; the parquet files' sizes for a
+    cache of the format before metadata (raw values already)."""
+    m = info.meta
+    if m is None:
+        return sum(f.stat().st_size for f in info.files)
+    per_item = m.k * (4 + 8) + 4 + 8 * len(m.input_columns)
+    return int(info.rows) * max(1, int(m.tokens_per_row)) * per_item
+
+
+def hold_in_memory(cfg: Config, info: CacheInfo) -> bool:
+    """Whether the workers hold their shard of the decoded cache in memory (after one streamed pass) or
+    stream it every epoch: ``data.materialize`` when set; unset (null), held when the decoded cache is at
+    most ``OFFLINE_MATERIALIZE_MAX_BYTES`` (top-k outputs take about ``12 k`` bytes a token, so the corpus's
+    own size rule would hold a k = 128 cache of a 4M-token corpus, 6 GB, in memory)."""
+    want = getattr(cfg.data, "materialize", True)
+    if want is not None:
+        return bool(want)
+    return decoded_bytes(info) <= OFFLINE_MATERIALIZE_MAX_BYTES

@@ -33,7 +33,7 @@ from typing import Any
 from raydistill.config import Config, ConfigError, config_hash, dump_config
 from raydistill.distill import interrupts, student_init
 from raydistill.distill.data import resolve_storage
-from raydistill.distill.evaluate import evaluate_checkpoint, final_checkpoint_dir
+from raydistill.distill.evaluate import TeacherModels, evaluate_checkpoint, final_checkpoint_dir
 from raydistill.distill.preflight import preflight
 from raydistill.distill.progress import Progress
 from raydistill.distill.report import build_report, write_report
@@ -382,10 +382,12 @@ def _evaluate_students(cfg: Config, plan: _StudentPlan, results: dict, teacher: 
     def final(stage):
         return final_checkpoint_dir(results[stage], run_dir, stage)
 
+    teachers = TeacherModels()  # the teacher built once for every student of the run
     evals = {s: evaluate_checkpoint(cfg, final(s), teacher=teacher, quantize=plan.quantize if s == "student" else None,
-                                    export=str(run_dir / "student.safetensors") if s == "student" else None)
+                                    export=str(run_dir / "student.safetensors") if s == "student" else None,
+                                    teachers=teachers)
              for s in plan.stages}
     if plan.quantize is not None:
         evals["dense_student_ptq"] = evaluate_checkpoint(cfg, final("dense_student"), teacher=teacher,
-                                                         quantize=plan.quantize | {"mode": "ptq"})
+                                                         quantize=plan.quantize | {"mode": "ptq"}, teachers=teachers)
     return evals

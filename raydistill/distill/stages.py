@@ -138,13 +138,14 @@ def make_trainer(cfg: Config, spec: StageSpec, datasets: dict, *, storage_path: 
 
 
 def data_config(spec: StageSpec):
-    """How Ray Train splits the datasets: ``train`` over the workers. A streamed train set (not materialised)
-    is split in a fixed order -- Ray Data keeps the read order and the splitter hands out blocks by row
-    counts, not by where they are -- so every epoch gives each worker the same rows in the same order and a
-    run resumed mid-epoch re-reads exactly the batches it skips (issue 22)."""
+    """How Ray Train splits the datasets: ``train`` over the workers. A streamed train set (not materialised,
+    or an offline teacher's cache: read lazily, also when the workers then hold it) is split in a fixed order
+    -- Ray Data keeps the read order and the splitter hands out blocks by row counts, not by where they are --
+    so every epoch gives each worker the same rows in the same order and a run resumed mid-epoch re-reads
+    exactly the batches it skips (issue 22); a worker that holds its rows holds them in the same order."""
     from ray.train import DataConfig
 
-    if spec.materialize:
+    if spec.materialize and not spec.offline:
         return DataConfig(datasets_to_split=["train"])
     opts = DataConfig.default_ingest_options()
     opts.preserve_order = True
@@ -163,7 +164,7 @@ def build_teacher_trainer(cfg: Config, *, storage_path, name: str, callbacks=Non
     tc = teacher_config(cfg, teacher)
     storage = resolve_storage(storage_path)
     data_storage = resolve_storage(data_root) if data_root else storage
-    datasets, rows = stage_datasets(cfg, data_storage, "ce")
+    datasets, rows, _ = stage_datasets(cfg, data_storage, "ce")
     nw, res, threads = _workers_and_threads(cfg, num_workers, resources_per_worker)
     t = tc.training
     spec = stage_spec(cfg, stage="teacher", kind="ce", model=model_dict(tc), epochs=t.epochs,
@@ -191,7 +192,8 @@ def build_student_trainer(cfg: Config, teacher: TeacherArtifact | dict[str, Teac
     (:func:`raydistill.distill.steps.student_extras`). ``epochs`` / ``lr``: this stage's epochs and peak
     learning rate (None: ``distill.epochs`` / ``distill.optimizer.lr``)."""
     storage = resolve_storage(storage_path)
-    datasets, rows = stage_datasets(cfg, storage, "kd")
+    datasets, rows, materialize = stage_datasets(cfg, storage, "kd")
+    info = task_info(cfg, storage) | ({} if materialize is None else {"materialize": materialize})
     nw, res, threads = _workers_and_threads(cfg, num_workers, resources_per_worker)
     d = cfg.distill
     sp = cfg.compression.sparsity if sparsity is None else float(sparsity)
@@ -199,8 +201,7 @@ def build_student_trainer(cfg: Config, teacher: TeacherArtifact | dict[str, Teac
                       batch_size=d.batch_size, optimizer=d.optimizer.model_dump() | ({"lr": lr} if lr else {}),
                       lr_schedule=d.lr_schedule.model_dump(), sparsity=sp, teachers=teacher_set(cfg, teacher),
                       rows=rows,
-                      num_workers=nw, progress_dir=storage / name, threads=threads, info=task_info(cfg, storage),
-                      extras=extras)
+                      num_workers=nw, progress_dir=storage / name, threads=threads, info=info, extras=extras)
     return make_trainer(cfg, spec, datasets, storage_path=storage, name=name, callbacks=callbacks,
                         num_workers=nw, resources_per_worker=res)
 
@@ -211,7 +212,7 @@ def build_baseline_trainer(cfg: Config, *, storage_path, name: str, callbacks=No
     budget as the distilled student: same epochs, optimizer, schedule and optimizer steps per epoch (the
     labelled rows are cycled to fill an epoch of the student's length)."""
     storage = resolve_storage(storage_path)
-    datasets, rows = stage_datasets(cfg, storage, "ce")
+    datasets, rows, _ = stage_datasets(cfg, storage, "ce")
     n_distill = distill_rows(cfg, storage)
     nw, res, threads = _workers_and_threads(cfg, num_workers, resources_per_worker)
     d = cfg.distill

@@ -129,15 +129,23 @@ def default_output(storage: Path, teacher_hash: str, topk: int, codec: str = "cm
     return storage / "teacher_outputs" / f"{teacher_hash}-k{topk}-{codec}"
 
 
-def codec_spec(codec: str | CodecSpec | None, temperature: float) -> CodecSpec:
-    """A codec by name (its companding exponent matched to the loss temperature: ``gamma = 1 / (2 T)``), or
-    the given spec."""
+def companding_gamma(temperature: float) -> float:
+    """The codecs' companding exponent for outputs a loss reads at ``temperature``: ``1 / (2 T)``, at most 1
+    (``raydistill.data.topk_codec``: the decoded distribution's KL is then about ``k / (6 (L - 1)^2)``
+    whatever the teacher)."""
+    return min(1.0, 0.5 / float(temperature))
+
+
+def codec_spec(codec: str | CodecSpec | None, temperature: float, *, value_levels: int | None = None) -> CodecSpec:
+    """A codec by name, with ``value_levels`` (None: from the codec's target KL) and its companding exponent
+    matched to the loss temperature (:func:`companding_gamma`), or the given spec; a ConfigError naming the
+    argument (``--codec`` / ``--value-levels``) otherwise."""
     if isinstance(codec, CodecSpec):
         return codec
     try:
-        return CodecSpec(name=codec or "auto", gamma=min(1.0, 0.5 / float(temperature)))
+        return CodecSpec(name=codec or "auto", value_levels=value_levels, gamma=companding_gamma(temperature))
     except ValueError as exc:
-        raise ConfigError(f"--codec: {exc}") from None
+        raise ConfigError(f"{'--value-levels' if str(exc).startswith('value_levels') else '--codec'}: {exc}") from None
 
 
 def _prepare_output(out: Path, template: CacheMeta, plan: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -59,6 +59,11 @@ class Task:
         rows; ``transfer``: the distillation rows (with the transfer set, where the task has one)."""
         raise NotImplementedError
 
+    def eval_dataset(self, cfg, storage: Path):
+        """``datasets(...)["eval"]`` without the train rows (a stage whose train rows come from elsewhere:
+        an offline teacher's cache)."""
+        raise NotImplementedError
+
     def train_rows(self, cfg, storage: Path, *, transfer: bool) -> int:
         """The rows of ``datasets(...)["train"]`` without building it."""
         raise NotImplementedError

@@ -140,12 +140,13 @@ class CausalLMTask(Task):
         from raydistill.data import to_ray_dataset
 
         td = text_data(cfg, storage)
-        ev = np.concatenate([td.val, td.test])
-        split = np.concatenate([np.zeros(len(td.val), np.int64), np.ones(len(td.test), np.int64)])
-        eval_ds = {"eval": to_ray_dataset(input_ids=ev.astype(np.int64), split=split)}
+        eval_ds = {"eval": _eval_dataset(td)}
         if not td.materialize:  # streamed from the parquet shards (raydistill.data.text.CorpusInfo.train_dataset)
             return {"train": td.train_dataset(), **eval_ds}, td.train_blocks
         return {"train": to_ray_dataset(input_ids=td.train.astype(np.int64)), **eval_ds}, len(td.train)
+
+    def eval_dataset(self, cfg, storage: Path):
+        return _eval_dataset(text_data(cfg, storage))
 
     def train_rows(self, cfg, storage: Path, *, transfer: bool) -> int:
         return text_data(cfg, storage).train_blocks
@@ -324,6 +325,14 @@ class CausalLMTask(Task):
 def _task_info(cfg, td) -> dict:
     """``CausalLMTask.task_info`` of a prepared corpus ``td`` (``text_data``)."""
     return {**td.info(), "seq_len": cfg.data.seq_len, "materialize": td.materialize}
+
+
+def _eval_dataset(td):
+    """The val then test blocks (``split`` column 0 / 1) as one Ray dataset."""
+    from raydistill.data import to_ray_dataset
+
+    split = np.concatenate([np.zeros(len(td.val), np.int64), np.ones(len(td.test), np.int64)])
+    return to_ray_dataset(input_ids=np.concatenate([td.val, td.test]).astype(np.int64), split=split)
 
 
 def text_data(cfg, storage: Path):

@@ -53,14 +53,16 @@ class ClassificationTask(Task):
         from raydistill.data.ray_data import UNLABELLED
 
         split, extra = load_arrays(cfg, storage)
-        ev = to_ray_dataset(
-            x=np.concatenate([split.x_val, split.x_test]), y=np.concatenate([split.y_val, split.y_test]),
-            split=np.concatenate([np.zeros(len(split.y_val), np.int64), np.ones(len(split.y_test), np.int64)]))
         x, y = split.x_train, split.y_train
         if transfer:
             x = np.concatenate([x, extra])
             y = np.concatenate([y, np.full(len(extra), UNLABELLED, np.int64)])
-        return {"train": to_ray_dataset(x=x, y=y), "eval": ev}, len(y)
+        return {"train": to_ray_dataset(x=x, y=y), "eval": _eval_dataset(split)}, len(y)
+
+    def eval_dataset(self, cfg, storage: Path):
+        from raydistill.data import load_mnist1d
+
+        return _eval_dataset(load_mnist1d(cfg.data, storage / "datasets"))
 
     def train_rows(self, cfg, storage: Path, *, transfer: bool) -> int:
         d = cfg.data
@@ -196,6 +198,15 @@ class ClassificationTask(Task):
         va = classification_metrics(predict(model, val["x"]).argmax(1).cpu().numpy(), val["y"].cpu().numpy())
         te = classification_metrics(predict(model, test["x"]).argmax(1).cpu().numpy(), test["y"].cpu().numpy())
         return {"val_accuracy": va["accuracy"], **te}
+
+
+def _eval_dataset(split):
+    """val then test rows (``split`` column 0 / 1) as one Ray dataset."""
+    from raydistill.data import to_ray_dataset
+
+    return to_ray_dataset(
+        x=np.concatenate([split.x_val, split.x_test]), y=np.concatenate([split.y_val, split.y_test]),
+        split=np.concatenate([np.zeros(len(split.y_val), np.int64), np.ones(len(split.y_test), np.int64)]))
 
 
 def load_arrays(cfg, storage: Path):

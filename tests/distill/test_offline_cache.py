@@ -99,3 +99,88 @@ def test_a_named_teachers_cache_is_checked_against_that_teacher_and_its_terms(tm
     with pytest.raises(ConfigError, match=f"teachers.big.teacher_outputs: .*{shard_name(0, 12)} was written for "
                                           "the teacher"):
         check_teacher_outputs(cfg)
+
+
+def _lm_shard(d, k, rows, seq, vocab=300):
+    """A causal-LM cache shard (q8, with a tail) of random outputs; its checked CacheInfo."""
+    from raydistill.data.topk_cache import open_cache
+
+    rng = np.random.default_rng()
+    v, i, t = (a.numpy() for a in topk_from_logits(torch.from_numpy(rng.standard_normal((rows, seq, vocab))), k, 1.0))
+    meta = CacheMeta(codec=CodecSpec(name="q8").resolved(k, vocab).to_dict(), k=k, vocab_size=vocab, task="causal_lm",
+                     tokens_per_row=seq, rows=rows, start=0, stop=rows, input_columns=["input_ids"],
+                     tail_temperature=1.0)
+    ids = rng.integers(0, vocab, (rows, seq)).astype(np.int32)
+    write_shard(d / shard_name(0, rows), shard_table(meta, {"input_ids": ids}, v, i, t))
+    return open_cache(d)
+
+
+def test_decoded_bytes_is_what_a_decoded_shard_takes(tmp_path):
+    from raydistill.data.topk_cache import read_shard
+    from raydistill.distill.offline import decoded_bytes
+
+    k, rows, seq = int(np.random.default_rng().integers(3, 40)), 6, 16
+    info = _lm_shard(tmp_path, k, rows, seq)
+    assert decoded_bytes(info) == sum(a.nbytes for a in read_shard(info.files[0]).values())
+
+
+def test_workers_hold_the_decoded_cache_by_data_materialize_or_by_its_size(tmp_path, monkeypatch):
+    """data.materialize set: as set; null (text): held up to OFFLINE_MATERIALIZE_MAX_BYTES decoded, not by the
+    corpus's token count (a k = 128 cache is ~1.5 KB a token)."""
+    from raydistill.distill import offline
+    from raydistill.distill.offline import decoded_bytes, hold_in_memory
+
+    info = _lm_shard(tmp_path, 8, 4, 16)
+    size = decoded_bytes(info)
+    lm = {m: load_config("lm_tiny", [f"data.materialize={m}"]) for m in ("null", "true", "false")}
+    monkeypatch.setattr(offline, "OFFLINE_MATERIALIZE_MAX_BYTES", size)
+    assert hold_in_memory(lm["null"], info) is True
+    assert hold_in_memory(lm["false"], info) is False
+    monkeypatch.setattr(offline, "OFFLINE_MATERIALIZE_MAX_BYTES", size - 1)
+    assert hold_in_memory(lm["null"], info) is False
+    assert hold_in_memory(lm["true"], info) is True
+    mnist = _cfg(tmp_path)
+    assert hold_in_memory(mnist, info) is True  # data.materialize: true, MNIST-1D's default
+    assert hold_in_memory(_cfg(tmp_path, "data.materialize=false"), info) is False
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+def test_an_offline_stage_is_split_in_the_caches_order(materialize):
+    """The cache is read lazily: its rows reach the workers in shard order (preserve_order) whether they hold
+    them or stream them, so the permutation of a worker that holds its rows is the same in every attempt."""
+    from raydistill.distill.spec import StageSpec
+    from raydistill.distill.stages import data_config
+
+    spec = StageSpec(stage="s", task="causal_lm", kind="kd", model={}, epochs=1, batch_size=2, optimizer={},
+                     lr_schedule={}, seed=0, progress_dir=".", materialize=materialize)
+    online = data_config(spec)
+    offline = data_config(spec.replace(offline_teacher="main"))
+    opts = offline._user_execution_options["train"]
+    assert opts.preserve_order is True and offline._enable_shard_locality is False
+    if materialize:  # an in-memory dataset held by the workers: Ray's default split
+        assert online._user_execution_options is None
+
+
+@pytest.mark.parametrize("temperature", [2.0, 4.0, 8.0])
+def test_the_codec_companding_follows_the_loss_temperature(temperature):
+    """codec_spec (the API's and the CLI's one rule): its exponent is matched to the temperature the loss
+    reads the outputs at, so the decoded distribution at that temperature is closer to the exact one than
+    with the exponent of T = 1 (measured: 3-8x closer at T = 2-8)."""
+    from raydistill.data.topk_codec import decode_values, encode_values, fidelity
+    from raydistill.distill.teacher_logits import codec_spec
+
+    rng = np.random.default_rng()
+    k, vocab = 32, 500
+    v, i, _ = topk_from_logits(torch.from_numpy(rng.standard_normal((2000, vocab)) * 4), k, None)
+    v, i = v.numpy(), i.numpy()
+
+    def kl(spec_t):
+        spec = codec_spec("q8", spec_t, value_levels=64).resolved(k, vocab)
+        dec = decode_values(encode_values(v, spec), spec).reshape(v.shape)
+        return fidelity(v, i, None, dec, i, None, temperature=temperature)["kl_topk"]
+
+    assert 0 < kl(temperature) < kl(1.0) / 2
+    with pytest.raises(ConfigError, match="--value-levels: value_levels"):
+        codec_spec("q8", temperature, value_levels=300)
+    with pytest.raises(ConfigError, match="--codec: codec must be one of"):
+        codec_spec("zip", temperature)

@@ -28,21 +28,37 @@ def _latest_by(path: Path, key: str) -> dict:
     return dict(sorted(out.items()))
 
 
-@pytest.mark.parametrize("streamed", [False, True], ids=["materialised", "streamed_2_workers"])
-def test_step_budget_accumulation_and_mid_epoch_resume_is_exact(ray_local, tmp_path, streamed):
-    """``streamed``: two workers stream their shards of the parquet train split (``data.materialize: false``,
-    a shuffle buffer); the resumed attempt re-reads the micro-batches it skips, in the same order."""
+@pytest.mark.parametrize("mode", ["materialised", "streamed_2_workers", "offline_streamed_2_workers"])
+def test_step_budget_accumulation_and_mid_epoch_resume_is_exact(ray_local, tmp_path, mode, monkeypatch):
+    """``streamed``: two workers (every CPU of the node) stream their shards of the parquet train split
+    (``data.materialize: false``, a shuffle buffer); the resumed attempt re-reads the micro-batches it skips,
+    in the same order. ``offline``: the same rows come from the teacher's top-k outputs cached in 4 shards,
+    read and decoded by Ray Data while the workers train (the corpus's train split is not built)."""
+    from ray.data.dataset import MaterializedDataset
     from safetensors.torch import load_file
 
     from raydistill.config import load_config
     from raydistill.distill import build_student_trainer, ensure_teacher
     from raydistill.distill.loop import CRASH_MARKER, STEPS_LOG
-    from raydistill.tasks.causal_lm import text_data
+    from raydistill.tasks.causal_lm import CausalLMTask, text_data
 
+    streamed, offline = mode != "materialised", mode.startswith("offline")
     workers = 2 if streamed else 1
     base = [*TINY, *SCALE, f"run.storage_path={tmp_path}", f"distill.checkpoint_every_steps={EVERY}",
             f"scaling.num_workers={workers}", f"data.materialize={str(not streamed).lower()}"]
     teacher = ensure_teacher(load_config("lm_tiny", [*TINY, f"run.storage_path={tmp_path}"]), tmp_path)
+    if offline:
+        from raydistill.distill.teacher_logits import write_teacher_outputs
+
+        tcfg = load_config("lm_tiny", [*TINY, f"run.storage_path={tmp_path}"])
+        cache = write_teacher_outputs(tcfg, storage_path=tmp_path, output=tmp_path / "tl", topk=8, concurrency=1,
+                                      shard_rows=-(-text_data(tcfg, tmp_path).train_blocks // 4))
+        base += [f"distill.teacher_outputs={cache}", "distill.topk=8"]
+
+        def not_built(*a, **kw):
+            raise AssertionError("an offline stage built the corpus's train dataset")
+
+        monkeypatch.setattr(CausalLMTask, "datasets", not_built)
     spe = text_data(load_config("lm_tiny", base + ["distill.max_steps=1"]), tmp_path).train_blocks // workers // 16 // 2
     budget = 2 * spe + spe // 2  # 3 epochs, the last one cut in its middle
     resume_at = (spe // EVERY + 1) * EVERY  # the first step checkpoint inside epoch 2
@@ -51,6 +67,9 @@ def test_step_budget_accumulation_and_mid_epoch_resume_is_exact(ray_local, tmp_p
     cfg = load_config("lm_tiny", base + [f"distill.max_steps={budget}"])
     trainer = build_student_trainer(cfg, teacher, storage_path=tmp_path / "ft", name="straight")
     assert trainer.train_loop_config["spec"].materialize is not streamed
+    assert trainer.train_loop_config["spec"].offline is offline
+    # streamed (the offline cache too): read while the workers train, not into the object store before
+    assert isinstance(trainer.datasets["train"], MaterializedDataset) is not streamed
     res_a = trainer.fit()
     crash = load_config("lm_tiny", base + [f"distill.max_steps={budget}", f"run.debug_crash_at_step={crash_at}",
                                            "run.max_failures=1"])

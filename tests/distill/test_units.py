@@ -96,3 +96,36 @@ def test_baseline_gets_the_students_optimizer_budget_grad_clip_included(tmp_path
     assert base.grad_clip == kd.grad_clip == 0.5 and teacher.grad_clip is None
     fields = ("epochs", "batch_size", "optimizer", "lr_schedule", "seed", "steps_per_epoch", "grad_clip")
     assert {f: getattr(base, f) for f in fields} == {f: getattr(kd, f) for f in fields}
+
+
+def test_an_evaluation_run_builds_each_teacher_once(tmp_path, monkeypatch):
+    """Two students evaluated against one teacher with the run's TeacherModels: the teacher is built and
+    loaded once, and its per-example results equal those of a teacher built for the call alone; another
+    teacher (another checkpoint) is built anew."""
+    from types import SimpleNamespace
+
+    from raydistill.distill import checkpointing
+    from raydistill.distill.evaluate import TeacherModels, evaluate_checkpoint
+
+    cfg = load_config("mnist1d_tiny", [f"run.storage_path={tmp_path}"])
+
+    def checkpoint(name, section):
+        spec = {"model": section.model, "kwargs": dict(section.kwargs)}
+        return save_checkpoint_dir(tmp_path / name, model=build_model(spec), meta={"epoch": 1, "model": spec},
+                                   state={}), spec
+
+    (t1, tspec), (t2, _) = checkpoint("t1", cfg.teacher), checkpoint("t2", cfg.teacher)
+    (s1, _), (s2, _) = checkpoint("s1", cfg.student), checkpoint("s2", cfg.student)
+    loads = []
+    real = checkpointing.load_weights
+    monkeypatch.setattr(checkpointing, "load_weights", lambda net, p: (loads.append(Path(p)), real(net, p))[1])
+    run = TeacherModels()
+    art = SimpleNamespace(path=t1, model=tspec)
+    a = evaluate_checkpoint(cfg, s1, teacher=art, teachers=run, latency=False)
+    b = evaluate_checkpoint(cfg, s2, teacher=art, teachers=run, latency=False)
+    assert loads.count(Path(t1)) == 1 and len(run) == 1
+    alone = evaluate_checkpoint(cfg, s2, teacher=art, latency=False)
+    assert loads.count(Path(t1)) == 2  # a call without the run's TeacherModels builds its own
+    assert a["_items"]["teacher_correct"] == b["_items"]["teacher_correct"] == alone["_items"]["teacher_correct"]
+    evaluate_checkpoint(cfg, s1, teacher=SimpleNamespace(path=t2, model=tspec), teachers=run, latency=False)
+    assert loads.count(Path(t2)) == 1 and len(run) == 2

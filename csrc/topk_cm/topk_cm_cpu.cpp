@@ -9,7 +9,7 @@
 // version 1, but each symbol is coded on its own with an LZMA-style range coder (32-bit range, carry
 // propagated in the encoder, byte output), so no grouping by probability class is needed: a membership bit
 // is coded at its model probability on a 2^-16 grid, a categorical symbol at its counts (scaled to a total
-// of at most 2^16). Integer arithmetic only: the encoder and the decoder compute identical models on every
+// of 2^16). Integer arithmetic only: the encoder and the decoder compute identical models on every
 // machine. The decoder bounds-checks every byte it reads: a stream that ends early or holds bytes past its
 // last symbol is an error, never a read outside the buffer.
 #include <ATen/ATen.h>
@@ -26,7 +26,7 @@ namespace cm {
 constexpr int NB = 16, NCB = 4, NP = 4, NA = 16;  // value contexts (as model version 1)
 constexpr int NCTX = NB * NCB * NP * NA;
 constexpr uint32_t W_COUNT = 50;                 // categorical frequencies W * count + 1
-constexpr uint32_t MAX_TOTAL = 1u << 16;         // a categorical's frequencies sum to at most this
+constexpr uint32_t TOTAL = 1u << 16;             // a categorical's frequencies sum to this
 constexpr uint32_t TOP = 1u << 24;               // the range is renormalised below this
 constexpr int64_t MAX_TOKENS = (1 << 24) - 1;    // the uint32 code sums cannot overflow below this
 constexpr int64_t MAX_ENTRIES = 0xFFFFFFFFll;    // nor the uint32 counts of a value context
@@ -71,8 +71,8 @@ struct Encoder {
     }
     normalise();
   }
-  void symbol(uint32_t cum, uint32_t freq, uint32_t total) {
-    const uint32_t r = range / total;
+  void symbol(uint32_t cum, uint32_t freq) {  // of a total of 2^16
+    const uint32_t r = range >> 16;
     low += static_cast<uint64_t>(r) * cum;
     range = r * freq;
     normalise();
@@ -102,25 +102,20 @@ struct Decoder {
       code = (code << 8) | next();
     }
   }
-  bool bit(uint32_t p1) {
+  bool bit(uint32_t p1) {  // branch-free but for the renormalisation: members are hard to predict
     const uint32_t bound = (range >> 16) * p1;
-    bool b;
-    if (code < bound) {
-      range = bound;
-      b = true;
-    } else {
-      code -= bound;
-      range -= bound;
-      b = false;
-    }
+    const bool b = code < bound;
+    const uint32_t sub = b ? 0 : bound;
+    code -= sub;
+    range = b ? bound : range - bound;
     normalise();
     return b;
   }
-  // the cumulative frequency the next symbol's interval holds (then `consume` that symbol)
-  uint32_t target(uint32_t total) {
-    r = range / total;
+  // the cumulative frequency (of 2^16) the next symbol's interval holds (then `consume` that symbol)
+  uint32_t target() {
+    r = range >> 16;
     const uint32_t f = code / r;
-    return f < total ? f : total - 1;  // f >= total only in a stream that is not ours
+    return f < TOTAL ? f : TOTAL - 1;  // f >= 2^16 only in a stream that is not ours
   }
   void consume(uint32_t cum, uint32_t freq) {
     code -= r * cum;
@@ -130,13 +125,14 @@ struct Decoder {
 };
 
 // ------------------------------------------------------------------------------------------------
-// adaptive categorical: counts, and their frequency table rebuilt when first used after an update
+// adaptive categorical: counts, and their frequency table (scaled to a total of 2^16) rebuilt when first used
+// after an update
 
 struct Categorical {
   int n = 0;
   bool dirty = true;
-  uint32_t total = 0;
-  std::vector<uint32_t> counts, cum;  // cum: n + 1 entries
+  std::vector<uint32_t> counts, cum;  // cum: n + 1 entries, cum[n] = 2^16
+  uint8_t lut[257];                   // the symbol whose interval holds cumulative frequency i * 256
 
   void init(int size) {
     n = size;
@@ -147,29 +143,41 @@ struct Categorical {
     counts[s]++;
     dirty = true;
   }
+  // frequencies (W count + 1) / T scaled to 2^16 by a fixed-point reciprocal, at least 1 each; the rounding
+  // remainder goes to the first most frequent symbol
   void rebuild() {
     uint64_t sum = 0;
     for (uint32_t c : counts) sum += c;
-    const uint64_t full = W_COUNT * sum + static_cast<uint64_t>(n);
-    cum[0] = 0;
-    if (full <= MAX_TOTAL) {
-      for (int s = 0; s < n; ++s) cum[s + 1] = cum[s] + W_COUNT * counts[s] + 1;
-    } else {  // 1 + count * (2^16 - n) / sum: every symbol keeps a frequency >= 1, the total stays <= 2^16
-      const uint64_t scale = MAX_TOTAL - static_cast<uint64_t>(n);
-      for (int s = 0; s < n; ++s) cum[s + 1] = cum[s] + 1 + static_cast<uint32_t>(counts[s] * scale / sum);
+    const uint64_t T = W_COUNT * sum + static_cast<uint64_t>(n);
+    const uint64_t mult = (uint64_t{1} << 48) / T;
+    int64_t left = TOTAL;
+    int top = 0;
+    for (int s = 0; s < n; ++s) {
+      const uint64_t f = std::max<uint64_t>(1, ((W_COUNT * counts[s] + 1) * mult) >> 32);
+      cum[s + 1] = static_cast<uint32_t>(f);
+      left -= static_cast<int64_t>(f);
+      if (f > cum[top + 1]) top = s;
     }
-    total = cum[n];
+    cum[top + 1] = static_cast<uint32_t>(static_cast<int64_t>(cum[top + 1]) + left);
+    cum[0] = 0;
+    for (int s = 0; s < n; ++s) cum[s + 1] += cum[s];
+    int sym = 0;
+    for (int i = 0; i <= 256; ++i) {
+      const uint32_t f = std::min<uint32_t>(static_cast<uint32_t>(i) << 8, TOTAL - 1);
+      while (cum[sym + 1] <= f) ++sym;
+      lut[i] = static_cast<uint8_t>(sym);
+    }
     dirty = false;
   }
   void encode(Encoder& e, int s) {
     if (dirty) rebuild();
-    e.symbol(cum[s], cum[s + 1] - cum[s], total);
+    e.symbol(cum[s], cum[s + 1] - cum[s]);
   }
   int decode(Decoder& d) {
     if (dirty) rebuild();
-    const uint32_t f = d.target(total);
-    // the last s with cum[s] <= f
-    const int s = static_cast<int>(std::upper_bound(cum.begin() + 1, cum.begin() + n + 1, f) - cum.begin()) - 1;
+    const uint32_t f = d.target();
+    int s = lut[f >> 8];
+    while (cum[s + 1] <= f) ++s;
     d.consume(cum[s], cum[s + 1] - cum[s]);
     return s;
   }
@@ -222,8 +230,11 @@ struct Model {
   // the value context of id v after x (P(v | x) on the 2^-16 grid: p, the token's anchor: a)
   int value_ctx(int64_t x, int64_t v, uint32_t p, int a) const {
     const uint64_t cnt = c1[x * V + v];
-    const uint64_t num = (static_cast<uint64_t>(s1[x * V + v]) + m0[v]) * NB;  // predicted code * NB / L
-    const uint64_t pb = std::min<uint64_t>(num / ((cnt + 1) * static_cast<uint64_t>(L)), NB - 1);
+    // pb = min(floor(predicted code * NB / L), NB - 1), the predicted code (s1 + m0) / (cnt + 1): a binary
+    // search instead of a division
+    const uint64_t num = (static_cast<uint64_t>(s1[x * V + v]) + m0[v]) * NB, den = (cnt + 1) * static_cast<uint64_t>(L);
+    uint64_t pb = 0;
+    for (uint64_t step = NB / 2; step > 0; step >>= 1) pb += num >= (pb + step) * den ? step : 0;
     const int cb = (cnt >= 1) + (cnt >= 3) + (cnt >= 7);
     const int qb = (p < 32768) + (p < 16384) + (p < 8192);
     const int ab = std::min(a, NA - 1);
@@ -381,7 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_cm_decode(const at::Tensor& 
       const uint16_t* p = model.member_p(x[t]);
       int64_t set = 0, v = 0;
       for (; v < V && set < k && V - v > k - set; ++v) {
-        if (dec.bit(p[v])) ids[set++] = v;
+        ids[set] = v;  // kept when the bit is set
+        set += dec.bit(p[v]);
       }
       for (; set < k; ++v) ids[set++] = v;  // every id left is a member
       for (int64_t j = 0; j < k; ++j) {

@@ -111,6 +111,28 @@ struct Decoder {
     normalise();
     return b;
   }
+  // a token's membership bits (probabilities p) from id 0 on while fewer than k are set and the ids left
+  // can hold more than the rest; the members go to ids; returns the first id not decoded (when not all k are
+  // set then, every id from it on is a member). The coder's state in locals for the loop: it is the hot one.
+  int64_t bits(const uint16_t* p, int64_t* ids, int64_t V, int64_t k) {
+    uint32_t rg = range, cd = code;
+    int64_t set = 0, v = 0;
+    for (; set < k && V - v > k - set; ++v) {
+      const uint32_t bound = (rg >> 16) * p[v];
+      const bool b = cd < bound;
+      ids[set] = v;  // kept when the bit is set
+      set += b;
+      cd -= b ? 0 : bound;
+      rg = b ? bound : rg - bound;
+      while (rg < TOP) {
+        rg <<= 8;
+        cd = (cd << 8) | next();
+      }
+    }
+    range = rg;
+    code = cd;
+    return set == k ? V : v;
+  }
   // the cumulative frequency (of 2^16) the next symbol's interval holds (then `consume` that symbol)
   uint32_t target() {
     r = range >> 16;
@@ -125,60 +147,74 @@ struct Decoder {
 };
 
 // ------------------------------------------------------------------------------------------------
-// adaptive categorical: counts, and their frequency table (scaled to a total of 2^16) rebuilt when first used
-// after an update
+// adaptive categoricals over n symbols, one per context: counts, and each context's frequency table (scaled
+// to a total of 2^16) rebuilt when first used after an update. A table is one small block (a 64-entry
+// lookup of the symbol at cumulative frequency i * 1024, then the n cumulative frequencies as uint16), so a
+// symbol's decode touches one or two cache lines of it.
 
-struct Categorical {
+struct Categoricals {
   int n = 0;
-  bool dirty = true;
-  std::vector<uint32_t> counts, cum;  // cum: n + 1 entries, cum[n] = 2^16
-  uint8_t lut[257];                   // the symbol whose interval holds cumulative frequency i * 256
+  int64_t stride = 0;                 // uint16 entries per table: 32 (the lookup's 64 bytes) + n
+  std::vector<uint32_t> counts;       // [context][symbol]
+  std::vector<uint8_t> dirty;         // [context]
+  std::vector<uint16_t> tables;       // [context][stride]
 
-  void init(int size) {
+  void init(int size, int64_t contexts) {
     n = size;
-    counts.assign(size, 0);
-    cum.assign(size + 1, 0);
+    stride = 32 + size;
+    counts.assign(contexts * size, 0);
+    dirty.assign(contexts, 1);
+    tables.assign(contexts * stride, 0);
   }
-  void add(int s) {
-    counts[s]++;
-    dirty = true;
+  void add(int64_t c, int s) {
+    counts[c * n + s]++;
+    dirty[c] = 1;
   }
   // frequencies (W count + 1) / T scaled to 2^16 by a fixed-point reciprocal, at least 1 each; the rounding
   // remainder goes to the first most frequent symbol
-  void rebuild() {
+  void rebuild(int64_t c) {
+    const uint32_t* cnt = counts.data() + c * n;
+    uint16_t* cum = tables.data() + c * stride + 32;
+    uint8_t* lut = reinterpret_cast<uint8_t*>(tables.data() + c * stride);
     uint64_t sum = 0;
-    for (uint32_t c : counts) sum += c;
+    for (int s = 0; s < n; ++s) sum += cnt[s];
     const uint64_t T = W_COUNT * sum + static_cast<uint64_t>(n);
     const uint64_t mult = (uint64_t{1} << 48) / T;
+    uint32_t freq[256];
     int64_t left = TOTAL;
     int top = 0;
     for (int s = 0; s < n; ++s) {
-      const uint64_t f = std::max<uint64_t>(1, ((W_COUNT * counts[s] + 1) * mult) >> 32);
-      cum[s + 1] = static_cast<uint32_t>(f);
-      left -= static_cast<int64_t>(f);
-      if (f > cum[top + 1]) top = s;
+      freq[s] = static_cast<uint32_t>(std::max<uint64_t>(1, ((W_COUNT * cnt[s] + 1) * mult) >> 32));
+      left -= freq[s];
+      if (freq[s] > freq[top]) top = s;
     }
-    cum[top + 1] = static_cast<uint32_t>(static_cast<int64_t>(cum[top + 1]) + left);
-    cum[0] = 0;
-    for (int s = 0; s < n; ++s) cum[s + 1] += cum[s];
+    freq[top] = static_cast<uint32_t>(static_cast<int64_t>(freq[top]) + left);
+    uint32_t acc = 0;
+    for (int s = 0; s < n; ++s) {
+      cum[s] = static_cast<uint16_t>(acc);  // < 2^16: every later symbol has a frequency >= 1
+      acc += freq[s];
+    }
     int sym = 0;
-    for (int i = 0; i <= 256; ++i) {
-      const uint32_t f = std::min<uint32_t>(static_cast<uint32_t>(i) << 8, TOTAL - 1);
-      while (cum[sym + 1] <= f) ++sym;
+    for (int i = 0; i < 64; ++i) {
+      while (sym + 1 < n && cum[sym + 1] <= static_cast<uint32_t>(i) << 10) ++sym;
       lut[i] = static_cast<uint8_t>(sym);
     }
-    dirty = false;
+    dirty[c] = 0;
   }
-  void encode(Encoder& e, int s) {
-    if (dirty) rebuild();
-    e.symbol(cum[s], cum[s + 1] - cum[s]);
+  uint32_t upper(const uint16_t* cum, int s) const { return s + 1 < n ? cum[s + 1] : TOTAL; }
+  void encode(Encoder& e, int64_t c, int s) {
+    if (dirty[c]) rebuild(c);
+    const uint16_t* cum = tables.data() + c * stride + 32;
+    e.symbol(cum[s], upper(cum, s) - cum[s]);
   }
-  int decode(Decoder& d) {
-    if (dirty) rebuild();
+  int decode(Decoder& d, int64_t c) {
+    if (dirty[c]) rebuild(c);
+    const uint16_t* block = tables.data() + c * stride;
+    const uint16_t* cum = block + 32;
     const uint32_t f = d.target();
-    int s = lut[f >> 8];
-    while (cum[s + 1] <= f) ++s;
-    d.consume(cum[s], cum[s + 1] - cum[s]);
+    int s = reinterpret_cast<const uint8_t*>(block)[f >> 10];
+    while (s + 1 < n && cum[s + 1] <= f) ++s;
+    d.consume(cum[s], upper(cum, s) - cum[s]);
     return s;
   }
 };
@@ -189,25 +225,28 @@ struct Categorical {
 struct Model {
   int64_t V, L, K;
   bool has_tail;
-  std::vector<uint32_t> c1, s1, cn;  // n(x, v), the sum of v's codes after x, n(x)
+  struct Pair {
+    uint32_t count, sum;               // n(x, v) and the sum of v's codes after x (one cache line for both)
+  };
+  std::vector<Pair> cs;              // [x][v]
+  std::vector<uint32_t> cn;          // n(x)
   std::vector<uint64_t> prior;       // 2 (q0[v] + 1): A p0(v) scaled by 65537
   std::vector<uint32_t> m0;          // the shard's mean code of v
-  Categorical tail, anchor;
-  std::vector<Categorical> value;
+  Categoricals tail, anchor, value;  // tail and anchor: one context each
   std::vector<uint16_t> prow;        // P(v | x) * 2^16 for the inputs seen in this chunk
   std::vector<int64_t> stamp;        // the chunk prow[x] was computed in (-1: never)
   int64_t chunk = 0;
 
   Model(int64_t V_, int64_t L_, int64_t K_, bool has_tail_, const int16_t* q0, const uint8_t* m0_)
-      : V(V_), L(L_), K(K_), has_tail(has_tail_), c1(V_ * V_, 0), s1(V_ * V_, 0), cn(V_, 0), prior(V_),
-        m0(V_), value(NCTX), prow(V_ * V_), stamp(V_, -1) {
+      : V(V_), L(L_), K(K_), has_tail(has_tail_), cs(V_ * V_, Pair{0, 0}), cn(V_, 0), prior(V_),
+        m0(V_), prow(V_ * V_), stamp(V_, -1) {
     for (int64_t v = 0; v < V; ++v) {
       prior[v] = 2 * (static_cast<uint64_t>(static_cast<uint16_t>(q0[v])) + 1);
       m0[v] = m0_[v];
     }
-    tail.init(256);
-    anchor.init(static_cast<int>(L));
-    for (auto& c : value) c.init(static_cast<int>(L));
+    tail.init(256, 1);
+    anchor.init(static_cast<int>(L), 1);
+    value.init(static_cast<int>(L), NCTX);
   }
 
   // P(v | x) = (n(x, v) + 2 p0(v)) / (n(x) + 2) on a 2^-16 grid, clamped to [1, 2^16 - 1]:
@@ -218,9 +257,9 @@ struct Model {
     stamp[x] = chunk;
     const uint64_t D = (static_cast<uint64_t>(cn[x]) + 2) * 65537u;
     const uint64_t M = (uint64_t{1} << 62) / D;
-    const uint32_t* c = c1.data() + x * V;
+    const Pair* c = cs.data() + x * V;
     for (int64_t v = 0; v < V; ++v) {
-      const uint64_t num = static_cast<uint64_t>(c[v]) * 65537u + prior[v];  // < D
+      const uint64_t num = static_cast<uint64_t>(c[v].count) * 65537u + prior[v];  // < D
       const uint64_t q = (num * M) >> 46;                                    // < 2^16
       row[v] = static_cast<uint16_t>(q < 1 ? 1 : q);
     }
@@ -229,10 +268,11 @@ struct Model {
 
   // the value context of id v after x (P(v | x) on the 2^-16 grid: p, the token's anchor: a)
   int value_ctx(int64_t x, int64_t v, uint32_t p, int a) const {
-    const uint64_t cnt = c1[x * V + v];
+    const Pair& e = cs[x * V + v];
+    const uint64_t cnt = e.count;
     // pb = min(floor(predicted code * NB / L), NB - 1), the predicted code (s1 + m0) / (cnt + 1): a binary
     // search instead of a division
-    const uint64_t num = (static_cast<uint64_t>(s1[x * V + v]) + m0[v]) * NB, den = (cnt + 1) * static_cast<uint64_t>(L);
+    const uint64_t num = (static_cast<uint64_t>(e.sum) + m0[v]) * NB, den = (cnt + 1) * static_cast<uint64_t>(L);
     uint64_t pb = 0;
     for (uint64_t step = NB / 2; step > 0; step >>= 1) pb += num >= (pb + step) * den ? step : 0;
     const int cb = (cnt >= 1) + (cnt >= 3) + (cnt >= 7);
@@ -249,12 +289,12 @@ struct Model {
       cn[xt]++;
       for (int64_t j = 0; j < K; ++j) {
         const int64_t f = xt * V + idx[t * K + j];
-        c1[f]++;
-        s1[f] += codes[t * K + j];
-        value[ctx[(t - a) * K + j]].add(codes[t * K + j]);
+        cs[f].count++;
+        cs[f].sum += codes[t * K + j];
+        value.add(ctx[(t - a) * K + j], codes[t * K + j]);
       }
-      anchor.add(anchors[t - a]);
-      if (has_tail) tail.add(tails[t]);
+      anchor.add(0, anchors[t - a]);
+      if (has_tail) tail.add(0, tails[t]);
     }
     chunk++;
   }
@@ -336,10 +376,10 @@ at::Tensor topk_cm_encode(const at::Tensor& idx_t, const at::Tensor& codes_t, co
     for (int64_t t = a; t < b; ++t) {
       const int64_t* ids = idx + t * k;
       const uint8_t* cc = codes + t * k;
-      if (has_tail) model.tail.encode(enc, tails[t]);
+      if (has_tail) model.tail.encode(enc, 0, tails[t]);
       const int anc = lower_median(cc, k);
       anchors[t - a] = anc;
-      model.anchor.encode(enc, anc);
+      model.anchor.encode(enc, 0, anc);
       const uint16_t* p = model.member_p(x[t]);
       int64_t set = 0;
       for (int64_t v = 0; v < V && set < k && V - v > k - set; ++v) {
@@ -350,7 +390,7 @@ at::Tensor topk_cm_encode(const at::Tensor& idx_t, const at::Tensor& codes_t, co
       for (int64_t j = 0; j < k; ++j) {
         const int c = model.value_ctx(x[t], ids[j], p[ids[j]], anc);
         ctx[(t - a) * k + j] = static_cast<uint16_t>(c);
-        model.value[c].encode(enc, cc[j]);
+        model.value.encode(enc, c, cc[j]);
       }
     }
     model.update(a, b, x, idx, codes, anchors.data(), tails, ctx.data());
@@ -386,20 +426,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_cm_decode(const at::Tensor& 
     for (int64_t t = a; t < b; ++t) {
       int64_t* ids = idx + t * k;
       uint8_t* cc = codes + t * k;
-      if (has_tail) tails[t] = static_cast<uint8_t>(model.tail.decode(dec));
-      const int anc = model.anchor.decode(dec);
+      if (has_tail) tails[t] = static_cast<uint8_t>(model.tail.decode(dec, 0));
+      const int anc = model.anchor.decode(dec, 0);
       anchors[t - a] = anc;
       const uint16_t* p = model.member_p(x[t]);
-      int64_t set = 0, v = 0;
-      for (; v < V && set < k && V - v > k - set; ++v) {
-        ids[set] = v;  // kept when the bit is set
-        set += dec.bit(p[v]);
-      }
-      for (; set < k; ++v) ids[set++] = v;  // every id left is a member
+      const int64_t v = dec.bits(p, ids, V, k);
+      for (int64_t u = v, set = k - (V - v); set < k; ++u) ids[set++] = u;  // every id left is a member
       for (int64_t j = 0; j < k; ++j) {
         const int c = model.value_ctx(x[t], ids[j], p[ids[j]], anc);
         ctx[(t - a) * k + j] = static_cast<uint16_t>(c);
-        cc[j] = static_cast<uint8_t>(model.value[c].decode(dec));
+        cc[j] = static_cast<uint8_t>(model.value.decode(dec, c));
       }
       TORCH_CHECK(!dec.overrun, "topk_cm_decode: the stream ends inside token ", t, " of ", n,
                   " (truncated, or coded with other parameters: k, tail, vocabulary, levels, chunk_tokens)");

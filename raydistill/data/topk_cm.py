@@ -209,9 +209,12 @@ def encode(idx: np.ndarray, codes: np.ndarray, tail: np.ndarray | None, x: np.nd
         fields = [np.array([n, _inputs_crc(x)], "<u4").view(np.uint8)]
     else:
         t = _tensor(np.zeros(0) if tail is None else tail, np.uint8)
-        words = _ops().topk_cm_encode(_tensor(idx, np.int64), _tensor(codes, np.uint8), t, _tensor(x, np.int64),
-                                      _tensor(q0.view(np.int16), np.int16), _tensor(m0b, np.uint8), V, levels,
-                                      chunk_tokens, tail is not None).numpy()
+        try:
+            words = _ops().topk_cm_encode(_tensor(idx, np.int64), _tensor(codes, np.uint8), t, _tensor(x, np.int64),
+                                          _tensor(q0.view(np.int16), np.int16), _tensor(m0b, np.uint8), V, levels,
+                                          chunk_tokens, tail is not None).numpy()
+        except RuntimeError as exc:  # the op's argument checks
+            raise ValueError(str(exc).splitlines()[0]) from None
         fields = [np.array([n, _inputs_crc(x), 2], "<u4").view(np.uint8)]
     body = np.concatenate(fields + [q0.view(np.uint8), m0b, words])
     return np.concatenate([np.array([zlib.crc32(body)], "<u4").view(np.uint8), body])

@@ -311,6 +311,25 @@ def test_cm_v2_damage_behind_a_valid_crc(ext):
     assert errors >= 20, errors  # the byte count a stream decodes to catches most damage
 
 
+def test_cm_v2_encoder_refuses_bad_codes(ext):
+    """What the compiled encoder is given is checked there: ids not ascending, codes outside the levels, a
+    shard too large for its counters."""
+    from raydistill.data import topk_cm
+
+    rng = np.random.default_rng()
+    idx = np.sort(np.argsort(rng.random((30, 50)), 1)[:, :6], 1)
+    codes = rng.integers(0, 9, (30, 6)).astype(np.uint8)
+    x = rng.integers(0, 50, 30)
+    bad = idx.copy()
+    bad[4, [2, 3]] = bad[4, [3, 2]]
+    with pytest.raises(ValueError, match="token 4: ids must be strictly ascending in"):
+        topk_cm.encode(bad, codes, None, x, 50, 9, 8, version=2)
+    with pytest.raises(ValueError, match="code 9 .*>= levels=9"):
+        topk_cm.encode(idx, np.full_like(codes, 9), None, x, 50, 9, 8, version=2)
+    with pytest.raises(ValueError, match="model version must be one of"):
+        topk_cm.encode(idx, codes, None, x, 50, 9, 8, version=3)
+
+
 def test_cm_v2_size_close_to_v1(ext):
     """Per-symbol coding of the same model: version 2's stream of outputs that depend on the input token is
     within 2% of version 1's (its own range coder, probabilities on a 2^-16 grid instead of ~130 classes)."""
@@ -347,3 +366,33 @@ def test_cm_spec_versions_and_vocabulary(ext):
     # a q8 spec recorded before these fields existed still reads
     old = {"name": "q8", "value_levels": 170, "gamma": 0.5, "index_coding": "bitmap", "target_kl": 7.5e-4}
     assert C.CodecSpec.from_dict(old).codec_version == 1
+
+
+def test_cm_without_the_compiled_extension(tmp_path, ext):
+    """Without the extension (RAYDISTILL_DISABLE_EXT=1) new cm caches are written in version 1 (which decodes in
+    NumPy), and a version-2 stream gives a CodecError saying what is missing."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng()
+    v, i, t, x = _context_rows(rng, 40, 100, 10)
+    spec = C.CodecSpec(name="cm").resolved(10, 100)
+    assert spec.codec_version == 2
+    np.savez(tmp_path / "s.npz", s=C.encode_cm(v, i, t, x, 100, spec), x=x, v=v, i=i, t=t)
+    code = (
+        "import numpy as np, pytest\n"
+        "from raydistill.data import topk_codec as C\n"
+        f"d = np.load({str(tmp_path / 's.npz')!r})\n"
+        "spec = C.CodecSpec(name='cm').resolved(10, 100)\n"
+        "assert spec.codec_version == 1, spec\n"
+        "dv, di, dt = C.decode_cm(C.encode_cm(d['v'], d['i'], d['t'], d['x'], 100, spec), 40, 10, True, d['x'], 100, "
+        "spec)\n"
+        "assert (di == np.sort(d['i'], 1)).all()\n"
+        "v2 = C.CodecSpec(name='cm', codec_version=2).resolved(10, 100)\n"
+        "with pytest.raises(C.CodecError, match='compiled extension, which is not loaded .*build-ext'):\n"
+        "    C.decode_cm(d['s'], 40, 10, True, d['x'], 100, v2)\n"
+    )
+    env = dict(os.environ, RAYDISTILL_DISABLE_EXT="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr

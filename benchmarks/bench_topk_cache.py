@@ -16,8 +16,8 @@ or ``raydistill teacher-logits lm_default`` put them there; the teacher is train
   into tensors)
   and the optimizer steps, timed separately.
 * ``decode``: read + decode of every shard into tensors (the first half of ``epoch``, no training), each cache in
-  turn, ``--repeats`` rounds, side by side in this process: seconds and tokens / s (median), with the load
-  average of each run.
+  turn, ``--repeats`` rounds, side by side in this process: wall and CPU seconds and tokens / s (median), with
+  the load average of each run (on a loaded machine the CPU seconds are the steadier figure).
 * ``students``: the student distilled from raw, from q8 and from q8 with the tail, ``--seeds`` each, with the
   pipeline's loss, optimizer, schedule and batch order (``benchmarks/lm_kd_quick.py``): test perplexity
   and the ratio q8 / raw per seed.
@@ -181,17 +181,22 @@ def part_decode(caches, repeats: int) -> dict:
     res = {name: [] for name in runs}
     for _ in range(repeats):
         for name, (cache, tail) in runs.items():
+            cpu = time.process_time()
             data, s = _load(cache, tail=tail)
+            cpu = time.process_time() - cpu
             n = data["topk_indices"].shape[0] * data["topk_indices"].shape[1]
-            res[name].append({"load_decode_s": s, "tokens": int(n), "tokens_per_s": n / s,
+            res[name].append({"load_decode_s": s, "cpu_s": cpu, "tokens": int(n), "tokens_per_s": n / s,
                               "loadavg": os.getloadavg()[0]})
-            print(f"{name}: read + decode {s:.2f} s ({n / s:,.0f} tokens/s, load {os.getloadavg()[0]:.1f})", flush=True)
-    print("\n| cache | read + decode (s, median) | tokens / s | load average |\n|---|---:|---:|---:|")
+            print(f"{name}: read + decode {s:.2f} s, {cpu:.2f} s of CPU ({n / s:,.0f} tokens/s, load "
+                  f"{os.getloadavg()[0]:.1f})", flush=True)
+    print("\n| cache | read + decode (s, median) | tokens / s | CPU s (median) | tokens / CPU s | load average |"
+          "\n|---|---:|---:|---:|---:|---:|")
     for name in runs:
         rs = res[name]
         med = float(np.median([r["load_decode_s"] for r in rs]))
-        res[f"{name}_median_s"] = med
-        print(f"| {name} | {med:.2f} | {rs[0]['tokens'] / med:,.0f} | "
+        cpu = float(np.median([r["cpu_s"] for r in rs]))
+        res[f"{name}_median_s"], res[f"{name}_median_cpu_s"] = med, cpu
+        print(f"| {name} | {med:.2f} | {rs[0]['tokens'] / med:,.0f} | {cpu:.2f} | {rs[0]['tokens'] / cpu:,.0f} | "
               f"{min(r['loadavg'] for r in rs):.1f}-{max(r['loadavg'] for r in rs):.1f} |")
     return res
 

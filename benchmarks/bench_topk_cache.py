@@ -189,16 +189,24 @@ def part_decode(caches, repeats: int) -> dict:
                               "loadavg": os.getloadavg()[0]})
             print(f"{name}: read + decode {s:.2f} s, {cpu:.2f} s of CPU ({n / s:,.0f} tokens/s, load "
                   f"{os.getloadavg()[0]:.1f})", flush=True)
-    print("\n| cache | read + decode (s, median) | tokens / s | CPU s (median) | tokens / CPU s | load average |"
-          "\n|---|---:|---:|---:|---:|---:|")
+    rows = []
     for name in runs:
         rs = res[name]
-        med = float(np.median([r["load_decode_s"] for r in rs]))
-        cpu = float(np.median([r["cpu_s"] for r in rs]))
+        med, cpu = (float(np.median([r[key] for r in rs])) for key in ("load_decode_s", "cpu_s"))
         res[f"{name}_median_s"], res[f"{name}_median_cpu_s"] = med, cpu
-        print(f"| {name} | {med:.2f} | {rs[0]['tokens'] / med:,.0f} | {cpu:.2f} | {rs[0]['tokens'] / cpu:,.0f} | "
-              f"{min(r['loadavg'] for r in rs):.1f}-{max(r['loadavg'] for r in rs):.1f} |")
+        loads = [r["loadavg"] for r in rs]
+        rows.append([name, f"{med:.2f}", f"{rs[0]['tokens'] / med:,.0f}", f"{cpu:.2f}", f"{rs[0]['tokens'] / cpu:,.0f}",
+                     f"{min(loads):.1f}-{max(loads):.1f}"])
+    _table(["cache", "read + decode (s, median)", "tokens / s", "CPU s (median)", "tokens / CPU s", "load average"],
+           rows)
     return res
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> None:
+    """A markdown table (the first column left-aligned)."""
+    print("\n| " + " | ".join(columns) + " |\n|---|" + "---:|" * (len(columns) - 1))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
 
 
 def part_epoch(cfg, storage, caches, repeats: int = 3) -> dict:
@@ -218,12 +226,10 @@ def part_epoch(cfg, storage, caches, repeats: int = 3) -> dict:
                               "wall_s": time.perf_counter() - t0 + load_s, "loadavg": os.getloadavg()[0]})
             print(f"epoch from {name}: load+decode {load_s:.2f} s, 1 epoch {r['seconds']:.1f} s "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
-    print("\n| cache | Ray Data read + decode (s) | load + decode in process (s) | epoch steps (s) | total (s) |"
-          "\n|---|---:|---:|---:|---:|")
-    for name in runs:
-        rs = res[name]
-        print(f"| {name} | {res[f'{name}_ray_data_s']:.1f} | {np.median([r['load_decode_s'] for r in rs]):.2f} | "
-              f"{np.median([r['epoch_s'] for r in rs]):.1f} | {np.median([r['total_s'] for r in rs]):.1f} |")
+    _table(["cache", "Ray Data read + decode (s)", "load + decode in process (s)", "epoch steps (s)", "total (s)"],
+           [[name, f"{res[f'{name}_ray_data_s']:.1f}"] + [f"{np.median([r[key] for r in res[name]]):.{d}f}" for key, d in
+                                                          (("load_decode_s", 2), ("epoch_s", 1), ("total_s", 1))]
+            for name in runs])
     return res
 
 

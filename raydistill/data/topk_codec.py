@@ -53,7 +53,7 @@ import numpy as np
 from raydistill.errors import CodecError
 
 CODECS = ("auto", "cm", "q8", "raw")  # auto: cm when the vocabulary allows (CM_MAX_VOCAB), else q8
-CODEC_VERSIONS = {"auto": (1,), "cm": (1, 2), "q8": (1,), "raw": (1,)}  # the versions of each codec this raydistill reads
+CODEC_VERSIONS = {"auto": (1,), "cm": (1, 2), "q8": (1,), "raw": (1,)}  # the versions of each codec read here
 INDEX_CODINGS = ("auto", "bitmap", "gaps")
 DEFAULT_TARGET_KL = 7.5e-4
 TAIL_LEVELS = 256

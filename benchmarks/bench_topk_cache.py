@@ -227,8 +227,9 @@ def part_epoch(cfg, storage, caches, repeats: int = 3) -> dict:
             print(f"epoch from {name}: load+decode {load_s:.2f} s, 1 epoch {r['seconds']:.1f} s "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
     _table(["cache", "Ray Data read + decode (s)", "load + decode in process (s)", "epoch steps (s)", "total (s)"],
-           [[name, f"{res[f'{name}_ray_data_s']:.1f}"] + [f"{np.median([r[key] for r in res[name]]):.{d}f}" for key, d in
-                                                          (("load_decode_s", 2), ("epoch_s", 1), ("total_s", 1))]
+           [[name, f"{res[f'{name}_ray_data_s']:.1f}"]
+            + [f"{np.median([r[key] for r in res[name]]):.{d}f}" for key, d in (("load_decode_s", 2), ("epoch_s", 1),
+                                                                                  ("total_s", 1))]
             for name in runs])
     return res
 

@@ -21,8 +21,9 @@ Codecs (the name and parameters are recorded in every shard, see ``topk_cache``)
 ``CM_MAX_VOCAB`` ids; ``q8`` above)
     q8's codes (ids, values at ``value_levels``, tail byte), range-coded under an adaptive context model over
     a shard's tokens in order, conditioned on each token's input id (``raydistill.data.topk_cm``): one stream
-    per shard, decoded whole (:func:`encode_cm`, :func:`decode_cm`). Decoded values are bit-identical to q8's
-    at the same levels.
+    per shard, decoded whole (:func:`encode_cm`, :func:`decode_cm`; ``codec_version`` 2: one compiled call
+    each way, 1: NumPy + constriction, still read). Decoded values are bit-identical to q8's at the same
+    levels.
 
 ``q8``
     * ids: sorted per token, then either a bitmap of the vocabulary (``V / 8`` bytes a token; used when
@@ -96,7 +97,8 @@ class CodecSpec:
                              "`raydistill teacher-logits` or upgrade raydistill")
 
     def resolved(self, k: int, vocab_size: int) -> "CodecSpec":
-        """The spec with ``value_levels`` and ``index_coding`` fixed for this k and vocabulary."""
+        """The spec with ``value_levels``, ``index_coding`` and ``codec_version`` fixed for this k and vocabulary
+        (cm: version 2, the compiled coder, where raydistill's extension loads, else 1)."""
         if self.name == "raw":
             return replace(self, codec_version=self.codec_version or 1)
         if self.name == "auto":

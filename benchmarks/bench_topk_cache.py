@@ -2,7 +2,7 @@
 default, and q8) caches against the uncompressed (raw) one.
 
     PYTHONPATH=. python benchmarks/bench_topk_cache.py --storage runs [--parts size,epoch,students,resume]
-        [--seeds 0,1,2] [--out benchmarks/results/topk_cache.json]
+        [--seeds 0,1,2] [--cm-v1 DIR] [--out benchmarks/results/topk_cache.json]
 
 ``--storage`` holds ``lm_default``'s tokenized corpus and cached teacher (``raydistill distill lm_default``
 or ``raydistill teacher-logits lm_default`` put them there; the teacher is trained first if missing). Parts:
@@ -15,11 +15,17 @@ or ``raydistill teacher-logits lm_default`` put them there; the teacher is train
   side in this process (raw, q8, q8 + tail, cm, then again): the data-loader part (read + decode every shard
   into tensors)
   and the optimizer steps, timed separately.
+* ``decode``: read + decode of every shard into tensors (the first half of ``epoch``, no training), each cache in
+  turn, ``--repeats`` rounds, side by side in this process: wall and CPU seconds and tokens / s (median), with
+  the load average of each run (on a loaded machine the CPU seconds are the steadier figure).
 * ``students``: the student distilled from raw, from q8 and from q8 with the tail, ``--seeds`` each, with the
   pipeline's loss, optimizer, schedule and batch order (``benchmarks/lm_kd_quick.py``): test perplexity
   and the ratio q8 / raw per seed.
 * ``resume``: a pass with the default codec interrupted after one shard (``debug_fail_after_shards``), run
   again, against an uninterrupted pass: sha256 of every shard.
+
+``--cm-v1 DIR``: a cm cache of the same outputs written in the codec's model version 1 (before version 2 was
+the default), added to the ``size``, ``epoch`` and ``decode`` parts as ``cm_v1``.
 
 Prints a table per part and writes everything, with the machine and load average, to ``--out``.
 """
@@ -112,7 +118,7 @@ def part_size(caches: dict, legacy: str | None) -> dict:
                      "kl_rule": K / (6 * (levels - 1) ** 2)})
     res["frontier"] = rows
     print("\n| cache | bytes/token | KL top-k | KL with tail |\n|---|---:|---:|---:|")
-    for name in ("legacy", "raw", "q8", "cm"):
+    for name in ("legacy", "raw", "q8", "cm", "cm_v1"):
         if name in res:
             f = res[name].get("fidelity", {})
             kl = [f"{f[key]:.2e}" if f.get(key) is not None else "-" for key in ("kl_topk", "kl_with_tail")]
@@ -162,10 +168,50 @@ def _ray_data_seconds(cache: Path, tail: bool) -> float:
     return dt
 
 
-def part_epoch(cfg, storage, caches, repeats: int = 3) -> dict:
-    task, td, info, ev = _setup(cfg, storage)
+def _runs(caches: dict) -> dict:
     runs = {"raw": (caches["raw"], False), "q8": (caches["q8"], False), "q8_tail": (caches["q8"], True),
             "cm": (caches["cm"], False)}
+    if "cm_v1" in caches:
+        runs["cm_v1"] = (caches["cm_v1"], False)
+    return runs
+
+
+def part_decode(caches, repeats: int) -> dict:
+    runs = _runs(caches)
+    res = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (cache, tail) in runs.items():
+            cpu = time.process_time()
+            data, s = _load(cache, tail=tail)
+            cpu = time.process_time() - cpu
+            n = data["topk_indices"].shape[0] * data["topk_indices"].shape[1]
+            res[name].append({"load_decode_s": s, "cpu_s": cpu, "tokens": int(n), "tokens_per_s": n / s,
+                              "loadavg": os.getloadavg()[0]})
+            print(f"{name}: read + decode {s:.2f} s, {cpu:.2f} s of CPU ({n / s:,.0f} tokens/s, load "
+                  f"{os.getloadavg()[0]:.1f})", flush=True)
+    rows = []
+    for name in runs:
+        rs = res[name]
+        med, cpu = (float(np.median([r[key] for r in rs])) for key in ("load_decode_s", "cpu_s"))
+        res[f"{name}_median_s"], res[f"{name}_median_cpu_s"] = med, cpu
+        loads = [r["loadavg"] for r in rs]
+        rows.append([name, f"{med:.2f}", f"{rs[0]['tokens'] / med:,.0f}", f"{cpu:.2f}", f"{rs[0]['tokens'] / cpu:,.0f}",
+                     f"{min(loads):.1f}-{max(loads):.1f}"])
+    _table(["cache", "read + decode (s, median)", "tokens / s", "CPU s (median)", "tokens / CPU s", "load average"],
+           rows)
+    return res
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> None:
+    """A markdown table (the first column left-aligned)."""
+    print("\n| " + " | ".join(columns) + " |\n|---|" + "---:|" * (len(columns) - 1))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+def part_epoch(cfg, storage, caches, repeats: int = 3) -> dict:
+    task, td, info, ev = _setup(cfg, storage)
+    runs = _runs(caches)
     res = {name: [] for name in runs}
     for name, (cache, tail) in runs.items():
         res[f"{name}_ray_data_s"] = _ray_data_seconds(cache, tail)
@@ -180,12 +226,11 @@ def part_epoch(cfg, storage, caches, repeats: int = 3) -> dict:
                               "wall_s": time.perf_counter() - t0 + load_s, "loadavg": os.getloadavg()[0]})
             print(f"epoch from {name}: load+decode {load_s:.2f} s, 1 epoch {r['seconds']:.1f} s "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
-    print("\n| cache | Ray Data read + decode (s) | load + decode in process (s) | epoch steps (s) | total (s) |"
-          "\n|---|---:|---:|---:|---:|")
-    for name in runs:
-        rs = res[name]
-        print(f"| {name} | {res[f'{name}_ray_data_s']:.1f} | {np.median([r['load_decode_s'] for r in rs]):.2f} | "
-              f"{np.median([r['epoch_s'] for r in rs]):.1f} | {np.median([r['total_s'] for r in rs]):.1f} |")
+    _table(["cache", "Ray Data read + decode (s)", "load + decode in process (s)", "epoch steps (s)", "total (s)"],
+           [[name, f"{res[f'{name}_ray_data_s']:.1f}"]
+            + [f"{np.median([r[key] for r in res[name]]):.{d}f}" for key, d in (("load_decode_s", 2), ("epoch_s", 1),
+                                                                                  ("total_s", 1))]
+            for name in runs])
     return res
 
 
@@ -244,6 +289,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resume-shard-rows", type=int, default=256,
                     help="blocks per shard of the resume part (lm_default: 1528 blocks -> 6 shards)")
     ap.add_argument("--legacy", default=None, help="a cache written by the old teacher-logits, for its size")
+    ap.add_argument("--cm-v1", default=None, help="a cm cache of the same outputs in model version 1, compared too")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds of the decode part")
     ap.add_argument("--out", default="benchmarks/results/topk_cache.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -256,10 +303,15 @@ def main(argv=None) -> int:
                                                                                       else argv)]),
                 "config": a.config, "k": K, "machine": machine_info("cpu")})
     caches = None
-    if {"size", "epoch", "students"} & set(parts):
+    if {"size", "epoch", "decode", "students"} & set(parts):
         caches = write_caches(cfg, storage, a.shard_rows)
+        if a.cm_v1:
+            caches["cm_v1"] = Path(a.cm_v1).expanduser().resolve()
     if "size" in parts:
         res["size"] = part_size(caches, a.legacy)
+        write_json_atomic(out, res)
+    if "decode" in parts:
+        res["decode"] = part_decode(caches, a.repeats)
         write_json_atomic(out, res)
     if "epoch" in parts:
         res["epoch"] = part_epoch(cfg, storage, caches)

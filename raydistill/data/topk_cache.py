@@ -219,8 +219,8 @@ def read_meta(path) -> CacheMeta | None:
         spec = meta.spec
     except (TypeError, ValueError) as exc:
         raise CacheError(f"{path}: bad {META_KEY.decode()!r} metadata: {exc}") from None
-    if spec.name == "auto" or (spec.name in ("q8", "cm") and (spec.value_levels is None
-                                                                or spec.index_coding == "auto")):
+    if spec.name == "auto" or spec.codec_version is None or (spec.name in ("q8", "cm") and (
+            spec.value_levels is None or spec.index_coding == "auto")):
         raise CacheError(f"{path}: codec parameters not resolved: {meta.codec}")
     if md.num_rows != meta.rows:
         raise CacheError(f"{path}: holds {md.num_rows} rows, its metadata says {meta.rows}")

@@ -27,6 +27,14 @@ with input id ``x`` (the input token at that position; 0 for tasks without input
 
 Every probability is an integer count scaled by an exact constant, or one IEEE division of such numbers, so
 the encoder and the decoder compute bit-identical models; no transcendental function is involved.
+
+Model version 2 (what new caches are written with): the same header, contexts and counts, coded symbol by
+symbol, token by token, by one call of the compiled op ``raydistill::topk_cm_encode`` / ``topk_cm_decode``
+(``csrc/topk_cm/topk_cm_cpu.cpp``) with its own range coder instead of ``constriction``'s: a membership
+bit at its probability on a 2^-16 grid (integer arithmetic, no classes needed), the ids of a token in
+ascending order until k are set (or every id left must be), the values at their counts. The stream is
+``CRC-32 | n | inputs CRC-32 | version (2) | header | range-coded bytes``. Version-1 streams still decode
+here (NumPy + ``constriction``).
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ import numpy as np
 
 from raydistill.errors import CodecError
 
-MODEL_VERSION = 1
+MODEL_VERSION = 2      # what encode() writes unless told otherwise
+MODEL_VERSIONS = (1, 2)
 MAX_VOCAB = 4096       # the (input id x vocabulary id) count tables are V x V
 A_MEMBER = 2.0         # pseudo-count of the shard prior in P(v | x)
 B_VALUE = 1.0          # pseudo-count of the shard mean in the predicted code
@@ -155,17 +164,66 @@ def _priors(q0: np.ndarray, m0: np.ndarray):
     return (q0.astype(np.float64) + 1.0) / 65537.0, m0.astype(np.float64)
 
 
-def encode(idx: np.ndarray, codes: np.ndarray, tail: np.ndarray | None, x: np.ndarray, vocab_size: int,
-           levels: int, chunk_tokens: int) -> np.ndarray:
-    """One shard's stream (uint8): ``idx`` ``(n, k)`` ascending ids, ``codes`` their q8 codes, ``tail`` the tail
-    bytes ``(n,)`` or None, ``x`` the input id of each token."""
-    import constriction
+def default_version() -> int:
+    """The model version new streams are written in: 2 where the compiled extension loads, else 1 (slower to
+    read, but readable without it)."""
+    from raydistill._build import load_extension
 
+    return MODEL_VERSION if load_extension().loaded else 1
+
+
+def _ops():
+    """``torch.ops.raydistill`` with the compiled cm ops, or :class:`CodecError` saying why not."""
+    import torch
+
+    from raydistill._build import load_extension
+
+    st = load_extension()
+    if not st.loaded:
+        raise CodecError(f"cm version 2 is coded by raydistill's compiled extension, which is not loaded "
+                         f"({st.reason}); run `raydistill build-ext`")
+    return torch.ops.raydistill
+
+
+def _tensor(a: np.ndarray, dtype):
+    """A torch view of ``a`` as a contiguous ``dtype`` array (a copy when it is read-only, e.g. arrow's)."""
+    import torch
+
+    a = np.ascontiguousarray(a, dtype)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+def encode(idx: np.ndarray, codes: np.ndarray, tail: np.ndarray | None, x: np.ndarray, vocab_size: int,
+           levels: int, chunk_tokens: int, version: int = MODEL_VERSION) -> np.ndarray:
+    """One shard's stream (uint8): ``idx`` ``(n, k)`` ascending ids, ``codes`` their q8 codes, ``tail`` the tail
+    bytes ``(n,)`` or None, ``x`` the input id of each token; in model ``version`` 1 or 2."""
     V = vocab_size
     n, k = idx.shape
+    if version not in MODEL_VERSIONS:
+        raise ValueError(f"cm model version must be one of {list(MODEL_VERSIONS)}, got {version!r}")
     if n and (int(x.min()) < 0 or int(x.max()) >= V):
         raise ValueError(f"input ids must be in [0, {V}) (the vocabulary), got [{int(x.min())}, {int(x.max())}]")
     q0, m0b, _ = _header(idx, codes, V)
+    if version == 1:
+        words = _encode_v1(idx, codes, tail, x, V, levels, chunk_tokens, q0, m0b).view(np.uint8)
+        fields = [np.array([n, _inputs_crc(x)], "<u4").view(np.uint8)]
+    else:
+        t = _tensor(np.zeros(0) if tail is None else tail, np.uint8)
+        try:
+            words = _ops().topk_cm_encode(_tensor(idx, np.int64), _tensor(codes, np.uint8), t, _tensor(x, np.int64),
+                                          _tensor(q0.view(np.int16), np.int16), _tensor(m0b, np.uint8), V, levels,
+                                          chunk_tokens, tail is not None).numpy()
+        except RuntimeError as exc:  # the op's argument checks
+            raise ValueError(str(exc).splitlines()[0]) from None
+        fields = [np.array([n, _inputs_crc(x), 2], "<u4").view(np.uint8)]
+    body = np.concatenate(fields + [q0.view(np.uint8), m0b, words])
+    return np.concatenate([np.array([zlib.crc32(body)], "<u4").view(np.uint8), body])
+
+
+def _encode_v1(idx, codes, tail, x, V, levels, chunk_tokens, q0, m0b) -> np.ndarray:
+    import constriction
+
+    n = len(idx)
     model = _Model(V, V, levels, *_priors(q0, m0b))
     enc = constriction.stream.queue.RangeEncoder()
     bern = constriction.stream.model.Bernoulli
@@ -191,22 +249,21 @@ def encode(idx: np.ndarray, codes: np.ndarray, tail: np.ndarray | None, x: np.nd
             enc.encode(fc[u:w], model.categorical(model.h_value[c]))
         np.add.at(model.h_value, (ctx, cc.reshape(-1)), 1)
         model.update(xi, ii, cc, anc, ti)
-    words = enc.get_compressed().astype("<u4").view(np.uint8)
-    body = np.concatenate([np.array([n, _inputs_crc(x)], "<u4").view(np.uint8), q0.view(np.uint8), m0b, words])
-    return np.concatenate([np.array([zlib.crc32(body)], "<u4").view(np.uint8), body])
+    return enc.get_compressed().astype("<u4")
 
 
 def decode(stream: np.ndarray, n: int, k: int, has_tail: bool, x: np.ndarray, vocab_size: int, levels: int,
-           chunk_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``(idx (n, k) int64 ascending, codes (n, k) uint8, tail bytes (n,) or None)`` of :func:`encode`'s stream;
-    :class:`CodecError` when it does not decode."""
-    import constriction
-
+           chunk_tokens: int, version: int = MODEL_VERSION) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(idx (n, k) int64 ascending, codes (n, k) uint8, tail bytes (n,) or None)`` of :func:`encode`'s stream
+    in model ``version`` (the cache's ``codec_version``); :class:`CodecError` when it does not decode."""
     V = vocab_size
-    head = 12 + 3 * V
-    if len(stream) < head or (len(stream) - head) % 4:
-        raise CodecError(f"stream of {len(stream)} bytes: expected a {head}-byte header and whole 32-bit words "
-                         "(truncated?)")
+    if version not in MODEL_VERSIONS:
+        raise CodecError(f"cm model version {version!r} is not one this raydistill reads ({list(MODEL_VERSIONS)})")
+    fixed = 12 if version == 1 else 16
+    head = fixed + 3 * V
+    if len(stream) < head or (version == 1 and (len(stream) - head) % 4):
+        raise CodecError(f"stream of {len(stream)} bytes: expected a {head}-byte header"
+                         + (" and whole 32-bit words" if version == 1 else "") + " (truncated?)")
     crc = int(stream[:4].copy().view("<u4")[0])
     if zlib.crc32(stream[4:]) != crc:
         raise CodecError(f"stream of {len(stream)} bytes: CRC-32 mismatch (corrupted or truncated)")
@@ -215,13 +272,24 @@ def decode(stream: np.ndarray, n: int, k: int, has_tail: bool, x: np.ndarray, vo
         raise CodecError(f"the stream holds {coded} tokens, {n} expected")
     if xcrc != _inputs_crc(x):
         raise CodecError("the input ids differ from those the stream was coded with (its context)")
-    q0 = stream[12:12 + 2 * V].copy().view("<u2")
-    m0b = stream[12 + 2 * V:head]
+    if version == 2 and int(stream[12:16].copy().view("<u4")[0]) != 2:
+        raise CodecError(f"header: model version {int(stream[12:16].copy().view('<u4')[0])} in a stream read as "
+                         "cm version 2 (the cache's metadata and its stream disagree)")
+    q0 = stream[fixed:fixed + 2 * V].copy().view("<u2")
+    m0b = stream[fixed + 2 * V:head]
     if int(m0b.max(initial=0)) >= levels:
         raise CodecError(f"header: a mean code >= the codec's {levels} levels")
-    words = stream[head:].copy().view("<u4").astype(np.uint32)
     if n and (int(x.min()) < 0 or int(x.max()) >= V):
         raise CodecError(f"input ids outside [0, {V}): [{int(x.min())}, {int(x.max())}]")
+    if version == 2:
+        try:
+            idx, codes, tail = _ops().topk_cm_decode(_tensor(stream[head:], np.uint8), _tensor(x, np.int64),
+                                                     _tensor(q0.view(np.int16), np.int16), _tensor(m0b, np.uint8),
+                                                     n, k, V, levels, chunk_tokens, has_tail)
+        except RuntimeError as exc:  # the op's checks (a stream that ends early or runs on, bad parameters)
+            raise CodecError(str(exc).splitlines()[0]) from None
+        return idx.numpy(), codes.numpy(), tail.numpy() if has_tail else None
+    words = stream[head:].copy().view("<u4").astype(np.uint32)
     model = _Model(V, V, levels, *_priors(q0, m0b))
     try:
         return _decode_chunks(model, words, n, k, has_tail, x, chunk_tokens)

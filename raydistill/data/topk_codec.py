@@ -21,8 +21,9 @@ Codecs (the name and parameters are recorded in every shard, see ``topk_cache``)
 ``CM_MAX_VOCAB`` ids; ``q8`` above)
     q8's codes (ids, values at ``value_levels``, tail byte), range-coded under an adaptive context model over
     a shard's tokens in order, conditioned on each token's input id (``raydistill.data.topk_cm``): one stream
-    per shard, decoded whole (:func:`encode_cm`, :func:`decode_cm`). Decoded values are bit-identical to q8's
-    at the same levels.
+    per shard, decoded whole (:func:`encode_cm`, :func:`decode_cm`; ``codec_version`` 2: one compiled call
+    each way, 1: NumPy + constriction, still read). Decoded values are bit-identical to q8's at the same
+    levels.
 
 ``q8``
     * ids: sorted per token, then either a bitmap of the vocabulary (``V / 8`` bytes a token; used when
@@ -53,7 +54,7 @@ import numpy as np
 from raydistill.errors import CodecError
 
 CODECS = ("auto", "cm", "q8", "raw")  # auto: cm when the vocabulary allows (CM_MAX_VOCAB), else q8
-CODEC_VERSIONS = {"auto": (1,), "cm": (1,), "q8": (1,), "raw": (1,)}  # the versions of each codec this raydistill reads
+CODEC_VERSIONS = {"auto": (1,), "cm": (1, 2), "q8": (1,), "raw": (1,)}  # the versions of each codec read here
 INDEX_CODINGS = ("auto", "bitmap", "gaps")
 DEFAULT_TARGET_KL = 7.5e-4
 TAIL_LEVELS = 256
@@ -71,7 +72,8 @@ class CodecSpec:
     index_coding: str = "auto"        # q8: auto | bitmap | gaps
     target_kl: float = DEFAULT_TARGET_KL  # q8: the KL(exact || decoded) value_levels=None aims at
     chunk_tokens: int = 1024          # cm: tokens coded with one model state (the model adapts between chunks)
-    codec_version: int = 1            # the codec's format version (cm: its context model, topk_cm.MODEL_VERSION)
+    codec_version: int | None = None  # the codec's format version (cm: its model, topk_cm.MODEL_VERSION); None:
+    #                                   the newest (resolved() fixes it; metadata without it is version 1)
 
     def __post_init__(self):
         if self.name not in CODECS:
@@ -89,15 +91,16 @@ class CodecSpec:
             raise ValueError(f"target_kl must be a number > 0, got {self.target_kl!r}")
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be an int >= 1, got {self.chunk_tokens!r}")
-        if self.codec_version not in CODEC_VERSIONS[self.name]:
+        if self.codec_version is not None and self.codec_version not in CODEC_VERSIONS[self.name]:
             raise ValueError(f"codec {self.name!r} version {self.codec_version!r} is not supported by this raydistill "
                              f"(it reads versions {list(CODEC_VERSIONS[self.name])}); rewrite the cache with "
                              "`raydistill teacher-logits` or upgrade raydistill")
 
     def resolved(self, k: int, vocab_size: int) -> "CodecSpec":
-        """The spec with ``value_levels`` and ``index_coding`` fixed for this k and vocabulary."""
+        """The spec with ``value_levels``, ``index_coding`` and ``codec_version`` fixed for this k and vocabulary
+        (cm: version 2, the compiled coder, where raydistill's extension loads, else 1)."""
         if self.name == "raw":
-            return self
+            return replace(self, codec_version=self.codec_version or 1)
         if self.name == "auto":
             return replace(self, name="cm" if vocab_size <= CM_MAX_VOCAB else "q8").resolved(k, vocab_size)
         if self.name == "cm" and vocab_size > CM_MAX_VOCAB:
@@ -111,8 +114,13 @@ class CodecSpec:
             coding = "bitmap" if vocab_size <= 8 * k else "gaps"
         if self.name == "cm":
             coding = "bitmap"  # cm codes one membership bit per vocabulary id
+        version = self.codec_version
+        if version is None:
+            from raydistill.data import topk_cm
+
+            version = topk_cm.default_version() if self.name == "cm" else CODEC_VERSIONS[self.name][-1]
         return CodecSpec(self.name, levels, float(self.gamma), coding, float(self.target_kl), int(self.chunk_tokens),
-                         int(self.codec_version))
+                         int(version))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,7 +130,7 @@ class CodecSpec:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown codec parameters {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{"codec_version": 1, **d})  # metadata written before the field existed: version 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,6 +197,11 @@ def _varint_decode(b: np.ndarray, count: int) -> np.ndarray:
 def _levels(spec: CodecSpec) -> int:
     assert spec.value_levels is not None, "resolve the spec first (CodecSpec.resolved)"
     return int(spec.value_levels)
+
+
+def _version(spec: CodecSpec) -> int:
+    assert spec.codec_version is not None, "resolve the spec first (CodecSpec.resolved)"
+    return int(spec.codec_version)
 
 
 def encode_values(values: np.ndarray, spec: CodecSpec) -> np.ndarray:
@@ -308,7 +321,7 @@ def encode_cm(values: np.ndarray, indices: np.ndarray, tail: np.ndarray | None, 
     codes = encode_values(np.take_along_axis(values, order, 1), spec)
     tcodes = None if tail is None else encode_tail(np.asarray(tail).reshape(-1))
     return topk_cm.encode(idx, codes, tcodes, np.asarray(inputs, np.int64).reshape(-1), vocab_size,
-                          _levels(spec), spec.chunk_tokens)
+                          _levels(spec), spec.chunk_tokens, _version(spec))
 
 
 def decode_cm(stream: np.ndarray, n: int, k: int, has_tail: bool, inputs: np.ndarray, vocab_size: int,
@@ -320,7 +333,7 @@ def decode_cm(stream: np.ndarray, n: int, k: int, has_tail: bool, inputs: np.nda
     if len(inputs) != n:
         raise CodecError(f"{len(inputs)} input ids for {n} tokens")
     idx, codes, tcodes = topk_cm.decode(stream, n, k, has_tail, np.asarray(inputs, np.int64).reshape(-1),
-                                        vocab_size, _levels(spec), spec.chunk_tokens)
+                                        vocab_size, _levels(spec), spec.chunk_tokens, _version(spec))
     return decode_values(codes, spec), idx, None if tcodes is None else decode_tail(tcodes)
 
 

@@ -172,16 +172,18 @@ def _context_rows(rng, n, V, k, n_inputs=20, noise=0.5):
     return v.numpy(), i.numpy(), t.numpy(), x
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("V,k,n,chunk,tail", [(300, 24, 500, 64, True), (300, 24, 500, 1000, False),
                                               (50, 50, 70, 16, False), (1, 1, 5, 2, False), (700, 3, 0, 8, True),
-                                              (1024, 128, 300, 128, True)])
-def test_cm_round_trip_gives_q8s_codes(V, k, n, chunk, tail):
+                                              (1024, 128, 300, 128, True), (40, 7, 1, 3, True), (257, 200, 83, 9, True),
+                                              (2, 1, 30, 7, True)])
+def test_cm_round_trip_gives_q8s_codes(V, k, n, chunk, tail, version, ext):
     """Exact ids, and values bit-identical to q8's at the same levels, over several chunks (the model adapts
-    between them), with and without the tail."""
+    between them; n not a multiple of the chunk), with and without the tail, in both model versions."""
     rng = np.random.default_rng()
     v, i, t, x = _context_rows(rng, n, V, k)
     t = t if tail and k < V else None
-    spec = C.CodecSpec(name="cm", chunk_tokens=chunk).resolved(k, V)
+    spec = C.CodecSpec(name="cm", chunk_tokens=chunk, codec_version=version).resolved(k, V)
     q8 = C.CodecSpec(name="q8", value_levels=spec.value_levels, index_coding="bitmap").resolved(k, V)
     stream = C.encode_cm(v, i, t, x, V, spec)
     dv, di, dt = C.decode_cm(stream, n, k, t is not None, x, V, spec)
@@ -193,6 +195,25 @@ def test_cm_round_trip_gives_q8s_codes(V, k, n, chunk, tail):
         np.testing.assert_array_equal(dt, qt)
     else:
         assert dt is None
+
+
+@pytest.mark.parametrize("levels", [2, 97, 256])
+def test_cm_v2_round_trip_random_codes(levels, ext):
+    """Version 2 on codes that no teacher would give (uniform codes and ids, a random context per token, every
+    level in use): the same ids, codes and tail bytes back."""
+    rng = np.random.default_rng()
+    from raydistill.data import topk_cm
+
+    for V, k, n, chunk in ((600, 60, 700, 256), (64, 63, 50, 1), (3000, 5, 40, 13)):
+        idx = np.sort(np.argsort(rng.random((n, V)), 1)[:, :k], 1)
+        codes = rng.integers(0, levels, (n, k)).astype(np.uint8)
+        tail = rng.integers(0, 256, n).astype(np.uint8)
+        x = rng.integers(0, V, n)
+        s = topk_cm.encode(idx, codes, tail, x, V, levels, chunk, version=2)
+        di, dc, dt = topk_cm.decode(s, n, k, True, x, V, levels, chunk, version=2)
+        np.testing.assert_array_equal(di, idx)
+        np.testing.assert_array_equal(dc, codes)
+        np.testing.assert_array_equal(dt, tail)
 
 
 def test_cm_kl_and_its_context_model():
@@ -214,11 +235,12 @@ def test_cm_kl_and_its_context_model():
     assert len(stream) < 0.8 * len(blind), (len(stream), len(blind))
 
 
-def test_cm_damaged_streams_raise_codec_error():
+@pytest.mark.parametrize("version", [1, 2])
+def test_cm_damaged_streams_raise_codec_error(version, ext):
     rng = np.random.default_rng(5)
     V, k, n = 300, 20, 200
     v, i, t, x = _context_rows(rng, n, V, k)
-    spec = C.CodecSpec(name="cm", chunk_tokens=50).resolved(k, V)
+    spec = C.CodecSpec(name="cm", chunk_tokens=50, codec_version=version).resolved(k, V)
     s = C.encode_cm(v, i, t, x, V, spec)
     for pos in (1, 5, 10, 12 + 2 * V + 3, len(s) // 2, len(s) - 1):  # the CRC, the header, the coded words
         bad = s.copy()
@@ -227,7 +249,7 @@ def test_cm_damaged_streams_raise_codec_error():
             C.decode_cm(bad, n, k, True, x, V, spec)
     with pytest.raises(C.CodecError, match="CRC-32 mismatch"):
         C.decode_cm(s[:-4], n, k, True, x, V, spec)
-    with pytest.raises(C.CodecError, match="truncated"):
+    with pytest.raises(C.CodecError, match="truncated" if version == 1 else "CRC-32 mismatch"):
         C.decode_cm(s[:-3], n, k, True, x, V, spec)
     with pytest.raises(C.CodecError, match="header"):
         C.decode_cm(s[:100], n, k, True, x, V, spec)
@@ -240,9 +262,89 @@ def test_cm_damaged_streams_raise_codec_error():
         C.decode_cm(s, n, k, True, (x + 1) % 20, V, spec)
 
 
-def test_cm_spec_versions_and_vocabulary():
-    with pytest.raises(ValueError, match="codec 'cm' version 2 is not supported"):
-        C.CodecSpec(name="cm", codec_version=2)
+def _recrc(body: np.ndarray) -> np.ndarray:
+    """A stream with a valid CRC-32 over ``body`` (the decoder past the CRC check sees the damage)."""
+    import zlib
+
+    return np.concatenate([np.array([zlib.crc32(body)], "<u4").view(np.uint8), body])
+
+
+def test_cm_v2_damage_behind_a_valid_crc(ext):
+    """The compiled decoder on streams whose CRC was recomputed: one cut short or run on, or read with other
+    parameters, is a CodecError naming it; a corrupted one never reads outside its buffer and gives either a
+    CodecError or well-formed output (ascending ids in the vocabulary, codes below the levels)."""
+    rng = np.random.default_rng()
+    V, k, n = 300, 20, 200
+    v, i, t, x = _context_rows(rng, n, V, k)
+    spec = C.CodecSpec(name="cm", chunk_tokens=50, codec_version=2).resolved(k, V)
+    s = C.encode_cm(v, i, t, x, V, spec)
+    head = 16 + 3 * V
+    for cut in (1, 7, (len(s) - head) // 2, len(s) - head):
+        with pytest.raises(C.CodecError, match="ends (inside token|early)"):
+            C.decode_cm(_recrc(s[4:-cut]), n, k, True, x, V, spec)
+    with pytest.raises(C.CodecError, match=f"{n} tokens decoded from {len(s) - head} of the stream's "
+                                           f"{len(s) - head + 3} bytes"):
+        C.decode_cm(_recrc(np.r_[s[4:], np.uint8(1), np.uint8(2), np.uint8(3)]), n, k, True, x, V, spec)
+    with pytest.raises(C.CodecError, match="coded with other parameters"):
+        C.decode_cm(s, n, k + 1, True, x, V, spec)
+    with pytest.raises(C.CodecError, match="coded with other parameters"):
+        C.decode_cm(s, n, k, False, x, V, spec)
+    with pytest.raises(C.CodecError, match="coded with other parameters"):
+        C.decode_cm(s, n, k, True, x, V, C.CodecSpec(name="cm", chunk_tokens=49, codec_version=2).resolved(k, V))
+    bad = s.copy()
+    bad[12:16] = 1  # the version field
+    with pytest.raises(C.CodecError, match="header: model version 16843009"):
+        C.decode_cm(_recrc(bad[4:]), n, k, True, x, V, spec)
+    errors = 0
+    for _ in range(40):
+        bad = s.copy()
+        pos = rng.integers(head, len(s), 3)
+        bad[pos] ^= rng.integers(1, 256, 3).astype(np.uint8)
+        try:
+            dv, di, dt = C.decode_cm(_recrc(bad[4:]), n, k, True, x, V, spec)
+        except C.CodecError as exc:
+            assert "coded with other parameters" in str(exc)
+            errors += 1
+            continue
+        assert di.shape == (n, k) and (np.diff(di, axis=1) > 0).all() and di.min() >= 0 and di.max() < V
+        assert np.isfinite(dv).all() and dt.shape == (n,)
+    assert errors >= 20, errors  # the byte count a stream decodes to catches most damage
+
+
+def test_cm_v2_encoder_refuses_bad_codes(ext):
+    """What the compiled encoder is given is checked there: ids not ascending, codes outside the levels, a
+    shard too large for its counters."""
+    from raydistill.data import topk_cm
+
+    rng = np.random.default_rng()
+    idx = np.sort(np.argsort(rng.random((30, 50)), 1)[:, :6], 1)
+    codes = rng.integers(0, 9, (30, 6)).astype(np.uint8)
+    x = rng.integers(0, 50, 30)
+    bad = idx.copy()
+    bad[4, [2, 3]] = bad[4, [3, 2]]
+    with pytest.raises(ValueError, match="token 4: ids must be strictly ascending in"):
+        topk_cm.encode(bad, codes, None, x, 50, 9, 8, version=2)
+    with pytest.raises(ValueError, match="code 9 .*>= levels=9"):
+        topk_cm.encode(idx, np.full_like(codes, 9), None, x, 50, 9, 8, version=2)
+    with pytest.raises(ValueError, match="model version must be one of"):
+        topk_cm.encode(idx, codes, None, x, 50, 9, 8, version=3)
+
+
+def test_cm_v2_size_close_to_v1(ext):
+    """Per-symbol coding of the same model: version 2's stream of outputs that depend on the input token is
+    within 2% of version 1's (its own range coder, probabilities on a 2^-16 grid instead of ~130 classes)."""
+    rng = np.random.default_rng()
+    V, k, n = 1024, 128, 2000
+    v, i, t, x = _context_rows(rng, n, V, k, n_inputs=40, noise=0.4)
+    s1, s2 = (C.encode_cm(v, i, t, x, V, C.CodecSpec(name="cm", codec_version=ver).resolved(k, V)) for ver in (1, 2))
+    assert len(s2) < 1.02 * len(s1), (len(s1), len(s2))
+
+
+def test_cm_spec_versions_and_vocabulary(ext):
+    with pytest.raises(ValueError, match=r"codec 'cm' version 3 is not supported .* reads versions \[1, 2\]"):
+        C.CodecSpec(name="cm", codec_version=3)
+    with pytest.raises(ValueError, match="codec 'q8' version 2 is not supported"):
+        C.CodecSpec(name="q8", codec_version=2)
     with pytest.raises(ValueError, match="chunk_tokens"):
         C.CodecSpec(name="cm", chunk_tokens=0)
     with pytest.raises(ValueError, match="at most 4096"):
@@ -250,7 +352,47 @@ def test_cm_spec_versions_and_vocabulary():
     assert C.CodecSpec(name="auto").resolved(128, 1024).name == "cm"
     assert C.CodecSpec(name="auto").resolved(128, 32000).name == "q8"
     r = C.CodecSpec(name="cm").resolved(128, 1024)
-    assert (r.value_levels, r.index_coding, r.codec_version) == (170, "bitmap", 1)
+    assert (r.value_levels, r.index_coding, r.codec_version) == (170, "bitmap", 2)  # new caches: version 2
+    assert C.CodecSpec(name="cm", codec_version=1).resolved(128, 1024).codec_version == 1
+    assert C.CodecSpec(name="q8").resolved(128, 1024).codec_version == 1
+    # a stream read with the other version's metadata is refused, not misread
+    rng = np.random.default_rng()
+    v, i, t, x = _context_rows(rng, 60, 100, 10)
+    s1, s2 = (C.CodecSpec(name="cm", codec_version=ver).resolved(10, 100) for ver in (1, 2))
+    with pytest.raises(C.CodecError, match="header: model version"):
+        C.decode_cm(C.encode_cm(v, i, t, x, 100, s1), 60, 10, True, x, 100, s2)
+    with pytest.raises(C.CodecError):
+        C.decode_cm(C.encode_cm(v, i, t, x, 100, s2), 60, 10, True, x, 100, s1)
     # a q8 spec recorded before these fields existed still reads
     old = {"name": "q8", "value_levels": 170, "gamma": 0.5, "index_coding": "bitmap", "target_kl": 7.5e-4}
     assert C.CodecSpec.from_dict(old).codec_version == 1
+
+
+def test_cm_without_the_compiled_extension(tmp_path, ext):
+    """Without the extension (RAYDISTILL_DISABLE_EXT=1) new cm caches are written in version 1 (which decodes in
+    NumPy), and a version-2 stream gives a CodecError saying what is missing."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng()
+    v, i, t, x = _context_rows(rng, 40, 100, 10)
+    spec = C.CodecSpec(name="cm").resolved(10, 100)
+    assert spec.codec_version == 2
+    np.savez(tmp_path / "s.npz", s=C.encode_cm(v, i, t, x, 100, spec), x=x, v=v, i=i, t=t)
+    code = (
+        "import numpy as np, pytest\n"
+        "from raydistill.data import topk_codec as C\n"
+        f"d = np.load({str(tmp_path / 's.npz')!r})\n"
+        "spec = C.CodecSpec(name='cm').resolved(10, 100)\n"
+        "assert spec.codec_version == 1, spec\n"
+        "dv, di, dt = C.decode_cm(C.encode_cm(d['v'], d['i'], d['t'], d['x'], 100, spec), 40, 10, True, d['x'], 100, "
+        "spec)\n"
+        "assert (di == np.sort(d['i'], 1)).all()\n"
+        "v2 = C.CodecSpec(name='cm', codec_version=2).resolved(10, 100)\n"
+        "with pytest.raises(C.CodecError, match='compiled extension, which is not loaded .*build-ext'):\n"
+        "    C.decode_cm(d['s'], 40, 10, True, d['x'], 100, v2)\n"
+    )
+    env = dict(os.environ, RAYDISTILL_DISABLE_EXT="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr

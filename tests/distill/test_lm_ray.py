@@ -112,6 +112,7 @@ def test_lm_teacher_logits_compressed_resumed_and_offline_distillation(ray_local
     assert rep["resumed_shards"] == 1 and rep["written_shards"] == 3 and rep["tokens"] == td.train.size
     assert rep["bytes"] == sum(f.stat().st_size for f in files) and rep["tokens_per_s"] > 0
     assert rep["codec"]["name"] == "cm" and rep["bytes_per_token"] < 250 and 0 < rep["fidelity"]["kl_topk"] < 1e-3
+    assert rep["codec"]["codec_version"] == 2  # the compiled coder, in the Ray workers too
     assert 0 < rep["fidelity"]["kl_with_tail"] < 1e-3 and rep["fidelity"]["temperature"] == 2.0
 
     out = read_shard(files[0])

@@ -215,19 +215,25 @@ def restore(spec: StageSpec, model, criterion=None) -> dict | None:
 
 def wrap_model(base, spec: StageSpec):
     """Several workers: DDP (``ray.train.torch.prepare_model``), or FSDP2 (``fully_shard`` on every block of
-    the model's layer lists -- a transformer's decoder layers -- then on the whole model)."""
+    the model's layer lists -- a transformer's decoder layers -- then on the whole model). FSDP in bf16 /
+    fp16: its own mixed precision (the sharded parameters are the float32 master weights, gathered in the
+    low-precision dtype for the forward and backward, gradients reduced in float32)."""
     import ray.train
     import ray.train.torch
 
-    if spec.strategy == "fsdp" and ray.train.get_context().get_world_size() > 1:
-        from torch.distributed.fsdp import fully_shard
+    from raydistill.distill.precision import DTYPES
 
+    if spec.strategy == "fsdp" and ray.train.get_context().get_world_size() > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        low = DTYPES[spec.precision] if not spec.qat else None
+        mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low is not None else None)
         for mod in list(base.modules()):
             if isinstance(mod, torch.nn.ModuleList) and len(mod) > 1:
                 for block in mod:
                     if any(True for _ in block.parameters()):
-                        fully_shard(block)
-        return fully_shard(base)
+                        fully_shard(block, mp_policy=mp)
+        return fully_shard(base, mp_policy=mp)
     return ray.train.torch.prepare_model(base)
 
 

@@ -11,8 +11,9 @@ micro-batches of ``distill.grad_accum_steps`` in the compute dtype, as DDP reduc
 optimizer on the master weights, and the next forward copies them back (after the pruner's masks). Buffers
 (a rotary embedding's frequencies) stay float32. Checkpoints, evaluation and export read the master weights.
 The forward passes also run under ``torch.autocast`` (the loss terms' own projections, the teacher pass of
-``CausalLMTask.prepare``). QAT students and FSDP-sharded students keep float32 parameters under autocast
-only. ``fp16`` scales the loss with ``torch.amp.GradScaler`` (gradients unscaled before clipping, steps with
+``CausalLMTask.prepare``). FSDP-sharded students use FSDP2's own mixed precision instead (float32 shards,
+parameters gathered in bf16 / fp16, gradients reduced in float32: ``loop.wrap_model``); QAT students keep
+float32 parameters under autocast only. ``fp16`` scales the loss with ``torch.amp.GradScaler`` (gradients unscaled before clipping, steps with
 inf/nan gradients skipped). The frozen teacher is cast to the low-precision dtype (it has no master weights
 to keep: half the memory). The fused ``kd_loss_linear`` casts float32 inputs to the autocast dtype itself
 (``raydistill.ops``).

@@ -43,8 +43,9 @@ def local_stage(spec: StageSpec, student, teacher, input_ids: torch.Tensor) -> t
     with torch.no_grad(), precision.autocast():  # the teacher pass (one forward per row)
         train = task.prepare({"input_ids": input_ids}, spec, teachers, criterion.needs())
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    opt = build_optimizer(student.parameters(), spec.optimizer)
-    st = Stage(spec=spec, task=task, rank=0, world=1, device=torch.device("cpu"), base=student, model=student,
+    model = precision.compute_model(student)  # bf16 / fp16: a compute copy, student keeps the master weights
+    opt = build_optimizer(precision.optimized_parameters(model), spec.optimizer)
+    st = Stage(spec=spec, task=task, rank=0, world=1, device=torch.device("cpu"), base=student, model=model,
                teachers=teachers, criterion=criterion, train=train, eval={}, shard=None, steps=1, opt=opt,
                sched=build_scheduler(opt, spec.lr_schedule, 10**9, spec.optimizer["lr"]), precision=precision,
                budget=Budget(epochs=2, micro_per_epoch=1, steps_per_epoch=1, total_steps=10**9))

@@ -279,8 +279,15 @@ def main(argv=None) -> int:
     ap.add_argument("--num-cpus", type=int, default=None, help="--ray: CPUs of the local Ray instance")
     ap.add_argument("--val-fraction", type=float, default=0.0005, help="--ray: held-out blocks (val + test)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                    help="glibc's M_MMAP_THRESHOLD (bytes) for the variants' processes and their Ray workers: a fixed "
+                         "threshold returns every freed tensor of that size or more to the system, so a peak RSS is "
+                         "the memory training needs; 0: glibc's default (a threshold that grows, and a heap that "
+                         "keeps freed pages: peaks then depend on allocation timing)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.malloc_mmap_threshold:  # read by glibc when a process starts: the spawned variants and Ray's workers
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     for k, v in (REHEARSAL if args.ray else LOCAL).items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -205,8 +205,9 @@ class ScaleKeys(_Strict):
     budget (``max_steps`` / ``max_tokens``) ``epochs`` is derived from it and must not be set as well."""
 
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="autocast dtype of the forward passes (student and teacher); weights and optimizer "
-                            "state stay float32; fp16 adds a gradient scaler and needs a GPU")
+        "fp32", description="the dtype the student and teacher compute in: bf16 / fp16 run the student on a "
+                            "low-precision copy of float32 master weights (optimizer state float32) and the frozen "
+                            "teacher in that dtype; fp16 adds a gradient scaler and needs a GPU")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches of batch_size per optimizer step")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward (transformers' gradient_checkpointing_enable)")

@@ -48,6 +48,7 @@ def optimizer_step(model, optimizer, micro_batches: Sequence[dict],
     k = len(micro_batches)
     if k < 1:
         raise ValueError("optimizer_step needs at least one micro-batch")
+    precision.sync()  # a compute copy (bf16 / fp16) holds the master weights of the last step and the pruner
     optimizer.zero_grad(set_to_none=True)
     weighted = torch.zeros((), dtype=torch.float64)
     n_total = 0
@@ -58,7 +59,7 @@ def optimizer_step(model, optimizer, micro_batches: Sequence[dict],
             precision.backward(loss if k == 1 else loss * float(n))
         weighted += float(loss.detach()) * (1 if k == 1 else n)
         n_total += int(n)
-    params = [*model.parameters(), *extra_params]
+    params = [*precision.master_gradients(model), *extra_params]
     if world > 1:
         for p in extra_params:
             if p.grad is not None:

@@ -42,8 +42,8 @@ class Stage:
     rank: int
     world: int
     device: torch.device
-    base: torch.nn.Module                 # the student, unwrapped
-    model: torch.nn.Module                # the student as trained (DDP / FSDP wrapped)
+    base: torch.nn.Module                 # the student, unwrapped (bf16 / fp16: its float32 master weights)
+    model: torch.nn.Module                # the student as trained (bf16 / fp16: its compute copy; DDP / FSDP wrapped)
     teachers: dict[str, torch.nn.Module]  # the teachers that run on this worker, by name
     criterion: Any                        # raydistill.losses.Criterion: the stage's weighted loss terms
     train: dict | None                    # materialised shard (None: streamed from the Ray Data shard)
@@ -112,7 +112,10 @@ def setup(spec: StageSpec) -> Stage:
         from raydistill.distill.precision import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(base)
-    model = wrap_model(base, spec)
+    # bf16 / fp16: the forward runs on a low-precision copy, base keeps the float32 master weights (precision.py)
+    compute = precision.compute_model(base, master_weights=not spec.qat
+                                      and not (spec.strategy == "fsdp" and world > 1))
+    model = wrap_model(compute, spec)
 
     shard = ray.train.get_dataset_shard("train")
     ev = task.to_tensors(shard_arrays(ray.train.get_dataset_shard("eval"), task.eval_columns()), device)
@@ -131,7 +134,7 @@ def setup(spec: StageSpec) -> Stage:
                   spec.grad_accum_steps)
     spec = spec.replace(epochs=budget.epochs)
     steps, total = budget.micro_per_epoch, budget.total_steps
-    opt = build_optimizer(list(model.parameters()) + list(criterion.parameters()), spec.optimizer,
+    opt = build_optimizer(precision.optimized_parameters(model) + list(criterion.parameters()), spec.optimizer,
                           fused=not (spec.strategy == "fsdp" and world > 1))
     sched = build_scheduler(opt, spec.lr_schedule, total, spec.optimizer["lr"])
     pruner = build_pruner(base, spec, total)
@@ -212,19 +215,25 @@ def restore(spec: StageSpec, model, criterion=None) -> dict | None:
 
 def wrap_model(base, spec: StageSpec):
     """Several workers: DDP (``ray.train.torch.prepare_model``), or FSDP2 (``fully_shard`` on every block of
-    the model's layer lists -- a transformer's decoder layers -- then on the whole model)."""
+    the model's layer lists -- a transformer's decoder layers -- then on the whole model). FSDP in bf16 /
+    fp16: its own mixed precision (the sharded parameters are the float32 master weights, gathered in the
+    low-precision dtype for the forward and backward, gradients reduced in float32)."""
     import ray.train
     import ray.train.torch
 
-    if spec.strategy == "fsdp" and ray.train.get_context().get_world_size() > 1:
-        from torch.distributed.fsdp import fully_shard
+    from raydistill.distill.precision import DTYPES
 
+    if spec.strategy == "fsdp" and ray.train.get_context().get_world_size() > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        low = DTYPES[spec.precision] if not spec.qat else None
+        mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low is not None else None)
         for mod in list(base.modules()):
             if isinstance(mod, torch.nn.ModuleList) and len(mod) > 1:
                 for block in mod:
                     if any(True for _ in block.parameters()):
-                        fully_shard(block)
-        return fully_shard(base)
+                        fully_shard(block, mp_policy=mp)
+        return fully_shard(base, mp_policy=mp)
     return ray.train.torch.prepare_model(base)
 
 
@@ -348,6 +357,7 @@ def term_values(st: Stage, batch: dict | None) -> dict[str, float]:
     where the epoch's last step did not record them."""
     if batch is None:
         return {}
+    st.precision.sync()
     with torch.no_grad(), st.precision.autocast():
         return st.criterion.values(st.task.forward(st.model, batch, st.spec, st.teachers, st.criterion.needs()))
 

@@ -79,7 +79,7 @@ class StageSpec:
     init_from: str | None = None
     qat: dict | None = None
     quantize: dict | None = None
-    # training at scale (issue 22; raydistill.config.ScaleKeys): autocast dtype, micro-batches per optimizer
+    # training at scale (issue 22; raydistill.config.ScaleKeys): compute dtype, micro-batches per optimizer
     # step, activation checkpointing, the budget in optimizer steps (None: epochs), step reports
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum_steps: int = 1

@@ -140,12 +140,14 @@ def test_lm_teacher_logits_compressed_resumed_and_offline_distillation(ray_local
 
 
 def test_lm_fsdp_two_cpu_workers_gloo_resume(ray_local, lm_storage):
-    """FSDP2 (fully_shard) through Ray Train on 2 CPU workers (gloo), a worker killed mid-epoch 2: the
-    gathered full model + optimizer state is checkpointed and restored (set_optimizer_state_dict)."""
+    """FSDP2 (fully_shard) through Ray Train on 2 CPU workers (gloo) in bf16 (FSDP's mixed precision: float32
+    shards, bf16 compute), a worker killed mid-epoch 2: the gathered full float32 model + optimizer state is
+    checkpointed and restored (set_optimizer_state_dict)."""
     from raydistill.config import load_config
     from raydistill.distill import build_student_trainer, ensure_teacher, evaluate_checkpoint
 
     cfg = load_config("lm_tiny", [*TINY, f"run.storage_path={lm_storage}", "scaling.strategy=fsdp",
+                                  "distill.precision=bf16",
                                   "compression.sparsity=0", "distill.epochs=2", "run.debug_crash_at_epoch=2",
                                   "run.max_failures=1"])
     teacher = ensure_teacher(cfg, lm_storage)
@@ -157,3 +159,7 @@ def test_lm_fsdp_two_cpu_workers_gloo_resume(ray_local, lm_storage):
     assert rows[1]["val_perplexity"] < rows[0]["val_perplexity"]  # the resumed optimizer kept learning
     ev = evaluate_checkpoint(cfg, Path(res.checkpoint.path), samples=False)
     assert ev["perplexity"] == pytest.approx(rows[1]["perplexity"], rel=1e-4)  # full weights were saved
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(res.checkpoint.path) / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}  # the master weights

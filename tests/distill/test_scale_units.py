@@ -121,6 +121,73 @@ def test_precision_autocast_keeps_float32_master_weights_and_casts_the_frozen_te
         Precision("fp8", "cpu")
 
 
+def test_bf16_compute_copy_runs_in_bf16_on_float32_master_weights(seeded):
+    """distill.precision bf16: the forward runs on a bf16 copy (its residual stream bf16, where autocast alone
+    keeps it float32), the step moves its gradients to the float32 master weights (close to the float32
+    gradients), updates below bf16's resolution accumulate in the masters, and the next step's forward
+    sees the master weights (after in-place edits such as the pruner's masks)."""
+    from raydistill.tasks import get_task
+
+    task, spec = get_task("causal_lm"), _spec("ce")
+    ids = _blocks(seeded)
+    base = _lm(0).float()
+    ref = _lm(0).float()
+    prec = Precision("bf16", "cpu")
+    compute = prec.compute_model(base)
+    assert prec.has_master_weights and compute is not base
+    assert {p.dtype for p in compute.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in base.parameters()} == {torch.float32}
+    assert {b.dtype for b in compute.buffers()} == {b.dtype for b in base.buffers()}  # rotary freqs stay fp32
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, out):
+            seen[name] = (out[0] if isinstance(out, tuple) else out).dtype
+        return hook
+
+    for name, net in (("copy", compute), ("autocast", ref)):
+        h = net.model.layers[0].register_forward_hook(record(name))
+        with prec.autocast():
+            task.loss(net, {"input_ids": ids}, spec, {}, _criterion(task, spec, net, None))
+        h.remove()
+    assert seen == {"copy": torch.bfloat16, "autocast": torch.float32}
+
+    # the gradient that reaches the master weights: float32, close to the float32 model's own
+    ref.zero_grad()
+    _loss(task, ref, {"input_ids": ids}, spec, None)[0].backward()
+    opt = torch.optim.SGD(prec.optimized_parameters(compute), lr=1e-6)
+    assert all(p is q for p, q in zip(opt.param_groups[0]["params"], base.parameters()))
+    start = {n: p.detach().clone() for n, p in base.named_parameters()}
+    optimizer_step(compute, opt, [{"input_ids": ids}], lambda b: _loss(task, compute, b, spec, None), prec)
+    g = torch.cat([p.grad.flatten() for p in base.parameters()])
+    g_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    assert g.dtype == torch.float32 and all(p.grad is None for p in compute.parameters())
+    assert (g - g_ref).norm() < 0.05 * g_ref.norm()
+    # lr 1e-6: every update is far below bf16's resolution, yet the master weights move by exactly lr * grad
+    for n, p in base.named_parameters():
+        torch.testing.assert_close(p.detach(), start[n] - 1e-6 * p.grad, rtol=0, atol=1e-7)
+    # where the step is within float32's resolution and below half of bf16's (relative 1e-6 .. 1e-3), a float32
+    # master moves and the bf16 weight it rounds to does not: only master weights keep such updates
+    small = {n: ((1e-6 * p.grad).abs() > 1e-6 * start[n].abs()) & ((1e-6 * p.grad).abs() < 1e-3 * start[n].abs())
+             for n, p in base.named_parameters()}
+    n_small = sum(int(m.sum()) for m in small.values())
+    moved = sum(int((p.detach() != start[n])[small[n]].sum()) for n, p in base.named_parameters())
+    lost = sum(int((p.detach().bfloat16() == start[n].bfloat16())[small[n]].sum()) for n, p in base.named_parameters())
+    assert n_small > 500 and moved == n_small and lost > 0.99 * n_small
+    # the compute copy is written from the masters before the next forward, after an in-place edit too
+    with torch.no_grad():
+        base.lm_head.weight[:3] = 0.0
+    prec.sync()
+    for p, c in zip(base.parameters(), compute.parameters()):
+        assert torch.equal(c, p.detach().to(torch.bfloat16))
+    assert not compute.lm_head.weight[:3].any()
+    # fp32, or a copy not wanted (QAT, FSDP): the model itself, its own parameters optimized
+    for prec2 in (Precision("fp32", "cpu"), Precision("bf16", "cpu")):
+        net = _lm(1).float()
+        assert prec2.compute_model(net, master_weights=prec2.name == "fp32") is net
+        assert not prec2.has_master_weights and prec2.optimized_parameters(net) == list(net.parameters())
+
+
 def test_fp16_loss_scaler_unscales_exactly_skips_inf_steps_and_round_trips_its_state():
     torch.manual_seed(0)
     x = torch.randn(2, 4)

@@ -185,6 +185,36 @@ def test_fused_pair_on_the_output_layer_never_builds_logits():
         close(a, r)
 
 
+def test_ce_value_on_the_output_layer_is_computed_in_chunks_without_materialising_the_logits(monkeypatch):
+    """The ce term's value without gradient (the logs' term values, on the output layer) is the reference
+    cross-entropy, computed over chunks of rows (so a batch's (tokens, vocab) logits never exist at once),
+    over the first ``vocab`` ids of a padded head; no labelled row gives nan like F.cross_entropy."""
+    from raydistill.losses import terms
+
+    torch.manual_seed(5)
+    V, H = 13, 6
+    labels, mask = lm_batch(V=V)
+    h, w, b = rand(3, 7, H), rand(V + 3, H), rand(V + 3)
+    out = StepOutputs(student=Outputs(head=(h, w, b)), teachers={}, labels=labels, mask=mask, vocab=V)
+    monkeypatch.setattr(terms, "CE_CHUNK_BYTES", 4 * V * 4)  # 4 rows a chunk: 6 chunks over 21 rows
+    shapes = []
+    real_linear = terms.F.linear
+    monkeypatch.setattr(terms.F, "linear", lambda *a: shapes.append(a[0].shape[0]) or real_linear(*a))
+    crit = Criterion([ce_spec()])
+    got = crit.values(out)["ce"]
+    assert shapes == [4, 4, 4, 4, 4, 1]
+    assert got == pytest.approx(float(ref_ce(h @ w[:V].T + b[:V], labels)), rel=1e-12)
+    with torch.no_grad():
+        none = terms.chunked_cross_entropy((h, w, b), torch.full_like(labels, IGN), V, IGN)
+    assert math.isnan(float(none))
+    # with gradient: the plain path (its logits are needed for the backward anyway)
+    hg = h.clone().requires_grad_(True)
+    shapes.clear()
+    loss = crit(StepOutputs(student=Outputs(head=(hg, w, b)), teachers={}, labels=labels, mask=mask, vocab=V))
+    assert shapes == [3]  # one F.linear over the whole (3, 7, H) batch
+    close(loss, ref_ce(hg @ w[:V].T + b[:V], labels))
+
+
 def test_topk_teacher_and_unlabelled_rows():
     """An offline top-k teacher (forward KL over its k entries); classification rows without a hard label
     get the soft term only (kd_mask), the hard term skips them, and the pair is then not fused."""

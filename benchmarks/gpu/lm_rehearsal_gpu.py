@@ -14,7 +14,9 @@ into blocks of ``--seq``, the blocks permuted by the seed and ``--val-blocks`` o
 Llama student / teacher ``LAYERSxWIDTH`` (``bench_lm_scale``'s), the teacher with random initial weights (a
 comparison of precisions needs no trained teacher). The step: the teacher's last hidden states (no grad),
 the student's, ``raydistill.ops.kd_loss_linear`` over both lm_heads (forward KL + CE, alpha 0.5, T 1),
-AdamW with fp32 master weights, warmup + cosine; ``bf16``: autocast to bfloat16; ``+ckpt``: the student's
+AdamW with fp32 master weights, warmup + cosine; ``bf16``: the pipeline's scheme (``distill.precision``:
+the student on a bf16 copy of its float32 master weights, ``raydistill.distill.precision.Precision``, the
+frozen teacher in bf16, under autocast); ``+ckpt``: the student's
 activation checkpointing (transformers'). Each variant runs ``--steps`` optimizer steps or until
 ``--budget-s`` seconds; reported: tokens/s over the steps after the first 10, peak GPU memory
 (``max_memory_allocated``), the final loss, the validation perplexity, and which kd_loss backend ran.
@@ -79,6 +81,7 @@ def build_corpus(a: dict) -> dict:
 
 
 def run_variant(variant: str, a: dict, data: dict, dev: torch.device) -> dict:
+    from raydistill.distill.precision import Precision
     from raydistill.models import build_model
     from raydistill.ops import kd_loss_linear
     from raydistill.tasks.causal_lm import lm_metrics, next_token_labels
@@ -96,7 +99,9 @@ def run_variant(variant: str, a: dict, data: dict, dev: torch.device) -> dict:
     if variant.endswith("+ckpt"):
         student.gradient_checkpointing_enable()
         student.config.use_cache = False
-    opt = torch.optim.AdamW(student.parameters(), lr=a["lr"], weight_decay=0.01, fused=True)
+    prec = Precision("bf16" if bf16 else "fp32", dev)
+    model = prec.compute_model(student)  # bf16: a bf16 copy; student keeps the float32 master weights
+    opt = torch.optim.AdamW(prec.optimized_parameters(model), lr=a["lr"], weight_decay=0.01, fused=True)
     total = a["steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / a["warmup"]) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, max(0, s - a["warmup"]) / max(1, total - a["warmup"])))))
@@ -108,16 +113,16 @@ def run_variant(variant: str, a: dict, data: dict, dev: torch.device) -> dict:
     for step in range(total):
         ids = train[(step * b) % (len(train) - b):][:b].to(dev, non_blocking=True)
         labels = next_token_labels(ids, data["pad_id"])
+        prec.sync()
         with amp:
             with torch.no_grad():
                 t_h = teacher.model(input_ids=ids).last_hidden_state
-            s_h = student.model(input_ids=ids).last_hidden_state
-            w = student.lm_head.weight.to(s_h.dtype)
+            s_h = model.model(input_ids=ids).last_hidden_state
+            w = model.lm_head.weight.to(s_h.dtype)
             loss = kd_loss_linear(s_h.flatten(0, 1), w, t_h.flatten(0, 1).to(s_h.dtype),
                                   teacher.lm_head.weight.to(s_h.dtype), labels.flatten(), temperature=1.0, alpha=0.5)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        prec.step(opt, prec.master_gradients(model), grad_clip=1.0)
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step == 9:

@@ -415,12 +415,18 @@ def read_dataset(info: CacheInfo, *, tail: bool = True):
     read here), rows in shard order. The tasks take no CPU from Ray's scheduler: they run while the training
     workers hold the node's CPUs (and a Tune trial's driver a fraction of one), where a task asking for a CPU
     would wait forever on a small node (``read_parquet`` would, with its metadata tasks). A decoded shard
-    stays in the object store until it is read; how far the tasks run ahead of the readers is Ray Data's
-    streaming backpressure (up to its object-store budget)."""
+    stays in the object store until it is read. At most ``READ_CONCURRENCY`` shards are read and decoded at
+    once (tasks taking no CPU would otherwise all start together, every core decoding beside the training);
+    how far the decoded shards run ahead of the readers is Ray Data's streaming backpressure (its
+    object-store budget: ``benchmarks/bench_offline_stream.py`` measures it)."""
     import ray.data
 
     ds = ray.data.from_items([{"path": str(f)} for f in info.files], override_num_blocks=len(info.files))
-    return ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"tail": tail}, num_cpus=0)
+    return ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"tail": tail}, num_cpus=0,
+                          concurrency=READ_CONCURRENCY)
+
+
+READ_CONCURRENCY = 2  # shards read and decoded at once by read_dataset (one decodes while another is read)
 
 
 def _read_shards(batch: dict, *, tail: bool) -> dict:

@@ -57,7 +57,7 @@ class Precision:
         if names != [n for n, _ in compute.named_parameters()]:  # deepcopy keeps the order; a guard, not a rule
             raise RuntimeError("the compute copy's parameters differ from the student's")
         self._pairs = list(zip(base.parameters(), compute.parameters()))
-        self._stale = False
+        self._stale = True  # the first step's sync also carries edits made after the copy (the pruner's masks)
         return compute
 
     @property

@@ -139,7 +139,8 @@ def test_bf16_compute_copy_runs_in_bf16_on_float32_master_weights(seeded):
     assert {p.dtype for p in base.parameters()} == {torch.float32}
     assert {b.dtype for b in compute.buffers()} == {b.dtype for b in base.buffers()}  # rotary freqs stay fp32
     with torch.no_grad():  # an edit of the masters between the copy and the first step (a pruner's first masks)
-        base.model.layers[0].mlp.up_proj.weight[0] = 0.25
+        for net in (base, ref):
+            net.model.layers[0].mlp.up_proj.weight[0] = 0.25
     prec.sync()
     assert torch.equal(compute.model.layers[0].mlp.up_proj.weight[0], torch.full((16,), 0.25, dtype=torch.bfloat16))
     seen = {}

@@ -16,6 +16,8 @@ OPS: dict[str, str] = {
     "sddmm": "sparse linear weight-values grad (SDDMM)",
     "spmm_int8": "int8 sparse linear, inputs as they are (fp32 math)",
     "spmm_int8_a16": "int8 sparse linear, int16 dynamic activations (int32 sums)",
+    "topk_cm_encode": "offline top-k cache: a shard's cm (version 2) stream",
+    "topk_cm_decode": "offline top-k cache: decode a cm (version 2) stream",
 }
 
 

@@ -11,7 +11,7 @@ import torch
 
 from raydistill.distill.budget import Budget
 from raydistill.distill.loop import Stage, build_criterion, build_optimizer, build_scheduler, train_epoch
-from raydistill.distill.precision import Precision, enable_gradient_checkpointing
+from raydistill.distill.precision import Precision, lean_activations
 from raydistill.distill.spec import StageSpec
 from raydistill.tasks import get_task
 
@@ -35,8 +35,7 @@ def local_stage(spec: StageSpec, student, teacher, input_ids: torch.Tensor) -> t
     """The stage on one process, after the teacher pass; returns (stage, teacher pass wall s, CPU s)."""
     task = get_task(spec.task)
     precision = Precision(spec.precision, "cpu")
-    if spec.gradient_checkpointing:
-        enable_gradient_checkpointing(student)
+    lean_activations(student, gradient_checkpointing=spec.gradient_checkpointing)
     teachers = {"main": precision.frozen(teacher.eval().requires_grad_(False))}
     criterion = build_criterion(task, spec, student, teachers)
     t0, c0 = time.perf_counter(), time.process_time()

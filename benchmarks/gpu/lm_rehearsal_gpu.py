@@ -81,7 +81,7 @@ def build_corpus(a: dict) -> dict:
 
 
 def run_variant(variant: str, a: dict, data: dict, dev: torch.device) -> dict:
-    from raydistill.distill.precision import Precision
+    from raydistill.distill.precision import Precision, lean_activations
     from raydistill.models import build_model
     from raydistill.ops import kd_loss_linear
     from raydistill.tasks.causal_lm import lm_metrics, next_token_labels
@@ -96,9 +96,8 @@ def run_variant(variant: str, a: dict, data: dict, dev: torch.device) -> dict:
                           vocab_size=vocab).to(dev).train()
     if bf16:
         teacher = teacher.to(torch.bfloat16)  # frozen: its weights in the compute dtype
-    if variant.endswith("+ckpt"):
-        student.gradient_checkpointing_enable()
-        student.config.use_cache = False
+    lean_activations(student, gradient_checkpointing=variant.endswith("+ckpt"))  # the pipeline's own
+    student.config.use_cache = False
     prec = Precision("bf16" if bf16 else "fp32", dev)
     model = prec.compute_model(student)  # bf16: a bf16 copy; student keeps the float32 master weights
     opt = torch.optim.AdamW(prec.optimized_parameters(model), lr=a["lr"], weight_decay=0.01, fused=True)

@@ -23,7 +23,7 @@ import torch
 
 from raydistill.distill.accumulation import optimizer_step
 from raydistill.distill.budget import Budget, DataPosition, plan
-from raydistill.distill.precision import Precision
+from raydistill.distill.precision import Precision, lean_activations
 from raydistill.distill.spec import StageSpec
 from raydistill.tasks import Task, get_task
 from raydistill.tasks.base import shard_arrays
@@ -108,10 +108,7 @@ def setup(spec: StageSpec) -> Stage:
     teachers = {n: t for n, t in teachers.items() if n in criterion.teacher_names}  # only those a term reads
     resume = restore(spec, base, criterion)
     base, criterion = base.to(device), criterion.to(device)
-    if spec.gradient_checkpointing:
-        from raydistill.distill.precision import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(base)
+    lean_activations(base, gradient_checkpointing=spec.gradient_checkpointing)  # before the compute copy
     # bf16 / fp16: the forward runs on a low-precision copy, base keeps the float32 master weights (precision.py)
     compute = precision.compute_model(base, master_weights=not spec.qat
                                       and not (spec.strategy == "fsdp" and world > 1))

@@ -126,3 +126,17 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         raise ValueError(f"{type(m).__name__} does not support gradient checkpointing (transformers models whose "
                          f"class sets supports_gradient_checkpointing do)")
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def lean_activations(model: torch.nn.Module, *, gradient_checkpointing: bool = False) -> int:
+    """What a trained model keeps for its backward, made smaller: transformers' activation checkpointing
+    when ``gradient_checkpointing`` (ValueError for a model without it), and the memory-lean RMSNorm of
+    ``raydistill.models.norms`` for every Llama-family norm (the same outputs, one copy of the input kept
+    instead of two to five). Returns how many norms it set."""
+    from raydistill.models.norms import lean_rms_norms
+    from raydistill.utils import unwrap_model
+
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return lean_rms_norms(unwrap_model(model))
+

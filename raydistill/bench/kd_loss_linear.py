@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated subset of fused,eager,compile,liger,matmuls")
     p.add_argument("--case", default=None, metavar="TOKENSxHxV:dtype",
                    help="default 4096x512x32000:float32 on cpu, 8192x4096x128256:bfloat16 on cuda")
-    p.add_argument("--chunk-size", type=int, default=None, help="fused chunk_size (default: automatic)")
+    p.add_argument("--chunk-size", default=None,
+                   help="fused chunk_size (default: automatic); a comma-separated list times one fused row per "
+                        "size, round-robin with the others (rows 'fused@<size>', the first one also 'fused')")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kd_loss_linear_<device>.json)")
     a = p.parse_args(argv)
 
@@ -243,11 +245,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: kd_loss has no compiled {device.type} kernel ({st.reason or 'no kernel'}); 'fused' "
               "materialises the logits", file=sys.stderr)
 
+    try:
+        chunks = [int(c) for c in a.chunk_size.split(",") if c] if a.chunk_size else [None]
+    except ValueError:
+        chunks = []
+    if not chunks or any(c is not None and c < 1 for c in chunks):
+        print(f"--chunk-size must be positive integers separated by commas, got {a.chunk_size!r}", file=sys.stderr)
+        return 2
     wanted = [x for x in a.impls.split(",") if x]
     impls = {}
     for name in wanted:
         if name == "fused":
-            impls[name] = make_fused(a.chunk_size)
+            impls[name] = make_fused(chunks[0])
+            for c in chunks[1:]:
+                impls[f"fused@{c}"] = make_fused(c)
         elif name == "eager":
             impls[name] = eager_linear
         elif name == "compile":
@@ -268,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     from raydistill.ops._kd_loss_linear import auto_chunk_size
 
-    chunk = a.chunk_size or auto_chunk_size(N, V, device.type, torch.empty(0, dtype=dtype).element_size(),
+    chunk = chunks[0] or auto_chunk_size(N, V, device.type, torch.empty(0, dtype=dtype).element_size(),
                                             torch.empty(0, dtype=dtype).element_size())
     print(f"kd_loss_linear bench: {N}x{H}x{V} {dt} on {device}, chunk_size {chunk}, impls {list(impls)}",
           flush=True)
@@ -283,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     payload = {
         "benchmark": "kd_loss_linear", "temperature": T_DEFAULT, "alpha": ALPHA_DEFAULT, "reps": a.reps,
-        "warmup": a.warmup, "chunk_size": chunk, "chunk_size_auto": a.chunk_size is None,
+        "warmup": a.warmup, "chunk_size": chunk, "chunk_size_auto": chunks[0] is None,
+        "other_chunk_sizes": chunks[1:],
         "kd_loss_backend": backend, "machine": machine,
         "memory_method": ("cuda: torch.cuda.max_memory_allocated - memory_allocated before the fwd+bwd step"
                           if device.type == "cuda" else

@@ -1,8 +1,11 @@
-"""The benchmark timers' call order (raydistill.bench.spmm._timer): what runs right before each timed call."""
+"""The benchmark timers' call order (raydistill.bench.spmm._timer): what runs right before each timed call; the
+benchmarks' own argument checks."""
 
 from __future__ import annotations
 
 from collections import Counter
+
+import pytest
 
 from raydistill.bench.spmm import _timer
 
@@ -37,3 +40,11 @@ def test_interleaved_runs_blocks_with_an_untimed_switch_call():
     out = _timer("cpu").interleaved(fns, repeats=5, budget_s=60.0, block=5)
     assert set(out) == {"a", "b"}
     assert calls[2:] == ["a"] * 6 + ["b"] * 6  # warm-ups, then one untimed + 5 timed calls per fn
+
+
+@pytest.mark.parametrize("bad", ["0", "512,-1", "x", ","])
+def test_kd_loss_linear_bench_rejects_a_bad_chunk_size_list(bad, capsys):
+    from raydistill.bench.kd_loss_linear import main
+
+    assert main(["--chunk-size", bad]) == 2
+    assert "--chunk-size must be positive integers" in capsys.readouterr().err

@@ -222,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
                         "size, round-robin with the others (rows 'fused@<size>', the first one also 'fused')")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kd_loss_linear_<device>.json)")
     a = p.parse_args(argv)
+    try:
+        chunks = [int(c) for c in a.chunk_size.split(",") if c] if a.chunk_size else [None]
+    except ValueError:
+        chunks = []
+    if not chunks or any(c is not None and c < 1 for c in chunks):
+        print(f"--chunk-size must be positive integers separated by commas, got {a.chunk_size!r}", file=sys.stderr)
+        return 2
 
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -245,13 +252,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: kd_loss has no compiled {device.type} kernel ({st.reason or 'no kernel'}); 'fused' "
               "materialises the logits", file=sys.stderr)
 
-    try:
-        chunks = [int(c) for c in a.chunk_size.split(",") if c] if a.chunk_size else [None]
-    except ValueError:
-        chunks = []
-    if not chunks or any(c is not None and c < 1 for c in chunks):
-        print(f"--chunk-size must be positive integers separated by commas, got {a.chunk_size!r}", file=sys.stderr)
-        return 2
     wanted = [x for x in a.impls.split(",") if x]
     impls = {}
     for name in wanted:

@@ -62,10 +62,11 @@ __all__ = ["kd_loss_linear", "kd_loss_linear_topk", "KDLossLinear", "kd_loss_lin
            "auto_chunk_size", "CHUNK_BUDGET_BYTES"]
 
 #: Memory budget of one chunk's temporaries (student logits + teacher logits + d loss / d logits), by
-#: device type. CPU: 192 MiB (512 rows at V=32000 fp32): each chunk re-reads and re-writes the
-#: ``grad_weight`` accumulator (V x H) once, so chunks much smaller than that spend the time there;
-#: larger ones only add memory. CUDA: 1 GiB (~1400 rows at V=128256 bf16; Liger uses 1024).
-CHUNK_BUDGET_BYTES = {"cpu": 192 << 20, "cuda": 1 << 30}
+#: device type. CPU: 96 MiB (256 rows at V=32000 fp32, 512 in bf16): each chunk re-reads and re-writes the
+#: ``grad_weight`` accumulator (V x H) once, a few percent of the chunk's ``grad_weight`` matmul at these
+#: sizes, so much smaller chunks spend the time there; larger ones only add memory (192 MiB cost the scale
+#: rehearsal's bf16 step 125 MiB more at its peak). CUDA: 1 GiB (~1400 rows at V=128256 bf16; Liger uses 1024).
+CHUNK_BUDGET_BYTES = {"cpu": 96 << 20, "cuda": 1 << 30}
 _LOW = (torch.bfloat16, torch.float16)
 _RED = {"none": 0, "mean": 1, "batchmean": 1, "sum": 2}
 _NONE, _MEAN, _SUM = 0, 1, 2

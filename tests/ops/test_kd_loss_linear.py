@@ -257,10 +257,11 @@ def test_equals_kd_loss_on_materialised_logits(seeded):
 
 
 def test_auto_chunk_size_rule():
-    # V=32000 fp32 on CPU: 192 MiB / (32000 * 12 B) = 524 rows -> 8 balanced chunks of 512 for 4096 rows
-    assert auto_chunk_size(4096, 32000, "cpu", 4, 4) == 512
-    assert auto_chunk_size(4097, 32000, "cpu", 4, 4) == 513  # 8 chunks (the last 506), not 7 x 524 + 429
-    assert auto_chunk_size(525, 32000, "cpu", 4, 4) == 263  # 2 chunks, not 524 + a 1-row remainder
+    # V=32000 fp32 on CPU: 96 MiB / (32000 * 12 B) = 262 rows -> 16 balanced chunks of 256 for 4096 rows
+    assert auto_chunk_size(4096, 32000, "cpu", 4, 4) == 256
+    assert auto_chunk_size(4097, 32000, "cpu", 4, 4) == 257  # 16 chunks (the last 242), not 15 x 262 + 167
+    assert auto_chunk_size(263, 32000, "cpu", 4, 4) == 132  # 2 chunks, not 262 + a 1-row remainder
+    assert auto_chunk_size(6144, 32000, "cpu", 2, 2) == 512  # bf16: twice the rows for the same bytes
     assert auto_chunk_size(10, 32000, "cpu", 4, 4) == 10
     assert auto_chunk_size(100, 10**9, "cpu", 4, 4) == 1  # never below one row
     c = auto_chunk_size(8192, 128256, "cuda", 2, 2)

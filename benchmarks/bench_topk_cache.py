@@ -2,7 +2,7 @@
 default, and q8) caches against the uncompressed (raw) one.
 
     PYTHONPATH=. python benchmarks/bench_topk_cache.py --storage runs [--parts size,epoch,students,resume]
-        [--seeds 0,1,2] [--cm-v1 DIR] [--out benchmarks/results/topk_cache.json]
+        [--seeds 0,1,2] [--cm-v1 DIR] [--read-threads 2] [--reuse] [--out benchmarks/results/topk_cache.json]
 
 ``--storage`` holds ``lm_default``'s tokenized corpus and cached teacher (``raydistill distill lm_default``
 or ``raydistill teacher-logits lm_default`` put them there; the teacher is trained first if missing). Parts:
@@ -17,7 +17,8 @@ or ``raydistill teacher-logits lm_default`` put them there; the teacher is train
   and the optimizer steps, timed separately.
 * ``decode``: read + decode of every shard into tensors (the first half of ``epoch``, no training), each cache in
   turn, ``--repeats`` rounds, side by side in this process: wall and CPU seconds and tokens / s (median), with
-  the load average of each run (on a loaded machine the CPU seconds are the steadier figure).
+  the load average of each run (on a loaded machine the CPU seconds are the steadier figure); one shard at a
+  time, then (``--read-threads N`` > 1, default 2) again with N shards at once in threads (``<cache>_tN``).
 * ``students``: the student distilled from raw, from q8 and from q8 with the tail, ``--seeds`` each, with the
   pipeline's loss, optimizer, schedule and batch order (``benchmarks/lm_kd_quick.py``): test perplexity
   and the ratio q8 / raw per seed.
@@ -51,7 +52,7 @@ from raydistill.config import load_config  # noqa: E402
 from raydistill.data.topk_cache import (  # noqa: E402
     REPORT_FILE,
     CacheMeta,
-    read_shard,
+    read_shards,
     shard_files,
     shard_table,
     write_shard,
@@ -62,21 +63,27 @@ from raydistill.utils import machine_info, write_json_atomic  # noqa: E402
 K = 128
 
 
-def _load(cache: Path, tail: bool) -> tuple[dict, float]:
-    """Every shard read and decoded into tensors (what a worker's data loader does), and the seconds it took."""
+def _load(cache: Path, tail: bool, threads: int = 1) -> tuple[dict, float]:
+    """Every shard read and decoded into tensors (what a worker's data loader does; ``threads`` shards at once,
+    ``read_shards``), and the seconds it took."""
     t0 = time.perf_counter()
-    parts = [read_shard(f, tail=tail) for f in shard_files(cache)]
-    cols = {c: torch.as_tensor(np.concatenate([p[c] for p in parts])) for c in parts[0]}
+    cols = {c: torch.as_tensor(v) for c, v in read_shards(shard_files(cache), tail=tail, threads=threads).items()}
     cols = {c: v.float() if c in ("topk_values", "topk_tail") else v.long() for c, v in cols.items()}
     return cols, time.perf_counter() - t0
 
 
-def write_caches(cfg, storage: Path, shard_rows: int | None) -> dict[str, Path]:
+def write_caches(cfg, storage: Path, shard_rows: int | None, reuse: bool = False) -> dict[str, Path]:
+    """The three caches (``reuse``: those already under ``<storage>/bench_topk``, no teacher pass)."""
     from raydistill.distill.teacher_logits import write_teacher_outputs
 
     out = {}
     for codec in ("raw", "q8", "cm"):
         d = storage / "bench_topk" / f"{codec}-{shard_rows or 'default'}"
+        if reuse:
+            if not d.is_dir() or not shard_files(d):
+                raise SystemExit(f"--reuse: no {codec} cache in {d}")
+            out[codec] = d
+            continue
         t0 = time.time()
         write_teacher_outputs(cfg, storage_path=storage, output=d, topk=K, concurrency=1, codec=codec,
                               shard_rows=shard_rows)
@@ -176,13 +183,16 @@ def _runs(caches: dict) -> dict:
     return runs
 
 
-def part_decode(caches, repeats: int) -> dict:
-    runs = _runs(caches)
+def part_decode(caches, repeats: int, threads: int = 1) -> dict:
+    """``threads`` > 1: every cache also read with that many shards at once (``<name>_t<threads>``)."""
+    runs = {name: (cache, tail, 1) for name, (cache, tail) in _runs(caches).items()}
+    if threads > 1:
+        runs.update({f"{name}_t{threads}": (cache, tail, threads) for name, (cache, tail, _) in runs.items()})
     res = {name: [] for name in runs}
     for _ in range(repeats):
-        for name, (cache, tail) in runs.items():
+        for name, (cache, tail, th) in runs.items():
             cpu = time.process_time()
-            data, s = _load(cache, tail=tail)
+            data, s = _load(cache, tail=tail, threads=th)
             cpu = time.process_time() - cpu
             n = data["topk_indices"].shape[0] * data["topk_indices"].shape[1]
             res[name].append({"load_decode_s": s, "cpu_s": cpu, "tokens": int(n), "tokens_per_s": n / s,
@@ -291,6 +301,10 @@ def main(argv=None) -> int:
     ap.add_argument("--legacy", default=None, help="a cache written by the old teacher-logits, for its size")
     ap.add_argument("--cm-v1", default=None, help="a cm cache of the same outputs in model version 1, compared too")
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the decode part")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read the caches already under <storage>/bench_topk as they are (no teacher pass)")
+    ap.add_argument("--read-threads", type=int, default=2,
+                    help="shards read at once by the decode part's second set of runs (1: only one at a time)")
     ap.add_argument("--out", default="benchmarks/results/topk_cache.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -304,14 +318,14 @@ def main(argv=None) -> int:
                 "config": a.config, "k": K, "machine": machine_info("cpu")})
     caches = None
     if {"size", "epoch", "decode", "students"} & set(parts):
-        caches = write_caches(cfg, storage, a.shard_rows)
+        caches = write_caches(cfg, storage, a.shard_rows, a.reuse)
         if a.cm_v1:
             caches["cm_v1"] = Path(a.cm_v1).expanduser().resolve()
     if "size" in parts:
         res["size"] = part_size(caches, a.legacy)
         write_json_atomic(out, res)
     if "decode" in parts:
-        res["decode"] = part_decode(caches, a.repeats)
+        res["decode"] = part_decode(caches, a.repeats, a.read_threads)
         write_json_atomic(out, res)
     if "epoch" in parts:
         res["epoch"] = part_epoch(cfg, storage, caches)

@@ -82,6 +82,25 @@ struct Encoder {
   }
 };
 
+// after a membership bit at `bound`: (rg, cd) = cd < bound ? (bound, cd) : (rg - bound, cd - bound). Two
+// conditional moves on x86-64: GCC compiles the ?: form to a branch, which mispredicts at about every member
+// (1 decision in 8), and arithmetic masks lengthen the coder's dependent chain.
+inline void select_member(uint32_t& rg, uint32_t& cd, uint32_t bound) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  uint32_t r = rg - bound, c = cd - bound;
+  asm("cmpl %[b], %[cd]\n\tcmovbl %[b], %[r]\n\tcmovbl %[cd], %[c]"
+      : [r] "+&r"(r), [c] "+&r"(c)
+      : [b] "r"(bound), [cd] "r"(cd)
+      : "cc");
+  rg = r;
+  cd = c;
+#else
+  const bool b = cd < bound;
+  cd -= b ? 0 : bound;
+  rg = b ? bound : rg - bound;
+#endif
+}
+
 struct Decoder {
   const uint8_t* buf;
   int64_t len, pos = 0;
@@ -122,8 +141,7 @@ struct Decoder {
       const bool b = cd < bound;
       ids[set] = v;  // kept when the bit is set
       set += b;
-      cd -= b ? 0 : bound;
-      rg = b ? bound : rg - bound;
+      select_member(rg, cd, bound);
       while (rg < TOP) {
         rg <<= 8;
         cd = (cd << 8) | next();

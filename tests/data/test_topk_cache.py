@@ -23,6 +23,7 @@ from raydistill.data.topk_cache import (
     open_cache,
     read_meta,
     read_shard,
+    read_shards,
     shard_name,
     shard_plan,
     shard_table,
@@ -109,6 +110,37 @@ def test_cm_shard_decodes_whole_and_matches_q8(tmp_path):
     pq.write_table(t2, pcm)
     with pytest.raises(CacheError, match=f"{pcm.name}: corrupted top-k payload: .*CRC-32 mismatch"):
         read_shard(pcm)
+
+
+@pytest.mark.parametrize("codec", ["cm", "raw"])
+def test_read_shards_in_threads_keeps_the_row_order(tmp_path, codec):
+    """Shards of different sizes read side by side in threads give the rows of reading them one after another, in
+    the order of the paths (also when that is not the order of their names); the failing shard is named; bad
+    ``threads`` / ``paths`` are ValueErrors."""
+    rng = np.random.default_rng(11)
+    written = [_write(tmp_path, a, b, rng, codec) for a, b in ((0, 7), (7, 10), (10, 22), (22, 23))]
+    paths = [w[0] for w in written]
+    for order in (paths, paths[::-1]):
+        one = [read_shard(p) for p in order]
+        for threads in (1, 2, 3, 8):
+            got = read_shards(order, threads=threads)
+            assert set(got) == set(one[0])
+            for c in got:
+                np.testing.assert_array_equal(got[c], np.concatenate([o[c] for o in one]))
+    got = read_shards(paths, threads=2, tail=False)
+    np.testing.assert_array_equal(got["input_ids"], np.concatenate([w[1] for w in written]))
+    np.testing.assert_array_equal(got["topk_indices"].reshape(-1, K),
+                                  np.sort(np.concatenate([w[3] for w in written]).reshape(-1, K), -1))
+    assert "topk_tail" not in got
+    bad = paths[2]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    with pytest.raises(CacheError, match=bad.name):
+        read_shards(paths, threads=2)
+    for threads in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be an int >= 1"):
+            read_shards(paths[:2], threads=threads)
+    with pytest.raises(ValueError, match="paths: no shard"):
+        read_shards([], threads=2)
 
 
 def test_q8_shard_without_the_new_codec_fields_still_reads(tmp_path):

@@ -216,6 +216,32 @@ def test_cm_v2_round_trip_random_codes(levels, ext):
         np.testing.assert_array_equal(dt, tail)
 
 
+@pytest.mark.parametrize("V,k", [(1024, 128), (300, 1), (300, 299), (64, 32)])
+def test_cm_v2_round_trip_when_the_model_is_wrong(V, k, ext):
+    """Membership bits at the ends of the probability grid, both ways: each input id's top-k set is the same
+    for several chunks (the model learns P(v | x) near 1 for those ids and near 0 for the rest), then moves to
+    the ids the model gave the least probability (members at P ~ 2^-16, non-members at P ~ 1), mixed with
+    tokens of a fresh random set; ids, codes and tail bytes come back exactly."""
+    from raydistill.data import topk_cm
+
+    rng = np.random.default_rng()
+    n, chunk, levels, n_in = 600, 40, 170, 3
+    x = rng.integers(0, n_in, n)
+    first = [np.sort(rng.choice(V, k, replace=False)) for _ in range(n_in)]
+    later = [np.setdiff1d(np.arange(V), f)[-k:] if V - k >= k else np.sort(rng.choice(V, k, replace=False))
+             for f in first]
+    idx = np.stack([first[xi] if t < n // 2 else later[xi] for t, xi in enumerate(x)])
+    fresh = rng.random(n) < 0.1
+    idx[fresh] = np.sort(np.argsort(rng.random((int(fresh.sum()), V)), 1)[:, :k], 1)
+    codes = rng.integers(0, levels, (n, k)).astype(np.uint8)
+    tail = rng.integers(0, 256, n).astype(np.uint8)
+    s = topk_cm.encode(idx, codes, tail, x, V, levels, chunk, version=2)
+    di, dc, dt = topk_cm.decode(s, n, k, True, x, V, levels, chunk, version=2)
+    np.testing.assert_array_equal(di, idx)
+    np.testing.assert_array_equal(dc, codes)
+    np.testing.assert_array_equal(dt, tail)
+
+
 def test_cm_kl_and_its_context_model():
     """KL(exact || decoded) within the q8 rule at the default levels, and the context model pays: when the
     outputs depend on the input token, cm is far smaller than q8's bytes and than the same rows with the

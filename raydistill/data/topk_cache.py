@@ -414,19 +414,43 @@ def read_dataset(info: CacheInfo, *, tail: bool = True):
     decoding it whole (:func:`read_shard`; in the tasks that feed the workers, not on the driver: nothing is
     read here), rows in shard order. The tasks take no CPU from Ray's scheduler: they run while the training
     workers hold the node's CPUs (and a Tune trial's driver a fraction of one), where a task asking for a CPU
-    would wait forever on a small node (``read_parquet`` would, with its metadata tasks). A decoded shard
-    stays in the object store until it is read. At most ``READ_CONCURRENCY`` shards are read and decoded at
-    once (tasks taking no CPU would otherwise all start together, every core decoding beside the training);
-    how far the decoded shards run ahead of the readers is Ray Data's streaming backpressure (its
-    object-store budget: ``benchmarks/bench_offline_stream.py`` measures it)."""
+    would wait forever on a small node (``read_parquet`` would, with its metadata tasks). At most
+    ``READ_CONCURRENCY`` shards are read and decoded at once (tasks taking no CPU would otherwise all start
+    together, every core decoding beside the training).
+
+    The decoded rows wait in the object store until a worker reads them; how far they run ahead of the
+    readers is bounded whatever the cache's length (:func:`bound_read_ahead`): a task hands its decoded
+    shard out in blocks of at most ``READ_BLOCK_BYTES`` and the dataset's object-store budget is
+    ``READ_AHEAD_BYTES``, so Ray Data's streaming backpressure pauses a task between blocks instead of
+    letting whole decoded shards queue up to its default budget (half the object store).
+    ``benchmarks/bench_offline_stream.py`` measures it."""
     import ray.data
 
     ds = ray.data.from_items([{"path": str(f)} for f in info.files], override_num_blocks=len(info.files))
-    return ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"tail": tail}, num_cpus=0,
-                          concurrency=READ_CONCURRENCY)
+    ds = ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"tail": tail}, num_cpus=0,
+                        concurrency=READ_CONCURRENCY)
+    ds.context.target_max_block_size = READ_BLOCK_BYTES  # this dataset's own context (a copy)
+    bound_read_ahead(ds.context.execution_options)
+    return ds
+
+
+def bound_read_ahead(options):
+    """Cap the object store a streamed cache may fill ahead of its readers: ``options`` (Ray Data
+    ``ExecutionOptions``: the dataset's own, and the ones Ray Train gives the split of the train set, which
+    replace them) get an object-store limit of ``READ_AHEAD_BYTES`` (or keep a smaller one). Ray Data starts
+    a read, or takes a block from a running one, past that budget only while a reader waits for rows, so
+    the rows queued ahead stay within a few blocks (``READ_BLOCK_BYTES`` each) and the shards being
+    decoded."""
+    limits = options.resource_limits
+    have = limits.object_store_memory
+    cap = READ_AHEAD_BYTES if have is None or not have > 0 else min(have, READ_AHEAD_BYTES)
+    options.resource_limits = limits.copy(object_store_memory=cap)
+    return options
 
 
 READ_CONCURRENCY = 2  # shards read and decoded at once by read_dataset (one decodes while another is read)
+READ_BLOCK_BYTES = 8 << 20  # a read task hands its decoded shard to Ray Data in blocks of at most this size
+READ_AHEAD_BYTES = 32 << 20  # the streamed cache's object-store budget (bound_read_ahead)
 
 
 def _read_shards(batch: dict, *, tail: bool) -> dict:

@@ -142,13 +142,19 @@ def data_config(spec: StageSpec):
     or an offline teacher's cache: read lazily, also when the workers then hold it) is split in a fixed order
     -- Ray Data keeps the read order and the splitter hands out blocks by row counts, not by where they are --
     so every epoch gives each worker the same rows in the same order and a run resumed mid-epoch re-reads
-    exactly the batches it skips (issue 22); a worker that holds its rows holds them in the same order."""
+    exactly the batches it skips (issue 22); a worker that holds its rows holds them in the same order. An
+    offline teacher's cache keeps its bound on the decoded rows queued ahead of the workers
+    (``raydistill.data.topk_cache.bound_read_ahead``: these options replace the dataset's own)."""
     from ray.train import DataConfig
 
     if spec.materialize and not spec.offline:
         return DataConfig(datasets_to_split=["train"])
     opts = DataConfig.default_ingest_options()
     opts.preserve_order = True
+    if spec.offline:
+        from raydistill.data.topk_cache import bound_read_ahead
+
+        bound_read_ahead(opts)
     return DataConfig(datasets_to_split=["train"], execution_options={"train": opts}, enable_shard_locality=False)
 
 

@@ -157,8 +157,14 @@ def test_an_offline_stage_is_split_in_the_caches_order(materialize):
     offline = data_config(spec.replace(offline_teacher="main"))
     opts = offline._user_execution_options["train"]
     assert opts.preserve_order is True and offline._enable_shard_locality is False
+    # these options replace the dataset's own: they keep the bound on the decoded rows queued in the object store
+    from raydistill.data.topk_cache import READ_AHEAD_BYTES
+
+    assert opts.resource_limits.object_store_memory == READ_AHEAD_BYTES
     if materialize:  # an in-memory dataset held by the workers: Ray's default split
         assert online._user_execution_options is None
+    else:  # a streamed corpus: no cap of ours
+        assert online._user_execution_options["train"].resource_limits.object_store_memory != READ_AHEAD_BYTES
 
 
 @pytest.mark.parametrize("temperature", [2.0, 4.0, 8.0])

@@ -409,6 +409,27 @@ def check_cache(info: CacheInfo, *, k: int | None = None, teacher_hash: str | No
                              "write a cache for this config with `raydistill teacher-logits`")
 
 
+def decoded_bytes(info: CacheInfo, rows: int | None = None) -> int:
+    """About what the cache's rows (``rows`` of them; None: all) take decoded in memory: per token (a
+    classification row) k float32 values and int64 indices, the float32 tail and 8 bytes an input column;
+    the parquet files' sizes for a cache of the format before metadata (raw values already)."""
+    rows = info.rows if rows is None else rows
+    m = info.meta
+    if m is None:
+        return sum(f.stat().st_size for f in info.files) * rows // max(1, info.rows)
+    per_item = m.k * (4 + 8) + 4 + 8 * len(m.input_columns)
+    return int(rows) * max(1, int(m.tokens_per_row)) * per_item
+
+
+def read_ahead_bytes(info: CacheInfo) -> int:
+    """The object-store budget of a streamed cache (:func:`read_dataset`): ``READ_AHEAD_SHARDS`` of its
+    largest shards decoded, at least ``READ_AHEAD_MIN_BYTES``."""
+    spans = [SHARD_RE.match(f.name) for f in info.files]
+    largest = (max(int(m[2]) - int(m[1]) for m in spans) if all(spans)
+               else -(-int(info.rows) // max(1, len(info.files))))
+    return max(READ_AHEAD_MIN_BYTES, READ_AHEAD_SHARDS * decoded_bytes(info, largest))
+
+
 def read_dataset(info: CacheInfo, *, tail: bool = True):
     """The cache as a lazy Ray dataset that streams the shards, one Ray Data task per shard reading and
     decoding it whole (:func:`read_shard`; in the tasks that feed the workers, not on the driver: nothing is
@@ -419,38 +440,32 @@ def read_dataset(info: CacheInfo, *, tail: bool = True):
     together, every core decoding beside the training).
 
     The decoded rows wait in the object store until a worker reads them; how far they run ahead of the
-    readers is bounded whatever the cache's length (:func:`bound_read_ahead`): a task hands its decoded
-    shard out in blocks of at most ``READ_BLOCK_BYTES`` and the dataset's object-store budget is
-    ``READ_AHEAD_BYTES``, so Ray Data's streaming backpressure pauses a task between blocks instead of
-    letting whole decoded shards queue up to its default budget (half the object store).
+    readers is bounded whatever the cache's length: a task hands its decoded shard out in blocks of at most
+    ``READ_BLOCK_BYTES`` and the dataset's object-store budget (``ExecutionOptions.resource_limits``) is
+    :func:`read_ahead_bytes`, so Ray Data's streaming backpressure pauses a task between blocks, and starts
+    the next shard, as the readers catch up, instead of letting whole decoded shards queue up to its default
+    budget (half the object store). Ray Train replaces a dataset's execution options with the ones it splits
+    it with: ``raydistill.distill.stages.data_config`` carries the budget over.
     ``benchmarks/bench_offline_stream.py`` measures it."""
     import ray.data
 
     ds = ray.data.from_items([{"path": str(f)} for f in info.files], override_num_blocks=len(info.files))
     ds = ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"tail": tail}, num_cpus=0,
                         concurrency=READ_CONCURRENCY)
-    ds.context.target_max_block_size = READ_BLOCK_BYTES  # this dataset's own context (a copy)
-    bound_read_ahead(ds.context.execution_options)
-    return ds
-
-
-def bound_read_ahead(options):
-    """Cap the object store a streamed cache may fill ahead of its readers: ``options`` (Ray Data
-    ``ExecutionOptions``: the dataset's own, and the ones Ray Train gives the split of the train set, which
-    replace them) get an object-store limit of ``READ_AHEAD_BYTES`` (or keep a smaller one). Ray Data starts
-    a read, or takes a block from a running one, past that budget only while a reader waits for rows, so
-    the rows queued ahead stay within a few blocks (``READ_BLOCK_BYTES`` each) and the shards being
-    decoded."""
-    limits = options.resource_limits
+    ctx = ds.context  # this dataset's own (a copy of the current DataContext)
+    ctx.target_max_block_size = READ_BLOCK_BYTES
+    limits = ctx.execution_options.resource_limits
     have = limits.object_store_memory
-    cap = READ_AHEAD_BYTES if have is None or not have > 0 else min(have, READ_AHEAD_BYTES)
-    options.resource_limits = limits.copy(object_store_memory=cap)
-    return options
+    cap = read_ahead_bytes(info)
+    ctx.execution_options.resource_limits = limits.copy(object_store_memory=cap if have is None or not have > 0
+                                                        else min(have, cap))
+    return ds
 
 
 READ_CONCURRENCY = 2  # shards read and decoded at once by read_dataset (one decodes while another is read)
 READ_BLOCK_BYTES = 8 << 20  # a read task hands its decoded shard to Ray Data in blocks of at most this size
-READ_AHEAD_BYTES = 32 << 20  # the streamed cache's object-store budget (bound_read_ahead)
+READ_AHEAD_SHARDS = 2  # the object-store budget of a streamed cache, in decoded shards (read_ahead_bytes) ...
+READ_AHEAD_MIN_BYTES = 32 << 20  # ... and at least this
 
 
 def _read_shards(batch: dict, *, tail: bool) -> dict:

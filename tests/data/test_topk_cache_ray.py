@@ -86,7 +86,7 @@ def test_decoded_shards_queued_ahead_of_a_slow_reader_stay_bounded(ray2, tmp_pat
 
     import ray.data
 
-    from raydistill.data.topk_cache import READ_AHEAD_BYTES, CacheMeta, shard_name, shard_table, write_shard
+    from raydistill.data.topk_cache import CacheMeta, read_ahead_bytes, shard_name, shard_table, write_shard
     from raydistill.data.topk_codec import CodecSpec
 
     k, vocab, s, rows, n_shards = 128, 4096, 128, 40, 32
@@ -137,4 +137,5 @@ def test_decoded_shards_queued_ahead_of_a_slow_reader_stay_bounded(ray2, tmp_pat
         ray2.kill(hog)
     np.testing.assert_array_equal(np.concatenate(got), np.arange(rows * n_shards))
     print(f"peak plasma {peak[0]:.0f} MiB, shards of {shard_mib:.1f} MiB, cache {shard_mib * n_shards:.0f} MiB")
-    assert peak[0] <= READ_AHEAD_BYTES / 2**20 + 6 * shard_mib < shard_mib * n_shards / 2, (peak[0], shard_mib)
+    budget_mib = read_ahead_bytes(info) / 2**20
+    assert peak[0] <= budget_mib + 6 * shard_mib < shard_mib * n_shards / 2, (peak[0], budget_mib, shard_mib)

@@ -464,7 +464,8 @@ def read_dataset(info: CacheInfo, *, tail: bool = True):
 
 READ_CONCURRENCY = 2  # shards read and decoded at once by read_dataset (one decodes while another is read)
 READ_BLOCK_BYTES = 8 << 20  # a read task hands its decoded shard to Ray Data in blocks of at most this size
-READ_AHEAD_SHARDS = 2  # the object-store budget of a streamed cache, in decoded shards (read_ahead_bytes) ...
+READ_AHEAD_SHARDS = 4  # the object-store budget of a streamed cache, in decoded shards (read_ahead_bytes): the
+# READ_CONCURRENCY being decoded (Ray Data counts their coming output against it) and as many queued ...
 READ_AHEAD_MIN_BYTES = 32 << 20  # ... and at least this
 
 

@@ -198,7 +198,7 @@ def test_the_codec_companding_follows_the_loss_temperature(temperature):
         codec_spec("zip", temperature)
 
 
-def test_the_read_ahead_budget_is_two_decoded_shards(tmp_path, monkeypatch):
+def test_the_read_ahead_budget_is_a_number_of_decoded_shards(tmp_path, monkeypatch):
     """read_dataset's object-store budget: READ_AHEAD_SHARDS of the cache's largest shards decoded (what a
     decoded shard takes: decoded_bytes, checked above against read_shard), whatever the cache's length, and
     at least READ_AHEAD_MIN_BYTES."""

@@ -1,11 +1,15 @@
 """The object store an offline teacher's cache takes while a distillation reads it: materialised first (the
 path before: ``read_dataset(...).materialize()`` held the whole decoded cache in the object store for the
-whole stage) against streamed (``read_dataset`` iterated lazily, as the workers now read it). Synthetic
-causal-LM caches of two sizes (q8, k = 128, 128-token rows, random top-k outputs); the Raylet's plasma usage
-is sampled every 50 ms while the rows are read once in 64-row batches, each then held for ``--consumer-ms``
-(a training step's time: the reader runs ahead of a slower consumer as far as Ray Data lets it).
+whole stage) against streamed (``read_dataset`` iterated lazily, as the workers now read it, with its bound
+on the decoded rows queued ahead of the reader) and streamed with Ray Data's defaults (``unbounded``: whole
+decoded shards as blocks, Ray Data's own object-store budget; how ``read_dataset`` streamed before the
+bound). Synthetic causal-LM caches (q8, k = 128, 128-token rows, ``--shard-rows`` rows a shard, random top-k
+outputs); the Raylet's plasma usage is sampled every 50 ms while the rows are read once in 64-row batches,
+each then held for ``--consumer-ms`` (a training step's time: the reader runs ahead of a slower consumer as
+far as Ray Data lets it). Each streamed mode is also read once with no consumer time (``fast_seconds``: how
+fast the shards arrive, which the bound must not slow down).
 
-    python benchmarks/bench_offline_stream.py [--rows 512 2048] [--consumer-ms 50] [--out PATH]
+    python benchmarks/bench_offline_stream.py [--rows 512 2048] [--shard-rows 256] [--consumer-ms 200] [--out PATH]
 
 Writes ``benchmarks/results/offline_stream.json`` (machine, load averages, git commit): per size and mode the
 decoded bytes, the peak plasma usage and the seconds to read the rows; the target is a streamed peak that
@@ -30,7 +34,7 @@ import _procmem  # noqa: E402
 K, V, S, SHARD_ROWS = 128, 2048, 128, 256
 
 
-def _write_cache(d: Path, rows: int, seed: int = 0) -> None:
+def _write_cache(d: Path, rows: int, shard_rows: int = SHARD_ROWS, seed: int = 0) -> None:
     import torch
 
     from raydistill.data.topk_cache import CacheMeta, shard_name, shard_plan, shard_table, write_shard
@@ -38,7 +42,7 @@ def _write_cache(d: Path, rows: int, seed: int = 0) -> None:
 
     rng = np.random.default_rng(seed)
     spec = CodecSpec(name="q8", gamma=0.25).resolved(K, V)
-    for a, b in shard_plan(rows, SHARD_ROWS):
+    for a, b in shard_plan(rows, shard_rows):
         logits = torch.from_numpy(rng.standard_normal((b - a, S, V), dtype=np.float32) * 3)
         v, i, t = (x.numpy() for x in topk_from_logits(logits, K, 2.0))
         meta = CacheMeta(codec=spec.to_dict(), k=K, vocab_size=V, task="causal_lm", tokens_per_row=S, rows=b - a,
@@ -73,24 +77,46 @@ def _settle(address: str, timeout_s: float = 60.0) -> float:
     return used
 
 
-def _read(info, materialize: bool, address: str, consumer_s: float) -> dict:
+def _dataset(info, mode: str):
+    """The cache as ``mode`` reads it: ``streamed`` (read_dataset), ``unbounded`` (read_dataset without its
+    bound: Ray Data's default block size and object-store budget), ``materialized``."""
+    import copy
+
+    import ray.data
+
     from raydistill.data.topk_cache import read_dataset
 
+    ds = read_dataset(info)
+    if mode == "unbounded":
+        defaults = ray.data.DataContext.get_current()
+        ds.context.target_max_block_size = defaults.target_max_block_size
+        ds.context.execution_options.resource_limits = copy.deepcopy(defaults.execution_options.resource_limits)
+    return ds.materialize() if mode == "materialized" else ds
+
+
+def _read(info, mode: str, address: str, consumer_s: float) -> dict:
     before = _settle(address)
     t0 = time.perf_counter()
     with PlasmaSampler(address) as s:
-        ds = read_dataset(info)
-        if materialize:
-            ds = ds.materialize()
+        ds = _dataset(info, mode)
         n = 0
         for b in ds.iter_batches(batch_size=64, batch_format="numpy"):
             n += len(b["input_ids"])
             time.sleep(consumer_s)
-        held = ds.size_bytes() if materialize else None
+        held = ds.size_bytes() if mode == "materialized" else None
         del ds
-    return {"rows_read": n, "plasma_before_mib": before, "peak_plasma_mib": s.peak_mib,
-            "seconds": time.perf_counter() - t0,
-            "materialized_bytes": held, "loadavg": os.getloadavg()[0]}
+    out = {"rows_read": n, "plasma_before_mib": before, "peak_plasma_mib": s.peak_mib,
+           "seconds": time.perf_counter() - t0, "materialized_bytes": held, "loadavg": os.getloadavg()[0]}
+    if mode != "materialized":  # how fast the rows arrive with no consumer time (the read's own speed)
+        _settle(address)
+        t0 = time.perf_counter()
+        n = sum(len(b["input_ids"]) for b in _dataset(info, mode).iter_batches(batch_size=64, batch_format="numpy"))
+        out["fast_seconds"] = time.perf_counter() - t0
+        assert n == out["rows_read"]
+    return out
+
+
+MODES = ("streamed", "unbounded", "materialized")
 
 
 def main(argv=None) -> int:
@@ -101,7 +127,9 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[512, 2048])
-    p.add_argument("--consumer-ms", type=float, default=50.0, help="time spent on each 64-row batch")
+    p.add_argument("--shard-rows", type=int, default=SHARD_ROWS, help="rows a shard of the synthetic caches")
+    p.add_argument("--consumer-ms", type=float, default=200.0,
+                   help="time spent on each 64-row batch (a training step; slower than the decode, as training is)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     info_m = machine_info()
@@ -111,31 +139,37 @@ def main(argv=None) -> int:
         for n in args.rows:
             d = Path(tmp) / f"cache{n}"
             d.mkdir()
-            _write_cache(d, n)
+            _write_cache(d, n, args.shard_rows)
             info = open_cache(d)
-            row = {"rows": n, "tokens": n * S, "decoded_mib": decoded_bytes(info) / 2**20,
+            if not rows:  # warm up: the first read starts Ray's workers
+                sum(len(b["input_ids"]) for b in _dataset(info, "streamed").iter_batches(batch_size=64))
+            row = {"rows": n, "tokens": n * S, "shards": len(info.files), "decoded_mib": decoded_bytes(info) / 2**20,
                    "disk_mib": sum(f.stat().st_size for f in info.files) / 2**20}
-            for mode, mat in (("streamed", False), ("materialized", True)):
-                row[mode] = _read(info, mat, address, args.consumer_ms / 1000)
-                print(f"{n} rows ({row['decoded_mib']:.0f} MiB decoded), {mode}: peak plasma "
-                      f"{row[mode]['peak_plasma_mib']:.0f} MiB, {row[mode]['seconds']:.1f} s "
-                      f"(load {row[mode]['loadavg']:.1f})", flush=True)
+            for mode in MODES:
+                row[mode] = _read(info, mode, address, args.consumer_ms / 1000)
+                fast = row[mode].get("fast_seconds")
+                print(f"{n} rows ({row['decoded_mib']:.0f} MiB decoded, {len(info.files)} shards), {mode}: peak "
+                      f"plasma {row[mode]['peak_plasma_mib']:.0f} MiB, {row[mode]['seconds']:.1f} s"
+                      + (f", {fast:.1f} s with no consumer time" if fast is not None else "")
+                      + f" (load {row[mode]['loadavg']:.1f})", flush=True)
             rows.append(row)
-    print("\n| rows | decoded (MiB) | materialized: peak plasma (MiB) | streamed: peak plasma (MiB) |"
-          "\n|---:|---:|---:|---:|")
+    print("\n| rows | shards | decoded (MiB) | peak plasma (MiB): materialized | unbounded | streamed | "
+          "read, no consumer time (s): unbounded | streamed |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['rows']} | {r['decoded_mib']:.0f} | {r['materialized']['peak_plasma_mib']:.0f} | "
-              f"{r['streamed']['peak_plasma_mib']:.0f} |")
+        print(f"| {r['rows']} | {r['shards']} | {r['decoded_mib']:.0f} | {r['materialized']['peak_plasma_mib']:.0f} | "
+              f"{r['unbounded']['peak_plasma_mib']:.0f} | {r['streamed']['peak_plasma_mib']:.0f} | "
+              f"{r['unbounded']['fast_seconds']:.2f} | {r['streamed']['fast_seconds']:.2f} |")
     ratios = {}
     if len(rows) >= 2:
         small, large = rows[0], rows[-1]
         ratios = {mode: large[mode]["peak_plasma_mib"] / max(small[mode]["peak_plasma_mib"], 1.0)
-                  for mode in ("materialized", "streamed")}
+                  for mode in MODES}
         ratios["decoded"] = large["decoded_mib"] / small["decoded_mib"]
         ratios["target_streamed_max"] = 1.5
         ratios["target_met"] = ratios["streamed"] <= 1.5
         print(f"\npeak plasma, {large['rows']} / {small['rows']} rows (decoded x{ratios['decoded']:.1f}): "
-              f"materialized x{ratios['materialized']:.2f}, streamed x{ratios['streamed']:.2f} "
+              f"materialized x{ratios['materialized']:.2f}, unbounded x{ratios['unbounded']:.2f}, "
+              f"streamed x{ratios['streamed']:.2f} "
               f"(target <= 1.5: {'met' if ratios['target_met'] else 'NOT met'})")
     out = Path(args.out) if args.out else results_dir() / "offline_stream.json"
     write_json_atomic(out, {"args": vars(args), "rows": rows, "ratios": ratios, "machine": info_m,

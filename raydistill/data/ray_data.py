@@ -45,3 +45,25 @@ def to_ray_dataset(**columns: np.ndarray):
 
     return ray.data.from_arrow(arrays_to_table(**columns))
 
+
+def val_test_columns(val: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The evaluation rows as one set of columns: the ``val`` rows then the ``test`` rows (the same columns,
+    each of one length per side), with a ``split`` column (int64: 0 val, 1 test) telling them apart."""
+    if set(val) != set(test) or not val:
+        raise ValueError(f"val_test_columns: val has columns {sorted(val)}, test {sorted(test)}; they must be the "
+                         "same, and at least one")
+    if "split" in val:
+        raise ValueError("val_test_columns: 'split' is the column this adds; the rows must not have one")
+    n = {}
+    for side, cols in (("val", val), ("test", test)):
+        lengths = {c: len(v) for c, v in cols.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"val_test_columns: the {side} columns differ in length: {lengths}")
+        n[side] = next(iter(lengths.values()))
+    split = np.concatenate([np.zeros(n["val"], np.int64), np.ones(n["test"], np.int64)])
+    return {**{c: np.concatenate([val[c], test[c]]) for c in val}, "split": split}
+
+
+def val_test_dataset(val: dict[str, np.ndarray], test: dict[str, np.ndarray]):
+    """:func:`val_test_columns` as a Ray dataset (the evaluation rows every task hands its workers)."""
+    return to_ray_dataset(**val_test_columns(val, test))

@@ -430,24 +430,64 @@ def check_cache(info: CacheInfo, *, k: int | None = None, teacher_hash: str | No
                              "write a cache for this config with `raydistill teacher-logits`")
 
 
+def decoded_bytes(info: CacheInfo, rows: int | None = None) -> int:
+    """About what the cache's rows (``rows`` of them; None: all) take decoded in memory: per token (a
+    classification row) k float32 values and int64 indices, the float32 tail and 8 bytes an input column;
+    the parquet files' sizes for a cache of the format before metadata (raw values already)."""
+    rows = info.rows if rows is None else rows
+    m = info.meta
+    if m is None:
+        return sum(f.stat().st_size for f in info.files) * rows // max(1, info.rows)
+    per_item = m.k * (4 + 8) + 4 + 8 * len(m.input_columns)
+    return int(rows) * max(1, int(m.tokens_per_row)) * per_item
+
+
+def read_ahead_bytes(info: CacheInfo) -> int:
+    """The object-store budget of a streamed cache (:func:`read_dataset`): ``READ_AHEAD_SHARDS`` of its
+    largest shards decoded, at least ``READ_AHEAD_MIN_BYTES``."""
+    spans = [SHARD_RE.match(f.name) for f in info.files]
+    largest = (max(int(m[2]) - int(m[1]) for m in spans) if all(spans)
+               else -(-int(info.rows) // max(1, len(info.files))))
+    return max(READ_AHEAD_MIN_BYTES, READ_AHEAD_SHARDS * decoded_bytes(info, largest))
+
+
 def read_dataset(info: CacheInfo, *, tail: bool = True):
     """The cache as a lazy Ray dataset that streams the shards, one Ray Data task per shard reading and
     decoding it whole (:func:`read_shard`; in the tasks that feed the workers, not on the driver: nothing is
     read here), rows in shard order. The tasks take no CPU from Ray's scheduler: they run while the training
     workers hold the node's CPUs (and a Tune trial's driver a fraction of one), where a task asking for a CPU
-    would wait forever on a small node (``read_parquet`` would, with its metadata tasks). A decoded shard
-    stays in the object store until it is read. At most ``READ_CONCURRENCY`` shards are read and decoded at
-    once (tasks taking no CPU would otherwise all start together, every core decoding beside the training);
-    how far the decoded shards run ahead of the readers is Ray Data's streaming backpressure (its
-    object-store budget: ``benchmarks/bench_offline_stream.py`` measures it)."""
+    would wait forever on a small node (``read_parquet`` would, with its metadata tasks). At most
+    ``READ_CONCURRENCY`` shards are read and decoded at once (tasks taking no CPU would otherwise all start
+    together, every core decoding beside the training).
+
+    The decoded rows wait in the object store until a worker reads them; how far they run ahead of the
+    readers is bounded whatever the cache's length: a task hands its decoded shard out in blocks of at most
+    ``READ_BLOCK_BYTES`` and the dataset's object-store budget (``ExecutionOptions.resource_limits``) is
+    :func:`read_ahead_bytes`, so Ray Data's streaming backpressure pauses a task between blocks, and starts
+    the next shard, as the readers catch up, instead of letting whole decoded shards queue up to its default
+    budget (half the object store). Ray Train replaces a dataset's execution options with the ones it splits
+    it with: ``raydistill.distill.stages.data_config`` carries the budget over.
+    ``benchmarks/bench_offline_stream.py`` measures it."""
     import ray.data
 
     ds = ray.data.from_items([{"path": str(f)} for f in info.files], override_num_blocks=len(info.files))
-    return ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"tail": tail}, num_cpus=0,
-                          concurrency=READ_CONCURRENCY)
+    ds = ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", fn_kwargs={"tail": tail}, num_cpus=0,
+                        concurrency=READ_CONCURRENCY)
+    ctx = ds.context  # this dataset's own (a copy of the current DataContext)
+    ctx.target_max_block_size = READ_BLOCK_BYTES
+    limits = ctx.execution_options.resource_limits
+    have = limits.object_store_memory
+    cap = read_ahead_bytes(info)
+    ctx.execution_options.resource_limits = limits.copy(object_store_memory=cap if have is None or not have > 0
+                                                        else min(have, cap))
+    return ds
 
 
 READ_CONCURRENCY = 2  # shards read and decoded at once by read_dataset (one decodes while another is read)
+READ_BLOCK_BYTES = 8 << 20  # a read task hands its decoded shard to Ray Data in blocks of at most this size
+READ_AHEAD_SHARDS = 4  # the object-store budget of a streamed cache, in decoded shards (read_ahead_bytes): the
+# READ_CONCURRENCY being decoded (Ray Data counts their coming output against it) and as many queued ...
+READ_AHEAD_MIN_BYTES = 32 << 20  # ... and at least this
 
 
 def _read_shards(batch: dict, *, tail: bool) -> dict:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from raydistill.config import Config, ConfigError, config_hash
 from raydistill.distill.spec import teacher_hash
-from raydistill.data.topk_cache import CacheError, CacheInfo, CacheMeta, check_cache, open_cache, tokenizer_hash
+from raydistill.data.topk_cache import (CacheError, CacheInfo, CacheMeta, check_cache, decoded_bytes, open_cache,
+                                       tokenizer_hash)
 
 log = logging.getLogger("raydistill")
 
@@ -104,17 +105,6 @@ def offline_dataset(cfg: Config, tokenizer_dir=None):
 
     info, tail = _checked(cfg, tokenizer_dir)
     return read_dataset(info, tail=tail), info
-
-
-def decoded_bytes(info: CacheInfo) -> int:
-    """About what the cache's rows take decoded in memory: per token (a classification row) k float32
-    values and int64 indices, the float32 tail and 8 bytes an input column; the parquet files' sizes for a
-    cache of the format before metadata (raw values already)."""
-    m = info.meta
-    if m is None:
-        return sum(f.stat().st_size for f in info.files)
-    per_item = m.k * (4 + 8) + 4 + 8 * len(m.input_columns)
-    return int(info.rows) * max(1, int(m.tokens_per_row)) * per_item
 
 
 def hold_in_memory(cfg: Config, info: CacheInfo) -> bool:

@@ -134,21 +134,26 @@ def make_trainer(cfg: Config, spec: StageSpec, datasets: dict, *, storage_path: 
                     checkpoint_config=CheckpointConfig(num_to_keep=int(cfg.run.num_to_keep)),
                     callbacks=list(callbacks or []))
     return TorchTrainer(train_fn_per_worker, train_loop_config={"spec": spec}, scaling_config=scaling, run_config=run,
-                        datasets=datasets, dataset_config=data_config(spec))
+                        datasets=datasets, dataset_config=data_config(spec, datasets.get("train")))
 
 
-def data_config(spec: StageSpec):
+def data_config(spec: StageSpec, train=None):
     """How Ray Train splits the datasets: ``train`` over the workers. A streamed train set (not materialised,
     or an offline teacher's cache: read lazily, also when the workers then hold it) is split in a fixed order
     -- Ray Data keeps the read order and the splitter hands out blocks by row counts, not by where they are --
     so every epoch gives each worker the same rows in the same order and a run resumed mid-epoch re-reads
-    exactly the batches it skips (issue 22); a worker that holds its rows holds them in the same order."""
+    exactly the batches it skips (issue 22); a worker that holds its rows holds them in the same order. These
+    options replace the train dataset's own: an offline teacher's cache (``train``) keeps its object-store
+    budget, the bound on the decoded rows queued ahead of the workers
+    (``raydistill.data.topk_cache.read_dataset``)."""
     from ray.train import DataConfig
 
     if spec.materialize and not spec.offline:
         return DataConfig(datasets_to_split=["train"])
     opts = DataConfig.default_ingest_options()
     opts.preserve_order = True
+    if spec.offline and train is not None:
+        opts.resource_limits = train.context.execution_options.resource_limits
     return DataConfig(datasets_to_split=["train"], execution_options={"train": opts}, enable_shard_locality=False)
 
 

@@ -329,10 +329,9 @@ def _task_info(cfg, td) -> dict:
 
 def _eval_dataset(td):
     """The val then test blocks (``split`` column 0 / 1) as one Ray dataset."""
-    from raydistill.data import to_ray_dataset
+    from raydistill.data import val_test_dataset
 
-    split = np.concatenate([np.zeros(len(td.val), np.int64), np.ones(len(td.test), np.int64)])
-    return to_ray_dataset(input_ids=np.concatenate([td.val, td.test]).astype(np.int64), split=split)
+    return val_test_dataset({"input_ids": td.val.astype(np.int64)}, {"input_ids": td.test.astype(np.int64)})
 
 
 def text_data(cfg, storage: Path):

@@ -202,11 +202,9 @@ class ClassificationTask(Task):
 
 def _eval_dataset(split):
     """val then test rows (``split`` column 0 / 1) as one Ray dataset."""
-    from raydistill.data import to_ray_dataset
+    from raydistill.data import val_test_dataset
 
-    return to_ray_dataset(
-        x=np.concatenate([split.x_val, split.x_test]), y=np.concatenate([split.y_val, split.y_test]),
-        split=np.concatenate([np.zeros(len(split.y_val), np.int64), np.ones(len(split.y_test), np.int64)]))
+    return val_test_dataset({"x": split.x_val, "y": split.y_val}, {"x": split.x_test, "y": split.y_test})
 
 
 def load_arrays(cfg, storage: Path):

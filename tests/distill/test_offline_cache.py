@@ -13,7 +13,7 @@ import torch
 from raydistill.config import ConfigError, load_config
 from raydistill.data.topk_cache import CacheMeta, shard_name, shard_table, write_shard
 from raydistill.data.topk_codec import CodecSpec, topk_from_logits
-from raydistill.distill.offline import check_teacher_outputs, expected_teacher_hash, use_tail
+from raydistill.distill.offline import check_teacher_outputs, decoded_bytes, expected_teacher_hash, use_tail
 from raydistill.distill.teachers import teacher_hash
 
 
@@ -101,17 +101,18 @@ def test_a_named_teachers_cache_is_checked_against_that_teacher_and_its_terms(tm
         check_teacher_outputs(cfg)
 
 
-def _lm_shard(d, k, rows, seq, vocab=300):
-    """A causal-LM cache shard (q8, with a tail) of random outputs; its checked CacheInfo."""
+def _lm_shard(d, k, rows, seq, vocab=300, start=0):
+    """A causal-LM cache shard (q8, with a tail) of random outputs, rows [start, start + rows); the checked
+    CacheInfo of ``d``."""
     from raydistill.data.topk_cache import open_cache
 
     rng = np.random.default_rng()
     v, i, t = (a.numpy() for a in topk_from_logits(torch.from_numpy(rng.standard_normal((rows, seq, vocab))), k, 1.0))
     meta = CacheMeta(codec=CodecSpec(name="q8").resolved(k, vocab).to_dict(), k=k, vocab_size=vocab, task="causal_lm",
-                     tokens_per_row=seq, rows=rows, start=0, stop=rows, input_columns=["input_ids"],
+                     tokens_per_row=seq, rows=rows, start=start, stop=start + rows, input_columns=["input_ids"],
                      tail_temperature=1.0)
     ids = rng.integers(0, vocab, (rows, seq)).astype(np.int32)
-    write_shard(d / shard_name(0, rows), shard_table(meta, {"input_ids": ids}, v, i, t))
+    write_shard(d / shard_name(start, start + rows), shard_table(meta, {"input_ids": ids}, v, i, t))
     return open_cache(d)
 
 
@@ -153,12 +154,23 @@ def test_an_offline_stage_is_split_in_the_caches_order(materialize):
 
     spec = StageSpec(stage="s", task="causal_lm", kind="kd", model={}, epochs=1, batch_size=2, optimizer={},
                      lr_schedule={}, seed=0, progress_dir=".", materialize=materialize)
-    online = data_config(spec)
-    offline = data_config(spec.replace(offline_teacher="main"))
+    from types import SimpleNamespace
+
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    budget = int(np.random.default_rng().integers(1 << 20, 1 << 30))  # what read_dataset gave the cache
+    train = SimpleNamespace(context=SimpleNamespace(execution_options=ExecutionOptions(
+        resource_limits=ExecutionResources.for_limits(object_store_memory=budget))))
+    online = data_config(spec, train)
+    offline = data_config(spec.replace(offline_teacher="main"), train)
     opts = offline._user_execution_options["train"]
     assert opts.preserve_order is True and offline._enable_shard_locality is False
+    # these options replace the dataset's own: they keep its bound on the decoded rows queued in the object store
+    assert opts.resource_limits.object_store_memory == budget
     if materialize:  # an in-memory dataset held by the workers: Ray's default split
         assert online._user_execution_options is None
+    else:  # a streamed corpus: Ray Data's own budget
+        assert online._user_execution_options["train"].resource_limits.object_store_memory != budget
 
 
 @pytest.mark.parametrize("temperature", [2.0, 4.0, 8.0])
@@ -184,3 +196,25 @@ def test_the_codec_companding_follows_the_loss_temperature(temperature):
         codec_spec("q8", temperature, value_levels=300)
     with pytest.raises(ConfigError, match="--codec: codec must be one of"):
         codec_spec("zip", temperature)
+
+
+def test_the_read_ahead_budget_is_a_number_of_decoded_shards(tmp_path, monkeypatch):
+    """read_dataset's object-store budget: READ_AHEAD_SHARDS of the cache's largest shards decoded (what a
+    decoded shard takes: decoded_bytes, checked above against read_shard), whatever the cache's length, and
+    at least READ_AHEAD_MIN_BYTES."""
+    from raydistill.data import topk_cache
+    from raydistill.data.topk_cache import READ_AHEAD_SHARDS, read_ahead_bytes
+
+    k, seq = int(np.random.default_rng().integers(3, 40)), 8
+    infos = []
+    for name, sizes in (("short", [3, 9]), ("long", [9, 3, 9, 9, 2, 9, 5])):
+        (tmp_path / name).mkdir()
+        start = 0
+        for n in sizes:
+            info = _lm_shard(tmp_path / name, k, n, seq, start=start)
+            start += n
+        infos.append(info)
+    one_row = decoded_bytes(infos[0]) // infos[0].rows
+    assert read_ahead_bytes(infos[0]) == read_ahead_bytes(infos[1]) == topk_cache.READ_AHEAD_MIN_BYTES
+    monkeypatch.setattr(topk_cache, "READ_AHEAD_MIN_BYTES", 0)
+    assert read_ahead_bytes(infos[0]) == read_ahead_bytes(infos[1]) == READ_AHEAD_SHARDS * 9 * one_row

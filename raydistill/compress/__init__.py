@@ -25,9 +25,9 @@ from raydistill.compress.schedule import cubic_sparsity
 from raydistill.compress.export import export_compressed_tensors, load_compressed, save_compressed
 from raydistill.compress.quantize import (FakeQuantLinear, QuantizationReport, QuantizedLinear, prepare_qat,
                                           quantize)
-from raydistill.compress.structured import StructuredReport, prune_structured, resize_structured
-from raydistill.compress.prune_shape import (ShapeReport, config_params, make_student_from_teacher, prune_to_shape,
-                                             shape_for_params, student_target)
+from raydistill.compress.structured import StructuredReport, resize_structured
+from raydistill.compress.prune_shape import (ShapeReport, config_params, make_student_from_teacher, prune_structured,
+                                             prune_to_shape, shape_for_params, student_target)
 
 __all__ = [
     "magnitude_mask", "global_magnitude_masks", "nm_mask", "block_mask", "compute_masks",

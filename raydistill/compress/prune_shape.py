@@ -46,7 +46,7 @@ from raydistill.compress.structured_lm import (DEPTH_MODEL_TYPES, PER_LAYER_CONF
                                                check_calibration, decoder_layers, decoder_lm, rebuild_check)
 from raydistill.compress.structured_width import (WIDTH_RANKINGS, activation_stats, check_width_layout,
                                                   prune_heads, prune_hidden, prune_mlp, random_scores, select_heads)
-from raydistill.compress.structured import _heads, _top
+from raydistill.compress.structured import StructuredReport, _heads, _top, prune_units
 
 __all__ = ["SHAPE_KEYS", "ShapeReport", "prune_to_shape", "resolve_target", "check_prune_target", "model_shape",
            "pruned_config", "student_target", "make_student_from_teacher", "shape_for_params", "config_params"]
@@ -418,6 +418,26 @@ def _renumber(name: str, prefix: str, new_index: dict[int, int]) -> str | None:
     return None if new is None else f"{prefix}.{new}" + (f".{rest}" if rest else "")
 
 
+def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor | None = None, *, include=None,
+                     exclude=None, head_unit: str = "kv_group", num_layers: int | float | None = None,
+                     hidden_size: int | float | None = None, depth_ranking: str = "block_importance",
+                     contiguous: bool = False) -> StructuredReport:
+    """Remove ``round(ratio * units)`` hidden units of every selected unit pair's first layer and of every
+    gated MLP, and ``round(ratio * units)`` attention units (``head_unit``) of every attention module, in
+    place: :func:`raydistill.compress.structured.prune_units`.
+
+    ``num_layers`` / ``hidden_size`` (transformers decoder LMs; an int, or a float in (0, 1]: the fraction
+    kept) also remove whole decoder layers ranked by ``depth_ranking`` (``contiguous``: one window of
+    consecutive layers) and embedding channels ranked by activation, both on ``calibration`` (token ids,
+    required) and, like the heads and MLP units, scored on the original model (``ratio=0`` keeps every head
+    and unit): :func:`prune_structured_shape`."""
+    if num_layers is not None or hidden_size is not None:
+        return prune_structured_shape(model, ratio, calibration, include=include, exclude=exclude, head_unit=head_unit,
+                                      num_layers=num_layers, hidden_size=hidden_size, depth_ranking=depth_ranking,
+                                      contiguous=contiguous)
+    return prune_units(model, ratio, calibration, include=include, exclude=exclude, head_unit=head_unit)
+
+
 @torch.no_grad()
 def prune_structured_shape(model: nn.Module, ratio: float, calibration, *, include, exclude, head_unit: str,
                            num_layers, hidden_size, depth_ranking: str, contiguous: bool):
@@ -425,8 +445,7 @@ def prune_structured_shape(model: nn.Module, ratio: float, calibration, *, inclu
     channel scores and the head / MLP-unit scores (``ratio``, as without them) all come from the original
     model; then layers and channels go. Returns its StructuredReport with a ``decoder_layers`` and a
     ``hidden`` entry; ``widths`` renamed to the kept layers' new indices."""
-    from raydistill.compress.structured import (HEAD_UNITS, _params_bytes, attention_modules, prune_structured,
-                                                StructuredReport)
+    from raydistill.compress.structured import HEAD_UNITS, _params_bytes, attention_modules
 
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"ratio must be a float in [0, 1) (the fraction of heads / MLP units removed), got {ratio!r}")
@@ -464,7 +483,7 @@ def prune_structured_shape(model: nn.Module, ratio: float, calibration, *, inclu
         s = activation_stats(base, calibration, kept_layers, channels=True, heads=False, mlp=False)["channels"]
         channels = _top(s, shape["hidden_size"])
     if ratio:
-        rep = prune_structured(model, ratio, calibration, include=include, exclude=exclude, head_unit=head_unit)
+        rep = prune_units(model, ratio, calibration, include=include, exclude=exclude, head_unit=head_unit)
     else:
         rep = StructuredReport(ratio=0.0, ranking="activation")
     prefix = _layers_path(base)

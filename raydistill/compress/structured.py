@@ -45,11 +45,11 @@ With a calibration batch (the Minitron recipe, Muralidharan et al. 2024): activa
 :mod:`raydistill.compress.structured_depth`, :mod:`raydistill.compress.structured_width`; pruning to a
 whole target shape: :func:`raydistill.compress.prune_shape.prune_to_shape`.
 
-Public API::
+Public API (``raydistill.compress.prune_structured``, in :mod:`raydistill.compress.prune_shape`, adds
+``num_layers`` / ``hidden_size`` / ``depth_ranking`` / ``contiguous`` to ``prune_units``)::
 
-    prune_structured(model, ratio=0.5, calibration=None, include=None, exclude=None,
-                     head_unit="kv_group", num_layers=None, hidden_size=None,
-                     depth_ranking="block_importance", contiguous=False) -> StructuredReport
+    prune_units(model, ratio=0.5, calibration=None, include=None, exclude=None,
+                head_unit="kv_group") -> StructuredReport
     resize_structured(model, widths)   # shapes only (to load a pruned checkpoint into a fresh model)
     unit_pairs(model) -> list[(name_a, name_b)]
     gated_mlps(model) -> list[name]
@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["prune_structured", "resize_structured", "unit_pairs", "gated_mlps", "attention_modules",
+__all__ = ["prune_units", "resize_structured", "unit_pairs", "gated_mlps", "attention_modules",
            "StructuredReport"]
 
 _ZERO_PRESERVING = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Dropout, nn.Identity,
@@ -404,31 +404,17 @@ def _check_calibration(model: nn.Module, calibration: Tensor) -> None:
 
 
 @torch.no_grad()
-def prune_structured(model: nn.Module, ratio: float = 0.5, calibration: Tensor | None = None, *, include=None,
-                     exclude=None, head_unit: str = "kv_group", num_layers: int | float | None = None,
-                     hidden_size: int | float | None = None, depth_ranking: str = "block_importance",
-                     contiguous: bool = False) -> StructuredReport:
+def prune_units(model: nn.Module, ratio: float = 0.5, calibration: Tensor | None = None, *, include=None,
+                exclude=None, head_unit: str = "kv_group") -> StructuredReport:
     """Remove ``round(ratio * units)`` hidden units of every selected unit pair's first layer and of every
     gated MLP, and ``round(ratio * units)`` attention units (``head_unit``) of every attention module, in
     place (the layers are replaced by smaller nn.Linear). ``include``/``exclude`` are fnmatch patterns on
     the first layer's name / the gated MLP module's / the attention module's name. ``calibration``: a batch of model inputs for
     activation ranking (None: weight norm). Returns a :class:`StructuredReport` (``widths`` rebuilds the
-    shapes: :func:`resize_structured`).
-
-    ``num_layers`` / ``hidden_size`` (transformers decoder LMs; an int, or a float in (0, 1]: the fraction
-    kept) also remove whole decoder layers ranked by ``depth_ranking`` (``contiguous``: one window of
-    consecutive layers) and embedding channels ranked by activation, both on ``calibration`` (token ids,
-    required) and, like the heads and MLP units, scored on the original model: see
-    :mod:`raydistill.compress.prune_shape` (``ratio=0`` keeps every head and unit)."""
+    shapes: :func:`resize_structured`). The width part of :func:`raydistill.compress.prune_structured`
+    (which also removes decoder layers and embedding channels: :mod:`raydistill.compress.prune_shape`)."""
     from raydistill.compress.pruner import _patterns, normalize_name
     from raydistill.utils import unwrap_model
-
-    if num_layers is not None or hidden_size is not None:
-        from raydistill.compress.prune_shape import prune_structured_shape
-
-        return prune_structured_shape(model, ratio, calibration, include=include, exclude=exclude, head_unit=head_unit,
-                                      num_layers=num_layers, hidden_size=hidden_size, depth_ranking=depth_ranking,
-                                      contiguous=contiguous)
 
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"ratio must be a float in [0, 1) (the fraction of hidden units removed), got {ratio!r}")

@@ -52,7 +52,7 @@ def search_extras(cfg) -> dict:
     structure = None
     s = dict(cfg.compression.steps()).get("prune_structured")
     if s is not None:
-        from raydistill.compress.structured import prune_structured
+        from raydistill.compress.prune_shape import prune_structured
         from raydistill.models import build_model
 
         structure = prune_structured(build_model(cfg.student), s.ratio, include=s.include, exclude=s.exclude,
@@ -85,7 +85,7 @@ def build_student(task, model: dict, info: dict, *, structure: dict | None = Non
 def structured_init(cfg, dense_checkpoint, out_dir, calibration: torch.Tensor | None) -> tuple[str, dict, dict]:
     """Prune the dense distilled student (``dense_checkpoint``) to ``compression.structured``; write its
     weights to ``out_dir``. Returns (path, widths, report dict)."""
-    from raydistill.compress.structured import prune_structured
+    from raydistill.compress.prune_shape import prune_structured
     from raydistill.distill.checkpointing import load_weights, save_checkpoint_dir
     from raydistill.distill.spec import model_dict
     from raydistill.tasks import get_task
@@ -273,7 +273,7 @@ def check_recipe(cfg) -> None:
     """Check the recipe against the student model before any training (ValueError naming the key):
     a group size that does not divide a layer's in_features, a structured ratio that removes every unit."""
     from raydistill.compress.quantize import check_scheme
-    from raydistill.compress.structured import prune_structured
+    from raydistill.compress.prune_shape import prune_structured
     from raydistill.distill.spec import model_dict
     from raydistill.tasks import TASKS, get_task
 

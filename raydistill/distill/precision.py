@@ -139,4 +139,3 @@ def lean_activations(model: torch.nn.Module, *, gradient_checkpointing: bool = F
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return lean_rms_norms(unwrap_model(model))
-

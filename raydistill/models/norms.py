@@ -15,6 +15,7 @@ of another formula (Gemma's ``1 + weight``, Olmo2's) are left as they are.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -62,6 +63,7 @@ def _lean_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return RMSNormFunction.apply(hidden_states, self.weight, float(self.variance_epsilon))
 
 
+@functools.lru_cache(maxsize=None)
 def _llama_formula(cls: type) -> bool:
     """Whether ``cls.forward`` is transformers' ``LlamaRMSNorm.forward`` (the same code, as in the models
     whose norm transformers copies from Llama's)."""
